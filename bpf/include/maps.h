@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map of the datapath. All are pinned by name, so both programs (and
+ * every later load of them) share one instance per pin directory, and the
+ * maps outlive the processes that created them. Sizes here are defaults;
+ * user space may override max_entries at load time.
+ */
+#ifndef PALISADE_MAPS_H
+#define PALISADE_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "palisade_abi.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct pal_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__type(key, struct pal_ipcache_key);
+	__type(value, struct pal_ipcache_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1048576);
+	__type(key, struct pal_policy_key);
+	__type(value, struct pal_policy_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct pal_ct_key);
+	__type(value, struct pal_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct pal_frag_key);
+	__type(value, struct pal_frag_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_frag SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pal_counter_key);
+	__type(value, struct pal_counter_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* bytes */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PAL_EVSTAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_evstats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_ratelimit);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ratelimit SEC(".maps");
+
+#endif /* PALISADE_MAPS_H */

@@ -1,0 +1,230 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The palisade datapath ABI: every map key and value, event, verdict and
+ * drop reason shared between the tc programs and user space. Rust mirrors
+ * each struct in shared/src/abi.rs with compile-time size and offset checks;
+ * change both together.
+ *
+ * Rules: fixed-width types only, explicit padding fields (always zero), no
+ * bool. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d)
+ * so both families share one code path and one set of maps.
+ */
+#ifndef PALISADE_ABI_H
+#define PALISADE_ABI_H
+
+#include <linux/types.h>
+
+/* Bump when a map's key or value layout changes. */
+#define PAL_ABI_VERSION 1
+
+/* Direction, always from the container's point of view. */
+#define PAL_DIR_INGRESS 0 /* entering the container: host veth tc egress */
+#define PAL_DIR_EGRESS 1  /* leaving the container: host veth tc ingress */
+
+/* Reserved identities. Endpoint identities start at PAL_ID_LOCAL_MIN,
+ * identities of ipBlock CIDRs at PAL_ID_CIDR_MIN. */
+#define PAL_ID_ANY 0   /* policy key wildcard: any peer */
+#define PAL_ID_HOST 1  /* the node itself */
+#define PAL_ID_WORLD 2 /* any address palisade knows nothing about */
+#define PAL_ID_LOCAL_MIN 256
+#define PAL_ID_CIDR_MIN 0x01000000
+
+/* Policy tiers, evaluated in this order. Only NetworkPolicy exists today;
+ * the others keep their place in the key so no layout change is needed. */
+#define PAL_TIER_ADMIN 0    /* AdminNetworkPolicy (reserved) */
+#define PAL_TIER_NETPOL 1   /* Kubernetes NetworkPolicy */
+#define PAL_TIER_BASELINE 2 /* BaselineAdminNetworkPolicy (reserved) */
+
+/* Verdicts, as stored in policy values, conntrack, counters and events. */
+#define PAL_VERDICT_NONE 0
+#define PAL_VERDICT_ALLOW 1
+#define PAL_VERDICT_DENY 2
+#define PAL_VERDICT_AUDIT 3    /* would be denied; allowed because audited */
+#define PAL_VERDICT_PASS 4     /* tier says: decide in the next tier (reserved) */
+#define PAL_VERDICT_REDIRECT 5 /* send to an L7 proxy (reserved) */
+
+/* Why a packet was allowed or dropped. Drops are negative (the CLI
+ * decodes them to words, see shared/src/abi.rs DropReason); counters store
+ * the absolute value. */
+#define PAL_REASON_POLICY 0          /* decided by the policy map */
+#define PAL_REASON_NOT_ISOLATED 1    /* no policy selects the endpoint for this direction */
+#define PAL_REASON_HOST 2            /* traffic to or from the node itself */
+#define PAL_REASON_ESTABLISHED 3     /* conntrack: established or reply */
+#define PAL_REASON_RELATED 4         /* conntrack: ICMP error for a known flow */
+#define PAL_REASON_INFRA 5           /* ARP, ND, DHCP: never governed */
+#define PAL_DROP_POLICY (-1)         /* no rule allows the flow */
+#define PAL_DROP_UNKNOWN_ENDPOINT (-2) /* program runs on a veth palisade has no endpoint for */
+#define PAL_DROP_MALFORMED (-3)      /* truncated or invalid headers */
+#define PAL_DROP_FRAG_NO_HEAD (-4)   /* non-first fragment whose first fragment was not seen */
+#define PAL_DROP_UNSUPPORTED_L3 (-5) /* IP packet palisade cannot parse (e.g. too many IPv6 ext headers) */
+#define PAL_DROP_REVOKED (-6)        /* conntrack entry no longer allowed by current policy */
+
+/* Endpoint flags (pal_endpoint.flags). */
+#define PAL_EP_ISOLATE_INGRESS (1U << 0)
+#define PAL_EP_ISOLATE_EGRESS (1U << 1)
+#define PAL_EP_AUDIT_INGRESS (1U << 2) /* reserved for audit mode */
+#define PAL_EP_AUDIT_EGRESS (1U << 3)  /* reserved for audit mode */
+
+/* Global configuration flags (pal_config.flags). */
+#define PAL_CFG_ALLOW_HOST (1U << 0) /* node <-> pod traffic is never governed */
+#define PAL_CFG_EVENTS (1U << 1)     /* emit flow events to the ring buffer */
+
+/* pal_endpoints: HASH, key = __u32 ifindex of the host-side veth. */
+struct pal_endpoint {
+	__u32 ep_id;    /* palisade's endpoint number, keys policy and conntrack */
+	__u32 identity; /* the endpoint's own identity (for events) */
+	__u32 flags;    /* PAL_EP_* */
+	__u32 pad;
+};
+
+/* pal_ipcache: LPM_TRIE, address -> identity. */
+struct pal_ipcache_key {
+	__u32 prefixlen; /* 0..128; IPv4 prefixes are 96 + len */
+	__u8 addr[16];
+};
+
+struct pal_ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved */
+};
+
+/* pal_policy: LPM_TRIE. Every field up to and including pad2 is always
+ * matched exactly; the prefix length then selects:
+ *   PAL_POLICY_PREFIX_ANY_PROTO  all protocols and ports
+ *   PAL_POLICY_PREFIX_ANY_PORT   one protocol, all ports
+ *   PAL_POLICY_PREFIX_ANY_PORT + n  one protocol, ports sharing the top n
+ *                                bits (port ranges are split into prefixes)
+ * so dport must be in network byte order. */
+struct pal_policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u8 direction; /* PAL_DIR_* */
+	__u8 tier;      /* PAL_TIER_* */
+	__u16 pad1;
+	__u32 peer_id; /* peer identity, or PAL_ID_ANY */
+	__u8 pad2;
+	__u8 protocol; /* IPPROTO_* */
+	__be16 dport;
+};
+
+#define PAL_POLICY_PREFIX_ANY_PROTO 104 /* bits of ep_id..pad2 */
+#define PAL_POLICY_PREFIX_ANY_PORT 112  /* ... plus protocol */
+#define PAL_POLICY_PREFIX_FULL 128      /* ... plus dport */
+
+struct pal_policy_value {
+	__u32 policy_id; /* which policy allowed it (for events and explain) */
+	__u8 verdict;    /* PAL_VERDICT_* */
+	__u8 flags;      /* reserved */
+	__u16 pad;
+};
+
+/* pal_ct: LRU_HASH. One entry per flow per endpoint, keyed by the
+ * direction and tuple of the packet that opened it. The client's and the
+ * server's endpoints each keep their own entry, so one side's decision never
+ * lets the other side skip its own check. */
+struct pal_ct_key {
+	__u32 ep_id;
+	__u8 direction; /* direction of the opening packet */
+	__u8 protocol;
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport; /* ICMP echo: the identifier on the requester's side */
+	__be16 dport;
+};
+
+#define PAL_CT_SEEN_REPLY (1U << 0)
+#define PAL_CT_TCP_FIN (1U << 1)
+#define PAL_CT_TCP_RST (1U << 2)
+
+struct pal_ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 epoch;     /* pal_config.epoch when last validated */
+	__u32 policy_id; /* policy that allowed the flow */
+	__u32 peer_id;   /* identity of the peer when validated */
+	__u8 verdict;    /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
+	__u8 pad;
+	__u16 flags; /* PAL_CT_* */
+};
+
+/* pal_frag: LRU_HASH. Ports of fragmented datagrams, recorded from the
+ * first fragment so later fragments get the same verdict. */
+struct pal_frag_key {
+	__u32 ep_id;
+	__u8 direction;
+	__u8 protocol;
+	__u16 pad;
+	__u32 id; /* IPv4 id (16 bits) or IPv6 fragment identification */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct pal_frag_value {
+	__be16 sport;
+	__be16 dport;
+	__u32 pad;
+};
+
+/* pal_config: ARRAY with one element. */
+struct pal_config {
+	__u32 epoch; /* bumped by every sync; conntrack entries revalidate */
+	__u32 flags; /* PAL_CFG_* */
+	__u32 events_per_sec; /* per CPU */
+	__u32 events_burst;
+	__u64 sync_token; /* written by user space after each complete sync */
+};
+
+/* pal_counters: PERCPU_HASH. */
+struct pal_counter_key {
+	__u32 ep_id;
+	__u8 direction;
+	__u8 verdict;
+	__u8 reason; /* absolute value of PAL_REASON_* / PAL_DROP_* */
+	__u8 pad;
+};
+
+struct pal_counter_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* pal_events: RINGBUF of struct pal_event. */
+#define PAL_EVENT_FLOW 1 /* a new flow was decided (allowed or audited) */
+#define PAL_EVENT_DROP 2 /* a packet was dropped */
+
+struct pal_event {
+	__u64 ts_ns; /* bpf_ktime_get_ns() */
+	__u32 ep_id;
+	__u32 ifindex;
+	__u32 identity;      /* the endpoint's identity */
+	__u32 peer_identity; /* the peer's identity */
+	__u32 policy_id;
+	__u32 pkt_len;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 direction;
+	__u8 verdict;
+	__s8 reason;
+	__u8 type; /* PAL_EVENT_* */
+	__u8 pad[7];
+};
+
+/* pal_evstats: PERCPU_ARRAY indexed by PAL_EVSTAT_*. */
+#define PAL_EVSTAT_SENT 0
+#define PAL_EVSTAT_RATE_LIMITED 1
+#define PAL_EVSTAT_RINGBUF_FULL 2
+#define PAL_EVSTAT_MAX 3
+
+/* pal_ratelimit: PERCPU_ARRAY with one element, a token bucket. */
+struct pal_ratelimit {
+	__u64 last_ns;
+	__u64 tokens;
+};
+
+#endif /* PALISADE_ABI_H */

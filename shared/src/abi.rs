@@ -1,0 +1,475 @@
+//! Rust mirror of `bpf/include/palisade_abi.h`: every map key and value,
+//! event, verdict and reason code. Each struct names its C twin; sizes and
+//! offsets are checked at compile time, and the `unsafe impl Pod` lines live
+//! only here.
+
+use std::{
+    fmt,
+    mem::{offset_of, size_of},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+/// `PAL_ABI_VERSION`.
+pub const ABI_VERSION: u32 = 1;
+
+/// `PAL_DIR_*`: direction from the container's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Direction {
+    /// Entering the container (host veth tc egress).
+    Ingress = 0,
+    /// Leaving the container (host veth tc ingress).
+    Egress = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ingress),
+            1 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `PAL_ID_ANY`: policy-key wildcard for "any peer".
+pub const ID_ANY: u32 = 0;
+/// `PAL_ID_HOST`: the node itself.
+pub const ID_HOST: u32 = 1;
+/// `PAL_ID_WORLD`: any address palisade knows nothing about.
+pub const ID_WORLD: u32 = 2;
+/// `PAL_ID_LOCAL_MIN`: first endpoint identity.
+pub const ID_LOCAL_MIN: u32 = 256;
+/// `PAL_ID_CIDR_MIN`: first identity of an ipBlock CIDR.
+pub const ID_CIDR_MIN: u32 = 0x0100_0000;
+
+/// `PAL_TIER_*`.
+pub const TIER_ADMIN: u8 = 0;
+pub const TIER_NETPOL: u8 = 1;
+pub const TIER_BASELINE: u8 = 2;
+
+/// `PAL_VERDICT_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Verdict {
+    None = 0,
+    Allow = 1,
+    Deny = 2,
+    Audit = 3,
+    Pass = 4,
+    Redirect = 5,
+}
+
+impl Verdict {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Allow,
+            2 => Self::Deny,
+            3 => Self::Audit,
+            4 => Self::Pass,
+            5 => Self::Redirect,
+            _ => Self::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Allow => "allowed",
+            Self::Deny => "denied",
+            Self::Audit => "audit",
+            Self::Pass => "pass",
+            Self::Redirect => "redirect",
+        }
+    }
+}
+
+/// `PAL_REASON_*` and `PAL_DROP_*`: why a packet was allowed or dropped.
+/// Counters store the absolute value together with the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Policy,
+    NotIsolated,
+    Host,
+    Established,
+    Related,
+    Infra,
+    DropPolicy,
+    DropUnknownEndpoint,
+    DropMalformed,
+    DropFragNoHead,
+    DropUnsupportedL3,
+    DropRevoked,
+    Unknown(i8),
+}
+
+impl Reason {
+    /// Decode the signed code of an event.
+    pub fn from_code(code: i8) -> Self {
+        match code {
+            0 => Self::Policy,
+            1 => Self::NotIsolated,
+            2 => Self::Host,
+            3 => Self::Established,
+            4 => Self::Related,
+            5 => Self::Infra,
+            -1 => Self::DropPolicy,
+            -2 => Self::DropUnknownEndpoint,
+            -3 => Self::DropMalformed,
+            -4 => Self::DropFragNoHead,
+            -5 => Self::DropUnsupportedL3,
+            -6 => Self::DropRevoked,
+            other => Self::Unknown(other),
+        }
+    }
+
+    /// Decode a counter key: the absolute code, made negative for drops.
+    pub fn from_counter(verdict: Verdict, code: u8) -> Self {
+        let code = code as i8;
+        if verdict == Verdict::Deny {
+            Self::from_code(-code)
+        } else {
+            Self::from_code(code)
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Policy => "decided by policy",
+            Self::NotIsolated => "no policy isolates the endpoint in this direction",
+            Self::Host => "traffic to or from the node itself",
+            Self::Established => "part of an established flow",
+            Self::Related => "ICMP error about an established flow",
+            Self::Infra => "ARP, neighbour discovery or DHCP (never governed)",
+            Self::DropPolicy => "no policy rule allows it",
+            Self::DropUnknownEndpoint => "the veth has no registered endpoint (fail closed)",
+            Self::DropMalformed => "truncated or malformed headers",
+            Self::DropFragNoHead => "fragment whose first fragment was not seen",
+            Self::DropUnsupportedL3 => "unsupported layer-3 protocol or IPv6 header chain",
+            Self::DropRevoked => "flow no longer allowed after a policy change",
+            Self::Unknown(_) => "unknown reason",
+        }
+    }
+}
+
+/// `PAL_EP_*` endpoint flags.
+pub const EP_ISOLATE_INGRESS: u32 = 1 << 0;
+pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
+pub const EP_AUDIT_INGRESS: u32 = 1 << 2;
+pub const EP_AUDIT_EGRESS: u32 = 1 << 3;
+
+/// `PAL_CFG_*` global flags.
+pub const CFG_ALLOW_HOST: u32 = 1 << 0;
+pub const CFG_EVENTS: u32 = 1 << 1;
+
+/// `PAL_POLICY_PREFIX_*`.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 104;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 112;
+pub const POLICY_PREFIX_FULL: u32 = 128;
+
+/// `PAL_EVENT_*`.
+pub const EVENT_FLOW: u8 = 1;
+pub const EVENT_DROP: u8 = 2;
+
+/// `PAL_EVSTAT_*`.
+pub const EVSTAT_SENT: u32 = 0;
+pub const EVSTAT_RATE_LIMITED: u32 = 1;
+pub const EVSTAT_RINGBUF_FULL: u32 = 2;
+
+/// IP protocol numbers used by policy.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Name of an IP protocol number.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        PROTO_ICMP => "ICMP".into(),
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_ICMPV6 => "ICMPv6".into(),
+        PROTO_SCTP => "SCTP".into(),
+        other => format!("proto-{other}"),
+    }
+}
+
+/// `struct pal_endpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct EndpointValue {
+    pub ep_id: u32,
+    pub identity: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `struct pal_ipcache_key` (the LPM prefix length is kept by aya's `Key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(C)]
+pub struct IpcacheAddr {
+    pub addr: [u8; 16],
+}
+
+/// `struct pal_ipcache_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// `struct pal_policy_key` without its leading prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(C)]
+pub struct PolicyKeyData {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub tier: u8,
+    pub pad1: u16,
+    pub peer_id: u32,
+    pub pad2: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub dport_be: u16,
+}
+
+/// `struct pal_policy_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct PolicyValue {
+    pub policy_id: u32,
+    pub verdict: u8,
+    pub flags: u8,
+    pub pad: u16,
+}
+
+/// `struct pal_ct_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct CtKey {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// `struct pal_ct_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub epoch: u32,
+    pub policy_id: u32,
+    pub peer_id: u32,
+    pub verdict: u8,
+    pub pad: u8,
+    pub flags: u16,
+}
+
+/// `struct pal_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct ConfigValue {
+    pub epoch: u32,
+    pub flags: u32,
+    pub events_per_sec: u32,
+    pub events_burst: u32,
+    pub sync_token: u64,
+}
+
+/// `struct pal_counter_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct CounterKey {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub pad: u8,
+}
+
+/// `struct pal_counter_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `struct pal_event`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub ep_id: u32,
+    pub ifindex: u32,
+    pub identity: u32,
+    pub peer_identity: u32,
+    pub policy_id: u32,
+    pub pkt_len: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: i8,
+    pub kind: u8,
+    pub pad: [u8; 7],
+}
+
+/// `struct pal_frag_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct FragKey {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub pad: u16,
+    pub id: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// `struct pal_frag_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub pad: u32,
+}
+
+// Layouts must match the C structs byte for byte.
+const _: () = assert!(size_of::<EndpointValue>() == 16);
+const _: () = assert!(size_of::<IpcacheAddr>() == 16);
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
+const _: () = assert!(size_of::<PolicyKeyData>() == 16);
+const _: () = assert!(offset_of!(PolicyKeyData, peer_id) == 8);
+const _: () = assert!(offset_of!(PolicyKeyData, protocol) == 13);
+const _: () = assert!(offset_of!(PolicyKeyData, dport_be) == 14);
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 44);
+const _: () = assert!(offset_of!(CtKey, saddr) == 8);
+const _: () = assert!(offset_of!(CtKey, sport_be) == 40);
+const _: () = assert!(size_of::<CtValue>() == 48);
+const _: () = assert!(offset_of!(CtValue, epoch) == 32);
+const _: () = assert!(offset_of!(CtValue, verdict) == 44);
+const _: () = assert!(size_of::<ConfigValue>() == 24);
+const _: () = assert!(offset_of!(ConfigValue, sync_token) == 16);
+const _: () = assert!(size_of::<CounterKey>() == 8);
+const _: () = assert!(size_of::<CounterValue>() == 16);
+const _: () = assert!(size_of::<Event>() == 80);
+const _: () = assert!(offset_of!(Event, saddr) == 32);
+const _: () = assert!(offset_of!(Event, sport_be) == 64);
+const _: () = assert!(offset_of!(Event, protocol) == 68);
+const _: () = assert!(offset_of!(Event, kind) == 72);
+const _: () = assert!(size_of::<FragKey>() == 44);
+const _: () = assert!(size_of::<FragValue>() == 8);
+
+// SAFETY: all of these are `repr(C)` structs of integers and byte arrays
+// with explicit padding fields, so every bit pattern is valid and no byte is
+// uninitialised padding.
+unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for IpcacheAddr {}
+unsafe impl aya::Pod for IpcacheValue {}
+unsafe impl aya::Pod for PolicyKeyData {}
+unsafe impl aya::Pod for PolicyValue {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for ConfigValue {}
+unsafe impl aya::Pod for CounterKey {}
+unsafe impl aya::Pod for CounterValue {}
+unsafe impl aya::Pod for Event {}
+unsafe impl aya::Pod for FragKey {}
+unsafe impl aya::Pod for FragValue {}
+
+impl Event {
+    /// Decode an event from the ring buffer's bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: Event is Pod (every bit pattern valid) and the length was
+        // checked; read_unaligned copes with any alignment of the buffer.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+}
+
+/// The 16-byte form of an address: IPv4 is IPv4-mapped.
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a 16-byte key field stands for.
+pub fn ip_from16(b: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The LPM prefix length of an address prefix in the 16-byte space.
+pub fn prefix16(ip: IpAddr, len: u8) -> u32 {
+    match ip {
+        IpAddr::V4(_) => 96 + u32::from(len),
+        IpAddr::V6(_) => u32::from(len),
+    }
+}
+
+/// `0.0.0.0` as a convenience for tests.
+pub const V4_UNSPECIFIED: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_round_trip_through_the_mapped_form() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let b = addr16(ip);
+        assert_eq!(&b[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(ip_from16(b), ip);
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(ip_from16(addr16(v6)), v6);
+        assert_eq!(prefix16(ip, 24), 120);
+        assert_eq!(prefix16(v6, 64), 64);
+    }
+
+    #[test]
+    fn drop_reasons_decode_from_counters_and_events() {
+        assert_eq!(Reason::from_code(-1), Reason::DropPolicy);
+        assert_eq!(Reason::from_counter(Verdict::Deny, 1), Reason::DropPolicy);
+        assert_eq!(Reason::from_counter(Verdict::Allow, 1), Reason::NotIsolated);
+        assert_eq!(Reason::from_counter(Verdict::Allow, 3), Reason::Established);
+    }
+}

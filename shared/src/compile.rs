@@ -1,0 +1,1130 @@
+//! The policy compiler: Kubernetes objects and endpoints in, the exact set
+//! of datapath map entries out. Pure: it takes data and returns data.
+//!
+//! Per endpoint and direction it emits one policy-trie entry per (peer
+//! identity, protocol, port prefix) that some rule of some selecting policy
+//! allows. Port ranges become a handful of prefixes, never one entry per
+//! port; peers that mean "anyone" become the `ID_ANY` wildcard.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnetwork::IpNetwork;
+
+use crate::{
+    abi::{
+        self, Direction, EndpointValue, ID_ANY, ID_HOST, IpcacheValue, POLICY_PREFIX_ANY_PORT,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKeyData, PolicyValue, TIER_NETPOL,
+        Verdict,
+    },
+    identity::{IdentityKey, IdentityTable},
+    policy::{
+        IpBlock, Labels, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer, Policy,
+        PortMatch, PortRule, Protocol, Rule,
+    },
+};
+
+/// An endpoint as the compiler sees it: effective labels (runtime labels
+/// overlaid by the Pod object's), named ports and addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    pub ep_id: u32,
+    pub ifindex: u32,
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+    pub addresses: Vec<IpAddr>,
+    /// Extra `PAL_EP_*` flags to set (audit modes).
+    pub extra_flags: u32,
+}
+
+/// What to compile.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub namespaces: &'a NamespaceMap,
+    /// Policies with their stable numeric ids.
+    pub policies: &'a [(u32, Policy)],
+    pub endpoints: &'a [EndpointView],
+    /// Addresses of the node itself.
+    pub host_addresses: &'a [IpAddr],
+}
+
+/// An ipcache prefix in the 16-byte address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub len: u32,
+    pub addr: [u8; 16],
+}
+
+impl Prefix {
+    pub fn host(ip: IpAddr) -> Self {
+        Self {
+            len: 128,
+            addr: abi::addr16(ip),
+        }
+    }
+
+    pub fn from_net(net: IpNetwork) -> Self {
+        Self {
+            len: abi::prefix16(net.network(), net.prefix()),
+            addr: abi::addr16(net.network()),
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match abi::ip_from16(self.addr) {
+            IpAddr::V4(v4) if self.len >= 96 => write!(f, "{v4}/{}", self.len - 96),
+            _ => write!(f, "{}/{}", std::net::Ipv6Addr::from(self.addr), self.len),
+        }
+    }
+}
+
+/// A policy-trie key: prefix length plus data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub data: PolicyKeyData,
+}
+
+/// The complete desired content of the datapath's configuration maps.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    /// By host veth ifindex.
+    pub endpoints: BTreeMap<u32, EndpointValue>,
+    pub ipcache: BTreeMap<Prefix, IpcacheValue>,
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+/// Result of a compilation.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    pub desired: Desired,
+    /// Identity of each endpoint (by ep_id), for display and events.
+    pub endpoint_identities: BTreeMap<u32, u32>,
+    /// Every identity some address currently has.
+    pub used_identities: BTreeSet<u32>,
+    /// Things a user should know (e.g. an address claimed twice).
+    pub warnings: Vec<String>,
+}
+
+/// What a rule's peers are matched against: one address's identity facts.
+#[derive(Debug, Clone)]
+pub struct PeerFacts<'a> {
+    /// `Some` for pods, with their namespace's labels.
+    pub pod: Option<(&'a str, &'a Labels, &'a Labels)>,
+    /// Canonical ipBlocks the address falls in.
+    pub blocks: &'a BTreeSet<String>,
+}
+
+/// Whether one peer of a rule in a policy of namespace `policy_ns` matches.
+pub fn peer_matches(peer: &Peer, policy_ns: &str, facts: &PeerFacts<'_>) -> bool {
+    match peer {
+        Peer::IpBlock(b) => facts.blocks.contains(&b.canonical()),
+        Peer::Pods { namespaces, pods } => {
+            let Some((ns, ns_labels, labels)) = facts.pod else {
+                return false;
+            };
+            let ns_ok = match namespaces {
+                NamespaceScope::Own => ns == policy_ns,
+                NamespaceScope::Matching(sel) => sel.matches(ns_labels),
+            };
+            ns_ok && pods.matches(labels)
+        }
+    }
+}
+
+/// Whether a rule's port list lets (protocol, port) through to a
+/// destination whose named ports are `dest_ports`. ICMP and other
+/// protocols without ports only pass rules without a port list.
+pub fn ports_match(rule: &Rule, proto: u8, port: u16, dest_ports: &[NamedPort]) -> Option<String> {
+    if rule.ports.is_empty() {
+        return Some("all ports and protocols".into());
+    }
+    for p in &rule.ports {
+        if p.protocol.number() != proto {
+            continue;
+        }
+        let hit = match &p.port {
+            PortMatch::All => true,
+            PortMatch::Range(a, b) => (*a..=*b).contains(&port),
+            PortMatch::Named(n) => dest_ports
+                .iter()
+                .any(|np| &np.name == n && np.protocol == p.protocol && np.port == port),
+        };
+        if hit {
+            return Some(p.to_string());
+        }
+    }
+    None
+}
+
+/// Split an inclusive port range into (first port, prefix bits) pairs of
+/// the 16-bit port space: at most 30 of them for any range.
+pub fn port_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let mut cur = u32::from(start);
+    let end = u32::from(end);
+    while cur <= end {
+        // Largest aligned block starting at cur that stays within the range.
+        let mut size = if cur == 0 {
+            1 << 16
+        } else {
+            1u32 << cur.trailing_zeros().min(16)
+        };
+        while cur + size - 1 > end {
+            size >>= 1;
+        }
+        out.push((cur as u16, 16 - size.trailing_zeros()));
+        cur += size;
+    }
+    out
+}
+
+/// Every distinct ipBlock in the policies.
+fn collect_blocks(policies: &[(u32, Policy)]) -> Vec<IpBlock> {
+    let mut set = BTreeSet::new();
+    for (_, p) in policies {
+        for r in p.ingress.iter().chain(&p.egress) {
+            for peer in &r.peers {
+                if let Peer::IpBlock(b) = peer {
+                    set.insert(b.clone());
+                }
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+/// Named ports (name, protocol) that egress rules resolve on peers.
+fn egress_port_names(policies: &[(u32, Policy)]) -> BTreeSet<(String, Protocol)> {
+    let mut set = BTreeSet::new();
+    for (_, p) in policies {
+        for r in &p.egress {
+            for port in &r.ports {
+                if let PortMatch::Named(n) = &port.port {
+                    set.insert((n.clone(), port.protocol));
+                }
+            }
+        }
+    }
+    set
+}
+
+fn port_tag(np: &NamedPort) -> String {
+    format!("{}/{}={}", np.name, np.protocol.as_str(), np.port)
+}
+
+/// Which blocks contain the whole prefix `net`: it lies inside the CIDR and
+/// inside none of its exceptions. Every CIDR and exception is inserted as
+/// its own ipcache prefix, so this is exact for every address whose longest
+/// match is `net`.
+fn blocks_of_prefix(net: &IpNetwork, blocks: &[IpBlock]) -> BTreeSet<String> {
+    let within = |inner: &IpNetwork, outer: &IpNetwork| {
+        inner.is_ipv4() == outer.is_ipv4()
+            && inner.prefix() >= outer.prefix()
+            && outer.contains(inner.network())
+    };
+    blocks
+        .iter()
+        .filter(|b| within(net, &b.cidr) && !b.except.iter().any(|e| within(net, e)))
+        .map(IpBlock::canonical)
+        .collect()
+}
+
+/// Facts about one identity, for matching rules.
+#[derive(Debug)]
+struct IdentityFacts {
+    key: IdentityKey,
+    ns_labels: Labels,
+}
+
+impl IdentityFacts {
+    fn facts(&self) -> PeerFacts<'_> {
+        PeerFacts {
+            pod: self
+                .key
+                .namespace
+                .as_deref()
+                .map(|ns| (ns, &self.ns_labels, &self.key.labels)),
+            blocks: &self.key.blocks,
+        }
+    }
+
+    fn named_port(&self, name: &str, proto: Protocol) -> Option<u16> {
+        let prefix = format!("{name}/{}=", proto.as_str());
+        self.key
+            .ports
+            .iter()
+            .find_map(|t| t.strip_prefix(&prefix).and_then(|p| p.parse().ok()))
+    }
+}
+
+/// A rule whose peers have been resolved to identities.
+struct ResolvedRule<'a> {
+    policy_id: u32,
+    /// `None`: any peer.
+    peers: Option<BTreeSet<u32>>,
+    ports: &'a [PortRule],
+}
+
+/// Compile the desired datapath state. Allocates identities in `ids`.
+pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
+    let mut out = Compiled::default();
+    let blocks = collect_blocks(input.policies);
+    let egress_names = egress_port_names(input.policies);
+    let ns_labels = |ns: &str| -> Labels {
+        input
+            .namespaces
+            .get(ns)
+            .cloned()
+            .unwrap_or_else(|| NamespaceInfo::new(ns, None))
+            .labels
+    };
+
+    // 1. Identities of endpoint addresses.
+    let mut facts: BTreeMap<u32, IdentityFacts> = BTreeMap::new();
+    let mut owner: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    for ep in input.endpoints {
+        let ports: BTreeSet<String> = ep
+            .ports
+            .iter()
+            .filter(|np| egress_names.contains(&(np.name.clone(), np.protocol)))
+            .map(port_tag)
+            .collect();
+        let base = IdentityKey {
+            namespace: Some(ep.namespace.clone()),
+            labels: ep.labels.clone(),
+            blocks: BTreeSet::new(),
+            ports: ports.clone(),
+        };
+        let mut own_identity = None;
+        for addr in &ep.addresses {
+            let key = IdentityKey {
+                blocks: blocks
+                    .iter()
+                    .filter(|b| b.contains(*addr))
+                    .map(IpBlock::canonical)
+                    .collect(),
+                ..base.clone()
+            };
+            let id = ids.get_or_allocate(&key);
+            own_identity.get_or_insert(id);
+            if let Some(prev) = owner.insert(*addr, &ep.name) {
+                out.warnings.push(format!(
+                    "address {addr} is claimed by endpoints {prev} and {}; the later one wins",
+                    ep.name
+                ));
+            }
+            out.desired.ipcache.insert(
+                Prefix::host(*addr),
+                IpcacheValue {
+                    identity: id,
+                    flags: 0,
+                },
+            );
+            facts.entry(id).or_insert_with(|| IdentityFacts {
+                ns_labels: ns_labels(&ep.namespace),
+                key,
+            });
+        }
+        let own = own_identity.unwrap_or_else(|| ids.get_or_allocate(&base));
+        out.endpoint_identities.insert(ep.ep_id, own);
+        out.used_identities.insert(own);
+    }
+
+    // 2. The node's own addresses.
+    for addr in input.host_addresses {
+        if !owner.contains_key(addr) {
+            out.desired.ipcache.insert(
+                Prefix::host(*addr),
+                IpcacheValue {
+                    identity: ID_HOST,
+                    flags: 0,
+                },
+            );
+        }
+    }
+
+    // 3. ipBlock regions. The IPv4 /0 prefix is always present so that
+    // IPv4-mapped lookups never fall through to an IPv6 block like ::/0.
+    let mut prefixes: BTreeSet<IpNetwork> = BTreeSet::new();
+    prefixes.insert(IpNetwork::V4(
+        ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0"),
+    ));
+    for b in &blocks {
+        prefixes.insert(b.cidr);
+        prefixes.extend(b.except.iter().copied());
+    }
+    for net in prefixes {
+        let key = IdentityKey {
+            blocks: blocks_of_prefix(&net, &blocks),
+            ..Default::default()
+        };
+        let id = ids.get_or_allocate(&key);
+        out.desired
+            .ipcache
+            .entry(Prefix::from_net(net))
+            .or_insert(IpcacheValue {
+                identity: id,
+                flags: 0,
+            });
+        if key.blocks.is_empty() {
+            continue;
+        }
+        facts.entry(id).or_insert_with(|| IdentityFacts {
+            key,
+            ns_labels: Labels::new(),
+        });
+    }
+    out.used_identities.extend(facts.keys().copied());
+
+    // 4. Resolve every rule's peers once, for all endpoints it applies to.
+    let resolve = |policy_id: u32, p: &Policy, r: &'a Rule| resolve_rule(policy_id, p, r, &facts);
+    struct PolicyRules<'a> {
+        policy: &'a Policy,
+        ingress: Vec<ResolvedRule<'a>>,
+        egress: Vec<ResolvedRule<'a>>,
+    }
+    let mut sorted: Vec<&'a (u32, Policy)> = input.policies.iter().collect();
+    sorted.sort_by(|a, b| (&a.1.namespace, &a.1.name).cmp(&(&b.1.namespace, &b.1.name)));
+    let resolved: Vec<PolicyRules<'a>> = sorted
+        .iter()
+        .map(|(id, p)| PolicyRules {
+            policy: p,
+            ingress: if p.ingress_isolation {
+                p.ingress.iter().map(|r| resolve(*id, p, r)).collect()
+            } else {
+                Vec::new()
+            },
+            egress: if p.egress_isolation {
+                p.egress.iter().map(|r| resolve(*id, p, r)).collect()
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+
+    // 5. Per endpoint: isolation flags and allow entries.
+    for ep in input.endpoints {
+        let mut flags = ep.extra_flags;
+        for pr in &resolved {
+            if !pr.policy.selects(&ep.namespace, &ep.labels) {
+                continue;
+            }
+            if pr.policy.ingress_isolation {
+                flags |= abi::EP_ISOLATE_INGRESS;
+            }
+            if pr.policy.egress_isolation {
+                flags |= abi::EP_ISOLATE_EGRESS;
+            }
+            for r in &pr.ingress {
+                emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
+            }
+            for r in &pr.egress {
+                emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
+            }
+        }
+        out.desired.endpoints.insert(
+            ep.ifindex,
+            EndpointValue {
+                ep_id: ep.ep_id,
+                identity: out.endpoint_identities.get(&ep.ep_id).copied().unwrap_or(0),
+                flags,
+                pad: 0,
+            },
+        );
+    }
+    out
+}
+
+fn resolve_rule<'r>(
+    policy_id: u32,
+    p: &Policy,
+    r: &'r Rule,
+    facts: &BTreeMap<u32, IdentityFacts>,
+) -> ResolvedRule<'r> {
+    let peers = if r.peers.is_empty() {
+        None
+    } else {
+        Some(
+            facts
+                .iter()
+                .filter(|(_, f)| {
+                    r.peers
+                        .iter()
+                        .any(|peer| peer_matches(peer, &p.namespace, &f.facts()))
+                })
+                .map(|(id, _)| *id)
+                .collect(),
+        )
+    };
+    ResolvedRule {
+        policy_id,
+        peers,
+        ports: &r.ports,
+    }
+}
+
+fn emit(
+    map: &mut BTreeMap<PolicyKey, PolicyValue>,
+    ep: &EndpointView,
+    dir: Direction,
+    rule: &ResolvedRule<'_>,
+    facts: &BTreeMap<u32, IdentityFacts>,
+) {
+    let value = PolicyValue {
+        policy_id: rule.policy_id,
+        verdict: Verdict::Allow as u8,
+        flags: 0,
+        pad: 0,
+    };
+    let mut put = |peer: u32, proto: u8, port: u16, prefixlen: u32| {
+        let key = PolicyKey {
+            prefixlen,
+            data: PolicyKeyData {
+                ep_id: ep.ep_id,
+                direction: dir as u8,
+                tier: TIER_NETPOL,
+                pad1: 0,
+                peer_id: peer,
+                pad2: 0,
+                protocol: proto,
+                dport_be: port.to_be(),
+            },
+        };
+        // Policies are visited in name order: the first one that allows a
+        // key is the one events and explain report.
+        map.entry(key).or_insert(value);
+    };
+    let peers: Vec<u32> = match &rule.peers {
+        None => vec![ID_ANY],
+        Some(set) => set.iter().copied().collect(),
+    };
+    if rule.ports.is_empty() {
+        for &peer in &peers {
+            put(peer, 0, 0, POLICY_PREFIX_ANY_PROTO);
+        }
+        return;
+    }
+    for port in rule.ports {
+        let proto = port.protocol.number();
+        match &port.port {
+            PortMatch::All => {
+                for &peer in &peers {
+                    put(peer, proto, 0, POLICY_PREFIX_ANY_PORT);
+                }
+            }
+            PortMatch::Range(a, b) => {
+                for (start, bits) in port_prefixes(*a, *b) {
+                    for &peer in &peers {
+                        put(peer, proto, start, POLICY_PREFIX_ANY_PORT + bits);
+                    }
+                }
+            }
+            PortMatch::Named(name) => match dir {
+                // Ingress: the destination is this endpoint.
+                Direction::Ingress => {
+                    for np in ep
+                        .ports
+                        .iter()
+                        .filter(|np| &np.name == name && np.protocol == port.protocol)
+                    {
+                        for &peer in &peers {
+                            put(peer, proto, np.port, POLICY_PREFIX_FULL);
+                        }
+                    }
+                }
+                // Egress: the destination is the peer; only pods have
+                // named ports, each resolved on its own identity.
+                Direction::Egress => {
+                    let candidates: Vec<u32> = match &rule.peers {
+                        None => facts.keys().copied().collect(),
+                        Some(set) => set.iter().copied().collect(),
+                    };
+                    for peer in candidates {
+                        if let Some(num) = facts
+                            .get(&peer)
+                            .and_then(|f| f.named_port(name, port.protocol))
+                        {
+                            put(peer, proto, num, POLICY_PREFIX_FULL);
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        abi::{EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, ID_WORLD, PROTO_TCP, PROTO_UDP},
+        policy::{Object, parse_documents},
+    };
+
+    fn policies(yaml: &str) -> Vec<(u32, Policy)> {
+        parse_documents(yaml, "test")
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| match o {
+                Object::NetworkPolicy(np) => (i as u32 + 1, Policy::from_k8s(&np).unwrap()),
+                other => panic!("not a policy: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn ep(id: u32, ns: &str, name: &str, labels: &[(&str, &str)], addr: &str) -> EndpointView {
+        EndpointView {
+            ep_id: id,
+            ifindex: 100 + id,
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: Vec::new(),
+            addresses: vec![addr.parse().unwrap()],
+            extra_flags: 0,
+        }
+    }
+
+    fn run(pols: &[(u32, Policy)], eps: &[EndpointView]) -> (Compiled, IdentityTable) {
+        let mut ids = IdentityTable::default();
+        let ns = NamespaceMap::new();
+        let c = compile(
+            &Input {
+                namespaces: &ns,
+                policies: pols,
+                endpoints: eps,
+                host_addresses: &["10.0.0.1".parse().unwrap()],
+            },
+            &mut ids,
+        );
+        (c, ids)
+    }
+
+    /// The datapath's decision, done in user space on the compiled maps:
+    /// longest-prefix match on the ipcache and the policy trie.
+    fn allowed(
+        c: &Compiled,
+        ep: &EndpointView,
+        dir: Direction,
+        peer: &str,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        let flags = c.desired.endpoints[&ep.ifindex].flags;
+        let iso = if dir == Direction::Ingress {
+            EP_ISOLATE_INGRESS
+        } else {
+            EP_ISOLATE_EGRESS
+        };
+        if flags & iso == 0 {
+            return true;
+        }
+        let peer_id = lpm_identity(c, peer.parse().unwrap());
+        [peer_id, ID_ANY].iter().any(|&pid| {
+            c.desired.policy.iter().any(|(k, _)| {
+                let d = &k.data;
+                d.ep_id == ep.ep_id
+                    && d.direction == dir as u8
+                    && d.peer_id == pid
+                    && (k.prefixlen == POLICY_PREFIX_ANY_PROTO
+                        || (d.protocol == proto && {
+                            let bits = k.prefixlen - POLICY_PREFIX_ANY_PORT;
+                            let mask = if bits == 0 {
+                                0
+                            } else {
+                                u16::MAX << (16 - bits)
+                            };
+                            (u16::from_be(d.dport_be) & mask) == (port & mask)
+                        }))
+            })
+        })
+    }
+
+    fn lpm_identity(c: &Compiled, ip: IpAddr) -> u32 {
+        let a = abi::addr16(ip);
+        c.desired
+            .ipcache
+            .iter()
+            .filter(|(p, _)| {
+                let bits = p.len as usize;
+                (0..bits)
+                    .all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (p.addr[i / 8] >> (7 - i % 8)) & 1)
+            })
+            .max_by_key(|(p, _)| p.len)
+            .map(|(_, v)| v.identity)
+            .unwrap_or(ID_WORLD)
+    }
+
+    #[test]
+    fn port_ranges_split_into_few_prefixes() {
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(1024, 2047), vec![(1024, 6)]);
+        let p = port_prefixes(1, 65535);
+        assert!(p.len() <= 30, "{p:?}");
+        // Every port in the range is covered exactly once, none outside.
+        for (a, b) in [
+            (1u16, 65535u16),
+            (3000, 3005),
+            (81, 81),
+            (1000, 2000),
+            (65534, 65535),
+        ] {
+            let pre = port_prefixes(a, b);
+            for port in [
+                0u32, 1, 79, 80, 81, 999, 1000, 1500, 2000, 2001, 2999, 3000, 3005, 3006, 65534,
+                65535,
+            ] {
+                let hits = pre
+                    .iter()
+                    .filter(|(s, bits)| {
+                        let mask = if *bits == 0 {
+                            0
+                        } else {
+                            u16::MAX << (16 - bits)
+                        };
+                        (port as u16 & mask) == (*s & mask)
+                    })
+                    .count();
+                let want = usize::from((a as u32..=b as u32).contains(&port));
+                assert_eq!(hits, want, "range {a}-{b} port {port} prefixes {pre:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn default_deny_isolates_without_entries_and_unselected_pods_stay_open() {
+        let pols = policies(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n",
+        );
+        let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
+        let (c, _) = run(&pols, &[a.clone(), b.clone()]);
+        assert_eq!(c.desired.endpoints[&a.ifindex].flags, EP_ISOLATE_INGRESS);
+        assert_eq!(c.desired.endpoints[&b.ifindex].flags, 0);
+        assert!(c.desired.policy.is_empty());
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(allowed(
+            &c,
+            &b,
+            Direction::Ingress,
+            "10.0.0.2",
+            PROTO_TCP,
+            80
+        ));
+    }
+
+    #[test]
+    fn pod_and_namespace_selectors_and_vs_or() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: and, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}
+      podSelector: {matchLabels: {pod: b}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: or, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}
+    - podSelector: {matchLabels: {pod: b}}
+"#,
+        );
+        let xa = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let xb = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
+        let xc = ep(3, "x", "c", &[("pod", "c")], "10.0.0.4");
+        let ya = ep(4, "y", "a", &[("pod", "a")], "10.0.0.5");
+        let yb = ep(5, "y", "b", &[("pod", "b")], "10.0.0.6");
+        let (c, _) = run(&pols, &[xa.clone(), xb, xc.clone(), ya, yb]);
+        // AND: only y/b may reach x/a.
+        assert!(allowed(
+            &c,
+            &xa,
+            Direction::Ingress,
+            "10.0.0.6",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &xa,
+            Direction::Ingress,
+            "10.0.0.5",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &xa,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        // OR: all of y, and x/b.
+        assert!(allowed(
+            &c,
+            &xc,
+            Direction::Ingress,
+            "10.0.0.5",
+            PROTO_TCP,
+            80
+        ));
+        assert!(allowed(
+            &c,
+            &xc,
+            Direction::Ingress,
+            "10.0.0.6",
+            PROTO_TCP,
+            80
+        ));
+        assert!(allowed(
+            &c,
+            &xc,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &xc,
+            Direction::Ingress,
+            "10.0.0.2",
+            PROTO_TCP,
+            80
+        ));
+        // The world is nobody's pod.
+        assert!(!allowed(
+            &c,
+            &xc,
+            Direction::Ingress,
+            "192.0.2.1",
+            PROTO_TCP,
+            80
+        ));
+    }
+
+    #[test]
+    fn ip_block_with_except_matches_pods_inside_but_not_same_labelled_pods_outside() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.4/32]}
+"#,
+        );
+        let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let inside = ep(2, "x", "b1", &[("pod", "b")], "10.0.0.3");
+        let excepted = ep(3, "x", "b2", &[("pod", "b")], "10.0.0.4");
+        let outside = ep(4, "x", "b3", &[("pod", "b")], "10.0.1.3");
+        let (c, _) = run(&pols, &[a.clone(), inside, excepted, outside]);
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.4",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.1.3",
+            PROTO_TCP,
+            80
+        ));
+        // Non-pod addresses: the CIDR minus the exception.
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.200",
+            PROTO_UDP,
+            53
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "192.0.2.1",
+            PROTO_UDP,
+            53
+        ));
+        // Same labels, different identities (inside vs outside the block).
+        let ids: BTreeSet<u32> = ["10.0.0.3", "10.0.0.4", "10.0.1.3"]
+            .iter()
+            .map(|a| lpm_identity(&c, a.parse().unwrap()))
+            .collect();
+        assert_eq!(
+            ids.len(),
+            2,
+            "10.0.0.4 and 10.0.1.3 share the not-in-block identity"
+        );
+    }
+
+    #[test]
+    fn ipv6_blocks_never_match_ipv4_addresses() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v6, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: "::/0"}}]
+"#,
+        );
+        let a = ep(1, "x", "a", &[], "10.0.0.2");
+        let (c, _) = run(&pols, &[a.clone()]);
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "2001:db8::1",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "192.0.2.1",
+            PROTO_TCP,
+            80
+        ));
+    }
+
+    #[test]
+    fn named_ports_resolve_on_the_destination_pod() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: named, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - ports: [{port: http}]
+  egress:
+  - ports: [{port: http}]
+"#,
+        );
+        let http = |port| NamedPort {
+            name: "http".into(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let mut a = ep(1, "x", "a", &[("app", "web")], "10.0.0.2");
+        a.ports = vec![http(80)];
+        let mut b = ep(2, "x", "b", &[("app", "web")], "10.0.0.3");
+        b.ports = vec![http(8080)];
+        let (c, _) = run(&pols, &[a.clone(), b.clone()]);
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            8080
+        ));
+        assert!(allowed(
+            &c,
+            &b,
+            Direction::Ingress,
+            "10.0.0.2",
+            PROTO_TCP,
+            8080
+        ));
+        // Same labels, different numbers: egress resolves per destination.
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_TCP,
+            8080
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(allowed(
+            &c,
+            &b,
+            Direction::Egress,
+            "10.0.0.2",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &b,
+            Direction::Egress,
+            "10.0.0.2",
+            PROTO_TCP,
+            8080
+        ));
+        // A named port never resolves on a non-pod address.
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "192.0.2.1",
+            PROTO_TCP,
+            80
+        ));
+    }
+
+    #[test]
+    fn end_port_ranges_and_protocols() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: range, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - ports: [{port: 80, endPort: 82, protocol: UDP}]
+"#,
+        );
+        let a = ep(1, "x", "a", &[], "10.0.0.2");
+        let (c, _) = run(&pols, &[a.clone()]);
+        for (port, want) in [(79, false), (80, true), (81, true), (82, true), (83, false)] {
+            assert_eq!(
+                allowed(&c, &a, Direction::Ingress, "10.0.0.9", PROTO_UDP, port),
+                want,
+                "udp {port}"
+            );
+        }
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.9",
+            PROTO_TCP,
+            80
+        ));
+        assert!(
+            c.desired.policy.len() <= 2,
+            "80-82 is two prefixes: {:?}",
+            c.desired.policy
+        );
+    }
+
+    #[test]
+    fn union_of_policies_and_empty_rules_allow_everything() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-all, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{}]
+"#,
+        );
+        let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
+        let (c, _) = run(&pols, &[a.clone(), b.clone()]);
+        assert!(allowed(&c, &a, Direction::Ingress, "192.0.2.1", 1, 0));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &b,
+            Direction::Ingress,
+            "10.0.0.2",
+            PROTO_TCP,
+            80
+        ));
+        // The allow-all entry names its policy.
+        let v = c.desired.policy.values().next().unwrap();
+        assert_eq!(v.policy_id, 2);
+    }
+
+    #[test]
+    fn host_addresses_map_to_the_host_identity() {
+        let (c, _) = run(&[], &[ep(1, "x", "a", &[], "10.0.0.2")]);
+        assert_eq!(lpm_identity(&c, "10.0.0.1".parse().unwrap()), ID_HOST);
+        assert_eq!(lpm_identity(&c, "192.0.2.7".parse().unwrap()), ID_WORLD);
+    }
+}

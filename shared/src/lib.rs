@@ -1,0 +1,8 @@
+//! The palisade library: everything the CNI plugin, the OCI hook and
+//! `palisadectl` share. Pure parts (policy model, identities, compiler) are
+//! separate from the one module that touches the kernel (`dataplane`).
+
+pub mod abi;
+pub mod compile;
+pub mod identity;
+pub mod policy;

@@ -1,0 +1,982 @@
+//! Kubernetes objects palisade understands (Namespace, Pod, NetworkPolicy)
+//! and the validated domain model the compiler works on.
+//!
+//! Wire types are the `k8s-openapi` ones; documents are decoded strictly
+//! (unknown fields are errors, like `kubectl apply --validate=strict`) and
+//! validated with the API server's NetworkPolicy rules, then converted into
+//! [`Policy`], [`PodInfo`] and [`NamespaceInfo`].
+
+pub mod selector;
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod},
+        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+pub use selector::{Labels, Selector};
+
+use crate::abi::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+/// The label every namespace carries (Kubernetes sets it since 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// Namespace of objects and endpoints that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, Error)]
+pub enum ObjectError {
+    #[error("{source_name}: document {index}: {message}")]
+    Document {
+        source_name: String,
+        index: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ObjectError {
+    pub fn invalid(path: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Kinds of objects palisade stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Namespace => "Namespace",
+            Self::Pod => "Pod",
+            Self::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+/// A decoded, validated object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    NetworkPolicy(NetworkPolicy),
+}
+
+/// Which object: kind, namespace (empty for Namespace) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+impl Object {
+    pub fn reference(&self) -> ObjectRef {
+        match self {
+            Object::Namespace(n) => ObjectRef {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: n.metadata.name.clone().unwrap_or_default(),
+            },
+            Object::Pod(p) => ObjectRef {
+                kind: Kind::Pod,
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+            },
+            Object::NetworkPolicy(p) => ObjectRef {
+                kind: Kind::NetworkPolicy,
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// Decode every document of a YAML or JSON stream (multi-document YAML,
+/// a JSON object, or a `kind: List`). `source_name` names the input in
+/// errors. Either every document is valid, or nothing is returned.
+pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, ObjectError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let doc_err = |message: String| ObjectError::Document {
+            source_name: source_name.to_owned(),
+            index,
+            message,
+        };
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|e| doc_err(format!("not valid YAML or JSON: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        decode_value(value, &mut out).map_err(|e| doc_err(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ObjectError> {
+    let obj = value.as_object().ok_or_else(|| {
+        ObjectError::invalid("<root>", "expected an object with apiVersion and kind")
+    })?;
+    let kind = obj.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    let api = obj
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default();
+    let want_api = |expected: &str| {
+        if api == expected {
+            Ok(())
+        } else {
+            Err(ObjectError::invalid(
+                "apiVersion",
+                format!("{kind} needs apiVersion {expected:?}, got {api:?}"),
+            ))
+        }
+    };
+    match kind {
+        "Namespace" => {
+            want_api("v1")?;
+            let ns: Namespace = strict(value)?;
+            validate_namespace(&ns)?;
+            out.push(Object::Namespace(ns));
+        }
+        "Pod" => {
+            want_api("v1")?;
+            let mut pod: Pod = strict(value)?;
+            default_namespace(&mut pod.metadata);
+            validate_pod(&pod)?;
+            out.push(Object::Pod(pod));
+        }
+        "NetworkPolicy" => {
+            want_api("networking.k8s.io/v1")?;
+            let mut np: NetworkPolicy = strict(value)?;
+            default_namespace(&mut np.metadata);
+            Policy::from_k8s(&np)?;
+            out.push(Object::NetworkPolicy(np));
+        }
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+            let items = obj
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                decode_value(item, out)
+                    .map_err(|e| ObjectError::invalid(&format!("items[{i}]"), e.to_string()))?;
+            }
+        }
+        "" => {
+            return Err(ObjectError::invalid(
+                "kind",
+                "missing; palisade understands Namespace, Pod and NetworkPolicy",
+            ));
+        }
+        other => {
+            return Err(ObjectError::invalid(
+                "kind",
+                format!(
+                    "unsupported kind {other:?}; palisade understands Namespace, Pod and NetworkPolicy"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Decode with unknown fields rejected and the failing field named.
+fn strict<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ObjectError> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut record);
+    let parsed: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = clean_path(&e.path().to_string());
+        ObjectError::invalid(&path, e.into_inner().to_string())
+    })?;
+    if let Some(first) = unknown.first() {
+        return Err(ObjectError::invalid(
+            &clean_path(first),
+            "unknown field (check the spelling against the Kubernetes API)",
+        ));
+    }
+    Ok(parsed)
+}
+
+/// serde's paths mark `Option` layers with `?`; users never see those.
+fn clean_path(p: &str) -> String {
+    p.split('.')
+        .filter(|seg| *seg != "?")
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+    }
+}
+
+fn validate_meta(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    kind: &str,
+) -> Result<(), ObjectError> {
+    let name = meta.name.as_deref().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ObjectError::invalid(
+            "metadata.name",
+            format!("every {kind} needs a name"),
+        ));
+    }
+    let ok = if kind == "Namespace" {
+        selector::valid_dns_label(name)
+    } else {
+        selector::valid_dns_subdomain(name)
+    };
+    if !ok {
+        return Err(ObjectError::invalid(
+            "metadata.name",
+            format!("{name:?} is not a valid {kind} name: use lowercase letters, digits and '-'"),
+        ));
+    }
+    if let Some(ns) = meta.namespace.as_deref()
+        && !selector::valid_dns_label(ns)
+    {
+        return Err(ObjectError::invalid(
+            "metadata.namespace",
+            format!("{ns:?} is not a valid namespace name: use lowercase letters, digits and '-'"),
+        ));
+    }
+    if let Some(labels) = &meta.labels {
+        selector::validate_labels(labels, "metadata.labels")?;
+    }
+    Ok(())
+}
+
+fn validate_namespace(ns: &Namespace) -> Result<(), ObjectError> {
+    validate_meta(&ns.metadata, "Namespace")
+}
+
+fn validate_pod(pod: &Pod) -> Result<(), ObjectError> {
+    validate_meta(&pod.metadata, "Pod")?;
+    PodInfo::from_k8s(pod).map(|_| ())
+}
+
+/// An IP protocol a NetworkPolicy port can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str, path: &str) -> Result<Self, ObjectError> {
+        match s {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(ObjectError::invalid(
+                path,
+                format!("unsupported protocol {other:?}; use TCP, UDP or SCTP"),
+            )),
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+            Self::Sctp => PROTO_SCTP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+/// A container port with a name, which named-port rules refer to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// What the compiler needs of a Pod object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+}
+
+impl PodInfo {
+    pub fn from_k8s(pod: &Pod) -> Result<Self, ObjectError> {
+        let mut ports = Vec::new();
+        if let Some(spec) = &pod.spec {
+            let all = spec
+                .containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.containers[{i}]"), c.ports.as_ref()))
+                .chain(
+                    spec.init_containers
+                        .iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(i, c)| (format!("spec.initContainers[{i}]"), c.ports.as_ref())),
+                );
+            for (cpath, cports) in all {
+                for (j, p) in cports.into_iter().flatten().enumerate() {
+                    let path = format!("{cpath}.ports[{j}]");
+                    let port = u16::try_from(p.container_port)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| {
+                            ObjectError::invalid(
+                                &format!("{path}.containerPort"),
+                                format!("{} is not a port number (1-65535)", p.container_port),
+                            )
+                        })?;
+                    let protocol = Protocol::parse(
+                        p.protocol.as_deref().unwrap_or("TCP"),
+                        &format!("{path}.protocol"),
+                    )?;
+                    if let Some(name) = &p.name {
+                        validate_port_name(name, &format!("{path}.name"))?;
+                        if ports.iter().any(|n: &NamedPort| &n.name == name) {
+                            return Err(ObjectError::invalid(
+                                &format!("{path}.name"),
+                                format!("port name {name:?} is used twice in this pod"),
+                            ));
+                        }
+                        ports.push(NamedPort {
+                            name: name.clone(),
+                            port,
+                            protocol,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ports,
+        })
+    }
+}
+
+/// What the compiler needs of a Namespace: its labels, including the
+/// implicit `kubernetes.io/metadata.name`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl NamespaceInfo {
+    pub fn new(name: &str, labels: Option<&Labels>) -> Self {
+        let mut labels = labels.cloned().unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+        Self {
+            name: name.to_owned(),
+            labels,
+        }
+    }
+}
+
+/// A validated NetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: Selector,
+    /// Whether the policy isolates selected pods for ingress / egress
+    /// (policyTypes, with the API server's default).
+    pub ingress_isolation: bool,
+    pub egress_isolation: bool,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+/// One ingress or egress rule. Empty `peers` means every peer; empty
+/// `ports` every port of every protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Pods matching `pods` in the namespaces `namespaces` selects.
+    Pods {
+        namespaces: NamespaceScope,
+        pods: Selector,
+    },
+    IpBlock(IpBlock),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceScope {
+    /// The policy's own namespace (no namespaceSelector).
+    Own,
+    Matching(Selector),
+}
+
+/// A CIDR with exceptions, normalised to network addresses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpBlock {
+    pub cidr: IpNetwork,
+    pub except: Vec<IpNetwork>,
+}
+
+impl IpBlock {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    }
+
+    /// A canonical text form, used to name the block in identities.
+    pub fn canonical(&self) -> String {
+        let mut s = self.cidr.to_string();
+        for e in &self.except {
+            s.push('!');
+            s.push_str(&e.to_string());
+        }
+        s
+    }
+}
+
+impl fmt::Display for IpBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.cidr)?;
+        if !self.except.is_empty() {
+            let ex: Vec<String> = self.except.iter().map(ToString::to_string).collect();
+            write!(f, " except {}", ex.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRule {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortMatch {
+    /// Every port of the protocol.
+    All,
+    /// An inclusive range; a single port is `Range(p, p)`.
+    Range(u16, u16),
+    /// A container port name, resolved on the destination pod.
+    Named(String),
+}
+
+impl fmt::Display for PortRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            PortMatch::All => write!(f, "all {} ports", self.protocol.as_str()),
+            PortMatch::Range(a, b) if a == b => write!(f, "{a}/{}", self.protocol.as_str()),
+            PortMatch::Range(a, b) => write!(f, "{a}-{b}/{}", self.protocol.as_str()),
+            PortMatch::Named(n) => write!(f, "{n}/{}", self.protocol.as_str()),
+        }
+    }
+}
+
+/// An IANA service name, as Kubernetes requires for named ports.
+fn validate_port_name(name: &str, path: &str) -> Result<(), ObjectError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(ObjectError::invalid(
+            path,
+            format!(
+                "{name:?} is not a valid port name: at most 15 lowercase letters, digits and '-', \
+                 with at least one letter and no leading, trailing or double '-'"
+            ),
+        ))
+    }
+}
+
+fn parse_cidr(s: &str, path: &str) -> Result<IpNetwork, ObjectError> {
+    let net: IpNetwork = s.parse().map_err(|_| {
+        ObjectError::invalid(
+            path,
+            format!("{s:?} is not a CIDR; write it like 10.0.0.0/16 or fd00::/64"),
+        )
+    })?;
+    // Kubernetes accepts host bits in a CIDR and means the network.
+    IpNetwork::new(net.network(), net.prefix())
+        .map_err(|e| ObjectError::invalid(path, e.to_string()))
+}
+
+impl Policy {
+    /// Validate a NetworkPolicy the way the API server does and convert it.
+    pub fn from_k8s(np: &NetworkPolicy) -> Result<Self, ObjectError> {
+        validate_meta(&np.metadata, "NetworkPolicy")?;
+        let namespace = np
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let name = np.metadata.name.clone().unwrap_or_default();
+        let spec = np.spec.clone().unwrap_or_default();
+
+        let pod_selector = match &spec.pod_selector {
+            Some(s) => Selector::from_k8s(s, "spec.podSelector")?,
+            None => Selector::default(),
+        };
+
+        let (ingress_isolation, egress_isolation) = match &spec.policy_types {
+            Some(types) if !types.is_empty() => {
+                let mut ing = false;
+                let mut eg = false;
+                for (i, t) in types.iter().enumerate() {
+                    let path = format!("spec.policyTypes[{i}]");
+                    let seen = match t.as_str() {
+                        "Ingress" => std::mem::replace(&mut ing, true),
+                        "Egress" => std::mem::replace(&mut eg, true),
+                        other => {
+                            return Err(ObjectError::invalid(
+                                &path,
+                                format!("unknown policy type {other:?}; use Ingress or Egress"),
+                            ));
+                        }
+                    };
+                    if seen {
+                        return Err(ObjectError::invalid(&path, format!("{t} is listed twice")));
+                    }
+                }
+                (ing, eg)
+            }
+            // The API server's default: Ingress always, Egress when there
+            // are egress rules (an empty list adds nothing).
+            _ => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
+        };
+
+        let mut ingress = Vec::new();
+        for (i, r) in spec.ingress.iter().flatten().enumerate() {
+            let path = format!("spec.ingress[{i}]");
+            ingress.push(Rule::convert(
+                r.from.as_deref(),
+                r.ports.as_deref(),
+                &path,
+                "from",
+            )?);
+        }
+        let mut egress = Vec::new();
+        for (i, r) in spec.egress.iter().flatten().enumerate() {
+            let path = format!("spec.egress[{i}]");
+            egress.push(Rule::convert(
+                r.to.as_deref(),
+                r.ports.as_deref(),
+                &path,
+                "to",
+            )?);
+        }
+
+        Ok(Self {
+            namespace,
+            name,
+            pod_selector,
+            ingress_isolation,
+            egress_isolation,
+            ingress,
+            egress,
+        })
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether this policy applies to a pod, i.e. selects it.
+    pub fn selects(&self, namespace: &str, labels: &Labels) -> bool {
+        self.namespace == namespace && self.pod_selector.matches(labels)
+    }
+}
+
+impl Rule {
+    fn convert(
+        peers: Option<&[NetworkPolicyPeer]>,
+        ports: Option<&[NetworkPolicyPort]>,
+        path: &str,
+        peer_field: &str,
+    ) -> Result<Self, ObjectError> {
+        let mut out_peers = Vec::new();
+        for (i, p) in peers.into_iter().flatten().enumerate() {
+            let ppath = format!("{path}.{peer_field}[{i}]");
+            out_peers.push(convert_peer(p, &ppath)?);
+        }
+        let mut out_ports = Vec::new();
+        for (i, p) in ports.into_iter().flatten().enumerate() {
+            let ppath = format!("{path}.ports[{i}]");
+            out_ports.push(convert_port(p, &ppath)?);
+        }
+        Ok(Self {
+            peers: out_peers,
+            ports: out_ports,
+        })
+    }
+}
+
+fn convert_peer(p: &NetworkPolicyPeer, path: &str) -> Result<Peer, ObjectError> {
+    match (&p.ip_block, &p.pod_selector, &p.namespace_selector) {
+        (Some(b), None, None) => {
+            let cidr = parse_cidr(&b.cidr, &format!("{path}.ipBlock.cidr"))?;
+            let mut except = Vec::new();
+            for (i, e) in b.except.iter().flatten().enumerate() {
+                let epath = format!("{path}.ipBlock.except[{i}]");
+                let ex = parse_cidr(e, &epath)?;
+                let same_family = ex.is_ipv4() == cidr.is_ipv4();
+                if !same_family || !cidr.contains(ex.network()) || ex.prefix() <= cidr.prefix() {
+                    return Err(ObjectError::invalid(
+                        &epath,
+                        format!("{e} must be a strict subset of the cidr {}", b.cidr),
+                    ));
+                }
+                except.push(ex);
+            }
+            except.sort();
+            except.dedup();
+            Ok(Peer::IpBlock(IpBlock { cidr, except }))
+        }
+        (Some(_), _, _) => Err(ObjectError::invalid(
+            path,
+            "ipBlock cannot be combined with podSelector or namespaceSelector in one peer; \
+             list them as separate peers",
+        )),
+        (None, None, None) => Err(ObjectError::invalid(
+            path,
+            "a peer needs podSelector, namespaceSelector or ipBlock (an empty peer selects nothing); \
+             to allow every peer, leave the from/to list out",
+        )),
+        (None, pods, nss) => {
+            let pods = match pods {
+                Some(s) => Selector::from_k8s(s, &format!("{path}.podSelector"))?,
+                None => Selector::default(),
+            };
+            let namespaces = match nss {
+                Some(s) => NamespaceScope::Matching(Selector::from_k8s(
+                    s,
+                    &format!("{path}.namespaceSelector"),
+                )?),
+                None => NamespaceScope::Own,
+            };
+            Ok(Peer::Pods { namespaces, pods })
+        }
+    }
+}
+
+fn convert_port(p: &NetworkPolicyPort, path: &str) -> Result<PortRule, ObjectError> {
+    let protocol = Protocol::parse(
+        p.protocol.as_deref().unwrap_or("TCP"),
+        &format!("{path}.protocol"),
+    )?;
+    let port_num = |v: i32, field: &str| -> Result<u16, ObjectError> {
+        u16::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| {
+            ObjectError::invalid(
+                &format!("{path}.{field}"),
+                format!("{v} is not a port number (1-65535)"),
+            )
+        })
+    };
+    let port = match (&p.port, p.end_port) {
+        (None, None) => PortMatch::All,
+        (None, Some(_)) => {
+            return Err(ObjectError::invalid(
+                &format!("{path}.endPort"),
+                "endPort needs a numeric port to start the range",
+            ));
+        }
+        (Some(IntOrString::Int(n)), end) => {
+            let start = port_num(*n, "port")?;
+            let end = match end {
+                Some(e) => port_num(e, "endPort")?,
+                None => start,
+            };
+            if end < start {
+                return Err(ObjectError::invalid(
+                    &format!("{path}.endPort"),
+                    format!("endPort {end} is below port {start}"),
+                ));
+            }
+            PortMatch::Range(start, end)
+        }
+        (Some(IntOrString::String(s)), end) => {
+            if end.is_some() {
+                return Err(ObjectError::invalid(
+                    &format!("{path}.endPort"),
+                    "endPort cannot be used with a named port",
+                ));
+            }
+            // A number written as a string is a number (kubectl does this).
+            if let Ok(n) = s.parse::<i32>() {
+                let p = port_num(n, "port")?;
+                PortMatch::Range(p, p)
+            } else {
+                validate_port_name(s, &format!("{path}.port"))?;
+                PortMatch::Named(s.clone())
+            }
+        }
+    };
+    Ok(PortRule { protocol, port })
+}
+
+/// Labels by namespace name, for every namespace mentioned by objects or
+/// endpoints.
+pub type NamespaceMap = BTreeMap<String, NamespaceInfo>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_policy(yaml: &str) -> Policy {
+        let objs = parse_documents(yaml, "test").unwrap();
+        match &objs[..] {
+            [Object::NetworkPolicy(np)] => Policy::from_k8s(np).unwrap(),
+            other => panic!("expected one NetworkPolicy, got {other:?}"),
+        }
+    }
+
+    fn parse_err(yaml: &str) -> String {
+        parse_documents(yaml, "test").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn policy_types_default_to_ingress_plus_egress_when_egress_rules_exist() {
+        let p = one_policy(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {}\n",
+        );
+        assert!(p.ingress_isolation && !p.egress_isolation);
+        assert_eq!(p.namespace, "default");
+
+        let p = one_policy(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {}\n  egress: [{}]\n",
+        );
+        assert!(p.ingress_isolation && p.egress_isolation);
+
+        // An empty egress list adds no Egress type.
+        let p = one_policy(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {}\n  egress: []\n",
+        );
+        assert!(p.ingress_isolation && !p.egress_isolation);
+
+        let p = one_policy(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n",
+        );
+        assert!(!p.ingress_isolation && p.egress_isolation);
+    }
+
+    #[test]
+    fn peers_ports_and_ip_blocks_convert() {
+        let p = one_policy(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: a}}
+      podSelector: {matchLabels: {role: client}}
+    - podSelector: {}
+    - ipBlock: {cidr: 10.0.0.7/16, except: [10.0.1.0/24]}
+    ports:
+    - port: 80
+    - {protocol: UDP, port: 1000, endPort: 2000}
+    - {port: http}
+    - {protocol: SCTP}
+    - {port: "8080"}
+"#,
+        );
+        let r = &p.ingress[0];
+        assert_eq!(r.peers.len(), 3);
+        match &r.peers[0] {
+            Peer::Pods {
+                namespaces: NamespaceScope::Matching(ns),
+                pods,
+            } => {
+                assert_eq!(ns.describe(), "team=a");
+                assert_eq!(pods.describe(), "role=client");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&r.peers[1], Peer::Pods { namespaces: NamespaceScope::Own, pods } if pods.is_empty())
+        );
+        match &r.peers[2] {
+            Peer::IpBlock(b) => {
+                assert_eq!(b.cidr.to_string(), "10.0.0.0/16");
+                assert_eq!(b.canonical(), "10.0.0.0/16!10.0.1.0/24");
+                assert!(b.contains("10.0.2.1".parse().unwrap()));
+                assert!(!b.contains("10.0.1.1".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            r.ports,
+            vec![
+                PortRule {
+                    protocol: Protocol::Tcp,
+                    port: PortMatch::Range(80, 80)
+                },
+                PortRule {
+                    protocol: Protocol::Udp,
+                    port: PortMatch::Range(1000, 2000)
+                },
+                PortRule {
+                    protocol: Protocol::Tcp,
+                    port: PortMatch::Named("http".into())
+                },
+                PortRule {
+                    protocol: Protocol::Sctp,
+                    port: PortMatch::All
+                },
+                PortRule {
+                    protocol: Protocol::Tcp,
+                    port: PortMatch::Range(8080, 8080)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field_and_the_fix() {
+        let base = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {}\n";
+        let e = parse_err(&format!(
+            "{base}  ingress:\n  - ports: [{{port: 80, endPort: 70}}]\n"
+        ));
+        assert!(
+            e.contains("spec.ingress[0].ports[0].endPort") && e.contains("below port 80"),
+            "{e}"
+        );
+        let e = parse_err(&format!(
+            "{base}  ingress:\n  - ports: [{{protocol: ICMP}}]\n"
+        ));
+        assert!(e.contains("use TCP, UDP or SCTP"), "{e}");
+        let e = parse_err(&format!(
+            "{base}  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.0/24, except: [10.1.0.0/28]}}}}]\n"
+        ));
+        assert!(e.contains("strict subset"), "{e}");
+        let e = parse_err(&format!(
+            "{base}  ingress:\n  - from: [{{ipBlock: {{cidr: banana}}}}]\n"
+        ));
+        assert!(e.contains("not a CIDR"), "{e}");
+        let e = parse_err(&format!("{base}  ingress:\n  - from: [{{}}]\n"));
+        assert!(
+            e.contains("needs podSelector, namespaceSelector or ipBlock"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{base}  podSelecter: {{}}\n"));
+        assert!(
+            e.contains("spec.podSelecter") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = parse_err(&format!("{base}  policyTypes: [Inbound]\n"));
+        assert!(e.contains("use Ingress or Egress"), "{e}");
+        let e = parse_err("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n");
+        assert!(e.contains("unsupported kind \"Service\""), "{e}");
+        let e = parse_err("apiVersion: v1\nkind: NetworkPolicy\nmetadata: {name: a}\n");
+        assert!(e.contains("networking.k8s.io/v1"), "{e}");
+        let e = parse_err("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {}\n");
+        assert!(e.contains("metadata.name"), "{e}");
+        let e = parse_err("{ not yaml");
+        assert!(e.contains("document 1"), "{e}");
+    }
+
+    #[test]
+    fn multi_document_yaml_json_and_lists_decode() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    ports: [{name: http, containerPort: 8080}]
+---
+"#;
+        let objs = parse_documents(text, "t").unwrap();
+        assert_eq!(objs.len(), 2);
+        let Object::Pod(pod) = &objs[1] else { panic!() };
+        let info = PodInfo::from_k8s(pod).unwrap();
+        assert_eq!(
+            info.ports,
+            vec![NamedPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }]
+        );
+
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a"}},
+            {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"b"}}]}"#;
+        assert_eq!(parse_documents(json, "t").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn namespaces_always_carry_their_name_label() {
+        let ns = NamespaceInfo::new("shop", None);
+        assert_eq!(
+            ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("shop")
+        );
+    }
+}
