@@ -13,7 +13,10 @@ use std::{
 pub const ABI_VERSION: u32 = 1;
 
 /// `PAL_DIR_*`: direction from the container's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum Direction {
     /// Entering the container (host veth tc egress).

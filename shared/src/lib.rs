@@ -3,6 +3,12 @@
 //! separate from the one module that touches the kernel (`dataplane`).
 
 pub mod abi;
+pub mod cni;
 pub mod compile;
+pub mod dataplane;
 pub mod identity;
+pub mod netlink;
+pub mod netns;
+pub mod node;
 pub mod policy;
+pub mod store;

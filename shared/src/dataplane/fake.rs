@@ -1,0 +1,176 @@
+//! A dataplane that records what it is asked to do and keeps the maps in
+//! memory, for unit tests of everything above the kernel.
+
+use std::path::PathBuf;
+
+use super::{
+    Attachment, CounterRow, Dataplane, DataplaneError, DataplaneStatus, Lookup, LookupAnswer,
+    SyncReport,
+};
+use crate::{
+    abi::{self, Direction, ID_ANY, ID_WORLD},
+    compile::{Desired, Prefix},
+};
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Prepare,
+    Attach { ep_id: u32, ifname: String },
+    Detach { ifname: String },
+    Verify { ifname: String },
+    Sync,
+    Forget { ep_id: u32 },
+}
+
+/// The recording fake.
+#[derive(Debug, Default)]
+pub struct RecordingDataplane {
+    pub calls: Vec<Call>,
+    pub maps: Desired,
+    pub epoch: u32,
+    /// Interfaces whose programs are attached.
+    pub attached: Vec<String>,
+    /// Make the next attach fail (to test rollback).
+    pub fail_attach: bool,
+}
+
+impl Dataplane for RecordingDataplane {
+    fn prepare(&mut self) -> Result<(), DataplaneError> {
+        self.calls.push(Call::Prepare);
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        ep_id: u32,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<Attachment, DataplaneError> {
+        self.calls.push(Call::Attach {
+            ep_id,
+            ifname: ifname.to_owned(),
+        });
+        if std::mem::take(&mut self.fail_attach) {
+            return Err(DataplaneError::Other(format!(
+                "injected attach failure on {ifname} ({ifindex})"
+            )));
+        }
+        self.attached.push(ifname.to_owned());
+        Ok(Attachment::Tcx {
+            from_container: PathBuf::from(format!("/fake/ep{ep_id}-from-container")),
+            to_container: PathBuf::from(format!("/fake/ep{ep_id}-to-container")),
+        })
+    }
+
+    fn detach(&mut self, _att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
+        self.calls.push(Call::Detach {
+            ifname: ifname.to_owned(),
+        });
+        self.attached.retain(|i| i != ifname);
+        Ok(())
+    }
+
+    fn verify(&self, _att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
+        if self.attached.iter().any(|i| i == ifname) {
+            Ok(())
+        } else {
+            Err(DataplaneError::NotAttached {
+                ifname: ifname.to_owned(),
+                problem: "not attached (fake)".into(),
+            })
+        }
+    }
+
+    fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError> {
+        self.calls.push(Call::Sync);
+        let changed = self.maps != *desired;
+        if changed {
+            self.maps = desired.clone();
+            self.epoch += 1;
+        }
+        Ok(SyncReport {
+            upserted: usize::from(changed),
+            deleted: 0,
+            epoch: self.epoch,
+        })
+    }
+
+    fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError> {
+        self.calls.push(Call::Forget { ep_id });
+        Ok(())
+    }
+
+    fn sweep_links(&mut self, _keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError> {
+        Ok(Vec::new())
+    }
+
+    fn status(&self) -> Result<DataplaneStatus, DataplaneError> {
+        Ok(DataplaneStatus {
+            epoch: self.epoch,
+            ..Default::default()
+        })
+    }
+
+    fn counters(&self) -> Result<Vec<CounterRow>, DataplaneError> {
+        Ok(Vec::new())
+    }
+
+    fn lookup(&self, q: &Lookup) -> Result<LookupAnswer, DataplaneError> {
+        let a = abi::addr16(q.peer);
+        let peer_identity = self
+            .maps
+            .ipcache
+            .iter()
+            .filter(|(p, _)| prefix_contains(p, &a))
+            .max_by_key(|(p, _)| p.len)
+            .map(|(_, v)| v.identity)
+            .unwrap_or(ID_WORLD);
+        let isolated = self.maps.endpoints.values().any(|v| {
+            v.ep_id == q.ep_id
+                && v.flags
+                    & match q.direction {
+                        Direction::Ingress => abi::EP_ISOLATE_INGRESS,
+                        Direction::Egress => abi::EP_ISOLATE_EGRESS,
+                    }
+                    != 0
+        });
+        let ported = matches!(
+            q.protocol,
+            abi::PROTO_TCP | abi::PROTO_UDP | abi::PROTO_SCTP
+        );
+        let port = if ported { q.port } else { 0 };
+        let entry = [peer_identity, ID_ANY].iter().find_map(|&peer| {
+            self.maps
+                .policy
+                .iter()
+                .filter(|(k, _)| {
+                    let d = &k.data;
+                    d.ep_id == q.ep_id
+                        && d.direction == q.direction as u8
+                        && d.peer_id == peer
+                        && (k.prefixlen == abi::POLICY_PREFIX_ANY_PROTO
+                            || (d.protocol == q.protocol && {
+                                let bits = k.prefixlen - abi::POLICY_PREFIX_ANY_PORT;
+                                let mask = if bits == 0 {
+                                    0
+                                } else {
+                                    u16::MAX << (16 - bits)
+                                };
+                                u16::from_be(d.dport_be) & mask == port & mask
+                            }))
+                })
+                .max_by_key(|(k, _)| k.prefixlen)
+                .map(|(_, v)| *v)
+        });
+        Ok(LookupAnswer {
+            peer_identity,
+            isolated,
+            entry,
+        })
+    }
+}
+
+fn prefix_contains(p: &Prefix, a: &[u8; 16]) -> bool {
+    (0..p.len as usize).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (p.addr[i / 8] >> (7 - i % 8)) & 1)
+}

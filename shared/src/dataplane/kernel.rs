@@ -1,0 +1,1043 @@
+//! The real dataplane: aya loads the clang-built objects, pins maps and
+//! programs under the bpf root, attaches programs with TCX links (pinned)
+//! or clsact filters, and diff-syncs the maps.
+//!
+//! Layout under the root (default `/sys/fs/bpf/palisade`):
+//! `maps/<name>`, `progs/<object hash>/{from_container,to_container}`,
+//! `links/ep<id>-{from,to}-container`.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key as LpmKey,
+    },
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+    },
+    util::KernelVersion,
+};
+use nix::sys::statfs;
+use sha2::{Digest, Sha256};
+
+use super::{
+    AttachMode, Attachment, CounterRow, Dataplane, DataplaneError, DataplaneStatus, Lookup,
+    LookupAnswer, MapFill, NlFilter, ProgramStatus, SyncReport,
+};
+use crate::{
+    abi::{
+        self, ConfigValue, CounterKey, CounterValue, CtKey, CtValue, Direction, EndpointValue,
+        ID_ANY, ID_WORLD, IpcacheAddr, IpcacheValue, POLICY_PREFIX_FULL, PolicyKeyData,
+        PolicyValue, Reason, TIER_NETPOL, Verdict,
+    },
+    compile::{Desired, PolicyKey, Prefix},
+    netlink,
+};
+
+static FROM_CONTAINER_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from_container.o"));
+static TO_CONTAINER_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/to_container.o"));
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// One of the two programs.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramSpec {
+    /// Pin name under `progs/<hash>/`.
+    pub pin: &'static str,
+    /// Function name in the object.
+    pub function: &'static str,
+    pub object: &'static [u8],
+    pub hook: TcAttachType,
+    pub hook_name: &'static str,
+}
+
+pub const FROM_CONTAINER: ProgramSpec = ProgramSpec {
+    pin: "from_container",
+    function: "pal_from_container",
+    object: FROM_CONTAINER_OBJ,
+    hook: TcAttachType::Ingress,
+    hook_name: "ingress",
+};
+
+pub const TO_CONTAINER: ProgramSpec = ProgramSpec {
+    pin: "to_container",
+    function: "pal_to_container",
+    object: TO_CONTAINER_OBJ,
+    hook: TcAttachType::Egress,
+    hook_name: "egress",
+};
+
+const PROGRAMS: [ProgramSpec; 2] = [FROM_CONTAINER, TO_CONTAINER];
+
+/// Every map: name, key size, value size (checked against pinned maps).
+const MAPS: &[(&str, usize, usize)] = &[
+    ("pal_endpoints", 4, size_of::<EndpointValue>()),
+    (
+        "pal_ipcache",
+        4 + size_of::<IpcacheAddr>(),
+        size_of::<IpcacheValue>(),
+    ),
+    (
+        "pal_policy",
+        4 + size_of::<PolicyKeyData>(),
+        size_of::<PolicyValue>(),
+    ),
+    ("pal_ct", size_of::<CtKey>(), size_of::<CtValue>()),
+    (
+        "pal_frag",
+        size_of::<abi::FragKey>(),
+        size_of::<abi::FragValue>(),
+    ),
+    ("pal_config", 4, size_of::<ConfigValue>()),
+    (
+        "pal_counters",
+        size_of::<CounterKey>(),
+        size_of::<CounterValue>(),
+    ),
+    ("pal_events", 0, 0),
+    ("pal_evstats", 4, 8),
+    ("pal_ratelimit", 4, 16),
+];
+
+/// Flow events per second per CPU, and the burst, until configured.
+const DEFAULT_EVENTS_PER_SEC: u32 = 5000;
+const DEFAULT_EVENTS_BURST: u32 = 5000;
+
+/// Hash of both objects: programs are pinned per build.
+pub fn objects_hash() -> String {
+    let mut h = Sha256::new();
+    h.update(FROM_CONTAINER_OBJ);
+    h.update(TO_CONTAINER_OBJ);
+    let digest = h.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+type Endpoints = HashMap<MapData, u32, EndpointValue>;
+type Ipcache = LpmTrie<MapData, IpcacheAddr, IpcacheValue>;
+type PolicyMap = LpmTrie<MapData, PolicyKeyData, PolicyValue>;
+
+/// The maps user space writes or reads.
+struct Maps {
+    endpoints: Endpoints,
+    ipcache: Ipcache,
+    policy: PolicyMap,
+    config: Array<MapData, ConfigValue>,
+    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    evstats: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").finish_non_exhaustive()
+    }
+}
+
+/// The kernel dataplane rooted at one bpffs directory.
+#[derive(Debug)]
+pub struct KernelDataplane {
+    root: PathBuf,
+    mode: AttachMode,
+    maps: Option<Maps>,
+}
+
+fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
+    let path = path.to_owned();
+    move |source| DataplaneError::Fs { op, path, source }
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+impl KernelDataplane {
+    pub fn new(root: impl Into<PathBuf>, mode: AttachMode) -> Self {
+        Self {
+            root: root.into(),
+            mode,
+            maps: None,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn progs_dir(&self) -> PathBuf {
+        self.root.join("progs").join(objects_hash())
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Where a program of this build is pinned.
+    pub fn program_pin(&self, spec: &ProgramSpec) -> PathBuf {
+        self.progs_dir().join(spec.pin)
+    }
+
+    fn maps(&self) -> Result<&Maps, DataplaneError> {
+        self.maps
+            .as_ref()
+            .ok_or_else(|| DataplaneError::Other("dataplane used before prepare()".into()))
+    }
+
+    fn maps_mut(&mut self) -> Result<&mut Maps, DataplaneError> {
+        self.maps
+            .as_mut()
+            .ok_or_else(|| DataplaneError::Other("dataplane used before prepare()".into()))
+    }
+
+    /// Make sure `root` can hold pins: it (or its nearest existing
+    /// ancestor) must be on bpffs. The conventional `/sys/fs/bpf` is
+    /// mounted when nothing is mounted there yet.
+    fn ensure_bpffs(&self) -> Result<(), DataplaneError> {
+        let mut existing = self.root.as_path();
+        while !existing.exists() {
+            existing = existing.parent().unwrap_or(Path::new("/"));
+        }
+        let on_bpffs = |p: &Path| {
+            statfs::statfs(p)
+                .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+                .unwrap_or(false)
+        };
+        if !on_bpffs(existing) {
+            let sys = Path::new("/sys/fs/bpf");
+            if self.root.starts_with(sys) && sys.is_dir() && !on_bpffs(sys) {
+                nix::mount::mount(
+                    Some("bpf"),
+                    sys,
+                    Some("bpf"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .map_err(|source| DataplaneError::Mount {
+                    path: sys.to_owned(),
+                    source,
+                })?;
+            } else {
+                return Err(DataplaneError::NotBpffs {
+                    path: self.root.clone(),
+                });
+            }
+        }
+        for dir in [self.maps_dir(), self.links_dir(), self.progs_dir()] {
+            fs::create_dir_all(&dir).map_err(fs_err("create directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn check_pinned_maps(&self) -> Result<(), DataplaneError> {
+        for (name, key, value) in MAPS {
+            let path = self.maps_dir().join(name);
+            if !path.exists() || *key == 0 {
+                continue;
+            }
+            let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
+                what: format!("map {name}"),
+                path: path.clone(),
+                source: boxed(e),
+            })?;
+            if info.key_size() as usize != *key || info.value_size() as usize != *value {
+                return Err(DataplaneError::Incompatible {
+                    path,
+                    detail: format!(
+                        "key/value sizes {}/{}, expected {key}/{value}",
+                        info.key_size(),
+                        info.value_size()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Load both objects (creating or reusing pinned maps) and pin their
+    /// programs under this build's hash.
+    fn load_programs(&self) -> Result<(), DataplaneError> {
+        let dir = self.progs_dir();
+        for spec in PROGRAMS {
+            let pin = dir.join(spec.pin);
+            if pin.exists() {
+                continue;
+            }
+            let mut bpf = EbpfLoader::new()
+                .default_map_pin_directory(self.maps_dir())
+                .load(spec.object)
+                .map_err(|e| DataplaneError::Load {
+                    object: spec.pin,
+                    source: Box::new(e),
+                })?;
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(spec.function)
+                .ok_or_else(|| {
+                    DataplaneError::Other(format!("program {} missing from object", spec.function))
+                })?
+                .try_into()
+                .map_err(|e: ProgramError| DataplaneError::Verify {
+                    program: spec.function,
+                    source: Box::new(e),
+                })?;
+            prog.load().map_err(|e| DataplaneError::Verify {
+                program: spec.function,
+                source: Box::new(e),
+            })?;
+            prog.pin(&pin).map_err(|e| DataplaneError::Pin {
+                what: format!("program {}", spec.function),
+                path: pin.clone(),
+                source: boxed(e),
+            })?;
+        }
+        // Older builds' program pins: their programs stay loaded while a
+        // link still uses them.
+        let parent = self.root.join("progs");
+        if let Ok(entries) = fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                if e.path() != dir {
+                    let _removed = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open_map(&self, name: &str) -> Result<Map, DataplaneError> {
+        let path = self.maps_dir().join(name);
+        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
+            what: format!("map {name}"),
+            path: path.clone(),
+            source: boxed(e),
+        })?;
+        Map::from_map_data(data).map_err(|e| DataplaneError::OpenPin {
+            what: format!("map {name}"),
+            path,
+            source: boxed(e),
+        })
+    }
+
+    fn open_maps(&self) -> Result<Maps, DataplaneError> {
+        macro_rules! typed {
+            ($name:literal) => {
+                self.open_map($name)?
+                    .try_into()
+                    .map_err(|e| DataplaneError::OpenPin {
+                        what: format!("map {}", $name),
+                        path: self.maps_dir().join($name),
+                        source: boxed(e),
+                    })?
+            };
+        }
+        Ok(Maps {
+            endpoints: typed!("pal_endpoints"),
+            ipcache: typed!("pal_ipcache"),
+            policy: typed!("pal_policy"),
+            config: typed!("pal_config"),
+            counters: typed!("pal_counters"),
+            evstats: typed!("pal_evstats"),
+        })
+    }
+
+    fn effective_mode(&self) -> AttachMode {
+        match self.mode {
+            AttachMode::Auto => {
+                let tcx = KernelVersion::current()
+                    .map(|v| v >= KernelVersion::new(6, 6, 0))
+                    .unwrap_or(false);
+                if tcx {
+                    AttachMode::Tcx
+                } else {
+                    AttachMode::Netlink
+                }
+            }
+            m => m,
+        }
+    }
+
+    fn link_pin(&self, ep_id: u32, spec: &ProgramSpec) -> PathBuf {
+        self.links_dir()
+            .join(format!("ep{ep_id}-{}", spec.pin.replace('_', "-")))
+    }
+
+    fn open_program(&self, spec: &ProgramSpec) -> Result<SchedClassifier, DataplaneError> {
+        let pin = self.program_pin(spec);
+        SchedClassifier::from_pin(&pin).map_err(|e| DataplaneError::OpenPin {
+            what: format!("program {}", spec.function),
+            path: pin,
+            source: boxed(e),
+        })
+    }
+
+    fn attach_tcx(
+        &self,
+        ep_id: u32,
+        spec: &ProgramSpec,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<PathBuf, DataplaneError> {
+        let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+            hook: spec.hook_name,
+            ifname: ifname.to_owned(),
+            ifindex,
+            source: e,
+        };
+        let mut prog = self.open_program(spec)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                spec.hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_err(boxed(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
+        let fd: FdLink = link.try_into().map_err(|e| attach_err(boxed(e)))?;
+        let pin = self.link_pin(ep_id, spec);
+        if pin.exists() {
+            fs::remove_file(&pin).map_err(fs_err("remove stale link pin", &pin))?;
+        }
+        fd.pin(&pin).map_err(|e| DataplaneError::Pin {
+            what: format!("tc {} link of {ifname}", spec.hook_name),
+            path: pin.clone(),
+            source: boxed(e),
+        })?;
+        Ok(pin)
+    }
+
+    fn attach_netlink(
+        &self,
+        spec: &ProgramSpec,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<NlFilter, DataplaneError> {
+        let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+            hook: spec.hook_name,
+            ifname: ifname.to_owned(),
+            ifindex,
+            source: e,
+        };
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            // Another program (or our other hook) added it already.
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(attach_err(boxed(e))),
+        }
+        let mut prog = self.open_program(spec)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                spec.hook,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: 1,
+                    handle: TcHandle::AUTO_ASSIGN,
+                    classid: None,
+                }),
+            )
+            .map_err(|e| attach_err(boxed(e)))?;
+        let link: SchedClassifierLink = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
+        let filter = NlFilter {
+            priority: link.priority().map_err(|e| attach_err(boxed(e)))?,
+            handle: link.handle().map_err(|e| attach_err(boxed(e)))?.into(),
+        };
+        // Dropping the link object would delete the filter; the filter must
+        // outlive this process, and detach() removes it by priority/handle.
+        std::mem::forget(link);
+        Ok(filter)
+    }
+
+    fn detach_netlink(
+        &self,
+        spec: &ProgramSpec,
+        ifname: &str,
+        ifindex: u32,
+        f: NlFilter,
+    ) -> Result<(), DataplaneError> {
+        // The veth may be gone already (container deleted): nothing to do.
+        // A different interface that reused the name is not ours.
+        match current_ifindex(ifname) {
+            Some(i) if i == ifindex => {}
+            _ => return Ok(()),
+        }
+        let link =
+            SchedClassifierLink::attached(ifname, spec.hook, f.priority, f.handle.into(), None)
+                .map_err(|e| DataplaneError::Detach {
+                    hook: spec.hook_name,
+                    ifname: ifname.to_owned(),
+                    source: boxed(e),
+                })?;
+        match aya::programs::Link::detach(link) {
+            Ok(()) => Ok(()),
+            Err(ProgramError::NetlinkError(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(DataplaneError::Detach {
+                hook: spec.hook_name,
+                ifname: ifname.to_owned(),
+                source: boxed(e),
+            }),
+        }
+    }
+
+    /// Ids of the programs of this build.
+    fn program_ids(&self) -> Result<BTreeMap<&'static str, u32>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for spec in PROGRAMS {
+            let info =
+                aya::programs::ProgramInfo::from_pin(self.program_pin(&spec)).map_err(|e| {
+                    DataplaneError::OpenPin {
+                        what: format!("program {}", spec.function),
+                        path: self.program_pin(&spec),
+                        source: boxed(e),
+                    }
+                })?;
+            out.insert(spec.pin, info.id());
+        }
+        Ok(out)
+    }
+}
+
+fn current_ifindex(ifname: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(ifname).ok()
+}
+
+/// Read a whole LPM trie into a map keyed like the compiler's output.
+fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+    map: &'static str,
+) -> Result<BTreeMap<(u32, K), V>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for item in trie.iter() {
+        let (k, v) = item.map_err(DataplaneError::map(map))?;
+        out.insert((k.prefix_len(), k.data()), v);
+    }
+    Ok(out)
+}
+
+impl Dataplane for KernelDataplane {
+    fn prepare(&mut self) -> Result<(), DataplaneError> {
+        if self.maps.is_some() {
+            return Ok(());
+        }
+        self.ensure_bpffs()?;
+        self.check_pinned_maps()?;
+        // Programs pinned without their maps would write to maps nobody
+        // can reach: reload them together.
+        let maps_missing = MAPS
+            .iter()
+            .any(|(name, _, _)| !self.maps_dir().join(name).exists());
+        if maps_missing && self.progs_dir().exists() {
+            fs::remove_dir_all(self.progs_dir())
+                .map_err(fs_err("remove program pins", &self.progs_dir()))?;
+            fs::create_dir_all(self.progs_dir())
+                .map_err(fs_err("create directory", &self.progs_dir()))?;
+        }
+        self.load_programs()?;
+        let mut maps = self.open_maps()?;
+        let cfg = maps
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?;
+        if cfg == ConfigValue::default() {
+            let init = ConfigValue {
+                epoch: 1,
+                flags: abi::CFG_ALLOW_HOST | abi::CFG_EVENTS,
+                events_per_sec: DEFAULT_EVENTS_PER_SEC,
+                events_burst: DEFAULT_EVENTS_BURST,
+                sync_token: 0,
+            };
+            maps.config
+                .set(0, init, 0)
+                .map_err(DataplaneError::map("pal_config"))?;
+        }
+        self.maps = Some(maps);
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        ep_id: u32,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<Attachment, DataplaneError> {
+        self.prepare()?;
+        let mode = self.effective_mode();
+        if mode == AttachMode::Tcx {
+            match self.attach_tcx(ep_id, &FROM_CONTAINER, ifname, ifindex) {
+                Ok(from) => {
+                    let to = match self.attach_tcx(ep_id, &TO_CONTAINER, ifname, ifindex) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _best_effort = fs::remove_file(&from);
+                            return Err(e);
+                        }
+                    };
+                    return Ok(Attachment::Tcx {
+                        from_container: from,
+                        to_container: to,
+                    });
+                }
+                Err(e) if self.mode == AttachMode::Auto && tcx_unsupported(&e) => {
+                    tracing::info!("TCX is not available here ({e}); falling back to clsact");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let from = self.attach_netlink(&FROM_CONTAINER, ifname, ifindex)?;
+        let to = match self.attach_netlink(&TO_CONTAINER, ifname, ifindex) {
+            Ok(f) => f,
+            Err(e) => {
+                let _best_effort = self.detach_netlink(&FROM_CONTAINER, ifname, ifindex, from);
+                return Err(e);
+            }
+        };
+        Ok(Attachment::Netlink {
+            ifindex,
+            from_container: from,
+            to_container: to,
+        })
+    }
+
+    fn detach(&mut self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
+        match att {
+            Attachment::Tcx {
+                from_container,
+                to_container,
+            } => {
+                // Removing the pin drops the last reference to the link,
+                // which detaches it.
+                for pin in [from_container, to_container] {
+                    match fs::remove_file(pin) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(fs_err("remove link pin", pin)(e)),
+                    }
+                }
+                Ok(())
+            }
+            Attachment::Netlink {
+                ifindex,
+                from_container,
+                to_container,
+            } => {
+                self.detach_netlink(&FROM_CONTAINER, ifname, *ifindex, *from_container)?;
+                self.detach_netlink(&TO_CONTAINER, ifname, *ifindex, *to_container)
+            }
+        }
+    }
+
+    fn verify(&self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
+        let not_attached = |problem: String| DataplaneError::NotAttached {
+            ifname: ifname.to_owned(),
+            problem,
+        };
+        let Some(ifindex) = current_ifindex(ifname) else {
+            return Err(not_attached("the host veth no longer exists".into()));
+        };
+        match att {
+            Attachment::Tcx {
+                from_container,
+                to_container,
+            } => {
+                for (spec, pin) in [
+                    (FROM_CONTAINER, from_container),
+                    (TO_CONTAINER, to_container),
+                ] {
+                    let link = PinnedLink::from_pin(pin).map_err(|_| {
+                        not_attached(format!(
+                            "the tc {} link pin {} is missing: the program was detached",
+                            spec.hook_name,
+                            pin.display()
+                        ))
+                    })?;
+                    let fd: FdLink = link.into();
+                    let info = fd
+                        .info()
+                        .map_err(|e| not_attached(format!("read link {}: {e}", pin.display())))?;
+                    let (_, attached) =
+                        SchedClassifier::query_tcx(ifname, spec.hook).map_err(|e| {
+                            not_attached(format!("query tc {} programs: {e}", spec.hook_name))
+                        })?;
+                    if !attached.iter().any(|p| p.id() == info.program_id()) {
+                        return Err(not_attached(format!(
+                            "program {} is not attached at tc {}",
+                            info.program_id(),
+                            spec.hook_name
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Attachment::Netlink {
+                ifindex: recorded,
+                from_container,
+                to_container,
+            } => {
+                if *recorded != ifindex {
+                    return Err(not_attached(format!(
+                        "the veth was recreated (ifindex {recorded} is now {ifindex})"
+                    )));
+                }
+                for (spec, f) in [
+                    (FROM_CONTAINER, from_container),
+                    (TO_CONTAINER, to_container),
+                ] {
+                    let filters =
+                        netlink::list_tc_filters(ifindex, spec.hook == TcAttachType::Ingress)
+                            .map_err(|e| {
+                                not_attached(format!("list tc {} filters: {e}", spec.hook_name))
+                            })?;
+                    if !filters.iter().any(|x| {
+                        x.priority == f.priority && x.handle == f.handle && x.kind == "bpf"
+                    }) {
+                        return Err(not_attached(format!(
+                            "the tc {} filter (priority {}, handle {:#x}) is gone: the program was detached",
+                            spec.hook_name, f.priority, f.handle
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError> {
+        self.prepare()?;
+        let maps = self.maps_mut()?;
+        let mut report = SyncReport::default();
+
+        let cur_policy: BTreeMap<PolicyKey, PolicyValue> = read_trie(&maps.policy, "pal_policy")?
+            .into_iter()
+            .map(|((prefixlen, data), v)| (PolicyKey { prefixlen, data }, v))
+            .collect();
+        let cur_ipcache: BTreeMap<Prefix, IpcacheValue> = read_trie(&maps.ipcache, "pal_ipcache")?
+            .into_iter()
+            .map(|((len, a), v)| (Prefix { len, addr: a.addr }, v))
+            .collect();
+        let mut cur_eps = BTreeMap::new();
+        for item in maps.endpoints.iter() {
+            let (k, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
+            cur_eps.insert(k, v);
+        }
+
+        // Order matters for packets in flight: allow entries and new
+        // identities first, endpoints (isolation flags) next, removals last.
+        for (k, v) in &desired.policy {
+            if cur_policy.get(k) != Some(v) {
+                maps.policy
+                    .insert(&LpmKey::new(k.prefixlen, k.data), *v, 0)
+                    .map_err(DataplaneError::map("pal_policy"))?;
+                report.upserted += 1;
+            }
+        }
+        for (p, v) in &desired.ipcache {
+            if cur_ipcache.get(p) != Some(v) {
+                maps.ipcache
+                    .insert(&LpmKey::new(p.len, IpcacheAddr { addr: p.addr }), *v, 0)
+                    .map_err(DataplaneError::map("pal_ipcache"))?;
+                report.upserted += 1;
+            }
+        }
+        for (k, v) in &desired.endpoints {
+            if cur_eps.get(k) != Some(v) {
+                maps.endpoints
+                    .insert(*k, *v, 0)
+                    .map_err(DataplaneError::map("pal_endpoints"))?;
+                report.upserted += 1;
+            }
+        }
+        for k in cur_eps
+            .keys()
+            .filter(|k| !desired.endpoints.contains_key(k))
+        {
+            maps.endpoints
+                .remove(k)
+                .map_err(DataplaneError::map("pal_endpoints"))?;
+            report.deleted += 1;
+        }
+        for p in cur_ipcache
+            .keys()
+            .filter(|p| !desired.ipcache.contains_key(p))
+        {
+            maps.ipcache
+                .remove(&LpmKey::new(p.len, IpcacheAddr { addr: p.addr }))
+                .map_err(DataplaneError::map("pal_ipcache"))?;
+            report.deleted += 1;
+        }
+        for k in cur_policy
+            .keys()
+            .filter(|k| !desired.policy.contains_key(k))
+        {
+            maps.policy
+                .remove(&LpmKey::new(k.prefixlen, k.data))
+                .map_err(DataplaneError::map("pal_policy"))?;
+            report.deleted += 1;
+        }
+
+        let mut cfg = maps
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?;
+        if report.changed() {
+            // Established flows revalidate against the new state.
+            cfg.epoch = cfg.epoch.wrapping_add(1).max(1);
+            maps.config
+                .set(0, cfg, 0)
+                .map_err(DataplaneError::map("pal_config"))?;
+        }
+        report.epoch = cfg.epoch;
+        Ok(report)
+    }
+
+    fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError> {
+        self.prepare()?;
+        let maps = self.maps_mut()?;
+        let keys: Vec<CounterKey> = maps
+            .counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ep_id == ep_id)
+            .collect();
+        for k in keys {
+            match maps.counters.remove(&k) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DataplaneError::map("pal_counters")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError> {
+        let dir = self.links_dir();
+        let mut removed = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(fs_err("list", &dir)(e)),
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if !keep.contains(&p) {
+                fs::remove_file(&p).map_err(fs_err("remove orphaned link pin", &p))?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn status(&self) -> Result<DataplaneStatus, DataplaneError> {
+        let maps = self.maps()?;
+        let mut st = DataplaneStatus {
+            bpf_root: self.root.clone(),
+            ..Default::default()
+        };
+        let ids = self.program_ids()?;
+        for spec in PROGRAMS {
+            let info =
+                aya::programs::ProgramInfo::from_pin(self.program_pin(&spec)).map_err(|e| {
+                    DataplaneError::OpenPin {
+                        what: format!("program {}", spec.function),
+                        path: self.program_pin(&spec),
+                        source: boxed(e),
+                    }
+                })?;
+            st.programs.push(ProgramStatus {
+                name: spec.function.to_owned(),
+                id: ids.get(spec.pin).copied().unwrap_or_default(),
+                tag: format!("{:016x}", info.tag()),
+            });
+        }
+        let count = |n: &str| -> Result<(u64, u32), DataplaneError> {
+            let path = self.maps_dir().join(n);
+            let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
+                what: format!("map {n}"),
+                path: path.clone(),
+                source: boxed(e),
+            })?;
+            Ok((0, info.max_entries()))
+        };
+        let (_, max) = count("pal_endpoints")?;
+        st.maps.push(MapFill {
+            name: "pal_endpoints".into(),
+            entries: maps.endpoints.keys().count() as u64,
+            max_entries: max,
+        });
+        let (_, max) = count("pal_ipcache")?;
+        st.maps.push(MapFill {
+            name: "pal_ipcache".into(),
+            entries: maps.ipcache.keys().count() as u64,
+            max_entries: max,
+        });
+        let (_, max) = count("pal_policy")?;
+        st.maps.push(MapFill {
+            name: "pal_policy".into(),
+            entries: maps.policy.keys().count() as u64,
+            max_entries: max,
+        });
+        for name in ["pal_ct", "pal_frag"] {
+            let (_, max) = count(name)?;
+            let map = self.open_map(name)?;
+            let entries = match name {
+                "pal_ct" => {
+                    let m: HashMap<MapData, CtKey, CtValue> =
+                        map.try_into().map_err(DataplaneError::map("pal_ct"))?;
+                    m.keys().count() as u64
+                }
+                _ => {
+                    let m: HashMap<MapData, abi::FragKey, abi::FragValue> =
+                        map.try_into().map_err(DataplaneError::map("pal_frag"))?;
+                    m.keys().count() as u64
+                }
+            };
+            st.maps.push(MapFill {
+                name: name.into(),
+                entries,
+                max_entries: max,
+            });
+        }
+        let (_, max) = count("pal_counters")?;
+        st.maps.push(MapFill {
+            name: "pal_counters".into(),
+            entries: maps.counters.keys().count() as u64,
+            max_entries: max,
+        });
+        st.epoch = maps
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?
+            .epoch;
+        let sum = |idx: u32| -> Result<u64, DataplaneError> {
+            let v = maps
+                .evstats
+                .get(&idx, 0)
+                .map_err(DataplaneError::map("pal_evstats"))?;
+            Ok(v.iter().sum())
+        };
+        st.events_sent = sum(abi::EVSTAT_SENT)?;
+        st.events_rate_limited = sum(abi::EVSTAT_RATE_LIMITED)?;
+        st.events_ringbuf_full = sum(abi::EVSTAT_RINGBUF_FULL)?;
+        Ok(st)
+    }
+
+    fn counters(&self) -> Result<Vec<CounterRow>, DataplaneError> {
+        let maps = self.maps()?;
+        let mut rows = Vec::new();
+        for item in maps.counters.iter() {
+            let (k, values) = item.map_err(DataplaneError::map("pal_counters"))?;
+            let verdict = Verdict::from_u8(k.verdict);
+            rows.push(CounterRow {
+                ep_id: k.ep_id,
+                direction: Direction::from_u8(k.direction).unwrap_or(Direction::Ingress),
+                verdict: verdict.as_str().to_owned(),
+                reason: Reason::from_counter(verdict, k.reason)
+                    .describe()
+                    .to_owned(),
+                packets: values.iter().map(|v| v.packets).sum(),
+                bytes: values.iter().map(|v| v.bytes).sum(),
+            });
+        }
+        rows.sort_by(|a, b| {
+            (a.ep_id, a.direction, &a.verdict, &a.reason).cmp(&(
+                b.ep_id,
+                b.direction,
+                &b.verdict,
+                &b.reason,
+            ))
+        });
+        Ok(rows)
+    }
+
+    fn lookup(&self, q: &Lookup) -> Result<LookupAnswer, DataplaneError> {
+        let maps = self.maps()?;
+        let peer_identity = match maps.ipcache.get(
+            &LpmKey::new(
+                128,
+                IpcacheAddr {
+                    addr: abi::addr16(q.peer),
+                },
+            ),
+            0,
+        ) {
+            Ok(v) => v.identity,
+            Err(aya::maps::MapError::KeyNotFound) => ID_WORLD,
+            Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
+        };
+        let isolated = {
+            let mut found = false;
+            for item in maps.endpoints.iter() {
+                let (_, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
+                if v.ep_id == q.ep_id {
+                    let bit = match q.direction {
+                        Direction::Ingress => abi::EP_ISOLATE_INGRESS,
+                        Direction::Egress => abi::EP_ISOLATE_EGRESS,
+                    };
+                    found = v.flags & bit != 0;
+                }
+            }
+            found
+        };
+        let ported = matches!(
+            q.protocol,
+            abi::PROTO_TCP | abi::PROTO_UDP | abi::PROTO_SCTP
+        );
+        let mut entry = None;
+        for peer in [peer_identity, ID_ANY] {
+            let key = PolicyKeyData {
+                ep_id: q.ep_id,
+                direction: q.direction as u8,
+                tier: TIER_NETPOL,
+                pad1: 0,
+                peer_id: peer,
+                pad2: 0,
+                protocol: q.protocol,
+                dport_be: if ported { q.port.to_be() } else { 0 },
+            };
+            match maps.policy.get(&LpmKey::new(POLICY_PREFIX_FULL, key), 0) {
+                Ok(v) => {
+                    entry = Some(v);
+                    break;
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
+            }
+        }
+        Ok(LookupAnswer {
+            peer_identity,
+            isolated,
+            entry,
+        })
+    }
+}
+
+/// Whether a TCX attach failed because the kernel lacks TCX (as opposed to
+/// a real problem such as a missing interface).
+fn tcx_unsupported(e: &DataplaneError) -> bool {
+    let DataplaneError::Attach { source, .. } = e else {
+        return false;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(
+                io.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | 524)
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}

@@ -1,0 +1,278 @@
+//! The only code that touches the kernel: loading and pinning the tc
+//! programs and maps, attaching them to veths (TCX, or clsact/cls_bpf where
+//! TCX is missing), and making the maps equal to the compiler's output.
+//! Everything sits behind [`Dataplane`]; [`fake::RecordingDataplane`]
+//! stands in for the kernel in unit tests.
+
+pub mod fake;
+pub mod kernel;
+
+use std::{io, net::IpAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    abi::{Direction, PolicyValue},
+    compile::Desired,
+};
+
+/// Default root of palisade's pins.
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/palisade";
+
+/// How programs are attached to a veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX links when the kernel has them (6.6+), else clsact filters.
+    #[default]
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// clsact qdisc with cls_bpf filters (direct action) only.
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "tcx" => Some(Self::Tcx),
+            "netlink" | "clsact" => Some(Self::Netlink),
+            _ => None,
+        }
+    }
+}
+
+/// A cls_bpf filter palisade added, identified the way tc identifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NlFilter {
+    pub priority: u16,
+    pub handle: u32,
+}
+
+/// How an endpoint's two programs are attached; enough to detach them and
+/// to check them later, from any process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "camelCase")]
+pub enum Attachment {
+    /// TCX links, pinned under `<bpf root>/links`.
+    #[serde(rename_all = "camelCase")]
+    Tcx {
+        from_container: PathBuf,
+        to_container: PathBuf,
+    },
+    /// cls_bpf filters on the clsact qdisc of the host veth.
+    #[serde(rename_all = "camelCase")]
+    Netlink {
+        ifindex: u32,
+        from_container: NlFilter,
+        to_container: NlFilter,
+    },
+}
+
+impl Attachment {
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Self::Tcx { .. } => "tcx",
+            Self::Netlink { .. } => "clsact",
+        }
+    }
+
+    pub fn pins(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Tcx {
+                from_container,
+                to_container,
+            } => vec![from_container.clone(), to_container.clone()],
+            Self::Netlink { .. } => Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error(
+        "{path} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or set bpfRoot to a directory on bpffs"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("mount bpffs at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{op} {path}")]
+    Fs {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("load eBPF object {object}")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("load program {program} into the kernel (verifier)")]
+    Verify {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("pin {what} at {path}")]
+    Pin {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("open pinned {what} at {path}")]
+    OpenPin {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "pinned map {path} does not match this palisade build ({detail}); it was created by another version: \
+         detach all endpoints and remove {path} to recreate it"
+    )]
+    Incompatible { path: PathBuf, detail: String },
+    #[error("attach tc {hook} to {ifname} (ifindex {ifindex})")]
+    Attach {
+        hook: &'static str,
+        ifname: String,
+        ifindex: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("detach tc {hook} from {ifname}")]
+    Detach {
+        hook: &'static str,
+        ifname: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{ifname}: {problem}")]
+    NotAttached { ifname: String, problem: String },
+    #[error("update map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl DataplaneError {
+    pub fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |e| Self::Map {
+            map,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// What a sync changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub upserted: usize,
+    pub deleted: usize,
+    pub epoch: u32,
+}
+
+impl SyncReport {
+    pub fn changed(&self) -> bool {
+        self.upserted + self.deleted > 0
+    }
+}
+
+/// Fill level of one map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// A loaded program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub id: u32,
+    pub tag: String,
+}
+
+/// Packets seen by one endpoint, by direction, verdict and reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CounterRow {
+    pub ep_id: u32,
+    pub direction: Direction,
+    pub verdict: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The datapath as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct DataplaneStatus {
+    pub bpf_root: PathBuf,
+    pub programs: Vec<ProgramStatus>,
+    pub maps: Vec<MapFill>,
+    pub epoch: u32,
+    pub events_sent: u64,
+    pub events_rate_limited: u64,
+    pub events_ringbuf_full: u64,
+}
+
+/// A policy question asked of the live maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    pub ep_id: u32,
+    pub direction: Direction,
+    pub peer: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// The live maps' answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupAnswer {
+    pub peer_identity: u32,
+    pub isolated: bool,
+    pub entry: Option<PolicyValue>,
+}
+
+/// Kernel side effects palisade needs.
+pub trait Dataplane {
+    /// Make sure bpffs, maps and programs exist (loading and pinning them
+    /// the first time).
+    fn prepare(&mut self) -> Result<(), DataplaneError>;
+    /// Attach both programs to a host veth.
+    fn attach(
+        &mut self,
+        ep_id: u32,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<Attachment, DataplaneError>;
+    /// Detach; succeeds when already detached or the veth is gone.
+    fn detach(&mut self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError>;
+    /// Fail unless both programs are attached as recorded.
+    fn verify(&self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError>;
+    /// Make the maps equal to `desired`; bump the epoch if anything changed.
+    fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError>;
+    /// Drop per-endpoint state (counters) of a removed endpoint.
+    fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError>;
+    /// Remove link pins that no endpoint owns (left by a crash).
+    fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError>;
+    /// Programs, map fill levels, epoch and event counters.
+    fn status(&self) -> Result<DataplaneStatus, DataplaneError>;
+    /// Per-endpoint counters.
+    fn counters(&self) -> Result<Vec<CounterRow>, DataplaneError>;
+    /// Ask the live maps what they decide for a new flow.
+    fn lookup(&self, q: &Lookup) -> Result<LookupAnswer, DataplaneError>;
+}

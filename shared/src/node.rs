@@ -1,0 +1,692 @@
+//! The node: the store plus the dataplane, and every operation the binaries
+//! perform on them. Each operation takes the store lock, changes the state
+//! in memory, compiles it, syncs the maps, and saves the state only when
+//! the kernel accepted it; on failure the previous state is synced back,
+//! so nothing is left half-done.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use thiserror::Error;
+
+use crate::{
+    compile::{self, Compiled, EndpointView},
+    dataplane::{Dataplane, DataplaneError, SyncReport},
+    policy::{Kind, Labels, Object, ObjectRef},
+    store::{Endpoint, Locked, Source, State, Store, StoreError, StoredPolicy},
+};
+
+/// How long an operation waits for another one to release the store.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{context}; rolling back also failed: {rollback}")]
+    RollbackFailed {
+        context: String,
+        rollback: DataplaneError,
+    },
+}
+
+impl NodeError {
+    /// Whether retrying later may help (the store was busy).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Store(StoreError::LockTimeout { .. }))
+    }
+}
+
+/// A new endpoint to register.
+#[derive(Debug, Clone)]
+pub struct NewEndpoint {
+    pub source: Source,
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub addresses: Vec<IpAddr>,
+    /// The node's current addresses, when the caller knows them.
+    pub host_addresses: Option<Vec<IpAddr>>,
+}
+
+/// What `apply` did to each object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    Configured,
+    Unchanged,
+    Deleted,
+    NotFound,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Configured => "configured",
+            Self::Unchanged => "unchanged",
+            Self::Deleted => "deleted",
+            Self::NotFound => "not found",
+        }
+    }
+}
+
+/// The result of applying or deleting objects.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectsReport {
+    pub changes: Vec<(ObjectRef, Change)>,
+    pub sync: SyncReport,
+    pub warnings: Vec<String>,
+}
+
+/// The store and the dataplane of one node.
+#[derive(Debug)]
+pub struct Node<D: Dataplane> {
+    pub store: Store,
+    pub dataplane: D,
+    pub lock_timeout: Duration,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Compile a state: the endpoint views, then the compiler. Identities are
+/// allocated in (and unused ones dropped from) the state's table.
+pub fn compile_state(state: &mut State) -> Compiled {
+    let namespaces = state.namespace_map();
+    let (policies, mut warnings) = state.policies();
+    let endpoints: Vec<EndpointView> = state
+        .endpoints
+        .values()
+        .map(|ep| EndpointView {
+            ep_id: ep.id,
+            ifindex: ep.host_ifindex,
+            namespace: ep.namespace.clone(),
+            name: ep.name.clone(),
+            labels: state.effective_labels(ep),
+            ports: state
+                .pod_info(&ep.namespace, &ep.name)
+                .map(|p| p.ports)
+                .unwrap_or_default(),
+            addresses: ep.addresses.clone(),
+            extra_flags: 0,
+        })
+        .collect();
+    let host = state.host_addresses.clone();
+    let mut compiled = compile::compile(
+        &compile::Input {
+            namespaces: &namespaces,
+            policies: &policies,
+            endpoints: &endpoints,
+            host_addresses: &host,
+        },
+        &mut state.identities,
+    );
+    state.identities.retain_used(&compiled.used_identities);
+    warnings.append(&mut compiled.warnings);
+    compiled.warnings = warnings;
+    compiled
+}
+
+impl<D: Dataplane> Node<D> {
+    pub fn new(store: Store, dataplane: D) -> Self {
+        Self {
+            store,
+            dataplane,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
+    }
+
+    fn lock(&self) -> Result<Locked, NodeError> {
+        Ok(self.store.lock(self.lock_timeout)?)
+    }
+
+    /// Sync `locked.state`; if the kernel refuses, sync `previous` back.
+    fn commit(
+        &mut self,
+        locked: &mut Locked,
+        previous: &State,
+    ) -> Result<(SyncReport, Vec<String>), NodeError> {
+        let compiled = compile_state(&mut locked.state);
+        match self.dataplane.sync(&compiled.desired) {
+            Ok(report) => {
+                locked.save()?;
+                Ok((report, compiled.warnings))
+            }
+            Err(e) => {
+                let mut prev = previous.clone();
+                let back = compile_state(&mut prev);
+                match self.dataplane.sync(&back.desired) {
+                    Ok(_) => Err(e.into()),
+                    Err(rollback) => Err(NodeError::RollbackFailed {
+                        context: e.to_string(),
+                        rollback,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Remove link pins no endpoint owns (left behind by a crash).
+    fn sweep(&mut self, state: &State) {
+        let keep: Vec<PathBuf> = state
+            .endpoints
+            .values()
+            .flat_map(|e| e.attachment.pins())
+            .collect();
+        if let Err(e) = self.dataplane.sweep_links(&keep) {
+            tracing::warn!("could not sweep orphaned link pins: {e}");
+        }
+    }
+
+    /// Register an endpoint, program its maps, then attach the programs.
+    /// On any failure nothing stays behind.
+    pub fn add_endpoint(&mut self, new: NewEndpoint) -> Result<Endpoint, NodeError> {
+        let mut locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        let key = Endpoint::key_for(&new.network, &new.container_id, &new.ifname);
+
+        // A repeated ADD replaces the earlier registration; an endpoint
+        // still claiming this veth is stale (its veth was deleted and the
+        // index reused).
+        let stale: Vec<Endpoint> = locked
+            .state
+            .endpoints
+            .values()
+            .filter(|e| e.key() == key || e.host_ifindex == new.host_ifindex)
+            .cloned()
+            .collect();
+        for old in &stale {
+            self.dataplane.detach(&old.attachment, &old.host_ifname)?;
+            locked.state.endpoints.remove(&old.key());
+        }
+        if let Some(h) = &new.host_addresses {
+            locked.state.host_addresses = h.clone();
+        }
+        let id = locked.state.allocate_endpoint_id();
+        let mut ep = Endpoint {
+            id,
+            source: new.source,
+            network: new.network,
+            container_id: new.container_id,
+            ifname: new.ifname,
+            namespace: new.namespace,
+            name: new.name,
+            labels: new.labels,
+            netns: new.netns,
+            host_ifname: new.host_ifname,
+            host_ifindex: new.host_ifindex,
+            addresses: new.addresses,
+            attachment: crate::dataplane::Attachment::Netlink {
+                ifindex: 0,
+                from_container: crate::dataplane::NlFilter {
+                    priority: 0,
+                    handle: 0,
+                },
+                to_container: crate::dataplane::NlFilter {
+                    priority: 0,
+                    handle: 0,
+                },
+            },
+            created: now_secs(),
+        };
+        locked.state.endpoints.insert(key.clone(), ep.clone());
+
+        // Maps first: the first packet through the programs already finds
+        // this endpoint's policy.
+        let compiled = compile_state(&mut locked.state);
+        if let Err(e) = self.dataplane.sync(&compiled.desired) {
+            return Err(self.undo_add(&previous, e.into()));
+        }
+        match self.dataplane.attach(id, &ep.host_ifname, ep.host_ifindex) {
+            Ok(att) => ep.attachment = att,
+            Err(e) => return Err(self.undo_add(&previous, e.into())),
+        }
+        locked.state.endpoints.insert(key, ep.clone());
+        if let Err(e) = locked.save() {
+            let _best_effort = self.dataplane.detach(&ep.attachment, &ep.host_ifname);
+            return Err(self.undo_add(&previous, e.into()));
+        }
+        for w in &compiled.warnings {
+            tracing::warn!("{w}");
+        }
+        self.sweep(&locked.state);
+        Ok(ep)
+    }
+
+    fn undo_add(&mut self, previous: &State, err: NodeError) -> NodeError {
+        let mut prev = previous.clone();
+        let back = compile_state(&mut prev);
+        match self.dataplane.sync(&back.desired) {
+            Ok(_) => err,
+            Err(rollback) => NodeError::RollbackFailed {
+                context: err.to_string(),
+                rollback,
+            },
+        }
+    }
+
+    /// Detach and forget an endpoint. Succeeds when it is already gone.
+    pub fn remove_endpoint(&mut self, key: &str) -> Result<Option<Endpoint>, NodeError> {
+        let mut locked = self.lock()?;
+        let Some(ep) = locked.state.endpoints.get(key).cloned() else {
+            return Ok(None);
+        };
+        self.dataplane.prepare()?;
+        self.dataplane.detach(&ep.attachment, &ep.host_ifname)?;
+        let previous = locked.state.clone();
+        locked.state.endpoints.remove(key);
+        self.commit(&mut locked, &previous)?;
+        if let Err(e) = self.dataplane.forget_endpoint(ep.id) {
+            tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
+        }
+        self.sweep(&locked.state);
+        Ok(Some(ep))
+    }
+
+    /// Remove every endpoint for which `stale` says so (CNI GC, `palisadectl gc`).
+    pub fn remove_endpoints_where(
+        &mut self,
+        stale: impl Fn(&Endpoint) -> bool,
+    ) -> Result<Vec<Endpoint>, NodeError> {
+        let mut locked = self.lock()?;
+        let gone: Vec<Endpoint> = locked
+            .state
+            .endpoints
+            .values()
+            .filter(|e| stale(e))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        for ep in &gone {
+            self.dataplane.detach(&ep.attachment, &ep.host_ifname)?;
+            locked.state.endpoints.remove(&ep.key());
+        }
+        self.commit(&mut locked, &previous)?;
+        for ep in &gone {
+            if let Err(e) = self.dataplane.forget_endpoint(ep.id) {
+                tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
+            }
+        }
+        self.sweep(&locked.state);
+        Ok(gone)
+    }
+
+    /// Fail unless the endpoint is registered, in the maps and attached.
+    pub fn check_endpoint(&mut self, key: &str) -> Result<Endpoint, NodeError> {
+        let state = self.store.read()?;
+        let ep = state.endpoints.get(key).cloned().ok_or_else(|| {
+            NodeError::NotFound(format!(
+                "palisade has no endpoint {key}; it was never added or was deleted"
+            ))
+        })?;
+        self.dataplane.prepare()?;
+        self.dataplane.verify(&ep.attachment, &ep.host_ifname)?;
+        Ok(ep)
+    }
+
+    /// Create or replace objects, then enforce the result.
+    pub fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
+        let mut locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        let mut changes = Vec::new();
+        for obj in objects {
+            let r = obj.reference();
+            let key = format!("{}/{}", r.namespace, r.name);
+            let change = match obj {
+                Object::Namespace(ns) => upsert(&mut locked.state.namespaces, r.name.clone(), ns),
+                Object::Pod(pod) => upsert(&mut locked.state.pods, key, pod),
+                Object::NetworkPolicy(np) => match locked.state.policies.get(&key) {
+                    Some(sp) if sp.object == np => Change::Unchanged,
+                    Some(sp) => {
+                        let id = sp.id;
+                        locked
+                            .state
+                            .policies
+                            .insert(key, StoredPolicy { id, object: np });
+                        Change::Configured
+                    }
+                    None => {
+                        let id = locked.state.allocate_policy_id();
+                        locked
+                            .state
+                            .policies
+                            .insert(key, StoredPolicy { id, object: np });
+                        Change::Created
+                    }
+                },
+            };
+            changes.push((r, change));
+        }
+        let (sync, warnings) = self.commit(&mut locked, &previous)?;
+        Ok(ObjectsReport {
+            changes,
+            sync,
+            warnings,
+        })
+    }
+
+    /// Delete objects. Deleting a Namespace deletes its Pods and
+    /// NetworkPolicies too, as Kubernetes does.
+    pub fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
+        let mut locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        let mut changes = Vec::new();
+        for r in refs {
+            let key = format!("{}/{}", r.namespace, r.name);
+            let found = match r.kind {
+                Kind::Namespace => {
+                    let found = locked.state.namespaces.remove(&r.name).is_some();
+                    let prefix = format!("{}/", r.name);
+                    let pods: Vec<String> = locked
+                        .state
+                        .pods
+                        .keys()
+                        .filter(|k| k.starts_with(&prefix))
+                        .cloned()
+                        .collect();
+                    for k in pods {
+                        locked.state.pods.remove(&k);
+                        let (_, name) = k.split_once('/').unwrap_or_default();
+                        changes.push((
+                            ObjectRef {
+                                kind: Kind::Pod,
+                                namespace: r.name.clone(),
+                                name: name.to_owned(),
+                            },
+                            Change::Deleted,
+                        ));
+                    }
+                    let pols: Vec<String> = locked
+                        .state
+                        .policies
+                        .keys()
+                        .filter(|k| k.starts_with(&prefix))
+                        .cloned()
+                        .collect();
+                    for k in pols {
+                        locked.state.policies.remove(&k);
+                        let (_, name) = k.split_once('/').unwrap_or_default();
+                        changes.push((
+                            ObjectRef {
+                                kind: Kind::NetworkPolicy,
+                                namespace: r.name.clone(),
+                                name: name.to_owned(),
+                            },
+                            Change::Deleted,
+                        ));
+                    }
+                    found
+                }
+                Kind::Pod => locked.state.pods.remove(&key).is_some(),
+                Kind::NetworkPolicy => locked.state.policies.remove(&key).is_some(),
+            };
+            changes.push((
+                r,
+                if found {
+                    Change::Deleted
+                } else {
+                    Change::NotFound
+                },
+            ));
+        }
+        let (sync, warnings) = self.commit(&mut locked, &previous)?;
+        Ok(ObjectsReport {
+            changes,
+            sync,
+            warnings,
+        })
+    }
+
+    /// Recompile and sync without changing anything (repairs maps).
+    pub fn resync(&mut self) -> Result<SyncReport, NodeError> {
+        let mut locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        let (report, _) = self.commit(&mut locked, &previous)?;
+        self.sweep(&locked.state);
+        Ok(report)
+    }
+
+    /// Endpoint keys whose attachment the dataplane no longer confirms.
+    pub fn broken_endpoints(&mut self) -> Result<BTreeSet<String>, NodeError> {
+        let state = self.store.read()?;
+        self.dataplane.prepare()?;
+        Ok(state
+            .endpoints
+            .values()
+            .filter(|e| {
+                self.dataplane
+                    .verify(&e.attachment, &e.host_ifname)
+                    .is_err()
+            })
+            .map(Endpoint::key)
+            .collect())
+    }
+}
+
+fn upsert<T: PartialEq>(
+    map: &mut std::collections::BTreeMap<String, T>,
+    key: String,
+    value: T,
+) -> Change {
+    match map.get(&key) {
+        Some(old) if *old == value => Change::Unchanged,
+        Some(_) => {
+            map.insert(key, value);
+            Change::Configured
+        }
+        None => {
+            map.insert(key, value);
+            Change::Created
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        abi::{Direction, EP_ISOLATE_INGRESS, PROTO_TCP},
+        dataplane::{
+            Lookup,
+            fake::{Call, RecordingDataplane},
+        },
+        policy::parse_documents,
+    };
+
+    fn node() -> (tempfile::TempDir, Node<RecordingDataplane>) {
+        let dir = tempfile::tempdir().unwrap();
+        let n = Node::new(Store::new(dir.path()), RecordingDataplane::default());
+        (dir, n)
+    }
+
+    fn new_ep(id: &str, ifindex: u32, labels: &[(&str, &str)], addr: &str) -> NewEndpoint {
+        NewEndpoint {
+            source: Source::Cni,
+            network: "net".into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            namespace: "default".into(),
+            name: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            netns: format!("/run/netns/{id}"),
+            host_ifname: format!("veth{ifindex}"),
+            host_ifindex: ifindex,
+            addresses: vec![addr.parse().unwrap()],
+            host_addresses: Some(vec!["10.0.0.1".parse().unwrap()]),
+        }
+    }
+
+    const API_ALLOW: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-allow}
+spec:
+  podSelector: {matchLabels: {app: bookstore, role: api}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: bookstore}}
+"#;
+
+    fn decide(n: &Node<RecordingDataplane>, ep: u32, peer: &str) -> bool {
+        let a = n
+            .dataplane
+            .lookup(&Lookup {
+                ep_id: ep,
+                direction: Direction::Ingress,
+                peer: peer.parse().unwrap(),
+                protocol: PROTO_TCP,
+                port: 80,
+            })
+            .unwrap();
+        !a.isolated || a.entry.is_some()
+    }
+
+    #[test]
+    fn maps_are_written_before_programs_are_attached() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep(
+            "api",
+            10,
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        ))
+        .unwrap();
+        let calls = &n.dataplane.calls;
+        let sync = calls.iter().position(|c| *c == Call::Sync).unwrap();
+        let attach = calls
+            .iter()
+            .position(|c| matches!(c, Call::Attach { .. }))
+            .unwrap();
+        assert!(sync < attach, "{calls:?}");
+        assert!(n.dataplane.maps.endpoints.contains_key(&10));
+    }
+
+    #[test]
+    fn a_failed_attach_leaves_nothing_behind() {
+        let (_d, mut n) = node();
+        n.dataplane.fail_attach = true;
+        let err = n
+            .add_endpoint(new_ep("api", 10, &[], "10.0.0.2"))
+            .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(n.dataplane.maps.endpoints.is_empty());
+        assert!(
+            n.dataplane
+                .maps
+                .ipcache
+                .keys()
+                .all(|p| p.len != 128 || p.addr[15] != 2)
+        );
+        assert!(n.store.read().unwrap().endpoints.is_empty());
+    }
+
+    #[test]
+    fn order_does_not_matter_policy_before_or_after_endpoints() {
+        let (_d, mut n) = node();
+        let api = n
+            .add_endpoint(new_ep(
+                "api",
+                10,
+                &[("app", "bookstore"), ("role", "api")],
+                "10.0.0.2",
+            ))
+            .unwrap();
+        n.add_endpoint(new_ep("coffee", 11, &[("app", "coffeeshop")], "10.0.0.3"))
+            .unwrap();
+        assert!(decide(&n, api.id, "10.0.0.3"));
+        n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        assert_eq!(n.dataplane.maps.endpoints[&10].flags, EP_ISOLATE_INGRESS);
+        assert!(!decide(&n, api.id, "10.0.0.3"));
+        // A frontend that starts after the policy is allowed at once.
+        n.add_endpoint(new_ep(
+            "front",
+            12,
+            &[("app", "bookstore"), ("role", "frontend")],
+            "10.0.0.4",
+        ))
+        .unwrap();
+        assert!(decide(&n, api.id, "10.0.0.4"));
+        // Relabel the coffeeshop through a Pod object: allowed now.
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: coffee, labels: {app: bookstore}}\nspec: {containers: [{name: c}]}\n";
+        n.apply(parse_documents(pod, "t").unwrap()).unwrap();
+        assert!(decide(&n, api.id, "10.0.0.3"));
+        // Deleting the policy opens the api again.
+        let refs = parse_documents(API_ALLOW, "t")
+            .unwrap()
+            .iter()
+            .map(Object::reference)
+            .collect();
+        let r = n.delete(refs).unwrap();
+        assert_eq!(r.changes[0].1, Change::Deleted);
+        assert_eq!(n.dataplane.maps.endpoints[&10].flags, 0);
+    }
+
+    #[test]
+    fn remove_is_idempotent_and_reapply_is_unchanged() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep("a", 10, &[], "10.0.0.2")).unwrap();
+        let key = Endpoint::key_for("net", "a", "eth0");
+        assert!(n.remove_endpoint(&key).unwrap().is_some());
+        assert!(n.remove_endpoint(&key).unwrap().is_none());
+        assert!(n.dataplane.maps.endpoints.is_empty());
+        let first = n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        assert_eq!(first.changes[0].1, Change::Created);
+        let again = n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        assert_eq!(again.changes[0].1, Change::Unchanged);
+        assert!(!again.sync.changed());
+    }
+
+    #[test]
+    fn a_new_endpoint_on_a_reused_ifindex_replaces_the_stale_one() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep("old", 10, &[], "10.0.0.2")).unwrap();
+        n.add_endpoint(new_ep("new", 10, &[], "10.0.0.3")).unwrap();
+        let st = n.store.read().unwrap();
+        assert_eq!(st.endpoints.len(), 1);
+        assert!(st.endpoints.values().all(|e| e.container_id == "new"));
+    }
+
+    #[test]
+    fn check_fails_for_unknown_or_detached_endpoints() {
+        let (_d, mut n) = node();
+        assert!(matches!(
+            n.check_endpoint("net/x/eth0"),
+            Err(NodeError::NotFound(_))
+        ));
+        n.add_endpoint(new_ep("a", 10, &[], "10.0.0.2")).unwrap();
+        let key = Endpoint::key_for("net", "a", "eth0");
+        n.check_endpoint(&key).unwrap();
+        n.dataplane.attached.clear();
+        assert!(n.check_endpoint(&key).is_err());
+    }
+}
