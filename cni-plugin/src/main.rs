@@ -1,1 +1,330 @@
-fn main() {}
+//! `palisade`: the chained CNI plugin. Reads the CNI environment and the
+//! network configuration, calls the library, and prints either the previous
+//! result (ADD), nothing (DEL, CHECK, GC, STATUS), the VERSION answer, or a
+//! CNI error object with the spec's code.
+
+use std::{
+    env,
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use palisade::{
+    cni::{self, CniError, NetConf, PrevResult, code},
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT, kernel::KernelDataplane},
+    netlink, netns,
+    node::{NewEndpoint, Node, NodeError},
+    policy::DEFAULT_NAMESPACE,
+    store::{DEFAULT_STATE_DIR, Endpoint, Source, Store},
+};
+use serde_json::Value;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALISADE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .without_time()
+        .init();
+
+    let (out, ok) = match run() {
+        Ok(Some(v)) => (Some(v), true),
+        Ok(None) => (None, true),
+        Err(e) => (serde_json::to_value(&e).ok(), false),
+    };
+    if let Some(v) = out {
+        let mut stdout = io::stdout().lock();
+        let written = serde_json::to_writer(&mut stdout, &v)
+            .map_err(io::Error::from)
+            .and_then(|()| stdout.write_all(b"\n"));
+        if written.is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn require_env(name: &str, what: &str) -> Result<String, CniError> {
+    env_var(name).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_ENV,
+            format!("{name} is not set; the runtime must pass {what}"),
+        )
+    })
+}
+
+/// Map a node error to the CNI code a runtime can act on.
+fn node_error(e: NodeError, doing: &str) -> CniError {
+    let code = if e.is_busy() {
+        code::TRY_AGAIN_LATER
+    } else {
+        code::IO_FAILURE
+    };
+    CniError::new(code, format!("{doing}: {e}"))
+        .with_details(format!("{:#}", anyhow::Error::from(e)))
+}
+
+fn run() -> Result<Option<Value>, CniError> {
+    let command = env_var("CNI_COMMAND").ok_or_else(|| {
+        CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set: palisade is a CNI plugin, run by a container runtime \
+             (try CNI_COMMAND=VERSION palisade)",
+        )
+    })?;
+    if command == "VERSION" {
+        return Ok(Some(cni::version_json()));
+    }
+
+    let mut input = String::new();
+    io::stdin().read_to_string(&mut input).map_err(|e| {
+        CniError::new(
+            code::IO_FAILURE,
+            format!("read the network configuration from stdin: {e}"),
+        )
+    })?;
+    let conf: NetConf = serde_json::from_str(&input).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            format!("the network configuration on stdin is not valid JSON: {e}"),
+        )
+    })?;
+    if !cni::SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {:?} is not supported; use one of {}",
+                conf.cni_version,
+                cni::SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    if conf.name.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "the network configuration has no \"name\"",
+        ));
+    }
+    let mode = match conf.attach_mode.as_deref() {
+        None => AttachMode::Auto,
+        Some(m) => AttachMode::parse(m).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("attachMode {m:?} is not one of auto, tcx, netlink"),
+            )
+        })?,
+    };
+    let state_dir = conf
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let bpf_root = conf
+        .bpf_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT));
+    let mut node = Node::new(Store::new(state_dir), KernelDataplane::new(bpf_root, mode));
+
+    match command.as_str() {
+        "ADD" => add(&conf, &mut node).map(Some),
+        "DEL" => del(&conf, &mut node).map(|()| None),
+        "CHECK" => check(&conf, &mut node).map(|()| None),
+        "GC" => gc(&conf, &mut node).map(|()| None),
+        "STATUS" => status(&mut node).map(|()| None),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_COMMAND={other} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
+        )),
+    }
+}
+
+fn prev_result(conf: &NetConf, command: &str) -> Result<(Value, PrevResult), CniError> {
+    let raw = conf.prev_result.clone().filter(|v| !v.is_null()).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "{command} got no prevResult: palisade is a chained plugin; list it after the plugin that \
+                 creates the container's interface (bridge, flannel, calico, ...) in a conflist"
+            ),
+        )
+    })?;
+    let parsed: PrevResult = serde_json::from_value(raw.clone()).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            format!("prevResult is not a CNI result: {e}"),
+        )
+    })?;
+    Ok((raw, parsed))
+}
+
+fn pod_identity(container_id: &str) -> Result<(String, String), CniError> {
+    let args = env_var("CNI_ARGS").unwrap_or_default();
+    let args = cni::parse_cni_args(&args).map_err(|e| CniError::new(code::INVALID_ENV, e))?;
+    let namespace = args
+        .get("K8S_POD_NAMESPACE")
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+    let name = args
+        .get("K8S_POD_NAME")
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_else(|| container_id.to_owned());
+    Ok((namespace, name))
+}
+
+fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniError> {
+    let container_id = require_env("CNI_CONTAINERID", "the container id")?;
+    let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
+    let netns = require_env("CNI_NETNS", "the container's network namespace")?;
+    let (mut raw, prev) = prev_result(conf, "ADD")?;
+    let (namespace, name) = pod_identity(&container_id)?;
+
+    let mut enforce = || -> Result<Endpoint, CniError> {
+        let links = netlink::list_links().map_err(|e| {
+            CniError::new(code::IO_FAILURE, format!("list the host's interfaces: {e}"))
+        })?;
+        let veth = netns::find_host_veth(&prev, Some(Path::new(&netns)), &ifname, &links)
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?;
+        let mut addresses = prev
+            .container_addresses(&ifname)
+            .map_err(|e| CniError::new(code::DECODE_FAILURE, e))?;
+        if addresses.is_empty() {
+            addresses = netns::container_addresses(Path::new(&netns), &ifname)
+                .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
+        }
+        let host_addresses = netns::host_addresses().map_err(|e| {
+            CniError::new(code::IO_FAILURE, format!("list the node's addresses: {e}"))
+        })?;
+        node.add_endpoint(NewEndpoint {
+            source: Source::Cni,
+            network: conf.name.clone(),
+            container_id: container_id.clone(),
+            ifname: ifname.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            labels: conf.arg_labels(),
+            netns: netns.clone(),
+            host_ifname: veth.ifname,
+            host_ifindex: veth.ifindex,
+            addresses,
+            host_addresses: Some(host_addresses),
+        })
+        .map_err(|e| node_error(e, &format!("enforce policy on {namespace}/{name}")))
+    };
+    match enforce() {
+        Ok(ep) => tracing::info!(
+            "endpoint {} ({}/{}) enforced on {} ({})",
+            ep.id,
+            ep.namespace,
+            ep.name,
+            ep.host_ifname,
+            ep.attachment.mode_name()
+        ),
+        Err(e) if conf.fail_open == Some(true) && e.code != code::TRY_AGAIN_LATER => {
+            tracing::warn!(
+                "failOpen is set: {namespace}/{name} starts WITHOUT palisade enforcement: {e}"
+            );
+        }
+        Err(e) => return Err(e),
+    }
+    // The previous result, unchanged, in the version the runtime asked for.
+    if let Some(obj) = raw.as_object_mut() {
+        obj.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
+    }
+    Ok(raw)
+}
+
+fn del(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+    let container_id = require_env("CNI_CONTAINERID", "the container id")?;
+    let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
+    let key = Endpoint::key_for(&conf.name, &container_id, &ifname);
+    match node.remove_endpoint(&key) {
+        Ok(Some(ep)) => tracing::info!("endpoint {} removed", ep.id),
+        Ok(None) => tracing::info!("DEL of {key}: nothing to remove"),
+        Err(e) => return Err(node_error(e, &format!("remove endpoint {key}"))),
+    }
+    Ok(())
+}
+
+fn check(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+    if !cni::version_at_least(&conf.cni_version, (0, 4, 0)) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, got {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let container_id = require_env("CNI_CONTAINERID", "the container id")?;
+    let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
+    prev_result(conf, "CHECK")?;
+    let key = Endpoint::key_for(&conf.name, &container_id, &ifname);
+    node.check_endpoint(&key).map_err(|e| match e {
+        NodeError::NotFound(m) => CniError::new(code::NOT_ENFORCING, m),
+        NodeError::Dataplane(d) => CniError::new(
+            code::NOT_ENFORCING,
+            format!("endpoint {key} is not protected: {d}; delete and re-create the container"),
+        ),
+        other => node_error(other, &format!("check endpoint {key}")),
+    })?;
+    Ok(())
+}
+
+fn gc(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs \"cni.dev/valid-attachments\" in the configuration",
+        )
+    })?;
+    let network = conf.name.clone();
+    let removed = node
+        .remove_endpoints_where(|e| {
+            e.source == Source::Cni
+                && e.network == network
+                && !valid
+                    .iter()
+                    .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
+        })
+        .map_err(|e| node_error(e, "garbage-collect endpoints"))?;
+    for ep in removed {
+        tracing::info!(
+            "GC removed stale endpoint {} ({}/{})",
+            ep.key(),
+            ep.namespace,
+            ep.name
+        );
+    }
+    Ok(())
+}
+
+fn status(node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+    use palisade::dataplane::Dataplane;
+    node.store.read().map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            format!("palisade cannot read its state: {e}"),
+        )
+    })?;
+    node.dataplane.prepare().map_err(|e| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            format!(
+                "palisade cannot load its eBPF programs, so it cannot protect new containers: {e}"
+            ),
+        )
+    })?;
+    Ok(())
+}

@@ -1,1 +1,332 @@
-fn main() {}
+//! `palisadectl`: manage palisade on a node. Thin over the library: parse
+//! arguments, call `palisade::node` / `palisade::explain`, print tables,
+//! JSON or YAML.
+
+mod output;
+
+use std::{
+    fs,
+    io::{self, Read},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use palisade::{
+    abi::Direction,
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
+    explain::{self, PartyRef},
+    node::{Change, Node, ObjectsReport},
+    policy::{self, Object},
+    store::{DEFAULT_STATE_DIR, Store},
+};
+
+use crate::output::Format;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "palisadectl",
+    version,
+    about = "Per-container network isolation with Kubernetes NetworkPolicy, enforced by eBPF",
+    long_about = "palisadectl manages palisade on this node: apply and delete Kubernetes objects \
+                  (Namespace, Pod, NetworkPolicy), list what is enforced, and explain verdicts."
+)]
+struct Cli {
+    /// Where palisade keeps objects, endpoints and identities.
+    #[arg(long, global = true, env = "PALISADE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Where palisade pins its eBPF maps, programs and links (on bpffs).
+    #[arg(long, global = true, env = "PALISADE_BPF_ROOT", default_value = DEFAULT_BPF_ROOT)]
+    bpf_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update objects from YAML or JSON (multi-document; `-` reads stdin).
+    Apply {
+        /// File with Namespace, Pod and NetworkPolicy objects, or `-`.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// Delete the objects named in YAML or JSON files.
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Do not fail when an object does not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// List endpoints, policies, identities, namespaces or pods.
+    Get {
+        resource: Resource,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show loaded programs, map fill levels and attached endpoints.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Explain whether a connection is allowed and which policies decide.
+    Explain {
+        /// Sender: NAMESPACE/POD, POD (namespace default) or an address.
+        #[arg(long)]
+        from: String,
+        /// Receiver: NAMESPACE/POD, POD or an address.
+        #[arg(long)]
+        to: String,
+        /// Destination port and protocol: 80/TCP, 53/UDP, 9000/SCTP, or icmp.
+        #[arg(long)]
+        port: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Recompile everything and make the kernel maps match (repair).
+    Sync,
+    /// Remove endpoints whose host veth no longer exists (run on the node).
+    Gc,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Resource {
+    #[value(alias = "endpoint", alias = "ep")]
+    Endpoints,
+    #[value(
+        alias = "policy",
+        alias = "networkpolicies",
+        alias = "networkpolicy",
+        alias = "netpol"
+    )]
+    Policies,
+    #[value(alias = "identity", alias = "id")]
+    Identities,
+    #[value(alias = "namespace", alias = "ns")]
+    Namespaces,
+    #[value(alias = "pod", alias = "po")]
+    Pods,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (`palisadectl get endpoints | head`) is success.
+            if e.chain().any(|c| {
+                c.downcast_ref::<io::Error>()
+                    .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn node(cli: &Cli) -> Node<KernelDataplane> {
+    Node::new(
+        Store::new(&cli.state_dir),
+        KernelDataplane::new(&cli.bpf_root, AttachMode::Auto),
+    )
+}
+
+fn read_input(name: &str) -> Result<String> {
+    if name == "-" {
+        let mut s = String::new();
+        io::stdin()
+            .read_to_string(&mut s)
+            .context("read objects from stdin")?;
+        Ok(s)
+    } else {
+        fs::read_to_string(name).with_context(|| format!("read {name}"))
+    }
+}
+
+fn read_objects(files: &[String]) -> Result<Vec<Object>> {
+    let mut all = Vec::new();
+    for f in files {
+        let text = read_input(f)?;
+        let source = if f == "-" { "<stdin>" } else { f.as_str() };
+        all.extend(policy::parse_documents(&text, source)?);
+    }
+    if all.is_empty() {
+        bail!("no objects found in {}", files.join(", "));
+    }
+    Ok(all)
+}
+
+fn print_changes(report: &ObjectsReport) -> Result<()> {
+    let mut out = String::new();
+    for (r, change) in &report.changes {
+        let kind = match r.kind {
+            policy::Kind::Namespace => "namespace",
+            policy::Kind::Pod => "pod",
+            policy::Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
+        };
+        let name = if r.namespace.is_empty() {
+            r.name.clone()
+        } else {
+            format!("{}/{}", r.namespace, r.name)
+        };
+        out.push_str(&format!("{kind}/{name} {}\n", change.as_str()));
+    }
+    output::emit(&out)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Apply { files } => {
+            let objects = read_objects(files)?;
+            let report = node(&cli).apply(objects).context("apply")?;
+            print_changes(&report)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            files,
+            ignore_not_found,
+        } => {
+            let refs = read_objects(files)?.iter().map(Object::reference).collect();
+            let mut report = node(&cli).delete(refs).context("delete")?;
+            let missing: Vec<String> = report
+                .changes
+                .iter()
+                .filter(|(_, c)| *c == Change::NotFound)
+                .map(|(r, _)| r.to_string())
+                .collect();
+            report.changes.retain(|(_, c)| *c != Change::NotFound);
+            print_changes(&report)?;
+            if !missing.is_empty() && !ignore_not_found {
+                for m in &missing {
+                    eprintln!("error: {m} not found");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            resource,
+            namespace,
+            output,
+        } => {
+            let state = Store::new(&cli.state_dir)
+                .read()
+                .context("read palisade's state")?;
+            let ns = namespace.as_deref();
+            match resource {
+                Resource::Endpoints => output::endpoints(&state, ns, *output)?,
+                Resource::Policies => output::policies(&state, ns, *output)?,
+                Resource::Identities => output::identities(&state, ns, *output)?,
+                Resource::Namespaces => output::namespaces(&state, *output)?,
+                Resource::Pods => output::pods(&state, ns, *output)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { output } => {
+            let mut n = node(&cli);
+            let state = n.store.read().context("read palisade's state")?;
+            let loaded = n
+                .dataplane
+                .open_existing()
+                .context("open the pinned maps")?;
+            output::status(&state, &n.dataplane, loaded, *output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            from,
+            to,
+            port,
+            output,
+        } => {
+            let state = Store::new(&cli.state_dir)
+                .read()
+                .context("read palisade's state")?;
+            let (proto, port) = explain::parse_port(port)?;
+            let e = explain::explain(
+                &state,
+                &PartyRef::parse(from)?,
+                &PartyRef::parse(to)?,
+                proto,
+                port,
+            )?;
+            let mut dp = KernelDataplane::new(&cli.bpf_root, AttachMode::Auto);
+            let loaded = dp.open_existing().unwrap_or(false);
+            let mut datapath = Vec::new();
+            if loaded {
+                for (side, peer) in [(&e.egress, e.to.address), (&e.ingress, e.from.address)] {
+                    let Some(side) = side else { continue };
+                    let party = if side.direction == Direction::Egress {
+                        &e.from
+                    } else {
+                        &e.to
+                    };
+                    let (Some(ep_id), Some(peer)) = (party.endpoint_id, peer) else {
+                        continue;
+                    };
+                    let proto_num = if e.protocol == "ICMPv6" {
+                        palisade::abi::PROTO_ICMPV6
+                    } else {
+                        proto
+                    };
+                    let a = dp.lookup(&Lookup {
+                        ep_id,
+                        direction: side.direction,
+                        peer,
+                        protocol: proto_num,
+                        port,
+                    })?;
+                    let allowed =
+                        !a.isolated || a.entry.is_some() || e.from.is_host || e.to.is_host;
+                    datapath.push(output::DatapathAnswer {
+                        direction: side.direction,
+                        endpoint: ep_id,
+                        peer_identity: a.peer_identity,
+                        allowed,
+                        policy_id: a.entry.map(|v| v.policy_id),
+                        agrees: allowed == side.allowed,
+                    });
+                }
+            }
+            output::explanation(&e, &datapath, &state, *output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync => {
+            let report = node(&cli).resync().context("sync")?;
+            output::emit(&format!(
+                "maps in sync: {} entries written, {} removed, epoch {}\n",
+                report.upserted, report.deleted, report.epoch
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc => {
+            let removed = node(&cli)
+                .remove_endpoints_where(|e| {
+                    nix::net::if_::if_nametoindex(e.host_ifname.as_str()).ok()
+                        != Some(e.host_ifindex)
+                })
+                .context("garbage-collect endpoints")?;
+            let mut out = String::new();
+            for ep in &removed {
+                out.push_str(&format!(
+                    "removed endpoint {} ({}/{}): its veth {} is gone\n",
+                    ep.id, ep.namespace, ep.name, ep.host_ifname
+                ));
+            }
+            if removed.is_empty() {
+                out.push_str("nothing to remove\n");
+            }
+            output::emit(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod abi;
 pub mod cni;
 pub mod compile;
 pub mod dataplane;
+pub mod explain;
 pub mod identity;
 pub mod netlink;
 pub mod netns;

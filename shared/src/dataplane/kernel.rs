@@ -353,6 +353,25 @@ impl KernelDataplane {
         })
     }
 
+    /// Open the pinned maps if a datapath exists, without loading or
+    /// creating anything (for read-only commands). `false`: nothing is
+    /// loaded under this root yet.
+    pub fn open_existing(&mut self) -> Result<bool, DataplaneError> {
+        if self.maps.is_some() {
+            return Ok(true);
+        }
+        let complete = MAPS
+            .iter()
+            .all(|(name, _, _)| self.maps_dir().join(name).exists())
+            && PROGRAMS.iter().all(|p| self.program_pin(p).exists());
+        if !complete {
+            return Ok(false);
+        }
+        self.check_pinned_maps()?;
+        self.maps = Some(self.open_maps()?);
+        Ok(true)
+    }
+
     fn effective_mode(&self) -> AttachMode {
         match self.mode {
             AttachMode::Auto => {

@@ -1,0 +1,526 @@
+//! Rendering: kubectl-style tables (tab-aligned, no borders), JSON and YAML.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+};
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use palisade::{
+    abi::Direction,
+    dataplane::{Dataplane, DataplaneStatus, kernel::KernelDataplane},
+    explain::Explanation,
+    identity::{IdentityKey, reserved_name},
+    node::compile_state,
+    policy::{Labels, NamespaceInfo, Policy},
+    store::{Endpoint, State},
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Print, treating a closed pipe as the reader being done.
+pub fn emit(s: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
+    let mut tw = tabwriter::TabWriter::new(Vec::new()).padding(3);
+    writeln!(tw, "{}", header.join("\t"))?;
+    for r in rows {
+        writeln!(tw, "{}", r.join("\t"))?;
+    }
+    tw.flush()?;
+    let bytes = tw.into_inner().context("format table")?;
+    emit(&String::from_utf8_lossy(&bytes))
+}
+
+fn structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
+    match format {
+        Format::Yaml => emit(&serde_yaml::to_string(value)?),
+        _ => emit(&(serde_json::to_string_pretty(value)? + "\n")),
+    }
+}
+
+fn labels_str(l: &Labels) -> String {
+    if l.is_empty() {
+        return "<none>".into();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn k8s_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointOut<'a> {
+    #[serde(flatten)]
+    endpoint: &'a Endpoint,
+    effective_labels: Labels,
+    identity: u32,
+}
+
+pub fn endpoints(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
+    let mut scratch = state.clone();
+    let compiled = compile_state(&mut scratch);
+    let eps: Vec<&Endpoint> = state
+        .endpoints
+        .values()
+        .filter(|e| ns.is_none_or(|n| e.namespace == n))
+        .collect();
+    if format != Format::Table {
+        let out: Vec<EndpointOut<'_>> = eps
+            .iter()
+            .map(|e| EndpointOut {
+                endpoint: e,
+                effective_labels: state.effective_labels(e),
+                identity: compiled
+                    .endpoint_identities
+                    .get(&e.id)
+                    .copied()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        return structured(&out, format);
+    }
+    let rows = eps
+        .iter()
+        .map(|e| {
+            vec![
+                e.namespace.clone(),
+                e.name.clone(),
+                e.id.to_string(),
+                compiled
+                    .endpoint_identities
+                    .get(&e.id)
+                    .map(u32::to_string)
+                    .unwrap_or_default(),
+                e.addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{} ({})", e.host_ifname, e.host_ifindex),
+                e.attachment.mode_name().to_owned(),
+                labels_str(&state.effective_labels(e)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "ENDPOINT",
+            "IDENTITY",
+            "ADDRESSES",
+            "HOST VETH",
+            "ATTACH",
+            "LABELS",
+        ],
+        rows,
+    )
+}
+
+pub fn policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
+    let selected: Vec<_> = state
+        .policies
+        .iter()
+        .filter(|(_, sp)| ns.is_none_or(|n| sp.object.metadata.namespace.as_deref() == Some(n)))
+        .collect();
+    if format != Format::Table {
+        let items = selected
+            .iter()
+            .map(|(_, sp)| serde_json::to_value(&sp.object))
+            .collect::<Result<Vec<_>, _>>()?;
+        return structured(&k8s_list(items), format);
+    }
+    let mut rows = Vec::new();
+    for (_, sp) in selected {
+        let Ok(p) = Policy::from_k8s(&sp.object) else {
+            continue;
+        };
+        let selected_eps = state
+            .endpoints
+            .values()
+            .filter(|e| p.selects(&e.namespace, &state.effective_labels(e)))
+            .count();
+        let mut types = Vec::new();
+        if p.ingress_isolation {
+            types.push("Ingress");
+        }
+        if p.egress_isolation {
+            types.push("Egress");
+        }
+        rows.push(vec![
+            p.namespace.clone(),
+            p.name.clone(),
+            sp.id.to_string(),
+            p.pod_selector.describe(),
+            types.join(","),
+            format!("{}/{}", p.ingress.len(), p.egress.len()),
+            selected_eps.to_string(),
+        ]);
+    }
+    table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "ID",
+            "POD-SELECTOR",
+            "POLICY-TYPES",
+            "RULES (IN/OUT)",
+            "ENDPOINTS",
+        ],
+        rows,
+    )
+}
+
+#[derive(Serialize)]
+struct IdentityOut<'a> {
+    id: u32,
+    #[serde(flatten)]
+    key: &'a IdentityKey,
+    addresses: Vec<String>,
+}
+
+pub fn identities(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
+    let mut scratch = state.clone();
+    let compiled = compile_state(&mut scratch);
+    let mut by_id: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (prefix, v) in &compiled.desired.ipcache {
+        by_id
+            .entry(v.identity)
+            .or_default()
+            .push(prefix.to_string());
+    }
+    let ids: Vec<(u32, &IdentityKey)> = scratch
+        .identities
+        .iter()
+        .map(|(k, id)| (id, k))
+        .filter(|(_, k)| ns.is_none_or(|n| k.namespace.as_deref() == Some(n)))
+        .collect();
+    if format != Format::Table {
+        let out: Vec<IdentityOut<'_>> = ids
+            .iter()
+            .map(|(id, k)| IdentityOut {
+                id: *id,
+                key: k,
+                addresses: by_id.get(id).cloned().unwrap_or_default(),
+            })
+            .collect();
+        return structured(&out, format);
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if ns.is_none() {
+        for id in [palisade::abi::ID_HOST, palisade::abi::ID_WORLD] {
+            rows.push(vec![
+                id.to_string(),
+                "<reserved>".into(),
+                reserved_name(id).unwrap_or_default().to_owned(),
+                String::new(),
+                by_id
+                    .get(&id)
+                    .map(|a| a.join(","))
+                    .unwrap_or_else(|| "(default)".into()),
+            ]);
+        }
+    }
+    for (id, k) in ids {
+        let extra: Vec<String> = k
+            .blocks
+            .iter()
+            .map(|b| format!("in {b}"))
+            .chain(k.ports.iter().map(|p| format!("port {p}")))
+            .collect();
+        rows.push(vec![
+            id.to_string(),
+            k.namespace.clone().unwrap_or_else(|| "<cidr>".into()),
+            if k.is_endpoint() {
+                labels_str(&k.labels)
+            } else {
+                String::new()
+            },
+            extra.join(" "),
+            by_id.get(&id).map(|a| a.join(",")).unwrap_or_default(),
+        ]);
+    }
+    table(
+        &["ID", "NAMESPACE", "LABELS", "REFINED BY", "ADDRESSES"],
+        rows,
+    )
+}
+
+pub fn namespaces(state: &State, format: Format) -> Result<()> {
+    let map = state.namespace_map();
+    if format != Format::Table {
+        let items = map
+            .values()
+            .map(|ns| {
+                state
+                    .namespaces
+                    .get(&ns.name)
+                    .map(serde_json::to_value)
+                    .unwrap_or_else(|| {
+                        Ok(json!({"apiVersion": "v1", "kind": "Namespace",
+                                  "metadata": {"name": ns.name, "labels": ns.labels}}))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return structured(&k8s_list(items), format);
+    }
+    let rows = map
+        .values()
+        .map(|ns: &NamespaceInfo| {
+            vec![
+                ns.name.clone(),
+                if state.namespaces.contains_key(&ns.name) {
+                    "object"
+                } else {
+                    "implicit"
+                }
+                .to_owned(),
+                state
+                    .endpoints
+                    .values()
+                    .filter(|e| e.namespace == ns.name)
+                    .count()
+                    .to_string(),
+                state
+                    .policies
+                    .values()
+                    .filter(|p| p.object.metadata.namespace.as_deref() == Some(ns.name.as_str()))
+                    .count()
+                    .to_string(),
+                labels_str(&ns.labels),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SOURCE", "ENDPOINTS", "POLICIES", "LABELS"], rows)
+}
+
+pub fn pods(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
+    let pods: Vec<_> = state
+        .pods
+        .values()
+        .filter(|p| ns.is_none_or(|n| p.metadata.namespace.as_deref() == Some(n)))
+        .collect();
+    if format != Format::Table {
+        let items = pods
+            .iter()
+            .map(|p| serde_json::to_value(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        return structured(&k8s_list(items), format);
+    }
+    let rows = pods
+        .iter()
+        .filter_map(|p| palisade::policy::PodInfo::from_k8s(p).ok())
+        .map(|p| {
+            let running = state
+                .endpoints
+                .values()
+                .any(|e| e.namespace == p.namespace && e.name == p.name);
+            vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                if running { "yes" } else { "no" }.to_owned(),
+                p.ports
+                    .iter()
+                    .map(|np| format!("{}={}/{}", np.name, np.port, np.protocol.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                labels_str(&p.labels),
+            ]
+        })
+        .collect();
+    table(
+        &["NAMESPACE", "NAME", "RUNNING", "NAMED PORTS", "LABELS"],
+        rows,
+    )
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    loaded: bool,
+    datapath: Option<DataplaneStatus>,
+    endpoints: Vec<EndpointStatus<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointStatus<'a> {
+    id: u32,
+    namespace: &'a str,
+    name: &'a str,
+    host_veth: &'a str,
+    attach: &'a str,
+    enforcing: bool,
+    problem: Option<String>,
+}
+
+pub fn status(state: &State, dp: &KernelDataplane, loaded: bool, format: Format) -> Result<()> {
+    let datapath = if loaded { Some(dp.status()?) } else { None };
+    let endpoints: Vec<EndpointStatus<'_>> = state
+        .endpoints
+        .values()
+        .map(|e| {
+            let problem = if loaded {
+                dp.verify(&e.attachment, &e.host_ifname)
+                    .err()
+                    .map(|x| x.to_string())
+            } else {
+                Some("datapath not loaded".into())
+            };
+            EndpointStatus {
+                id: e.id,
+                namespace: &e.namespace,
+                name: &e.name,
+                host_veth: &e.host_ifname,
+                attach: e.attachment.mode_name(),
+                enforcing: problem.is_none(),
+                problem,
+            }
+        })
+        .collect();
+    if format != Format::Table {
+        return structured(
+            &StatusOut {
+                loaded,
+                datapath,
+                endpoints,
+            },
+            format,
+        );
+    }
+    let Some(dpst) = datapath else {
+        return emit(&format!(
+            "datapath: not loaded under {} (it is loaded when the first container is added)\nendpoints: {}\n",
+            dp.root().display(),
+            state.endpoints.len()
+        ));
+    };
+    emit(&format!(
+        "datapath: loaded under {}, policy epoch {}\nflow events: {} sent, {} rate-limited, {} lost (ring buffer full)\n\n",
+        dpst.bpf_root.display(),
+        dpst.epoch,
+        dpst.events_sent,
+        dpst.events_rate_limited,
+        dpst.events_ringbuf_full
+    ))?;
+    table(
+        &["PROGRAM", "ID", "TAG"],
+        dpst.programs
+            .iter()
+            .map(|p| vec![p.name.clone(), p.id.to_string(), p.tag.clone()])
+            .collect(),
+    )?;
+    emit("\n")?;
+    table(
+        &["MAP", "ENTRIES", "MAX", "FILL"],
+        dpst.maps
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.entries.to_string(),
+                    m.max_entries.to_string(),
+                    format!(
+                        "{:.1}%",
+                        100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))
+                    ),
+                ]
+            })
+            .collect(),
+    )?;
+    emit("\n")?;
+    table(
+        &[
+            "ENDPOINT",
+            "NAMESPACE",
+            "NAME",
+            "HOST VETH",
+            "ATTACH",
+            "ENFORCING",
+        ],
+        endpoints
+            .iter()
+            .map(|e| {
+                vec![
+                    e.id.to_string(),
+                    e.namespace.to_owned(),
+                    e.name.to_owned(),
+                    e.host_veth.to_owned(),
+                    e.attach.to_owned(),
+                    match &e.problem {
+                        None => "yes".to_owned(),
+                        Some(p) => format!("NO: {p}"),
+                    },
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// What the live maps say for one side of an explained connection.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathAnswer {
+    pub direction: Direction,
+    pub endpoint: u32,
+    pub peer_identity: u32,
+    pub allowed: bool,
+    pub policy_id: Option<u32>,
+    pub agrees: bool,
+}
+
+pub fn explanation(
+    e: &Explanation,
+    datapath: &[DatapathAnswer],
+    state: &State,
+    format: Format,
+) -> Result<()> {
+    if format != Format::Table {
+        let mut v = serde_json::to_value(e)?;
+        v["verdict"] = json!(if e.allowed { "allowed" } else { "denied" });
+        v["datapath"] = serde_json::to_value(datapath)?;
+        return structured(&v, format);
+    }
+    let mut out = e.to_string();
+    for d in datapath {
+        let policy = d.policy_id.and_then(|id| {
+            state
+                .policies
+                .iter()
+                .find(|(_, p)| p.id == id)
+                .map(|(k, _)| k.clone())
+        });
+        out.push_str(&format!(
+            "  datapath {} on endpoint {}: peer identity {}, {}{}{}\n",
+            d.direction,
+            d.endpoint,
+            d.peer_identity,
+            if d.allowed { "allowed" } else { "denied" },
+            policy.map(|p| format!(" by {p}")).unwrap_or_default(),
+            if d.agrees {
+                ""
+            } else {
+                "  << DISAGREES with policy: run `palisadectl sync`"
+            }
+        ));
+    }
+    emit(&out)
+}

@@ -1,0 +1,556 @@
+//! "Why was my packet dropped?": evaluate NetworkPolicy for one connection,
+//! side by side, and say which policies decide. Uses the same matching
+//! functions as the compiler, on the stored objects, so the answer is the
+//! semantics; the CLI adds what the live maps say next to it.
+
+use std::{collections::BTreeSet, fmt, net::IpAddr};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    abi::{Direction, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, proto_name},
+    compile::{PeerFacts, peer_matches, ports_match},
+    policy::{IpBlock, Labels, NamedPort, NamespaceInfo, Peer, Policy},
+    store::{Endpoint, State},
+};
+
+#[derive(Debug, Error)]
+pub enum ExplainError {
+    #[error("{0:?} is neither NAMESPACE/POD, POD (namespace default) nor an IP address")]
+    BadParty(String),
+    #[error(
+        "no pod {0}: palisade knows no endpoint and no Pod object by that name (see `palisadectl get endpoints`)"
+    )]
+    UnknownPod(String),
+    #[error(
+        "{0:?} is not a port: write PORT/PROTOCOL (80/TCP, 53/UDP, 9000/SCTP), PORT (TCP), or icmp"
+    )]
+    BadPort(String),
+}
+
+/// One end of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartyRef {
+    Pod { namespace: String, name: String },
+    Address(IpAddr),
+}
+
+impl PartyRef {
+    pub fn parse(s: &str) -> Result<Self, ExplainError> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Self::Address(ip));
+        }
+        let (ns, name) = match s.split_once('/') {
+            Some((ns, name)) => (ns, name),
+            None => (crate::policy::DEFAULT_NAMESPACE, s),
+        };
+        if ns.is_empty() || name.is_empty() || name.contains('/') {
+            return Err(ExplainError::BadParty(s.to_owned()));
+        }
+        Ok(Self::Pod {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// `80/TCP`, `53/udp`, `80`, `icmp`.
+pub fn parse_port(s: &str) -> Result<(u8, u16), ExplainError> {
+    let bad = || ExplainError::BadPort(s.to_owned());
+    if s.eq_ignore_ascii_case("icmp") {
+        return Ok((PROTO_ICMP, 0));
+    }
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => PROTO_TCP,
+        "UDP" => PROTO_UDP,
+        "SCTP" => PROTO_SCTP,
+        _ => return Err(bad()),
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    Ok((proto, port))
+}
+
+/// What is known about one party.
+#[derive(Debug, Clone, Serialize)]
+pub struct Party {
+    /// `ns/name`, an address, `node` or `outside`.
+    pub display: String,
+    #[serde(skip)]
+    pub pod: Option<PodFacts>,
+    pub address: Option<IpAddr>,
+    pub is_host: bool,
+    /// The endpoint palisade enforces on, when the pod runs here.
+    pub endpoint_id: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodFacts {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ns_labels: Labels,
+    pub ports: Vec<NamedPort>,
+}
+
+/// A rule that allows the connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Allow {
+    pub policy: String,
+    /// `ingress[0]`, `egress[2]`.
+    pub rule: String,
+    pub ports: String,
+}
+
+/// One side's decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Side {
+    pub direction: Direction,
+    pub subject: String,
+    /// Policies that select the subject for this direction.
+    pub isolated_by: Vec<String>,
+    pub allowed_by: Vec<Allow>,
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub from: Party,
+    pub to: Party,
+    pub protocol: String,
+    pub port: u16,
+    pub allowed: bool,
+    /// The sender's egress decision (only when the sender is a pod).
+    pub egress: Option<Side>,
+    /// The receiver's ingress decision (only when the receiver is a pod).
+    pub ingress: Option<Side>,
+    pub notes: Vec<String>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.port == 0 {
+            self.protocol.clone()
+        } else {
+            format!("{}/{}", self.port, self.protocol)
+        };
+        writeln!(
+            f,
+            "{} -> {} {}: {}",
+            self.from.display,
+            self.to.display,
+            what,
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        )?;
+        for side in [&self.egress, &self.ingress].into_iter().flatten() {
+            writeln!(
+                f,
+                "  {:<7} of {}: {} - {}",
+                side.direction.as_str(),
+                side.subject,
+                if side.allowed { "allowed" } else { "denied" },
+                side.reason
+            )?;
+            for a in &side.allowed_by {
+                writeln!(
+                    f,
+                    "      allowed by NetworkPolicy {} {} ({})",
+                    a.policy, a.rule, a.ports
+                )?;
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "  note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+fn all_blocks(policies: &[(u32, Policy)]) -> Vec<IpBlock> {
+    let mut set = BTreeSet::new();
+    for (_, p) in policies {
+        for r in p.ingress.iter().chain(&p.egress) {
+            for peer in &r.peers {
+                if let Peer::IpBlock(b) = peer {
+                    set.insert(b.clone());
+                }
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
+    let namespaces = state.namespace_map();
+    let pod_facts = |ep: Option<&Endpoint>, ns: &str, name: &str| -> Option<PodFacts> {
+        let obj = state.pod_info(ns, name);
+        if ep.is_none() && obj.is_none() {
+            return None;
+        }
+        let labels = match ep {
+            Some(e) => state.effective_labels(e),
+            None => obj.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
+        };
+        Some(PodFacts {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            labels,
+            ns_labels: namespaces
+                .get(ns)
+                .cloned()
+                .unwrap_or_else(|| NamespaceInfo::new(ns, None))
+                .labels,
+            ports: obj.map(|p| p.ports).unwrap_or_default(),
+        })
+    };
+    match r {
+        PartyRef::Pod { namespace, name } => {
+            let ep = state
+                .endpoints
+                .values()
+                .find(|e| &e.namespace == namespace && &e.name == name);
+            let pod = pod_facts(ep, namespace, name)
+                .ok_or_else(|| ExplainError::UnknownPod(format!("{namespace}/{name}")))?;
+            Ok(Party {
+                display: format!("{namespace}/{name}"),
+                pod: Some(pod),
+                address: ep.and_then(|e| e.addresses.first().copied()),
+                is_host: false,
+                endpoint_id: ep.map(|e| e.id),
+            })
+        }
+        PartyRef::Address(ip) => {
+            if let Some(ep) = state.endpoints.values().find(|e| e.addresses.contains(ip)) {
+                return Ok(Party {
+                    display: format!("{}/{} ({ip})", ep.namespace, ep.name),
+                    pod: pod_facts(Some(ep), &ep.namespace, &ep.name),
+                    address: Some(*ip),
+                    is_host: false,
+                    endpoint_id: Some(ep.id),
+                });
+            }
+            let is_host = state.host_addresses.contains(ip);
+            Ok(Party {
+                display: if is_host {
+                    format!("{ip} (this node)")
+                } else {
+                    ip.to_string()
+                },
+                pod: None,
+                address: Some(*ip),
+                is_host,
+                endpoint_id: None,
+            })
+        }
+    }
+}
+
+fn side(
+    policies: &[(u32, Policy)],
+    blocks: &[IpBlock],
+    subject: &PodFacts,
+    dir: Direction,
+    peer: &Party,
+    proto: u8,
+    port: u16,
+) -> Side {
+    let subject_name = format!("{}/{}", subject.namespace, subject.name);
+    let peer_blocks: BTreeSet<String> = match peer.address {
+        Some(ip) => blocks
+            .iter()
+            .filter(|b| b.contains(ip))
+            .map(IpBlock::canonical)
+            .collect(),
+        None => BTreeSet::new(),
+    };
+    let facts = PeerFacts {
+        pod: peer
+            .pod
+            .as_ref()
+            .map(|p| (p.namespace.as_str(), &p.ns_labels, &p.labels)),
+        blocks: &peer_blocks,
+    };
+    // Named ports resolve on the destination.
+    let empty = Vec::new();
+    let dest_ports = match dir {
+        Direction::Ingress => &subject.ports,
+        Direction::Egress => peer.pod.as_ref().map(|p| &p.ports).unwrap_or(&empty),
+    };
+    let mut isolated_by = Vec::new();
+    let mut allowed_by = Vec::new();
+    let mut sorted: Vec<&(u32, Policy)> = policies.iter().collect();
+    sorted.sort_by(|a, b| (&a.1.namespace, &a.1.name).cmp(&(&b.1.namespace, &b.1.name)));
+    for (_, p) in sorted {
+        let isolates = match dir {
+            Direction::Ingress => p.ingress_isolation,
+            Direction::Egress => p.egress_isolation,
+        };
+        if !isolates || !p.selects(&subject.namespace, &subject.labels) {
+            continue;
+        }
+        isolated_by.push(p.key());
+        let rules = match dir {
+            Direction::Ingress => &p.ingress,
+            Direction::Egress => &p.egress,
+        };
+        for (i, r) in rules.iter().enumerate() {
+            let peer_ok = r.peers.is_empty()
+                || r.peers
+                    .iter()
+                    .any(|x| peer_matches(x, &p.namespace, &facts));
+            if !peer_ok {
+                continue;
+            }
+            if let Some(ports) = ports_match(r, proto, port, dest_ports) {
+                allowed_by.push(Allow {
+                    policy: p.key(),
+                    rule: format!("{}[{i}]", dir.as_str()),
+                    ports,
+                });
+            }
+        }
+    }
+    let (allowed, reason) = if peer.is_host {
+        (
+            true,
+            "traffic between a pod and its own node is never governed (kubelet probes)".to_owned(),
+        )
+    } else if isolated_by.is_empty() {
+        (
+            true,
+            format!("no NetworkPolicy selects {subject_name} for {dir}, so it is not isolated"),
+        )
+    } else if allowed_by.is_empty() {
+        (
+            false,
+            format!(
+                "isolated for {dir} by {}, and no rule of {} allows {}",
+                isolated_by.join(", "),
+                if isolated_by.len() == 1 { "it" } else { "them" },
+                peer.display
+            ),
+        )
+    } else {
+        (
+            true,
+            format!(
+                "isolated for {dir} by {}, and a rule allows it",
+                isolated_by.join(", ")
+            ),
+        )
+    };
+    Side {
+        direction: dir,
+        subject: subject_name,
+        isolated_by,
+        allowed_by,
+        allowed,
+        reason,
+    }
+}
+
+/// Explain a connection from `from` to `to` on (protocol, port).
+pub fn explain(
+    state: &State,
+    from: &PartyRef,
+    to: &PartyRef,
+    proto: u8,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
+    let (policies, _) = state.policies();
+    let blocks = all_blocks(&policies);
+    let from = resolve(state, from)?;
+    let to = resolve(state, to)?;
+    let proto = if proto == PROTO_ICMP && matches!(to.address.or(from.address), Some(IpAddr::V6(_)))
+    {
+        PROTO_ICMPV6
+    } else {
+        proto
+    };
+    let egress = from
+        .pod
+        .as_ref()
+        .map(|p| side(&policies, &blocks, p, Direction::Egress, &to, proto, port));
+    let ingress = to.pod.as_ref().map(|p| {
+        side(
+            &policies,
+            &blocks,
+            p,
+            Direction::Ingress,
+            &from,
+            proto,
+            port,
+        )
+    });
+    let mut notes = Vec::new();
+    for party in [&from, &to] {
+        if party.pod.is_some() && party.endpoint_id.is_none() {
+            notes.push(format!(
+                "{} has a Pod object but no running endpoint on this node; the answer is what policy says once it runs",
+                party.display
+            ));
+        }
+        if party.pod.is_some() && party.address.is_none() {
+            notes.push(format!(
+                "{} has no known address, so ipBlock rules cannot match it",
+                party.display
+            ));
+        }
+    }
+    if from.pod.is_none() && to.pod.is_none() {
+        notes.push("neither end is a pod: palisade does not govern this traffic".into());
+    }
+    let allowed =
+        egress.as_ref().is_none_or(|s| s.allowed) && ingress.as_ref().is_none_or(|s| s.allowed);
+    Ok(Explanation {
+        from,
+        to,
+        protocol: proto_name(proto),
+        port: if matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+            port
+        } else {
+            0
+        },
+        allowed,
+        egress,
+        ingress,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        node::compile_state,
+        policy::{Object, parse_documents},
+        store::{Endpoint, Source, StoredPolicy},
+    };
+
+    fn state() -> State {
+        let mut st = State::default();
+        let mut add = |id: u32, name: &str, labels: &[(&str, &str)], addr: &str| {
+            let ep = Endpoint {
+                id,
+                source: Source::Cni,
+                network: "n".into(),
+                container_id: name.into(),
+                ifname: "eth0".into(),
+                namespace: "default".into(),
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                netns: String::new(),
+                host_ifname: format!("veth{id}"),
+                host_ifindex: 10 + id,
+                addresses: vec![addr.parse().unwrap()],
+                attachment: crate::dataplane::Attachment::Tcx {
+                    from_container: "/x".into(),
+                    to_container: "/y".into(),
+                },
+                created: 0,
+            };
+            st.endpoints.insert(ep.key(), ep);
+        };
+        add(
+            1,
+            "api",
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        );
+        add(
+            2,
+            "frontend",
+            &[("app", "bookstore"), ("role", "frontend")],
+            "10.0.0.3",
+        );
+        add(3, "coffee", &[("app", "coffeeshop")], "10.0.0.4");
+        st.host_addresses = vec!["10.0.0.1".parse().unwrap()];
+        let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-allow}
+spec:
+  podSelector: {matchLabels: {app: bookstore, role: api}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: bookstore}}}]
+"#;
+        for o in parse_documents(yaml, "t").unwrap() {
+            if let Object::NetworkPolicy(np) = o {
+                st.policies.insert(
+                    "default/api-allow".into(),
+                    StoredPolicy { id: 1, object: np },
+                );
+            }
+        }
+        compile_state(&mut st);
+        st
+    }
+
+    #[test]
+    fn names_the_policy_that_denies_and_the_one_that_allows() {
+        let st = state();
+        let p = |s: &str| PartyRef::parse(s).unwrap();
+        let e = explain(&st, &p("default/coffee"), &p("default/api"), PROTO_TCP, 80).unwrap();
+        assert!(!e.allowed);
+        let ing = e.ingress.as_ref().unwrap();
+        assert_eq!(ing.isolated_by, vec!["default/api-allow"]);
+        assert!(
+            ing.reason.contains("no rule of it allows default/coffee"),
+            "{}",
+            ing.reason
+        );
+        assert!(e.egress.as_ref().unwrap().allowed);
+        let text = e.to_string();
+        assert!(text.contains("DENIED"), "{text}");
+
+        let e = explain(&st, &p("frontend"), &p("10.0.0.2"), PROTO_TCP, 80).unwrap();
+        assert!(e.allowed);
+        assert_eq!(
+            e.ingress.as_ref().unwrap().allowed_by[0].policy,
+            "default/api-allow"
+        );
+        assert_eq!(e.ingress.as_ref().unwrap().allowed_by[0].rule, "ingress[0]");
+
+        // The node itself is never governed.
+        let e = explain(&st, &p("10.0.0.1"), &p("default/api"), PROTO_TCP, 80).unwrap();
+        assert!(e.allowed);
+    }
+
+    #[test]
+    fn parties_and_ports_parse_or_say_what_to_write() {
+        assert_eq!(parse_port("80/TCP").unwrap(), (PROTO_TCP, 80));
+        assert_eq!(parse_port("53/udp").unwrap(), (PROTO_UDP, 53));
+        assert_eq!(parse_port("8080").unwrap(), (PROTO_TCP, 8080));
+        assert_eq!(parse_port("icmp").unwrap(), (PROTO_ICMP, 0));
+        assert!(
+            parse_port("http")
+                .unwrap_err()
+                .to_string()
+                .contains("PORT/PROTOCOL")
+        );
+        assert_eq!(
+            PartyRef::parse("web").unwrap(),
+            PartyRef::Pod {
+                namespace: "default".into(),
+                name: "web".into()
+            }
+        );
+        assert!(PartyRef::parse("a/b/c").is_err());
+        let st = state();
+        let err = explain(
+            &st,
+            &PartyRef::parse("nope/x").unwrap(),
+            &PartyRef::parse("api").unwrap(),
+            PROTO_TCP,
+            80,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("palisadectl get endpoints"));
+    }
+}
