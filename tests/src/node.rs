@@ -1,0 +1,408 @@
+//! A hermetic node: a network namespace standing in for the host, its own
+//! bpffs and state directories, the real bridge + host-local plugins
+//! followed by palisade, containers (namespaces) hanging off it, and
+//! optionally an outside host ("world") routed through the node. Dropping
+//! the node removes all of it, pass or fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{
+    chain::{Call, Chain},
+    sys::{self, Netns, describe},
+};
+
+/// IPv4 pod subnet of every test node (nodes are isolated namespaces, so
+/// they may all use the same one).
+pub const POD_SUBNET_V4: &str = "10.100.0.0/24";
+pub const POD_SUBNET_V6: &str = "fd00:100::/120";
+pub const GATEWAY_V4: &str = "10.100.0.1";
+pub const WORLD_V4: &str = "203.0.113.10";
+pub const WORLD_V6: &str = "2001:db8:cafe::10";
+const WORLD_NODE_V4: &str = "203.0.113.1";
+const WORLD_NODE_V6: &str = "2001:db8:cafe::1";
+
+/// How to build a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Give pods IPv6 addresses too.
+    pub ipv6: bool,
+    /// Add an outside host routed through the node.
+    pub world: bool,
+    /// cniVersion of the conflist.
+    pub cni_version: String,
+    /// Extra settings for the palisade plugin entry.
+    pub palisade: serde_json::Map<String, Value>,
+    /// Ports the world host serves.
+    pub world_ports: Vec<u16>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            ipv6: false,
+            world: false,
+            cni_version: "1.0.0".into(),
+            palisade: serde_json::Map::new(),
+            world_ports: vec![80, 81],
+        }
+    }
+}
+
+/// A running container.
+#[derive(Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+    pub result: Value,
+}
+
+impl Pod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        let a = if v6 { self.v6 } else { self.v4 };
+        a.unwrap_or_else(|| panic!("pod {} has no IPv{} address", self.key(), if v6 { 6 } else { 4 }))
+    }
+
+    pub fn call(&self) -> Call {
+        Call {
+            container_id: self.container_id.clone(),
+            netns: self.netns.display().to_string(),
+            ifname: "eth0".into(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", self.namespace, self.name),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    server: Option<Child>,
+    netns: Netns,
+}
+
+/// The outside host.
+#[derive(Debug)]
+pub struct World {
+    pub netns: Netns,
+    server: Option<Child>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub prefix: String,
+    pub netns: Netns,
+    pub dir: PathBuf,
+    pub bpf_mount: PathBuf,
+    pub bpf_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub chain: Chain,
+    pub options: NodeOptions,
+    running: Mutex<Vec<Running>>,
+    pub world: Option<World>,
+}
+
+/// Directory with the workspace's binaries (`palisade`, `palisadectl`, the
+/// probe): `PALISADE_BIN_DIR`, else next to the test executable.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PALISADE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for bin in ["palisade", "palisadectl", "palisade-probe"] {
+        if !dir.join(bin).exists() {
+            panic!(
+                "{} is missing: build the workspace first (cargo build --workspace), or set PALISADE_BIN_DIR",
+                dir.join(bin).display()
+            );
+        }
+    }
+    dir
+}
+
+fn start_server(netns: &Netns, ports: &[u16]) -> Child {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut child = netns
+        .command(bin_dir().join("palisade-probe"))
+        .args(["serve", "--ports", &ports.join(",")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start the probe server in {}: {e}", netns.name));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("probe server in {} did not start: {e}", netns.name));
+    assert_eq!(line.trim(), "ready", "probe server in {} did not report ready", netns.name);
+    child
+}
+
+impl Node {
+    pub fn new(options: NodeOptions) -> Self {
+        sys::require_root();
+        sys::sweep_stale();
+        let prefix = sys::unique_prefix();
+        let dir = PathBuf::from(crate::TEST_ROOT).join(&prefix);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let bpf_mount = dir.join("bpf");
+        std::fs::create_dir_all(&bpf_mount).expect("create bpf dir");
+        nix::mount::mount(Some("bpf"), &bpf_mount, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", bpf_mount.display()));
+        let bpf_root = bpf_mount.join("palisade");
+        let state_dir = dir.join("state");
+        let netns = Netns::new(&format!("{prefix}n"));
+        netns.sysctl("net.ipv4.ip_forward", "1");
+        netns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+
+        let mut ranges = vec![json!([{ "subnet": POD_SUBNET_V4 }])];
+        if options.ipv6 {
+            ranges.push(json!([{ "subnet": POD_SUBNET_V6 }]));
+        }
+        let mut palisade = options.palisade.clone();
+        palisade.insert("type".into(), json!("palisade"));
+        palisade.insert("stateDir".into(), json!(state_dir));
+        palisade.insert("bpfRoot".into(), json!(bpf_root));
+        let conflist = json!({
+            "cniVersion": options.cni_version,
+            "name": "palisade-test",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "cni0",
+                    "isGateway": true,
+                    "isDefaultGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": false,
+                    "ipam": {"type": "host-local", "ranges": ranges, "dataDir": dir.join("ipam")}
+                },
+                Value::Object(palisade)
+            ]
+        });
+        let bin = bin_dir();
+        let chain = Chain::new(conflist, &netns.path, &bin);
+        let mut node = Self {
+            prefix,
+            netns,
+            dir,
+            bpf_mount,
+            bpf_root,
+            state_dir,
+            bin_dir: bin,
+            chain,
+            options: options.clone(),
+            running: Mutex::new(Vec::new()),
+            world: None,
+        };
+        if options.world {
+            node.world = Some(node.make_world());
+        }
+        node
+    }
+
+    fn make_world(&self) -> World {
+        let ns = Netns::new(&format!("{}w", self.prefix));
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        let node = &self.netns.name;
+        sys::ip(&["-n", node, "link", "add", "pwrld", "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+        sys::ip(&["-n", node, "addr", "add", &format!("{WORLD_NODE_V4}/24"), "dev", "pwrld"]);
+        sys::ip(&["-n", node, "addr", "add", &format!("{WORLD_NODE_V6}/64"), "dev", "pwrld", "nodad"]);
+        sys::ip(&["-n", node, "link", "set", "pwrld", "up"]);
+        sys::ip(&["-n", &ns.name, "addr", "add", &format!("{WORLD_V4}/24"), "dev", "eth0"]);
+        sys::ip(&["-n", &ns.name, "addr", "add", &format!("{WORLD_V6}/64"), "dev", "eth0", "nodad"]);
+        sys::ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
+        sys::ip(&["-n", &ns.name, "route", "add", "default", "via", WORLD_NODE_V4]);
+        sys::ip(&["-n", &ns.name, "-6", "route", "add", "default", "via", WORLD_NODE_V6]);
+        let server = start_server(&ns, &self.options.world_ports);
+        World {
+            netns: ns,
+            server: Some(server),
+        }
+    }
+
+    pub fn world_addr(&self, v6: bool) -> IpAddr {
+        if v6 { WORLD_V6 } else { WORLD_V4 }.parse().expect("addr")
+    }
+
+    /// Create a container (namespace), run the CNI chain for it, start its
+    /// probe server on `serve` ports. Panics on failure.
+    pub fn add_pod(&self, namespace: &str, name: &str, serve: &[u16]) -> Arc<Pod> {
+        self.try_add_pod(namespace, name, serve)
+            .unwrap_or_else(|e| panic!("CNI ADD for {namespace}/{name} failed: {e}"))
+    }
+
+    /// Like [`Node::add_pod`] but returns the CNI failure.
+    pub fn try_add_pod(&self, namespace: &str, name: &str, serve: &[u16]) -> Result<Arc<Pod>, crate::chain::Failure> {
+        let idx = self.running.lock().expect("lock").len();
+        let netns = Netns::new(&format!("{}c{idx}", self.prefix));
+        if self.options.ipv6 {
+            netns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+            netns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        }
+        let mut pod = Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            container_id: format!("{}-{namespace}-{name}", self.prefix),
+            netns: netns.path.clone(),
+            v4: None,
+            v6: None,
+            result: Value::Null,
+        };
+        let result = match self.chain.add(&pod.call()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.running.lock().expect("lock").push(Running { server: None, netns });
+                return Err(e);
+            }
+        };
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            let addr: IpAddr = ip["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+                .expect("address in result");
+            if addr.is_ipv4() {
+                pod.v4 = Some(addr);
+            } else {
+                pod.v6 = Some(addr);
+            }
+        }
+        pod.result = result;
+        let server = if serve.is_empty() { None } else { Some(start_server(&netns, serve)) };
+        self.running.lock().expect("lock").push(Running { server, netns });
+        Ok(Arc::new(pod))
+    }
+
+    /// Run palisadectl against this node (inside the node namespace).
+    pub fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = self.netns.command(self.bin_dir.join("palisadectl"));
+        cmd.args(args)
+            .env("PALISADE_STATE_DIR", &self.state_dir)
+            .env("PALISADE_BPF_ROOT", &self.bpf_root)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn palisadectl");
+        if let Some(s) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(s.as_bytes())
+                .expect("write stdin");
+        }
+        child.wait_with_output().expect("wait palisadectl")
+    }
+
+    /// `palisadectl apply -f -`; panics on failure; returns how long it took.
+    pub fn apply(&self, yaml: &str) -> Duration {
+        let start = Instant::now();
+        let out = self.ctl(&["apply", "-f", "-"], Some(yaml));
+        let took = start.elapsed();
+        assert!(out.status.success(), "palisadectl apply failed:\n{}\ninput:\n{yaml}", describe(&out));
+        took
+    }
+
+    /// `palisadectl delete -f -`; panics on failure.
+    pub fn delete(&self, yaml: &str) {
+        let out = self.ctl(&["delete", "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "palisadectl delete failed:\n{}\ninput:\n{yaml}", describe(&out));
+    }
+
+    /// Files (recursively) under the pin root.
+    pub fn pins(&self) -> Vec<PathBuf> {
+        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    let path = e.path();
+                    if path.is_dir() {
+                        walk(&path, out);
+                    } else {
+                        out.push(path);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpf_root.join("links"), &mut out);
+        out.sort();
+        out
+    }
+
+    /// Endpoints in the store, as `palisadectl get endpoints -o json` says.
+    pub fn endpoints(&self) -> Vec<Value> {
+        let out = self.ctl(&["get", "endpoints", "-o", "json"], None);
+        assert!(out.status.success(), "get endpoints: {}", describe(&out));
+        serde_json::from_slice(&out.stdout).expect("endpoints JSON")
+    }
+
+    /// Host-side veth names in the node namespace.
+    pub fn host_veths(&self) -> Vec<String> {
+        let out = sys::ip(&["-n", &self.netns.name, "-o", "link", "show", "type", "veth"]);
+        out.lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|s| s.trim().split('@').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Kill a pod's probe server and delete its namespace (the veth goes
+    /// with it), as a runtime does when a container dies.
+    pub fn kill_pod(&self, pod: &Pod) {
+        let mut running = self.running.lock().expect("lock");
+        if let Some(pos) = running.iter().position(|r| r.netns.path == pod.netns) {
+            let mut r = running.remove(pos);
+            if let Some(mut s) = r.server.take() {
+                let _ = s.kill();
+                let _ = s.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            for r in running.iter_mut() {
+                if let Some(mut s) = r.server.take() {
+                    let _ = s.kill();
+                    let _ = s.wait();
+                }
+            }
+            running.clear();
+        }
+        if let Some(w) = &mut self.world
+            && let Some(mut s) = w.server.take()
+        {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        self.world = None;
+        // The node namespace goes when `netns` drops, after this; the bpffs
+        // instance (and with it every pin, link and map) goes now.
+        let _ = nix::mount::umount2(&self.bpf_mount, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
