@@ -22,8 +22,13 @@ fn main() {
         let case = match Case::load(&path) {
             Ok(c) => c,
             Err(e) => {
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                trials.push(Trial::test(format!("{name}::load"), move || Err(Failed::from(e))));
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                trials.push(Trial::test(format!("{name}::load"), move || {
+                    Err(Failed::from(e))
+                }));
                 continue;
             }
         };

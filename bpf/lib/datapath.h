@@ -129,10 +129,13 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	ct = pal_ct_lookup(ep->ep_id, dir, &p.t, now, &ck, &res);
-	/* A new SYN on a closed TCP flow opens a new flow. */
-	if (ct && res == PAL_CT_ESTABLISHED && p.t.protocol == IPPROTO_TCP &&
+	/* A bare SYN opens a connection: it is never a reply (that would let
+	 * a reversed tuple ride on someone else's flow), and on a closed flow
+	 * it starts a new one. Either way it is decided afresh. */
+	if (ct && p.t.protocol == IPPROTO_TCP &&
 	    (p.tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) == PAL_TCP_SYN &&
-	    (ct->flags & (PAL_CT_TCP_FIN | PAL_CT_TCP_RST)))
+	    (res == PAL_CT_REPLY ||
+	     (ct->flags & (PAL_CT_TCP_FIN | PAL_CT_TCP_RST))))
 		ct = 0;
 	if (ct) {
 		if (ct->epoch != cfg->epoch) {

@@ -2,13 +2,7 @@
 //! format in its README): build the topology on a fresh node, run the
 //! steps, probe with real traffic, compare whole matrices.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::IpAddr,
-    path::Path,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path, sync::Arc};
 
 use ipnet_lite::network;
 use serde::Deserialize;
@@ -113,8 +107,10 @@ pub struct ExpectRule {
 
 impl Case {
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
-        let case: Case = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let case: Case =
+            serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(case)
     }
 
@@ -126,11 +122,21 @@ impl Case {
     }
 
     /// The topology with defaults filled in (the e2e model).
-    pub fn resolved_topology(&self) -> (Vec<u16>, BTreeMap<String, Labels>, BTreeMap<String, PodSpec>, bool) {
+    pub fn resolved_topology(
+        &self,
+    ) -> (
+        Vec<u16>,
+        BTreeMap<String, Labels>,
+        BTreeMap<String, PodSpec>,
+        bool,
+    ) {
         let t = self.topology.clone().unwrap_or_default();
         let serve = t.serve.unwrap_or_else(|| vec![80, 81]);
         let namespaces = match t.namespaces {
-            Some(ns) => ns.into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect(),
+            Some(ns) => ns
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect(),
             None => ["x", "y", "z"]
                 .iter()
                 .map(|n| (n.to_string(), [("ns".to_string(), n.to_string())].into()))
@@ -195,12 +201,20 @@ mod ipnet_lite {
         match ip {
             IpAddr::V4(v4) => {
                 let bits = u32::from(v4);
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(len))
+                };
                 IpAddr::V4((bits & mask).into())
             }
             IpAddr::V6(v6) => {
                 let bits = u128::from(v6);
-                let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(len))
+                };
                 IpAddr::V6((bits & mask).into())
             }
         }
@@ -234,7 +248,9 @@ impl<'a> Run<'a> {
         }
         let mut ports = BTreeMap::new();
         for (key, spec) in &pods {
-            let (ns, name) = key.split_once('/').unwrap_or_else(|| panic!("pod key {key} is not ns/name"));
+            let (ns, name) = key
+                .split_once('/')
+                .unwrap_or_else(|| panic!("pod key {key} is not ns/name"));
             let p = spec.ports.clone().unwrap_or_else(|| default_ports(&serve));
             docs.push(pod_yaml(ns, name, &spec.labels, &p));
             ports.insert(key.clone(), p);
@@ -271,20 +287,28 @@ impl<'a> Run<'a> {
         let mut rest = text;
         while let Some(start) = rest.find("${") {
             out.push_str(&rest[..start]);
-            let end = rest[start..].find('}').map(|e| start + e).unwrap_or_else(|| {
-                panic!("unterminated placeholder in case {}", self.case.name)
-            });
+            let end = rest[start..]
+                .find('}')
+                .map(|e| start + e)
+                .unwrap_or_else(|| panic!("unterminated placeholder in case {}", self.case.name));
             let inner = &rest[start + 2..end];
             let value = if let Some(who) = inner.strip_prefix("ip:") {
                 self.addr_of(who).to_string()
             } else if let Some(spec) = inner.strip_prefix("cidr:") {
-                let (who, len) = spec.rsplit_once(':').unwrap_or_else(|| panic!("bad placeholder ${{{inner}}}"));
-                let len: u8 = len.parse().unwrap_or_else(|_| panic!("bad prefix in ${{{inner}}}"));
+                let (who, len) = spec
+                    .rsplit_once(':')
+                    .unwrap_or_else(|| panic!("bad placeholder ${{{inner}}}"));
+                let len: u8 = len
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad prefix in ${{{inner}}}"));
                 let addr = self.addr_of(who);
                 let len = if addr.is_ipv6() { 96 + len } else { len };
                 format!("{}/{len}", network(addr, len))
             } else {
-                panic!("unknown placeholder ${{{inner}}} in case {}", self.case.name)
+                panic!(
+                    "unknown placeholder ${{{inner}}} in case {}",
+                    self.case.name
+                )
             };
             out.push_str(&value);
             rest = &rest[end + 1..];
@@ -316,7 +340,9 @@ impl<'a> Run<'a> {
     fn matches(pattern: &str, name: &str) -> bool {
         match pattern {
             "*" => name != "world",
-            p if p.ends_with("/*") => name.split_once('/').is_some_and(|(ns, _)| ns == &p[..p.len() - 2]),
+            p if p.ends_with("/*") => name
+                .split_once('/')
+                .is_some_and(|(ns, _)| ns == &p[..p.len() - 2]),
             p => p == name,
         }
     }
@@ -344,7 +370,11 @@ impl<'a> Run<'a> {
 
     fn relabel_pod(&self, r: &RelabelPod) {
         let (ns, name) = r.pod.split_once('/').expect("ns/name");
-        let ports = self.ports.get(&r.pod).cloned().unwrap_or_else(|| default_ports(&self.serve));
+        let ports = self
+            .ports
+            .get(&r.pod)
+            .cloned()
+            .unwrap_or_else(|| default_ports(&self.serve));
         self.node.apply(&pod_yaml(ns, name, &r.labels, &ports));
     }
 
@@ -366,8 +396,9 @@ impl<'a> Run<'a> {
                 self.node.apply(&self.substitute(a));
             }
             for p in &step.probes {
-                let proto = Proto::parse(&p.protocol)
-                    .unwrap_or_else(|| panic!("case {}: unknown protocol {}", self.case.name, p.protocol));
+                let proto = Proto::parse(&p.protocol).unwrap_or_else(|| {
+                    panic!("case {}: unknown protocol {}", self.case.name, p.protocol)
+                });
                 let port = p.port.unwrap_or(0);
                 let expected = self.expected(&p.expect);
                 let observed = probe_against(&peers, proto, port, &expected);

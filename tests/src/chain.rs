@@ -85,7 +85,10 @@ impl Chain {
     }
 
     fn plugins(&self) -> Vec<Value> {
-        self.conflist["plugins"].as_array().cloned().unwrap_or_default()
+        self.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The configuration one plugin receives.
@@ -138,7 +141,9 @@ impl Chain {
         if let Ok(level) = std::env::var("PALISADE_LOG") {
             cmd.env("PALISADE_LOG", level);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
         let input = serde_json::to_vec(conf).expect("serialise conf");
         child
             .stdin
@@ -159,7 +164,10 @@ impl Chain {
             return Ok(parsed.unwrap_or(Value::Null));
         }
         let (code, msg) = match &parsed {
-            Some(v) => (v["code"].as_u64(), v["msg"].as_str().unwrap_or_default().to_owned()),
+            Some(v) => (
+                v["code"].as_u64(),
+                v["msg"].as_str().unwrap_or_default().to_owned(),
+            ),
             None => (None, String::new()),
         };
         Err(Failure {
@@ -186,10 +194,10 @@ impl Chain {
             prev = Some(Self::check_output("ADD", &ty, &out)?);
         }
         let result = prev.unwrap_or(Value::Null);
-        self.cache
-            .lock()
-            .expect("lock")
-            .insert((call.container_id.clone(), call.ifname.clone()), result.clone());
+        self.cache.lock().expect("lock").insert(
+            (call.container_id.clone(), call.ifname.clone()),
+            result.clone(),
+        );
         Ok(result)
     }
 
@@ -236,7 +244,13 @@ impl Chain {
     }
 
     /// Run only the palisade plugin with a given command and extra config.
-    pub fn exec_palisade(&self, command: &str, extra: &[(&str, Value)], prev: Option<&Value>, call: &Call) -> Result<Value, Failure> {
+    pub fn exec_palisade(
+        &self,
+        command: &str,
+        extra: &[(&str, Value)],
+        prev: Option<&Value>,
+        call: &Call,
+    ) -> Result<Value, Failure> {
         let mut conf = self.plugin_conf(&self.palisade_plugin(), prev);
         for (k, v) in extra {
             conf[*k] = v.clone();

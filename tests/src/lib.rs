@@ -11,3 +11,5 @@ pub mod sys;
 
 /// Where test nodes keep their directories and bpffs mounts.
 pub const TEST_ROOT: &str = "/tmp/palisade-tests";
+pub mod bpfrun;
+pub mod pkt;

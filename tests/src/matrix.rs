@@ -1,13 +1,7 @@
 //! Connectivity matrices: probe every ordered pair of peers in parallel,
 //! compare with the expectation, and print both whole on a mismatch.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-    thread,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, thread};
 
 use crate::probe::{PROBE_TIMEOUT, Proto, probe};
 
@@ -103,7 +97,10 @@ pub fn probe_pairs(names: &[String], pairs: &[(&Peer, &Peer)], proto: Proto, por
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("probe thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread"))
+            .collect()
     });
     for (f, t, ok) in results {
         m.set(&f, &t, ok);

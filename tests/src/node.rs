@@ -76,7 +76,13 @@ impl Pod {
 
     pub fn addr(&self, v6: bool) -> IpAddr {
         let a = if v6 { self.v6 } else { self.v4 };
-        a.unwrap_or_else(|| panic!("pod {} has no IPv{} address", self.key(), if v6 { 6 } else { 4 }))
+        a.unwrap_or_else(|| {
+            panic!(
+                "pod {} has no IPv{} address",
+                self.key(),
+                if v6 { 6 } else { 4 }
+            )
+        })
     }
 
     pub fn call(&self) -> Call {
@@ -84,7 +90,10 @@ impl Pod {
             container_id: self.container_id.clone(),
             netns: self.netns.display().to_string(),
             ifname: "eth0".into(),
-            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", self.namespace, self.name),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                self.namespace, self.name
+            ),
         }
     }
 }
@@ -153,7 +162,12 @@ fn start_server(netns: &Netns, ports: &[u16]) -> Child {
     BufReader::new(stdout)
         .read_line(&mut line)
         .unwrap_or_else(|e| panic!("probe server in {} did not start: {e}", netns.name));
-    assert_eq!(line.trim(), "ready", "probe server in {} did not report ready", netns.name);
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "probe server in {} did not report ready",
+        netns.name
+    );
     child
 }
 
@@ -166,8 +180,14 @@ impl Node {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let bpf_mount = dir.join("bpf");
         std::fs::create_dir_all(&bpf_mount).expect("create bpf dir");
-        nix::mount::mount(Some("bpf"), &bpf_mount, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", bpf_mount.display()));
+        nix::mount::mount(
+            Some("bpf"),
+            &bpf_mount,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", bpf_mount.display()));
         let bpf_root = bpf_mount.join("palisade");
         let state_dir = dir.join("state");
         let netns = Netns::new(&format!("{prefix}n"));
@@ -226,15 +246,69 @@ impl Node {
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
         let node = &self.netns.name;
-        sys::ip(&["-n", node, "link", "add", "pwrld", "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-        sys::ip(&["-n", node, "addr", "add", &format!("{WORLD_NODE_V4}/24"), "dev", "pwrld"]);
-        sys::ip(&["-n", node, "addr", "add", &format!("{WORLD_NODE_V6}/64"), "dev", "pwrld", "nodad"]);
+        sys::ip(&[
+            "-n", node, "link", "add", "pwrld", "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ]);
+        sys::ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{WORLD_NODE_V4}/24"),
+            "dev",
+            "pwrld",
+        ]);
+        sys::ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{WORLD_NODE_V6}/64"),
+            "dev",
+            "pwrld",
+            "nodad",
+        ]);
         sys::ip(&["-n", node, "link", "set", "pwrld", "up"]);
-        sys::ip(&["-n", &ns.name, "addr", "add", &format!("{WORLD_V4}/24"), "dev", "eth0"]);
-        sys::ip(&["-n", &ns.name, "addr", "add", &format!("{WORLD_V6}/64"), "dev", "eth0", "nodad"]);
+        sys::ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{WORLD_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sys::ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{WORLD_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         sys::ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
-        sys::ip(&["-n", &ns.name, "route", "add", "default", "via", WORLD_NODE_V4]);
-        sys::ip(&["-n", &ns.name, "-6", "route", "add", "default", "via", WORLD_NODE_V6]);
+        sys::ip(&[
+            "-n",
+            &ns.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            WORLD_NODE_V4,
+        ]);
+        sys::ip(&[
+            "-n",
+            &ns.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            WORLD_NODE_V6,
+        ]);
         let server = start_server(&ns, &self.options.world_ports);
         World {
             netns: ns,
@@ -254,7 +328,12 @@ impl Node {
     }
 
     /// Like [`Node::add_pod`] but returns the CNI failure.
-    pub fn try_add_pod(&self, namespace: &str, name: &str, serve: &[u16]) -> Result<Arc<Pod>, crate::chain::Failure> {
+    pub fn try_add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        serve: &[u16],
+    ) -> Result<Arc<Pod>, crate::chain::Failure> {
         let idx = self.running.lock().expect("lock").len();
         let netns = Netns::new(&format!("{}c{idx}", self.prefix));
         if self.options.ipv6 {
@@ -273,7 +352,10 @@ impl Node {
         let result = match self.chain.add(&pod.call()) {
             Ok(r) => r,
             Err(e) => {
-                self.running.lock().expect("lock").push(Running { server: None, netns });
+                self.running.lock().expect("lock").push(Running {
+                    server: None,
+                    netns,
+                });
                 return Err(e);
             }
         };
@@ -290,8 +372,15 @@ impl Node {
             }
         }
         pod.result = result;
-        let server = if serve.is_empty() { None } else { Some(start_server(&netns, serve)) };
-        self.running.lock().expect("lock").push(Running { server, netns });
+        let server = if serve.is_empty() {
+            None
+        } else {
+            Some(start_server(&netns, serve))
+        };
+        self.running
+            .lock()
+            .expect("lock")
+            .push(Running { server, netns });
         Ok(Arc::new(pod))
     }
 
@@ -301,7 +390,11 @@ impl Node {
         cmd.args(args)
             .env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn palisadectl");
@@ -322,14 +415,22 @@ impl Node {
         let start = Instant::now();
         let out = self.ctl(&["apply", "-f", "-"], Some(yaml));
         let took = start.elapsed();
-        assert!(out.status.success(), "palisadectl apply failed:\n{}\ninput:\n{yaml}", describe(&out));
+        assert!(
+            out.status.success(),
+            "palisadectl apply failed:\n{}\ninput:\n{yaml}",
+            describe(&out)
+        );
         took
     }
 
     /// `palisadectl delete -f -`; panics on failure.
     pub fn delete(&self, yaml: &str) {
         let out = self.ctl(&["delete", "-f", "-"], Some(yaml));
-        assert!(out.status.success(), "palisadectl delete failed:\n{}\ninput:\n{yaml}", describe(&out));
+        assert!(
+            out.status.success(),
+            "palisadectl delete failed:\n{}\ninput:\n{yaml}",
+            describe(&out)
+        );
     }
 
     /// Files (recursively) under the pin root.

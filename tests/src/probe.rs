@@ -62,7 +62,11 @@ pub fn probe(netns: &Path, target: IpAddr, proto: Proto, port: u16, timeout: Dur
 }
 
 fn domain(ip: IpAddr) -> Domain {
-    if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 }
+    if ip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
 }
 
 /// A number that differs between concurrent probes (ids, ports, tags).
@@ -106,11 +110,17 @@ fn udp(target: IpAddr, port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     // Three tries within the timeout: a datagram may be lost to ARP/ND.
     for attempt in 0..3 {
-        if sock.send_to(msg.as_bytes(), SocketAddr::new(target, port)).is_err() {
+        if sock
+            .send_to(msg.as_bytes(), SocketAddr::new(target, port))
+            .is_err()
+        {
             return false;
         }
         let until = (Instant::now() + timeout / 3).min(deadline);
-        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
             let _ = sock.set_read_timeout(Some(left));
             let mut buf = [0u8; 64];
             match sock.recv_from(&mut buf) {
@@ -139,15 +149,27 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// Receive raw packets until `accept` says yes or time runs out.
-fn recv_until(sock: &Socket, deadline: Instant, mut accept: impl FnMut(&[u8], IpAddr) -> bool) -> bool {
-    while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+fn recv_until(
+    sock: &Socket,
+    deadline: Instant,
+    mut accept: impl FnMut(&[u8], IpAddr) -> bool,
+) -> bool {
+    while let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
         let _ = sock.set_read_timeout(Some(left));
         let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
                 // SAFETY: recv_from initialised the first n bytes.
-                let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let Some(src) = from.as_socket().map(|s| s.ip()) else { continue };
+                let bytes: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let Some(src) = from.as_socket().map(|s| s.ip()) else {
+                    continue;
+                };
                 if accept(&bytes, src) {
                     return true;
                 }
@@ -176,7 +198,11 @@ fn icmp(target: IpAddr, timeout: Duration) -> bool {
         return false;
     };
     let id = (nonce() & 0xffff) as u16;
-    let (req_type, rep_type) = if target.is_ipv4() { (8u8, 0u8) } else { (128u8, 129u8) };
+    let (req_type, rep_type) = if target.is_ipv4() {
+        (8u8, 0u8)
+    } else {
+        (128u8, 129u8)
+    };
     let mut pkt = vec![req_type, 0, 0, 0];
     pkt.extend_from_slice(&id.to_be_bytes());
     pkt.extend_from_slice(&1u16.to_be_bytes());
@@ -194,7 +220,10 @@ fn icmp(target: IpAddr, timeout: Duration) -> bool {
         let half = (Instant::now() + timeout / 2).min(deadline);
         if recv_until(&sock, half, |bytes, src| {
             let icmp = strip_ipv4(bytes);
-            src == target && icmp.len() >= 8 && icmp[0] == rep_type && icmp[4..6] == id.to_be_bytes()
+            src == target
+                && icmp.len() >= 8
+                && icmp[0] == rep_type
+                && icmp[4..6] == id.to_be_bytes()
         }) {
             return true;
         }
@@ -208,7 +237,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

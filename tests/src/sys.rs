@@ -49,7 +49,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name prefix unique to this process and call: `pt<pid>x<n>`.
 pub fn unique_prefix() -> String {
-    format!("pt{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "pt{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Delete namespaces and mounts left by test processes that died without
@@ -111,7 +115,8 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         self.run(|| {
-            std::fs::write(&path, value).unwrap_or_else(|e| panic!("sysctl {key}={value} in {}: {e}", self.name))
+            std::fs::write(&path, value)
+                .unwrap_or_else(|e| panic!("sysctl {key}={value} in {}: {e}", self.name))
         });
     }
 
@@ -136,7 +141,8 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
     let file = File::open(path).unwrap_or_else(|e| panic!("open netns {}: {e}", path.display()));
     thread::scope(|s| {
         s.spawn(|| {
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
             f()
         })
         .join()

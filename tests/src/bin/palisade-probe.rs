@@ -17,7 +17,10 @@ fn dual_stack(ty: Type, proto: Protocol, port: u16) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::IPV6, ty, Some(proto))?;
     s.set_only_v6(false)?;
     s.set_reuse_address(true)?;
-    s.bind(&SockAddr::from(SocketAddr::new("::".parse().expect("addr"), port)))?;
+    s.bind(&SockAddr::from(SocketAddr::new(
+        "::".parse().expect("addr"),
+        port,
+    )))?;
     Ok(s)
 }
 
@@ -37,11 +40,17 @@ fn main() {
         eprintln!("usage: palisade-probe serve --ports 80,81");
         std::process::exit(2);
     }
-    let list = ports(args.iter().position(|a| a == "--ports").and_then(|i| args.get(i + 1)));
+    let list = ports(
+        args.iter()
+            .position(|a| a == "--ports")
+            .and_then(|i| args.get(i + 1)),
+    );
     let mut handles = Vec::new();
     for &port in &list {
-        let tcp = dual_stack(Type::STREAM, Protocol::TCP, port).unwrap_or_else(|e| panic!("tcp {port}: {e}"));
-        tcp.listen(128).unwrap_or_else(|e| panic!("listen {port}: {e}"));
+        let tcp = dual_stack(Type::STREAM, Protocol::TCP, port)
+            .unwrap_or_else(|e| panic!("tcp {port}: {e}"));
+        tcp.listen(128)
+            .unwrap_or_else(|e| panic!("listen {port}: {e}"));
         let listener: TcpListener = tcp.into();
         handles.push(thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -72,10 +81,17 @@ fn main() {
         handles.push(thread::spawn(move || {
             loop {
                 let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
-                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
                 // SAFETY: recv_from initialised the first n bytes.
-                let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let Some((sport, dport, 1, tag)) = sctp_parse(sctp_payload(&bytes)) else { continue };
+                let bytes: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let Some((sport, dport, 1, tag)) = sctp_parse(sctp_payload(&bytes)) else {
+                    continue;
+                };
                 if !served.contains(&dport) {
                     continue;
                 }
