@@ -50,7 +50,11 @@ fn raw_palisade(node: &Node, env: &[(&str, &str)], stdin: &str) -> (i32, Value, 
     {
         use std::io::Write;
         // Early failures exit before reading stdin; a closed pipe is fine.
-        let _ = child.stdin.take().expect("stdin").write_all(stdin.as_bytes());
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes());
     }
     let out = child.wait_with_output().expect("wait");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -62,7 +66,10 @@ fn expect_code(r: Result<Value, Failure>, code: u64, words: &str) {
         Ok(v) => panic!("expected CNI error {code} ({words}), got success: {v}"),
         Err(f) => {
             assert_eq!(f.code, Some(code), "wrong code for '{words}': {f}");
-            assert!(f.msg.contains(words), "message should mention {words:?}: {f}");
+            assert!(
+                f.msg.contains(words),
+                "message should mention {words:?}: {f}"
+            );
         }
     }
 }
@@ -79,7 +86,11 @@ fn version_lists_every_supported_spec_version() {
     assert_eq!(v["cniVersion"], "1.1.0", "{v}");
     for ver in ["0.4.0", "1.0.0", "1.1.0"] {
         assert!(
-            v["supportedVersions"].as_array().unwrap().iter().any(|x| x == ver),
+            v["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == ver),
             "{ver} missing from {v}"
         );
     }
@@ -103,15 +114,25 @@ fn add_prints_prev_result_unchanged_and_check_del_work_for_each_config_version()
         // bridge alone, then palisade with bridge's result.
         let bridge_conf = n.chain.plugin_conf(&plugins[0], None);
         let out = n.chain.exec("ADD", &bridge_conf, &call);
-        assert!(out.status.success(), "bridge ADD ({version}): {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "bridge ADD ({version}): {}",
+            describe(&out)
+        );
         let bridge_result: Value = serde_json::from_slice(&out.stdout).unwrap();
         let ours = n
             .chain
             .exec_palisade("ADD", &[], Some(&bridge_result), &call)
             .unwrap_or_else(|e| panic!("palisade ADD ({version}): {e}"));
-        assert_eq!(ours, bridge_result, "palisade must print prevResult unchanged ({version})");
+        assert_eq!(
+            ours, bridge_result,
+            "palisade must print prevResult unchanged ({version})"
+        );
         if version == "0.4.0" {
-            assert_eq!(ours["ips"][0]["version"], "4", "0.4.0 results keep their version field: {ours}");
+            assert_eq!(
+                ours["ips"][0]["version"], "4",
+                "0.4.0 results keep their version field: {ours}"
+            );
         }
         n.chain
             .exec_palisade("CHECK", &[], Some(&bridge_result), &call)
@@ -134,18 +155,36 @@ fn spec_1_1_0_add_check_status_gc_del() {
     let call = pod.call();
     let v11 = [("cniVersion", json!("1.1.0"))];
     let prev = pod.result.clone();
-    let out = n.chain.exec_palisade("ADD", &v11, Some(&prev), &call).expect("ADD at 1.1.0 (re-ADD)");
-    assert_eq!(out["cniVersion"], "1.1.0", "the result comes in the requested version");
-    n.chain.exec_palisade("CHECK", &v11, Some(&prev), &call).expect("CHECK at 1.1.0");
-    let st = n.chain.exec_palisade("STATUS", &v11, None, &Call::default()).expect("STATUS");
+    let out = n
+        .chain
+        .exec_palisade("ADD", &v11, Some(&prev), &call)
+        .expect("ADD at 1.1.0 (re-ADD)");
+    assert_eq!(
+        out["cniVersion"], "1.1.0",
+        "the result comes in the requested version"
+    );
+    n.chain
+        .exec_palisade("CHECK", &v11, Some(&prev), &call)
+        .expect("CHECK at 1.1.0");
+    let st = n
+        .chain
+        .exec_palisade("STATUS", &v11, None, &Call::default())
+        .expect("STATUS");
     assert!(st.is_null(), "STATUS prints nothing on success: {st}");
     let gc = [
         ("cniVersion", json!("1.1.0")),
-        ("cni.dev/valid-attachments", json!([{"containerID": call.container_id, "ifname": "eth0"}])),
+        (
+            "cni.dev/valid-attachments",
+            json!([{"containerID": call.container_id, "ifname": "eth0"}]),
+        ),
     ];
-    n.chain.exec_palisade("GC", &gc, None, &Call::default()).expect("GC keeping the pod");
+    n.chain
+        .exec_palisade("GC", &gc, None, &Call::default())
+        .expect("GC keeping the pod");
     assert_eq!(endpoint_count(&n), 1, "GC kept the valid attachment");
-    n.chain.exec_palisade("DEL", &v11, Some(&prev), &call).expect("DEL at 1.1.0");
+    n.chain
+        .exec_palisade("DEL", &v11, Some(&prev), &call)
+        .expect("DEL at 1.1.0");
     assert_eq!(endpoint_count(&n), 0);
 }
 
@@ -154,7 +193,12 @@ fn del_succeeds_twice_without_netns_and_without_prev_result() {
     let n = node();
     let a = n.add_pod("default", "a", &[80]);
     assert_eq!(endpoint_count(&n), 1);
-    assert_eq!(n.pins().len(), 2, "two link pins per endpoint: {:?}", n.pins());
+    assert_eq!(
+        n.pins().len(),
+        2,
+        "two link pins per endpoint: {:?}",
+        n.pins()
+    );
     let bare = Call {
         netns: String::new(),
         ..a.call()
@@ -171,7 +215,9 @@ fn del_succeeds_twice_without_netns_and_without_prev_result() {
         container_id: "never-added".into(),
         ..bare
     };
-    n.chain.exec_palisade("DEL", &[], None, &never).expect("DEL of an unknown container");
+    n.chain
+        .exec_palisade("DEL", &[], None, &never)
+        .expect("DEL of an unknown container");
     // The whole chain's DEL, in reverse order, also still succeeds.
     n.chain.del(&a.call()).expect("chain DEL");
 }
@@ -181,19 +227,31 @@ fn check_fails_when_programs_are_detached_or_the_endpoint_is_unknown() {
     let n = node();
     let a = n.add_pod("default", "a", &[80]);
     n.chain.check(&a.call()).expect("CHECK right after ADD");
-    let pin = n.pins().into_iter().find(|p| p.to_string_lossy().ends_with("from-container")).expect("pin");
+    let pin = n
+        .pins()
+        .into_iter()
+        .find(|p| p.to_string_lossy().ends_with("from-container"))
+        .expect("pin");
     std::fs::remove_file(&pin).expect("detach by removing the link pin");
-    let r = n.chain.exec_palisade("CHECK", &[], Some(&a.result), &a.call());
+    let r = n
+        .chain
+        .exec_palisade("CHECK", &[], Some(&a.result), &a.call());
     expect_code(r, 100, "detached");
     let unknown = Call {
         container_id: "nobody".into(),
         ..a.call()
     };
-    let r = n.chain.exec_palisade("CHECK", &[], Some(&a.result), &unknown);
+    let r = n
+        .chain
+        .exec_palisade("CHECK", &[], Some(&a.result), &unknown);
     expect_code(r, 100, "no endpoint");
     // `palisadectl status` says the same.
     let out = n.ctl(&["status"], None);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("NO:"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("NO:"),
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
@@ -205,14 +263,26 @@ fn gc_removes_stale_endpoints_and_keeps_valid_ones() {
     assert_eq!(endpoint_count(&n), 3);
     let gc = [
         ("cniVersion", json!("1.1.0")),
-        ("cni.dev/valid-attachments", json!([{"containerID": keep.container_id, "ifname": "eth0"}])),
+        (
+            "cni.dev/valid-attachments",
+            json!([{"containerID": keep.container_id, "ifname": "eth0"}]),
+        ),
     ];
-    n.chain.exec_palisade("GC", &gc, None, &Call::default()).expect("GC");
+    n.chain
+        .exec_palisade("GC", &gc, None, &Call::default())
+        .expect("GC");
     let eps = n.endpoints();
     assert_eq!(eps.len(), 1, "{eps:?}");
     assert_eq!(eps[0]["containerId"], keep.container_id);
-    assert_eq!(n.pins().len(), 2, "only the kept endpoint's pins remain: {:?}", n.pins());
-    n.chain.check(&keep.call()).expect("the kept endpoint is still enforced");
+    assert_eq!(
+        n.pins().len(),
+        2,
+        "only the kept endpoint's pins remain: {:?}",
+        n.pins()
+    );
+    n.chain
+        .check(&keep.call())
+        .expect("the kept endpoint is still enforced");
 }
 
 #[test]
@@ -220,7 +290,9 @@ fn malformed_input_gets_the_spec_error_codes() {
     let n = node();
     let pod = n.add_pod("default", "a", &[]);
     let conf = |extra: Value| {
-        let mut c = n.chain.plugin_conf(&n.chain.palisade_plugin(), Some(&pod.result));
+        let mut c = n
+            .chain
+            .plugin_conf(&n.chain.palisade_plugin(), Some(&pod.result));
         for (k, v) in extra.as_object().unwrap() {
             c[k] = v.clone();
         }
@@ -241,14 +313,47 @@ fn malformed_input_gets_the_spec_error_codes() {
     };
     let cases: Vec<(&str, Vec<(&str, String)>, String, u64, &str)> = vec![
         ("no CNI_COMMAND", vec![], conf(json!({})), 4, "CNI_COMMAND"),
-        ("unknown command", vec![("CNI_COMMAND", "FROB".into())], conf(json!({})), 4, "FROB"),
-        ("not JSON", env_add("x"), "{nope".into(), 6, "not valid JSON"),
-        ("unsupported version", env_add("x"), conf(json!({"cniVersion": "9.9.9"})), 1, "9.9.9"),
-        ("no prevResult", env_add("x"), conf(json!({"prevResult": null})), 7, "prevResult"),
-        ("bad attachMode", env_add("x"), conf(json!({"attachMode": "warp"})), 7, "attachMode"),
+        (
+            "unknown command",
+            vec![("CNI_COMMAND", "FROB".into())],
+            conf(json!({})),
+            4,
+            "FROB",
+        ),
+        (
+            "not JSON",
+            env_add("x"),
+            "{nope".into(),
+            6,
+            "not valid JSON",
+        ),
+        (
+            "unsupported version",
+            env_add("x"),
+            conf(json!({"cniVersion": "9.9.9"})),
+            1,
+            "9.9.9",
+        ),
+        (
+            "no prevResult",
+            env_add("x"),
+            conf(json!({"prevResult": null})),
+            7,
+            "prevResult",
+        ),
+        (
+            "bad attachMode",
+            env_add("x"),
+            conf(json!({"attachMode": "warp"})),
+            7,
+            "attachMode",
+        ),
         (
             "no container id",
-            env_add("x").into_iter().filter(|(k, _)| *k != "CNI_CONTAINERID").collect(),
+            env_add("x")
+                .into_iter()
+                .filter(|(k, _)| *k != "CNI_CONTAINERID")
+                .collect(),
             conf(json!({})),
             4,
             "CNI_CONTAINERID",
@@ -283,8 +388,14 @@ fn malformed_input_gets_the_spec_error_codes() {
         let (exit, v, out) = run(&env, &stdin);
         assert_ne!(exit, 0, "{what}: must fail\n{out}");
         assert_eq!(v["code"], code, "{what}: wrong code\n{out}");
-        assert!(v["msg"].as_str().unwrap_or_default().contains(words), "{what}: message must mention {words:?}\n{out}");
-        assert!(v["cniVersion"].is_string(), "{what}: error JSON carries cniVersion\n{out}");
+        assert!(
+            v["msg"].as_str().unwrap_or_default().contains(words),
+            "{what}: message must mention {words:?}\n{out}"
+        );
+        assert!(
+            v["cniVersion"].is_string(),
+            "{what}: error JSON carries cniVersion\n{out}"
+        );
     }
     // Nothing of the failed ADDs was registered.
     assert_eq!(endpoint_count(&n), 1);
@@ -320,12 +431,19 @@ fn veth_with_blocked_pin(n: &Node, tag: &str) -> (Netns, Call, Value) {
         args: String::new(),
     };
     let plugins = n.chain.conflist["plugins"].as_array().unwrap().clone();
-    let out = n.chain.exec("ADD", &n.chain.plugin_conf(&plugins[0], None), &call);
+    let out = n
+        .chain
+        .exec("ADD", &n.chain.plugin_conf(&plugins[0], None), &call);
     assert!(out.status.success(), "bridge ADD: {}", describe(&out));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let state: Value = serde_json::from_slice(&std::fs::read(n.state_dir.join("state.json")).unwrap()).unwrap();
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(n.state_dir.join("state.json")).unwrap()).unwrap();
     let next = state["nextEndpointId"].as_u64().unwrap();
-    std::fs::create_dir_all(n.bpf_root.join(format!("links/ep{next}-from-container/squatter"))).unwrap();
+    std::fs::create_dir_all(
+        n.bpf_root
+            .join(format!("links/ep{next}-from-container/squatter")),
+    )
+    .unwrap();
     (ns, call, result)
 }
 
@@ -343,7 +461,10 @@ fn a_failed_add_leaves_nothing_behind_and_fails_closed() {
     let eps = n.endpoints();
     assert_eq!(eps.len(), 1, "{eps:?}");
     let after = n.ctl(&["get", "identities", "-o", "json"], None);
-    assert_eq!(before.stdout, after.stdout, "identities and ipcache unchanged");
+    assert_eq!(
+        before.stdout, after.stdout,
+        "identities and ipcache unchanged"
+    );
     let status = n.ctl(&["status", "-o", "json"], None);
     let st: Value = serde_json::from_slice(&status.stdout).unwrap();
     let endpoints_map = st["datapath"]["maps"]
@@ -353,8 +474,13 @@ fn a_failed_add_leaves_nothing_behind_and_fails_closed() {
         .find(|m| m["name"] == "pal_endpoints")
         .unwrap()["entries"]
         .clone();
-    assert_eq!(endpoints_map, 1, "only the healthy endpoint is in the map: {st}");
-    n.chain.check(&ok.call()).expect("the healthy endpoint is unaffected");
+    assert_eq!(
+        endpoints_map, 1,
+        "only the healthy endpoint is in the map: {st}"
+    );
+    n.chain
+        .check(&ok.call())
+        .expect("the healthy endpoint is unaffected");
 }
 
 #[test]
@@ -362,10 +488,16 @@ fn fail_open_lets_the_container_start_unprotected_and_says_so() {
     let n = node_with(&[("failOpen", json!(true))]);
     n.add_pod("default", "first", &[]);
     let (_ns, call, result) = veth_with_blocked_pin(&n, "o");
-    let mut cmd_conf = n.chain.plugin_conf(&n.chain.palisade_plugin(), Some(&result));
+    let mut cmd_conf = n
+        .chain
+        .plugin_conf(&n.chain.palisade_plugin(), Some(&result));
     cmd_conf["failOpen"] = json!(true);
     let out = n.chain.exec("ADD", &cmd_conf, &call);
-    assert!(out.status.success(), "failOpen ADD succeeds: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "failOpen ADD succeeds: {}",
+        describe(&out)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed, result);
     assert!(
@@ -373,7 +505,11 @@ fn fail_open_lets_the_container_start_unprotected_and_says_so() {
         "the failure is logged: {}",
         describe(&out)
     );
-    assert_eq!(endpoint_count(&n), 1, "only the first container is registered");
+    assert_eq!(
+        endpoint_count(&n),
+        1,
+        "only the first container is registered"
+    );
 }
 
 #[test]
@@ -383,20 +519,44 @@ fn clsact_mode_enforces_and_check_sees_a_deleted_filter() {
     let b = n.add_pod("default", "b", &[80]);
     assert!(reachable(&a, &b));
     n.apply(DENY_ALL);
-    assert!(!reachable(&a, &b), "deny-all enforced through clsact filters");
+    assert!(
+        !reachable(&a, &b),
+        "deny-all enforced through clsact filters"
+    );
     n.chain.check(&b.call()).expect("CHECK with clsact");
     let eps = n.endpoints();
-    assert!(eps.iter().all(|e| e["attachment"]["mode"] == "netlink"), "{eps:?}");
-    let veth = eps.iter().find(|e| e["name"] == "b").unwrap()["hostIfname"].as_str().unwrap().to_owned();
-    sys::run("tc", &["-n", &n.netns.name, "filter", "del", "dev", &veth, "egress"]);
-    let r = n.chain.exec_palisade("CHECK", &[], Some(&b.result), &b.call());
+    assert!(
+        eps.iter().all(|e| e["attachment"]["mode"] == "netlink"),
+        "{eps:?}"
+    );
+    let veth = eps.iter().find(|e| e["name"] == "b").unwrap()["hostIfname"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sys::run(
+        "tc",
+        &["-n", &n.netns.name, "filter", "del", "dev", &veth, "egress"],
+    );
+    let r = n
+        .chain
+        .exec_palisade("CHECK", &[], Some(&b.result), &b.call());
     expect_code(r, 100, "detached");
-    n.chain.del(&b.call()).expect("DEL after the filter was removed");
+    n.chain
+        .del(&b.call())
+        .expect("DEL after the filter was removed");
     // palisade's DEL alone (before bridge removes the veth) removes its filters.
-    let a_veth = eps.iter().find(|e| e["name"] == "a").unwrap()["hostIfname"].as_str().unwrap().to_owned();
-    n.chain.exec_palisade("DEL", &[], Some(&a.result), &a.call()).expect("palisade DEL");
+    let a_veth = eps.iter().find(|e| e["name"] == "a").unwrap()["hostIfname"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    n.chain
+        .exec_palisade("DEL", &[], Some(&a.result), &a.call())
+        .expect("palisade DEL");
     for hook in ["ingress", "egress"] {
-        let filters = sys::run("tc", &["-n", &n.netns.name, "filter", "show", "dev", &a_veth, hook]);
+        let filters = sys::run(
+            "tc",
+            &["-n", &n.netns.name, "filter", "show", "dev", &a_veth, hook],
+        );
         assert!(!filters.contains("pal_"), "{hook} filters left: {filters}");
     }
     n.chain.del(&a.call()).expect("chain DEL");
@@ -413,23 +573,39 @@ fn without_kubernetes_args_the_endpoint_is_default_namespace_container_id() {
         args: String::new(),
     };
     let mut conflist_labels = n.chain.conflist.clone();
-    conflist_labels["plugins"][1]["args"] = json!({"cni": {"labels": [{"key": "app", "value": "web"}]}});
+    conflist_labels["plugins"][1]["args"] =
+        json!({"cni": {"labels": [{"key": "app", "value": "web"}]}});
     let chain = testbed::chain::Chain::new(conflist_labels, &n.netns.path, &n.bin_dir);
     chain.add(&call).expect("ADD without K8S args");
     let eps = n.endpoints();
     assert_eq!(eps.len(), 1);
     assert_eq!(eps[0]["namespace"], "default");
     assert_eq!(eps[0]["name"], "plain-container-1");
-    assert_eq!(eps[0]["effectiveLabels"]["app"], "web", "labels from args.cni.labels: {eps:?}");
+    assert_eq!(
+        eps[0]["effectiveLabels"]["app"], "web",
+        "labels from args.cni.labels: {eps:?}"
+    );
     chain.del(&call).expect("DEL");
 }
 
 #[test]
 fn status_succeeds_and_fails_with_50_when_bpffs_is_missing() {
     let n = node();
-    n.chain.exec_palisade("STATUS", &[("cniVersion", json!("1.1.0"))], None, &Call::default()).expect("STATUS");
-    let bad = [("cniVersion", json!("1.1.0")), ("bpfRoot", json!("/tmp/not-bpffs/palisade"))];
-    let r = n.chain.exec_palisade("STATUS", &bad, None, &Call::default());
+    n.chain
+        .exec_palisade(
+            "STATUS",
+            &[("cniVersion", json!("1.1.0"))],
+            None,
+            &Call::default(),
+        )
+        .expect("STATUS");
+    let bad = [
+        ("cniVersion", json!("1.1.0")),
+        ("bpfRoot", json!("/tmp/not-bpffs/palisade")),
+    ];
+    let r = n
+        .chain
+        .exec_palisade("STATUS", &bad, None, &Call::default());
     expect_code(r, 50, "BPF filesystem");
 }
 
@@ -437,7 +613,9 @@ fn status_succeeds_and_fails_with_50_when_bpffs_is_missing() {
 fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     let n = Arc::new(node());
     let count = 50;
-    let namespaces: Vec<Netns> = (0..count).map(|i| Netns::new(&format!("{}q{i}", n.prefix))).collect();
+    let namespaces: Vec<Netns> = (0..count)
+        .map(|i| Netns::new(&format!("{}q{i}", n.prefix)))
+        .collect();
     let calls: Vec<Call> = (0..count)
         .map(|i| Call {
             container_id: format!("{}-c{i}", n.prefix),
@@ -450,7 +628,11 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     thread::scope(|s| {
         for c in &calls {
             let n = n.clone();
-            s.spawn(move || n.chain.add(c).unwrap_or_else(|e| panic!("concurrent ADD {}: {e}", c.container_id)));
+            s.spawn(move || {
+                n.chain
+                    .add(c)
+                    .unwrap_or_else(|e| panic!("concurrent ADD {}: {e}", c.container_id))
+            });
         }
         for i in 0..5 {
             let n = n.clone();
@@ -464,12 +646,18 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     assert_eq!(endpoint_count(&n), count);
     assert_eq!(n.pins().len(), 2 * count, "two pins per endpoint");
     for c in calls.iter().take(3) {
-        n.chain.check(c).unwrap_or_else(|e| panic!("CHECK {}: {e}", c.container_id));
+        n.chain
+            .check(c)
+            .unwrap_or_else(|e| panic!("CHECK {}: {e}", c.container_id));
     }
     thread::scope(|s| {
         for c in &calls {
             let n = n.clone();
-            s.spawn(move || n.chain.del(c).unwrap_or_else(|e| panic!("concurrent DEL {}: {e}", c.container_id)));
+            s.spawn(move || {
+                n.chain
+                    .del(c)
+                    .unwrap_or_else(|e| panic!("concurrent DEL {}: {e}", c.container_id))
+            });
         }
     });
     assert_eq!(endpoint_count(&n), 0);
@@ -481,6 +669,9 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
         }
     }
     let leftover_veths = n.host_veths();
-    assert!(leftover_veths.is_empty(), "the bridge plugin's DEL removed every veth: {leftover_veths:?}");
+    assert!(
+        leftover_veths.is_empty(),
+        "the bridge plugin's DEL removed every veth: {leftover_veths:?}"
+    );
     drop(namespaces);
 }

@@ -74,6 +74,7 @@ pub fn parse_port(s: &str) -> Result<(u8, u16), ExplainError> {
 
 /// What is known about one party.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Party {
     /// `ns/name`, an address, `node` or `outside`.
     pub display: String,
@@ -96,6 +97,7 @@ pub struct PodFacts {
 
 /// A rule that allows the connection.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Allow {
     pub policy: String,
     /// `ingress[0]`, `egress[2]`.
@@ -105,6 +107,7 @@ pub struct Allow {
 
 /// One side's decision.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Side {
     pub direction: Direction,
     pub subject: String,
@@ -117,6 +120,7 @@ pub struct Side {
 
 /// The whole answer.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Explanation {
     pub from: Party,
     pub to: Party,

@@ -54,13 +54,15 @@ fn main() {
         let listener: TcpListener = tcp.into();
         handles.push(thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                // Echo until the client closes, so tests can hold a
+                // connection open across policy changes.
                 thread::spawn(move || {
                     let mut conn = conn;
-                    let mut buf = [0u8; 256];
-                    if let Ok(n) = conn.read(&mut buf)
-                        && n > 0
-                    {
-                        let _ = conn.write_all(&buf[..n]);
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
                 });
             }
@@ -69,7 +71,7 @@ fn main() {
             .unwrap_or_else(|e| panic!("udp {port}: {e}"))
             .into();
         handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = udp.recv_from(&mut buf) {
                 let _ = udp.send_to(&buf[..n], from);
             }
