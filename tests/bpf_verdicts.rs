@@ -3,6 +3,11 @@
 //! under test ("me", 10.0.0.2 / fd00::2) is selected by the policies; peers
 //! are other endpoints or outside addresses.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
 use std::net::IpAddr;
 
 use palisade::abi::Direction::{self, Egress, Ingress};

@@ -1,6 +1,11 @@
 //! The CNI contract (spec 1.1.0; configurations 0.4.0, 1.0.0 and 1.1.0),
 //! against the real bridge and host-local plugins on hermetic nodes.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
 use std::{process::Stdio, sync::Arc, thread};
 
 use serde_json::{Value, json};
@@ -61,7 +66,7 @@ fn raw_palisade(node: &Node, env: &[(&str, &str)], stdin: &str) -> (i32, Value, 
     (out.status.code().unwrap_or(-1), v, describe(&out))
 }
 
-fn expect_code(r: Result<Value, Failure>, code: u64, words: &str) {
+fn expect_code(r: Result<Value, Box<Failure>>, code: u64, words: &str) {
     match r {
         Ok(v) => panic!("expected CNI error {code} ({words}), got success: {v}"),
         Err(f) => {
@@ -311,7 +316,8 @@ fn malformed_input_gets_the_spec_error_codes() {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         raw_palisade(&n, &env, stdin)
     };
-    let cases: Vec<(&str, Vec<(&str, String)>, String, u64, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, String, u64, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("no CNI_COMMAND", vec![], conf(json!({})), 4, "CNI_COMMAND"),
         (
             "unknown command",

@@ -2,6 +2,11 @@
 //! take effect, what happens to open connections, ICMP errors, fragments,
 //! the node's own traffic, and where labels come from.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},

@@ -2,6 +2,11 @@
 //! Kubernetes e2e suite's cases and the recipes collection), each on a
 //! fresh hermetic node with real traffic, once per address family it lists.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
 use std::path::Path;
 
 use libtest_mimic::{Arguments, Failed, Trial};

@@ -19,61 +19,76 @@
 
 /* Direction, always from the container's point of view. */
 #define PAL_DIR_INGRESS 0 /* entering the container: host veth tc egress */
-#define PAL_DIR_EGRESS 1  /* leaving the container: host veth tc ingress */
+#define PAL_DIR_EGRESS	1 /* leaving the container: host veth tc ingress */
 
 /* Reserved identities. Endpoint identities start at PAL_ID_LOCAL_MIN,
  * identities of ipBlock CIDRs at PAL_ID_CIDR_MIN. */
-#define PAL_ID_ANY 0   /* policy key wildcard: any peer */
-#define PAL_ID_HOST 1  /* the node itself */
-#define PAL_ID_WORLD 2 /* any address palisade knows nothing about */
+#define PAL_ID_ANY	 0 /* policy key wildcard: any peer */
+#define PAL_ID_HOST	 1 /* the node itself */
+#define PAL_ID_WORLD	 2 /* any address palisade knows nothing about */
 #define PAL_ID_LOCAL_MIN 256
-#define PAL_ID_CIDR_MIN 0x01000000
+#define PAL_ID_CIDR_MIN	 0x01000000
 
 /* Policy tiers, evaluated in this order. Only NetworkPolicy exists today;
  * the others keep their place in the key so no layout change is needed. */
-#define PAL_TIER_ADMIN 0    /* AdminNetworkPolicy (reserved) */
-#define PAL_TIER_NETPOL 1   /* Kubernetes NetworkPolicy */
+#define PAL_TIER_ADMIN	  0 /* AdminNetworkPolicy (reserved) */
+#define PAL_TIER_NETPOL	  1 /* Kubernetes NetworkPolicy */
 #define PAL_TIER_BASELINE 2 /* BaselineAdminNetworkPolicy (reserved) */
 
 /* Verdicts, as stored in policy values, conntrack, counters and events. */
-#define PAL_VERDICT_NONE 0
-#define PAL_VERDICT_ALLOW 1
-#define PAL_VERDICT_DENY 2
-#define PAL_VERDICT_AUDIT 3    /* would be denied; allowed because audited */
-#define PAL_VERDICT_PASS 4     /* tier says: decide in the next tier (reserved) */
+#define PAL_VERDICT_NONE     0
+#define PAL_VERDICT_ALLOW    1
+#define PAL_VERDICT_DENY     2
+#define PAL_VERDICT_AUDIT    3 /* would be denied; allowed because audited */
+#define PAL_VERDICT_PASS     4 /* tier says: decide in the next tier (reserved) */
 #define PAL_VERDICT_REDIRECT 5 /* send to an L7 proxy (reserved) */
 
-/* Why a packet was allowed or dropped. Drops are negative (the CLI
- * decodes them to words, see shared/src/abi.rs DropReason); counters store
- * the absolute value. */
-#define PAL_REASON_POLICY 0          /* decided by the policy map */
-#define PAL_REASON_NOT_ISOLATED 1    /* no policy selects the endpoint for this direction */
-#define PAL_REASON_HOST 2            /* traffic to or from the node itself */
-#define PAL_REASON_ESTABLISHED 3     /* conntrack: established or reply */
-#define PAL_REASON_RELATED 4         /* conntrack: ICMP error for a known flow */
-#define PAL_REASON_INFRA 5           /* ARP, ND, DHCP: never governed */
-#define PAL_DROP_POLICY (-1)         /* no rule allows the flow */
-#define PAL_DROP_UNKNOWN_ENDPOINT (-2) /* program runs on a veth palisade has no endpoint for */
-#define PAL_DROP_MALFORMED (-3)      /* truncated or invalid headers */
-#define PAL_DROP_FRAG_NO_HEAD (-4)   /* non-first fragment whose first fragment was not seen */
-#define PAL_DROP_UNSUPPORTED_L3 (-5) /* IP packet palisade cannot parse (e.g. too many IPv6 ext headers) */
-#define PAL_DROP_REVOKED (-6)        /* conntrack entry no longer allowed by current policy */
+/*
+ * Why a packet was allowed or dropped. Drops are negative (the CLI decodes
+ * them to words, see Reason in shared/src/abi.rs); counters store the
+ * absolute value next to the verdict.
+ *   POLICY            decided by the policy map
+ *   NOT_ISOLATED      no policy selects the endpoint for this direction
+ *   HOST              traffic to or from the node itself
+ *   ESTABLISHED       conntrack: established or reply
+ *   RELATED           conntrack: ICMP error about a known flow
+ *   INFRA             ARP, ND, DHCP: never governed
+ *   DROP_POLICY       no rule allows the flow
+ *   DROP_UNKNOWN_ENDPOINT  the program runs on a veth with no endpoint
+ *   DROP_MALFORMED    truncated or invalid headers
+ *   DROP_FRAG_NO_HEAD a later fragment whose first fragment was not seen
+ *   DROP_UNSUPPORTED_L3  not IP/ARP, or an IPv6 header chain too long
+ *   DROP_REVOKED      a tracked flow current policy no longer allows
+ */
+#define PAL_REASON_POLICY	  0
+#define PAL_REASON_NOT_ISOLATED	  1
+#define PAL_REASON_HOST		  2
+#define PAL_REASON_ESTABLISHED	  3
+#define PAL_REASON_RELATED	  4
+#define PAL_REASON_INFRA	  5
+#define PAL_DROP_POLICY		  (-1)
+#define PAL_DROP_UNKNOWN_ENDPOINT (-2)
+#define PAL_DROP_MALFORMED	  (-3)
+#define PAL_DROP_FRAG_NO_HEAD	  (-4)
+#define PAL_DROP_UNSUPPORTED_L3	  (-5)
+#define PAL_DROP_REVOKED	  (-6)
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
-#define PAL_EP_ISOLATE_EGRESS (1U << 1)
-#define PAL_EP_AUDIT_INGRESS (1U << 2) /* reserved for audit mode */
-#define PAL_EP_AUDIT_EGRESS (1U << 3)  /* reserved for audit mode */
+#define PAL_EP_ISOLATE_EGRESS  (1U << 1)
+#define PAL_EP_AUDIT_INGRESS   (1U << 2) /* reserved for audit mode */
+#define PAL_EP_AUDIT_EGRESS    (1U << 3) /* reserved for audit mode */
 
-/* Global configuration flags (pal_config.flags). */
-#define PAL_CFG_ALLOW_HOST (1U << 0) /* node <-> pod traffic is never governed */
-#define PAL_CFG_EVENTS (1U << 1)     /* emit flow events to the ring buffer */
+/* Global configuration flags (pal_config.flags): node <-> pod traffic is
+ * never governed; flow events go to the ring buffer. */
+#define PAL_CFG_ALLOW_HOST (1U << 0)
+#define PAL_CFG_EVENTS	   (1U << 1)
 
 /* pal_endpoints: HASH, key = __u32 ifindex of the host-side veth. */
 struct pal_endpoint {
-	__u32 ep_id;    /* palisade's endpoint number, keys policy and conntrack */
+	__u32 ep_id; /* palisade's endpoint number, keys policy and conntrack */
 	__u32 identity; /* the endpoint's own identity (for events) */
-	__u32 flags;    /* PAL_EP_* */
+	__u32 flags;	/* PAL_EP_* */
 	__u32 pad;
 };
 
@@ -99,7 +114,7 @@ struct pal_policy_key {
 	__u32 prefixlen;
 	__u32 ep_id;
 	__u8 direction; /* PAL_DIR_* */
-	__u8 tier;      /* PAL_TIER_* */
+	__u8 tier;	/* PAL_TIER_* */
 	__u16 pad1;
 	__u32 peer_id; /* peer identity, or PAL_ID_ANY */
 	__u8 pad2;
@@ -108,13 +123,13 @@ struct pal_policy_key {
 };
 
 #define PAL_POLICY_PREFIX_ANY_PROTO 104 /* bits of ep_id..pad2 */
-#define PAL_POLICY_PREFIX_ANY_PORT 112  /* ... plus protocol */
-#define PAL_POLICY_PREFIX_FULL 128      /* ... plus dport */
+#define PAL_POLICY_PREFIX_ANY_PORT  112 /* ... plus protocol */
+#define PAL_POLICY_PREFIX_FULL	    128 /* ... plus dport */
 
 struct pal_policy_value {
 	__u32 policy_id; /* which policy allowed it (for events and explain) */
-	__u8 verdict;    /* PAL_VERDICT_* */
-	__u8 flags;      /* reserved */
+	__u8 verdict;	 /* PAL_VERDICT_* */
+	__u8 flags;	 /* reserved */
 	__u16 pad;
 };
 
@@ -134,18 +149,18 @@ struct pal_ct_key {
 };
 
 #define PAL_CT_SEEN_REPLY (1U << 0)
-#define PAL_CT_TCP_FIN (1U << 1)
-#define PAL_CT_TCP_RST (1U << 2)
+#define PAL_CT_TCP_FIN	  (1U << 1)
+#define PAL_CT_TCP_RST	  (1U << 2)
 
 struct pal_ct_value {
 	__u64 created_ns;
 	__u64 last_seen_ns;
 	__u64 packets;
 	__u64 bytes;
-	__u32 epoch;     /* pal_config.epoch when last validated */
+	__u32 epoch;	 /* pal_config.epoch when last validated */
 	__u32 policy_id; /* policy that allowed the flow */
-	__u32 peer_id;   /* identity of the peer when validated */
-	__u8 verdict;    /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
+	__u32 peer_id;	 /* identity of the peer when validated */
+	__u8 verdict;	 /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
 	__u8 pad;
 	__u16 flags; /* PAL_CT_* */
 };
@@ -199,7 +214,7 @@ struct pal_event {
 	__u64 ts_ns; /* bpf_ktime_get_ns() */
 	__u32 ep_id;
 	__u32 ifindex;
-	__u32 identity;      /* the endpoint's identity */
+	__u32 identity;	     /* the endpoint's identity */
 	__u32 peer_identity; /* the peer's identity */
 	__u32 policy_id;
 	__u32 pkt_len;
@@ -216,10 +231,10 @@ struct pal_event {
 };
 
 /* pal_evstats: PERCPU_ARRAY indexed by PAL_EVSTAT_*. */
-#define PAL_EVSTAT_SENT 0
+#define PAL_EVSTAT_SENT		0
 #define PAL_EVSTAT_RATE_LIMITED 1
 #define PAL_EVSTAT_RINGBUF_FULL 2
-#define PAL_EVSTAT_MAX 3
+#define PAL_EVSTAT_MAX		3
 
 /* pal_ratelimit: PERCPU_ARRAY with one element, a token bucket. */
 struct pal_ratelimit {

@@ -15,13 +15,13 @@
 #define PAL_NSEC 1000000000ULL
 /* Idle timeouts, close to Linux nf_conntrack's defaults. */
 #define PAL_CT_TCP_ESTABLISHED (6ULL * 3600 * PAL_NSEC)
-#define PAL_CT_TCP_OPENING (60ULL * PAL_NSEC)
-#define PAL_CT_TCP_CLOSING (10ULL * PAL_NSEC)
-#define PAL_CT_OTHER (60ULL * PAL_NSEC)
+#define PAL_CT_TCP_OPENING     (60ULL * PAL_NSEC)
+#define PAL_CT_TCP_CLOSING     (10ULL * PAL_NSEC)
+#define PAL_CT_OTHER	       (60ULL * PAL_NSEC)
 
-#define PAL_CT_NEW 0
+#define PAL_CT_NEW	   0
 #define PAL_CT_ESTABLISHED 1 /* same direction as the opening packet */
-#define PAL_CT_REPLY 2       /* opposite direction */
+#define PAL_CT_REPLY	   2 /* opposite direction */
 
 static __always_inline void pal_ct_key_make(struct pal_ct_key *k, __u32 ep_id,
 					    __u8 dir, const struct pal_tuple *t,

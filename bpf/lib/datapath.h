@@ -113,8 +113,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	if (p.kind == PAL_PKT_ICMP_ERROR) {
 		/* The quoted packet went the other way: it is related if it
 		 * belongs to a flow of this endpoint. */
-		if (p.inner_valid &&
-		    pal_ct_lookup(ep->ep_id, dir ^ 1, &p.inner, now, &ck, &res)) {
+		if (p.inner_valid && pal_ct_lookup(ep->ep_id, dir ^ 1, &p.inner,
+						   now, &ck, &res)) {
 			pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW,
 				  PAL_REASON_RELATED, skb->len);
 			return PAL_PASS;

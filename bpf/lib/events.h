@@ -19,7 +19,7 @@ static __always_inline void pal_count(__u32 ep_id, __u8 dir, __u8 verdict,
 		.verdict = verdict,
 		.reason = reason < 0 ? -reason : reason,
 	};
-	struct pal_counter_value *v, init = { .packets = 1, .bytes = len };
+	struct pal_counter_value *v, init = {.packets = 1, .bytes = len};
 
 	v = bpf_map_lookup_elem(&pal_counters, &k);
 	if (v) {

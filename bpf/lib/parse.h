@@ -25,12 +25,12 @@
 #ifndef IPPROTO_ICMPV6
 #define IPPROTO_ICMPV6 58
 #endif
-#define PAL_NEXTHDR_HOP 0
-#define PAL_NEXTHDR_ROUTING 43
+#define PAL_NEXTHDR_HOP	     0
+#define PAL_NEXTHDR_ROUTING  43
 #define PAL_NEXTHDR_FRAGMENT 44
-#define PAL_NEXTHDR_AUTH 51
-#define PAL_NEXTHDR_DEST 60
-#define PAL_MAX_IPV6_EXT 6
+#define PAL_NEXTHDR_AUTH     51
+#define PAL_NEXTHDR_DEST     60
+#define PAL_MAX_IPV6_EXT     6
 
 #define PAL_TCP_FIN 0x01
 #define PAL_TCP_SYN 0x02
@@ -38,10 +38,10 @@
 #define PAL_TCP_ACK 0x10
 
 /* What kind of packet this is, beyond its tuple. */
-#define PAL_PKT_NORMAL 0
-#define PAL_PKT_INFRA 1      /* ARP, ND, MLD, DHCP: never governed */
+#define PAL_PKT_NORMAL	   0
+#define PAL_PKT_INFRA	   1 /* ARP, ND, MLD, DHCP: never governed */
 #define PAL_PKT_ICMP_ERROR 2 /* carries an inner tuple */
-#define PAL_PKT_FRAG_LATER 3 /* non-first fragment: ports come from pal_frag */
+#define PAL_PKT_FRAG_LATER 3 /* later fragment: ports from pal_frag */
 
 struct pal_tuple {
 	__u8 saddr[16];
@@ -64,7 +64,7 @@ struct pal_pkt {
 
 static __always_inline void pal_v4_mapped(__u8 *dst, __be32 addr)
 {
-	__u32 w[4] = { 0, 0, bpf_htonl(0x0000ffff), addr };
+	__u32 w[4] = {0, 0, bpf_htonl(0x0000ffff), addr};
 
 	__builtin_memcpy(dst, w, sizeof(w));
 }
@@ -222,8 +222,8 @@ static __always_inline int pal_parse_l4(struct __sk_buff *skb, __u32 l4off,
 		if ((!v6 && pal_icmp4_is_error(type)) ||
 		    (v6 && pal_icmp6_is_error(type))) {
 			p->kind = PAL_PKT_ICMP_ERROR;
-			p->inner_valid =
-				pal_parse_inner(skb, l4off + 8, v6, &p->inner) == 0;
+			p->inner_valid = pal_parse_inner(skb, l4off + 8, v6,
+							 &p->inner) == 0;
 			return 0;
 		}
 		/* Other ICMP messages: no ports; policy decides. */
@@ -318,9 +318,10 @@ static __always_inline int pal_parse(struct __sk_buff *skb, struct pal_pkt *p)
 				off += (hdr[1] + 1) * 8;
 			nexthdr = hdr[0];
 		}
-		if (nexthdr == PAL_NEXTHDR_HOP || nexthdr == PAL_NEXTHDR_ROUTING ||
-		    nexthdr == PAL_NEXTHDR_FRAGMENT || nexthdr == PAL_NEXTHDR_AUTH ||
-		    nexthdr == PAL_NEXTHDR_DEST)
+		if (nexthdr == PAL_NEXTHDR_HOP ||
+		    nexthdr == PAL_NEXTHDR_ROUTING ||
+		    nexthdr == PAL_NEXTHDR_FRAGMENT ||
+		    nexthdr == PAL_NEXTHDR_AUTH || nexthdr == PAL_NEXTHDR_DEST)
 			return PAL_DROP_UNSUPPORTED_L3;
 		p->t.protocol = nexthdr;
 		return pal_parse_l4(skb, off, 1, p);

@@ -20,7 +20,7 @@ struct pal_decision {
 
 static __always_inline __u32 pal_identity_of(const __u8 *addr)
 {
-	struct pal_ipcache_key k = { .prefixlen = 128 };
+	struct pal_ipcache_key k = {.prefixlen = 128};
 	struct pal_ipcache_value *v;
 
 	__builtin_memcpy(k.addr, addr, 16);

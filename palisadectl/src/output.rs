@@ -322,7 +322,7 @@ pub fn pods(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
     if format != Format::Table {
         let items = pods
             .iter()
-            .map(|p| serde_json::to_value(p))
+            .map(serde_json::to_value)
             .collect::<Result<Vec<_>, _>>()?;
         return structured(&k8s_list(items), format);
     }

@@ -928,7 +928,7 @@ spec:
 "#,
         );
         let a = ep(1, "x", "a", &[], "10.0.0.2");
-        let (c, _) = run(&pols, &[a.clone()]);
+        let (c, _) = run(&pols, std::slice::from_ref(&a));
         assert!(allowed(
             &c,
             &a,
@@ -1054,7 +1054,7 @@ spec:
 "#,
         );
         let a = ep(1, "x", "a", &[], "10.0.0.2");
-        let (c, _) = run(&pols, &[a.clone()]);
+        let (c, _) = run(&pols, std::slice::from_ref(&a));
         for (port, want) in [(79, false), (80, true), (81, true), (82, true), (83, false)] {
             assert_eq!(
                 allowed(&c, &a, Direction::Ingress, "10.0.0.9", PROTO_UDP, port),

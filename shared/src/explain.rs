@@ -488,7 +488,7 @@ spec:
             if let Object::NetworkPolicy(np) = o {
                 st.policies.insert(
                     "default/api-allow".into(),
-                    StoredPolicy { id: 1, object: np },
+                    StoredPolicy { id: 1, object: *np },
                 );
             }
         }

@@ -358,16 +358,16 @@ impl<D: Dataplane> Node<D> {
             let r = obj.reference();
             let key = format!("{}/{}", r.namespace, r.name);
             let change = match obj {
-                Object::Namespace(ns) => upsert(&mut locked.state.namespaces, r.name.clone(), ns),
-                Object::Pod(pod) => upsert(&mut locked.state.pods, key, pod),
+                Object::Namespace(ns) => upsert(&mut locked.state.namespaces, r.name.clone(), *ns),
+                Object::Pod(pod) => upsert(&mut locked.state.pods, key, *pod),
                 Object::NetworkPolicy(np) => match locked.state.policies.get(&key) {
-                    Some(sp) if sp.object == np => Change::Unchanged,
+                    Some(sp) if sp.object == *np => Change::Unchanged,
                     Some(sp) => {
                         let id = sp.id;
                         locked
                             .state
                             .policies
-                            .insert(key, StoredPolicy { id, object: np });
+                            .insert(key, StoredPolicy { id, object: *np });
                         Change::Configured
                     }
                     None => {
@@ -375,7 +375,7 @@ impl<D: Dataplane> Node<D> {
                         locked
                             .state
                             .policies
-                            .insert(key, StoredPolicy { id, object: np });
+                            .insert(key, StoredPolicy { id, object: *np });
                         Change::Created
                     }
                 },

@@ -156,7 +156,7 @@ impl Chain {
             .unwrap_or_else(|e| panic!("wait for {}: {e}", path.display()))
     }
 
-    fn check_output(command: &str, plugin: &str, out: &Output) -> Result<Value, Failure> {
+    fn check_output(command: &str, plugin: &str, out: &Output) -> Result<Value, Box<Failure>> {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let parsed: Option<Value> = serde_json::from_str(stdout.trim()).ok();
@@ -170,18 +170,18 @@ impl Chain {
             ),
             None => (None, String::new()),
         };
-        Err(Failure {
+        Err(Box::new(Failure {
             plugin: plugin.to_owned(),
             command: command.to_owned(),
             code,
             msg,
             stdout,
             stderr,
-        })
+        }))
     }
 
     /// ADD through the whole chain; caches and returns the final result.
-    pub fn add(&self, call: &Call) -> Result<Value, Failure> {
+    pub fn add(&self, call: &Call) -> Result<Value, Box<Failure>> {
         let mut prev: Option<Value> = None;
         for plugin in self.plugins() {
             let conf = self.plugin_conf(&plugin, prev.as_ref());
@@ -202,7 +202,7 @@ impl Chain {
     }
 
     /// CHECK through the chain with the cached result.
-    pub fn check(&self, call: &Call) -> Result<(), Failure> {
+    pub fn check(&self, call: &Call) -> Result<(), Box<Failure>> {
         let cached = self.cached(call);
         for plugin in self.plugins() {
             let conf = self.plugin_conf(&plugin, cached.as_ref());
@@ -213,7 +213,7 @@ impl Chain {
     }
 
     /// DEL in reverse order with the cached result (if any); forgets it.
-    pub fn del(&self, call: &Call) -> Result<(), Failure> {
+    pub fn del(&self, call: &Call) -> Result<(), Box<Failure>> {
         let cached = self.cached(call);
         for plugin in self.plugins().iter().rev() {
             let conf = self.plugin_conf(plugin, cached.as_ref());
@@ -250,7 +250,7 @@ impl Chain {
         extra: &[(&str, Value)],
         prev: Option<&Value>,
         call: &Call,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Value, Box<Failure>> {
         let mut conf = self.plugin_conf(&self.palisade_plugin(), prev);
         for (k, v) in extra {
             conf[*k] = v.clone();

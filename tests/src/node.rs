@@ -333,7 +333,7 @@ impl Node {
         namespace: &str,
         name: &str,
         serve: &[u16],
-    ) -> Result<Arc<Pod>, crate::chain::Failure> {
+    ) -> Result<Arc<Pod>, Box<crate::chain::Failure>> {
         let idx = self.running.lock().expect("lock").len();
         let netns = Netns::new(&format!("{}c{idx}", self.prefix));
         if self.options.ipv6 {

@@ -214,7 +214,7 @@ impl KernelDataplane {
         }
         let on_bpffs = |p: &Path| {
             statfs::statfs(p)
-                .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+                .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
                 .unwrap_or(false)
         };
         if !on_bpffs(existing) {

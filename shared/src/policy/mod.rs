@@ -72,9 +72,9 @@ impl Kind {
 /// A decoded, validated object.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Pod),
-    NetworkPolicy(NetworkPolicy),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 /// Which object: kind, namespace (empty for Namespace) and name.
@@ -163,21 +163,21 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
             want_api("v1")?;
             let ns: Namespace = strict(value)?;
             validate_namespace(&ns)?;
-            out.push(Object::Namespace(ns));
+            out.push(Object::Namespace(Box::new(ns)));
         }
         "Pod" => {
             want_api("v1")?;
             let mut pod: Pod = strict(value)?;
             default_namespace(&mut pod.metadata);
             validate_pod(&pod)?;
-            out.push(Object::Pod(pod));
+            out.push(Object::Pod(Box::new(pod)));
         }
         "NetworkPolicy" => {
             want_api("networking.k8s.io/v1")?;
             let mut np: NetworkPolicy = strict(value)?;
             default_namespace(&mut np.metadata);
             Policy::from_k8s(&np)?;
-            out.push(Object::NetworkPolicy(np));
+            out.push(Object::NetworkPolicy(Box::new(np)));
         }
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
             let items = obj

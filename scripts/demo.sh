@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# palisade's demo on a built-in sandbox: builds, installs missing packages,
+# creates a sandbox node namespace with a bridge network and three labelled
+# containers, prints the connectivity matrix, applies the api-allow
+# NetworkPolicy, prints the matrix again, and cleans up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+as_root "$0" "$@"
+install_deps
+
+step "building palisade"
+cargo build --workspace --bins
+
+step "running the demo"
+exec target/debug/palisade-demo

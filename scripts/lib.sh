@@ -1,0 +1,48 @@
+# Shared by scripts/demo.sh and scripts/test.sh. Source it; do not run it.
+
+# Debian packages palisade builds and tests with.
+PALISADE_PACKAGES=(
+	clang llvm libbpf-dev clang-format    # compiling and checking the eBPF C
+	containernetworking-plugins           # the reference bridge/host-local plugins
+	iproute2                              # ip, tc
+)
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+# Re-run this script as root (network namespaces, bpffs and eBPF need it),
+# keeping the invoking user's Rust toolchain on PATH.
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then
+		return
+	fi
+	if ! command -v sudo >/dev/null; then
+		echo "error: run this as root (it creates network namespaces and loads eBPF programs)" >&2
+		exit 1
+	fi
+	exec sudo env PATH="$PATH" \
+		CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}" \
+		RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}" \
+		CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-}" \
+		"$@"
+}
+
+# Install whichever of PALISADE_PACKAGES is missing.
+install_deps() {
+	local missing=()
+	for p in "${PALISADE_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+	done
+	if [ "${#missing[@]}" -gt 0 ]; then
+		step "installing ${missing[*]}"
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -q
+		apt-get install -y -q --no-install-recommends "${missing[@]}"
+	fi
+	if ! command -v cargo >/dev/null; then
+		echo "error: cargo not found; install Rust (https://rustup.rs) and run this again" >&2
+		exit 1
+	fi
+	if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+		unset CARGO_TARGET_DIR
+	fi
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# palisade's whole test suite, as CI runs it: installs what the tests need,
+# checks formatting and lints, then runs the unit tests, the BPF verdict
+# tests (BPF_PROG_TEST_RUN), and the privileged integration tests with real
+# plugins and real traffic in hermetic network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+as_root "$0" "$@"
+install_deps
+start=$(date +%s)
+
+step "formatting (rustfmt, clang-format)"
+cargo fmt --all -- --check
+clang-format --dry-run --Werror bpf/*.c bpf/include/*.h bpf/lib/*.h
+
+step "lints (clippy -D warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets
+
+step "unit tests (no root needed)"
+cargo test --workspace --lib --bins
+
+step "BPF verdict tests, CNI contract tests, datapath tests"
+cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
+
+step "NetworkPolicy conformance (Kubernetes e2e cases and recipes)"
+cargo test -p palisade-tests --test netpol -- --test-threads 4
+
+step "nothing left behind"
+leftover_ns=$(ip netns list | awk '$1 ~ /^pt[0-9]+x[0-9]+/ {print $1}')
+leftover_dirs=$(find /tmp/palisade-tests -mindepth 1 -maxdepth 1 2>/dev/null || true)
+if [ -n "$leftover_ns$leftover_dirs" ]; then
+	echo "error: tests left namespaces or directories behind:" >&2
+	echo "$leftover_ns $leftover_dirs" >&2
+	exit 1
+fi
+echo "no test namespaces, mounts or directories remain"
+
+step "all tests passed in $(($(date +%s) - start)) s"
