@@ -681,3 +681,83 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     );
     drop(namespaces);
 }
+
+#[test]
+fn the_example_conflists_end_with_palisade_and_the_bridge_chain_runs() {
+    let conf_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+    for name in ["bridge", "flannel", "calico"] {
+        let path = conf_dir.join(format!("{name}.conflist"));
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let plugins = v["plugins"].as_array().unwrap();
+        assert_eq!(
+            plugins.last().unwrap()["type"],
+            "palisade",
+            "{} must end with palisade",
+            path.display()
+        );
+        let version = v["cniVersion"].as_str().unwrap();
+        assert!(
+            ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].contains(&version),
+            "{version}"
+        );
+    }
+    // conf/bridge.conflist as shipped (bridge, portmap, palisade), with its
+    // directories moved into the test node and masquerading (iptables) off.
+    let n = node();
+    let mut conf: Value =
+        serde_json::from_slice(&std::fs::read(conf_dir.join("bridge.conflist")).unwrap()).unwrap();
+    conf["plugins"][0]["ipMasq"] = json!(false);
+    conf["plugins"][0]["ipam"]["dataDir"] = json!(n.dir.join("ipam-example"));
+    conf["plugins"][2]["stateDir"] = json!(n.state_dir);
+    conf["plugins"][2]["bpfRoot"] = json!(n.bpf_root);
+    let chain = testbed::chain::Chain::new(conf, &n.netns.path, &n.bin_dir);
+    let namespaces: Vec<Netns> = (0..2)
+        .map(|i| Netns::new(&format!("{}e{i}", n.prefix)))
+        .collect();
+    let calls: Vec<Call> = namespaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| Call {
+            container_id: format!("example-{i}"),
+            netns: ns.path.display().to_string(),
+            ifname: "eth0".into(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=example-{i}"),
+        })
+        .collect();
+    let results: Vec<Value> = calls
+        .iter()
+        .map(|c| chain.add(c).expect("ADD through bridge, portmap, palisade"))
+        .collect();
+    assert_eq!(endpoint_count(&n), 2);
+    let addr = |r: &Value| -> std::net::IpAddr {
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(probe(
+        &namespaces[0].path,
+        addr(&results[1]),
+        Proto::Icmp,
+        0,
+        PROBE_TIMEOUT
+    ));
+    n.apply(DENY_ALL);
+    assert!(!probe(
+        &namespaces[0].path,
+        addr(&results[1]),
+        Proto::Icmp,
+        0,
+        PROBE_TIMEOUT
+    ));
+    for c in &calls {
+        chain.check(c).expect("CHECK");
+        chain.del(c).expect("DEL in reverse order");
+    }
+    assert_eq!(endpoint_count(&n), 0);
+    assert!(n.pins().is_empty());
+}
