@@ -13,4 +13,4 @@ step "building palisade"
 cargo build --workspace --bins
 
 step "running the demo"
-exec target/debug/palisade-demo
+exec cargo run --quiet -p palisade-tests --bin palisade-demo

@@ -761,3 +761,45 @@ fn the_example_conflists_end_with_palisade_and_the_bridge_chain_runs() {
     assert_eq!(endpoint_count(&n), 0);
     assert!(n.pins().is_empty());
 }
+
+#[test]
+fn palisadectl_gc_forgets_endpoints_whose_container_is_gone() {
+    let n = node();
+    let alive = n.add_pod("default", "alive", &[]);
+    let dead = n.add_pod("default", "dead", &[]);
+    let out = n.ctl(&["gc"], None);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to remove"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(endpoint_count(&n), 2);
+    n.kill_pod(&dead);
+    // Namespace teardown is asynchronous; wait for the veth pair to go.
+    let veth = n.endpoints().iter().find(|e| e["name"] == "dead").unwrap()["hostIfname"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while n.host_veths().contains(&veth) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "veth {veth} outlived its namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = n.ctl(&["gc"], None);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed endpoint"),
+        "{}",
+        describe(&out)
+    );
+    let eps = n.endpoints();
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(eps[0]["name"], "alive");
+    assert_eq!(n.pins().len(), 2, "{:?}", n.pins());
+    n.chain
+        .check(&alive.call())
+        .expect("the living container is untouched");
+}

@@ -328,3 +328,27 @@ fn status(node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, time::Duration};
+
+    use palisade::{node::NodeError, store::StoreError};
+
+    use super::*;
+
+    #[test]
+    fn a_busy_store_maps_to_try_again_later_and_kernel_failures_to_io() {
+        let busy = NodeError::Store(StoreError::LockTimeout {
+            path: PathBuf::from("/var/lib/palisade/lock"),
+            waited: Duration::from_secs(30),
+        });
+        let e = node_error(busy, "enforce policy on default/web");
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("try again later"), "{}", e.msg);
+        let kernel = NodeError::Dataplane(palisade::dataplane::DataplaneError::Other(
+            "attach failed".into(),
+        ));
+        assert_eq!(node_error(kernel, "x").code, code::IO_FAILURE);
+    }
+}

@@ -309,11 +309,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc => {
+            // Stale: the host veth is gone *and* so is the container's
+            // namespace. A veth missing while its namespace still exists means
+            // this is not the node's network namespace: touch nothing.
+            let veth_gone = |e: &palisade::store::Endpoint| {
+                nix::net::if_::if_nametoindex(e.host_ifname.as_str()).ok() != Some(e.host_ifindex)
+            };
+            let netns_gone = |e: &palisade::store::Endpoint| {
+                e.netns.is_empty() || !std::path::Path::new(&e.netns).exists()
+            };
+            let state = Store::new(&cli.state_dir)
+                .read()
+                .context("read palisade's state")?;
+            for e in state
+                .endpoints
+                .values()
+                .filter(|e| veth_gone(e) && !netns_gone(e))
+            {
+                eprintln!(
+                    "warning: endpoint {} ({}/{}): veth {} is not in this network namespace but {} exists; \
+                     run `palisadectl gc` in the host's network namespace",
+                    e.id, e.namespace, e.name, e.host_ifname, e.netns
+                );
+            }
             let removed = node(&cli)
-                .remove_endpoints_where(|e| {
-                    nix::net::if_::if_nametoindex(e.host_ifname.as_str()).ok()
-                        != Some(e.host_ifindex)
-                })
+                .remove_endpoints_where(|e| veth_gone(e) && netns_gone(e))
                 .context("garbage-collect endpoints")?;
             let mut out = String::new();
             for ep in &removed {
