@@ -786,7 +786,7 @@ fn palisadectl_gc_forgets_endpoints_whose_container_is_gone() {
             std::time::Instant::now() < deadline,
             "veth {veth} outlived its namespace"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(std::time::Duration::from_millis(20));
     }
     let out = n.ctl(&["gc"], None);
     assert!(out.status.success(), "{}", describe(&out));
