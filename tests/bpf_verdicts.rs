@@ -705,3 +705,258 @@ spec:
         "other port",
     );
 }
+
+#[test]
+fn a_container_cannot_send_from_addresses_it_does_not_own() {
+    let d = fixture();
+    let dns = |src: &str| {
+        pkt::frame(
+            ip(src),
+            ip("192.0.2.53"),
+            &L4::Udp {
+                sport: 5000,
+                dport: 53,
+            },
+        )
+    };
+    expect(&d, Egress, &dns(ME), Verdict::Pass, "DNS from my address");
+    expect(
+        &d,
+        Egress,
+        &dns(FRIEND),
+        Verdict::Drop,
+        "DNS from a neighbour's address",
+    );
+    expect(
+        &d,
+        Egress,
+        &dns("10.0.0.1"),
+        Verdict::Drop,
+        "DNS from the node's address",
+    );
+    expect(
+        &d,
+        Egress,
+        &pkt::frame(
+            ip(FRIEND6),
+            ip("2001:db8::53"),
+            &L4::Udp {
+                sport: 5000,
+                dport: 53,
+            },
+        ),
+        Verdict::Drop,
+        "v6 spoof",
+    );
+    // Spoofing the node to reach a neighbour's closed port.
+    expect(
+        &d,
+        Egress,
+        &tcp("10.0.0.1", STRANGER, 1, 22, TCP_SYN),
+        Verdict::Drop,
+        "pretending to be the node",
+    );
+    // ARP must announce my own address (or 0.0.0.0 as a probe).
+    expect(
+        &d,
+        Egress,
+        &pkt::arp_request_from([10, 0, 0, 2]),
+        Verdict::Pass,
+        "ARP for me",
+    );
+    expect(
+        &d,
+        Egress,
+        &pkt::arp_request_from([0, 0, 0, 0]),
+        Verdict::Pass,
+        "ARP probe",
+    );
+    expect(
+        &d,
+        Egress,
+        &pkt::arp_request_from([10, 0, 0, 3]),
+        Verdict::Drop,
+        "ARP claiming a neighbour",
+    );
+    expect(
+        &d,
+        Ingress,
+        &pkt::arp_request_from([10, 0, 0, 9]),
+        Verdict::Pass,
+        "ARP to me is never governed",
+    );
+    let spoofed = d
+        .counters()
+        .iter()
+        .filter(|c| c.reason.contains("does not own"))
+        .map(|c| c.packets)
+        .sum::<u64>();
+    assert_eq!(spoofed, 5, "{:?}", d.counters());
+}
+
+#[test]
+fn icmp_errors_cannot_tunnel_through_a_known_flow() {
+    let d = fixture();
+    let query = L4::Udp {
+        sport: 5400,
+        dport: 53,
+    };
+    expect(
+        &d,
+        Egress,
+        &pkt::frame(ip(ME), ip("192.0.2.53"), &query),
+        Verdict::Pass,
+        "query",
+    );
+    // Quoting the answer direction of my flow, but sent to a third party.
+    let quoted = pkt::ip_packet(
+        ip("192.0.2.53"),
+        ip(ME),
+        &L4::Udp {
+            sport: 53,
+            dport: 5400,
+        },
+    );
+    let out = pkt::frame(
+        ip(ME),
+        ip("203.0.113.9"),
+        &L4::Unreachable {
+            inner: quoted.clone(),
+        },
+    );
+    expect(
+        &d,
+        Egress,
+        &out,
+        Verdict::Drop,
+        "error to someone else than the quoted sender",
+    );
+    let back = pkt::frame(ip(ME), ip("192.0.2.53"), &L4::Unreachable { inner: quoted });
+    expect(
+        &d,
+        Egress,
+        &back,
+        Verdict::Pass,
+        "error back to the quoted sender",
+    );
+}
+
+#[test]
+fn dhcp_nd_and_router_messages_are_exempt_only_in_their_scope() {
+    let d = fixture();
+    let dhcp = |src: &str, dst: &str, s: u16, t: u16| {
+        pkt::frame(ip(src), ip(dst), &L4::Udp { sport: s, dport: t })
+    };
+    expect(
+        &d,
+        Egress,
+        &dhcp("0.0.0.0", "255.255.255.255", 68, 67),
+        Verdict::Pass,
+        "DHCP discover",
+    );
+    expect(
+        &d,
+        Egress,
+        &dhcp(ME, "255.255.255.255", 68, 67),
+        Verdict::Pass,
+        "DHCP renew broadcast",
+    );
+    expect(
+        &d,
+        Egress,
+        &dhcp(ME, "203.0.113.9", 68, 67),
+        Verdict::Drop,
+        "UDP 68->67 to the internet",
+    );
+    expect(
+        &d,
+        Ingress,
+        &dhcp("203.0.113.9", ME, 67, 68),
+        Verdict::Drop,
+        "unicast UDP 67->68 from the internet",
+    );
+    expect(
+        &d,
+        Ingress,
+        &dhcp("10.0.0.1", "255.255.255.255", 67, 68),
+        Verdict::Pass,
+        "broadcast DHCP offer",
+    );
+    expect(
+        &d,
+        Egress,
+        &dhcp("fe80::2", "ff02::1:2", 546, 547),
+        Verdict::Pass,
+        "DHCPv6 solicit",
+    );
+    expect(
+        &d,
+        Egress,
+        &dhcp(ME6, "2001:db8::9", 546, 547),
+        Verdict::Drop,
+        "DHCPv6 ports to a global address",
+    );
+
+    let ns = |src: &str, dst: &str| pkt::frame(ip(src), ip(dst), &L4::NeighbourSolicit);
+    expect(
+        &d,
+        Egress,
+        &ns("fe80::2", "ff02::1:ff00:3"),
+        Verdict::Pass,
+        "NS to solicited-node multicast",
+    );
+    expect(
+        &d,
+        Egress,
+        &ns("::", "ff02::1:ff00:2"),
+        Verdict::Pass,
+        "DAD probe",
+    );
+    expect(
+        &d,
+        Egress,
+        &ns(ME6, FRIEND6),
+        Verdict::Pass,
+        "unicast NS to a neighbour",
+    );
+    expect(
+        &d,
+        Egress,
+        &ns(ME6, "2001:db8::9"),
+        Verdict::Drop,
+        "NS to an off-node address",
+    );
+    let routed = pkt::with_hop_limit(ns(ME6, FRIEND6), 64);
+    expect(
+        &d,
+        Egress,
+        &routed,
+        Verdict::Drop,
+        "NS with a routed hop limit",
+    );
+    let ra = pkt::with_hop_limit(
+        pkt::frame(
+            ip("fe80::2"),
+            ip("ff02::1"),
+            &L4::Raw {
+                proto: 58,
+                bytes: vec![134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0],
+            },
+        ),
+        255,
+    );
+    expect(
+        &d,
+        Egress,
+        &ra,
+        Verdict::Drop,
+        "router advertisement from a container",
+    );
+    expect(
+        &d,
+        Ingress,
+        &ra,
+        Verdict::Pass,
+        "router advertisement to a container",
+    );
+}

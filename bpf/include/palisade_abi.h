@@ -59,6 +59,7 @@
  *   DROP_FRAG_NO_HEAD a later fragment whose first fragment was not seen
  *   DROP_UNSUPPORTED_L3  not IP/ARP, or an IPv6 header chain too long
  *   DROP_REVOKED      a tracked flow current policy no longer allows
+ *   DROP_SPOOFED      a container sent from an address that is not its own
  */
 #define PAL_REASON_POLICY	  0
 #define PAL_REASON_NOT_ISOLATED	  1
@@ -72,6 +73,7 @@
 #define PAL_DROP_FRAG_NO_HEAD	  (-4)
 #define PAL_DROP_UNSUPPORTED_L3	  (-5)
 #define PAL_DROP_REVOKED	  (-6)
+#define PAL_DROP_SPOOFED	  (-7)
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
@@ -148,9 +150,15 @@ struct pal_ct_key {
 	__be16 dport;
 };
 
-#define PAL_CT_SEEN_REPLY (1U << 0)
-#define PAL_CT_TCP_FIN	  (1U << 1)
-#define PAL_CT_TCP_RST	  (1U << 2)
+/* FINs are tracked per direction: a half-closed connection stays open. */
+#define PAL_CT_SEEN_REPLY  (1U << 0)
+#define PAL_CT_TCP_FIN_FWD (1U << 1)
+#define PAL_CT_TCP_RST	   (1U << 2)
+#define PAL_CT_TCP_FIN_REV (1U << 3)
+#define PAL_CT_TCP_CLOSED(f)                                                   \
+	(((f)&PAL_CT_TCP_RST) ||                                               \
+	 ((f) & (PAL_CT_TCP_FIN_FWD | PAL_CT_TCP_FIN_REV)) ==                  \
+		 (PAL_CT_TCP_FIN_FWD | PAL_CT_TCP_FIN_REV))
 
 struct pal_ct_value {
 	__u64 created_ns;
@@ -163,6 +171,13 @@ struct pal_ct_value {
 	__u8 verdict;	 /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
 	__u8 pad;
 	__u16 flags; /* PAL_CT_* */
+};
+
+/* pal_srcguard: HASH. The addresses each endpoint owns: a container may
+ * only send from these (anti-spoofing). Value is reserved (0). */
+struct pal_srcguard_key {
+	__u32 ep_id;
+	__u8 addr[16];
 };
 
 /* pal_frag: LRU_HASH. Ports of fragmented datagrams, recorded from the

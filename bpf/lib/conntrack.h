@@ -50,7 +50,7 @@ static __always_inline int pal_ct_expired(const struct pal_ct_value *v,
 	__u64 timeout = PAL_CT_OTHER;
 
 	if (proto == IPPROTO_TCP) {
-		if (v->flags & (PAL_CT_TCP_FIN | PAL_CT_TCP_RST))
+		if (PAL_CT_TCP_CLOSED(v->flags))
 			timeout = PAL_CT_TCP_CLOSING;
 		else if (v->flags & PAL_CT_SEEN_REPLY)
 			timeout = PAL_CT_TCP_ESTABLISHED;
@@ -98,7 +98,8 @@ static __always_inline void pal_ct_touch(struct pal_ct_value *v, int result,
 	if (tcp_flags & PAL_TCP_RST)
 		v->flags |= PAL_CT_TCP_RST;
 	if (tcp_flags & PAL_TCP_FIN)
-		v->flags |= PAL_CT_TCP_FIN;
+		v->flags |= result == PAL_CT_REPLY ? PAL_CT_TCP_FIN_REV
+						   : PAL_CT_TCP_FIN_FWD;
 }
 
 static __always_inline void pal_ct_create(__u32 ep_id, __u8 dir,
@@ -122,7 +123,7 @@ static __always_inline void pal_ct_create(__u32 ep_id, __u8 dir,
 	if (tcp_flags & PAL_TCP_RST)
 		v.flags |= PAL_CT_TCP_RST;
 	if (tcp_flags & PAL_TCP_FIN)
-		v.flags |= PAL_CT_TCP_FIN;
+		v.flags |= PAL_CT_TCP_FIN_FWD;
 	/* BPF_ANY: a closed flow reopened with a new SYN replaces its entry. */
 	bpf_map_update_elem(&pal_ct, &k, &v, BPF_ANY);
 }

@@ -26,6 +26,23 @@
 #define PAL_PASS TC_ACT_UNSPEC
 #define PAL_DROP TC_ACT_SHOT
 
+/* The parsed packet and conntrack key live in a per-CPU scratch area, not
+ * on the stack: everything inlined into one program must fit the
+ * verifier's 512-byte stack. A tc program runs to completion on its CPU
+ * with bottom halves disabled, so one area per CPU is never shared. */
+struct pal_scratch {
+	struct pal_pkt p;
+	struct pal_ct_key ck;
+	struct pal_tuple orig;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_scratch);
+} pal_scratch SEC(".maps");
+
 static __always_inline void pal_frag_key_make(struct pal_frag_key *k,
 					      __u32 ep_id, __u8 dir,
 					      const struct pal_pkt *p)
@@ -51,6 +68,141 @@ static __always_inline int pal_drop(struct __sk_buff *skb,
 	return PAL_DROP;
 }
 
+static __always_inline int pal_addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 x[2], y[2];
+
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline int pal_addr_unspecified(const __u8 *a)
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, a, 16);
+	/* :: or the IPv4-mapped 0.0.0.0 */
+	return w[0] == 0 && w[1] == 0 &&
+	       (w[2] == 0 || w[2] == bpf_htonl(0x0000ffff)) && w[3] == 0;
+}
+
+static __always_inline int pal_addr_v6_link_local(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+}
+
+static __always_inline int pal_addr_v6_multicast(const __u8 *a)
+{
+	return a[0] == 0xff;
+}
+
+static __always_inline int pal_addr_v4_broadcast(const __u8 *a)
+{
+	return a[12] == 0xff && a[13] == 0xff && a[14] == 0xff && a[15] == 0xff;
+}
+
+/* ff02::1:2, All_DHCP_Relay_Agents_and_Servers (RFC 8415 section 7.1). */
+static __always_inline int pal_addr_dhcp6_servers(const __u8 *a)
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, a, 16);
+	return w[0] == bpf_htonl(0xff020000) && w[1] == 0 && w[2] == 0 &&
+	       w[3] == bpf_htonl(0x00010002);
+}
+
+/* An address on this node: the node itself or one of its endpoints. */
+static __always_inline int pal_addr_local(const __u8 *a)
+{
+	__u32 id = pal_identity_of(a);
+
+	return id == PAL_ID_HOST ||
+	       (id >= PAL_ID_LOCAL_MIN && id < PAL_ID_CIDR_MIN);
+}
+
+/* Whether the endpoint owns this source address (anti-spoofing). */
+static __always_inline int pal_owns(const struct pal_endpoint *ep,
+				    const __u8 *addr)
+{
+	struct pal_srcguard_key k = {.ep_id = ep->ep_id};
+
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&pal_srcguard, &k) != 0;
+}
+
+/*
+ * Neighbour discovery, MLD and DHCP are exempt from policy, but only in
+ * their own scope, so they cannot carry traffic past it:
+ * - ND (RFC 4861 section 7.1) must arrive with hop limit 255 (never
+ *   routed) and talk to a multicast, link-local or on-node address; a
+ *   container never sends router advertisements or redirects;
+ * - MLD (RFC 2710, RFC 3810) has hop limit 1 and a link-local source;
+ * - DHCPv4 clients broadcast and get broadcast replies; DHCPv6 clients
+ *   send to ff02::1:2 and get replies on their link-local address.
+ */
+static __always_inline int pal_infra_ok(const struct pal_pkt *p, __u8 dir)
+{
+	if (p->kind == PAL_PKT_ND) {
+		__u8 t = p->icmp_type;
+		const __u8 *peer =
+			dir == PAL_DIR_EGRESS ? p->t.daddr : p->t.saddr;
+
+		if (t >= 133 && t <= 137) {
+			if (dir == PAL_DIR_EGRESS && (t == 134 || t == 137))
+				return 0;
+			if (p->hop_limit != 255)
+				return 0;
+			return pal_addr_v6_multicast(peer) ||
+			       pal_addr_v6_link_local(peer) ||
+			       pal_addr_unspecified(peer) ||
+			       pal_addr_local(peer);
+		}
+		return p->hop_limit == 1 &&
+		       (pal_addr_v6_link_local(p->t.saddr) ||
+			pal_addr_unspecified(p->t.saddr));
+	}
+	if (p->kind == PAL_PKT_DHCP) {
+		__u16 s = bpf_ntohs(p->t.sport), d = bpf_ntohs(p->t.dport);
+
+		if (!p->v6) {
+			if (dir == PAL_DIR_EGRESS)
+				return s == 68 && d == 67 &&
+				       pal_addr_v4_broadcast(p->t.daddr);
+			return s == 67 && d == 68 &&
+			       pal_addr_v4_broadcast(p->t.daddr);
+		}
+		if (dir == PAL_DIR_EGRESS)
+			return s == 546 && d == 547 &&
+			       pal_addr_dhcp6_servers(p->t.daddr);
+		return s == 547 && d == 546 &&
+		       pal_addr_v6_link_local(p->t.daddr);
+	}
+	return 0;
+}
+
+/* An ARP packet from the container must announce one of its addresses
+ * (or 0.0.0.0, an address probe, RFC 5227). */
+static __always_inline int pal_arp_ok(struct __sk_buff *skb,
+				      const struct pal_endpoint *ep)
+{
+	__u8 hdr[18];
+	__u8 addr[16];
+	__be32 spa;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, hdr, sizeof(hdr)) < 0)
+		return 0;
+	/* htype Ethernet, ptype IPv4, hlen 6, plen 4 */
+	if (hdr[0] != 0 || hdr[1] != 1 || hdr[2] != 0x08 || hdr[3] != 0 ||
+	    hdr[4] != 6 || hdr[5] != 4)
+		return 0;
+	__builtin_memcpy(&spa, &hdr[14], 4);
+	if (spa == 0)
+		return 1;
+	pal_v4_mapped(addr, spa);
+	return pal_owns(ep, addr);
+}
+
 static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex, zero = 0;
@@ -58,100 +210,124 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	struct pal_endpoint *ep;
 	struct pal_config *cfg;
 	struct pal_ct_value *ct;
-	struct pal_ct_key ck;
-	struct pal_pkt p = {};
+	struct pal_scratch *sc;
+	struct pal_ct_key *ck;
+	struct pal_pkt *p;
 	__u64 now;
 	int rc, res;
 
 	cfg = bpf_map_lookup_elem(&pal_config, &zero);
-	if (!cfg)
+	sc = bpf_map_lookup_elem(&pal_scratch, &zero);
+	if (!cfg || !sc)
 		return PAL_DROP; /* an array always has element 0 */
+	p = &sc->p;
+	ck = &sc->ck;
+	__builtin_memset(p, 0, sizeof(*p));
 	now = bpf_ktime_get_ns();
 
 	ep = bpf_map_lookup_elem(&pal_endpoints, &ifindex);
 	if (!ep)
 		/* Attached but not (or no longer) registered: fail closed. */
-		return pal_drop(skb, cfg, 0, dir, &p.t,
+		return pal_drop(skb, cfg, 0, dir, &p->t,
 				PAL_DROP_UNKNOWN_ENDPOINT, 0, now);
 
-	rc = pal_parse(skb, &p);
+	rc = pal_parse(skb, p);
 	if (rc == 1) {
+		if (dir == PAL_DIR_EGRESS && !pal_arp_ok(skb, ep))
+			return pal_drop(skb, cfg, ep, dir, &p->t,
+					PAL_DROP_SPOOFED, 0, now);
 		pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW, PAL_REASON_INFRA,
 			  skb->len);
 		return PAL_PASS;
 	}
 	if (rc < 0)
-		return pal_drop(skb, cfg, ep, dir, &p.t, rc, 0, now);
-	if (p.kind == PAL_PKT_INFRA) {
+		return pal_drop(skb, cfg, ep, dir, &p->t, rc, 0, now);
+
+	/* A container sends only from its own addresses; the unspecified
+	 * and link-local ones only for ND, MLD and DHCP in their scope. */
+	if (dir == PAL_DIR_EGRESS && !pal_owns(ep, p->t.saddr) &&
+	    !((pal_addr_unspecified(p->t.saddr) ||
+	       pal_addr_v6_link_local(p->t.saddr)) &&
+	      pal_infra_ok(p, dir)))
+		return pal_drop(skb, cfg, ep, dir, &p->t, PAL_DROP_SPOOFED, 0,
+				now);
+
+	if ((p->kind == PAL_PKT_ND || p->kind == PAL_PKT_DHCP) &&
+	    pal_infra_ok(p, dir)) {
 		pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW, PAL_REASON_INFRA,
 			  skb->len);
 		return PAL_PASS;
 	}
 
-	if (p.kind == PAL_PKT_FRAG_LATER) {
+	if (p->kind == PAL_PKT_FRAG_LATER) {
 		struct pal_frag_key fk;
 		struct pal_frag_value *fv;
 
-		pal_frag_key_make(&fk, ep->ep_id, dir, &p);
+		pal_frag_key_make(&fk, ep->ep_id, dir, p);
 		fv = bpf_map_lookup_elem(&pal_frag, &fk);
 		if (!fv)
-			return pal_drop(skb, cfg, ep, dir, &p.t,
+			return pal_drop(skb, cfg, ep, dir, &p->t,
 					PAL_DROP_FRAG_NO_HEAD, 0, now);
-		p.t.sport = fv->sport;
-		p.t.dport = fv->dport;
-	} else if (p.first_frag) {
+		p->t.sport = fv->sport;
+		p->t.dport = fv->dport;
+	} else if (p->first_frag) {
 		struct pal_frag_key fk;
 		struct pal_frag_value fv = {
-			.sport = p.t.sport,
-			.dport = p.t.dport,
+			.sport = p->t.sport,
+			.dport = p->t.dport,
 		};
 
-		pal_frag_key_make(&fk, ep->ep_id, dir, &p);
+		pal_frag_key_make(&fk, ep->ep_id, dir, p);
 		bpf_map_update_elem(&pal_frag, &fk, &fv, BPF_ANY);
 	}
 
-	if (p.kind == PAL_PKT_ICMP_ERROR) {
-		/* The quoted packet went the other way: it is related if it
-		 * belongs to a flow of this endpoint. */
-		if (p.inner_valid && pal_ct_lookup(ep->ep_id, dir ^ 1, &p.inner,
-						   now, &ck, &res)) {
+	if (p->kind == PAL_PKT_ICMP_ERROR) {
+		/* The quoted packet went the other way: the error is related
+		 * if it goes back to the quoted packet's sender and quotes a
+		 * flow of this endpoint that current policy has confirmed. */
+		struct pal_ct_value *rel = 0;
+
+		if (p->inner_valid && pal_addr_eq(p->t.daddr, p->inner.saddr))
+			rel = pal_ct_lookup(ep->ep_id, dir ^ 1, &p->inner, now,
+					    ck, &res);
+		if (rel && rel->epoch == cfg->epoch) {
 			pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW,
 				  PAL_REASON_RELATED, skb->len);
 			return PAL_PASS;
 		}
 		/* Unsolicited: plain ICMP, judged by policy, never tracked. */
-		pal_decide(ep, dir, &p.t, cfg, &d);
+		pal_decide(ep, dir, &p->t, cfg, &d);
 		if (d.verdict == PAL_VERDICT_DENY)
-			return pal_drop(skb, cfg, ep, dir, &p.t, d.reason,
+			return pal_drop(skb, cfg, ep, dir, &p->t, d.reason,
 					d.peer_id, now);
 		pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
 		return PAL_PASS;
 	}
 
-	ct = pal_ct_lookup(ep->ep_id, dir, &p.t, now, &ck, &res);
+	ct = pal_ct_lookup(ep->ep_id, dir, &p->t, now, ck, &res);
 	/* A bare SYN opens a connection: it is never a reply (that would let
 	 * a reversed tuple ride on someone else's flow), and on a closed flow
 	 * it starts a new one. Either way it is decided afresh. */
-	if (ct && p.t.protocol == IPPROTO_TCP &&
-	    (p.tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) == PAL_TCP_SYN &&
-	    (res == PAL_CT_REPLY ||
-	     (ct->flags & (PAL_CT_TCP_FIN | PAL_CT_TCP_RST))))
+	if (ct && p->t.protocol == IPPROTO_TCP &&
+	    (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) == PAL_TCP_SYN &&
+	    (res == PAL_CT_REPLY || PAL_CT_TCP_CLOSED(ct->flags)))
 		ct = 0;
 	if (ct) {
 		if (ct->epoch != cfg->epoch) {
 			/* Policy or identities changed since this flow was
 			 * decided: decide it again as it was opened. */
-			struct pal_tuple orig = {};
+			struct pal_tuple *orig = &sc->orig;
 
-			__builtin_memcpy(orig.saddr, ck.saddr, 16);
-			__builtin_memcpy(orig.daddr, ck.daddr, 16);
-			orig.sport = ck.sport;
-			orig.dport = ck.dport;
-			orig.protocol = ck.protocol;
-			pal_decide(ep, ck.direction, &orig, cfg, &d);
+			__builtin_memset(orig, 0, sizeof(*orig));
+			__builtin_memcpy(orig->saddr, ck->saddr, 16);
+			__builtin_memcpy(orig->daddr, ck->daddr, 16);
+			orig->sport = ck->sport;
+			orig->dport = ck->dport;
+			orig->protocol = ck->protocol;
+			pal_decide(ep, ck->direction, orig, cfg, &d);
 			if (d.verdict == PAL_VERDICT_DENY) {
-				bpf_map_delete_elem(&pal_ct, &ck);
-				return pal_drop(skb, cfg, ep, dir, &p.t,
+				bpf_map_delete_elem(&pal_ct, ck);
+				return pal_drop(skb, cfg, ep, dir, &p->t,
 						PAL_DROP_REVOKED, d.peer_id,
 						now);
 			}
@@ -160,20 +336,20 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			ct->policy_id = d.policy_id;
 			ct->peer_id = d.peer_id;
 		}
-		pal_ct_touch(ct, res, p.tcp_flags, skb->len, now);
+		pal_ct_touch(ct, res, p->tcp_flags, skb->len, now);
 		pal_count(ep->ep_id, dir, ct->verdict, PAL_REASON_ESTABLISHED,
 			  skb->len);
 		return PAL_PASS;
 	}
 
-	pal_decide(ep, dir, &p.t, cfg, &d);
+	pal_decide(ep, dir, &p->t, cfg, &d);
 	if (d.verdict == PAL_VERDICT_DENY)
-		return pal_drop(skb, cfg, ep, dir, &p.t, d.reason, d.peer_id,
+		return pal_drop(skb, cfg, ep, dir, &p->t, d.reason, d.peer_id,
 				now);
-	pal_ct_create(ep->ep_id, dir, &p.t, d.verdict, d.policy_id, d.peer_id,
-		      cfg->epoch, skb->len, p.tcp_flags, now);
+	pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id, d.peer_id,
+		      cfg->epoch, skb->len, p->tcp_flags, now);
 	pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
-	pal_emit(skb, cfg, ep, dir, &p.t, PAL_EVENT_FLOW, d.verdict, d.reason,
+	pal_emit(skb, cfg, ep, dir, &p->t, PAL_EVENT_FLOW, d.verdict, d.reason,
 		 d.peer_id, d.policy_id, now);
 	return PAL_PASS;
 }

@@ -37,11 +37,14 @@
 #define PAL_TCP_RST 0x04
 #define PAL_TCP_ACK 0x10
 
-/* What kind of packet this is, beyond its tuple. */
+/* What kind of packet this is, beyond its tuple. ND and DHCP are only
+ * candidates here: the datapath checks scope and direction before it
+ * exempts them from policy (see pal_infra_ok). */
 #define PAL_PKT_NORMAL	   0
-#define PAL_PKT_INFRA	   1 /* ARP, ND, MLD, DHCP: never governed */
+#define PAL_PKT_ND	   1 /* ICMPv6 ND or MLD message */
 #define PAL_PKT_ICMP_ERROR 2 /* carries an inner tuple */
 #define PAL_PKT_FRAG_LATER 3 /* later fragment: ports from pal_frag */
+#define PAL_PKT_DHCP	   4 /* DHCP or DHCPv6 client/server ports */
 
 struct pal_tuple {
 	__u8 saddr[16];
@@ -60,6 +63,10 @@ struct pal_pkt {
 	__u8 tcp_flags;
 	__u8 first_frag; /* first fragment of a fragmented datagram */
 	__u8 inner_valid;
+	__u8 hop_limit; /* IPv6 hop limit / IPv4 TTL */
+	__u8 icmp_type;
+	__u8 v6;
+	__u8 pad;
 };
 
 static __always_inline void pal_v4_mapped(__u8 *dst, __be32 addr)
@@ -191,22 +198,23 @@ static __always_inline int pal_parse_l4(struct __sk_buff *skb, __u32 l4off,
 		if (proto == IPPROTO_UDP) {
 			__u16 s = bpf_ntohs(ports[0]), d = bpf_ntohs(ports[1]);
 
-			/* DHCP (RFC 2131) and DHCPv6 (RFC 8415) client and
-			 * server ports: address configuration is never
-			 * governed by policy. */
+			/* DHCP (RFC 2131) and DHCPv6 (RFC 8415) ports. */
 			if ((s == 68 && d == 67) || (s == 67 && d == 68) ||
 			    (s == 546 && d == 547) || (s == 547 && d == 546))
-				p->kind = PAL_PKT_INFRA;
+				p->kind = PAL_PKT_DHCP;
 		}
 		return 0;
 	}
-	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+	/* ICMP only in IPv4 and ICMPv6 only in IPv6 have meaning; the other
+	 * combination is judged like any protocol without ports. */
+	if ((proto == IPPROTO_ICMP && !v6) || (proto == IPPROTO_ICMPV6 && v6)) {
 		__u8 hdr[8];
 		__u8 type;
 
 		if (bpf_skb_load_bytes(skb, l4off, hdr, sizeof(hdr)) < 0)
 			return PAL_DROP_MALFORMED;
 		type = hdr[0];
+		p->icmp_type = type;
 		if (!v6 && (type == 8 || type == 0)) {
 			pal_echo_ports(&p->t, type == 8, *(__be16 *)&hdr[4]);
 			return 0;
@@ -216,7 +224,7 @@ static __always_inline int pal_parse_l4(struct __sk_buff *skb, __u32 l4off,
 			return 0;
 		}
 		if (v6 && pal_icmp6_is_infra(type)) {
-			p->kind = PAL_PKT_INFRA;
+			p->kind = PAL_PKT_ND;
 			return 0;
 		}
 		if ((!v6 && pal_icmp4_is_error(type)) ||
@@ -256,6 +264,7 @@ static __always_inline int pal_parse(struct __sk_buff *skb, struct pal_pkt *p)
 		pal_v4_mapped(p->t.saddr, ip.saddr);
 		pal_v4_mapped(p->t.daddr, ip.daddr);
 		p->t.protocol = ip.protocol;
+		p->hop_limit = ip.ttl;
 		frag = bpf_ntohs(ip.frag_off);
 		p->frag_id = bpf_ntohs(ip.id);
 		if (frag & 0x1fff) {
@@ -279,6 +288,8 @@ static __always_inline int pal_parse(struct __sk_buff *skb, struct pal_pkt *p)
 			return PAL_DROP_MALFORMED;
 		__builtin_memcpy(p->t.saddr, &ip6.saddr, 16);
 		__builtin_memcpy(p->t.daddr, &ip6.daddr, 16);
+		p->hop_limit = ip6.hop_limit;
+		p->v6 = 1;
 		nexthdr = ip6.nexthdr;
 		off += sizeof(ip6);
 

@@ -14,7 +14,7 @@ use palisade::{
     cni::{self, CniError, NetConf, PrevResult, code},
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, kernel::KernelDataplane},
     netlink, netns,
-    node::{NewEndpoint, Node, NodeError},
+    node::{AddOutcome, NewEndpoint, Node, NodeError},
     policy::DEFAULT_NAMESPACE,
     store::{DEFAULT_STATE_DIR, Endpoint, Source, Store},
 };
@@ -167,7 +167,8 @@ fn prev_result(conf: &NetConf, command: &str) -> Result<(Value, PrevResult), Cni
     Ok((raw, parsed))
 }
 
-fn pod_identity(container_id: &str) -> Result<(String, String), CniError> {
+/// Namespace and name from CNI_ARGS, and whether Kubernetes gave both.
+fn pod_identity(container_id: &str) -> Result<(String, String, bool), CniError> {
     let args = env_var("CNI_ARGS").unwrap_or_default();
     let args = cni::parse_cni_args(&args).map_err(|e| CniError::new(code::INVALID_ENV, e))?;
     let namespace = args
@@ -180,7 +181,10 @@ fn pod_identity(container_id: &str) -> Result<(String, String), CniError> {
         .filter(|s| !s.is_empty())
         .cloned()
         .unwrap_or_else(|| container_id.to_owned());
-    Ok((namespace, name))
+    let k8s = ["K8S_POD_NAMESPACE", "K8S_POD_NAME"]
+        .iter()
+        .all(|k| args.get(*k).is_some_and(|v| !v.is_empty()));
+    Ok((namespace, name, k8s))
 }
 
 fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniError> {
@@ -188,9 +192,9 @@ fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniErr
     let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
     let netns = require_env("CNI_NETNS", "the container's network namespace")?;
     let (mut raw, prev) = prev_result(conf, "ADD")?;
-    let (namespace, name) = pod_identity(&container_id)?;
+    let (namespace, name, k8s) = pod_identity(&container_id)?;
 
-    let mut enforce = || -> Result<Endpoint, CniError> {
+    let mut enforce = || -> Result<AddOutcome, CniError> {
         let links = netlink::list_links().map_err(|e| {
             CniError::new(code::IO_FAILURE, format!("list the host's interfaces: {e}"))
         })?;
@@ -219,17 +223,26 @@ fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniErr
             host_ifindex: veth.ifindex,
             addresses,
             host_addresses: Some(host_addresses),
+            netns_inode: std::fs::metadata(&netns)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
+            k8s,
         })
         .map_err(|e| node_error(e, &format!("enforce policy on {namespace}/{name}")))
     };
     match enforce() {
-        Ok(ep) => tracing::info!(
+        Ok(AddOutcome::Added(ep)) => tracing::info!(
             "endpoint {} ({}/{}) enforced on {} ({})",
             ep.id,
             ep.namespace,
             ep.name,
             ep.host_ifname,
             ep.attachment.mode_name()
+        ),
+        Ok(AddOutcome::AlreadyManaged(ep)) => tracing::info!(
+            "{} is already enforced as endpoint {} (registered by the OCI hook); leaving it alone",
+            ep.host_ifname,
+            ep.id
         ),
         Err(e) if conf.fail_open == Some(true) && e.code != code::TRY_AGAIN_LATER => {
             tracing::warn!(
@@ -311,19 +324,16 @@ fn gc(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> 
 }
 
 fn status(node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
-    use palisade::dataplane::Dataplane;
     node.store.read().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
             format!("palisade cannot read its state: {e}"),
         )
     })?;
-    node.dataplane.prepare().map_err(|e| {
+    node.dataplane.ready().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
-            format!(
-                "palisade cannot load its eBPF programs, so it cannot protect new containers: {e}"
-            ),
+            format!("palisade cannot enforce on new containers: {e}"),
         )
     })?;
     Ok(())

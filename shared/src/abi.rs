@@ -118,6 +118,7 @@ pub enum Reason {
     DropFragNoHead,
     DropUnsupportedL3,
     DropRevoked,
+    DropSpoofed,
     Unknown(i8),
 }
 
@@ -137,6 +138,7 @@ impl Reason {
             -4 => Self::DropFragNoHead,
             -5 => Self::DropUnsupportedL3,
             -6 => Self::DropRevoked,
+            -7 => Self::DropSpoofed,
             other => Self::Unknown(other),
         }
     }
@@ -165,6 +167,7 @@ impl Reason {
             Self::DropFragNoHead => "fragment whose first fragment was not seen",
             Self::DropUnsupportedL3 => "unsupported layer-3 protocol or IPv6 header chain",
             Self::DropRevoked => "flow no longer allowed after a policy change",
+            Self::DropSpoofed => "sent from an address the container does not own",
             Self::Unknown(_) => "unknown reason",
         }
     }
@@ -346,6 +349,14 @@ pub struct Event {
     pub pad: [u8; 7],
 }
 
+/// `struct pal_srcguard_key`: an address an endpoint may send from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(C)]
+pub struct SrcguardKey {
+    pub ep_id: u32,
+    pub addr: [u8; 16],
+}
+
 /// `struct pal_frag_key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
@@ -392,6 +403,8 @@ const _: () = assert!(offset_of!(Event, saddr) == 32);
 const _: () = assert!(offset_of!(Event, sport_be) == 64);
 const _: () = assert!(offset_of!(Event, protocol) == 68);
 const _: () = assert!(offset_of!(Event, kind) == 72);
+const _: () = assert!(size_of::<SrcguardKey>() == 20);
+const _: () = assert!(offset_of!(SrcguardKey, addr) == 4);
 const _: () = assert!(size_of::<FragKey>() == 44);
 const _: () = assert!(size_of::<FragValue>() == 8);
 
@@ -410,6 +423,7 @@ unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for CounterValue {}
 unsafe impl aya::Pod for Event {}
 unsafe impl aya::Pod for FragKey {}
+unsafe impl aya::Pod for SrcguardKey {}
 unsafe impl aya::Pod for FragValue {}
 
 impl Event {

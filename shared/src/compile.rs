@@ -16,8 +16,8 @@ use ipnetwork::IpNetwork;
 use crate::{
     abi::{
         self, Direction, EndpointValue, ID_ANY, ID_HOST, IpcacheValue, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKeyData, PolicyValue, TIER_NETPOL,
-        Verdict,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKeyData, PolicyValue, SrcguardKey,
+        TIER_NETPOL, Verdict,
     },
     identity::{IdentityKey, IdentityTable},
     policy::{
@@ -98,6 +98,8 @@ pub struct Desired {
     pub endpoints: BTreeMap<u32, EndpointValue>,
     pub ipcache: BTreeMap<Prefix, IpcacheValue>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// The addresses each endpoint may send from (anti-spoofing).
+    pub srcguard: BTreeSet<SrcguardKey>,
 }
 
 /// Result of a compilation.
@@ -286,10 +288,14 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             .labels
     };
 
-    // 1. Identities of endpoint addresses.
+    // 1. Identities of endpoint addresses. Oldest first: when two
+    // endpoints claim one address (a stale one whose DEL was lost, and the
+    // container IPAM gave it to since), the newest registration wins.
     let mut facts: BTreeMap<u32, IdentityFacts> = BTreeMap::new();
     let mut owner: BTreeMap<IpAddr, &str> = BTreeMap::new();
-    for ep in input.endpoints {
+    let mut by_age: Vec<&EndpointView> = input.endpoints.iter().collect();
+    by_age.sort_by_key(|e| e.ep_id);
+    for ep in by_age {
         let ports: BTreeSet<String> = ep
             .ports
             .iter()
@@ -316,10 +322,14 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             own_identity.get_or_insert(id);
             if let Some(prev) = owner.insert(*addr, &ep.name) {
                 out.warnings.push(format!(
-                    "address {addr} is claimed by endpoints {prev} and {}; the later one wins",
-                    ep.name
+                    "address {addr} is claimed by endpoints {prev} and {}; the newer one ({}) wins",
+                    ep.name, ep.name
                 ));
             }
+            out.desired.srcguard.insert(SrcguardKey {
+                ep_id: ep.ep_id,
+                addr: abi::addr16(*addr),
+            });
             out.desired.ipcache.insert(
                 Prefix::host(*addr),
                 IpcacheValue {
@@ -1119,6 +1129,35 @@ spec:
         // The allow-all entry names its policy.
         let v = c.desired.policy.values().next().unwrap();
         assert_eq!(v.policy_id, 2);
+    }
+
+    #[test]
+    fn the_newest_endpoint_wins_a_shared_address_and_each_owns_its_sources() {
+        let stale = ep(7, "x", "old", &[("app", "db-client")], "10.0.0.5");
+        let fresh = ep(9, "x", "new", &[("app", "web")], "10.0.0.5");
+        // Whatever order the store lists them in.
+        for eps in [
+            vec![stale.clone(), fresh.clone()],
+            vec![fresh.clone(), stale.clone()],
+        ] {
+            let (c, ids) = run(&[], &eps);
+            let id = lpm_identity(&c, "10.0.0.5".parse().unwrap());
+            let key = ids.key_of(id).unwrap();
+            assert_eq!(
+                key.labels.get("app").map(String::as_str),
+                Some("web"),
+                "{key:?}"
+            );
+            assert!(
+                c.warnings.iter().any(|w| w.contains("newer one (new)")),
+                "{:?}",
+                c.warnings
+            );
+            assert!(c.desired.srcguard.contains(&SrcguardKey {
+                ep_id: 9,
+                addr: abi::addr16("10.0.0.5".parse().unwrap())
+            }));
+        }
     }
 
     #[test]

@@ -453,6 +453,7 @@ mod tests {
                 host_ifname: format!("veth{id}"),
                 host_ifindex: 10 + id,
                 addresses: vec![addr.parse().unwrap()],
+                k8s: false,
                 attachment: crate::dataplane::Attachment::Tcx {
                     from_container: "/x".into(),
                     to_container: "/y".into(),

@@ -11,5 +11,6 @@ pub mod identity;
 pub mod netlink;
 pub mod netns;
 pub mod node;
+pub mod oci;
 pub mod policy;
 pub mod store;

@@ -17,8 +17,11 @@ use crate::{
     compile::{self, Compiled, EndpointView},
     dataplane::{Dataplane, DataplaneError, SyncReport},
     policy::{Kind, Labels, Object, ObjectRef},
-    store::{Endpoint, Locked, Source, State, Store, StoreError, StoredPolicy},
+    store::{Endpoint, Locked, PendingIdentity, Source, State, Store, StoreError, StoredPolicy},
 };
+
+/// How long an identity recorded by an OCI hook waits for its CNI ADD.
+pub const PENDING_TTL_SECS: u64 = 120;
 
 /// How long an operation waits for another one to release the store.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,6 +64,30 @@ pub struct NewEndpoint {
     pub addresses: Vec<IpAddr>,
     /// The node's current addresses, when the caller knows them.
     pub host_addresses: Option<Vec<IpAddr>>,
+    /// Inode of the container's network namespace: an identity an OCI hook
+    /// recorded for it earlier (see [`Node::record_pending`]) applies.
+    pub netns_inode: Option<u64>,
+    /// The identity came from Kubernetes (the CRI's pod namespace and
+    /// name): annotations may never override it.
+    pub k8s: bool,
+}
+
+/// What [`Node::add_endpoint`] did.
+#[derive(Debug, Clone)]
+pub enum AddOutcome {
+    /// Registered and attached.
+    Added(Endpoint),
+    /// The veth is already enforced by an endpoint the other integration
+    /// (CNI plugin or OCI hook) registered; nothing was changed.
+    AlreadyManaged(Endpoint),
+}
+
+impl AddOutcome {
+    pub fn endpoint(&self) -> &Endpoint {
+        match self {
+            Self::Added(e) | Self::AlreadyManaged(e) => e,
+        }
+    }
 }
 
 /// What `apply` did to each object.
@@ -166,23 +193,80 @@ impl<D: Dataplane> Node<D> {
         previous: &State,
     ) -> Result<(SyncReport, Vec<String>), NodeError> {
         let compiled = compile_state(&mut locked.state);
-        match self.dataplane.sync(&compiled.desired) {
-            Ok(report) => {
-                locked.save()?;
-                Ok((report, compiled.warnings))
-            }
+        let result = match self.dataplane.sync(&compiled.desired) {
+            // The kernel took it; only a saved state makes it official.
+            Ok(report) => match locked.save() {
+                Ok(()) => return Ok((report, compiled.warnings)),
+                Err(e) => NodeError::from(e),
+            },
+            Err(e) => NodeError::from(e),
+        };
+        Err(self.rollback(previous, result))
+    }
+
+    /// Sync `previous` back after `err`; report both if that fails too.
+    fn rollback(&mut self, previous: &State, err: NodeError) -> NodeError {
+        let mut prev = previous.clone();
+        let back = compile_state(&mut prev);
+        match self.dataplane.sync(&back.desired) {
+            Ok(_) => err,
+            Err(rollback) => NodeError::RollbackFailed {
+                context: err.to_string(),
+                rollback,
+            },
+        }
+    }
+
+    /// Whether a datapath is there to clean up. Cleanup (DEL, GC,
+    /// poststop) never loads programs: a datapath that is missing or from
+    /// an incompatible build has nothing of this endpoint to remove from
+    /// its maps, and link pins are removed either way.
+    fn datapath_for_cleanup(&mut self) -> bool {
+        match self.dataplane.open_existing() {
+            Ok(loaded) => loaded,
             Err(e) => {
-                let mut prev = previous.clone();
-                let back = compile_state(&mut prev);
-                match self.dataplane.sync(&back.desired) {
-                    Ok(_) => Err(e.into()),
-                    Err(rollback) => Err(NodeError::RollbackFailed {
-                        context: e.to_string(),
-                        rollback,
-                    }),
-                }
+                tracing::warn!("cleaning up without the datapath's maps: {e}");
+                false
             }
         }
+    }
+
+    /// Remove endpoints: first from the maps (their programs then drop
+    /// everything: fail closed), then detach, then save.
+    fn remove_locked(
+        &mut self,
+        locked: &mut Locked,
+        gone: &[Endpoint],
+    ) -> Result<Vec<String>, NodeError> {
+        let loaded = self.datapath_for_cleanup();
+        let previous = locked.state.clone();
+        for ep in gone {
+            locked.state.endpoints.remove(&ep.key());
+        }
+        let mut warnings = Vec::new();
+        if loaded {
+            warnings = self.commit(locked, &previous)?.1;
+        } else {
+            locked.save()?;
+        }
+        let mut failed = Vec::new();
+        for ep in gone {
+            if let Err(e) = self.dataplane.detach(&ep.attachment, &ep.host_ifname) {
+                failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
+            }
+            if loaded && let Err(e) = self.dataplane.forget_endpoint(ep.id) {
+                tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
+            }
+        }
+        if !failed.is_empty() {
+            // The maps no longer know these endpoints, so their programs
+            // drop everything; say what is still attached.
+            return Err(NodeError::Dataplane(DataplaneError::Other(format!(
+                "removed from the maps but not detached (traffic through them is dropped): {}",
+                failed.join("; ")
+            ))));
+        }
+        Ok(warnings)
     }
 
     /// Remove link pins no endpoint owns (left behind by a crash).
@@ -199,11 +283,38 @@ impl<D: Dataplane> Node<D> {
 
     /// Register an endpoint, program its maps, then attach the programs.
     /// On any failure nothing stays behind.
-    pub fn add_endpoint(&mut self, new: NewEndpoint) -> Result<Endpoint, NodeError> {
+    pub fn add_endpoint(&mut self, mut new: NewEndpoint) -> Result<AddOutcome, NodeError> {
         let mut locked = self.lock()?;
         self.dataplane.prepare()?;
         let previous = locked.state.clone();
         let key = Endpoint::key_for(&new.network, &new.container_id, &new.ifname);
+
+        // No double work: a live endpoint the other integration registered
+        // for this very veth keeps it.
+        // (Two containers sharing one network namespace, such as a Podman
+        // pod or a Kubernetes pod's app containers, share its endpoint.)
+        if let Some(live) = locked.state.endpoints.values().find(|e| {
+            e.host_ifindex == new.host_ifindex
+                && e.host_ifname == new.host_ifname
+                && e.key() != key
+                && self.dataplane.verify(&e.attachment, &e.host_ifname).is_ok()
+        }) {
+            return Ok(AddOutcome::AlreadyManaged(live.clone()));
+        }
+        // An identity an OCI hook recorded before the network existed.
+        let now = now_secs();
+        locked
+            .state
+            .pending
+            .retain(|_, p| now.saturating_sub(p.created) < PENDING_TTL_SECS);
+        if let Some(ino) = new.netns_inode
+            && !new.k8s
+            && let Some(p) = locked.state.pending.remove(&ino.to_string())
+        {
+            new.namespace = p.namespace;
+            new.name = p.name;
+            new.labels.extend(p.labels);
+        }
 
         // A repeated ADD replaces the earlier registration; an endpoint
         // still claiming this veth is stale (its veth was deleted and the
@@ -236,6 +347,7 @@ impl<D: Dataplane> Node<D> {
             host_ifname: new.host_ifname,
             host_ifindex: new.host_ifindex,
             addresses: new.addresses,
+            k8s: new.k8s,
             attachment: crate::dataplane::Attachment::Netlink {
                 ifindex: 0,
                 from_container: crate::dataplane::NlFilter {
@@ -270,19 +382,90 @@ impl<D: Dataplane> Node<D> {
             tracing::warn!("{w}");
         }
         self.sweep(&locked.state);
-        Ok(ep)
+        Ok(AddOutcome::Added(ep))
+    }
+
+    /// Whether the endpoint `key` exists on this veth with its programs
+    /// attached (a hook that runs twice for one container does nothing).
+    pub fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError> {
+        let state = self.store.read()?;
+        let Some(ep) = state.endpoints.get(key) else {
+            return Ok(false);
+        };
+        if ep.host_ifindex != ifindex {
+            return Ok(false);
+        }
+        Ok(self
+            .dataplane
+            .verify(&ep.attachment, &ep.host_ifname)
+            .is_ok())
+    }
+
+    /// Give an endpoint a new namespace, name and labels (an OCI hook
+    /// learning the identity of a container the CNI plugin registered).
+    pub fn set_identity(
+        &mut self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<(), NodeError> {
+        let mut locked = self.lock()?;
+        let previous = locked.state.clone();
+        let Some(ep) = locked.state.endpoints.get_mut(key) else {
+            return Err(NodeError::NotFound(format!("no endpoint {key}")));
+        };
+        if ep.namespace == namespace && ep.name == name && ep.labels == *labels {
+            return Ok(());
+        }
+        ep.namespace = namespace.to_owned();
+        ep.name = name.to_owned();
+        ep.labels = labels.clone();
+        self.dataplane.prepare()?;
+        self.commit(&mut locked, &previous)?;
+        Ok(())
+    }
+
+    /// Remember an identity for a network namespace that has no interface
+    /// yet (`ctr run --cni` runs hooks before CNI ADD); the CNI ADD for that
+    /// namespace picks it up.
+    pub fn record_pending(
+        &mut self,
+        inode: u64,
+        pending: PendingIdentity,
+    ) -> Result<(), NodeError> {
+        let mut locked = self.lock()?;
+        let now = now_secs();
+        // The CNI ADD follows the hook within seconds; an identity nobody
+        // claimed soon is stale, and namespace inodes get reused.
+        locked
+            .state
+            .pending
+            .retain(|_, p| now.saturating_sub(p.created) < PENDING_TTL_SECS);
+        locked.state.pending.insert(inode.to_string(), pending);
+        locked.save()?;
+        Ok(())
+    }
+
+    /// Forget everything an OCI container registered: its endpoints and any
+    /// pending identity. Idempotent.
+    pub fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError> {
+        {
+            let mut locked = self.lock()?;
+            let before = locked.state.pending.len();
+            locked
+                .state
+                .pending
+                .retain(|_, p| p.container_id != container_id);
+            if locked.state.pending.len() != before {
+                locked.save()?;
+            }
+        }
+        self.remove_endpoints_where(|e| e.source == Source::Oci && e.container_id == container_id)
     }
 
     fn undo_add(&mut self, previous: &State, err: NodeError) -> NodeError {
-        let mut prev = previous.clone();
-        let back = compile_state(&mut prev);
-        match self.dataplane.sync(&back.desired) {
-            Ok(_) => err,
-            Err(rollback) => NodeError::RollbackFailed {
-                context: err.to_string(),
-                rollback,
-            },
-        }
+        self.rollback(previous, err)
     }
 
     /// Detach and forget an endpoint. Succeeds when it is already gone.
@@ -291,14 +474,7 @@ impl<D: Dataplane> Node<D> {
         let Some(ep) = locked.state.endpoints.get(key).cloned() else {
             return Ok(None);
         };
-        self.dataplane.prepare()?;
-        self.dataplane.detach(&ep.attachment, &ep.host_ifname)?;
-        let previous = locked.state.clone();
-        locked.state.endpoints.remove(key);
-        self.commit(&mut locked, &previous)?;
-        if let Err(e) = self.dataplane.forget_endpoint(ep.id) {
-            tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
-        }
+        self.remove_locked(&mut locked, std::slice::from_ref(&ep))?;
         self.sweep(&locked.state);
         Ok(Some(ep))
     }
@@ -319,18 +495,7 @@ impl<D: Dataplane> Node<D> {
         if gone.is_empty() {
             return Ok(gone);
         }
-        self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        for ep in &gone {
-            self.dataplane.detach(&ep.attachment, &ep.host_ifname)?;
-            locked.state.endpoints.remove(&ep.key());
-        }
-        self.commit(&mut locked, &previous)?;
-        for ep in &gone {
-            if let Err(e) = self.dataplane.forget_endpoint(ep.id) {
-                tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
-            }
-        }
+        self.remove_locked(&mut locked, &gone)?;
         self.sweep(&locked.state);
         Ok(gone)
     }
@@ -343,7 +508,8 @@ impl<D: Dataplane> Node<D> {
                 "palisade has no endpoint {key}; it was never added or was deleted"
             ))
         })?;
-        self.dataplane.prepare()?;
+        // Verifying reads pins and the kernel's attach lists; it never
+        // loads anything.
         self.dataplane.verify(&ep.attachment, &ep.host_ifname)?;
         Ok(ep)
     }
@@ -476,7 +642,6 @@ impl<D: Dataplane> Node<D> {
     /// Endpoint keys whose attachment the dataplane no longer confirms.
     pub fn broken_endpoints(&mut self) -> Result<BTreeSet<String>, NodeError> {
         let state = self.store.read()?;
-        self.dataplane.prepare()?;
         Ok(state
             .endpoints
             .values()
@@ -543,6 +708,8 @@ mod tests {
             host_ifindex: ifindex,
             addresses: vec![addr.parse().unwrap()],
             host_addresses: Some(vec!["10.0.0.1".parse().unwrap()]),
+            netns_inode: None,
+            k8s: false,
         }
     }
 
@@ -611,6 +778,51 @@ spec:
     }
 
     #[test]
+    fn a_veth_the_other_integration_enforces_is_left_alone() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep("c", 10, &[], "10.0.0.2")).unwrap();
+        let mut from_hook = new_ep("c-oci", 10, &[("app", "x")], "10.0.0.2");
+        from_hook.source = Source::Oci;
+        from_hook.network = String::new();
+        let out = n.add_endpoint(from_hook).unwrap();
+        assert!(
+            matches!(out, AddOutcome::AlreadyManaged(ref e) if e.source == Source::Cni),
+            "{out:?}"
+        );
+        assert_eq!(n.store.read().unwrap().endpoints.len(), 1);
+        // Once the CNI endpoint's programs are gone, it is stale and replaced.
+        n.dataplane.attached.clear();
+        let mut again = new_ep("c-oci", 10, &[("app", "x")], "10.0.0.2");
+        again.source = Source::Oci;
+        assert!(matches!(
+            n.add_endpoint(again).unwrap(),
+            AddOutcome::Added(_)
+        ));
+    }
+
+    #[test]
+    fn a_pending_identity_applies_to_the_next_add_for_its_namespace() {
+        let (_d, mut n) = node();
+        n.record_pending(
+            4242,
+            PendingIdentity {
+                container_id: "c2".into(),
+                namespace: "shop".into(),
+                name: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                created: now_secs(),
+            },
+        )
+        .unwrap();
+        let mut new = new_ep("default-c2", 10, &[], "10.0.0.2");
+        new.netns_inode = Some(4242);
+        let ep = n.add_endpoint(new).unwrap().endpoint().clone();
+        assert_eq!((ep.namespace.as_str(), ep.name.as_str()), ("shop", "web"));
+        assert_eq!(ep.labels.get("app").map(String::as_str), Some("web"));
+        assert!(n.store.read().unwrap().pending.is_empty(), "consumed");
+    }
+
+    #[test]
     fn order_does_not_matter_policy_before_or_after_endpoints() {
         let (_d, mut n) = node();
         let api = n
@@ -620,7 +832,9 @@ spec:
                 &[("app", "bookstore"), ("role", "api")],
                 "10.0.0.2",
             ))
-            .unwrap();
+            .unwrap()
+            .endpoint()
+            .clone();
         n.add_endpoint(new_ep("coffee", 11, &[("app", "coffeeshop")], "10.0.0.3"))
             .unwrap();
         assert!(decide(&n, api.id, "10.0.0.3"));
@@ -670,10 +884,21 @@ spec:
     fn a_new_endpoint_on_a_reused_ifindex_replaces_the_stale_one() {
         let (_d, mut n) = node();
         n.add_endpoint(new_ep("old", 10, &[], "10.0.0.2")).unwrap();
+        // The old veth is deleted (its programs with it); the index is reused.
+        n.dataplane.attached.clear();
         n.add_endpoint(new_ep("new", 10, &[], "10.0.0.3")).unwrap();
         let st = n.store.read().unwrap();
         assert_eq!(st.endpoints.len(), 1);
         assert!(st.endpoints.values().all(|e| e.container_id == "new"));
+        // While an endpoint is live, another container in the same network
+        // namespace (same veth) shares it instead of replacing it.
+        let out = n
+            .add_endpoint(new_ep("sidecar", 10, &[], "10.0.0.3"))
+            .unwrap();
+        assert!(
+            matches!(out, AddOutcome::AlreadyManaged(ref e) if e.container_id == "new"),
+            "{out:?}"
+        );
     }
 
     #[test]

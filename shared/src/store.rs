@@ -117,6 +117,10 @@ pub struct Endpoint {
     pub host_ifname: String,
     pub host_ifindex: u32,
     pub addresses: Vec<IpAddr>,
+    /// Namespace and name came from Kubernetes; annotations never
+    /// override them.
+    #[serde(default)]
+    pub k8s: bool,
     pub attachment: Attachment,
     /// Unix seconds.
     pub created: u64,
@@ -131,6 +135,20 @@ impl Endpoint {
     pub fn key(&self) -> String {
         Self::key_for(&self.network, &self.container_id, &self.ifname)
     }
+}
+
+/// An identity an OCI hook learnt for a network namespace before any
+/// interface existed in it (the CNI ADD for that namespace takes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingIdentity {
+    pub container_id: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Unix seconds.
+    pub created: u64,
 }
 
 /// A stored NetworkPolicy with its stable number.
@@ -169,6 +187,9 @@ pub struct State {
     /// The node's own addresses, refreshed by every CNI ADD.
     #[serde(default)]
     pub host_addresses: Vec<IpAddr>,
+    /// By network namespace inode.
+    #[serde(default)]
+    pub pending: BTreeMap<String, PendingIdentity>,
 }
 
 fn one() -> u32 {
@@ -188,6 +209,7 @@ impl Default for State {
             next_endpoint_id: 1,
             identities: IdentityTable::default(),
             host_addresses: Vec::new(),
+            pending: BTreeMap::new(),
         }
     }
 }
@@ -389,6 +411,7 @@ fn load(path: &Path) -> Result<State, StoreError> {
     if !state.boot_id.is_empty() && state.boot_id != boot {
         state.endpoints.clear();
         state.host_addresses.clear();
+        state.pending.clear();
     }
     state.boot_id = boot;
     Ok(state)

@@ -13,3 +13,4 @@ pub mod sys;
 pub const TEST_ROOT: &str = "/tmp/palisade-tests";
 pub mod bpfrun;
 pub mod pkt;
+pub mod runtimes;

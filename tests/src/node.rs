@@ -501,9 +501,34 @@ impl Drop for Node {
             let _ = s.wait();
         }
         self.world = None;
-        // The node namespace goes when `netns` drops, after this; the bpffs
-        // instance (and with it every pin, link and map) goes now.
-        let _ = nix::mount::umount2(&self.bpf_mount, nix::mount::MntFlags::MNT_DETACH);
+        // Anything still running in the node namespace (a runtime daemon
+        // or shim a failed test left behind) goes too.
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.netns.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // Mounts under the node's directory (runtime state, the bpffs
+        // instance with every pin, link and map), deepest first. The node
+        // namespace itself goes when `netns` drops, after this.
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

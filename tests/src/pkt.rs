@@ -185,10 +185,15 @@ pub fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A full frame: Ethernet + IP + layer 4.
+/// A full frame: Ethernet + IP + layer 4. Neighbour discovery goes out
+/// with hop limit 255 as RFC 4861 requires; everything else with 64.
 pub fn frame(src: IpAddr, dst: IpAddr, l4: &L4) -> Vec<u8> {
     let et = if src.is_ipv4() { ETH_P_IP } else { ETH_P_IPV6 };
-    ether(et, &ip_packet(src, dst, l4))
+    let f = ether(et, &ip_packet(src, dst, l4));
+    match l4 {
+        L4::NeighbourSolicit => with_hop_limit(f, 255),
+        _ => f,
+    }
 }
 
 pub fn frame_frag(src: IpAddr, dst: IpAddr, l4: &L4, frag: Frag) -> Vec<u8> {
@@ -196,10 +201,26 @@ pub fn frame_frag(src: IpAddr, dst: IpAddr, l4: &L4, frag: Frag) -> Vec<u8> {
     ether(et, &ip_packet_frag(src, dst, l4, Some(frag)))
 }
 
-/// An ARP request frame.
+/// An ARP request from 10.0.0.2 for 10.0.0.1.
 pub fn arp_request() -> Vec<u8> {
+    arp_request_from([10, 0, 0, 2])
+}
+
+/// An ARP request announcing `sender` as its protocol address.
+pub fn arp_request_from(sender: [u8; 4]) -> Vec<u8> {
     let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
-    p.extend_from_slice(&[2, 0, 0, 0, 0, 1, 10, 0, 0, 2]);
+    p.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&sender);
     p.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
     ether(ETH_P_ARP, &p)
+}
+
+/// Set a frame's IPv4 TTL or IPv6 hop limit.
+pub fn with_hop_limit(mut frame: Vec<u8>, hops: u8) -> Vec<u8> {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        ETH_P_IP => frame[14 + 8] = hops,
+        ETH_P_IPV6 => frame[14 + 7] = hops,
+        _ => {}
+    }
+    frame
 }

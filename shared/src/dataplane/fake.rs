@@ -41,6 +41,10 @@ impl Dataplane for RecordingDataplane {
         Ok(())
     }
 
+    fn open_existing(&mut self) -> Result<bool, DataplaneError> {
+        Ok(true)
+    }
+
     fn attach(
         &mut self,
         ep_id: u32,

@@ -36,7 +36,7 @@ use crate::{
     abi::{
         self, ConfigValue, CounterKey, CounterValue, CtKey, CtValue, Direction, EndpointValue,
         ID_ANY, ID_WORLD, IpcacheAddr, IpcacheValue, POLICY_PREFIX_FULL, PolicyKeyData,
-        PolicyValue, Reason, TIER_NETPOL, Verdict,
+        PolicyValue, Reason, SrcguardKey, TIER_NETPOL, Verdict,
     },
     compile::{Desired, PolicyKey, Prefix},
     netlink,
@@ -88,6 +88,7 @@ const MAPS: &[(&str, usize, usize)] = &[
         4 + size_of::<IpcacheAddr>(),
         size_of::<IpcacheValue>(),
     ),
+    ("pal_srcguard", size_of::<SrcguardKey>(), 4),
     (
         "pal_policy",
         4 + size_of::<PolicyKeyData>(),
@@ -126,12 +127,14 @@ pub fn objects_hash() -> String {
 type Endpoints = HashMap<MapData, u32, EndpointValue>;
 type Ipcache = LpmTrie<MapData, IpcacheAddr, IpcacheValue>;
 type PolicyMap = LpmTrie<MapData, PolicyKeyData, PolicyValue>;
+type Srcguard = HashMap<MapData, SrcguardKey, u32>;
 
 /// The maps user space writes or reads.
 struct Maps {
     endpoints: Endpoints,
     ipcache: Ipcache,
     policy: PolicyMap,
+    srcguard: Srcguard,
     config: Array<MapData, ConfigValue>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     evstats: PerCpuArray<MapData, u64>,
@@ -168,6 +171,28 @@ impl KernelDataplane {
             root: root.into(),
             mode,
             maps: None,
+        }
+    }
+
+    /// Whether ADDs can be served: an existing datapath is compatible, or
+    /// there is a bpffs to load one into. Loads nothing.
+    pub fn ready(&mut self) -> Result<(), DataplaneError> {
+        if self.open_existing()? {
+            return Ok(());
+        }
+        let mut existing = self.root.as_path();
+        while !existing.exists() {
+            existing = existing.parent().unwrap_or(Path::new("/"));
+        }
+        let on_bpffs =
+            statfs::statfs(existing).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+        let mountable = self.root.starts_with("/sys/fs/bpf") && Path::new("/sys/fs/bpf").is_dir();
+        if on_bpffs || mountable {
+            Ok(())
+        } else {
+            Err(DataplaneError::NotBpffs {
+                path: self.root.clone(),
+            })
         }
     }
 
@@ -347,29 +372,11 @@ impl KernelDataplane {
             endpoints: typed!("pal_endpoints"),
             ipcache: typed!("pal_ipcache"),
             policy: typed!("pal_policy"),
+            srcguard: typed!("pal_srcguard"),
             config: typed!("pal_config"),
             counters: typed!("pal_counters"),
             evstats: typed!("pal_evstats"),
         })
-    }
-
-    /// Open the pinned maps if a datapath exists, without loading or
-    /// creating anything (for read-only commands). `false`: nothing is
-    /// loaded under this root yet.
-    pub fn open_existing(&mut self) -> Result<bool, DataplaneError> {
-        if self.maps.is_some() {
-            return Ok(true);
-        }
-        let complete = MAPS
-            .iter()
-            .all(|(name, _, _)| self.maps_dir().join(name).exists())
-            && PROGRAMS.iter().all(|p| self.program_pin(p).exists());
-        if !complete {
-            return Ok(false);
-        }
-        self.check_pinned_maps()?;
-        self.maps = Some(self.open_maps()?);
-        Ok(true)
     }
 
     fn effective_mode(&self) -> AttachMode {
@@ -420,7 +427,7 @@ impl KernelDataplane {
             .attach_with_options(
                 ifname,
                 spec.hook,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(|e| attach_err(boxed(e)))?;
         let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
@@ -545,6 +552,25 @@ fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
 }
 
 impl Dataplane for KernelDataplane {
+    /// Open the pinned maps if a datapath exists, without loading or
+    /// creating anything (for read-only commands). `false`: nothing is
+    /// loaded under this root yet.
+    fn open_existing(&mut self) -> Result<bool, DataplaneError> {
+        if self.maps.is_some() {
+            return Ok(true);
+        }
+        let complete = MAPS
+            .iter()
+            .all(|(name, _, _)| self.maps_dir().join(name).exists())
+            && PROGRAMS.iter().all(|p| self.program_pin(p).exists());
+        if !complete {
+            return Ok(false);
+        }
+        self.check_pinned_maps()?;
+        self.maps = Some(self.open_maps()?);
+        Ok(true)
+    }
+
     fn prepare(&mut self) -> Result<(), DataplaneError> {
         if self.maps.is_some() {
             return Ok(());
@@ -749,6 +775,10 @@ impl Dataplane for KernelDataplane {
             let (k, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
             cur_eps.insert(k, v);
         }
+        let mut cur_src = std::collections::BTreeSet::new();
+        for k in maps.srcguard.keys() {
+            cur_src.insert(k.map_err(DataplaneError::map("pal_srcguard"))?);
+        }
 
         // Order matters for packets in flight: allow entries and new
         // identities first, endpoints (isolation flags) next, removals last.
@@ -768,6 +798,12 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
+        for k in desired.srcguard.difference(&cur_src) {
+            maps.srcguard
+                .insert(*k, 0, 0)
+                .map_err(DataplaneError::map("pal_srcguard"))?;
+            report.upserted += 1;
+        }
         for (k, v) in &desired.endpoints {
             if cur_eps.get(k) != Some(v) {
                 maps.endpoints
@@ -783,6 +819,12 @@ impl Dataplane for KernelDataplane {
             maps.endpoints
                 .remove(k)
                 .map_err(DataplaneError::map("pal_endpoints"))?;
+            report.deleted += 1;
+        }
+        for k in cur_src.difference(&desired.srcguard) {
+            maps.srcguard
+                .remove(k)
+                .map_err(DataplaneError::map("pal_srcguard"))?;
             report.deleted += 1;
         }
         for p in cur_ipcache

@@ -252,6 +252,8 @@ pub trait Dataplane {
     /// Make sure bpffs, maps and programs exist (loading and pinning them
     /// the first time).
     fn prepare(&mut self) -> Result<(), DataplaneError>;
+    /// Open the maps if a datapath exists, loading nothing. `false`: none.
+    fn open_existing(&mut self) -> Result<bool, DataplaneError>;
     /// Attach both programs to a host veth.
     fn attach(
         &mut self,
