@@ -370,9 +370,19 @@ impl<'n> Containerd<'n> {
         }
     }
 
+    /// The containerd namespace this test uses (runc's state under
+    /// /run/containerd/runc is per namespace, shared by every containerd).
+    pub fn namespace(&self) -> &str {
+        &self.node.prefix
+    }
+
     pub fn ctr(&self) -> Command {
         let mut c = self.node.netns.command("ctr");
-        c.arg("-a").arg(&self.sock).stdin(Stdio::null());
+        c.arg("-a")
+            .arg(&self.sock)
+            .arg("-n")
+            .arg(self.namespace())
+            .stdin(Stdio::null());
         c
     }
 
@@ -380,10 +390,11 @@ impl<'n> Containerd<'n> {
     /// /opt/cni/bin are this test's directories.
     pub fn ctr_with_cni(&self) -> Command {
         let script = format!(
-            "mount --bind {} /etc/cni/net.d && mount --bind {} /opt/cni/bin && exec ctr -a {} \"$@\"",
+            "mount --bind {} /etc/cni/net.d && mount --bind {} /opt/cni/bin && exec ctr -a {} -n {} \"$@\"",
             self.dir.join("net.d").display(),
             self.dir.join("cni-bin").display(),
-            self.sock.display()
+            self.sock.display(),
+            self.namespace()
         );
         let mut c = self.node.netns.command("unshare");
         c.args([
@@ -537,21 +548,53 @@ pub struct Docker<'n> {
     pub dir: PathBuf,
     pub sock: PathBuf,
     daemon: Option<Child>,
+    /// Docker's containerd runs on its own, as under systemd, so dockerd
+    /// can be restarted (even killed) while containers keep running.
+    containerd: Option<Child>,
     palisade: bool,
 }
 
 impl<'n> Docker<'n> {
     /// With `palisade`, the default runtime is palisade-runc.
-    pub fn new(node: &'n Node, palisade: bool, tag: &str) -> Self {
+    pub fn new(node: &'n Node, palisade: bool, tag: &str, subnet: &str) -> Self {
         let dir = node.dir.join(format!("docker-{tag}"));
-        std::fs::create_dir_all(dir.join("data")).expect("docker dirs");
-        std::fs::create_dir_all(dir.join("exec")).expect("docker dirs");
+        for d in ["data", "exec", "containerd/root", "containerd/state"] {
+            std::fs::create_dir_all(dir.join(d)).expect("docker dirs");
+        }
         let sock = dir.join("docker.sock");
+        let ctrd_conf = dir.join("containerd/config.toml");
+        std::fs::write(
+            &ctrd_conf,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
+                dir.join("containerd/root").display(),
+                dir.join("containerd/state").display(),
+                dir.join("containerd/containerd.sock").display()
+            ),
+        )
+        .expect("containerd config");
+        let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
+        let containerd = node
+            .netns
+            .command("containerd")
+            .arg("--config")
+            .arg(&ctrd_conf)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd for dockerd");
+        let csock = dir.join("containerd/containerd.sock");
+        wait_for(
+            "docker's containerd socket",
+            Duration::from_secs(20),
+            || csock.exists(),
+        );
         let mut d = Self {
             node,
             dir,
             sock,
             daemon: None,
+            containerd: Some(containerd),
             palisade,
         };
         d.start();
@@ -568,13 +611,7 @@ impl<'n> Docker<'n> {
         must(
             d.docker()
                 .args([
-                    "network",
-                    "create",
-                    "-d",
-                    "bridge",
-                    "--subnet",
-                    "10.103.0.0/24",
-                    "palnet",
+                    "network", "create", "-d", "bridge", "--subnet", subnet, "palnet",
                 ])
                 .output()
                 .expect("docker network create"),
@@ -590,10 +627,12 @@ impl<'n> Docker<'n> {
             "iptables": false,
             "ip6tables": false,
             "bridge": "none",
+            "live-restore": true,
             "storage-driver": "vfs",
             "data-root": self.dir.join("data"),
             "exec-root": self.dir.join("exec"),
             "pidfile": self.dir.join("docker.pid"),
+            "containerd": self.dir.join("containerd/containerd.sock"),
             "hosts": [format!("unix://{}", self.sock.display())],
         });
         if self.palisade {
@@ -632,12 +671,23 @@ impl<'n> Docker<'n> {
             .spawn()
             .expect("start dockerd (install docker.io)");
         self.daemon = Some(child);
-        wait_for("dockerd to answer", Duration::from_secs(60), || {
-            self.docker()
-                .args(["version"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self
+            .docker()
+            .args(["version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!(
+                    "dockerd did not answer within 60 s; its log ends with:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Stop dockerd (SIGTERM, then SIGKILL); containers keep running.
@@ -716,6 +766,10 @@ impl Drop for Docker<'_> {
             }
         }
         self.stop(false);
+        if let Some(mut c) = self.containerd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -811,19 +865,16 @@ impl RuncContainer {
         std::fs::write(bundle.join("config.json"), spec.to_string()).expect("write config.json");
         let root = node.dir.join("runc-root");
         let start = Instant::now();
-        let out = node
-            .netns
-            .command("runc")
-            .arg("--root")
-            .arg(&root)
-            .args(["run", "-d", "--bundle"])
-            .arg(&bundle)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .expect("runc run");
+        let out = run_detached(
+            node.netns
+                .command("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["run", "-d", "--bundle"])
+                .arg(&bundle)
+                .arg(id),
+            &node.dir.join(format!("runc-{id}.log")),
+        );
         let took = start.elapsed();
         must(out, &format!("runc run {id}"));
         (
@@ -874,6 +925,25 @@ impl Drop for RuncContainer {
             .status();
         let _ = self.chain.del(&self.call);
         let _ = std::fs::remove_dir_all(&self.bundle);
+    }
+}
+
+/// Run a command that starts a detached container: the container inherits
+/// the command's stdio, so it goes to a log file (a pipe would never close)
+/// and the log becomes the output's stderr.
+pub fn run_detached(cmd: &mut Command, log: &Path) -> Output {
+    let file =
+        std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .status()
+        .expect("run command");
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: std::fs::read(log).unwrap_or_default(),
     }
 }
 
