@@ -5,6 +5,9 @@ PALISADE_PACKAGES=(
 	clang llvm libbpf-dev clang-format    # compiling and checking the eBPF C
 	containernetworking-plugins           # the reference bridge/host-local plugins
 	iproute2                              # ip, tc
+	runc podman containerd docker.io      # the runtimes the OCI hook is tested with
+	netavark aardvark-dns iptables        # Podman's netavark backend
+	busybox-static                        # container root filesystems (no registry images)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -35,8 +38,19 @@ install_deps() {
 	if [ "${#missing[@]}" -gt 0 ]; then
 		step "installing ${missing[*]}"
 		export DEBIAN_FRONTEND=noninteractive
+		# Installing the runtimes must not start their system daemons:
+		# the tests run private ones.
+		local made_policy=""
+		if [ ! -e /usr/sbin/policy-rc.d ]; then
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+			chmod +x /usr/sbin/policy-rc.d
+			made_policy=1
+		fi
 		apt-get update -q
 		apt-get install -y -q --no-install-recommends "${missing[@]}"
+		if [ -n "$made_policy" ]; then
+			rm -f /usr/sbin/policy-rc.d
+		fi
 	fi
 	if ! command -v cargo >/dev/null; then
 		echo "error: cargo not found; install Rust (https://rustup.rs) and run this again" >&2

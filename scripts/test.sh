@@ -26,12 +26,22 @@ cargo test --workspace --lib --bins
 step "BPF verdict tests, CNI contract tests, datapath tests"
 cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
 
+step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd (start-time overhead printed)"
+cargo test -p palisade-tests --test runtimes -- --nocapture 2>&1 | tee /tmp/palisade-runtimes.log
+grep 'median container start' /tmp/palisade-runtimes.log || true
+
 step "NetworkPolicy conformance (Kubernetes e2e cases and recipes)"
 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
 step "nothing left behind"
 leftover_ns=$(ip netns list | awk '$1 ~ /^pt[0-9]+x[0-9]+/ {print $1}')
 leftover_dirs=$(find /tmp/palisade-tests -mindepth 1 -maxdepth 1 2>/dev/null || true)
+leftover_dirs="$leftover_dirs$(find /run/containerd/runc /var/lib/cni/results -mindepth 1 -maxdepth 1 -name '*pt[0-9]*x[0-9]*' 2>/dev/null || true)"
+leftover_procs=$(pgrep -f '/tmp/palisade-tests/' || true)
+if [ -n "$leftover_procs" ]; then
+	echo "error: test processes left running: $leftover_procs" >&2
+	exit 1
+fi
 if [ -n "$leftover_ns$leftover_dirs" ]; then
 	echo "error: tests left namespaces or directories behind:" >&2
 	echo "$leftover_ns $leftover_dirs" >&2

@@ -530,5 +530,19 @@ impl Drop for Node {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Runtime state outside the node's directory, named after it: runc
+        // state of the containerd namespace the tests use, and results
+        // libcni cached for `ctr run --cni` (ctr never calls DEL for them).
+        let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.prefix));
+        if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .contains(&format!("-{}-", self.prefix))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }

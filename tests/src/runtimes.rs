@@ -120,21 +120,26 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The palisade hooks.d entry for Podman / CRI-O, pointing at this node.
+/// A file shipped in `conf/`.
+pub fn conf_file(rel: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../conf")
+        .join(rel);
+    serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// conf/oci-hooks.d/palisade.json as shipped, pointing at this node's
+/// binary and directories.
 pub fn hooks_json(node: &Node) -> Value {
-    json!({
-        "version": "1.0.0",
-        "hook": {
-            "path": node.bin_dir.join("palisade-hook"),
-            "args": [
-                "palisade-hook",
-                format!("--state-dir={}", node.state_dir.display()),
-                format!("--bpf-root={}", node.bpf_root.display())
-            ]
-        },
-        "when": {"always": true},
-        "stages": ["createRuntime", "poststop"]
-    })
+    let mut v = conf_file("oci-hooks.d/palisade.json");
+    v["hook"]["path"] = json!(node.bin_dir.join("palisade-hook"));
+    let args = v["hook"]["args"].as_array_mut().expect("hook args");
+    args.push(json!(format!("--state-dir={}", node.state_dir.display())));
+    args.push(json!(format!("--bpf-root={}", node.bpf_root.display())));
+    v
 }
 
 /// Podman's network backend.
@@ -623,30 +628,35 @@ impl<'n> Docker<'n> {
     /// daemon.json as an operator would write it (conf/docker/daemon.json),
     /// with this test's directories.
     pub fn daemon_json(&self) -> Value {
-        let mut v = json!({
-            "iptables": false,
-            "ip6tables": false,
-            "bridge": "none",
-            "live-restore": true,
-            "storage-driver": "vfs",
-            "data-root": self.dir.join("data"),
-            "exec-root": self.dir.join("exec"),
-            "pidfile": self.dir.join("docker.pid"),
-            "containerd": self.dir.join("containerd/containerd.sock"),
-            "hosts": [format!("unix://{}", self.sock.display())],
-        });
-        if self.palisade {
-            v["runtimes"] = json!({
-                "palisade": {
-                    "path": self.node.bin_dir.join("palisade-runc"),
-                    "runtimeArgs": [
-                        format!("--palisade-docker-root={}", self.dir.join("data").display()),
-                        format!("--palisade-state-dir={}", self.node.state_dir.display()),
-                        format!("--palisade-bpf-root={}", self.node.bpf_root.display())
-                    ]
-                }
-            });
-            v["default-runtime"] = json!("palisade");
+        let mut v = if self.palisade {
+            let mut v = conf_file("docker/daemon.json");
+            let rt = &mut v["runtimes"]["palisade"];
+            rt["path"] = json!(self.node.bin_dir.join("palisade-runc"));
+            rt["runtimeArgs"] = json!([
+                format!("--palisade-docker-root={}", self.dir.join("data").display()),
+                format!("--palisade-state-dir={}", self.node.state_dir.display()),
+                format!("--palisade-bpf-root={}", self.node.bpf_root.display())
+            ]);
+            v
+        } else {
+            json!({"live-restore": true})
+        };
+        // The test's private daemon, hermetic in the node namespace.
+        for (k, val) in [
+            ("iptables", json!(false)),
+            ("ip6tables", json!(false)),
+            ("bridge", json!("none")),
+            ("storage-driver", json!("vfs")),
+            ("data-root", json!(self.dir.join("data"))),
+            ("exec-root", json!(self.dir.join("exec"))),
+            ("pidfile", json!(self.dir.join("docker.pid"))),
+            (
+                "containerd",
+                json!(self.dir.join("containerd/containerd.sock")),
+            ),
+            ("hosts", json!([format!("unix://{}", self.sock.display())])),
+        ] {
+            v[k] = val;
         }
         v
     }
