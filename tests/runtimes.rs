@@ -707,3 +707,85 @@ fn a_hook_that_cannot_enforce_stops_the_container_unless_fail_open() {
     let _ = runc(&["delete", "--force", "cant"]);
     assert!(n.endpoints().is_empty());
 }
+
+#[test]
+fn a_host_network_container_is_left_alone() {
+    let n = node();
+    let bundle = n.dir.join("hostnet-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let out = std::process::Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut spec: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    spec["root"] = serde_json::json!({"path": testbed::runtimes::rootfs(&n.dir), "readonly": true});
+    spec["process"]["args"] = serde_json::json!(["/bin/sleep", "30"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|x| x["type"] != "network");
+    let hook = n.bin_dir.join("palisade-hook");
+    let args = serde_json::json!([
+        "palisade-hook",
+        format!("--state-dir={}", n.state_dir.display()),
+        format!("--bpf-root={}", n.bpf_root.display())
+    ]);
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [{"path": hook, "args": args}],
+        "poststop": [{"path": hook, "args": args}]
+    });
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let root = n.dir.join("hostnet-root");
+    let log = n.dir.join("hostnet.log");
+    let mut c = n.netns.command("runc");
+    c.arg("--root")
+        .arg(&root)
+        .args(["run", "-d", "--bundle"])
+        .arg(&bundle)
+        .arg("hostnet");
+    let out = testbed::runtimes::run_detached(&mut c, &log);
+    assert!(
+        out.status.success(),
+        "a host-network container starts: {}",
+        describe(&out)
+    );
+    assert!(n.endpoints().is_empty());
+    // runc shows hook output only on failure; ask the hook directly.
+    let state = serde_json::json!({
+        "ociVersion": "1.0.2", "id": "hostnet", "status": "creating", "pid": std::process::id(), "bundle": bundle
+    });
+    let mut h = n.netns.command(&hook);
+    h.arg(format!("--state-dir={}", n.state_dir.display()))
+        .arg(format!("--bpf-root={}", n.bpf_root.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = h.spawn().unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(state.to_string().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("uses the host's network: nothing to enforce"),
+        "the hook says why it does nothing: {}",
+        describe(&out)
+    );
+    let mut k = n.netns.command("runc");
+    let _ = k
+        .arg("--root")
+        .arg(&root)
+        .args(["delete", "--force", "hostnet"])
+        .output();
+}
