@@ -21,8 +21,8 @@ use crate::{
     },
     identity::{IdentityKey, IdentityTable},
     policy::{
-        IpBlock, Labels, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer, Policy,
-        PortMatch, PortRule, Protocol, Rule,
+        IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
+        Policy, PortMatch, PortRule, Protocol, Rule,
     },
 };
 
@@ -422,15 +422,22 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     // 5. Per endpoint: isolation flags and allow entries.
     for ep in input.endpoints {
         let mut flags = ep.extra_flags;
+        // Audit: allow rules of every policy count, but a direction that
+        // only audited policies isolate reports what it would drop instead
+        // of dropping it.
+        let (mut enforced_in, mut enforced_eg) = (false, false);
         for pr in &resolved {
             if !pr.policy.selects(&ep.namespace, &ep.labels) {
                 continue;
             }
+            let enforced = pr.policy.mode.unwrap_or_default() == Mode::Enforce;
             if pr.policy.ingress_isolation {
                 flags |= abi::EP_ISOLATE_INGRESS;
+                enforced_in |= enforced;
             }
             if pr.policy.egress_isolation {
                 flags |= abi::EP_ISOLATE_EGRESS;
+                enforced_eg |= enforced;
             }
             for r in &pr.ingress {
                 emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
@@ -438,6 +445,12 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             for r in &pr.egress {
                 emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
             }
+        }
+        if flags & abi::EP_ISOLATE_INGRESS != 0 && !enforced_in {
+            flags |= abi::EP_AUDIT_INGRESS;
+        }
+        if flags & abi::EP_ISOLATE_EGRESS != 0 && !enforced_eg {
+            flags |= abi::EP_AUDIT_EGRESS;
         }
         out.desired.endpoints.insert(
             ep.ifindex,
@@ -1158,6 +1171,49 @@ spec:
                 addr: abi::addr16("10.0.0.5".parse().unwrap())
             }));
         }
+    }
+
+    #[test]
+    fn audited_policies_report_instead_of_drop_unless_an_enforced_one_also_isolates() {
+        let mut pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: audited, namespace: x, annotations: {palisade.io/mode: audit}}
+spec:
+  podSelector: {}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]
+"#,
+        );
+        assert_eq!(pols[0].1.mode, Some(Mode::Audit));
+        let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let (c, _) = run(&pols, std::slice::from_ref(&a));
+        let flags = c.desired.endpoints[&a.ifindex].flags;
+        assert_eq!(flags, EP_ISOLATE_INGRESS | abi::EP_AUDIT_INGRESS);
+        // An enforced policy isolating the same direction makes it enforce.
+        pols.extend(policies(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: enforced, namespace: x}\nspec:\n  podSelector: {}\n",
+        ).into_iter().map(|(_, p)| (9, p)));
+        let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
+        let (c, _) = run(&pols, &[a.clone(), b]);
+        assert_eq!(c.desired.endpoints[&a.ifindex].flags, EP_ISOLATE_INGRESS);
+        // The audited policy's allow rule still allows, the rest is denied.
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.3",
+            PROTO_TCP,
+            80
+        ));
+        assert!(!allowed(
+            &c,
+            &a,
+            Direction::Ingress,
+            "10.0.0.9",
+            PROTO_TCP,
+            80
+        ));
     }
 
     #[test]

@@ -139,7 +139,11 @@ fn now_secs() -> u64 {
 /// allocated in (and unused ones dropped from) the state's table.
 pub fn compile_state(state: &mut State) -> Compiled {
     let namespaces = state.namespace_map();
-    let (policies, mut warnings) = state.policies();
+    let (mut policies, mut warnings) = state.policies();
+    // The compiler sees each policy's effective mode.
+    for (_, p) in &mut policies {
+        p.mode = Some(state.effective_mode(p, &namespaces));
+    }
     let endpoints: Vec<EndpointView> = state
         .endpoints
         .values()

@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::{
     dataplane::Attachment,
     identity::IdentityTable,
-    policy::{Labels, NamespaceInfo, NamespaceMap, PodInfo, Policy},
+    policy::{Labels, Mode, NamespaceInfo, NamespaceMap, PodInfo, Policy},
 };
 
 /// Default state directory.
@@ -190,6 +190,10 @@ pub struct State {
     /// By network namespace inode.
     #[serde(default)]
     pub pending: BTreeMap<String, PendingIdentity>,
+    /// The node's default mode for policies and namespaces that do not
+    /// set one (`palisadectl mode`).
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 fn one() -> u32 {
@@ -210,6 +214,7 @@ impl Default for State {
             identities: IdentityTable::default(),
             host_addresses: Vec::new(),
             pending: BTreeMap::new(),
+            mode: Mode::Enforce,
         }
     }
 }
@@ -234,10 +239,11 @@ impl State {
     pub fn namespace_map(&self) -> NamespaceMap {
         let mut map = NamespaceMap::new();
         for (name, ns) in &self.namespaces {
-            map.insert(
-                name.clone(),
-                NamespaceInfo::new(name, ns.metadata.labels.as_ref()),
-            );
+            let mut info = NamespaceInfo::new(name, ns.metadata.labels.as_ref());
+            info.mode = crate::policy::mode_annotation(&ns.metadata, "")
+                .ok()
+                .flatten();
+            map.insert(name.clone(), info);
         }
         let implicit = self
             .endpoints
@@ -274,6 +280,15 @@ impl State {
             }
         }
         (out, warnings)
+    }
+
+    /// A policy's effective mode: its own annotation, else its namespace's,
+    /// else the node's default.
+    pub fn effective_mode(&self, policy: &Policy, namespaces: &NamespaceMap) -> Mode {
+        policy
+            .mode
+            .or_else(|| namespaces.get(&policy.namespace).and_then(|n| n.mode))
+            .unwrap_or(self.mode)
     }
 
     pub fn pod_info(&self, namespace: &str, name: &str) -> Option<PodInfo> {

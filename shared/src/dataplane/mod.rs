@@ -4,6 +4,7 @@
 //! Everything sits behind [`Dataplane`]; [`fake::RecordingDataplane`]
 //! stands in for the kernel in unit tests.
 
+pub mod events;
 pub mod fake;
 pub mod kernel;
 

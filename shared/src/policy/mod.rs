@@ -277,7 +277,12 @@ fn validate_meta(
 }
 
 fn validate_namespace(ns: &Namespace) -> Result<(), ObjectError> {
-    validate_meta(&ns.metadata, "Namespace")
+    validate_meta(&ns.metadata, "Namespace")?;
+    mode_annotation(
+        &ns.metadata,
+        &format!("metadata.annotations[{MODE_ANNOTATION}]"),
+    )?;
+    Ok(())
 }
 
 fn validate_pod(pod: &Pod) -> Result<(), ObjectError> {
@@ -406,11 +411,12 @@ impl PodInfo {
 }
 
 /// What the compiler needs of a Namespace: its labels, including the
-/// implicit `kubernetes.io/metadata.name`.
+/// implicit `kubernetes.io/metadata.name`, and its mode annotation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NamespaceInfo {
     pub name: String,
     pub labels: Labels,
+    pub mode: Option<Mode>,
 }
 
 impl NamespaceInfo {
@@ -420,8 +426,56 @@ impl NamespaceInfo {
         Self {
             name: name.to_owned(),
             labels,
+            mode: None,
         }
     }
+}
+
+/// The annotation (on a NetworkPolicy or a Namespace) that sets audit or
+/// enforce mode.
+pub const MODE_ANNOTATION: &str = "palisade.io/mode";
+
+/// Whether a policy drops what it does not allow, or only reports it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn parse(s: &str, path: &str) -> Result<Self, ObjectError> {
+        match s {
+            "enforce" => Ok(Self::Enforce),
+            "audit" => Ok(Self::Audit),
+            other => Err(ObjectError::invalid(
+                path,
+                format!("{MODE_ANNOTATION} is {other:?}; use audit or enforce"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// The mode a Namespace or NetworkPolicy object's annotation asks for.
+pub fn mode_annotation(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    path: &str,
+) -> Result<Option<Mode>, ObjectError> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(MODE_ANNOTATION))
+        .map(|v| Mode::parse(v, path))
+        .transpose()
 }
 
 /// A validated NetworkPolicy.
@@ -429,6 +483,9 @@ impl NamespaceInfo {
 pub struct Policy {
     pub namespace: String,
     pub name: String,
+    /// The policy's own `palisade.io/mode` annotation, if any (the
+    /// namespace's and the node's default apply otherwise).
+    pub mode: Option<Mode>,
     pub pod_selector: Selector,
     /// Whether the policy isolates selected pods for ingress / egress
     /// (policyTypes, with the API server's default).
@@ -570,6 +627,10 @@ impl Policy {
             .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         let name = np.metadata.name.clone().unwrap_or_default();
+        let mode = mode_annotation(
+            &np.metadata,
+            &format!("metadata.annotations[{MODE_ANNOTATION}]"),
+        )?;
         let spec = np.spec.clone().unwrap_or_default();
 
         let pod_selector = match &spec.pod_selector {
@@ -628,6 +689,7 @@ impl Policy {
         Ok(Self {
             namespace,
             name,
+            mode,
             pod_selector,
             ingress_isolation,
             egress_isolation,

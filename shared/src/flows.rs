@@ -1,0 +1,547 @@
+//! Flow records: the datapath's events with names attached (endpoints,
+//! peers, policies), the bounded on-disk flow log the agent writes, and the
+//! filters `palisadectl flows` applies.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{self, BufRead, BufReader, Seek, SeekFrom, Write},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    abi::{self, Direction, Event, ID_HOST, ID_WORLD, Reason, Verdict, proto_name},
+    identity::reserved_name,
+    policy::{Labels, Mode, Policy},
+    store::State,
+};
+
+/// One side of a flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowParty {
+    /// `pod`, `host`, `world` or `cidr`.
+    pub kind: String,
+    pub address: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub identity: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+impl FlowParty {
+    /// `ns/name`, or the address for non-pods.
+    pub fn display(&self) -> String {
+        match (&self.namespace, &self.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            _ => match self.kind.as_str() {
+                "host" => format!("{} (node)", self.address),
+                _ => self.address.to_string(),
+            },
+        }
+    }
+}
+
+/// A flow event with names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowRecord {
+    /// RFC 3339, milliseconds.
+    pub time: String,
+    /// `flow` (a new connection was decided) or `drop`.
+    pub kind: String,
+    /// `allowed`, `denied` or `audit`.
+    pub verdict: String,
+    pub reason: String,
+    pub direction: Direction,
+    /// The container the event was seen at.
+    pub endpoint: FlowParty,
+    pub peer: FlowParty,
+    pub protocol: String,
+    pub sport: u16,
+    pub dport: u16,
+    /// The policy whose rule allowed the flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// For denied and audited flows: the policies that isolate the
+    /// endpoint in this direction (no rule of theirs allows the flow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated_by: Vec<String>,
+}
+
+impl FlowRecord {
+    /// The side that opened the connection.
+    pub fn client(&self) -> &FlowParty {
+        match self.direction {
+            Direction::Egress => &self.endpoint,
+            Direction::Ingress => &self.peer,
+        }
+    }
+
+    pub fn server(&self) -> &FlowParty {
+        match self.direction {
+            Direction::Egress => &self.peer,
+            Direction::Ingress => &self.endpoint,
+        }
+    }
+
+    /// `default deny (isolated by x/p)`, `x/allow-web`, or why it passed.
+    pub fn decided_by(&self) -> String {
+        if let Some(p) = &self.policy {
+            return p.clone();
+        }
+        if !self.isolated_by.is_empty() {
+            return format!("default deny (isolated by {})", self.isolated_by.join(", "));
+        }
+        self.reason.clone()
+    }
+}
+
+/// Names for the numbers in events, from the store.
+#[derive(Debug)]
+pub struct Resolver {
+    endpoints: BTreeMap<u32, (String, String, Labels, Vec<IpAddr>)>,
+    by_address: BTreeMap<IpAddr, u32>,
+    host: Vec<IpAddr>,
+    policy_names: BTreeMap<u32, String>,
+    policies: Vec<(Policy, Mode)>,
+}
+
+impl Resolver {
+    pub fn new(state: &State) -> Self {
+        let mut endpoints = BTreeMap::new();
+        let mut by_address = BTreeMap::new();
+        for ep in state.endpoints.values() {
+            for a in &ep.addresses {
+                by_address.insert(*a, ep.id);
+            }
+            endpoints.insert(
+                ep.id,
+                (
+                    ep.namespace.clone(),
+                    ep.name.clone(),
+                    state.effective_labels(ep),
+                    ep.addresses.clone(),
+                ),
+            );
+        }
+        let namespaces = state.namespace_map();
+        let (policies, _) = state.policies();
+        Self {
+            endpoints,
+            by_address,
+            host: state.host_addresses.clone(),
+            policy_names: state
+                .policies
+                .iter()
+                .map(|(k, sp)| (sp.id, k.clone()))
+                .collect(),
+            policies: policies
+                .into_iter()
+                .map(|(_, p)| {
+                    let m = state.effective_mode(&p, &namespaces);
+                    (p, m)
+                })
+                .collect(),
+        }
+    }
+
+    fn party(&self, addr: IpAddr, identity: u32, ep_id: Option<u32>) -> FlowParty {
+        let ep = ep_id
+            .or_else(|| self.by_address.get(&addr).copied())
+            .and_then(|id| self.endpoints.get(&id));
+        if let Some((ns, name, labels, _)) = ep {
+            return FlowParty {
+                kind: "pod".into(),
+                address: addr,
+                namespace: Some(ns.clone()),
+                name: Some(name.clone()),
+                identity,
+                labels: labels.clone(),
+            };
+        }
+        let kind = if identity == ID_HOST || self.host.contains(&addr) {
+            "host"
+        } else if identity == ID_WORLD || reserved_name(identity).is_some() {
+            "world"
+        } else {
+            "cidr"
+        };
+        FlowParty {
+            kind: kind.into(),
+            address: addr,
+            namespace: None,
+            name: None,
+            identity,
+            labels: Labels::new(),
+        }
+    }
+
+    /// Attach names to an event that happened at `time`.
+    pub fn resolve(&self, e: &Event, time: SystemTime) -> FlowRecord {
+        let direction = Direction::from_u8(e.direction).unwrap_or(Direction::Ingress);
+        let (src, dst) = (abi::ip_from16(e.saddr), abi::ip_from16(e.daddr));
+        let (own, peer_addr) = match direction {
+            Direction::Egress => (src, dst),
+            Direction::Ingress => (dst, src),
+        };
+        let endpoint = self.party(own, e.identity, Some(e.ep_id));
+        let peer = self.party(peer_addr, e.peer_identity, None);
+        let verdict = Verdict::from_u8(e.verdict);
+        let policy = (e.policy_id != 0)
+            .then(|| self.policy_names.get(&e.policy_id).cloned())
+            .flatten();
+        let isolated_by = if matches!(verdict, Verdict::Deny | Verdict::Audit)
+            && Reason::from_code(e.reason) == Reason::DropPolicy
+        {
+            let (ns, labels) = (
+                endpoint.namespace.clone().unwrap_or_default(),
+                endpoint.labels.clone(),
+            );
+            self.policies
+                .iter()
+                .filter(|(p, _)| {
+                    p.selects(&ns, &labels)
+                        && match direction {
+                            Direction::Ingress => p.ingress_isolation,
+                            Direction::Egress => p.egress_isolation,
+                        }
+                })
+                .map(|(p, m)| {
+                    if *m == Mode::Audit {
+                        format!("{} (audit)", p.key())
+                    } else {
+                        p.key()
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        FlowRecord {
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            kind: if e.kind == abi::EVENT_DROP {
+                "drop"
+            } else {
+                "flow"
+            }
+            .into(),
+            verdict: verdict.as_str().into(),
+            reason: Reason::from_code(e.reason).describe().into(),
+            direction,
+            endpoint,
+            peer,
+            protocol: proto_name(e.protocol),
+            sport: u16::from_be(e.sport_be),
+            dport: u16::from_be(e.dport_be),
+            policy,
+            isolated_by,
+        }
+    }
+}
+
+/// What `palisadectl flows` shows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub verdict: Option<String>,
+    /// `ns/name` on either side.
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl Filter {
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        let sides = [&r.endpoint, &r.peer];
+        self.verdict.as_deref().is_none_or(|v| r.verdict == v)
+            && self.port.is_none_or(|p| r.dport == p)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| sides.iter().any(|s| s.namespace.as_deref() == Some(ns)))
+            && self.pod.as_deref().is_none_or(|pod| {
+                let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+                sides
+                    .iter()
+                    .any(|s| s.namespace.as_deref() == Some(ns) && s.name.as_deref() == Some(name))
+            })
+    }
+}
+
+/// A size-capped flow log: `flows.log` plus rotated `flows.log.1` ...
+/// `flows.log.{files-1}`; all of them together never exceed `max_bytes`.
+#[derive(Debug)]
+pub struct FlowLog {
+    dir: PathBuf,
+    max_bytes: u64,
+    files: u32,
+    current: Option<File>,
+    size: u64,
+}
+
+pub const LOG_NAME: &str = "flows.log";
+
+impl FlowLog {
+    pub fn open(dir: &Path, max_bytes: u64, files: u32) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(LOG_NAME);
+        let f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = f.metadata()?.len();
+        Ok(Self {
+            dir: dir.to_owned(),
+            max_bytes,
+            files: files.max(1),
+            current: Some(f),
+            size,
+        })
+    }
+
+    fn per_file(&self) -> u64 {
+        self.max_bytes / u64::from(self.files)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.current = None;
+        let name = |i: u32| {
+            if i == 0 {
+                self.dir.join(LOG_NAME)
+            } else {
+                self.dir.join(format!("{LOG_NAME}.{i}"))
+            }
+        };
+        let last = self.files - 1;
+        if last == 0 {
+            fs::remove_file(name(0)).or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        } else {
+            let _ = fs::remove_file(name(last));
+            for i in (0..last).rev() {
+                match fs::rename(name(i), name(i + 1)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.current = Some(OpenOptions::new().create(true).append(true).open(name(0))?);
+        self.size = 0;
+        Ok(())
+    }
+
+    /// Append one record (a JSON line). A record larger than a whole file
+    /// is dropped rather than break the cap.
+    pub fn append(&mut self, r: &FlowRecord) -> io::Result<bool> {
+        let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let len = line.len() as u64;
+        if len > self.per_file() {
+            return Ok(false);
+        }
+        if self.size + len > self.per_file() {
+            self.rotate()?;
+        }
+        let f = self
+            .current
+            .as_mut()
+            .ok_or_else(|| io::Error::other("flow log closed"))?;
+        f.write_all(&line)?;
+        self.size += len;
+        Ok(true)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        match &mut self.current {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The log's files, oldest first.
+pub fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<(u32, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix(&format!("{LOG_NAME}."))?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let current = dir.join(LOG_NAME);
+    if current.exists() {
+        out.push(current);
+    }
+    out
+}
+
+/// Every record in the log, oldest first (malformed lines are skipped).
+pub fn read_log(dir: &Path) -> Vec<FlowRecord> {
+    let mut out = Vec::new();
+    for f in log_files(dir) {
+        if let Ok(file) = File::open(&f) {
+            for line in BufReader::new(file).lines().map_while(Result::ok) {
+                if let Ok(r) = serde_json::from_str(&line) {
+                    out.push(r);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Follows the current log file across rotations.
+#[derive(Debug)]
+pub struct Tail {
+    path: PathBuf,
+    pos: u64,
+    inode: u64,
+}
+
+impl Tail {
+    /// Start at the end of the log (only new records).
+    pub fn at_end(dir: &Path) -> Self {
+        let path = dir.join(LOG_NAME);
+        let (pos, inode) = fs::metadata(&path)
+            .map(|m| (m.len(), std::os::unix::fs::MetadataExt::ino(&m)))
+            .unwrap_or((0, 0));
+        Self { path, pos, inode }
+    }
+
+    /// Records appended since the last call.
+    pub fn poll(&mut self) -> Vec<FlowRecord> {
+        let Ok(meta) = fs::metadata(&self.path) else {
+            return Vec::new();
+        };
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        if inode != self.inode || meta.len() < self.pos {
+            // Rotated: the new file starts from the beginning.
+            self.inode = inode;
+            self.pos = 0;
+        }
+        let Ok(mut f) = File::open(&self.path) else {
+            return Vec::new();
+        };
+        if f.seek(SeekFrom::Start(self.pos)).is_err() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut reader = BufReader::new(f);
+        let mut line = String::new();
+        while let Ok(n) = reader.read_line(&mut line) {
+            if n == 0 || !line.ends_with('\n') {
+                break; // a partial line is read again next time
+            }
+            self.pos += n as u64;
+            if let Ok(r) = serde_json::from_str(line.trim_end()) {
+                out.push(r);
+            }
+            line.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u16) -> FlowRecord {
+        FlowRecord {
+            time: "2026-01-01T00:00:00.000Z".into(),
+            kind: "flow".into(),
+            verdict: "allowed".into(),
+            reason: "decided by policy".into(),
+            direction: Direction::Ingress,
+            endpoint: FlowParty {
+                kind: "pod".into(),
+                address: "10.0.0.2".parse().unwrap(),
+                namespace: Some("x".into()),
+                name: Some("a".into()),
+                identity: 256,
+                labels: Labels::new(),
+            },
+            peer: FlowParty {
+                kind: "world".into(),
+                address: "192.0.2.1".parse().unwrap(),
+                namespace: None,
+                name: None,
+                identity: 2,
+                labels: Labels::new(),
+            },
+            protocol: "TCP".into(),
+            sport: 40000,
+            dport: i,
+            policy: None,
+            isolated_by: vec![],
+        }
+    }
+
+    #[test]
+    fn the_log_rotates_and_never_exceeds_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FlowLog::open(dir.path(), 4096, 3).unwrap();
+        for i in 0..500 {
+            log.append(&rec(i)).unwrap();
+        }
+        log.flush().unwrap();
+        let total: u64 = log_files(dir.path())
+            .iter()
+            .map(|f| fs::metadata(f).unwrap().len())
+            .sum();
+        assert!(total <= 4096, "{total} bytes");
+        assert_eq!(log_files(dir.path()).len(), 3);
+        let back = read_log(dir.path());
+        assert!(!back.is_empty());
+        // Oldest first, newest last, nothing out of order.
+        assert!(
+            back.windows(2).all(|w| w[0].dport < w[1].dport),
+            "{:?}",
+            back.iter().map(|r| r.dport).collect::<Vec<_>>()
+        );
+        assert_eq!(back.last().unwrap().dport, 499);
+    }
+
+    #[test]
+    fn tail_follows_across_rotation_and_filters_match_either_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FlowLog::open(dir.path(), 2000, 2).unwrap();
+        let mut tail = Tail::at_end(dir.path());
+        let mut seen = Vec::new();
+        for i in 0..40 {
+            log.append(&rec(i)).unwrap();
+            log.flush().unwrap();
+            seen.extend(tail.poll().into_iter().map(|r| r.dport));
+        }
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+        let f = Filter {
+            pod: Some("x/a".into()),
+            port: Some(7),
+            ..Default::default()
+        };
+        assert!(f.matches(&rec(7)));
+        assert!(!f.matches(&rec(8)));
+        assert!(
+            !Filter {
+                namespace: Some("y".into()),
+                ..Default::default()
+            }
+            .matches(&rec(7))
+        );
+    }
+}

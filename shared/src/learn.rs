@@ -1,0 +1,543 @@
+//! Policy learning: observed flows in, ready-to-apply NetworkPolicy out.
+//! One policy per workload (pods of a namespace with the same labels),
+//! selecting by labels, never by pod address; peers as pod and namespace
+//! selectors, outside peers as ipBlocks aggregated per /24 (IPv4) or /64
+//! (IPv6) when several addresses share one; exact ports; DNS egress kept.
+//! The output is sorted and carries no timestamps or counts, so learning
+//! again later shows only what changed; counts go to the report.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use crate::{
+    flows::{FlowParty, FlowRecord},
+    policy::{Labels, MODE_ANNOTATION, Mode, NAMESPACE_NAME_LABEL},
+};
+
+/// Pod labels that differ between pods of one workload and must not be in
+/// a selector.
+const VOLATILE_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "controller-uid",
+];
+
+/// What to learn from.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Also allow what was denied (by default, denied attempts stay denied).
+    pub include_denied: bool,
+    /// Annotate the policies with this mode (e.g. audit, to stage them).
+    pub mode: Option<Mode>,
+    /// Only learn for workloads in this namespace.
+    pub namespace: Option<String>,
+}
+
+/// A workload: the pods of one namespace sharing the selector labels.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Workload {
+    pub namespace: String,
+    pub selector: Labels,
+}
+
+/// The other side of a rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum PeerKey {
+    Pods(Workload),
+    Cidr(String),
+}
+
+/// One learned connection: who opened it, to whom, on what.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Conn {
+    client: Side,
+    server: Side,
+    protocol: String,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Side {
+    Pod(Workload, String),
+    Host,
+    Outside(IpAddr),
+    Unlabelled(String),
+}
+
+fn selector_of(labels: &Labels) -> Labels {
+    labels
+        .iter()
+        .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn side(p: &FlowParty) -> Side {
+    match (&p.namespace, &p.name, p.kind.as_str()) {
+        (Some(ns), Some(name), _) => {
+            let sel = selector_of(&p.labels);
+            if sel.is_empty() {
+                Side::Unlabelled(format!("{ns}/{name}"))
+            } else {
+                Side::Pod(
+                    Workload {
+                        namespace: ns.clone(),
+                        selector: sel,
+                    },
+                    format!("{ns}/{name}"),
+                )
+            }
+        }
+        (_, _, "host") => Side::Host,
+        _ => Side::Outside(p.address),
+    }
+}
+
+/// The result: YAML and a report of what each rule covers.
+#[derive(Debug, Clone, Default)]
+pub struct Learned {
+    pub yaml: String,
+    pub report: Vec<String>,
+    pub policies: usize,
+}
+
+/// Aggregate outside addresses: a /24 (/64) covers addresses that share
+/// one, a lone address is a /32 (/128).
+fn aggregate(addrs: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, String> {
+    let net_of = |a: &IpAddr| -> (IpAddr, u8) {
+        match a {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                (IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0)), 24)
+            }
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                (
+                    IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)),
+                    64,
+                )
+            }
+        }
+    };
+    let mut groups: BTreeMap<(IpAddr, u8), Vec<IpAddr>> = BTreeMap::new();
+    for a in addrs {
+        groups.entry(net_of(a)).or_default().push(*a);
+    }
+    let mut out = BTreeMap::new();
+    for ((net, len), members) in groups {
+        for a in &members {
+            let cidr = if members.len() > 1 {
+                format!("{net}/{len}")
+            } else if a.is_ipv4() {
+                format!("{a}/32")
+            } else {
+                format!("{a}/128")
+            };
+            out.insert(*a, cidr);
+        }
+    }
+    out
+}
+
+fn slug(w: &Workload) -> String {
+    let raw: Vec<String> = w.selector.values().cloned().collect();
+    let mut s: String = raw
+        .join("-")
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    let s = s.trim_matches('-');
+    let mut name = format!("learned-{s}");
+    name.truncate(253);
+    name.trim_end_matches('-').to_owned()
+}
+
+fn labels_yaml(l: &Labels) -> serde_json::Value {
+    serde_json::Value::Object(
+        l.iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect(),
+    )
+}
+
+/// Learn policies from flow records.
+pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
+    // Connections (by client port), each counted once however many
+    // endpoints reported it.
+    let mut seen: BTreeMap<Conn, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+    let mut unlabelled = BTreeSet::new();
+    for r in records {
+        let counts = match r.verdict.as_str() {
+            "allowed" | "audit" => true,
+            "denied" => {
+                opts.include_denied && r.reason == crate::abi::Reason::DropPolicy.describe()
+            }
+            _ => false,
+        };
+        if !counts {
+            continue;
+        }
+        let c = Conn {
+            client: side(r.client()),
+            server: side(r.server()),
+            protocol: r.protocol.clone(),
+            port: r.dport,
+        };
+        for s in [&c.client, &c.server] {
+            if let Side::Unlabelled(n) = s {
+                unlabelled.insert(n.clone());
+            }
+        }
+        seen.entry(c)
+            .or_default()
+            .insert((r.client().address, r.sport));
+    }
+    let conns: BTreeMap<Conn, usize> = seen.into_iter().map(|(c, s)| (c, s.len())).collect();
+
+    let mut outside: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut workloads: BTreeSet<Workload> = BTreeSet::new();
+    for c in conns.keys() {
+        for s in [&c.client, &c.server] {
+            match s {
+                Side::Pod(w, _) => {
+                    workloads.insert(w.clone());
+                }
+                Side::Outside(a) => {
+                    outside.insert(*a);
+                }
+                _ => {}
+            }
+        }
+    }
+    let cidrs = aggregate(&outside);
+    let peer_key = |s: &Side| -> Option<PeerKey> {
+        match s {
+            Side::Pod(w, _) => Some(PeerKey::Pods(w.clone())),
+            Side::Outside(a) => cidrs.get(a).map(|c| PeerKey::Cidr(c.clone())),
+            Side::Host | Side::Unlabelled(_) => None,
+        }
+    };
+
+    let mut docs = Vec::new();
+    let mut report = Vec::new();
+    for n in &unlabelled {
+        report.push(format!(
+            "{n} has no labels: no policy can select it by label, so none was learned for it (label it and learn again)"
+        ));
+    }
+    for w in workloads
+        .iter()
+        .filter(|w| opts.namespace.as_deref().is_none_or(|ns| ns == w.namespace))
+    {
+        let name = slug(w);
+        // peer -> (ports, flow count)
+        let mut ingress: BTreeMap<PeerKey, (BTreeSet<(String, u16)>, usize)> = BTreeMap::new();
+        let mut egress: BTreeMap<PeerKey, (BTreeSet<(String, u16)>, usize)> = BTreeMap::new();
+        for (c, n) in &conns {
+            if let Side::Pod(sw, _) = &c.server
+                && sw == w
+                && let Some(k) = peer_key(&c.client)
+            {
+                let e = ingress.entry(k).or_default();
+                e.0.insert((c.protocol.clone(), c.port));
+                e.1 += n;
+            }
+            if let Side::Pod(cw, _) = &c.client
+                && cw == w
+                && let Some(k) = peer_key(&c.server)
+            {
+                let e = egress.entry(k).or_default();
+                e.0.insert((c.protocol.clone(), c.port));
+                e.1 += n;
+            }
+        }
+        let peer_json = |k: &PeerKey| -> serde_json::Value {
+            match k {
+                PeerKey::Pods(pw) if pw.namespace == w.namespace => {
+                    serde_json::json!({"podSelector": {"matchLabels": labels_yaml(&pw.selector)}})
+                }
+                PeerKey::Pods(pw) => serde_json::json!({
+                    "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: pw.namespace}},
+                    "podSelector": {"matchLabels": labels_yaml(&pw.selector)}
+                }),
+                PeerKey::Cidr(c) => serde_json::json!({"ipBlock": {"cidr": c}}),
+            }
+        };
+        let describe = |k: &PeerKey| match k {
+            PeerKey::Pods(pw) => format!(
+                "pods {} in {}",
+                pw.selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                pw.namespace
+            ),
+            PeerKey::Cidr(c) => c.clone(),
+        };
+        let ports_json = |ports: &BTreeSet<(String, u16)>| -> Vec<serde_json::Value> {
+            ports
+                .iter()
+                .filter(|(p, _)| matches!(p.as_str(), "TCP" | "UDP" | "SCTP"))
+                .map(|(p, n)| serde_json::json!({"protocol": p, "port": n}))
+                .collect()
+        };
+        let mut ingress_rules = Vec::new();
+        for (i, (k, (ports, n))) in ingress.iter().enumerate() {
+            let mut rule = serde_json::json!({"from": [peer_json(k)]});
+            let pj = ports_json(ports);
+            if !pj.is_empty() && pj.len() == ports.len() {
+                rule["ports"] = serde_json::json!(pj);
+            }
+            ingress_rules.push(rule);
+            report.push(format!(
+                "{}/{name} ingress[{i}]: from {} on {} covers {n} observed connection(s)",
+                w.namespace,
+                describe(k),
+                ports
+                    .iter()
+                    .map(|(p, n)| format!("{n}/{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let mut egress_rules = Vec::new();
+        for (i, (k, (ports, n))) in egress.iter().enumerate() {
+            let mut rule = serde_json::json!({"to": [peer_json(k)]});
+            let pj = ports_json(ports);
+            if !pj.is_empty() && pj.len() == ports.len() {
+                rule["ports"] = serde_json::json!(pj);
+            }
+            egress_rules.push(rule);
+            report.push(format!(
+                "{}/{name} egress[{i}]: to {} on {} covers {n} observed connection(s)",
+                w.namespace,
+                describe(k),
+                ports
+                    .iter()
+                    .map(|(p, n)| format!("{n}/{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        // Name resolution keeps working wherever the resolver is.
+        egress_rules.push(serde_json::json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}));
+        report.push(format!(
+            "{}/{name} egress[{}]: DNS (UDP and TCP 53) to anywhere, so name resolution keeps working",
+            w.namespace,
+            egress_rules.len() - 1
+        ));
+        let mut meta = serde_json::json!({"name": name, "namespace": w.namespace});
+        if let Some(m) = opts.mode {
+            meta["annotations"] = serde_json::json!({MODE_ANNOTATION: m.as_str()});
+        }
+        let policy = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": meta,
+            "spec": {
+                "podSelector": {"matchLabels": labels_yaml(&w.selector)},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress_rules,
+                "egress": egress_rules,
+            }
+        });
+        docs.push(serde_yaml::to_string(&policy).unwrap_or_default());
+    }
+    Learned {
+        policies: docs.len(),
+        yaml: docs.join("---\n"),
+        report,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        abi::Direction,
+        policy::{Object, Policy, parse_documents},
+    };
+
+    fn pod(ns: &str, name: &str, addr: &str, labels: &[(&str, &str)]) -> FlowParty {
+        FlowParty {
+            kind: "pod".into(),
+            address: addr.parse().unwrap(),
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            identity: 300,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn world(addr: &str) -> FlowParty {
+        FlowParty {
+            kind: "world".into(),
+            address: addr.parse().unwrap(),
+            namespace: None,
+            name: None,
+            identity: 2,
+            labels: Labels::new(),
+        }
+    }
+
+    fn flow(
+        dir: Direction,
+        endpoint: FlowParty,
+        peer: FlowParty,
+        proto: &str,
+        port: u16,
+    ) -> FlowRecord {
+        FlowRecord {
+            time: "2026-01-01T00:00:00.000Z".into(),
+            kind: "flow".into(),
+            verdict: "allowed".into(),
+            reason: "no policy isolates the endpoint in this direction".into(),
+            direction: dir,
+            endpoint,
+            peer,
+            protocol: proto.into(),
+            sport: 40000,
+            dport: port,
+            policy: None,
+            isolated_by: vec![],
+        }
+    }
+
+    fn sample() -> Vec<FlowRecord> {
+        let web = pod(
+            "shop",
+            "web-1",
+            "10.0.0.2",
+            &[("app", "web"), ("pod-template-hash", "abc")],
+        );
+        let api = pod("shop", "api-1", "10.0.0.3", &[("app", "api")]);
+        let db = pod("data", "db-1", "10.0.0.4", &[("app", "db")]);
+        vec![
+            // web -> api:8080, seen at both ends.
+            flow(Direction::Egress, web.clone(), api.clone(), "TCP", 8080),
+            flow(Direction::Ingress, api.clone(), web.clone(), "TCP", 8080),
+            // api -> db:5432 across namespaces.
+            flow(Direction::Egress, api.clone(), db.clone(), "TCP", 5432),
+            // outside -> web:443 from two addresses of one /24 and one lone address.
+            flow(
+                Direction::Ingress,
+                web.clone(),
+                world("198.51.100.7"),
+                "TCP",
+                443,
+            ),
+            flow(
+                Direction::Ingress,
+                web.clone(),
+                world("198.51.100.9"),
+                "TCP",
+                443,
+            ),
+            flow(
+                Direction::Ingress,
+                web.clone(),
+                world("203.0.113.5"),
+                "TCP",
+                443,
+            ),
+            // api -> outside DNS-less service.
+            flow(
+                Direction::Egress,
+                api.clone(),
+                world("192.0.2.10"),
+                "UDP",
+                123,
+            ),
+        ]
+    }
+
+    #[test]
+    fn learned_policies_select_by_labels_and_parse_as_network_policies() {
+        let l = learn(&sample(), &Options::default());
+        assert_eq!(l.policies, 3, "{}", l.yaml);
+        let objs = parse_documents(&l.yaml, "learned").unwrap();
+        let policies: Vec<Policy> = objs
+            .iter()
+            .map(|o| match o {
+                Object::NetworkPolicy(np) => Policy::from_k8s(np).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let web = policies.iter().find(|p| p.name == "learned-web").unwrap();
+        assert!(web.ingress_isolation && web.egress_isolation);
+        assert_eq!(
+            web.pod_selector.describe(),
+            "app=web",
+            "volatile labels are not selected"
+        );
+        assert!(
+            !l.yaml.contains("10.0.0."),
+            "never selects pods by address:\n{}",
+            l.yaml
+        );
+        assert!(
+            l.yaml.contains("198.51.100.0/24") && l.yaml.contains("203.0.113.5/32"),
+            "{}",
+            l.yaml
+        );
+        assert!(
+            l.yaml.contains("kubernetes.io/metadata.name: data"),
+            "{}",
+            l.yaml
+        );
+        assert!(
+            l.report.iter().any(|r| r.contains("learned-api ingress[0]")
+                && r.contains("covers 1 observed connection")),
+            "one connection seen at both ends counts once: {:?}",
+            l.report
+        );
+        assert!(l.report.iter().any(|r| r.contains("DNS")));
+    }
+
+    #[test]
+    fn learning_is_deterministic_and_ignores_denied_attempts() {
+        let mut flows = sample();
+        let a = learn(&flows, &Options::default());
+        flows.reverse();
+        let b = learn(&flows, &Options::default());
+        assert_eq!(a.yaml, b.yaml);
+        let mut denied = flow(
+            Direction::Ingress,
+            pod("shop", "web-1", "10.0.0.2", &[("app", "web")]),
+            pod("shop", "evil", "10.0.0.9", &[("app", "evil")]),
+            "TCP",
+            22,
+        );
+        denied.verdict = "denied".into();
+        flows.push(denied);
+        assert_eq!(learn(&flows, &Options::default()).yaml, a.yaml);
+        let staged = learn(
+            &flows,
+            &Options {
+                mode: Some(Mode::Audit),
+                ..Default::default()
+            },
+        );
+        assert!(staged.yaml.contains("palisade.io/mode: audit"));
+    }
+}
