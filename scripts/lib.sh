@@ -8,6 +8,7 @@ PALISADE_PACKAGES=(
 	runc podman containerd docker.io      # the runtimes the OCI hook is tested with
 	netavark aardvark-dns iptables        # Podman's netavark backend
 	busybox-static                        # container root filesystems (no registry images)
+	graphviz                              # palisadectl graph (layout and rendering)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

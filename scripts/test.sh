@@ -26,6 +26,9 @@ cargo test --workspace --lib --bins
 step "BPF verdict tests, CNI contract tests, datapath tests"
 cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
 
+step "flows, audit mode, learning, traffic graph, agent"
+cargo test -p palisade-tests --test observe
+
 step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd (start-time overhead printed)"
 cargo test -p palisade-tests --test runtimes -- --nocapture 2>&1 | tee /tmp/palisade-runtimes.log
 grep 'median container start' /tmp/palisade-runtimes.log || true

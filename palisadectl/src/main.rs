@@ -2,6 +2,8 @@
 //! arguments, call `palisade::node` / `palisade::explain`, print tables,
 //! JSON or YAML.
 
+mod agent;
+mod observe;
 mod output;
 
 use std::{
@@ -21,6 +23,7 @@ use palisade::{
     policy::{self, Object},
     store::{DEFAULT_STATE_DIR, Store},
 };
+use palisade::{flows::Filter, learn, policy::Mode};
 
 use crate::output::Format;
 
@@ -91,6 +94,87 @@ enum Command {
     Sync,
     /// Remove endpoints whose host veth no longer exists (run on the node).
     Gc,
+    /// Show flows: new connections and drops, with who and which policy.
+    Flows {
+        /// Keep printing new flows.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this verdict: allowed, denied or audit.
+        #[arg(long, value_parser = ["allowed", "denied", "audit"])]
+        verdict: Option<String>,
+        /// Only flows of this pod (NAMESPACE/NAME), on either side.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only flows with a side in this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Only flows to this destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only the last N records.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// table, or json (one object a line).
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Run the node agent: flow log and Prometheus metrics.
+    Agent {
+        /// Where to serve /metrics.
+        #[arg(long, default_value = "127.0.0.1:9970")]
+        listen: String,
+        /// Flow log directory (default: STATE_DIR/flows).
+        #[arg(long)]
+        log_dir: Option<PathBuf>,
+        /// Cap on all flow log files together, in bytes.
+        #[arg(long, default_value_t = 64 << 20)]
+        log_max_bytes: u64,
+        /// How many files the log rotates through.
+        #[arg(long, default_value_t = 4)]
+        log_files: u32,
+    },
+    /// Generate NetworkPolicy YAML from observed flows.
+    Learn {
+        /// Read this flow log directory (default: the agent's).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Watch live traffic for this long instead (e.g. 30s, 5m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Only workloads in this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Also allow connections that were denied.
+        #[arg(long)]
+        include_denied: bool,
+        /// Annotate the policies with this mode (audit to stage them).
+        #[arg(long, value_parser = ["audit", "enforce"])]
+        mode: Option<String>,
+        /// Write the report (what each rule covers) here instead of stderr.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Draw observed traffic (pods by namespace, edges by verdict).
+    Graph {
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// html (self-contained), svg, dot or png.
+        #[arg(short = 'o', long, default_value = "html", value_parser = ["html", "svg", "dot", "png"])]
+        output: String,
+        /// Write here instead of stdout.
+        #[arg(long = "file")]
+        file: Option<PathBuf>,
+    },
+    /// Set audit or enforce mode: node-wide, or for a namespace (-n).
+    Mode {
+        /// audit, enforce, or inherit (a namespace follows the node).
+        #[arg(value_parser = ["audit", "enforce", "inherit"])]
+        mode: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -285,8 +369,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         protocol: proto_num,
                         port,
                     })?;
-                    let allowed =
-                        !a.isolated || a.entry.is_some() || e.from.is_host || e.to.is_host;
+                    let allowed = !a.isolated
+                        || a.entry.is_some()
+                        || a.audit
+                        || e.from.is_host
+                        || e.to.is_host;
                     datapath.push(output::DatapathAnswer {
                         direction: side.direction,
                         endpoint: ep_id,
@@ -305,6 +392,123 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output::emit(&format!(
                 "maps in sync: {} entries written, {} removed, epoch {}\n",
                 report.upserted, report.deleted, report.epoch
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flows {
+            follow,
+            verdict,
+            pod,
+            namespace,
+            port,
+            tail,
+            output,
+        } => {
+            let filter = Filter {
+                verdict: verdict.clone(),
+                pod: pod.clone(),
+                namespace: namespace.clone(),
+                port: *port,
+            };
+            observe::flows(
+                &cli.state_dir,
+                &cli.bpf_root,
+                &filter,
+                *follow,
+                *tail,
+                *output == Format::Json,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent {
+            listen,
+            log_dir,
+            log_max_bytes,
+            log_files,
+        } => {
+            agent::run(agent::Options {
+                state_dir: cli.state_dir.clone(),
+                bpf_root: cli.bpf_root.clone(),
+                listen: listen.clone(),
+                log_dir: log_dir.clone(),
+                log_max_bytes: *log_max_bytes,
+                log_files: *log_files,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Learn {
+            log,
+            duration,
+            namespace,
+            include_denied,
+            mode,
+            report,
+        } => {
+            let records =
+                observe::collect(&cli.state_dir, &cli.bpf_root, log.as_deref(), *duration)?;
+            let learned = learn::learn(
+                &records,
+                &learn::Options {
+                    include_denied: *include_denied,
+                    mode: mode.as_deref().map(|m| {
+                        if m == "audit" {
+                            Mode::Audit
+                        } else {
+                            Mode::Enforce
+                        }
+                    }),
+                    namespace: namespace.clone(),
+                },
+            );
+            let text = format!(
+                "learned {} policies from {} flow records\n{}\n",
+                learned.policies,
+                records.len(),
+                learned.report.join("\n")
+            );
+            match report {
+                Some(f) => fs::write(f, text).with_context(|| format!("write {}", f.display()))?,
+                None => eprint!("{text}"),
+            }
+            output::emit(&learned.yaml)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph {
+            log,
+            duration,
+            output,
+            file,
+        } => {
+            let records =
+                observe::collect(&cli.state_dir, &cli.bpf_root, log.as_deref(), *duration)?;
+            let bytes = observe::graph(&records, output)?;
+            match file {
+                Some(f) => fs::write(f, bytes).with_context(|| format!("write {}", f.display()))?,
+                None => {
+                    use std::io::Write;
+                    io::stdout().write_all(&bytes)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mode { mode, namespace } => {
+            let m = match mode.as_str() {
+                "audit" => Some(Mode::Audit),
+                "enforce" => Some(Mode::Enforce),
+                _ => None,
+            };
+            if namespace.is_none() && m.is_none() {
+                anyhow::bail!("the node has no parent to inherit from: use audit or enforce");
+            }
+            let report = node(&cli)
+                .set_mode(namespace.as_deref(), m)
+                .context("set mode")?;
+            let scope = namespace
+                .as_deref()
+                .map_or_else(|| "node default".to_owned(), |n| format!("namespace {n}"));
+            output::emit(&format!(
+                "{scope}: {mode} (policy epoch {})\n",
+                report.epoch
             ))?;
             Ok(ExitCode::SUCCESS)
         }

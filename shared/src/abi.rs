@@ -208,6 +208,7 @@ pub const PROTO_SCTP: u8 = 132;
 pub fn proto_name(p: u8) -> String {
     match p {
         PROTO_ICMP => "ICMP".into(),
+        2 => "IGMP".into(),
         PROTO_TCP => "TCP".into(),
         PROTO_UDP => "UDP".into(),
         PROTO_ICMPV6 => "ICMPv6".into(),

@@ -115,6 +115,8 @@ pub struct Side {
     pub isolated_by: Vec<String>,
     pub allowed_by: Vec<Allow>,
     pub allowed: bool,
+    /// Allowed only because the isolating policies are in audit mode.
+    pub audit: bool,
     pub reason: String,
 }
 
@@ -147,7 +149,13 @@ impl fmt::Display for Explanation {
             self.from.display,
             self.to.display,
             what,
-            if self.allowed { "ALLOWED" } else { "DENIED" }
+            if !self.allowed {
+                "DENIED"
+            } else if self.egress.iter().chain(&self.ingress).any(|s| s.audit) {
+                "ALLOWED (audit mode: policy would deny it)"
+            } else {
+                "ALLOWED"
+            }
         )?;
         for side in [&self.egress, &self.ingress].into_iter().flatten() {
             writeln!(
@@ -285,6 +293,7 @@ fn side(
     };
     let mut isolated_by = Vec::new();
     let mut allowed_by = Vec::new();
+    let mut enforced = false;
     let mut sorted: Vec<&(u32, Policy)> = policies.iter().collect();
     sorted.sort_by(|a, b| (&a.1.namespace, &a.1.name).cmp(&(&b.1.namespace, &b.1.name)));
     for (_, p) in sorted {
@@ -296,6 +305,7 @@ fn side(
             continue;
         }
         isolated_by.push(p.key());
+        enforced |= p.mode.unwrap_or_default() == crate::policy::Mode::Enforce;
         let rules = match dir {
             Direction::Ingress => &p.ingress,
             Direction::Egress => &p.egress,
@@ -327,6 +337,21 @@ fn side(
             true,
             format!("no NetworkPolicy selects {subject_name} for {dir}, so it is not isolated"),
         )
+    } else if allowed_by.is_empty() && !enforced {
+        (
+            true,
+            format!(
+                "AUDIT: isolated for {dir} only by audit-mode {} ({}), and no rule allows {}: it would be denied; \
+                 it is allowed and reported as audit",
+                if isolated_by.len() == 1 {
+                    "policy"
+                } else {
+                    "policies"
+                },
+                isolated_by.join(", "),
+                peer.display
+            ),
+        )
     } else if allowed_by.is_empty() {
         (
             false,
@@ -349,6 +374,11 @@ fn side(
     Side {
         direction: dir,
         subject: subject_name,
+        audit: allowed
+            && allowed_by.is_empty()
+            && !isolated_by.is_empty()
+            && !enforced
+            && !peer.is_host,
         isolated_by,
         allowed_by,
         allowed,
@@ -364,7 +394,11 @@ pub fn explain(
     proto: u8,
     port: u16,
 ) -> Result<Explanation, ExplainError> {
-    let (policies, _) = state.policies();
+    let (mut policies, _) = state.policies();
+    let namespaces = state.namespace_map();
+    for (_, p) in &mut policies {
+        p.mode = Some(state.effective_mode(p, &namespaces));
+    }
     let blocks = all_blocks(&policies);
     let from = resolve(state, from)?;
     let to = resolve(state, to)?;

@@ -104,6 +104,66 @@ impl FlowRecord {
     }
 }
 
+/// One connection, however many endpoints reported it: a pod-to-pod
+/// connection is seen by the client's egress and the server's ingress, and
+/// it went through only if both allowed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub client: FlowParty,
+    pub server: FlowParty,
+    pub protocol: String,
+    pub sport: u16,
+    pub dport: u16,
+    /// The worst verdict any side gave: denied, then audit, then allowed.
+    pub verdict: String,
+}
+
+fn severity(v: &str) -> u8 {
+    match v {
+        "denied" => 2,
+        "audit" => 1,
+        _ => 0,
+    }
+}
+
+/// Merge flow records into connections (keyed by both addresses, ports
+/// and protocol), in the order they were first seen.
+pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
+    let mut index: BTreeMap<(IpAddr, u16, IpAddr, u16, String), usize> = BTreeMap::new();
+    let mut out: Vec<Connection> = Vec::new();
+    for r in records {
+        let (c, s) = (r.client(), r.server());
+        let key = (c.address, r.sport, s.address, r.dport, r.protocol.clone());
+        match index.get(&key) {
+            Some(&i) => {
+                let conn = &mut out[i];
+                if severity(&r.verdict) > severity(&conn.verdict) {
+                    conn.verdict = r.verdict.clone();
+                }
+                // Each side knows itself best (its own endpoint record).
+                if conn.client.kind != "pod" && c.kind == "pod" {
+                    conn.client = c.clone();
+                }
+                if conn.server.kind != "pod" && s.kind == "pod" {
+                    conn.server = s.clone();
+                }
+            }
+            None => {
+                index.insert(key, out.len());
+                out.push(Connection {
+                    client: c.clone(),
+                    server: s.clone(),
+                    protocol: r.protocol.clone(),
+                    sport: r.sport,
+                    dport: r.dport,
+                    verdict: r.verdict.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Names for the numbers in events, from the store.
 #[derive(Debug)]
 pub struct Resolver {
@@ -381,7 +441,7 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
             Some((n, e.path()))
         })
         .collect();
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
     let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
     let current = dir.join(LOG_NAME);
     if current.exists() {

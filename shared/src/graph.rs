@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::flows::{FlowParty, FlowRecord};
+use crate::flows::{FlowParty, FlowRecord, connections};
 
 /// Edge colours, also used in the legend.
 pub const COLOURS: &[(&str, &str)] = &[
@@ -66,8 +66,10 @@ pub struct Summary {
 pub fn dot(records: &[FlowRecord]) -> (String, Summary) {
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     let mut edges: BTreeMap<(String, String, String), BTreeSet<String>> = BTreeMap::new();
-    for r in records {
-        let (c, s) = (node(r.client()), node(r.server()));
+    // One edge per connection outcome: a pod-to-pod connection allowed by
+    // the client's egress but denied by the server's ingress is denied.
+    for r in connections(records) {
+        let (c, s) = (node(&r.client), node(&r.server));
         let port = if r.dport == 0 {
             r.protocol.clone()
         } else {

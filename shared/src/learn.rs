@@ -182,11 +182,34 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
     // endpoints reported it.
     let mut seen: BTreeMap<Conn, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
     let mut unlabelled = BTreeSet::new();
-    for r in records {
+    // A connection counts when it went through: allowed (or audited) at
+    // both ends; one denied at either end only with include_denied, and
+    // never one denied for another reason than policy (spoofed, malformed).
+    let denied_otherwise: BTreeSet<(IpAddr, u16, IpAddr, u16, String)> = records
+        .iter()
+        .filter(|r| r.verdict == "denied" && r.reason != crate::abi::Reason::DropPolicy.describe())
+        .map(|r| {
+            (
+                r.client().address,
+                r.sport,
+                r.server().address,
+                r.dport,
+                r.protocol.clone(),
+            )
+        })
+        .collect();
+    for r in crate::flows::connections(records) {
         let counts = match r.verdict.as_str() {
             "allowed" | "audit" => true,
             "denied" => {
-                opts.include_denied && r.reason == crate::abi::Reason::DropPolicy.describe()
+                opts.include_denied
+                    && !denied_otherwise.contains(&(
+                        r.client.address,
+                        r.sport,
+                        r.server.address,
+                        r.dport,
+                        r.protocol.clone(),
+                    ))
             }
             _ => false,
         };
@@ -194,8 +217,8 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
             continue;
         }
         let c = Conn {
-            client: side(r.client()),
-            server: side(r.server()),
+            client: side(&r.client),
+            server: side(&r.server),
             protocol: r.protocol.clone(),
             port: r.dport,
         };
@@ -206,7 +229,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         }
         seen.entry(c)
             .or_default()
-            .insert((r.client().address, r.sport));
+            .insert((r.client.address, r.sport));
     }
     let conns: BTreeMap<Conn, usize> = seen.into_iter().map(|(c, s)| (c, s.len())).collect();
 

@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::{
     compile::{self, Compiled, EndpointView},
     dataplane::{Dataplane, DataplaneError, SyncReport},
-    policy::{Kind, Labels, Object, ObjectRef},
+    policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef},
     store::{Endpoint, Locked, PendingIdentity, Source, State, Store, StoreError, StoredPolicy},
 };
 
@@ -516,6 +516,48 @@ impl<D: Dataplane> Node<D> {
         // loads anything.
         self.dataplane.verify(&ep.attachment, &ep.host_ifname)?;
         Ok(ep)
+    }
+
+    /// Set the node's default mode, or a namespace's (through the
+    /// `palisade.io/mode` annotation of its Namespace object, created if
+    /// the namespace has none). `None` for a namespace removes its own
+    /// setting.
+    pub fn set_mode(
+        &mut self,
+        namespace: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<SyncReport, NodeError> {
+        let mut locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let previous = locked.state.clone();
+        match namespace {
+            None => locked.state.mode = mode.unwrap_or_default(),
+            Some(ns) => {
+                let obj = locked
+                    .state
+                    .namespaces
+                    .entry(ns.to_owned())
+                    .or_insert_with(|| {
+                        let mut n = k8s_openapi::api::core::v1::Namespace::default();
+                        n.metadata.name = Some(ns.to_owned());
+                        n
+                    });
+                let ann = obj
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default);
+                match mode {
+                    Some(m) => {
+                        ann.insert(MODE_ANNOTATION.to_owned(), m.as_str().to_owned());
+                    }
+                    None => {
+                        ann.remove(MODE_ANNOTATION);
+                    }
+                }
+            }
+        }
+        let (report, _) = self.commit(&mut locked, &previous)?;
+        Ok(report)
     }
 
     /// Create or replace objects, then enforce the result.

@@ -167,9 +167,19 @@ impl Dataplane for RecordingDataplane {
                 .max_by_key(|(k, _)| k.prefixlen)
                 .map(|(_, v)| *v)
         });
+        let audit = self.maps.endpoints.values().any(|v| {
+            v.ep_id == q.ep_id
+                && v.flags
+                    & match q.direction {
+                        Direction::Ingress => abi::EP_AUDIT_INGRESS,
+                        Direction::Egress => abi::EP_AUDIT_EGRESS,
+                    }
+                    != 0
+        });
         Ok(LookupAnswer {
             peer_identity,
             isolated,
+            audit,
             entry,
         })
     }

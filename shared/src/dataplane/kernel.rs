@@ -1035,16 +1035,16 @@ impl Dataplane for KernelDataplane {
             Err(aya::maps::MapError::KeyNotFound) => ID_WORLD,
             Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
         };
-        let isolated = {
-            let mut found = false;
+        let (isolated, audit) = {
+            let (iso_bit, audit_bit) = match q.direction {
+                Direction::Ingress => (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),
+                Direction::Egress => (abi::EP_ISOLATE_EGRESS, abi::EP_AUDIT_EGRESS),
+            };
+            let mut found = (false, false);
             for item in maps.endpoints.iter() {
                 let (_, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
                 if v.ep_id == q.ep_id {
-                    let bit = match q.direction {
-                        Direction::Ingress => abi::EP_ISOLATE_INGRESS,
-                        Direction::Egress => abi::EP_ISOLATE_EGRESS,
-                    };
-                    found = v.flags & bit != 0;
+                    found = (v.flags & iso_bit != 0, v.flags & audit_bit != 0);
                 }
             }
             found
@@ -1077,6 +1077,7 @@ impl Dataplane for KernelDataplane {
         Ok(LookupAnswer {
             peer_identity,
             isolated,
+            audit,
             entry,
         })
     }

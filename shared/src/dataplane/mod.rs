@@ -245,6 +245,8 @@ pub struct Lookup {
 pub struct LookupAnswer {
     pub peer_identity: u32,
     pub isolated: bool,
+    /// Isolated only by audit-mode policies: allowed and reported.
+    pub audit: bool,
     pub entry: Option<PolicyValue>,
 }
 

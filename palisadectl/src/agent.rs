@@ -1,0 +1,264 @@
+//! `palisadectl agent`: the node agent. Drains the datapath's flow events
+//! into the size-capped flow log and serves Prometheus metrics. It only
+//! reads: enforcement lives in pinned kernel objects and never depends on
+//! the agent running (killing it changes no verdict).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use palisade::{
+    dataplane::{AttachMode, Dataplane, events::EventReader, kernel::KernelDataplane},
+    flows::{FlowLog, Resolver},
+    store::Store,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::observe::{log_dir, pid_file};
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    pub listen: String,
+    pub log_dir: Option<PathBuf>,
+    pub log_max_bytes: u64,
+    pub log_files: u32,
+}
+
+type Labels = Vec<(String, String)>;
+
+/// What the agent counted itself (flow events by who and why).
+#[derive(Debug, Default)]
+struct Stats {
+    events: BTreeMap<Labels, u64>,
+    log_dropped: u64,
+}
+
+fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
+    let mut reg = Registry::default();
+    let state = Store::new(&opts.state_dir).read()?;
+    let names: BTreeMap<u32, (String, String)> = state
+        .endpoints
+        .values()
+        .map(|e| (e.id, (e.namespace.clone(), e.name.clone())))
+        .collect();
+
+    let endpoints = Gauge::<i64>::default();
+    endpoints.set(i64::try_from(state.endpoints.len()).unwrap_or(i64::MAX));
+    reg.register(
+        "palisade_endpoints",
+        "Endpoints palisade enforces on",
+        endpoints,
+    );
+
+    let mut dp = KernelDataplane::new(&opts.bpf_root, AttachMode::Auto);
+    if dp.open_existing().unwrap_or(false) {
+        let st = dp.status()?;
+        let entries = Family::<Labels, Gauge<i64>>::default();
+        let capacity = Family::<Labels, Gauge<i64>>::default();
+        for m in &st.maps {
+            let l = vec![("map".to_owned(), m.name.clone())];
+            entries
+                .get_or_create(&l)
+                .set(i64::try_from(m.entries).unwrap_or(i64::MAX));
+            capacity.get_or_create(&l).set(i64::from(m.max_entries));
+        }
+        reg.register(
+            "palisade_map_entries",
+            "Entries in each datapath map",
+            entries,
+        );
+        reg.register(
+            "palisade_map_capacity",
+            "Maximum entries of each datapath map",
+            capacity,
+        );
+
+        let lost = Family::<Labels, Counter>::default();
+        lost.get_or_create(&vec![("cause".into(), "rate_limited".into())])
+            .inc_by(st.events_rate_limited);
+        lost.get_or_create(&vec![("cause".into(), "ring_buffer_full".into())])
+            .inc_by(st.events_ringbuf_full);
+        reg.register(
+            "palisade_flow_events_lost",
+            "Flow events the datapath did not deliver",
+            lost,
+        );
+        let sent = Counter::<u64>::default();
+        sent.inc_by(st.events_sent);
+        reg.register(
+            "palisade_flow_events_sent",
+            "Flow events the datapath delivered",
+            sent,
+        );
+
+        let packets = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        for c in dp.counters()? {
+            let (ns, pod) = names.get(&c.ep_id).cloned().unwrap_or_default();
+            let l = vec![
+                ("namespace".to_owned(), ns),
+                ("pod".to_owned(), pod),
+                ("direction".to_owned(), c.direction.as_str().to_owned()),
+                ("verdict".to_owned(), c.verdict.clone()),
+                ("reason".to_owned(), c.reason.clone()),
+            ];
+            packets.get_or_create(&l).inc_by(c.packets);
+            bytes.get_or_create(&l).inc_by(c.bytes);
+        }
+        reg.register(
+            "palisade_packets",
+            "Packets per endpoint, direction, verdict and reason",
+            packets,
+        );
+        reg.register(
+            "palisade_bytes",
+            "Bytes per endpoint, direction, verdict and reason",
+            bytes,
+        );
+    }
+
+    let flows = Family::<Labels, Counter>::default();
+    let dropped = Counter::<u64>::default();
+    {
+        let s = stats
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent statistics lock poisoned"))?;
+        for (l, n) in &s.events {
+            flows.get_or_create(l).inc_by(*n);
+        }
+        dropped.inc_by(s.log_dropped);
+    }
+    reg.register(
+        "palisade_flows",
+        "Flow events the agent logged, by namespace, pod, direction, verdict and deciding policy",
+        flows,
+    );
+    reg.register(
+        "palisade_flow_log_dropped",
+        "Flow records too large for the log",
+        dropped,
+    );
+
+    let mut out = String::new();
+    encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+fn serve(opts: Options, stats: Arc<Mutex<Stats>>) -> Result<()> {
+    let server = tiny_http::Server::http(&opts.listen)
+        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", opts.listen))?;
+    for req in server.incoming_requests() {
+        let resp = if req.url() == "/metrics" {
+            match metrics(&opts, &stats) {
+                Ok(text) => tiny_http::Response::from_string(text).with_header(
+                    tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4")
+                        .map_err(|()| anyhow::anyhow!("header"))?,
+                ),
+                Err(e) => tiny_http::Response::from_string(format!("{e:#}")).with_status_code(500),
+            }
+        } else {
+            tiny_http::Response::from_string("palisade agent: see /metrics\n").with_status_code(404)
+        };
+        let _ = req.respond(resp);
+    }
+    Ok(())
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Run until killed.
+pub fn run(opts: Options) -> Result<()> {
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("create {}", opts.state_dir.display()))?;
+    std::fs::write(pid_file(&opts.state_dir), std::process::id().to_string())
+        .context("write the agent's pid file")?;
+    let dir = opts
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| log_dir(&opts.state_dir));
+    let mut log = FlowLog::open(&dir, opts.log_max_bytes, opts.log_files)
+        .with_context(|| format!("open the flow log in {}", dir.display()))?;
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    {
+        let (o, s) = (opts.clone(), stats.clone());
+        thread::spawn(move || {
+            if let Err(e) = serve(o, s) {
+                eprintln!("palisade agent: metrics server stopped: {e:#}");
+            }
+        });
+    }
+    eprintln!(
+        "palisade agent: flow log in {} (at most {} bytes), metrics on http://{}/metrics",
+        dir.display(),
+        opts.log_max_bytes,
+        opts.listen
+    );
+    // The ring buffer exists once the datapath is loaded (first container).
+    let mut reader = loop {
+        match EventReader::open(&opts.bpf_root) {
+            Ok(r) => break r,
+            Err(_) => thread::sleep(Duration::from_secs(1)),
+        }
+    };
+    let store = Store::new(&opts.state_dir);
+    let state_file = opts.state_dir.join("state.json");
+    let mut seen_mtime = mtime(&state_file);
+    let mut resolver = Resolver::new(&store.read()?);
+    let mut last_flush = Instant::now();
+    loop {
+        reader.wait(Duration::from_millis(200));
+        let events = reader.drain();
+        if events.is_empty() {
+            continue;
+        }
+        let m = mtime(&state_file);
+        if m != seen_mtime {
+            seen_mtime = m;
+            if let Ok(st) = store.read() {
+                resolver = Resolver::new(&st);
+            }
+        }
+        let mut s = stats
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent statistics lock poisoned"))?;
+        for e in &events {
+            let r = resolver.resolve(e, reader.wall_time(e.ts_ns));
+            let labels = vec![
+                (
+                    "namespace".to_owned(),
+                    r.endpoint.namespace.clone().unwrap_or_default(),
+                ),
+                (
+                    "pod".to_owned(),
+                    r.endpoint.name.clone().unwrap_or_default(),
+                ),
+                ("direction".to_owned(), r.direction.as_str().to_owned()),
+                ("verdict".to_owned(), r.verdict.clone()),
+                ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
+            ];
+            *s.events.entry(labels).or_default() += 1;
+            if !log.append(&r).context("write the flow log")? {
+                s.log_dropped += 1;
+            }
+        }
+        drop(s);
+        if last_flush.elapsed() > Duration::from_millis(500) {
+            log.flush()?;
+            last_flush = Instant::now();
+        }
+    }
+}
