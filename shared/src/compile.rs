@@ -7,7 +7,7 @@
 //! port; peers that mean "anyone" become the `ID_ANY` wildcard.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -221,21 +221,102 @@ fn port_tag(np: &NamedPort) -> String {
     format!("{}/{}={}", np.name, np.protocol.as_str(), np.port)
 }
 
-/// Which blocks contain the whole prefix `net`: it lies inside the CIDR and
-/// inside none of its exceptions. Every CIDR and exception is inserted as
-/// its own ipcache prefix, so this is exact for every address whose longest
-/// match is `net`.
-fn blocks_of_prefix(net: &IpNetwork, blocks: &[IpBlock]) -> BTreeSet<String> {
-    let within = |inner: &IpNetwork, outer: &IpNetwork| {
-        inner.is_ipv4() == outer.is_ipv4()
-            && inner.prefix() >= outer.prefix()
-            && outer.contains(inner.network())
-    };
-    blocks
-        .iter()
-        .filter(|b| within(net, &b.cidr) && !b.except.iter().any(|e| within(net, e)))
-        .map(IpBlock::canonical)
-        .collect()
+/// Whether `inner` lies entirely inside `outer`.
+fn within(inner: &IpNetwork, outer: &IpNetwork) -> bool {
+    inner.is_ipv4() == outer.is_ipv4()
+        && inner.prefix() >= outer.prefix()
+        && outer.contains(inner.network())
+}
+
+/// The network `len` bits long that contains `addr`.
+fn supernet(addr: IpAddr, len: u8) -> Option<IpNetwork> {
+    let net = IpNetwork::new(addr, len).ok()?;
+    IpNetwork::new(net.network(), len).ok()
+}
+
+/// The policy ipBlocks indexed by CIDR, so that finding the blocks around
+/// an address costs one lookup per distinct prefix length, not one test per
+/// block: 100,000 blocks must not make every address cost 100,000 tests.
+struct BlockIndex<'b> {
+    by_cidr: HashMap<IpNetwork, Vec<&'b IpBlock>>,
+    v4_lens: BTreeSet<u8>,
+    v6_lens: BTreeSet<u8>,
+}
+
+impl<'b> BlockIndex<'b> {
+    fn new(blocks: &'b [IpBlock]) -> Self {
+        let mut idx = BlockIndex {
+            by_cidr: HashMap::new(),
+            v4_lens: BTreeSet::new(),
+            v6_lens: BTreeSet::new(),
+        };
+        for b in blocks {
+            let Some(key) = supernet(b.cidr.ip(), b.cidr.prefix()) else {
+                continue;
+            };
+            idx.by_cidr.entry(key).or_default().push(b);
+            if key.is_ipv4() {
+                idx.v4_lens.insert(key.prefix());
+            } else {
+                idx.v6_lens.insert(key.prefix());
+            }
+        }
+        idx
+    }
+
+    /// Which blocks contain the whole prefix `net`: it lies inside the CIDR
+    /// and inside none of its exceptions. Every CIDR and exception is
+    /// inserted as its own ipcache prefix, so this is exact for every
+    /// address whose longest match is `net`.
+    fn of_prefix(&self, net: &IpNetwork) -> BTreeSet<String> {
+        let lens = if net.is_ipv4() {
+            &self.v4_lens
+        } else {
+            &self.v6_lens
+        };
+        let mut out = BTreeSet::new();
+        for &len in lens.range(..=net.prefix()) {
+            let Some(outer) = supernet(net.ip(), len) else {
+                continue;
+            };
+            for b in self.by_cidr.get(&outer).into_iter().flatten() {
+                if within(net, &b.cidr) && !b.except.iter().any(|e| within(net, e)) {
+                    out.insert(b.canonical());
+                }
+            }
+        }
+        out
+    }
+
+    /// Which blocks contain the address.
+    fn of_addr(&self, addr: IpAddr) -> BTreeSet<String> {
+        self.of_prefix(&IpNetwork::from(addr))
+    }
+}
+
+/// Which identities each rule peer can match, so that a rule naming one
+/// ipBlock finds its identities by lookup instead of testing every one.
+struct PeerIndex {
+    /// Canonical block → identities whose addresses lie in it.
+    by_block: HashMap<String, Vec<u32>>,
+    /// Identities of endpoints, the only ones pod selectors match.
+    pods: Vec<u32>,
+}
+
+impl PeerIndex {
+    fn new(facts: &BTreeMap<u32, IdentityFacts>) -> Self {
+        let mut by_block: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut pods = Vec::new();
+        for (id, f) in facts {
+            for b in &f.key.blocks {
+                by_block.entry(b.clone()).or_default().push(*id);
+            }
+            if f.key.is_endpoint() {
+                pods.push(*id);
+            }
+        }
+        PeerIndex { by_block, pods }
+    }
 }
 
 /// Facts about one identity, for matching rules.
@@ -278,6 +359,7 @@ struct ResolvedRule<'a> {
 pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     let mut out = Compiled::default();
     let blocks = collect_blocks(input.policies);
+    let block_index = BlockIndex::new(&blocks);
     let egress_names = egress_port_names(input.policies);
     let ns_labels = |ns: &str| -> Labels {
         input
@@ -311,11 +393,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
         let mut own_identity = None;
         for addr in &ep.addresses {
             let key = IdentityKey {
-                blocks: blocks
-                    .iter()
-                    .filter(|b| b.contains(*addr))
-                    .map(IpBlock::canonical)
-                    .collect(),
+                blocks: block_index.of_addr(*addr),
                 ..base.clone()
             };
             let id = ids.get_or_allocate(&key);
@@ -372,7 +450,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     }
     for net in prefixes {
         let key = IdentityKey {
-            blocks: blocks_of_prefix(&net, &blocks),
+            blocks: block_index.of_prefix(&net),
             ..Default::default()
         };
         let id = ids.get_or_allocate(&key);
@@ -394,7 +472,10 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     out.used_identities.extend(facts.keys().copied());
 
     // 4. Resolve every rule's peers once, for all endpoints it applies to.
-    let resolve = |policy_id: u32, p: &Policy, r: &'a Rule| resolve_rule(policy_id, p, r, &facts);
+    let peer_index = PeerIndex::new(&facts);
+    let resolve = |policy_id: u32, p: &Policy, r: &'a Rule| {
+        resolve_rule(policy_id, p, r, &facts, &peer_index)
+    };
     struct PolicyRules<'a> {
         policy: &'a Policy,
         ingress: Vec<ResolvedRule<'a>>,
@@ -470,21 +551,25 @@ fn resolve_rule<'r>(
     p: &Policy,
     r: &'r Rule,
     facts: &BTreeMap<u32, IdentityFacts>,
+    index: &PeerIndex,
 ) -> ResolvedRule<'r> {
     let peers = if r.peers.is_empty() {
         None
     } else {
-        Some(
-            facts
-                .iter()
-                .filter(|(_, f)| {
-                    r.peers
-                        .iter()
-                        .any(|peer| peer_matches(peer, &p.namespace, &f.facts()))
-                })
-                .map(|(id, _)| *id)
-                .collect(),
-        )
+        let mut ids = BTreeSet::new();
+        for peer in &r.peers {
+            match peer {
+                Peer::IpBlock(b) => {
+                    ids.extend(index.by_block.get(&b.canonical()).into_iter().flatten());
+                }
+                Peer::Pods { .. } => ids.extend(index.pods.iter().copied().filter(|id| {
+                    facts
+                        .get(id)
+                        .is_some_and(|f| peer_matches(peer, &p.namespace, &f.facts()))
+                })),
+            }
+        }
+        Some(ids)
     };
     ResolvedRule {
         policy_id,
@@ -1221,5 +1306,66 @@ spec:
         let (c, _) = run(&[], &[ep(1, "x", "a", &[], "10.0.0.2")]);
         assert_eq!(lpm_identity(&c, "10.0.0.1".parse().unwrap()), ID_HOST);
         assert_eq!(lpm_identity(&c, "192.0.2.7".parse().unwrap()), ID_WORLD);
+    }
+
+    #[test]
+    fn the_block_index_agrees_with_testing_every_block() {
+        let nets =
+            |v: &[&str]| -> Vec<IpNetwork> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let blocks = vec![
+            IpBlock {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: nets(&["10.1.0.0/16", "10.2.3.0/24"]),
+            },
+            IpBlock {
+                cidr: "10.1.0.0/16".parse().unwrap(),
+                except: Vec::new(),
+            },
+            IpBlock {
+                cidr: "10.1.2.3/32".parse().unwrap(),
+                except: Vec::new(),
+            },
+            IpBlock {
+                cidr: "0.0.0.0/0".parse().unwrap(),
+                except: nets(&["10.0.0.0/8"]),
+            },
+            IpBlock {
+                cidr: "fd00::/8".parse().unwrap(),
+                except: nets(&["fd00:1::/32"]),
+            },
+            IpBlock {
+                cidr: "::/0".parse().unwrap(),
+                except: Vec::new(),
+            },
+        ];
+        let index = BlockIndex::new(&blocks);
+        let probes = [
+            "10.0.0.1",
+            "10.1.0.1",
+            "10.1.2.3",
+            "10.2.3.4",
+            "10.2.4.4",
+            "192.0.2.1",
+            "fd00::1",
+            "fd00:1::1",
+            "2001:db8::1",
+        ];
+        for probe in probes {
+            let addr: IpAddr = probe.parse().unwrap();
+            let brute: BTreeSet<String> = blocks
+                .iter()
+                .filter(|b| b.contains(addr))
+                .map(IpBlock::canonical)
+                .collect();
+            assert_eq!(index.of_addr(addr), brute, "{probe}");
+        }
+        // A prefix is in a block only when it is wholly inside it.
+        let wide: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(
+            index.of_prefix(&wide),
+            ["10.0.0.0/8!10.1.0.0/16!10.2.3.0/24".to_string()].into()
+        );
+        let except: IpNetwork = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(index.of_prefix(&except), ["10.1.0.0/16".to_string()].into());
     }
 }

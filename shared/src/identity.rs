@@ -81,6 +81,9 @@ pub struct IdentityTable {
     next_cidr: u32,
     #[serde(skip)]
     index: BTreeMap<IdentityKey, u32>,
+    /// Number → position in `entries`.
+    #[serde(skip)]
+    by_id: BTreeMap<u32, usize>,
 }
 
 impl Default for IdentityTable {
@@ -90,6 +93,7 @@ impl Default for IdentityTable {
             next_local: ID_LOCAL_MIN,
             next_cidr: ID_CIDR_MIN,
             index: BTreeMap::new(),
+            by_id: BTreeMap::new(),
         }
     }
 }
@@ -98,6 +102,12 @@ impl IdentityTable {
     /// Rebuild the lookup index after deserialising.
     pub fn reindex(&mut self) {
         self.index = self.entries.iter().cloned().collect();
+        self.by_id = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (_, id))| (*id, i))
+            .collect();
     }
 
     /// The identity of `key`, allocating a new number if it has none.
@@ -123,24 +133,24 @@ impl IdentityTable {
             id
         };
         // Numbers wrap only after 16 million allocations; skip any still held.
-        let id = if self.index.values().any(|v| *v == id) {
+        let id = if self.by_id.contains_key(&id) {
             self.first_free(key.is_endpoint())
         } else {
             id
         };
         self.index.insert(key.clone(), id);
+        self.by_id.insert(id, self.entries.len());
         self.entries.push((key.clone(), id));
         id
     }
 
     fn first_free(&self, local: bool) -> u32 {
-        let used: BTreeSet<u32> = self.index.values().copied().collect();
         let (lo, hi) = if local {
             (ID_LOCAL_MIN, ID_CIDR_MIN)
         } else {
             (ID_CIDR_MIN, u32::MAX)
         };
-        (lo..hi).find(|i| !used.contains(i)).unwrap_or(lo)
+        (lo..hi).find(|i| !self.by_id.contains_key(i)).unwrap_or(lo)
     }
 
     /// Forget identities no address uses any more.
@@ -154,7 +164,7 @@ impl IdentityTable {
     }
 
     pub fn key_of(&self, id: u32) -> Option<&IdentityKey> {
-        self.entries.iter().find(|(_, i)| *i == id).map(|(k, _)| k)
+        self.by_id.get(&id).map(|&i| &self.entries[i].0)
     }
 }
 
