@@ -9,6 +9,7 @@ PALISADE_PACKAGES=(
 	netavark aardvark-dns iptables        # Podman's netavark backend
 	busybox-static                        # container root filesystems (no registry images)
 	graphviz                              # palisadectl graph (layout and rendering)
+	iperf3 ipset                          # benchmarks (bench/run)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

@@ -36,6 +36,9 @@ grep 'median container start' /tmp/palisade-runtimes.log || true
 step "NetworkPolicy conformance (Kubernetes e2e cases and recipes)"
 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
+step "benchmarks, short mode (every measurement must produce a number)"
+bench/run --short --debug --out /tmp/palisade-bench-short.md
+
 step "nothing left behind"
 leftover_ns=$(ip netns list | awk '$1 ~ /^pt[0-9]+x[0-9]+/ {print $1}')
 leftover_dirs=$(find /tmp/palisade-tests -mindepth 1 -maxdepth 1 2>/dev/null || true)

@@ -2,12 +2,19 @@
 //! TCP lines and UDP datagrams on the given ports (IPv4 and IPv6), and
 //! answers SCTP INIT chunks with INIT ACK on raw sockets (the test kernel
 //! has no SCTP stack). Prints `ready` once every socket is bound.
+//!
+//! `palisade-probe rr --to ADDR:PORT --count N [--size B] [--timeout-ms MS]
+//! [--connect-each]`:
+//! the benchmarks' request/response client. Sends N small requests to an
+//! echo server, one at a time, over one connection (or a new connection
+//! per request), and prints one JSON line with the latency percentiles.
 
 use std::{
     io::{Read, Write},
     mem::MaybeUninit,
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -34,17 +41,108 @@ fn ports(arg: Option<&String>) -> Vec<u16> {
     .unwrap_or_default()
 }
 
+fn usage() -> ! {
+    eprintln!(
+        "usage: palisade-probe serve --ports 80,81\n       \
+         palisade-probe rr --to ADDR:PORT --count N [--size BYTES] [--timeout-ms MS] [--connect-each]"
+    );
+    std::process::exit(2);
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) != Some("serve") {
-        eprintln!("usage: palisade-probe serve --ports 80,81");
-        std::process::exit(2);
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args),
+        Some("rr") => rr(&args),
+        _ => usage(),
     }
-    let list = ports(
-        args.iter()
-            .position(|a| a == "--ports")
-            .and_then(|i| args.get(i + 1)),
+}
+
+/// One request/response over `conn` (connecting first if there is none).
+fn round_trip(
+    conn: &mut Option<TcpStream>,
+    to: SocketAddr,
+    request: &[u8],
+    reply: &mut [u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    if conn.is_none() {
+        let c = TcpStream::connect_timeout(&to, timeout)?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(timeout))?;
+        c.set_write_timeout(Some(timeout))?;
+        *conn = Some(c);
+    }
+    let c = conn.as_mut().expect("connected above");
+    c.write_all(request)?;
+    c.read_exact(reply)?;
+    Ok(())
+}
+
+fn rr(args: &[String]) {
+    let to: SocketAddr = flag(args, "--to")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage());
+    let count: usize = flag(args, "--count")
+        .map(|s| s.parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(1000);
+    let size: usize = flag(args, "--size")
+        .map(|s| s.parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(64);
+    if count == 0 || size == 0 {
+        usage();
+    }
+    let timeout = Duration::from_millis(
+        flag(args, "--timeout-ms")
+            .map(|s| s.parse().unwrap_or_else(|_| usage()))
+            .unwrap_or(2000),
     );
+    let connect_each = args.iter().any(|a| a == "--connect-each");
+    let request = vec![b'x'; size];
+    let mut reply = vec![0u8; size];
+    let mut conn = None;
+    let mut lat_ns: Vec<u64> = Vec::with_capacity(count);
+    let mut failed = 0u64;
+    for _ in 0..count {
+        let start = Instant::now();
+        match round_trip(&mut conn, to, &request, &mut reply, timeout) {
+            Ok(()) => lat_ns.push(start.elapsed().as_nanos() as u64),
+            Err(_) => {
+                failed += 1;
+                conn = None;
+            }
+        }
+        if connect_each {
+            conn = None;
+        }
+    }
+    lat_ns.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        if lat_ns.is_empty() {
+            return None;
+        }
+        let i = ((lat_ns.len() as f64 * p).ceil() as usize).clamp(1, lat_ns.len()) - 1;
+        Some(lat_ns[i] as f64 / 1000.0)
+    };
+    let json = serde_json::json!({
+        "count": count,
+        "ok": lat_ns.len(),
+        "failed": failed,
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "max_us": pct(1.0),
+    });
+    println!("{json}");
+}
+
+fn serve(args: &[String]) {
+    let list = ports(flag(args, "--ports"));
     let mut handles = Vec::new();
     for &port in &list {
         let tcp = dual_stack(Type::STREAM, Protocol::TCP, port)
