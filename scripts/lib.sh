@@ -10,6 +10,7 @@ PALISADE_PACKAGES=(
 	busybox-static                        # container root filesystems (no registry images)
 	graphviz                              # palisadectl graph (layout and rendering)
 	iperf3 ipset                          # benchmarks (bench/run)
+	rpm man-db                            # package tests (rpm -qpl, man -w)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

@@ -36,6 +36,10 @@ grep 'median container start' /tmp/palisade-runtimes.log || true
 step "NetworkPolicy conformance (Kubernetes e2e cases and recipes)"
 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
+step "packages (debug binaries), install-cni, dpkg -i/-r/-P, live upgrade under traffic"
+packaging/build.sh --debug
+cargo test -p palisade-tests --test packaging --test upgrade -- --test-threads 1
+
 step "benchmarks, short mode (every measurement must produce a number)"
 bench/run --short --debug --out /tmp/palisade-bench-short.md
 

@@ -203,6 +203,22 @@ static __always_inline int pal_arp_ok(struct __sk_buff *skb,
 	return pal_owns(ep, addr);
 }
 
+/*
+ * A build tag: two builds of the same sources can differ in their code
+ * (the live-upgrade test swaps one for the other under traffic). It costs
+ * one register move.
+ */
+#ifndef PALISADE_BUILD_TAG
+#define PALISADE_BUILD_TAG 0
+#endif
+
+static __always_inline void pal_build_tag(void)
+{
+	__u32 tag = PALISADE_BUILD_TAG;
+
+	asm volatile("" : "+r"(tag));
+}
+
 static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex, zero = 0;
@@ -216,6 +232,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	__u64 now;
 	int rc, res;
 
+	pal_build_tag();
 	cfg = bpf_map_lookup_elem(&pal_config, &zero);
 	sc = bpf_map_lookup_elem(&pal_scratch, &zero);
 	if (!cfg || !sc)

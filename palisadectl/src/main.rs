@@ -14,9 +14,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use palisade::{
     abi::Direction,
+    cniconf,
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
     explain::{self, PartyRef},
     node::{Change, Node, ObjectsReport},
@@ -175,6 +176,85 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Add palisade as the last plugin of this node's CNI network.
+    #[command(
+        name = "install-cni",
+        long_about = "Add palisade as the last plugin of this node's CNI network configuration: \
+                      the file the runtime reads (the first .conf, .conflist or .json in \
+                      --cni-conf-dir, by name, as flannel's, calico's or bridge's), or the one \
+                      named with --conflist. A single-plugin .conf becomes a .conflist beside \
+                      it. Every other byte of the file stays as it was; the original is kept \
+                      as FILE.palisade-bak; the file is replaced atomically. Running it again \
+                      changes nothing. A file that is not a valid CNI configuration is refused \
+                      and left untouched."
+    )]
+    InstallCni {
+        #[command(flatten)]
+        target: CniTarget,
+        /// Settings for the palisade entry, as a JSON object
+        /// (e.g. '{"failOpen": true}').
+        #[arg(long, value_name = "JSON")]
+        plugin_config: Option<String>,
+    },
+    /// Take palisade out of this node's CNI network again.
+    #[command(
+        name = "uninstall-cni",
+        long_about = "Take palisade out of the CNI network configuration that lists it (or the \
+                      one named with --conflist), exactly reversing install-cni: the file gets \
+                      back its original bytes, and a .conf that install-cni converted comes \
+                      back in place of the .conflist. If the file was edited since, only the \
+                      palisade entry is removed."
+    )]
+    UninstallCni {
+        #[command(flatten)]
+        target: CniTarget,
+    },
+    /// Replace the eBPF programs of every attached container with this build's.
+    #[command(
+        long_about = "Load this build's eBPF programs and swap them in on every \
+                      attached container, each atomically (TCX link update, or the cls_bpf \
+                      filter replaced under its handle): no packet passes unfiltered and open \
+                      connections keep their state. Package upgrades run this."
+    )]
+    Upgrade {
+        /// Load the programs from from_container.o and to_container.o in
+        /// this directory instead of the built-in ones.
+        #[arg(long, value_name = "DIR")]
+        objects: Option<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Detach palisade from every container and remove its pinned datapath.
+    #[command(
+        long_about = "Detach palisade from every container and remove its pinned \
+                      datapath (maps, programs, links). The containers keep running without \
+                      isolation. Policies and other objects stay in the state directory. For \
+                      taking palisade off a node; needs --yes."
+    )]
+    Reset {
+        /// Yes, detach everything.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for palisadectl and its commands into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+struct CniTarget {
+    /// The configuration file to change (default: the one the runtime
+    /// reads from --cni-conf-dir).
+    #[arg(long, value_name = "FILE")]
+    conflist: Option<PathBuf>,
+    /// The runtime's CNI configuration directory.
+    #[arg(long, value_name = "DIR", env = "PALISADE_CNI_CONF_DIR", default_value = palisade::cniconf::DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// Print the resulting file instead of writing anything.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -212,6 +292,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn report_cni(outcome: &cniconf::Outcome, dry_run: bool) -> Result<ExitCode> {
+    if dry_run {
+        match outcome {
+            cniconf::Outcome::Installed { contents, .. }
+            | cniconf::Outcome::Uninstalled { contents, .. } => output::emit(contents)?,
+            _ => {}
+        }
+        eprintln!("{}", outcome.describe(true));
+    } else {
+        output::emit(&format!("{}\n", outcome.describe(false)))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// palisadectl(8) and one page per command (palisadectl-apply(8), ...).
+fn write_manpages(dir: &std::path::Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("palisadectl".to_owned(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("palisadectl-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.8"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page.version(env!("CARGO_PKG_VERSION")))
+            .section("8")
+            .manual("palisade")
+            .render(&mut buf)
+            .with_context(|| format!("render {name}.8"))?;
+        fs::write(&path, buf).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn node(cli: &Cli) -> Node<KernelDataplane> {
@@ -385,6 +501,70 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             output::explanation(&e, &datapath, &state, *output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InstallCni {
+            target,
+            plugin_config,
+        } => {
+            let entry = cniconf::plugin_entry(plugin_config.as_deref())?;
+            let outcome = cniconf::install(
+                &target.cni_conf_dir,
+                target.conflist.as_deref(),
+                &entry,
+                target.dry_run,
+            )?;
+            report_cni(&outcome, target.dry_run)
+        }
+        Command::UninstallCni { target } => {
+            let outcome = cniconf::uninstall(
+                &target.cni_conf_dir,
+                target.conflist.as_deref(),
+                target.dry_run,
+            )?;
+            report_cni(&outcome, target.dry_run)
+        }
+        Command::Upgrade { objects, output } => {
+            let mut dp = KernelDataplane::new(&cli.bpf_root, AttachMode::Auto);
+            if let Some(dir) = objects {
+                let read = |name: &str| {
+                    let path = dir.join(name);
+                    fs::read(&path).with_context(|| format!("read {}", path.display()))
+                };
+                dp = dp.with_objects(read("from_container.o")?, read("to_container.o")?);
+            }
+            let hash = dp.hash();
+            let mut n = Node::new(Store::new(&cli.state_dir), dp);
+            let report = n.upgrade().context("upgrade the datapath")?;
+            output::upgrade(&report, &hash, *output)?;
+            Ok(if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Reset { yes } => {
+            if !yes {
+                bail!(
+                    "reset detaches palisade from every container (they lose their isolation) \
+                     and removes its pinned datapath; run it again with --yes to do that"
+                );
+            }
+            let gone = node(&cli).reset().context("reset")?;
+            output::emit(&format!(
+                "detached {} endpoint(s) and removed the datapath under {}\n",
+                gone.len(),
+                cli.bpf_root.display()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "palisadectl", &mut io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpages { dir } => {
+            write_manpages(dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync => {

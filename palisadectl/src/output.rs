@@ -524,3 +524,35 @@ pub fn explanation(
     }
     emit(&out)
 }
+
+/// What `palisadectl upgrade` did.
+pub fn upgrade(report: &palisade::node::UpgradeReport, hash: &str, format: Format) -> Result<()> {
+    if format != Format::Table {
+        let failed: Vec<Value> = report
+            .failed
+            .iter()
+            .map(|(k, e)| json!({"endpoint": k, "error": e}))
+            .collect();
+        return structured(
+            &json!({
+                "programs": hash,
+                "upgraded": report.upgraded,
+                "current": report.current,
+                "stale": report.stale,
+                "failed": failed,
+            }),
+            format,
+        );
+    }
+    let mut s = format!(
+        "programs {hash}: {} endpoint(s) upgraded, {} already current, {} with their veth gone, {} failed\n",
+        report.upgraded.len(),
+        report.current.len(),
+        report.stale.len(),
+        report.failed.len()
+    );
+    for (k, e) in &report.failed {
+        s.push_str(&format!("  {k}: {e} (it keeps its previous programs)\n"));
+    }
+    emit(&s)
+}

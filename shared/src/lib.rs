@@ -4,6 +4,7 @@
 
 pub mod abi;
 pub mod cni;
+pub mod cniconf;
 pub mod compile;
 pub mod dataplane;
 pub mod explain;

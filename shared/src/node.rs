@@ -120,6 +120,19 @@ pub struct ObjectsReport {
     pub warnings: Vec<String>,
 }
 
+/// What `upgrade` did to each endpoint (by endpoint key).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// Now running this build's programs.
+    pub upgraded: Vec<String>,
+    /// Already ran them.
+    pub current: Vec<String>,
+    /// Their veth is gone (the container died without a DEL): skipped.
+    pub stale: Vec<String>,
+    /// Could not be upgraded, with why; they keep their old programs.
+    pub failed: Vec<(String, String)>,
+}
+
 /// The store and the dataplane of one node.
 #[derive(Debug)]
 pub struct Node<D: Dataplane> {
@@ -683,6 +696,56 @@ impl<D: Dataplane> Node<D> {
         let (report, _) = self.commit(&mut locked, &previous)?;
         self.sweep(&locked.state);
         Ok(report)
+    }
+
+    /// Put this build's programs on every endpoint, each swapped in place
+    /// (maps, conntrack and policy stay as they are, so no open connection
+    /// notices). Endpoints that fail keep enforcing with their old programs.
+    pub fn upgrade(&mut self) -> Result<UpgradeReport, NodeError> {
+        let locked = self.lock()?;
+        self.dataplane.prepare()?;
+        let mut report = UpgradeReport::default();
+        for ep in locked.state.endpoints.values() {
+            if self
+                .dataplane
+                .verify(&ep.attachment, &ep.host_ifname)
+                .is_err_and(|e| e.to_string().contains("no longer exists"))
+            {
+                report.stale.push(ep.key());
+                continue;
+            }
+            match self.dataplane.upgrade(&ep.attachment, &ep.host_ifname) {
+                Ok(true) => report.upgraded.push(ep.key()),
+                Ok(false) => report.current.push(ep.key()),
+                Err(e) => report.failed.push((ep.key(), e.to_string())),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Detach palisade from every endpoint and remove the pinned datapath.
+    /// Objects (policies, namespaces, pods) stay in the store. Containers
+    /// lose their isolation: this is for removing palisade from a node.
+    pub fn reset(&mut self) -> Result<Vec<Endpoint>, NodeError> {
+        let mut locked = self.lock()?;
+        let gone: Vec<Endpoint> = locked.state.endpoints.values().cloned().collect();
+        let mut failed = Vec::new();
+        for ep in &gone {
+            if let Err(e) = self.dataplane.detach(&ep.attachment, &ep.host_ifname) {
+                failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
+            }
+        }
+        if !failed.is_empty() {
+            return Err(NodeError::Dataplane(DataplaneError::Other(format!(
+                "could not detach, nothing removed: {}",
+                failed.join("; ")
+            ))));
+        }
+        self.dataplane.destroy()?;
+        locked.state.endpoints.clear();
+        locked.state.pending.clear();
+        locked.save()?;
+        Ok(gone)
     }
 
     /// Endpoint keys whose attachment the dataplane no longer confirms.

@@ -117,11 +117,23 @@ const DEFAULT_EVENTS_BURST: u32 = 5000;
 
 /// Hash of both objects: programs are pinned per build.
 pub fn objects_hash() -> String {
+    hash_objects(FROM_CONTAINER_OBJ, TO_CONTAINER_OBJ)
+}
+
+fn hash_objects(from: &[u8], to: &[u8]) -> String {
     let mut h = Sha256::new();
-    h.update(FROM_CONTAINER_OBJ);
-    h.update(TO_CONTAINER_OBJ);
+    h.update(from);
+    h.update(to);
     let digest = h.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Objects to load instead of the ones built into this binary.
+#[derive(Debug, Clone)]
+struct Objects {
+    from_container: Vec<u8>,
+    to_container: Vec<u8>,
+    hash: String,
 }
 
 type Endpoints = HashMap<MapData, u32, EndpointValue>;
@@ -152,6 +164,7 @@ pub struct KernelDataplane {
     root: PathBuf,
     mode: AttachMode,
     maps: Option<Maps>,
+    objects: Option<Objects>,
 }
 
 fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -171,6 +184,34 @@ impl KernelDataplane {
             root: root.into(),
             mode,
             maps: None,
+            objects: None,
+        }
+    }
+
+    /// Load the programs from these clang-built objects instead of the ones
+    /// built in (the same sources rebuilt, for live upgrades).
+    pub fn with_objects(mut self, from_container: Vec<u8>, to_container: Vec<u8>) -> Self {
+        let hash = hash_objects(&from_container, &to_container);
+        self.objects = Some(Objects {
+            from_container,
+            to_container,
+            hash,
+        });
+        self
+    }
+
+    /// The hash of the objects this dataplane loads.
+    pub fn hash(&self) -> String {
+        self.objects
+            .as_ref()
+            .map_or_else(objects_hash, |o| o.hash.clone())
+    }
+
+    fn object(&self, spec: &ProgramSpec) -> &[u8] {
+        match &self.objects {
+            None => spec.object,
+            Some(o) if spec.pin == FROM_CONTAINER.pin => &o.from_container,
+            Some(o) => &o.to_container,
         }
     }
 
@@ -205,7 +246,7 @@ impl KernelDataplane {
     }
 
     fn progs_dir(&self) -> PathBuf {
-        self.root.join("progs").join(objects_hash())
+        self.root.join("progs").join(self.hash())
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -304,7 +345,7 @@ impl KernelDataplane {
             }
             let mut bpf = EbpfLoader::new()
                 .default_map_pin_directory(self.maps_dir())
-                .load(spec.object)
+                .load(self.object(&spec))
                 .map_err(|e| DataplaneError::Load {
                     object: spec.pin,
                     source: Box::new(e),
@@ -679,6 +720,101 @@ impl Dataplane for KernelDataplane {
                 self.detach_netlink(&FROM_CONTAINER, ifname, *ifindex, *from_container)?;
                 self.detach_netlink(&TO_CONTAINER, ifname, *ifindex, *to_container)
             }
+        }
+    }
+
+    fn upgrade(&mut self, att: &Attachment, ifname: &str) -> Result<bool, DataplaneError> {
+        self.prepare()?;
+        let ids = self.program_ids()?;
+        let upgrade_err = |spec: &ProgramSpec, e: Box<dyn std::error::Error + Send + Sync>| {
+            DataplaneError::Attach {
+                hook: spec.hook_name,
+                ifname: ifname.to_owned(),
+                ifindex: current_ifindex(ifname).unwrap_or(0),
+                source: e,
+            }
+        };
+        let mut changed = false;
+        match att {
+            Attachment::Tcx {
+                from_container,
+                to_container,
+            } => {
+                for (spec, pin) in [
+                    (FROM_CONTAINER, from_container),
+                    (TO_CONTAINER, to_container),
+                ] {
+                    let link = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::OpenPin {
+                        what: format!("tc {} link of {ifname}", spec.hook_name),
+                        path: pin.clone(),
+                        source: boxed(e),
+                    })?;
+                    let fd: FdLink = link.into();
+                    let info = fd.info().map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    if Some(&info.program_id()) == ids.get(spec.pin) {
+                        continue;
+                    }
+                    let link = SchedClassifierLink::try_from(fd)
+                        .map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    let mut prog = self.open_program(&spec)?;
+                    // BPF_LINK_UPDATE: the link (still pinned) swaps programs
+                    // atomically.
+                    let id = prog
+                        .attach_to_link(link)
+                        .map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    // Our handle on the link only holds a descriptor; the pin
+                    // keeps the link.
+                    drop(prog.take_link(id));
+                    changed = true;
+                }
+            }
+            Attachment::Netlink {
+                ifindex,
+                from_container,
+                to_container,
+            } => {
+                if current_ifindex(ifname) != Some(*ifindex) {
+                    return Err(DataplaneError::NotAttached {
+                        ifname: ifname.to_owned(),
+                        problem: "the host veth no longer exists".into(),
+                    });
+                }
+                for (spec, f) in [
+                    (FROM_CONTAINER, from_container),
+                    (TO_CONTAINER, to_container),
+                ] {
+                    let link = SchedClassifierLink::attached(
+                        ifname,
+                        spec.hook,
+                        f.priority,
+                        f.handle.into(),
+                        None,
+                    )
+                    .map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    let mut prog = self.open_program(&spec)?;
+                    // RTM_NEWTFILTER for the existing priority and handle:
+                    // cls_bpf replaces the program in place.
+                    let id = prog
+                        .attach_to_link(link)
+                        .map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|e| upgrade_err(&spec, boxed(e)))?;
+                    // Dropping it would delete the filter.
+                    std::mem::forget(link);
+                    changed = true;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    fn destroy(&mut self) -> Result<(), DataplaneError> {
+        self.maps = None;
+        match fs::remove_dir_all(&self.root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fs_err("remove the pinned datapath", &self.root)(e)),
         }
     }
 

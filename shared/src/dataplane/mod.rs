@@ -274,6 +274,17 @@ pub trait Dataplane {
     fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError>;
     /// Remove link pins that no endpoint owns (left by a crash).
     fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError>;
+    /// Put this build's programs on an attachment in place (a TCX link
+    /// update, or a cls_bpf filter replaced under its handle), so that no
+    /// packet passes without a program. `Ok(false)`: it runs them already.
+    fn upgrade(&mut self, att: &Attachment, ifname: &str) -> Result<bool, DataplaneError> {
+        let _ = (att, ifname);
+        Ok(false)
+    }
+    /// Remove the whole pinned datapath (once nothing is attached).
+    fn destroy(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     /// Programs, map fill levels, epoch and event counters.
     fn status(&self) -> Result<DataplaneStatus, DataplaneError>;
     /// Per-endpoint counters.

@@ -4,7 +4,7 @@
 //! has no SCTP stack). Prints `ready` once every socket is bound.
 //!
 //! `palisade-probe rr --to ADDR:PORT --count N [--size B] [--timeout-ms MS]
-//! [--connect-each]`:
+//! [--interval-us US] [--connect-each]`:
 //! the benchmarks' request/response client. Sends N small requests to an
 //! echo server, one at a time, over one connection (or a new connection
 //! per request), and prints one JSON line with the latency percentiles.
@@ -44,7 +44,7 @@ fn ports(arg: Option<&String>) -> Vec<u16> {
 fn usage() -> ! {
     eprintln!(
         "usage: palisade-probe serve --ports 80,81\n       \
-         palisade-probe rr --to ADDR:PORT --count N [--size BYTES] [--timeout-ms MS] [--connect-each]"
+         palisade-probe rr --to ADDR:PORT --count N [--size BYTES] [--timeout-ms MS] [--interval-us US] [--connect-each]"
     );
     std::process::exit(2);
 }
@@ -103,6 +103,11 @@ fn rr(args: &[String]) {
             .map(|s| s.parse().unwrap_or_else(|_| usage()))
             .unwrap_or(2000),
     );
+    let interval = Duration::from_micros(
+        flag(args, "--interval-us")
+            .map(|s| s.parse().unwrap_or_else(|_| usage()))
+            .unwrap_or(0),
+    );
     let connect_each = args.iter().any(|a| a == "--connect-each");
     let request = vec![b'x'; size];
     let mut reply = vec![0u8; size];
@@ -120,6 +125,9 @@ fn rr(args: &[String]) {
         }
         if connect_each {
             conn = None;
+        }
+        if !interval.is_zero() {
+            thread::sleep(interval.saturating_sub(start.elapsed()));
         }
     }
     lat_ns.sort_unstable();

@@ -220,6 +220,7 @@ fn apply_scale(cfg: &Config, report: &mut Report) -> String {
             "Applying 1,000 policies over 1,000 endpoints under 1 s",
             &format!("{a:.0} ms"),
             a < 1_000.0,
+            "",
         );
     }
     s
@@ -350,6 +351,7 @@ spec:
                     .map_or("?".into(), |v| format!("{v:.0}"))
             ),
             worst < 100.0,
+            "",
         );
     }
     s
@@ -544,6 +546,14 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
                     ),
                     &format!("{:.1} ms (p99 {fv:.1} vs {b:.1} ms)", fv - b),
                     fv - b < 25.0,
+                    "Two costs. A TCX attach waits for an RCU grace period while holding the \
+                     RTNL lock, once per hook, so twice per container (milliseconds each on this \
+                     kernel, and it serialises against every other netlink user, the bridge \
+                     plugin included); clsact filters attach without that wait, which is why \
+                     `attachMode: netlink` is faster. And ADDs take palisade's state lock for \
+                     their whole critical section (compile, map sync, attach, durable save), so \
+                     20 ADDs at once on 2 cores queue behind each other. Attaching outside the \
+                     lock is the next step; it is not built yet.",
                 );
             }
         }

@@ -58,6 +58,8 @@ struct Target {
     name: String,
     measured: String,
     met: bool,
+    /// What keeps the figure from the target (said when it is missed).
+    limit: String,
 }
 
 /// What the parts found.
@@ -78,11 +80,12 @@ impl Report {
         self.measured.push((what.to_owned(), value));
     }
 
-    pub fn target(&mut self, name: &str, measured: &str, met: bool) {
+    pub fn target(&mut self, name: &str, measured: &str, met: bool, limit: &str) {
         self.targets.push(Target {
             name: name.to_owned(),
             measured: measured.to_owned(),
             met,
+            limit: limit.to_owned(),
         });
     }
 }
@@ -174,7 +177,7 @@ fn main() {
         "Written by `{}`{} in {:.0} s. Every comparison below was measured in this same run, \
          interleaved, and is stated as a ratio to its baseline: absolute figures drift between \
          machines and runs, ratios much less.\n",
-        opts.command,
+        opts.command.trim(),
         if cfg.short {
             " (short mode: small sizes, one repetition; the figures only show that every \
              measurement works)"
@@ -200,6 +203,21 @@ fn main() {
         }
         doc.push_str(&t.render());
         doc.push('\n');
+        let mut seen = Vec::new();
+        for tg in report
+            .targets
+            .iter()
+            .filter(|t| !t.met && !t.limit.is_empty())
+        {
+            if seen.contains(&&tg.limit) {
+                continue;
+            }
+            seen.push(&tg.limit);
+            let _ = writeln!(doc, "- **Missed: {}.** {}", tg.name, tg.limit);
+        }
+        if !seen.is_empty() {
+            doc.push('\n');
+        }
     }
     for (title, body) in &report.sections {
         let _ = writeln!(doc, "## {title}\n\n{body}");
