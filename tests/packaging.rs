@@ -452,10 +452,14 @@ impl Drop for Installed {
     }
 }
 
+/// Whether the package is installed (dpkg's status, whatever the wish:
+/// a refused `dpkg -r` leaves "deinstall ok installed").
 fn installed() -> bool {
-    run("dpkg-query", &["-W", "-f=${Status}", PACKAGE])
-        .stdout
-        .starts_with(b"install ok installed")
+    let out = run("dpkg-query", &["-W", "-f=${Status}", PACKAGE]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        == Some("installed")
 }
 
 fn snapshot_cni_dir() -> Vec<(PathBuf, Vec<u8>)> {
