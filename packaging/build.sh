@@ -53,5 +53,10 @@ out="$target/packages"
 rm -rf "$out"
 mkdir -p "$out"
 cargo deb -p palisadectl --no-build --profile "$cargo_profile" --output "$out/"
-cargo generate-rpm -p palisadectl --profile "$cargo_profile" --output "$out/"
+# Debug binaries are large and zstd (the default) slow on them: gzip.
+rpm_compress=zstd
+if [ "$profile" = debug ]; then
+	rpm_compress=gzip
+fi
+cargo generate-rpm -p palisadectl --profile "$cargo_profile" --payload-compress "$rpm_compress" --output "$out/"
 ls -l "$out"
