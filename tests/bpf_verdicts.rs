@@ -450,6 +450,118 @@ spec:
     expect(&d, Ingress, &sctp(65534), Verdict::Drop, "SCTP 65534");
 }
 
+/// Every entry shape (one port, port range, all ports of a protocol, all
+/// protocols), for a named peer, an ipBlock and any peer, on one endpoint;
+/// the program and `explain`'s map lookup give the same answer.
+#[test]
+fn every_rule_shape_is_found_and_explain_agrees_with_the_program() {
+    use palisade::dataplane::{Dataplane, Lookup};
+    let mut d = Datapath::new();
+    d.program(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: shapes}
+spec:
+  podSelector: {matchLabels: {app: me}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: friend}}}]
+    ports: [{port: 80}]
+  - from: [{podSelector: {matchLabels: {app: friend}}}]
+    ports: [{port: 8000, endPort: 8999, protocol: TCP}]
+  - from: [{podSelector: {matchLabels: {app: friend}}}]
+    ports: [{protocol: UDP}]
+  - from: [{ipBlock: {cidr: 192.0.2.0/24}}]
+  - from: [{ipBlock: {cidr: 10.0.0.4/32}}]
+    ports: [{protocol: SCTP}]
+  - ports: [{port: 443}]
+"#,
+        &endpoints(),
+        &[],
+    );
+    let cases: &[(&str, L4, bool)] = &[
+        (FRIEND, tcp_syn(80), true),
+        (FRIEND, tcp_syn(81), false),
+        (FRIEND, tcp_syn(7999), false),
+        (FRIEND, tcp_syn(8000), true),
+        (FRIEND, tcp_syn(8999), true),
+        (FRIEND, tcp_syn(9000), false),
+        (FRIEND6, tcp_syn(8500), true),
+        (
+            FRIEND,
+            L4::Udp {
+                sport: 9,
+                dport: 5353,
+            },
+            true,
+        ),
+        (FRIEND6, L4::Udp { sport: 9, dport: 1 }, true),
+        (FRIEND, L4::Sctp { sport: 9, dport: 7 }, false),
+        (FRIEND, tcp_syn(443), true),
+        (STRANGER, tcp_syn(443), true),
+        (STRANGER, tcp_syn(80), false),
+        (STRANGER, tcp_syn(8000), false),
+        (
+            STRANGER,
+            L4::Udp {
+                sport: 9,
+                dport: 53,
+            },
+            false,
+        ),
+        (STRANGER, L4::Sctp { sport: 9, dport: 7 }, true),
+        (STRANGER6, L4::Sctp { sport: 9, dport: 7 }, false),
+        ("192.0.2.9", tcp_syn(22), true),
+        ("192.0.2.9", L4::Udp { sport: 9, dport: 1 }, true),
+        ("192.0.2.9", L4::Sctp { sport: 9, dport: 2 }, true),
+        ("198.51.100.1", tcp_syn(443), true),
+        ("198.51.100.1", tcp_syn(22), false),
+        ("2001:db8::1", tcp_syn(443), true),
+        ("2001:db8::1", tcp_syn(8000), false),
+    ];
+    for (src, l4, want) in cases {
+        let (proto, port) = match l4 {
+            L4::Tcp { dport, .. } => (6, *dport),
+            L4::Udp { dport, .. } => (17, *dport),
+            L4::Sctp { dport, .. } => (132, *dport),
+            other => panic!("no case for {other:?}"),
+        };
+        let dst = if src.contains(':') { ME6 } else { ME };
+        let what = format!("{src} -> me proto {proto} port {port}");
+        let verdict = if *want { Verdict::Pass } else { Verdict::Drop };
+        expect(
+            &d,
+            Ingress,
+            &pkt::frame(ip(src), ip(dst), l4),
+            verdict,
+            &what,
+        );
+        let answer =
+            d.dp.lookup(&Lookup {
+                ep_id: 1,
+                direction: Ingress,
+                peer: ip(src),
+                protocol: proto,
+                port,
+            })
+            .unwrap();
+        assert!(answer.isolated, "{what}: explain sees the isolation");
+        assert_eq!(
+            answer.entry.is_some(),
+            *want,
+            "{what}: explain's lookup disagrees with the program ({answer:?})"
+        );
+    }
+}
+
+fn tcp_syn(dport: u16) -> L4 {
+    L4::Tcp {
+        sport: 40000,
+        dport,
+        flags: TCP_SYN,
+    }
+}
+
 #[test]
 fn ip_block_except_edges() {
     let mut d = Datapath::new();

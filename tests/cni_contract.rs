@@ -670,7 +670,9 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     assert!(n.pins().is_empty(), "pins leaked: {:?}", n.pins());
     let st: Value = serde_json::from_slice(&n.ctl(&["status", "-o", "json"], None).stdout).unwrap();
     for m in st["datapath"]["maps"].as_array().unwrap() {
-        if m["name"] == "pal_endpoints" || m["name"] == "pal_policy" {
+        if ["pal_endpoints", "pal_policy", "pal_policy_exact"]
+            .contains(&m["name"].as_str().unwrap_or(""))
+        {
             assert_eq!(m["entries"], 0, "{m}");
         }
     }

@@ -80,6 +80,14 @@
 #define PAL_EP_ISOLATE_EGRESS  (1U << 1)
 #define PAL_EP_AUDIT_INGRESS   (1U << 2) /* reserved for audit mode */
 #define PAL_EP_AUDIT_EGRESS    (1U << 3) /* reserved for audit mode */
+/* Which policy entry shapes exist for the endpoint, by direction: the
+ * datapath skips lookups that cannot match. Set by the compiler. */
+#define PAL_EP_HAS_RANGE_INGRESS     (1U << 4)
+#define PAL_EP_HAS_ANY_PORT_INGRESS  (1U << 5)
+#define PAL_EP_HAS_ANY_PROTO_INGRESS (1U << 6)
+#define PAL_EP_HAS_RANGE_EGRESS	     (1U << 7)
+#define PAL_EP_HAS_ANY_PORT_EGRESS   (1U << 8)
+#define PAL_EP_HAS_ANY_PROTO_EGRESS  (1U << 9)
 
 /* Global configuration flags (pal_config.flags): node <-> pod traffic is
  * never governed; flow events go to the ring buffer. */
@@ -94,9 +102,17 @@ struct pal_endpoint {
 	__u32 pad;
 };
 
-/* pal_ipcache: LPM_TRIE, address -> identity. */
+/* pal_ipcache: LPM_TRIE, address prefix -> identity, for prefixes shorter
+ * than a whole address (ipBlock CIDRs). Whole addresses (every endpoint,
+ * ipBlock /32 and /128) live in pal_ipcache_host, a hash keyed by the
+ * address alone: a whole address is always the longest match, so a hit
+ * there is the answer and the trie is only walked on a miss. */
 struct pal_ipcache_key {
 	__u32 prefixlen; /* 0..128; IPv4 prefixes are 96 + len */
+	__u8 addr[16];
+};
+
+struct pal_ipcache_host_key {
 	__u8 addr[16];
 };
 
@@ -105,15 +121,24 @@ struct pal_ipcache_value {
 	__u32 flags; /* reserved */
 };
 
-/* pal_policy: LPM_TRIE. Every field up to and including pad2 is always
- * matched exactly; the prefix length then selects:
+/* Policy entries, keyed by a prefix length and a match. Every field of the
+ * match up to and including pad2 is always matched exactly; the prefix
+ * length then selects:
  *   PAL_POLICY_PREFIX_ANY_PROTO  all protocols and ports
  *   PAL_POLICY_PREFIX_ANY_PORT   one protocol, all ports
- *   PAL_POLICY_PREFIX_ANY_PORT + n  one protocol, ports sharing the top n
- *                                bits (port ranges are split into prefixes)
- * so dport must be in network byte order. */
-struct pal_policy_key {
-	__u32 prefixlen;
+ *   PAL_POLICY_PREFIX_FULL       one protocol and port (or a protocol
+ *                                without ports, dport 0)
+ *   PAL_POLICY_PREFIX_ANY_PORT + n (n = 1..15)  one protocol, ports
+ *                                sharing the top n bits (port ranges are
+ *                                split into prefixes)
+ * so dport must be in network byte order, and fields a shorter prefix does
+ * not cover are zero. The three fixed shapes live in pal_policy_exact, a
+ * hash keyed by the whole struct pal_policy_key, so a lookup costs the same
+ * at any number of rules; only port-range prefixes live in pal_policy, an
+ * LPM trie. A lookup tries FULL, then the trie, then ANY_PORT, then
+ * ANY_PROTO (longest first), and skips the shapes the endpoint has no
+ * entries of (PAL_EP_HAS_* flags). */
+struct pal_policy_match {
 	__u32 ep_id;
 	__u8 direction; /* PAL_DIR_* */
 	__u8 tier;	/* PAL_TIER_* */
@@ -122,6 +147,11 @@ struct pal_policy_key {
 	__u8 pad2;
 	__u8 protocol; /* IPPROTO_* */
 	__be16 dport;
+};
+
+struct pal_policy_key {
+	__u32 prefixlen;
+	struct pal_policy_match m;
 };
 
 #define PAL_POLICY_PREFIX_ANY_PROTO 104 /* bits of ep_id..pad2 */

@@ -178,6 +178,36 @@ pub const EP_ISOLATE_INGRESS: u32 = 1 << 0;
 pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
 pub const EP_AUDIT_INGRESS: u32 = 1 << 2;
 pub const EP_AUDIT_EGRESS: u32 = 1 << 3;
+pub const EP_HAS_RANGE_INGRESS: u32 = 1 << 4;
+pub const EP_HAS_ANY_PORT_INGRESS: u32 = 1 << 5;
+pub const EP_HAS_ANY_PROTO_INGRESS: u32 = 1 << 6;
+pub const EP_HAS_RANGE_EGRESS: u32 = 1 << 7;
+pub const EP_HAS_ANY_PORT_EGRESS: u32 = 1 << 8;
+pub const EP_HAS_ANY_PROTO_EGRESS: u32 = 1 << 9;
+
+/// The `PAL_EP_HAS_*` flag an endpoint needs for a policy entry of this
+/// direction (`DIR_*`) and prefix length to be looked up (0: always is).
+pub fn ep_shape_flag(direction: u8, prefixlen: u32) -> u32 {
+    let egress = direction == Direction::Egress as u8;
+    match prefixlen {
+        POLICY_PREFIX_FULL => 0,
+        POLICY_PREFIX_ANY_PORT if egress => EP_HAS_ANY_PORT_EGRESS,
+        POLICY_PREFIX_ANY_PORT => EP_HAS_ANY_PORT_INGRESS,
+        POLICY_PREFIX_ANY_PROTO if egress => EP_HAS_ANY_PROTO_EGRESS,
+        POLICY_PREFIX_ANY_PROTO => EP_HAS_ANY_PROTO_INGRESS,
+        _ if egress => EP_HAS_RANGE_EGRESS,
+        _ => EP_HAS_RANGE_INGRESS,
+    }
+}
+
+/// Whether a policy entry of this prefix length lives in `pal_policy_exact`
+/// (the fixed shapes) rather than the `pal_policy` trie (port ranges).
+pub fn policy_entry_hashed(prefixlen: u32) -> bool {
+    matches!(
+        prefixlen,
+        POLICY_PREFIX_FULL | POLICY_PREFIX_ANY_PORT | POLICY_PREFIX_ANY_PROTO
+    )
+}
 
 /// `PAL_CFG_*` global flags.
 pub const CFG_ALLOW_HOST: u32 = 1 << 0;
@@ -242,7 +272,16 @@ pub struct IpcacheValue {
     pub flags: u32,
 }
 
-/// `struct pal_policy_key` without its leading prefix length.
+/// `struct pal_policy_key`: the key of `pal_policy_exact`, and of the
+/// `pal_policy` trie (where aya's `Key` carries the prefix length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(C)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub data: PolicyKeyData,
+}
+
+/// `struct pal_policy_match`: a policy key without its prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(C)]
 pub struct PolicyKeyData {
@@ -385,6 +424,8 @@ const _: () = assert!(size_of::<EndpointValue>() == 16);
 const _: () = assert!(size_of::<IpcacheAddr>() == 16);
 const _: () = assert!(size_of::<IpcacheValue>() == 8);
 const _: () = assert!(size_of::<PolicyKeyData>() == 16);
+const _: () = assert!(size_of::<PolicyKey>() == 20);
+const _: () = assert!(offset_of!(PolicyKey, data) == 4);
 const _: () = assert!(offset_of!(PolicyKeyData, peer_id) == 8);
 const _: () = assert!(offset_of!(PolicyKeyData, protocol) == 13);
 const _: () = assert!(offset_of!(PolicyKeyData, dport_be) == 14);
@@ -416,6 +457,7 @@ unsafe impl aya::Pod for EndpointValue {}
 unsafe impl aya::Pod for IpcacheAddr {}
 unsafe impl aya::Pod for IpcacheValue {}
 unsafe impl aya::Pod for PolicyKeyData {}
+unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}

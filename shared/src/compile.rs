@@ -84,12 +84,8 @@ impl std::fmt::Display for Prefix {
     }
 }
 
-/// A policy-trie key: prefix length plus data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PolicyKey {
-    pub prefixlen: u32,
-    pub data: PolicyKeyData,
-}
+/// A policy entry's key: prefix length plus match.
+pub use crate::abi::PolicyKey;
 
 /// The complete desired content of the datapath's configuration maps.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -521,10 +517,10 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 enforced_eg |= enforced;
             }
             for r in &pr.ingress {
-                emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
+                flags |= emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
             }
             for r in &pr.egress {
-                emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
+                flags |= emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
             }
         }
         if flags & abi::EP_ISOLATE_INGRESS != 0 && !enforced_in {
@@ -578,13 +574,15 @@ fn resolve_rule<'r>(
     }
 }
 
+/// Emit a rule's entries; returns the `PAL_EP_HAS_*` flags they need.
 fn emit(
     map: &mut BTreeMap<PolicyKey, PolicyValue>,
     ep: &EndpointView,
     dir: Direction,
     rule: &ResolvedRule<'_>,
     facts: &BTreeMap<u32, IdentityFacts>,
-) {
+) -> u32 {
+    let mut shapes = 0;
     let value = PolicyValue {
         policy_id: rule.policy_id,
         verdict: Verdict::Allow as u8,
@@ -608,6 +606,7 @@ fn emit(
         // Policies are visited in name order: the first one that allows a
         // key is the one events and explain report.
         map.entry(key).or_insert(value);
+        shapes |= abi::ep_shape_flag(dir as u8, prefixlen);
     };
     let peers: Vec<u32> = match &rule.peers {
         None => vec![ID_ANY],
@@ -617,7 +616,7 @@ fn emit(
         for &peer in &peers {
             put(peer, 0, 0, POLICY_PREFIX_ANY_PROTO);
         }
-        return;
+        return shapes;
     }
     for port in rule.ports {
         let proto = port.protocol.number();
@@ -666,6 +665,7 @@ fn emit(
             },
         }
     }
+    shapes
 }
 
 #[cfg(test)]
@@ -809,6 +809,72 @@ mod tests {
                 assert_eq!(hits, want, "range {a}-{b} port {port} prefixes {pre:?}");
             }
         }
+    }
+
+    #[test]
+    fn endpoint_flags_name_the_entry_shapes_the_datapath_must_look_up() {
+        let pols = policies(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: shapes, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{protocol: TCP, port: 80}]
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{protocol: UDP, port: 1000, endPort: 1999}]
+  egress:
+  - to: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{protocol: SCTP}]
+  - to: [{podSelector: {matchLabels: {pod: b}}}]
+"#,
+        );
+        let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
+        let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
+        let (c, _) = run(&pols, &[a.clone(), b.clone()]);
+        assert_eq!(
+            c.desired.endpoints[&a.ifindex].flags,
+            EP_ISOLATE_INGRESS
+                | EP_ISOLATE_EGRESS
+                | abi::EP_HAS_RANGE_INGRESS
+                | abi::EP_HAS_ANY_PORT_EGRESS
+                | abi::EP_HAS_ANY_PROTO_EGRESS
+        );
+        assert_eq!(c.desired.endpoints[&b.ifindex].flags, 0);
+        // Each shape is what the flags say, and only ranges need the trie.
+        for k in c.desired.policy.keys() {
+            let flag = abi::ep_shape_flag(k.data.direction, k.prefixlen);
+            assert_eq!(
+                abi::policy_entry_hashed(k.prefixlen),
+                flag & (abi::EP_HAS_RANGE_INGRESS | abi::EP_HAS_RANGE_EGRESS) == 0,
+                "{k:?}"
+            );
+            assert_eq!(c.desired.endpoints[&a.ifindex].flags & flag, flag, "{k:?}");
+        }
+        for (port, want) in [(80, true), (81, false)] {
+            assert_eq!(
+                allowed(&c, &a, Direction::Ingress, "10.0.0.3", PROTO_TCP, port),
+                want
+            );
+        }
+        for (port, want) in [(999, false), (1000, true), (1999, true), (2000, false)] {
+            assert_eq!(
+                allowed(&c, &a, Direction::Ingress, "10.0.0.3", PROTO_UDP, port),
+                want,
+                "udp {port}"
+            );
+        }
+        assert!(allowed(
+            &c,
+            &a,
+            Direction::Egress,
+            "10.0.0.3",
+            PROTO_UDP,
+            53
+        ));
     }
 
     #[test]
@@ -1281,7 +1347,10 @@ spec:
         ).into_iter().map(|(_, p)| (9, p)));
         let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
         let (c, _) = run(&pols, &[a.clone(), b]);
-        assert_eq!(c.desired.endpoints[&a.ifindex].flags, EP_ISOLATE_INGRESS);
+        assert_eq!(
+            c.desired.endpoints[&a.ifindex].flags,
+            EP_ISOLATE_INGRESS | abi::EP_HAS_ANY_PROTO_INGRESS
+        );
         // The audited policy's allow rule still allows, the rest is denied.
         assert!(allowed(
             &c,

@@ -948,7 +948,10 @@ spec:
             .unwrap();
         assert!(decide(&n, api.id, "10.0.0.3"));
         n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
-        assert_eq!(n.dataplane.maps.endpoints[&10].flags, EP_ISOLATE_INGRESS);
+        assert_eq!(
+            n.dataplane.maps.endpoints[&10].flags,
+            EP_ISOLATE_INGRESS | crate::abi::EP_HAS_ANY_PROTO_INGRESS
+        );
         assert!(!decide(&n, api.id, "10.0.0.3"));
         // A frontend that starts after the policy is allowed at once.
         n.add_endpoint(new_ep(

@@ -35,10 +35,10 @@ use super::{
 use crate::{
     abi::{
         self, ConfigValue, CounterKey, CounterValue, CtKey, CtValue, Direction, EndpointValue,
-        ID_ANY, ID_WORLD, IpcacheAddr, IpcacheValue, POLICY_PREFIX_FULL, PolicyKeyData,
+        ID_ANY, ID_WORLD, IpcacheAddr, IpcacheValue, POLICY_PREFIX_FULL, PolicyKey, PolicyKeyData,
         PolicyValue, Reason, SrcguardKey, TIER_NETPOL, Verdict,
     },
-    compile::{Desired, PolicyKey, Prefix},
+    compile::{Desired, Prefix},
     netlink,
 };
 
@@ -88,10 +88,20 @@ const MAPS: &[(&str, usize, usize)] = &[
         4 + size_of::<IpcacheAddr>(),
         size_of::<IpcacheValue>(),
     ),
+    (
+        "pal_ipcache_host",
+        size_of::<IpcacheAddr>(),
+        size_of::<IpcacheValue>(),
+    ),
     ("pal_srcguard", size_of::<SrcguardKey>(), 4),
     (
         "pal_policy",
         4 + size_of::<PolicyKeyData>(),
+        size_of::<PolicyValue>(),
+    ),
+    (
+        "pal_policy_exact",
+        size_of::<PolicyKey>(),
         size_of::<PolicyValue>(),
     ),
     ("pal_ct", size_of::<CtKey>(), size_of::<CtValue>()),
@@ -138,14 +148,22 @@ struct Objects {
 
 type Endpoints = HashMap<MapData, u32, EndpointValue>;
 type Ipcache = LpmTrie<MapData, IpcacheAddr, IpcacheValue>;
+type IpcacheHost = HashMap<MapData, IpcacheAddr, IpcacheValue>;
 type PolicyMap = LpmTrie<MapData, PolicyKeyData, PolicyValue>;
+type PolicyExact = HashMap<MapData, PolicyKey, PolicyValue>;
 type Srcguard = HashMap<MapData, SrcguardKey, u32>;
 
 /// The maps user space writes or reads.
 struct Maps {
     endpoints: Endpoints,
+    /// Prefixes shorter than a whole address.
     ipcache: Ipcache,
+    /// Whole addresses (/128, IPv4 /32).
+    ipcache_host: IpcacheHost,
+    /// Port-range entries.
     policy: PolicyMap,
+    /// Every other entry (see `abi::policy_entry_hashed`).
+    policy_exact: PolicyExact,
     srcguard: Srcguard,
     config: Array<MapData, ConfigValue>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
@@ -412,7 +430,9 @@ impl KernelDataplane {
         Ok(Maps {
             endpoints: typed!("pal_endpoints"),
             ipcache: typed!("pal_ipcache"),
+            ipcache_host: typed!("pal_ipcache_host"),
             policy: typed!("pal_policy"),
+            policy_exact: typed!("pal_policy_exact"),
             srcguard: typed!("pal_srcguard"),
             config: typed!("pal_config"),
             counters: typed!("pal_counters"),
@@ -577,6 +597,19 @@ impl KernelDataplane {
 
 fn current_ifindex(ifname: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(ifname).ok()
+}
+
+/// Read a whole hash map.
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    hash: &HashMap<MapData, K, V>,
+    map: &'static str,
+) -> Result<BTreeMap<K, V>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for item in hash.iter() {
+        let (k, v) = item.map_err(DataplaneError::map(map))?;
+        out.insert(k, v);
+    }
+    Ok(out)
 }
 
 /// Read a whole LPM trie into a map keyed like the compiler's output.
@@ -898,13 +931,32 @@ impl Dataplane for KernelDataplane {
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
 
+        // Each entry has one home: fixed policy shapes and whole addresses
+        // in the hashes, the rest in the tries. Diffing each map against
+        // its own share also moves entries an older build kept elsewhere.
         let cur_policy: BTreeMap<PolicyKey, PolicyValue> = read_trie(&maps.policy, "pal_policy")?
             .into_iter()
             .map(|((prefixlen, data), v)| (PolicyKey { prefixlen, data }, v))
             .collect();
+        let cur_policy_exact = read_hash(&maps.policy_exact, "pal_policy_exact")?;
         let cur_ipcache: BTreeMap<Prefix, IpcacheValue> = read_trie(&maps.ipcache, "pal_ipcache")?
             .into_iter()
             .map(|((len, a), v)| (Prefix { len, addr: a.addr }, v))
+            .collect();
+        let cur_ipcache_host = read_hash(&maps.ipcache_host, "pal_ipcache_host")?;
+        let (want_policy_exact, want_policy): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
+            .policy
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .partition(|(k, _)| abi::policy_entry_hashed(k.prefixlen));
+        let (want_ipcache_host, want_ipcache): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
+            .ipcache
+            .iter()
+            .map(|(p, v)| (*p, *v))
+            .partition(|(p, _)| p.len == 128);
+        let want_ipcache_host: BTreeMap<IpcacheAddr, IpcacheValue> = want_ipcache_host
+            .into_iter()
+            .map(|(p, v)| (IpcacheAddr { addr: p.addr }, v))
             .collect();
         let mut cur_eps = BTreeMap::new();
         for item in maps.endpoints.iter() {
@@ -918,7 +970,15 @@ impl Dataplane for KernelDataplane {
 
         // Order matters for packets in flight: allow entries and new
         // identities first, endpoints (isolation flags) next, removals last.
-        for (k, v) in &desired.policy {
+        for (k, v) in &want_policy_exact {
+            if cur_policy_exact.get(k) != Some(v) {
+                maps.policy_exact
+                    .insert(k, v, 0)
+                    .map_err(DataplaneError::map("pal_policy_exact"))?;
+                report.upserted += 1;
+            }
+        }
+        for (k, v) in &want_policy {
             if cur_policy.get(k) != Some(v) {
                 maps.policy
                     .insert(&LpmKey::new(k.prefixlen, k.data), *v, 0)
@@ -926,7 +986,15 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
-        for (p, v) in &desired.ipcache {
+        for (a, v) in &want_ipcache_host {
+            if cur_ipcache_host.get(a) != Some(v) {
+                maps.ipcache_host
+                    .insert(a, v, 0)
+                    .map_err(DataplaneError::map("pal_ipcache_host"))?;
+                report.upserted += 1;
+            }
+        }
+        for (p, v) in &want_ipcache {
             if cur_ipcache.get(p) != Some(v) {
                 maps.ipcache
                     .insert(&LpmKey::new(p.len, IpcacheAddr { addr: p.addr }), *v, 0)
@@ -963,22 +1031,34 @@ impl Dataplane for KernelDataplane {
                 .map_err(DataplaneError::map("pal_srcguard"))?;
             report.deleted += 1;
         }
-        for p in cur_ipcache
-            .keys()
-            .filter(|p| !desired.ipcache.contains_key(p))
-        {
+        for p in cur_ipcache.keys().filter(|p| !want_ipcache.contains_key(p)) {
             maps.ipcache
                 .remove(&LpmKey::new(p.len, IpcacheAddr { addr: p.addr }))
                 .map_err(DataplaneError::map("pal_ipcache"))?;
             report.deleted += 1;
         }
-        for k in cur_policy
+        for a in cur_ipcache_host
             .keys()
-            .filter(|k| !desired.policy.contains_key(k))
+            .filter(|a| !want_ipcache_host.contains_key(a))
         {
+            maps.ipcache_host
+                .remove(a)
+                .map_err(DataplaneError::map("pal_ipcache_host"))?;
+            report.deleted += 1;
+        }
+        for k in cur_policy.keys().filter(|k| !want_policy.contains_key(k)) {
             maps.policy
                 .remove(&LpmKey::new(k.prefixlen, k.data))
                 .map_err(DataplaneError::map("pal_policy"))?;
+            report.deleted += 1;
+        }
+        for k in cur_policy_exact
+            .keys()
+            .filter(|k| !want_policy_exact.contains_key(k))
+        {
+            maps.policy_exact
+                .remove(k)
+                .map_err(DataplaneError::map("pal_policy_exact"))?;
             report.deleted += 1;
         }
 
@@ -1077,10 +1157,22 @@ impl Dataplane for KernelDataplane {
             entries: maps.ipcache.keys().count() as u64,
             max_entries: max,
         });
+        let (_, max) = count("pal_ipcache_host")?;
+        st.maps.push(MapFill {
+            name: "pal_ipcache_host".into(),
+            entries: maps.ipcache_host.keys().count() as u64,
+            max_entries: max,
+        });
         let (_, max) = count("pal_policy")?;
         st.maps.push(MapFill {
             name: "pal_policy".into(),
             entries: maps.policy.keys().count() as u64,
+            max_entries: max,
+        });
+        let (_, max) = count("pal_policy_exact")?;
+        st.maps.push(MapFill {
+            name: "pal_policy_exact".into(),
+            entries: maps.policy_exact.keys().count() as u64,
             max_entries: max,
         });
         for name in ["pal_ct", "pal_frag"] {
@@ -1158,42 +1250,55 @@ impl Dataplane for KernelDataplane {
 
     fn lookup(&self, q: &Lookup) -> Result<LookupAnswer, DataplaneError> {
         let maps = self.maps()?;
-        let peer_identity = match maps.ipcache.get(
-            &LpmKey::new(
-                128,
-                IpcacheAddr {
-                    addr: abi::addr16(q.peer),
-                },
-            ),
-            0,
-        ) {
-            Ok(v) => v.identity,
-            Err(aya::maps::MapError::KeyNotFound) => ID_WORLD,
-            Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
+        // The same lookups, in the same order, as bpf/lib/policy.h.
+        let addr = IpcacheAddr {
+            addr: abi::addr16(q.peer),
         };
+        let host = match maps.ipcache_host.get(&addr, 0) {
+            Ok(v) => Some(v.identity),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(DataplaneError::map("pal_ipcache_host")(e)),
+        };
+        let peer_identity = match host {
+            Some(id) => id,
+            None => match maps.ipcache.get(&LpmKey::new(128, addr), 0) {
+                Ok(v) => v.identity,
+                Err(aya::maps::MapError::KeyNotFound) => ID_WORLD,
+                Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
+            },
+        };
+        let mut ep_flags = 0;
+        for item in maps.endpoints.iter() {
+            let (_, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
+            if v.ep_id == q.ep_id {
+                ep_flags = v.flags;
+            }
+        }
         let (isolated, audit) = {
             let (iso_bit, audit_bit) = match q.direction {
                 Direction::Ingress => (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),
                 Direction::Egress => (abi::EP_ISOLATE_EGRESS, abi::EP_AUDIT_EGRESS),
             };
-            let mut found = (false, false);
-            for item in maps.endpoints.iter() {
-                let (_, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
-                if v.ep_id == q.ep_id {
-                    found = (v.flags & iso_bit != 0, v.flags & audit_bit != 0);
-                }
-            }
-            found
+            (ep_flags & iso_bit != 0, ep_flags & audit_bit != 0)
         };
         let ported = matches!(
             q.protocol,
             abi::PROTO_TCP | abi::PROTO_UDP | abi::PROTO_SCTP
         );
+        let dir = q.direction as u8;
+        let exact = |prefixlen: u32, data: PolicyKeyData| match maps
+            .policy_exact
+            .get(&PolicyKey { prefixlen, data }, 0)
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DataplaneError::map("pal_policy_exact")(e)),
+        };
         let mut entry = None;
-        for peer in [peer_identity, ID_ANY] {
+        'peers: for peer in [peer_identity, ID_ANY] {
             let key = PolicyKeyData {
                 ep_id: q.ep_id,
-                direction: q.direction as u8,
+                direction: dir,
                 tier: TIER_NETPOL,
                 pad1: 0,
                 peer_id: peer,
@@ -1201,13 +1306,46 @@ impl Dataplane for KernelDataplane {
                 protocol: q.protocol,
                 dport_be: if ported { q.port.to_be() } else { 0 },
             };
-            match maps.policy.get(&LpmKey::new(POLICY_PREFIX_FULL, key), 0) {
-                Ok(v) => {
-                    entry = Some(v);
-                    break;
+            if let Some(v) = exact(POLICY_PREFIX_FULL, key)? {
+                entry = Some(v);
+                break;
+            }
+            let has_range = match q.direction {
+                Direction::Ingress => abi::EP_HAS_RANGE_INGRESS,
+                Direction::Egress => abi::EP_HAS_RANGE_EGRESS,
+            };
+            if ep_flags & has_range != 0 {
+                match maps.policy.get(&LpmKey::new(POLICY_PREFIX_FULL, key), 0) {
+                    Ok(v) => {
+                        entry = Some(v);
+                        break;
+                    }
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
                 }
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
+            }
+            let wider = [
+                (
+                    abi::POLICY_PREFIX_ANY_PORT,
+                    PolicyKeyData { dport_be: 0, ..key },
+                ),
+                (
+                    abi::POLICY_PREFIX_ANY_PROTO,
+                    PolicyKeyData {
+                        protocol: 0,
+                        dport_be: 0,
+                        ..key
+                    },
+                ),
+            ];
+            for (prefixlen, data) in wider {
+                if ep_flags & abi::ep_shape_flag(dir, prefixlen) == 0 {
+                    continue;
+                }
+                if let Some(v) = exact(prefixlen, data)? {
+                    entry = Some(v);
+                    break 'peers;
+                }
             }
         }
         Ok(LookupAnswer {

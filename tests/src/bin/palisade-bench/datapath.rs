@@ -347,9 +347,10 @@ pub fn run(cfg: &Config, report: &mut Report) {
     let _ = writeln!(
         s,
         "\n#### Pinned map memory\n\nKernel memory charged to the pinned maps \
-         (`memlock` in `/proc/<pid>/fdinfo`), by configuration. Hash, LRU and array maps \
-         are preallocated at their full size; the LPM tries (`pal_ipcache`, `pal_policy`) \
-         and `pal_srcguard` grow with their entries.\n"
+         (`memlock` in `/proc/<pid>/fdinfo`), by configuration. LRU, array and most hash \
+         maps are preallocated at their full size; the maps policy and addresses fill \
+         (`pal_ipcache_host`, `pal_policy_exact`, the LPM tries `pal_ipcache` and \
+         `pal_policy`, and `pal_srcguard`) grow with their entries.\n"
     );
     let mut names: Vec<String> = Vec::new();
     for c in cells.values() {
