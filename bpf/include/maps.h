@@ -53,16 +53,7 @@ struct {
 	__uint(max_entries, 1048576);
 	__type(key, struct pal_policy_key);
 	__type(value, struct pal_policy_value);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_policy_exact SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1048576);
-	__type(key, struct pal_policy_key);
-	__type(value, struct pal_policy_value);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_policy SEC(".maps");
 

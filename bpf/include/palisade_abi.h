@@ -81,13 +81,12 @@
 #define PAL_EP_AUDIT_INGRESS   (1U << 2) /* reserved for audit mode */
 #define PAL_EP_AUDIT_EGRESS    (1U << 3) /* reserved for audit mode */
 /* Which policy entry shapes exist for the endpoint, by direction: the
- * datapath skips lookups that cannot match. Set by the compiler. */
-#define PAL_EP_HAS_RANGE_INGRESS     (1U << 4)
-#define PAL_EP_HAS_ANY_PORT_INGRESS  (1U << 5)
-#define PAL_EP_HAS_ANY_PROTO_INGRESS (1U << 6)
-#define PAL_EP_HAS_RANGE_EGRESS	     (1U << 7)
-#define PAL_EP_HAS_ANY_PORT_EGRESS   (1U << 8)
-#define PAL_EP_HAS_ANY_PROTO_EGRESS  (1U << 9)
+ * datapath skips lookups that cannot match. Set by the compiler; port-range
+ * prefix lengths are in pal_endpoint.range_lens. */
+#define PAL_EP_HAS_ANY_PORT_INGRESS  (1U << 4)
+#define PAL_EP_HAS_ANY_PROTO_INGRESS (1U << 5)
+#define PAL_EP_HAS_ANY_PORT_EGRESS   (1U << 6)
+#define PAL_EP_HAS_ANY_PROTO_EGRESS  (1U << 7)
 
 /* Global configuration flags (pal_config.flags): node <-> pod traffic is
  * never governed; flow events go to the ring buffer. */
@@ -99,7 +98,10 @@ struct pal_endpoint {
 	__u32 ep_id; /* palisade's endpoint number, keys policy and conntrack */
 	__u32 identity; /* the endpoint's own identity (for events) */
 	__u32 flags;	/* PAL_EP_* */
-	__u32 pad;
+	/* Port-range prefix lengths the endpoint's policy entries use: bit
+	 * n - 1 for PAL_POLICY_PREFIX_ANY_PORT + n (n = 1..15), ingress in
+	 * bits 0..14, egress in bits 16..30. */
+	__u32 range_lens;
 };
 
 /* pal_ipcache: LPM_TRIE, address prefix -> identity, for prefixes shorter
@@ -121,23 +123,20 @@ struct pal_ipcache_value {
 	__u32 flags; /* reserved */
 };
 
-/* Policy entries, keyed by a prefix length and a match. Every field of the
- * match up to and including pad2 is always matched exactly; the prefix
- * length then selects:
+/* pal_policy: HASH of policy entries, keyed by a prefix length and a
+ * match. Every field of the match up to and including pad2 is always
+ * matched exactly; the prefix length then selects:
  *   PAL_POLICY_PREFIX_ANY_PROTO  all protocols and ports
  *   PAL_POLICY_PREFIX_ANY_PORT   one protocol, all ports
  *   PAL_POLICY_PREFIX_FULL       one protocol and port (or a protocol
  *                                without ports, dport 0)
  *   PAL_POLICY_PREFIX_ANY_PORT + n (n = 1..15)  one protocol, ports
  *                                sharing the top n bits (port ranges are
- *                                split into prefixes)
- * so dport must be in network byte order, and fields a shorter prefix does
- * not cover are zero. The three fixed shapes live in pal_policy_exact, a
- * hash keyed by the whole struct pal_policy_key, so a lookup costs the same
- * at any number of rules; only port-range prefixes live in pal_policy, an
- * LPM trie. A lookup tries FULL, then the trie, then ANY_PORT, then
- * ANY_PROTO (longest first), and skips the shapes the endpoint has no
- * entries of (PAL_EP_HAS_* flags). */
+ *                                split into aligned blocks)
+ * dport is in network byte order, and the bits a prefix does not cover are
+ * zero. A lookup tries the lengths from longest to shortest, skipping those
+ * the endpoint has no entries of (PAL_EP_HAS_* flags, range_lens): each try
+ * is one hash lookup, so the cost never depends on the number of rules. */
 struct pal_policy_match {
 	__u32 ep_id;
 	__u8 direction; /* PAL_DIR_* */

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Identities and verdicts. A decision costs one ipcache lookup and at most
- * two policy lookups per tier (exact peer identity, then "any peer"), each
- * one to three hash lookups and, for endpoints with port-range rules, a trie
- * lookup, whatever the number of policies, rules, endpoints or ports: rules
- * are compiled into map entries by user space, never looped over here.
+ * two policy searches per tier (exact peer identity, then "any peer"), each
+ * one hash lookup per entry shape the endpoint has (one port, each port-range
+ * block size, all ports, all protocols), whatever the number of policies,
+ * rules, endpoints or ports: rules are compiled into map entries by user
+ * space, never looped over here.
  */
 #ifndef PALISADE_POLICY_H
 #define PALISADE_POLICY_H
@@ -33,57 +34,72 @@ static __always_inline __u32 pal_identity_of(const __u8 *addr)
 	return v ? v->identity : PAL_ID_WORLD;
 }
 
+#define PAL_SHAPE_ANY_PORT  (1U << 0)
+#define PAL_SHAPE_ANY_PROTO (1U << 1)
+
 /*
- * The longest entry matching k (prefix length FULL on entry; k is
- * clobbered). Fixed shapes by hash, port ranges in the trie; shapes the
- * endpoint has no entries of are not looked up.
+ * The longest entry for k's peer shorter than one port (k holds the full
+ * key on entry and is clobbered), copied to out: port-range blocks from the
+ * longest down (range_lens), then all ports of the protocol, then all
+ * protocols (shapes). Every try is one hash lookup; lengths the endpoint has
+ * no entries of are skipped.
+ *
+ * A global function: the verifier checks it once on its own, rather than at
+ * every call site and along every combination of skipped lengths.
  */
-static __always_inline struct pal_policy_value *
-pal_policy_find(struct pal_policy_key *k, __u32 has_range, __u32 has_any_port,
-		__u32 has_any_proto)
+__attribute__((noinline)) int pal_policy_search(struct pal_policy_key *k,
+						__u32 range_lens, __u32 shapes,
+						struct pal_policy_value *out)
 {
 	struct pal_policy_value *v;
+	__u16 port;
 
-	v = bpf_map_lookup_elem(&pal_policy_exact, k);
-	if (v)
-		return v;
-	if (has_range) {
+	if (!k || !out)
+		return 0;
+	port = bpf_ntohs(k->m.dport);
+	v = NULL;
+	for (int n = 15; n >= 1 && range_lens && !v; n--) {
+		if (!(range_lens & (1U << (n - 1))))
+			continue;
+		k->prefixlen = PAL_POLICY_PREFIX_ANY_PORT + n;
+		k->m.dport = bpf_htons(port & (__u16)(0xffff << (16 - n)));
 		v = bpf_map_lookup_elem(&pal_policy, k);
-		if (v)
-			return v;
 	}
-	if (has_any_port) {
+	if (!v && (shapes & PAL_SHAPE_ANY_PORT)) {
 		k->prefixlen = PAL_POLICY_PREFIX_ANY_PORT;
 		k->m.dport = 0;
-		v = bpf_map_lookup_elem(&pal_policy_exact, k);
-		if (v)
-			return v;
+		v = bpf_map_lookup_elem(&pal_policy, k);
 	}
-	if (has_any_proto) {
+	if (!v && (shapes & PAL_SHAPE_ANY_PROTO)) {
 		k->prefixlen = PAL_POLICY_PREFIX_ANY_PROTO;
 		k->m.protocol = 0;
 		k->m.dport = 0;
-		v = bpf_map_lookup_elem(&pal_policy_exact, k);
+		v = bpf_map_lookup_elem(&pal_policy, k);
 	}
-	return v;
+	if (!v)
+		return 0;
+	*out = *v;
+	return 1;
 }
 
 /* One tier: the exact peer identity first, then the wildcard. */
-static __always_inline struct pal_policy_value *
-pal_policy_lookup(const struct pal_endpoint *ep, __u8 dir, __u8 tier,
-		  __u32 peer_id, __u8 proto, __be16 dport)
+static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
+					     __u8 dir, __u8 tier, __u32 peer_id,
+					     __u8 proto, __be16 dport,
+					     struct pal_policy_value *out)
 {
 	__u32 egress = dir == PAL_DIR_EGRESS;
-	__u32 has_range = ep->flags & (egress ? PAL_EP_HAS_RANGE_EGRESS
-					      : PAL_EP_HAS_RANGE_INGRESS);
-	__u32 has_any_port = ep->flags & (egress ? PAL_EP_HAS_ANY_PORT_EGRESS
-						 : PAL_EP_HAS_ANY_PORT_INGRESS);
-	__u32 has_any_proto =
-		ep->flags & (egress ? PAL_EP_HAS_ANY_PROTO_EGRESS
-				    : PAL_EP_HAS_ANY_PROTO_INGRESS);
+	__u32 range_lens = (ep->range_lens >> (egress ? 16 : 0)) & 0x7fff;
+	__u32 shapes = 0;
 	struct pal_policy_key k = {};
 	struct pal_policy_value *v;
 
+	if (ep->flags &
+	    (egress ? PAL_EP_HAS_ANY_PORT_EGRESS : PAL_EP_HAS_ANY_PORT_INGRESS))
+		shapes |= PAL_SHAPE_ANY_PORT;
+	if (ep->flags & (egress ? PAL_EP_HAS_ANY_PROTO_EGRESS
+				: PAL_EP_HAS_ANY_PROTO_INGRESS))
+		shapes |= PAL_SHAPE_ANY_PROTO;
 	k.prefixlen = PAL_POLICY_PREFIX_FULL;
 	k.m.ep_id = ep->ep_id;
 	k.m.direction = dir;
@@ -91,14 +107,26 @@ pal_policy_lookup(const struct pal_endpoint *ep, __u8 dir, __u8 tier,
 	k.m.peer_id = peer_id;
 	k.m.protocol = proto;
 	k.m.dport = dport;
-	v = pal_policy_find(&k, has_range, has_any_port, has_any_proto);
-	if (v)
-		return v;
+	/* One port: the common case, inline. */
+	v = bpf_map_lookup_elem(&pal_policy, &k);
+	if (v) {
+		*out = *v;
+		return 1;
+	}
+	if ((range_lens || shapes) &&
+	    pal_policy_search(&k, range_lens, shapes, out))
+		return 1;
 	k.prefixlen = PAL_POLICY_PREFIX_FULL;
 	k.m.peer_id = PAL_ID_ANY;
 	k.m.protocol = proto;
 	k.m.dport = dport;
-	return pal_policy_find(&k, has_range, has_any_port, has_any_proto);
+	v = bpf_map_lookup_elem(&pal_policy, &k);
+	if (v) {
+		*out = *v;
+		return 1;
+	}
+	return (range_lens || shapes) &&
+	       pal_policy_search(&k, range_lens, shapes, out);
 }
 
 /*
@@ -117,7 +145,7 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 	__u32 audit = dir == PAL_DIR_EGRESS ? PAL_EP_AUDIT_EGRESS
 					    : PAL_EP_AUDIT_INGRESS;
 	__be16 dport = pal_is_l4_ports(t->protocol) ? t->dport : 0;
-	struct pal_policy_value *v;
+	struct pal_policy_value v = {};
 
 	d->peer_id = pal_identity_of(peer);
 	d->policy_id = 0;
@@ -139,12 +167,12 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 		d->reason = PAL_REASON_NOT_ISOLATED;
 		return;
 	}
-	v = pal_policy_lookup(ep, dir, PAL_TIER_NETPOL, d->peer_id, t->protocol,
-			      dport);
-	if (v && v->verdict == PAL_VERDICT_ALLOW) {
+	if (pal_policy_lookup(ep, dir, PAL_TIER_NETPOL, d->peer_id, t->protocol,
+			      dport, &v) &&
+	    v.verdict == PAL_VERDICT_ALLOW) {
 		d->verdict = PAL_VERDICT_ALLOW;
 		d->reason = PAL_REASON_POLICY;
-		d->policy_id = v->policy_id;
+		d->policy_id = v.policy_id;
 		return;
 	}
 

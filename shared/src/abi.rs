@@ -178,35 +178,27 @@ pub const EP_ISOLATE_INGRESS: u32 = 1 << 0;
 pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
 pub const EP_AUDIT_INGRESS: u32 = 1 << 2;
 pub const EP_AUDIT_EGRESS: u32 = 1 << 3;
-pub const EP_HAS_RANGE_INGRESS: u32 = 1 << 4;
-pub const EP_HAS_ANY_PORT_INGRESS: u32 = 1 << 5;
-pub const EP_HAS_ANY_PROTO_INGRESS: u32 = 1 << 6;
-pub const EP_HAS_RANGE_EGRESS: u32 = 1 << 7;
-pub const EP_HAS_ANY_PORT_EGRESS: u32 = 1 << 8;
-pub const EP_HAS_ANY_PROTO_EGRESS: u32 = 1 << 9;
+pub const EP_HAS_ANY_PORT_INGRESS: u32 = 1 << 4;
+pub const EP_HAS_ANY_PROTO_INGRESS: u32 = 1 << 5;
+pub const EP_HAS_ANY_PORT_EGRESS: u32 = 1 << 6;
+pub const EP_HAS_ANY_PROTO_EGRESS: u32 = 1 << 7;
 
-/// The `PAL_EP_HAS_*` flag an endpoint needs for a policy entry of this
-/// direction (`DIR_*`) and prefix length to be looked up (0: always is).
-pub fn ep_shape_flag(direction: u8, prefixlen: u32) -> u32 {
+/// What an endpoint needs set for the datapath to look up a policy entry of
+/// this direction (`DIR_*`) and prefix length: (`PAL_EP_HAS_*` flags,
+/// `range_lens` bits). One-port entries are always looked up.
+pub fn ep_shape(direction: u8, prefixlen: u32) -> (u32, u32) {
     let egress = direction == Direction::Egress as u8;
     match prefixlen {
-        POLICY_PREFIX_FULL => 0,
-        POLICY_PREFIX_ANY_PORT if egress => EP_HAS_ANY_PORT_EGRESS,
-        POLICY_PREFIX_ANY_PORT => EP_HAS_ANY_PORT_INGRESS,
-        POLICY_PREFIX_ANY_PROTO if egress => EP_HAS_ANY_PROTO_EGRESS,
-        POLICY_PREFIX_ANY_PROTO => EP_HAS_ANY_PROTO_INGRESS,
-        _ if egress => EP_HAS_RANGE_EGRESS,
-        _ => EP_HAS_RANGE_INGRESS,
+        POLICY_PREFIX_ANY_PORT if egress => (EP_HAS_ANY_PORT_EGRESS, 0),
+        POLICY_PREFIX_ANY_PORT => (EP_HAS_ANY_PORT_INGRESS, 0),
+        POLICY_PREFIX_ANY_PROTO if egress => (EP_HAS_ANY_PROTO_EGRESS, 0),
+        POLICY_PREFIX_ANY_PROTO => (EP_HAS_ANY_PROTO_INGRESS, 0),
+        n if n > POLICY_PREFIX_ANY_PORT && n < POLICY_PREFIX_FULL => {
+            let bit = n - POLICY_PREFIX_ANY_PORT - 1;
+            (0, 1 << if egress { 16 + bit } else { bit })
+        }
+        _ => (0, 0),
     }
-}
-
-/// Whether a policy entry of this prefix length lives in `pal_policy_exact`
-/// (the fixed shapes) rather than the `pal_policy` trie (port ranges).
-pub fn policy_entry_hashed(prefixlen: u32) -> bool {
-    matches!(
-        prefixlen,
-        POLICY_PREFIX_FULL | POLICY_PREFIX_ANY_PORT | POLICY_PREFIX_ANY_PROTO
-    )
 }
 
 /// `PAL_CFG_*` global flags.
@@ -254,7 +246,9 @@ pub struct EndpointValue {
     pub ep_id: u32,
     pub identity: u32,
     pub flags: u32,
-    pub pad: u32,
+    /// Port-range prefix lengths in use: bit `n - 1` (ingress) or `16 + n - 1`
+    /// (egress) for `POLICY_PREFIX_ANY_PORT + n`.
+    pub range_lens: u32,
 }
 
 /// `struct pal_ipcache_key` (the LPM prefix length is kept by aya's `Key`).
@@ -272,8 +266,7 @@ pub struct IpcacheValue {
     pub flags: u32,
 }
 
-/// `struct pal_policy_key`: the key of `pal_policy_exact`, and of the
-/// `pal_policy` trie (where aya's `Key` carries the prefix length).
+/// `struct pal_policy_key`: the key of `pal_policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(C)]
 pub struct PolicyKey {

@@ -499,6 +499,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     // 5. Per endpoint: isolation flags and allow entries.
     for ep in input.endpoints {
         let mut flags = ep.extra_flags;
+        let mut range_lens = 0;
         // Audit: allow rules of every policy count, but a direction that
         // only audited policies isolate reports what it would drop instead
         // of dropping it.
@@ -517,10 +518,14 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 enforced_eg |= enforced;
             }
             for r in &pr.ingress {
-                flags |= emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
+                let (f, lens) = emit(&mut out.desired.policy, ep, Direction::Ingress, r, &facts);
+                flags |= f;
+                range_lens |= lens;
             }
             for r in &pr.egress {
-                flags |= emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
+                let (f, lens) = emit(&mut out.desired.policy, ep, Direction::Egress, r, &facts);
+                flags |= f;
+                range_lens |= lens;
             }
         }
         if flags & abi::EP_ISOLATE_INGRESS != 0 && !enforced_in {
@@ -535,7 +540,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 ep_id: ep.ep_id,
                 identity: out.endpoint_identities.get(&ep.ep_id).copied().unwrap_or(0),
                 flags,
-                pad: 0,
+                range_lens,
             },
         );
     }
@@ -574,15 +579,16 @@ fn resolve_rule<'r>(
     }
 }
 
-/// Emit a rule's entries; returns the `PAL_EP_HAS_*` flags they need.
+/// Emit a rule's entries; returns the endpoint flags and range lengths they
+/// need (`abi::ep_shape`).
 fn emit(
     map: &mut BTreeMap<PolicyKey, PolicyValue>,
     ep: &EndpointView,
     dir: Direction,
     rule: &ResolvedRule<'_>,
     facts: &BTreeMap<u32, IdentityFacts>,
-) -> u32 {
-    let mut shapes = 0;
+) -> (u32, u32) {
+    let mut shapes = (0, 0);
     let value = PolicyValue {
         policy_id: rule.policy_id,
         verdict: Verdict::Allow as u8,
@@ -606,7 +612,9 @@ fn emit(
         // Policies are visited in name order: the first one that allows a
         // key is the one events and explain report.
         map.entry(key).or_insert(value);
-        shapes |= abi::ep_shape_flag(dir as u8, prefixlen);
+        let (f, lens) = abi::ep_shape(dir as u8, prefixlen);
+        shapes.0 |= f;
+        shapes.1 |= lens;
     };
     let peers: Vec<u32> = match &rule.peers {
         None => vec![ID_ANY],
@@ -825,7 +833,7 @@ spec:
   - from: [{podSelector: {matchLabels: {pod: b}}}]
     ports: [{protocol: TCP, port: 80}]
   - from: [{podSelector: {matchLabels: {pod: b}}}]
-    ports: [{protocol: UDP, port: 1000, endPort: 1999}]
+    ports: [{protocol: UDP, port: 1024, endPort: 1279}, {protocol: UDP, port: 2000, endPort: 2001}]
   egress:
   - to: [{podSelector: {matchLabels: {pod: b}}}]
     ports: [{protocol: SCTP}]
@@ -835,24 +843,24 @@ spec:
         let a = ep(1, "x", "a", &[("pod", "a")], "10.0.0.2");
         let b = ep(2, "x", "b", &[("pod", "b")], "10.0.0.3");
         let (c, _) = run(&pols, &[a.clone(), b.clone()]);
+        let va = c.desired.endpoints[&a.ifindex];
         assert_eq!(
-            c.desired.endpoints[&a.ifindex].flags,
+            va.flags,
             EP_ISOLATE_INGRESS
                 | EP_ISOLATE_EGRESS
-                | abi::EP_HAS_RANGE_INGRESS
                 | abi::EP_HAS_ANY_PORT_EGRESS
                 | abi::EP_HAS_ANY_PROTO_EGRESS
         );
+        // 1024-1279: one block of 256 ports (prefix of 8 bits); 2000-2001:
+        // one block of 2 (15 bits).
+        assert_eq!(va.range_lens, (1 << 7) | (1 << 14));
         assert_eq!(c.desired.endpoints[&b.ifindex].flags, 0);
-        // Each shape is what the flags say, and only ranges need the trie.
+        assert_eq!(c.desired.endpoints[&b.ifindex].range_lens, 0);
+        // Every entry is one the flags let the datapath find.
         for k in c.desired.policy.keys() {
-            let flag = abi::ep_shape_flag(k.data.direction, k.prefixlen);
-            assert_eq!(
-                abi::policy_entry_hashed(k.prefixlen),
-                flag & (abi::EP_HAS_RANGE_INGRESS | abi::EP_HAS_RANGE_EGRESS) == 0,
-                "{k:?}"
-            );
-            assert_eq!(c.desired.endpoints[&a.ifindex].flags & flag, flag, "{k:?}");
+            let (flag, lens) = abi::ep_shape(k.data.direction, k.prefixlen);
+            assert_eq!(va.flags & flag, flag, "{k:?}");
+            assert_eq!(va.range_lens & lens, lens, "{k:?}");
         }
         for (port, want) in [(80, true), (81, false)] {
             assert_eq!(
@@ -860,7 +868,16 @@ spec:
                 want
             );
         }
-        for (port, want) in [(999, false), (1000, true), (1999, true), (2000, false)] {
+        for (port, want) in [
+            (1023, false),
+            (1024, true),
+            (1279, true),
+            (1280, false),
+            (1999, false),
+            (2000, true),
+            (2001, true),
+            (2002, false),
+        ] {
             assert_eq!(
                 allowed(&c, &a, Direction::Ingress, "10.0.0.3", PROTO_UDP, port),
                 want,

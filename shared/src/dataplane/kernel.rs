@@ -15,7 +15,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap,
+        Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap,
         lpm_trie::Key as LpmKey,
     },
     programs::{
@@ -80,45 +80,56 @@ pub const TO_CONTAINER: ProgramSpec = ProgramSpec {
 
 const PROGRAMS: [ProgramSpec; 2] = [FROM_CONTAINER, TO_CONTAINER];
 
-/// Every map: name, key size, value size (checked against pinned maps).
-const MAPS: &[(&str, usize, usize)] = &[
-    ("pal_endpoints", 4, size_of::<EndpointValue>()),
+/// Every map: name, type, key size, value size (checked against pinned
+/// maps, so a map left by an incompatible build is refused, not misread).
+const MAPS: &[(&str, MapType, usize, usize)] = &[
+    (
+        "pal_endpoints",
+        MapType::Hash,
+        4,
+        size_of::<EndpointValue>(),
+    ),
     (
         "pal_ipcache",
+        MapType::LpmTrie,
         4 + size_of::<IpcacheAddr>(),
         size_of::<IpcacheValue>(),
     ),
     (
         "pal_ipcache_host",
+        MapType::Hash,
         size_of::<IpcacheAddr>(),
         size_of::<IpcacheValue>(),
     ),
-    ("pal_srcguard", size_of::<SrcguardKey>(), 4),
+    ("pal_srcguard", MapType::Hash, size_of::<SrcguardKey>(), 4),
     (
         "pal_policy",
-        4 + size_of::<PolicyKeyData>(),
-        size_of::<PolicyValue>(),
-    ),
-    (
-        "pal_policy_exact",
+        MapType::Hash,
         size_of::<PolicyKey>(),
         size_of::<PolicyValue>(),
     ),
-    ("pal_ct", size_of::<CtKey>(), size_of::<CtValue>()),
+    (
+        "pal_ct",
+        MapType::LruHash,
+        size_of::<CtKey>(),
+        size_of::<CtValue>(),
+    ),
     (
         "pal_frag",
+        MapType::LruHash,
         size_of::<abi::FragKey>(),
         size_of::<abi::FragValue>(),
     ),
-    ("pal_config", 4, size_of::<ConfigValue>()),
+    ("pal_config", MapType::Array, 4, size_of::<ConfigValue>()),
     (
         "pal_counters",
+        MapType::PerCpuHash,
         size_of::<CounterKey>(),
         size_of::<CounterValue>(),
     ),
-    ("pal_events", 0, 0),
-    ("pal_evstats", 4, 8),
-    ("pal_ratelimit", 4, 16),
+    ("pal_events", MapType::RingBuf, 0, 0),
+    ("pal_evstats", MapType::PerCpuArray, 4, 8),
+    ("pal_ratelimit", MapType::PerCpuArray, 4, 16),
 ];
 
 /// Flow events per second per CPU, and the burst, until configured.
@@ -149,8 +160,7 @@ struct Objects {
 type Endpoints = HashMap<MapData, u32, EndpointValue>;
 type Ipcache = LpmTrie<MapData, IpcacheAddr, IpcacheValue>;
 type IpcacheHost = HashMap<MapData, IpcacheAddr, IpcacheValue>;
-type PolicyMap = LpmTrie<MapData, PolicyKeyData, PolicyValue>;
-type PolicyExact = HashMap<MapData, PolicyKey, PolicyValue>;
+type PolicyMap = HashMap<MapData, PolicyKey, PolicyValue>;
 type Srcguard = HashMap<MapData, SrcguardKey, u32>;
 
 /// The maps user space writes or reads.
@@ -160,10 +170,7 @@ struct Maps {
     ipcache: Ipcache,
     /// Whole addresses (/128, IPv4 /32).
     ipcache_host: IpcacheHost,
-    /// Port-range entries.
     policy: PolicyMap,
-    /// Every other entry (see `abi::policy_entry_hashed`).
-    policy_exact: PolicyExact,
     srcguard: Srcguard,
     config: Array<MapData, ConfigValue>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
@@ -328,9 +335,9 @@ impl KernelDataplane {
     }
 
     fn check_pinned_maps(&self) -> Result<(), DataplaneError> {
-        for (name, key, value) in MAPS {
+        for (name, kind, key, value) in MAPS {
             let path = self.maps_dir().join(name);
-            if !path.exists() || *key == 0 {
+            if !path.exists() {
                 continue;
             }
             let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
@@ -338,7 +345,16 @@ impl KernelDataplane {
                 path: path.clone(),
                 source: boxed(e),
             })?;
-            if info.key_size() as usize != *key || info.value_size() as usize != *value {
+            let pinned_kind = info.map_type().ok();
+            if pinned_kind != Some(*kind) {
+                return Err(DataplaneError::Incompatible {
+                    path,
+                    detail: format!("map type {pinned_kind:?}, expected {kind:?}"),
+                });
+            }
+            if *key != 0
+                && (info.key_size() as usize != *key || info.value_size() as usize != *value)
+            {
                 return Err(DataplaneError::Incompatible {
                     path,
                     detail: format!(
@@ -432,7 +448,6 @@ impl KernelDataplane {
             ipcache: typed!("pal_ipcache"),
             ipcache_host: typed!("pal_ipcache_host"),
             policy: typed!("pal_policy"),
-            policy_exact: typed!("pal_policy_exact"),
             srcguard: typed!("pal_srcguard"),
             config: typed!("pal_config"),
             counters: typed!("pal_counters"),
@@ -635,7 +650,7 @@ impl Dataplane for KernelDataplane {
         }
         let complete = MAPS
             .iter()
-            .all(|(name, _, _)| self.maps_dir().join(name).exists())
+            .all(|(name, _, _, _)| self.maps_dir().join(name).exists())
             && PROGRAMS.iter().all(|p| self.program_pin(p).exists());
         if !complete {
             return Ok(false);
@@ -655,7 +670,7 @@ impl Dataplane for KernelDataplane {
         // can reach: reload them together.
         let maps_missing = MAPS
             .iter()
-            .any(|(name, _, _)| !self.maps_dir().join(name).exists());
+            .any(|(name, _, _, _)| !self.maps_dir().join(name).exists());
         if maps_missing && self.progs_dir().exists() {
             fs::remove_dir_all(self.progs_dir())
                 .map_err(fs_err("remove program pins", &self.progs_dir()))?;
@@ -931,24 +946,14 @@ impl Dataplane for KernelDataplane {
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
 
-        // Each entry has one home: fixed policy shapes and whole addresses
-        // in the hashes, the rest in the tries. Diffing each map against
-        // its own share also moves entries an older build kept elsewhere.
-        let cur_policy: BTreeMap<PolicyKey, PolicyValue> = read_trie(&maps.policy, "pal_policy")?
-            .into_iter()
-            .map(|((prefixlen, data), v)| (PolicyKey { prefixlen, data }, v))
-            .collect();
-        let cur_policy_exact = read_hash(&maps.policy_exact, "pal_policy_exact")?;
+        // Whole addresses live in the hash, shorter prefixes in the trie;
+        // each map is diffed against its own share.
+        let cur_policy = read_hash(&maps.policy, "pal_policy")?;
         let cur_ipcache: BTreeMap<Prefix, IpcacheValue> = read_trie(&maps.ipcache, "pal_ipcache")?
             .into_iter()
             .map(|((len, a), v)| (Prefix { len, addr: a.addr }, v))
             .collect();
         let cur_ipcache_host = read_hash(&maps.ipcache_host, "pal_ipcache_host")?;
-        let (want_policy_exact, want_policy): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
-            .policy
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .partition(|(k, _)| abi::policy_entry_hashed(k.prefixlen));
         let (want_ipcache_host, want_ipcache): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
             .ipcache
             .iter()
@@ -970,18 +975,10 @@ impl Dataplane for KernelDataplane {
 
         // Order matters for packets in flight: allow entries and new
         // identities first, endpoints (isolation flags) next, removals last.
-        for (k, v) in &want_policy_exact {
-            if cur_policy_exact.get(k) != Some(v) {
-                maps.policy_exact
-                    .insert(k, v, 0)
-                    .map_err(DataplaneError::map("pal_policy_exact"))?;
-                report.upserted += 1;
-            }
-        }
-        for (k, v) in &want_policy {
+        for (k, v) in &desired.policy {
             if cur_policy.get(k) != Some(v) {
                 maps.policy
-                    .insert(&LpmKey::new(k.prefixlen, k.data), *v, 0)
+                    .insert(k, v, 0)
                     .map_err(DataplaneError::map("pal_policy"))?;
                 report.upserted += 1;
             }
@@ -1046,19 +1043,13 @@ impl Dataplane for KernelDataplane {
                 .map_err(DataplaneError::map("pal_ipcache_host"))?;
             report.deleted += 1;
         }
-        for k in cur_policy.keys().filter(|k| !want_policy.contains_key(k)) {
-            maps.policy
-                .remove(&LpmKey::new(k.prefixlen, k.data))
-                .map_err(DataplaneError::map("pal_policy"))?;
-            report.deleted += 1;
-        }
-        for k in cur_policy_exact
+        for k in cur_policy
             .keys()
-            .filter(|k| !want_policy_exact.contains_key(k))
+            .filter(|k| !desired.policy.contains_key(k))
         {
-            maps.policy_exact
+            maps.policy
                 .remove(k)
-                .map_err(DataplaneError::map("pal_policy_exact"))?;
+                .map_err(DataplaneError::map("pal_policy"))?;
             report.deleted += 1;
         }
 
@@ -1169,12 +1160,6 @@ impl Dataplane for KernelDataplane {
             entries: maps.policy.keys().count() as u64,
             max_entries: max,
         });
-        let (_, max) = count("pal_policy_exact")?;
-        st.maps.push(MapFill {
-            name: "pal_policy_exact".into(),
-            entries: maps.policy_exact.keys().count() as u64,
-            max_entries: max,
-        });
         for name in ["pal_ct", "pal_frag"] {
             let (_, max) = count(name)?;
             let map = self.open_map(name)?;
@@ -1267,11 +1252,11 @@ impl Dataplane for KernelDataplane {
                 Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
             },
         };
-        let mut ep_flags = 0;
+        let (mut ep_flags, mut ep_range_lens) = (0, 0);
         for item in maps.endpoints.iter() {
             let (_, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
             if v.ep_id == q.ep_id {
-                ep_flags = v.flags;
+                (ep_flags, ep_range_lens) = (v.flags, v.range_lens);
             }
         }
         let (isolated, audit) = {
@@ -1286,14 +1271,17 @@ impl Dataplane for KernelDataplane {
             abi::PROTO_TCP | abi::PROTO_UDP | abi::PROTO_SCTP
         );
         let dir = q.direction as u8;
-        let exact = |prefixlen: u32, data: PolicyKeyData| match maps
-            .policy_exact
-            .get(&PolicyKey { prefixlen, data }, 0)
-        {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(DataplaneError::map("pal_policy_exact")(e)),
+        let shift = if q.direction == Direction::Egress {
+            16
+        } else {
+            0
         };
+        let range_lens = (ep_range_lens >> shift) & 0x7fff;
+        let (any_port_bit, any_proto_bit) = match q.direction {
+            Direction::Ingress => (abi::EP_HAS_ANY_PORT_INGRESS, abi::EP_HAS_ANY_PROTO_INGRESS),
+            Direction::Egress => (abi::EP_HAS_ANY_PORT_EGRESS, abi::EP_HAS_ANY_PROTO_EGRESS),
+        };
+        let port = if ported { q.port } else { 0 };
         let mut entry = None;
         'peers: for peer in [peer_identity, ID_ANY] {
             let key = PolicyKeyData {
@@ -1304,47 +1292,47 @@ impl Dataplane for KernelDataplane {
                 peer_id: peer,
                 pad2: 0,
                 protocol: q.protocol,
-                dport_be: if ported { q.port.to_be() } else { 0 },
+                dport_be: port.to_be(),
             };
-            if let Some(v) = exact(POLICY_PREFIX_FULL, key)? {
-                entry = Some(v);
-                break;
+            // Longest first, skipping what the endpoint has none of.
+            let mut tries = vec![(POLICY_PREFIX_FULL, key)];
+            for n in (1..=15u32)
+                .rev()
+                .filter(|n| range_lens & (1 << (n - 1)) != 0)
+            {
+                let mask = (0xffffu32 << (16 - n)) as u16;
+                tries.push((
+                    abi::POLICY_PREFIX_ANY_PORT + n,
+                    PolicyKeyData {
+                        dport_be: (port & mask).to_be(),
+                        ..key
+                    },
+                ));
             }
-            let has_range = match q.direction {
-                Direction::Ingress => abi::EP_HAS_RANGE_INGRESS,
-                Direction::Egress => abi::EP_HAS_RANGE_EGRESS,
-            };
-            if ep_flags & has_range != 0 {
-                match maps.policy.get(&LpmKey::new(POLICY_PREFIX_FULL, key), 0) {
-                    Ok(v) => {
-                        entry = Some(v);
-                        break;
-                    }
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
-                }
-            }
-            let wider = [
-                (
+            if ep_flags & any_port_bit != 0 {
+                tries.push((
                     abi::POLICY_PREFIX_ANY_PORT,
                     PolicyKeyData { dport_be: 0, ..key },
-                ),
-                (
+                ));
+            }
+            if ep_flags & any_proto_bit != 0 {
+                tries.push((
                     abi::POLICY_PREFIX_ANY_PROTO,
                     PolicyKeyData {
                         protocol: 0,
                         dport_be: 0,
                         ..key
                     },
-                ),
-            ];
-            for (prefixlen, data) in wider {
-                if ep_flags & abi::ep_shape_flag(dir, prefixlen) == 0 {
-                    continue;
-                }
-                if let Some(v) = exact(prefixlen, data)? {
-                    entry = Some(v);
-                    break 'peers;
+                ));
+            }
+            for (prefixlen, data) in tries {
+                match maps.policy.get(&PolicyKey { prefixlen, data }, 0) {
+                    Ok(v) => {
+                        entry = Some(v);
+                        break 'peers;
+                    }
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
                 }
             }
         }
