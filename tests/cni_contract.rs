@@ -805,3 +805,59 @@ fn palisadectl_gc_forgets_endpoints_whose_container_is_gone() {
         .check(&alive.call())
         .expect("the living container is untouched");
 }
+
+/// A map pinned by an incompatible build (here a trie where this build keeps
+/// a hash) is refused with what to do, and left as it was: never misread.
+#[test]
+fn a_pinned_map_of_an_incompatible_build_is_refused() {
+    let n = node();
+    let maps = n.bpf_root.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let pin = maps.join("pal_policy");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "lpm_trie",
+            "key",
+            "20",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "pal_policy",
+            "flags",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = n
+        .try_add_pod("default", "p", &[])
+        .err()
+        .expect("ADD must refuse the foreign map");
+    let text = format!("{err}");
+    assert!(
+        text.contains("pal_policy") && text.contains("LpmTrie") && text.contains("remove"),
+        "the error names the map, the mismatch and what to do: {text}"
+    );
+    let sync = n.ctl(&["sync"], None);
+    assert!(!sync.status.success(), "sync refuses it too");
+    assert!(
+        String::from_utf8_lossy(&sync.stderr).contains("does not match this palisade build"),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let info = aya::maps::MapInfo::from_pin(&pin).unwrap();
+    assert!(
+        matches!(info.map_type(), Ok(aya::maps::MapType::LpmTrie)),
+        "the foreign map is left as it was"
+    );
+    assert_eq!(endpoint_count(&n), 0);
+}
