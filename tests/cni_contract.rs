@@ -838,10 +838,9 @@ fn a_pinned_map_of_an_incompatible_build_is_refused() {
         "bpftool map create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = n
-        .try_add_pod("default", "p", &[])
-        .err()
-        .expect("ADD must refuse the foreign map");
+    let Err(err) = n.try_add_pod("default", "p", &[]) else {
+        panic!("ADD must refuse the foreign map");
+    };
     let text = format!("{err}");
     assert!(
         text.contains("pal_policy") && text.contains("LpmTrie") && text.contains("remove"),
