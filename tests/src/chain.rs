@@ -8,14 +8,14 @@ use std::{
     collections::HashMap,
     io::Write,
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use serde_json::{Map, Value, json};
 
-use crate::sys::command_in;
+use crate::sys::spawn_in;
 
 /// Where the reference plugins live on Debian (and the usual place).
 pub const REFERENCE_PLUGIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
@@ -126,7 +126,7 @@ impl Chain {
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
-        let mut cmd = command_in(&self.host_netns, &path);
+        let mut cmd = Command::new(&path);
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
@@ -141,8 +141,7 @@ impl Chain {
         if let Ok(level) = std::env::var("PALISADE_LOG") {
             cmd.env("PALISADE_LOG", level);
         }
-        let mut child = cmd
-            .spawn()
+        let mut child = spawn_in(&self.host_netns, &mut cmd)
             .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
         let input = serde_json::to_vec(conf).expect("serialise conf");
         child

@@ -386,7 +386,7 @@ impl Node {
 
     /// Run palisadectl against this node (inside the node namespace).
     pub fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = self.netns.command(self.bin_dir.join("palisadectl"));
+        let mut cmd = std::process::Command::new(self.bin_dir.join("palisadectl"));
         cmd.args(args)
             .env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
@@ -397,7 +397,7 @@ impl Node {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn palisadectl");
+        let mut child = sys::spawn_in(&self.netns.path, &mut cmd).expect("spawn palisadectl");
         if let Some(s) = stdin {
             use std::io::Write;
             child

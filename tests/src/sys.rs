@@ -168,6 +168,26 @@ pub fn command_in(path: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command 
     cmd
 }
 
+/// Spawn `cmd` inside the network namespace at `path` without forking this
+/// process: a short-lived thread enters the namespace and spawns from there
+/// (the child inherits the thread's namespace), so std can use
+/// posix_spawn, whose cost does not grow with this process's memory. A
+/// fork (which `command_in`'s pre_exec forces) copies the page tables, a
+/// cost a large benchmark process would add to every plugin it times; a
+/// container runtime does not pay it.
+pub fn spawn_in(path: &Path, cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let file = File::open(path)?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            // Changes only this thread, which ends right after the spawn.
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            cmd.spawn()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("spawn thread panicked")))
+    })
+}
+
 /// Output of a finished command, for assertions.
 pub fn describe(out: &Output) -> String {
     format!(

@@ -479,7 +479,8 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
         "\n#### CNI ADD and DEL latency\n\n\
          The real bridge plugin (host-local IPAM) alone, and the same followed by palisade, \
          run as a container runtime runs them (one process per plugin, `prevResult` passed \
-         along). palisade attaches with TCX links (its default where the kernel has TCX) or, \
+         along; spawned with posix_spawn from a thread inside the node namespace, so the \
+         benchmark's own memory does not slow the spawn as a fork would). palisade attaches with TCX links (its default where the kernel has TCX) or, \
          with `\"attachMode\": \"netlink\"`, as clsact/cls_bpf filters; each on a node of its \
          own. {per_batch} containers per batch, either one after another or all {per_batch} \
          at once; {batches} batches per chain, interleaved. Wall time per container, ms; \
@@ -546,14 +547,15 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
                     ),
                     &format!("{:.1} ms (p99 {fv:.1} vs {b:.1} ms)", fv - b),
                     fv - b < 25.0,
-                    "Two costs. A TCX attach waits for an RCU grace period while holding the \
-                     RTNL lock, once per hook, so twice per container (milliseconds each on this \
-                     kernel, and it serialises against every other netlink user, the bridge \
-                     plugin included); clsact filters attach without that wait, which is why \
-                     `attachMode: netlink` is faster. And ADDs take palisade's state lock for \
-                     their whole critical section (compile, map sync, attach, durable save), so \
-                     20 ADDs at once on 2 cores queue behind each other. Attaching outside the \
-                     lock is the next step; it is not built yet.",
+                    "Two costs. A TCX attach waits for an RCU grace period (`synchronize_rcu`) \
+                     while holding the RTNL lock, once per hook, so twice per container: about \
+                     15 ms each on this kernel (seen with `strace -T` on `BPF_LINK_CREATE`), \
+                     and it serialises against every other netlink user, the bridge plugin \
+                     included. clsact filters attach without that wait, which is why \
+                     `attachMode: netlink` is much cheaper. And ADDs take palisade's state lock \
+                     for their whole critical section (compile, map sync, attach, durable save), \
+                     so 20 ADDs at once on 2 cores queue behind each other; TCX attaches would \
+                     queue on RTNL even outside that lock.",
                 );
             }
         }
