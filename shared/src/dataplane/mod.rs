@@ -138,7 +138,8 @@ pub enum DataplaneError {
     },
     #[error(
         "pinned map {path} does not match this palisade build ({detail}); it was created by another version: \
-         detach all endpoints and remove {path} to recreate it"
+         detach all endpoints and remove {path} to recreate it (`palisadectl reset --yes` does both; \
+         policies are kept)"
     )]
     Incompatible { path: PathBuf, detail: String },
     #[error("attach tc {hook} to {ifname} (ifindex {ifindex})")]
