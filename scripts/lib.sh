@@ -11,6 +11,7 @@ PALISADE_PACKAGES=(
 	graphviz                              # palisadectl graph (layout and rendering)
 	iperf3 ipset                          # benchmarks (bench/run)
 	rpm man-db                            # package tests (rpm -qpl, man -w)
+	bpftool                               # a foreign pinned map in cni_contract
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

@@ -82,6 +82,21 @@ __attribute__((noinline)) int pal_policy_search(struct pal_policy_key *k,
 	return 1;
 }
 
+/* k's peer: one port inline (the common case), then the wider shapes. */
+static __always_inline int pal_policy_peer(struct pal_policy_key *k,
+					   __u32 range_lens, __u32 shapes,
+					   struct pal_policy_value *out)
+{
+	struct pal_policy_value *v = bpf_map_lookup_elem(&pal_policy, k);
+
+	if (v) {
+		*out = *v;
+		return 1;
+	}
+	return (range_lens || shapes) &&
+	       pal_policy_search(k, range_lens, shapes, out);
+}
+
 /* One tier: the exact peer identity first, then the wildcard. */
 static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 					     __u8 dir, __u8 tier, __u32 peer_id,
@@ -92,7 +107,6 @@ static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 	__u32 range_lens = (ep->range_lens >> (egress ? 16 : 0)) & 0x7fff;
 	__u32 shapes = 0;
 	struct pal_policy_key k = {};
-	struct pal_policy_value *v;
 
 	if (ep->flags &
 	    (egress ? PAL_EP_HAS_ANY_PORT_EGRESS : PAL_EP_HAS_ANY_PORT_INGRESS))
@@ -107,26 +121,14 @@ static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 	k.m.peer_id = peer_id;
 	k.m.protocol = proto;
 	k.m.dport = dport;
-	/* One port: the common case, inline. */
-	v = bpf_map_lookup_elem(&pal_policy, &k);
-	if (v) {
-		*out = *v;
+	if (pal_policy_peer(&k, range_lens, shapes, out))
 		return 1;
-	}
-	if ((range_lens || shapes) &&
-	    pal_policy_search(&k, range_lens, shapes, out))
-		return 1;
+	/* The search clobbered the shape fields: back to one port. */
 	k.prefixlen = PAL_POLICY_PREFIX_FULL;
 	k.m.peer_id = PAL_ID_ANY;
 	k.m.protocol = proto;
 	k.m.dport = dport;
-	v = bpf_map_lookup_elem(&pal_policy, &k);
-	if (v) {
-		*out = *v;
-		return 1;
-	}
-	return (range_lens || shapes) &&
-	       pal_policy_search(&k, range_lens, shapes, out);
+	return pal_policy_peer(&k, range_lens, shapes, out);
 }
 
 /*

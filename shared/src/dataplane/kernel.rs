@@ -1127,66 +1127,38 @@ impl Dataplane for KernelDataplane {
                 tag: format!("{:016x}", info.tag()),
             });
         }
-        let count = |n: &str| -> Result<(u64, u32), DataplaneError> {
+        let max_entries = |n: &str| -> Result<u32, DataplaneError> {
             let path = self.maps_dir().join(n);
             let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
                 what: format!("map {n}"),
-                path: path.clone(),
+                path,
                 source: boxed(e),
             })?;
-            Ok((0, info.max_entries()))
+            Ok(info.max_entries())
         };
-        let (_, max) = count("pal_endpoints")?;
-        st.maps.push(MapFill {
-            name: "pal_endpoints".into(),
-            entries: maps.endpoints.keys().count() as u64,
-            max_entries: max,
-        });
-        let (_, max) = count("pal_ipcache")?;
-        st.maps.push(MapFill {
-            name: "pal_ipcache".into(),
-            entries: maps.ipcache.keys().count() as u64,
-            max_entries: max,
-        });
-        let (_, max) = count("pal_ipcache_host")?;
-        st.maps.push(MapFill {
-            name: "pal_ipcache_host".into(),
-            entries: maps.ipcache_host.keys().count() as u64,
-            max_entries: max,
-        });
-        let (_, max) = count("pal_policy")?;
-        st.maps.push(MapFill {
-            name: "pal_policy".into(),
-            entries: maps.policy.keys().count() as u64,
-            max_entries: max,
-        });
-        for name in ["pal_ct", "pal_frag"] {
-            let (_, max) = count(name)?;
-            let map = self.open_map(name)?;
-            let entries = match name {
-                "pal_ct" => {
-                    let m: HashMap<MapData, CtKey, CtValue> =
-                        map.try_into().map_err(DataplaneError::map("pal_ct"))?;
-                    m.keys().count() as u64
-                }
-                _ => {
-                    let m: HashMap<MapData, abi::FragKey, abi::FragValue> =
-                        map.try_into().map_err(DataplaneError::map("pal_frag"))?;
-                    m.keys().count() as u64
-                }
-            };
+        let ct: HashMap<MapData, CtKey, CtValue> = self
+            .open_map("pal_ct")?
+            .try_into()
+            .map_err(DataplaneError::map("pal_ct"))?;
+        let frag: HashMap<MapData, abi::FragKey, abi::FragValue> = self
+            .open_map("pal_frag")?
+            .try_into()
+            .map_err(DataplaneError::map("pal_frag"))?;
+        for (name, entries) in [
+            ("pal_endpoints", maps.endpoints.keys().count()),
+            ("pal_ipcache", maps.ipcache.keys().count()),
+            ("pal_ipcache_host", maps.ipcache_host.keys().count()),
+            ("pal_policy", maps.policy.keys().count()),
+            ("pal_ct", ct.keys().count()),
+            ("pal_frag", frag.keys().count()),
+            ("pal_counters", maps.counters.keys().count()),
+        ] {
             st.maps.push(MapFill {
                 name: name.into(),
-                entries,
-                max_entries: max,
+                entries: entries as u64,
+                max_entries: max_entries(name)?,
             });
         }
-        let (_, max) = count("pal_counters")?;
-        st.maps.push(MapFill {
-            name: "pal_counters".into(),
-            entries: maps.counters.keys().count() as u64,
-            max_entries: max,
-        });
         st.epoch = maps
             .config
             .get(&0, 0)

@@ -163,6 +163,26 @@ struct Cell {
     entries: (usize, usize),
 }
 
+/// A cell's medians as ratios to its 10-rule base ("new / est / denied"),
+/// keeping the largest deviation from 1× in `worst`, labelled with `label`.
+fn compare(c: &Cell, base: &Cell, label: &str, worst: &mut Option<(f64, String)>) -> String {
+    let mut ratios = Vec::new();
+    for (what, v, bv) in [
+        ("new flow", &c.new_flow, &base.new_flow),
+        ("established", &c.established, &base.established),
+        ("denied", &c.denied, &base.denied),
+    ] {
+        ratios.push(ratio(v, bv));
+        if let (Some(v), Some(bv)) = (v.median(), bv.median()) {
+            let dev = (v / bv - 1.0).abs();
+            if worst.as_ref().is_none_or(|(w, _)| dev > *w) {
+                *worst = Some((dev, format!("{what}, {label}: {:.2}×", v / bv)));
+            }
+        }
+    }
+    ratios.join(" / ")
+}
+
 fn expect(d: &Datapath, frame: &[u8], want: Verdict, what: &str) {
     let got = d.run(Direction::Ingress, frame);
     assert_eq!(got, want, "{what}: the benchmark would time the wrong path");
@@ -216,67 +236,65 @@ pub fn run(cfg: &Config, report: &mut Report) {
         plan.push((true, n, endpoint_counts[0]));
     }
     for rep in 0..cfg.reps {
-        let mut eps = (0, endpoints(0));
+        let mut eps = (usize::MAX, Vec::new());
         for &(ranged, n, e) in &plan {
             if eps.0 != e {
                 eps = (e, endpoints(e));
             }
             let eps = &eps.1;
-            {
-                eprintln!(
-                    "  per-packet: rep {} of {}, {e} endpoints, {n} {} rules",
-                    rep + 1,
-                    cfg.reps,
-                    if ranged { "port-range" } else { "single-port" }
-                );
-                let cell = if ranged {
-                    range_cells.entry(n).or_default()
-                } else {
-                    cells.entry((n, e)).or_default()
-                };
-                let yaml = if n == 0 {
-                    ""
-                } else {
-                    policies[&(ranged, n)].as_str()
-                };
-                let t = Instant::now();
-                let desired = d.program(yaml, eps, &[]);
-                cell.program_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                cell.entries = (desired.policy.len(), desired.ipcache.len());
-                flush_ct(&root);
+            eprintln!(
+                "  per-packet: rep {} of {}, {e} endpoints, {n} {} rules",
+                rep + 1,
+                cfg.reps,
+                if ranged { "port-range" } else { "single-port" }
+            );
+            let cell = if ranged {
+                range_cells.entry(n).or_default()
+            } else {
+                cells.entry((n, e)).or_default()
+            };
+            let yaml = if n == 0 {
+                ""
+            } else {
+                policies[&(ranged, n)].as_str()
+            };
+            let t = Instant::now();
+            let desired = d.program(yaml, eps, &[]);
+            cell.program_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            cell.entries = (desired.policy.len(), desired.ipcache.len());
+            flush_ct(&root);
 
-                // The paths measured are the ones named: check each verdict.
-                expect(
-                    &d,
-                    &syn(CLIENT, 1),
-                    Verdict::Pass,
-                    "new flow from the client",
-                );
-                flush_ct(&root);
-                let runs: Vec<f64> = (0..flows)
-                    .map(|f| {
-                        d.time(Direction::Ingress, &syn(CLIENT, 10_000 + f), 1)
-                            .as_nanos() as f64
-                    })
-                    .collect();
-                cell.new_flow
-                    .push(Samples(runs).median().unwrap_or(f64::NAN));
+            // The paths measured are the ones named: check each verdict.
+            expect(
+                &d,
+                &syn(CLIENT, 1),
+                Verdict::Pass,
+                "new flow from the client",
+            );
+            flush_ct(&root);
+            let runs: Vec<f64> = (0..flows)
+                .map(|f| {
+                    d.time(Direction::Ingress, &syn(CLIENT, 10_000 + f), 1)
+                        .as_nanos() as f64
+                })
+                .collect();
+            cell.new_flow
+                .push(Samples(runs).median().unwrap_or(f64::NAN));
 
-                expect(&d, &syn(CLIENT, 9_000), Verdict::Pass, "opening the flow");
-                let ack = tcp(CLIENT, 9_000, TCP_ACK);
-                expect(&d, &ack, Verdict::Pass, "established flow");
-                cell.established
-                    .push(d.time(Direction::Ingress, &ack, repeat).as_nanos() as f64);
+            expect(&d, &syn(CLIENT, 9_000), Verdict::Pass, "opening the flow");
+            let ack = tcp(CLIENT, 9_000, TCP_ACK);
+            expect(&d, &ack, Verdict::Pass, "established flow");
+            cell.established
+                .push(d.time(Direction::Ingress, &ack, repeat).as_nanos() as f64);
 
-                if n > 0 {
-                    let denied = syn(STRANGER, 5_555);
-                    expect(&d, &denied, Verdict::Drop, "denied flow");
-                    cell.denied
-                        .push(d.time(Direction::Ingress, &denied, repeat).as_nanos() as f64);
-                }
-                if rep == 0 && !ranged {
-                    cell.memory = map_memory(&root);
-                }
+            if n > 0 {
+                let denied = syn(STRANGER, 5_555);
+                expect(&d, &denied, Verdict::Drop, "denied flow");
+                cell.denied
+                    .push(d.time(Direction::Ingress, &denied, repeat).as_nanos() as f64);
+            }
+            if rep == 0 && !ranged {
+                cell.memory = map_memory(&root);
             }
         }
     }
@@ -321,33 +339,9 @@ pub fn run(cfg: &Config, report: &mut Report) {
             let c = &cells[&(n, e)];
             let base = cells.get(&(10, e));
             let ratios = match base {
-                Some(b) if n > 0 => format!(
-                    "{} / {} / {}",
-                    ratio(&c.new_flow, &b.new_flow),
-                    ratio(&c.established, &b.established),
-                    ratio(&c.denied, &b.denied)
-                ),
+                Some(b) if n > 0 => compare(c, b, &format!("{n} rules, {e} endpoints"), &mut worst),
                 _ => "—".into(),
             };
-            if let Some(b) = base
-                && n >= 10
-            {
-                for (what, v, bv) in [
-                    ("new flow", &c.new_flow, &b.new_flow),
-                    ("established", &c.established, &b.established),
-                    ("denied", &c.denied, &b.denied),
-                ] {
-                    if let (Some(v), Some(bv)) = (v.median(), bv.median()) {
-                        let dev = (v / bv - 1.0).abs();
-                        if worst.as_ref().is_none_or(|(w, _)| dev > *w) {
-                            worst = Some((
-                                dev,
-                                format!("{what}, {n} rules, {e} endpoints: {:.2}×", v / bv),
-                            ));
-                        }
-                    }
-                }
-            }
             report.measured(
                 &format!("new flow ns, {n} rules, {e} endpoints"),
                 c.new_flow.median(),
@@ -416,25 +410,10 @@ pub fn run(cfg: &Config, report: &mut Report) {
     let mut worst_range: Option<(f64, String)> = None;
     let range_base = range_cells.get(&10);
     for (&n, c) in &range_cells {
-        let mut ratios = Vec::new();
-        for (what, v, bv) in [
-            ("new flow", &c.new_flow, range_base.map(|b| &b.new_flow)),
-            (
-                "established",
-                &c.established,
-                range_base.map(|b| &b.established),
-            ),
-            ("denied", &c.denied, range_base.map(|b| &b.denied)),
-        ] {
-            let Some(bv) = bv else { continue };
-            ratios.push(ratio(v, bv));
-            if let (Some(v), Some(bv)) = (v.median(), bv.median()) {
-                let dev = (v / bv - 1.0).abs();
-                if worst_range.as_ref().is_none_or(|(w, _)| dev > *w) {
-                    worst_range = Some((dev, format!("{what}, {n} rules: {:.2}×", v / bv)));
-                }
-            }
-        }
+        let ratios = range_base.map_or_else(
+            || "—".into(),
+            |b| compare(c, b, &format!("{n} rules"), &mut worst_range),
+        );
         for (what, v) in [
             ("new flow", &c.new_flow),
             ("established", &c.established),
@@ -451,7 +430,7 @@ pub fn run(cfg: &Config, report: &mut Report) {
             c.new_flow.show(0),
             c.established.show(0),
             c.denied.show(0),
-            ratios.join(" / "),
+            ratios,
             c.program_ms.show(0),
         ]);
     }
