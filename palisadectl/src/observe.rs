@@ -216,8 +216,8 @@ pub fn collect(
     Ok(records)
 }
 
-/// Render DOT with Graphviz.
-pub fn render(dot: &str, format: &str) -> Result<String> {
+/// Render DOT with Graphviz into `format` (svg, png, ...).
+fn render_bytes(dot: &str, format: &str) -> Result<Vec<u8>> {
     let mut child = Command::new("dot")
         .arg(format!("-T{format}"))
         .stdin(Stdio::piped())
@@ -234,7 +234,12 @@ pub fn render(dot: &str, format: &str) -> Result<String> {
     if !out.status.success() {
         bail!("dot failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
+}
+
+/// Render DOT with Graphviz into a text format (svg).
+pub fn render(dot: &str, format: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(&render_bytes(dot, format)?).into_owned())
 }
 
 /// `palisadectl graph`.
@@ -243,20 +248,7 @@ pub fn graph(records: &[FlowRecord], format: &str) -> Result<Vec<u8>> {
     Ok(match format {
         "dot" => dot.into_bytes(),
         "svg" => render(&dot, "svg")?.into_bytes(),
-        "png" => {
-            let mut child = Command::new("dot")
-                .arg("-Tpng")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("run Graphviz `dot` (Debian: apt-get install graphviz)")?;
-            child
-                .stdin
-                .take()
-                .context("dot's stdin")?
-                .write_all(dot.as_bytes())?;
-            child.wait_with_output()?.stdout
-        }
+        "png" => render_bytes(&dot, "png")?,
         _ => graph::html(&render(&dot, "svg")?, "palisade traffic map", &summary).into_bytes(),
     })
 }

@@ -321,44 +321,32 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                 .map(|(p, n)| serde_json::json!({"protocol": p, "port": n}))
                 .collect()
         };
-        let mut ingress_rules = Vec::new();
-        for (i, (k, (ports, n))) in ingress.iter().enumerate() {
-            let mut rule = serde_json::json!({"from": [peer_json(k)]});
-            let pj = ports_json(ports);
-            if !pj.is_empty() && pj.len() == ports.len() {
-                rule["ports"] = serde_json::json!(pj);
-            }
-            ingress_rules.push(rule);
-            report.push(format!(
-                "{}/{name} ingress[{i}]: from {} on {} covers {n} observed connection(s)",
-                w.namespace,
-                describe(k),
-                ports
-                    .iter()
-                    .map(|(p, n)| format!("{n}/{p}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        let mut egress_rules = Vec::new();
-        for (i, (k, (ports, n))) in egress.iter().enumerate() {
-            let mut rule = serde_json::json!({"to": [peer_json(k)]});
-            let pj = ports_json(ports);
-            if !pj.is_empty() && pj.len() == ports.len() {
-                rule["ports"] = serde_json::json!(pj);
-            }
-            egress_rules.push(rule);
-            report.push(format!(
-                "{}/{name} egress[{i}]: to {} on {} covers {n} observed connection(s)",
-                w.namespace,
-                describe(k),
-                ports
-                    .iter()
-                    .map(|(p, n)| format!("{n}/{p}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
+        // One rule per peer: "from" peers for ingress, "to" peers for egress.
+        let mut rules =
+            |peers: &BTreeMap<_, (BTreeSet<(String, u16)>, usize)>, field: &str, section: &str| {
+                let mut out = Vec::new();
+                for (i, (k, (ports, n))) in peers.iter().enumerate() {
+                    let mut rule = serde_json::json!({ field: [peer_json(k)] });
+                    let pj = ports_json(ports);
+                    if !pj.is_empty() && pj.len() == ports.len() {
+                        rule["ports"] = serde_json::json!(pj);
+                    }
+                    out.push(rule);
+                    report.push(format!(
+                    "{}/{name} {section}[{i}]: {field} {} on {} covers {n} observed connection(s)",
+                    w.namespace,
+                    describe(k),
+                    ports
+                        .iter()
+                        .map(|(p, n)| format!("{n}/{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                }
+                out
+            };
+        let ingress_rules = rules(&ingress, "from", "ingress");
+        let mut egress_rules = rules(&egress, "to", "egress");
         // Name resolution keeps working wherever the resolver is.
         egress_rules.push(serde_json::json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}));
         report.push(format!(
