@@ -452,7 +452,8 @@ pub fn run(cfg: &Config, report: &mut Report) {
          (`memlock` in `/proc/<pid>/fdinfo`), by configuration. LRU, array and most hash \
          maps are preallocated at their full size; the maps policy and addresses fill \
          (`pal_policy`, `pal_ipcache_host`, the LPM trie `pal_ipcache` and `pal_srcguard`) \
-         grow with their entries.\n"
+         grow with their entries, above a fixed bucket array for the hashes (16 MiB for \
+         `pal_policy`'s 1,048,576 entries).\n"
     );
     let mut names: Vec<String> = Vec::new();
     for c in cells.values() {
