@@ -10,7 +10,11 @@
 
 use std::net::IpAddr;
 
-use palisade::abi::Direction::{self, Egress, Ingress};
+use palisade::abi::{
+    self,
+    Direction::{self, Egress, Ingress},
+    Reason,
+};
 use testbed::{
     bpfrun::{Datapath, TEST_IFINDEX, Verdict, endpoint},
     pkt::{self, Frag, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -119,7 +123,7 @@ fn ingress_from_an_allowed_peer_passes_and_others_are_dropped() {
     let drops: u64 = d
         .counters()
         .iter()
-        .filter(|c| c.verdict == "denied" && c.direction == Ingress)
+        .filter(|c| c.verdict == abi::Verdict::Deny && c.direction == Ingress)
         .map(|c| c.packets)
         .sum();
     assert_eq!(drops, 3, "three denied packets counted: {:?}", d.counters());
@@ -298,7 +302,7 @@ spec:
     let revoked = d
         .counters()
         .iter()
-        .any(|c| c.verdict == "denied" && c.reason.contains("no longer allowed"));
+        .any(|c| c.verdict == abi::Verdict::Deny && c.reason == Reason::DropRevoked);
     assert!(
         revoked,
         "the drop is counted as a revocation: {:?}",
@@ -900,7 +904,7 @@ fn a_container_cannot_send_from_addresses_it_does_not_own() {
     let spoofed = d
         .counters()
         .iter()
-        .filter(|c| c.reason.contains("does not own"))
+        .filter(|c| c.reason == Reason::DropSpoofed)
         .map(|c| c.packets)
         .sum::<u64>();
     assert_eq!(spoofed, 5, "{:?}", d.counters());

@@ -111,8 +111,8 @@ fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
                 ("namespace".to_owned(), ns),
                 ("pod".to_owned(), pod),
                 ("direction".to_owned(), c.direction.as_str().to_owned()),
-                ("verdict".to_owned(), c.verdict.clone()),
-                ("reason".to_owned(), c.reason.clone()),
+                ("verdict".to_owned(), c.verdict.as_str().to_owned()),
+                ("reason".to_owned(), c.reason.to_string()),
             ];
             packets.get_or_create(&l).inc_by(c.packets);
             bytes.get_or_create(&l).inc_by(c.bytes);
@@ -247,7 +247,7 @@ pub fn run(opts: Options) -> Result<()> {
                     r.endpoint.name.clone().unwrap_or_default(),
                 ),
                 ("direction".to_owned(), r.direction.as_str().to_owned()),
-                ("verdict".to_owned(), r.verdict.clone()),
+                ("verdict".to_owned(), r.verdict.as_str().to_owned()),
                 ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
             ];
             *s.events.entry(labels).or_default() += 1;

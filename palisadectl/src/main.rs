@@ -14,9 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{
+    CommandFactory, Parser, Subcommand, ValueEnum,
+    builder::{PossibleValuesParser, TypedValueParser},
+};
 use palisade::{
-    abi::Direction,
+    abi::{Direction, Verdict},
     cniconf,
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
     explain::{self, PartyRef},
@@ -101,8 +104,11 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
         /// Only this verdict: allowed, denied or audit.
-        #[arg(long, value_parser = ["allowed", "denied", "audit"])]
-        verdict: Option<String>,
+        #[arg(
+            long,
+            value_parser = PossibleValuesParser::new(["allowed", "denied", "audit"]).try_map(verdict_word)
+        )]
+        verdict: Option<Verdict>,
         /// Only flows of this pod (NAMESPACE/NAME), on either side.
         #[arg(long)]
         pod: Option<String>,
@@ -274,6 +280,16 @@ enum Resource {
     Namespaces,
     #[value(alias = "pod", alias = "po")]
     Pods,
+}
+
+/// `flows --verdict`: the word flow records show, as the verdict to match.
+fn verdict_word(word: String) -> Result<Verdict, String> {
+    match Verdict::from_word(&word) {
+        Some(v @ (Verdict::Allow | Verdict::Deny | Verdict::Audit)) => Ok(v),
+        _ => Err(format!(
+            "unknown verdict {word:?}: use allowed, denied or audit"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -585,7 +601,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let filter = Filter {
-                verdict: verdict.clone(),
+                verdict: *verdict,
                 pod: pod.clone(),
                 namespace: namespace.clone(),
                 port: *port,
@@ -732,5 +748,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output::emit(&out)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict_flag(word: &str) -> Result<Option<Verdict>, clap::Error> {
+        let cli = Cli::try_parse_from(["palisadectl", "flows", "--verdict", word])?;
+        match cli.command {
+            Command::Flows { verdict, .. } => Ok(verdict),
+            other => panic!("parsed as {other:?}, not flows"),
+        }
+    }
+
+    #[test]
+    fn the_verdict_flag_takes_the_words_flows_show() {
+        for (word, v) in [
+            ("allowed", Verdict::Allow),
+            ("denied", Verdict::Deny),
+            ("audit", Verdict::Audit),
+        ] {
+            assert_eq!(verdict_flag(word).unwrap(), Some(v), "{word}");
+        }
+        let err = verdict_flag("deny").unwrap_err().to_string();
+        assert!(err.contains("allowed, denied, audit"), "{err}");
+        assert_eq!(
+            verdict_word("pass".into()).unwrap_err(),
+            "unknown verdict \"pass\": use allowed, denied or audit"
+        );
     }
 }

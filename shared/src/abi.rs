@@ -100,11 +100,58 @@ impl Verdict {
             Self::Redirect => "redirect",
         }
     }
+
+    /// The verdict a word of [`Verdict::as_str`] names.
+    pub fn from_word(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == word)
+    }
+
+    /// How bad the outcome is, for merging what the two ends of a
+    /// connection saw: denied, then audit, then everything else.
+    pub fn severity(self) -> u8 {
+        match self {
+            Self::Deny => 2,
+            Self::Audit => 1,
+            Self::None | Self::Allow | Self::Pass | Self::Redirect => 0,
+        }
+    }
+
+    const ALL: [Self; 6] = [
+        Self::None,
+        Self::Allow,
+        Self::Deny,
+        Self::Audit,
+        Self::Pass,
+        Self::Redirect,
+    ];
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Flow logs and `palisadectl flows -o json` carry the word ("denied").
+impl serde::Serialize for Verdict {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A word this build does not know (a log written by another version) reads
+/// as [`Verdict::None`], as an unknown code does in [`Verdict::from_u8`],
+/// rather than losing the record.
+impl<'de> serde::Deserialize<'de> for Verdict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Self::from_word(&word).unwrap_or(Self::None))
+    }
 }
 
 /// `PAL_REASON_*` and `PAL_DROP_*`: why a packet was allowed or dropped.
 /// Counters store the absolute value together with the verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     Policy,
     NotIsolated,
@@ -119,7 +166,11 @@ pub enum Reason {
     DropUnsupportedL3,
     DropRevoked,
     DropSpoofed,
+    /// A code this build has no name for; its text keeps the code.
     Unknown(i8),
+    /// Text this build cannot read back (a flow log written by another
+    /// version); shown as "unknown reason".
+    Unrecognised,
 }
 
 impl Reason {
@@ -168,8 +219,70 @@ impl Reason {
             Self::DropUnsupportedL3 => "unsupported layer-3 protocol or IPv6 header chain",
             Self::DropRevoked => "flow no longer allowed after a policy change",
             Self::DropSpoofed => "sent from an address the container does not own",
-            Self::Unknown(_) => "unknown reason",
+            Self::Unknown(_) | Self::Unrecognised => "unknown reason",
         }
+    }
+
+    /// Every reason with a code, for reading text back.
+    const KNOWN: [Self; 13] = [
+        Self::Policy,
+        Self::NotIsolated,
+        Self::Host,
+        Self::Established,
+        Self::Related,
+        Self::Infra,
+        Self::DropPolicy,
+        Self::DropUnknownEndpoint,
+        Self::DropMalformed,
+        Self::DropFragNoHead,
+        Self::DropUnsupportedL3,
+        Self::DropRevoked,
+        Self::DropSpoofed,
+    ];
+
+    /// The reason a text of [`Reason`]'s `Display` stands for; text this
+    /// build does not know is [`Reason::Unrecognised`].
+    pub fn from_text(text: &str) -> Self {
+        if let Some(code) = text
+            .strip_prefix(UNKNOWN_CODE_PREFIX)
+            .and_then(|t| t.strip_suffix(')'))
+            .and_then(|c| c.parse().ok())
+        {
+            return Self::Unknown(code);
+        }
+        Self::KNOWN
+            .into_iter()
+            .find(|r| r.describe() == text)
+            .unwrap_or(Self::Unrecognised)
+    }
+}
+
+const UNKNOWN_CODE_PREFIX: &str = "unknown reason (code ";
+
+/// The words users see: [`Reason::describe`], with the code of an unknown
+/// reason.
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unknown(code) => write!(f, "{UNKNOWN_CODE_PREFIX}{code})"),
+            other => f.write_str(other.describe()),
+        }
+    }
+}
+
+/// Flow logs and `palisadectl flows -o json` carry the text.
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Never fails on a string: unknown text is [`Reason::Unrecognised`], so a
+/// log written by another version still reads.
+impl<'de> serde::Deserialize<'de> for Reason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Self::from_text(&text))
     }
 }
 
@@ -524,5 +637,56 @@ mod tests {
         assert_eq!(Reason::from_counter(Verdict::Deny, 1), Reason::DropPolicy);
         assert_eq!(Reason::from_counter(Verdict::Allow, 1), Reason::NotIsolated);
         assert_eq!(Reason::from_counter(Verdict::Allow, 3), Reason::Established);
+    }
+
+    #[test]
+    fn verdicts_and_reasons_serialise_as_the_words_users_see() {
+        for (v, word) in [
+            (Verdict::Allow, "\"allowed\""),
+            (Verdict::Deny, "\"denied\""),
+            (Verdict::Audit, "\"audit\""),
+        ] {
+            assert_eq!(serde_json::to_string(&v).unwrap(), word);
+            assert_eq!(serde_json::from_str::<Verdict>(word).unwrap(), v);
+        }
+        for code in i8::MIN..=i8::MAX {
+            let r = Reason::from_code(code);
+            let text = serde_json::to_string(&r).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Reason>(&text).unwrap(),
+                r,
+                "code {code} wrote {text}"
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&Reason::DropPolicy).unwrap(),
+            "\"no policy rule allows it\""
+        );
+        assert_eq!(
+            Reason::from_code(-9).to_string(),
+            "unknown reason (code -9)"
+        );
+    }
+
+    #[test]
+    fn words_from_another_version_read_without_failing() {
+        assert_eq!(
+            serde_json::from_str::<Verdict>("\"rerouted\"").unwrap(),
+            Verdict::None
+        );
+        for text in ["\"unknown reason\"", "\"dropped by a future rule\""] {
+            let r: Reason = serde_json::from_str(text).unwrap();
+            assert_eq!(r, Reason::Unrecognised, "{text}");
+            assert_eq!(serde_json::to_string(&r).unwrap(), "\"unknown reason\"");
+        }
+        assert_eq!(Verdict::from_word("denied"), Some(Verdict::Deny));
+        assert_eq!(Verdict::from_word("deny"), None);
+    }
+
+    #[test]
+    fn denied_is_worse_than_audit_is_worse_than_allowed() {
+        assert!(Verdict::Deny.severity() > Verdict::Audit.severity());
+        assert!(Verdict::Audit.severity() > Verdict::Allow.severity());
+        assert_eq!(Verdict::Allow.severity(), Verdict::None.severity());
     }
 }

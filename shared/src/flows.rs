@@ -57,9 +57,10 @@ pub struct FlowRecord {
     pub time: String,
     /// `flow` (a new connection was decided) or `drop`.
     pub kind: String,
-    /// `allowed`, `denied` or `audit`.
-    pub verdict: String,
-    pub reason: String,
+    /// Written as `allowed`, `denied` or `audit`.
+    pub verdict: Verdict,
+    /// Written as its description ("no policy rule allows it").
+    pub reason: Reason,
     pub direction: Direction,
     /// The container the event was seen at.
     pub endpoint: FlowParty,
@@ -100,7 +101,7 @@ impl FlowRecord {
         if !self.isolated_by.is_empty() {
             return format!("default deny (isolated by {})", self.isolated_by.join(", "));
         }
-        self.reason.clone()
+        self.reason.to_string()
     }
 }
 
@@ -115,15 +116,7 @@ pub struct Connection {
     pub sport: u16,
     pub dport: u16,
     /// The worst verdict any side gave: denied, then audit, then allowed.
-    pub verdict: String,
-}
-
-fn severity(v: &str) -> u8 {
-    match v {
-        "denied" => 2,
-        "audit" => 1,
-        _ => 0,
-    }
+    pub verdict: Verdict,
 }
 
 /// Merge flow records into connections (keyed by both addresses, ports
@@ -137,8 +130,8 @@ pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
         match index.get(&key) {
             Some(&i) => {
                 let conn = &mut out[i];
-                if severity(&r.verdict) > severity(&conn.verdict) {
-                    conn.verdict = r.verdict.clone();
+                if r.verdict.severity() > conn.verdict.severity() {
+                    conn.verdict = r.verdict;
                 }
                 // Each side knows itself best (its own endpoint record).
                 if conn.client.kind != "pod" && c.kind == "pod" {
@@ -156,7 +149,7 @@ pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
                     protocol: r.protocol.clone(),
                     sport: r.sport,
                     dport: r.dport,
-                    verdict: r.verdict.clone(),
+                    verdict: r.verdict,
                 });
             }
         }
@@ -293,8 +286,8 @@ impl Resolver {
                 "flow"
             }
             .into(),
-            verdict: verdict.as_str().into(),
-            reason: Reason::from_code(e.reason).describe().into(),
+            verdict,
+            reason: Reason::from_code(e.reason),
             direction,
             endpoint,
             peer,
@@ -310,7 +303,7 @@ impl Resolver {
 /// What `palisadectl flows` shows.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    pub verdict: Option<String>,
+    pub verdict: Option<Verdict>,
     /// `ns/name` on either side.
     pub pod: Option<String>,
     pub namespace: Option<String>,
@@ -320,7 +313,7 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, r: &FlowRecord) -> bool {
         let sides = [&r.endpoint, &r.peer];
-        self.verdict.as_deref().is_none_or(|v| r.verdict == v)
+        self.verdict.is_none_or(|v| r.verdict == v)
             && self.port.is_none_or(|p| r.dport == p)
             && self
                 .namespace
@@ -525,8 +518,8 @@ mod tests {
         FlowRecord {
             time: "2026-01-01T00:00:00.000Z".into(),
             kind: "flow".into(),
-            verdict: "allowed".into(),
-            reason: "decided by policy".into(),
+            verdict: Verdict::Allow,
+            reason: Reason::Policy,
             direction: Direction::Ingress,
             endpoint: FlowParty {
                 kind: "pod".into(),
@@ -603,5 +596,90 @@ mod tests {
             }
             .matches(&rec(7))
         );
+        let denied = Filter {
+            verdict: Some(Verdict::Deny),
+            ..Default::default()
+        };
+        assert!(!denied.matches(&rec(7)));
+        assert!(denied.matches(&FlowRecord {
+            verdict: Verdict::Deny,
+            ..rec(7)
+        }));
+    }
+
+    /// A line as the string-typed records wrote it.
+    const DENIED_LINE: &str = concat!(
+        r#"{"time":"2026-01-01T00:00:00.000Z","kind":"drop","verdict":"denied","#,
+        r#""reason":"no policy rule allows it","direction":"ingress","#,
+        r#""endpoint":{"kind":"pod","address":"10.0.0.2","namespace":"x","name":"a","#,
+        r#""identity":256,"labels":{"app":"a"}},"#,
+        r#""peer":{"kind":"world","address":"192.0.2.1","identity":2},"#,
+        r#""protocol":"TCP","sport":40000,"dport":7,"isolatedBy":["x/deny-all"]}"#
+    );
+
+    #[test]
+    fn records_read_and_write_the_same_words_as_before() {
+        let r: FlowRecord = serde_json::from_str(DENIED_LINE).unwrap();
+        assert_eq!((r.verdict, r.reason), (Verdict::Deny, Reason::DropPolicy));
+        assert_eq!(serde_json::to_string(&r).unwrap(), DENIED_LINE);
+        for v in [Verdict::Allow, Verdict::Audit] {
+            let mut r = rec(7);
+            r.verdict = v;
+            r.reason = Reason::NotIsolated;
+            let line = serde_json::to_string(&r).unwrap();
+            assert!(
+                line.contains(&format!(
+                    r#""verdict":"{v}","reason":"no policy isolates the endpoint in this direction""#
+                )),
+                "{line}"
+            );
+            assert_eq!(serde_json::from_str::<FlowRecord>(&line).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn a_log_with_words_from_another_version_still_reads_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = DENIED_LINE
+            .replace("no policy rule allows it", "dropped by a future rule")
+            .replace(r#""verdict":"denied""#, r#""verdict":"rerouted""#);
+        let unknown_code =
+            DENIED_LINE.replace("no policy rule allows it", "unknown reason (code -9)");
+        fs::write(
+            dir.path().join(LOG_NAME),
+            format!("{DENIED_LINE}\n{other}\n{unknown_code}\n"),
+        )
+        .unwrap();
+        let back: Vec<_> = read_log(dir.path())
+            .into_iter()
+            .map(|r| (r.verdict, r.reason))
+            .collect();
+        assert_eq!(
+            back,
+            [
+                (Verdict::Deny, Reason::DropPolicy),
+                (Verdict::None, Reason::Unrecognised),
+                (Verdict::Deny, Reason::Unknown(-9)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_connection_takes_the_worst_verdict_of_its_two_ends() {
+        let allowed_out = FlowRecord {
+            direction: Direction::Egress,
+            ..rec(80)
+        };
+        let mut denied_in = FlowRecord {
+            verdict: Verdict::Deny,
+            reason: Reason::DropPolicy,
+            ..allowed_out.clone()
+        };
+        // The server's ingress sees the same connection from its side.
+        denied_in.direction = Direction::Ingress;
+        std::mem::swap(&mut denied_in.endpoint, &mut denied_in.peer);
+        let conns = connections(&[allowed_out, denied_in]);
+        assert_eq!(conns.len(), 1, "{conns:?}");
+        assert_eq!(conns[0].verdict, Verdict::Deny);
     }
 }

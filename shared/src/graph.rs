@@ -5,16 +5,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::flows::{FlowParty, FlowRecord, connections};
+use crate::{
+    abi::Verdict,
+    flows::{FlowParty, FlowRecord, connections},
+};
 
 /// Edge colours, also used in the legend.
-pub const COLOURS: &[(&str, &str)] = &[
-    ("allowed", "#2e7d32"),
-    ("audit", "#ef6c00"),
-    ("denied", "#c62828"),
+pub const COLOURS: &[(Verdict, &str)] = &[
+    (Verdict::Allow, "#2e7d32"),
+    (Verdict::Audit, "#ef6c00"),
+    (Verdict::Deny, "#c62828"),
 ];
 
-fn colour(verdict: &str) -> &'static str {
+fn colour(verdict: Verdict) -> &'static str {
     COLOURS
         .iter()
         .find(|(v, _)| *v == verdict)
@@ -59,13 +62,13 @@ fn esc(s: &str) -> String {
 pub struct Summary {
     pub nodes: BTreeSet<String>,
     /// (client id, server id, verdict, ports)
-    pub edges: BTreeSet<(String, String, String, String)>,
+    pub edges: BTreeSet<(String, String, Verdict, String)>,
 }
 
 /// Build the DOT text (and a summary) from flow records.
 pub fn dot(records: &[FlowRecord]) -> (String, Summary) {
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut edges: BTreeMap<(String, String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut edges: BTreeMap<(String, String, Verdict), BTreeSet<String>> = BTreeMap::new();
     // One edge per connection outcome: a pod-to-pod connection allowed by
     // the client's egress but denied by the server's ingress is denied.
     for r in connections(records) {
@@ -76,7 +79,7 @@ pub fn dot(records: &[FlowRecord]) -> (String, Summary) {
             format!("{}/{}", r.dport, r.protocol)
         };
         edges
-            .entry((c.id.clone(), s.id.clone(), r.verdict.clone()))
+            .entry((c.id.clone(), s.id.clone(), r.verdict))
             .or_default()
             .insert(port);
         nodes.insert(c.id.clone(), c);
@@ -114,19 +117,21 @@ pub fn dot(records: &[FlowRecord]) -> (String, Summary) {
     };
     for ((c, s, v), ports) in &edges {
         let label = ports.iter().cloned().collect::<Vec<_>>().join(", ");
-        let style = if v == "denied" { ", style=dashed" } else { "" };
+        let style = if *v == Verdict::Deny {
+            ", style=dashed"
+        } else {
+            ""
+        };
         out.push_str(&format!(
             "  \"{}\" -> \"{}\" [color=\"{}\", fontcolor=\"{}\", label=\"{} {}\"{style}];\n",
             esc(c),
             esc(s),
-            colour(v),
-            colour(v),
+            colour(*v),
+            colour(*v),
             esc(&label),
-            esc(v)
+            esc(v.as_str())
         ));
-        summary
-            .edges
-            .insert((c.clone(), s.clone(), v.clone(), label));
+        summary.edges.insert((c.clone(), s.clone(), *v, label));
     }
     out.push_str("}\n");
     (out, summary)
@@ -149,7 +154,10 @@ pub fn html(svg: &str, title: &str, summary: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{abi::Direction, policy::Labels};
+    use crate::{
+        abi::{Direction, Reason},
+        policy::Labels,
+    };
 
     fn party(ns: Option<&str>, name: Option<&str>, addr: &str, kind: &str) -> FlowParty {
         FlowParty {
@@ -166,11 +174,11 @@ mod tests {
     fn pods_are_grouped_by_namespace_and_edges_coloured_by_verdict() {
         let web = party(Some("shop"), Some("web"), "10.0.0.2", "pod");
         let out = party(None, None, "198.51.100.7", "world");
-        let mk = |dir, ep: &FlowParty, peer: &FlowParty, verdict: &str, port| FlowRecord {
+        let mk = |dir, ep: &FlowParty, peer: &FlowParty, verdict, port| FlowRecord {
             time: String::new(),
             kind: "flow".into(),
-            verdict: verdict.into(),
-            reason: String::new(),
+            verdict,
+            reason: Reason::Policy,
             direction: dir,
             endpoint: ep.clone(),
             peer: peer.clone(),
@@ -181,9 +189,9 @@ mod tests {
             isolated_by: vec![],
         };
         let records = vec![
-            mk(Direction::Ingress, &web, &out, "allowed", 443),
-            mk(Direction::Ingress, &web, &out, "allowed", 80),
-            mk(Direction::Egress, &web, &out, "denied", 25),
+            mk(Direction::Ingress, &web, &out, Verdict::Allow, 443),
+            mk(Direction::Ingress, &web, &out, Verdict::Allow, 80),
+            mk(Direction::Egress, &web, &out, Verdict::Deny, 25),
         ];
         let (dot, summary) = dot(&records);
         assert!(dot.contains("label=\"namespace shop\""), "{dot}");
@@ -191,7 +199,7 @@ mod tests {
         assert!(summary.edges.contains(&(
             "ext:198.51.100.7".into(),
             "pod:shop/web".into(),
-            "allowed".into(),
+            Verdict::Allow,
             "443/TCP, 80/TCP".into()
         )));
         assert!(

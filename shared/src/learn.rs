@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    abi::{Reason, Verdict},
     flows::{FlowParty, FlowRecord},
     policy::{Labels, MODE_ANNOTATION, Mode, NAMESPACE_NAME_LABEL},
 };
@@ -187,7 +188,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
     // never one denied for another reason than policy (spoofed, malformed).
     let denied_otherwise: BTreeSet<(IpAddr, u16, IpAddr, u16, String)> = records
         .iter()
-        .filter(|r| r.verdict == "denied" && r.reason != crate::abi::Reason::DropPolicy.describe())
+        .filter(|r| r.verdict == Verdict::Deny && r.reason != Reason::DropPolicy)
         .map(|r| {
             (
                 r.client().address,
@@ -199,9 +200,9 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         })
         .collect();
     for r in crate::flows::connections(records) {
-        let counts = match r.verdict.as_str() {
-            "allowed" | "audit" => true,
-            "denied" => {
+        let counts = match r.verdict {
+            Verdict::Allow | Verdict::Audit => true,
+            Verdict::Deny => {
                 opts.include_denied
                     && !denied_otherwise.contains(&(
                         r.client.address,
@@ -211,7 +212,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                         r.protocol.clone(),
                     ))
             }
-            _ => false,
+            Verdict::None | Verdict::Pass | Verdict::Redirect => false,
         };
         if !counts {
             continue;
@@ -421,8 +422,8 @@ mod tests {
         FlowRecord {
             time: "2026-01-01T00:00:00.000Z".into(),
             kind: "flow".into(),
-            verdict: "allowed".into(),
-            reason: "no policy isolates the endpoint in this direction".into(),
+            verdict: Verdict::Allow,
+            reason: Reason::NotIsolated,
             direction: dir,
             endpoint,
             peer,
@@ -539,7 +540,7 @@ mod tests {
             "TCP",
             22,
         );
-        denied.verdict = "denied".into();
+        denied.verdict = Verdict::Deny;
         flows.push(denied);
         assert_eq!(learn(&flows, &Options::default()).yaml, a.yaml);
         let staged = learn(

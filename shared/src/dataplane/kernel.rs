@@ -1186,22 +1186,13 @@ impl Dataplane for KernelDataplane {
             rows.push(CounterRow {
                 ep_id: k.ep_id,
                 direction: Direction::from_u8(k.direction).unwrap_or(Direction::Ingress),
-                verdict: verdict.as_str().to_owned(),
-                reason: Reason::from_counter(verdict, k.reason)
-                    .describe()
-                    .to_owned(),
+                verdict,
+                reason: Reason::from_counter(verdict, k.reason),
                 packets: values.iter().map(|v| v.packets).sum(),
                 bytes: values.iter().map(|v| v.bytes).sum(),
             });
         }
-        rows.sort_by(|a, b| {
-            (a.ep_id, a.direction, &a.verdict, &a.reason).cmp(&(
-                b.ep_id,
-                b.direction,
-                &b.verdict,
-                &b.reason,
-            ))
-        });
+        rows.sort_by_key(|r| (r.ep_id, r.direction, r.verdict, r.reason));
         Ok(rows)
     }
 

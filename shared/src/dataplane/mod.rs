@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    abi::{Direction, PolicyValue},
+    abi::{Direction, PolicyValue, Reason, Verdict},
     compile::Desired,
 };
 
@@ -213,8 +213,8 @@ pub struct ProgramStatus {
 pub struct CounterRow {
     pub ep_id: u32,
     pub direction: Direction,
-    pub verdict: String,
-    pub reason: String,
+    pub verdict: Verdict,
+    pub reason: Reason,
     pub packets: u64,
     pub bytes: u64,
 }
