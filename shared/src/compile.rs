@@ -184,7 +184,7 @@ pub fn port_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
 }
 
 /// Every distinct ipBlock in the policies.
-fn collect_blocks(policies: &[(u32, Policy)]) -> Vec<IpBlock> {
+pub(crate) fn collect_blocks(policies: &[(u32, Policy)]) -> Vec<IpBlock> {
     let mut set = BTreeSet::new();
     for (_, p) in policies {
         for r in p.ingress.iter().chain(&p.egress) {
@@ -199,7 +199,7 @@ fn collect_blocks(policies: &[(u32, Policy)]) -> Vec<IpBlock> {
 }
 
 /// Named ports (name, protocol) that egress rules resolve on peers.
-fn egress_port_names(policies: &[(u32, Policy)]) -> BTreeSet<(String, Protocol)> {
+pub(crate) fn egress_port_names(policies: &[(u32, Policy)]) -> BTreeSet<(String, Protocol)> {
     let mut set = BTreeSet::new();
     for (_, p) in policies {
         for r in &p.egress {
@@ -211,10 +211,6 @@ fn egress_port_names(policies: &[(u32, Policy)]) -> BTreeSet<(String, Protocol)>
         }
     }
     set
-}
-
-fn port_tag(np: &NamedPort) -> String {
-    format!("{}/{}={}", np.name, np.protocol.as_str(), np.port)
 }
 
 /// Whether `inner` lies entirely inside `outer`.
@@ -233,45 +229,75 @@ fn supernet(addr: IpAddr, len: u8) -> Option<IpNetwork> {
 /// The policy ipBlocks indexed by CIDR, so that finding the blocks around
 /// an address costs one lookup per distinct prefix length, not one test per
 /// block: 100,000 blocks must not make every address cost 100,000 tests.
-struct BlockIndex<'b> {
-    by_cidr: HashMap<IpNetwork, Vec<&'b IpBlock>>,
-    v4_lens: BTreeSet<u8>,
-    v6_lens: BTreeSet<u8>,
+/// Blocks come and go one at a time (the incremental engine keeps one).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BlockIndex {
+    by_cidr: HashMap<IpNetwork, Vec<IpBlock>>,
+    /// Prefix lengths in use, with how many blocks use each.
+    v4_lens: BTreeMap<u8, usize>,
+    v6_lens: BTreeMap<u8, usize>,
 }
 
-impl<'b> BlockIndex<'b> {
-    fn new(blocks: &'b [IpBlock]) -> Self {
-        let mut idx = BlockIndex {
-            by_cidr: HashMap::new(),
-            v4_lens: BTreeSet::new(),
-            v6_lens: BTreeSet::new(),
-        };
+impl BlockIndex {
+    pub(crate) fn new(blocks: &[IpBlock]) -> Self {
+        let mut idx = BlockIndex::default();
         for b in blocks {
-            let Some(key) = supernet(b.cidr.ip(), b.cidr.prefix()) else {
-                continue;
-            };
-            idx.by_cidr.entry(key).or_default().push(b);
-            if key.is_ipv4() {
-                idx.v4_lens.insert(key.prefix());
-            } else {
-                idx.v6_lens.insert(key.prefix());
-            }
+            idx.insert(b.clone());
         }
         idx
+    }
+
+    fn lens_mut(&mut self, key: &IpNetwork) -> &mut BTreeMap<u8, usize> {
+        if key.is_ipv4() {
+            &mut self.v4_lens
+        } else {
+            &mut self.v6_lens
+        }
+    }
+
+    pub(crate) fn insert(&mut self, b: IpBlock) {
+        let Some(key) = supernet(b.cidr.ip(), b.cidr.prefix()) else {
+            return;
+        };
+        *self.lens_mut(&key).entry(key.prefix()).or_default() += 1;
+        self.by_cidr.entry(key).or_default().push(b);
+    }
+
+    pub(crate) fn remove(&mut self, b: &IpBlock) {
+        let Some(key) = supernet(b.cidr.ip(), b.cidr.prefix()) else {
+            return;
+        };
+        let Some(list) = self.by_cidr.get_mut(&key) else {
+            return;
+        };
+        let Some(pos) = list.iter().position(|x| x == b) else {
+            return;
+        };
+        list.swap_remove(pos);
+        if list.is_empty() {
+            self.by_cidr.remove(&key);
+        }
+        let lens = self.lens_mut(&key);
+        if let Some(n) = lens.get_mut(&key.prefix()) {
+            *n -= 1;
+            if *n == 0 {
+                lens.remove(&key.prefix());
+            }
+        }
     }
 
     /// Which blocks contain the whole prefix `net`: it lies inside the CIDR
     /// and inside none of its exceptions. Every CIDR and exception is
     /// inserted as its own ipcache prefix, so this is exact for every
     /// address whose longest match is `net`.
-    fn of_prefix(&self, net: &IpNetwork) -> BTreeSet<String> {
+    pub(crate) fn of_prefix(&self, net: &IpNetwork) -> BTreeSet<String> {
         let lens = if net.is_ipv4() {
             &self.v4_lens
         } else {
             &self.v6_lens
         };
         let mut out = BTreeSet::new();
-        for &len in lens.range(..=net.prefix()) {
+        for &len in lens.range(..=net.prefix()).map(|(l, _)| l) {
             let Some(outer) = supernet(net.ip(), len) else {
                 continue;
             };
@@ -285,7 +311,7 @@ impl<'b> BlockIndex<'b> {
     }
 
     /// Which blocks contain the address.
-    fn of_addr(&self, addr: IpAddr) -> BTreeSet<String> {
+    pub(crate) fn of_addr(&self, addr: IpAddr) -> BTreeSet<String> {
         self.of_prefix(&IpNetwork::from(addr))
     }
 }
@@ -335,11 +361,7 @@ impl IdentityFacts {
     }
 
     fn named_port(&self, name: &str, proto: Protocol) -> Option<u16> {
-        let prefix = format!("{name}/{}=", proto.as_str());
-        self.key
-            .ports
-            .iter()
-            .find_map(|t| t.strip_prefix(&prefix).and_then(|p| p.parse().ok()))
+        self.key.named_port(name, proto)
     }
 }
 
@@ -378,7 +400,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             .ports
             .iter()
             .filter(|np| egress_names.contains(&(np.name.clone(), np.protocol)))
-            .map(port_tag)
+            .map(IdentityKey::port_tag)
             .collect();
         let base = IdentityKey {
             namespace: Some(ep.namespace.clone()),
@@ -496,8 +518,11 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
         })
         .collect();
 
-    // 5. Per endpoint: isolation flags and allow entries.
-    for ep in input.endpoints {
+    // 5. Per endpoint: isolation flags and allow entries. Oldest first, so
+    // that of two endpoints claiming one veth the newest is programmed.
+    let mut by_age: Vec<&EndpointView> = input.endpoints.iter().collect();
+    by_age.sort_by_key(|e| e.ep_id);
+    for ep in by_age {
         let mut flags = ep.extra_flags;
         let mut range_lens = 0;
         // Audit: allow rules of every policy count, but a direction that

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     abi::{ID_CIDR_MIN, ID_HOST, ID_LOCAL_MIN, ID_WORLD},
-    policy::Labels,
+    policy::{Labels, NamedPort, Protocol},
 };
 
 /// Everything that distinguishes one identity from another.
@@ -38,6 +38,20 @@ pub struct IdentityKey {
 impl IdentityKey {
     pub fn is_endpoint(&self) -> bool {
         self.namespace.is_some()
+    }
+
+    /// How a named port is recorded in `ports`: `name/PROTO=port`.
+    pub fn port_tag(np: &NamedPort) -> String {
+        format!("{}/{}={}", np.name, np.protocol.as_str(), np.port)
+    }
+
+    /// The number a named port has on the addresses of this identity (only
+    /// names that egress rules use are recorded).
+    pub fn named_port(&self, name: &str, proto: Protocol) -> Option<u16> {
+        let prefix = format!("{name}/{}=", proto.as_str());
+        self.ports
+            .iter()
+            .find_map(|t| t.strip_prefix(&prefix).and_then(|p| p.parse().ok()))
     }
 
     /// Short human form: `ns:shop app=web [in 10.0.0.0/8]`.
@@ -73,51 +87,97 @@ impl IdentityKey {
     }
 }
 
-/// The persisted identity table.
+/// The persisted identity table: numbers by key and keys by number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TableWire", into = "TableWire")]
 pub struct IdentityTable {
+    by_key: BTreeMap<IdentityKey, u32>,
+    by_id: BTreeMap<u32, IdentityKey>,
+    next_local: u32,
+    next_cidr: u32,
+}
+
+/// The table as `state.json` held it (and as it is still serialised).
+#[derive(Serialize, Deserialize)]
+struct TableWire {
     entries: Vec<(IdentityKey, u32)>,
     next_local: u32,
     next_cidr: u32,
-    #[serde(skip)]
-    index: BTreeMap<IdentityKey, u32>,
-    /// Number → position in `entries`.
-    #[serde(skip)]
-    by_id: BTreeMap<u32, usize>,
+}
+
+impl From<TableWire> for IdentityTable {
+    fn from(w: TableWire) -> Self {
+        let mut t = IdentityTable {
+            next_local: w.next_local,
+            next_cidr: w.next_cidr,
+            ..Default::default()
+        };
+        for (key, id) in w.entries {
+            t.insert(id, key);
+        }
+        t
+    }
+}
+
+impl From<IdentityTable> for TableWire {
+    fn from(t: IdentityTable) -> Self {
+        TableWire {
+            entries: t.by_id.into_iter().map(|(id, k)| (k, id)).collect(),
+            next_local: t.next_local,
+            next_cidr: t.next_cidr,
+        }
+    }
 }
 
 impl Default for IdentityTable {
     fn default() -> Self {
         Self {
-            entries: Vec::new(),
+            by_key: BTreeMap::new(),
+            by_id: BTreeMap::new(),
             next_local: ID_LOCAL_MIN,
             next_cidr: ID_CIDR_MIN,
-            index: BTreeMap::new(),
-            by_id: BTreeMap::new(),
         }
     }
 }
 
 impl IdentityTable {
-    /// Rebuild the lookup index after deserialising.
-    pub fn reindex(&mut self) {
-        self.index = self.entries.iter().cloned().collect();
-        self.by_id = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, (_, id))| (*id, i))
-            .collect();
+    /// A table from stored parts: the next numbers to hand out, then
+    /// [`IdentityTable::insert`] for every stored identity.
+    pub fn with_counters(next_local: u32, next_cidr: u32) -> Self {
+        Self {
+            next_local: next_local.max(ID_LOCAL_MIN),
+            next_cidr: next_cidr.max(ID_CIDR_MIN),
+            ..Default::default()
+        }
+    }
+
+    /// The next numbers to hand out (local, CIDR), for storing.
+    pub fn counters(&self) -> (u32, u32) {
+        (self.next_local, self.next_cidr)
+    }
+
+    /// Record a stored identity.
+    pub fn insert(&mut self, id: u32, key: IdentityKey) {
+        if let Some(old) = self.by_id.insert(id, key.clone()) {
+            self.by_key.remove(&old);
+        }
+        self.by_key.insert(key, id);
     }
 
     /// The identity of `key`, allocating a new number if it has none.
     pub fn get_or_allocate(&mut self, key: &IdentityKey) -> u32 {
-        if let Some(id) = self.index.get(key) {
-            return *id;
+        self.allocate(key).0
+    }
+
+    /// The identity of `key` and whether it was allocated just now.
+    /// Addresses that no policy block covers are the world, never allocated.
+    pub fn allocate(&mut self, key: &IdentityKey) -> (u32, bool) {
+        if let Some(id) = self.by_key.get(key) {
+            return (*id, false);
         }
         // An ipBlock region no policy block covers is simply the world.
         if !key.is_endpoint() && key.blocks.is_empty() {
-            return ID_WORLD;
+            return (ID_WORLD, false);
         }
         let id = if key.is_endpoint() {
             let id = self.next_local;
@@ -138,10 +198,8 @@ impl IdentityTable {
         } else {
             id
         };
-        self.index.insert(key.clone(), id);
-        self.by_id.insert(id, self.entries.len());
-        self.entries.push((key.clone(), id));
-        id
+        self.insert(id, key.clone());
+        (id, true)
     }
 
     fn first_free(&self, local: bool) -> u32 {
@@ -153,18 +211,46 @@ impl IdentityTable {
         (lo..hi).find(|i| !self.by_id.contains_key(i)).unwrap_or(lo)
     }
 
-    /// Forget identities no address uses any more.
-    pub fn retain_used(&mut self, used: &BTreeSet<u32>) {
-        self.entries.retain(|(_, id)| used.contains(id));
-        self.reindex();
+    /// Forget one identity.
+    pub fn remove(&mut self, id: u32) -> Option<IdentityKey> {
+        let key = self.by_id.remove(&id)?;
+        self.by_key.remove(&key);
+        Some(key)
     }
 
+    /// Forget identities no address uses any more.
+    pub fn retain_used(&mut self, used: &BTreeSet<u32>) {
+        let gone: Vec<u32> = self
+            .by_id
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
+    }
+
+    /// Every identity, by number.
     pub fn iter(&self) -> impl Iterator<Item = (&IdentityKey, u32)> {
-        self.entries.iter().map(|(k, id)| (k, *id))
+        self.by_id.iter().map(|(id, k)| (k, *id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
     }
 
     pub fn key_of(&self, id: u32) -> Option<&IdentityKey> {
-        self.by_id.get(&id).map(|&i| &self.entries[i].0)
+        self.by_id.get(&id)
+    }
+
+    /// The number of `key`, if it has one.
+    pub fn id_of(&self, key: &IdentityKey) -> Option<u32> {
+        self.by_key.get(key).copied()
     }
 }
 
@@ -201,7 +287,6 @@ mod tests {
 
         let json = serde_json::to_string(&t).unwrap();
         let mut back: IdentityTable = serde_json::from_str(&json).unwrap();
-        back.reindex();
         assert_eq!(back.get_or_allocate(&ep("x", "b")), b);
         assert!(back.get_or_allocate(&ep("y", "a")) > b);
     }

@@ -7,6 +7,7 @@ pub mod cni;
 pub mod cniconf;
 pub mod compile;
 pub mod dataplane;
+pub mod engine;
 pub mod explain;
 pub mod flows;
 pub mod graph;

@@ -420,7 +420,7 @@ fn load(path: &Path) -> Result<State, StoreError> {
             known: STATE_VERSION,
         });
     }
-    state.identities.reindex();
+
     // Veths, links and pins do not survive a reboot; neither do endpoints.
     let boot = boot_id();
     if !state.boot_id.is_empty() && state.boot_id != boot {

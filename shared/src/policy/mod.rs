@@ -340,7 +340,7 @@ pub struct NamedPort {
 }
 
 /// What the compiler needs of a Pod object.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
@@ -412,7 +412,7 @@ impl PodInfo {
 
 /// What the compiler needs of a Namespace: its labels, including the
 /// implicit `kubernetes.io/metadata.name`, and its mode annotation.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NamespaceInfo {
     pub name: String,
     pub labels: Labels,
@@ -466,6 +466,22 @@ impl Mode {
     }
 }
 
+/// A policy's effective mode: its own annotation, else its namespace's,
+/// else the node's default.
+pub fn effective_mode(own: Option<Mode>, namespace: Option<Mode>, node: Mode) -> Mode {
+    own.or(namespace).unwrap_or(node)
+}
+
+/// An endpoint's effective labels: the runtime's, overlaid by the Pod
+/// object's when there is one.
+pub fn effective_labels(runtime: &Labels, pod: Option<&PodInfo>) -> Labels {
+    let mut labels = runtime.clone();
+    if let Some(pod) = pod {
+        labels.extend(pod.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    labels
+}
+
 /// The mode a Namespace or NetworkPolicy object's annotation asks for.
 pub fn mode_annotation(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -479,7 +495,7 @@ pub fn mode_annotation(
 }
 
 /// A validated NetworkPolicy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub namespace: String,
     pub name: String,
@@ -497,13 +513,13 @@ pub struct Policy {
 
 /// One ingress or egress rule. Empty `peers` means every peer; empty
 /// `ports` every port of every protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rule {
     pub peers: Vec<Peer>,
     pub ports: Vec<PortRule>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Peer {
     /// Pods matching `pods` in the namespaces `namespaces` selects.
     Pods {
@@ -513,7 +529,7 @@ pub enum Peer {
     IpBlock(IpBlock),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum NamespaceScope {
     /// The policy's own namespace (no namespaceSelector).
     Own,
@@ -521,7 +537,7 @@ pub enum NamespaceScope {
 }
 
 /// A CIDR with exceptions, normalised to network addresses.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IpBlock {
     pub cidr: IpNetwork,
     pub except: Vec<IpNetwork>,
@@ -554,13 +570,13 @@ impl fmt::Display for IpBlock {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortRule {
     pub protocol: Protocol,
     pub port: PortMatch,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum PortMatch {
     /// Every port of the protocol.
     All,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as metav1;
+use serde::{Deserialize, Serialize};
 
 use super::ObjectError;
 
@@ -11,12 +12,12 @@ use super::ObjectError;
 pub type Labels = BTreeMap<String, String>;
 
 /// A validated label selector. The empty selector matches everything.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Selector {
     requirements: Vec<Requirement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 enum Requirement {
     Equals(String, String),
     In(String, Vec<String>),

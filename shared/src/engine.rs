@@ -1,0 +1,2401 @@
+//! The incremental engine: the node's objects and endpoints held as indexes
+//! (labels → identity, selector → matching identities and endpoints,
+//! policy → rules, identity → the rules whose peers it is), so that one
+//! event computes only the map entries it changes.
+//!
+//! It produces exactly what [`compile::compile`] produces from the same
+//! inputs (the property test in this module checks it after random event
+//! sequences); the full compile stays as that oracle and as the repair
+//! path. Entries that several rules produce are reference-counted, and the
+//! policy reported for an entry is the first in (namespace, name) order
+//! among those that produce it, as in the full compile.
+//!
+//! Events change the in-memory state and the desired maps; [`Engine::finish`]
+//! then returns the net difference (only entries whose value changed), the
+//! identities allocated and released, and warnings.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use ipnetwork::IpNetwork;
+
+use crate::{
+    abi::{
+        self, Direction, EndpointValue, ID_ANY, ID_HOST, ID_WORLD, IpcacheValue,
+        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKey,
+        PolicyKeyData, PolicyValue, SrcguardKey, TIER_NETPOL, Verdict,
+    },
+    compile::{self, BlockIndex, Desired, EndpointView, PeerFacts, Prefix, port_prefixes},
+    identity::{IdentityKey, IdentityTable},
+    policy::{
+        IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
+        PodInfo, Policy, PortMatch, PortRule, Protocol, Rule, Selector, effective_labels,
+        effective_mode,
+    },
+};
+
+/// What the engine needs of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInput {
+    pub ep_id: u32,
+    pub ifindex: u32,
+    pub namespace: String,
+    pub name: String,
+    /// Labels the runtime gave (a Pod object's labels overlay them).
+    pub labels: Labels,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Net changes to the datapath maps since the last [`Engine::finish`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub policy: Vec<(PolicyKey, Option<PolicyValue>)>,
+    pub ipcache: Vec<(Prefix, Option<IpcacheValue>)>,
+    /// By host veth ifindex.
+    pub endpoints: Vec<(u32, Option<EndpointValue>)>,
+    /// `true`: add, `false`: remove.
+    pub srcguard: Vec<(SrcguardKey, bool)>,
+    /// Something was taken away (an allow entry removed, an address's
+    /// identity changed, isolation added): established flows must be
+    /// checked again (the datapath's epoch).
+    pub revokes: bool,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.policy.is_empty()
+            && self.ipcache.is_empty()
+            && self.endpoints.is_empty()
+            && self.srcguard.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policy.len() + self.ipcache.len() + self.endpoints.len() + self.srcguard.len()
+    }
+
+    /// The delta that undoes this one, given the values it replaced.
+    pub fn inverse(&self, before: &Desired) -> Delta {
+        Delta {
+            policy: self
+                .policy
+                .iter()
+                .map(|(k, _)| (*k, before.policy.get(k).copied()))
+                .collect(),
+            ipcache: self
+                .ipcache
+                .iter()
+                .map(|(k, _)| (*k, before.ipcache.get(k).copied()))
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(k, _)| (*k, before.endpoints.get(k).copied()))
+                .collect(),
+            srcguard: self
+                .srcguard
+                .iter()
+                .map(|(k, _)| (*k, before.srcguard.contains(k)))
+                .collect(),
+            revokes: true,
+        }
+    }
+}
+
+/// What one batch of events changed.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub delta: Delta,
+    /// Identities allocated (and still used).
+    pub identities_added: Vec<(u32, IdentityKey)>,
+    /// Identities no address uses any more.
+    pub identities_removed: Vec<u32>,
+    pub warnings: Vec<String>,
+}
+
+/// A vector with stable indexes and reuse of freed slots.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, t: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(t);
+                i
+            }
+            None => {
+                self.items.push(Some(t));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let t = self.items.get_mut(i)?.take();
+        if t.is_some() {
+            self.free.push(i);
+        }
+        t
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
+    }
+}
+
+impl<T> std::ops::Index<usize> for Slab<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        self.items[i].as_ref().expect("live slab entry")
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for Slab<T> {
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        self.items[i].as_mut().expect("live slab entry")
+    }
+}
+
+/// Shape slots per direction: the any-protocol entry, then port prefix
+/// lengths 0 to 16 (`POLICY_PREFIX_ANY_PORT + bits`).
+const SHAPE_SLOTS: usize = 18;
+
+fn shape_slot(prefixlen: u32) -> usize {
+    if prefixlen == POLICY_PREFIX_ANY_PROTO {
+        0
+    } else {
+        1 + (prefixlen - POLICY_PREFIX_ANY_PORT) as usize
+    }
+}
+
+fn slot_prefixlen(slot: usize) -> u32 {
+    if slot == 0 {
+        POLICY_PREFIX_ANY_PROTO
+    } else {
+        POLICY_PREFIX_ANY_PORT + (slot as u32 - 1)
+    }
+}
+
+/// What an endpoint's map value is made of, counted so that each event
+/// adjusts it by what it changes.
+#[derive(Debug, Clone)]
+struct EpOut {
+    /// Selecting policies that isolate each direction.
+    isolating: [u32; 2],
+    /// ... of which enforce (the rest only audit).
+    enforcing: [u32; 2],
+    /// Distinct policy entries of this endpoint per direction and shape.
+    shapes: [u32; 2 * SHAPE_SLOTS],
+}
+
+impl Default for EpOut {
+    fn default() -> Self {
+        Self {
+            isolating: [0; 2],
+            enforcing: [0; 2],
+            shapes: [0; 2 * SHAPE_SLOTS],
+        }
+    }
+}
+
+#[derive(Debug)]
+struct EpState {
+    input: EndpointInput,
+    /// Effective labels (the Pod object's over the runtime's).
+    labels: Labels,
+    /// The Pod object's named ports.
+    ports: Vec<NamedPort>,
+    /// The identity of each address, in `input.addresses` order.
+    addr_ids: Vec<u32>,
+    /// The endpoint's own identity (its first address's).
+    own: u32,
+    out: EpOut,
+}
+
+#[derive(Debug, Default)]
+struct AddrState {
+    /// Endpoints that claim the address; the newest (highest id) owns it.
+    claimants: BTreeSet<u32>,
+    /// One of the node's own addresses.
+    host: bool,
+}
+
+#[derive(Debug)]
+struct Region {
+    net: IpNetwork,
+    refs: u32,
+    id: Option<u32>,
+}
+
+/// A distinct rule peer (peers are shared between the rules and policies
+/// that write the same one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SelKey {
+    /// A `from`/`to` entry; `policy_ns` is empty for ipBlocks (they do not
+    /// depend on the policy's namespace).
+    Peer { policy_ns: String, peer: Peer },
+    /// Every identity (an egress rule without peers that names ports: the
+    /// names resolve on every destination).
+    All,
+}
+
+#[derive(Debug)]
+struct PeerSel {
+    key: SelKey,
+    users: u32,
+    matches: BTreeSet<u32>,
+    /// Rules that use it (a rule appears once per use).
+    rules: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct SubjSel {
+    namespace: String,
+    selector: Selector,
+    users: u32,
+    matches: BTreeSet<u32>,
+    policies: BTreeSet<usize>,
+}
+
+#[derive(Debug)]
+struct RuleState {
+    pol: usize,
+    policy_id: u32,
+    dir: Direction,
+    /// No peers: every peer.
+    any: bool,
+    sels: Vec<usize>,
+    ports: Vec<PortRule>,
+    /// Peer identities, with how many of the rule's selectors match each.
+    peers: BTreeMap<u32, u32>,
+}
+
+#[derive(Debug)]
+struct PolState {
+    id: u32,
+    policy: Policy,
+    /// Effective mode.
+    mode: Mode,
+    subj: usize,
+    rules: Vec<usize>,
+    blocks: Vec<IpBlock>,
+    egress_names: Vec<(String, Protocol)>,
+}
+
+/// Old values of every map entry changed since the last `finish`.
+#[derive(Debug, Default)]
+struct Journal {
+    enabled: bool,
+    policy: HashMap<PolicyKey, Option<PolicyValue>>,
+    ipcache: HashMap<Prefix, Option<IpcacheValue>>,
+    endpoints: HashMap<u32, Option<EndpointValue>>,
+    srcguard: HashMap<SrcguardKey, bool>,
+}
+
+#[derive(Clone, Copy)]
+enum PeerRef {
+    Any,
+    Id(u32),
+}
+
+/// The engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    // Inputs.
+    namespaces: HashMap<String, NamespaceInfo>,
+    pods: HashMap<(String, String), PodInfo>,
+    node_mode: Mode,
+    host: BTreeSet<IpAddr>,
+    eps: BTreeMap<u32, EpState>,
+    eps_by_ns: HashMap<String, BTreeSet<u32>>,
+    eps_by_pod: HashMap<(String, String), BTreeSet<u32>>,
+    eps_by_port: HashMap<(String, Protocol), BTreeSet<u32>>,
+    ifindex_claims: HashMap<u32, BTreeSet<u32>>,
+
+    // Identities: numbers, reference counts (all users, and those that
+    // make the identity a peer rules can match), and indexes of the
+    // visible ones.
+    ids: IdentityTable,
+    id_refs: HashMap<u32, (u32, u32)>,
+    visible: BTreeSet<u32>,
+    ids_by_ns: HashMap<String, BTreeSet<u32>>,
+    ids_by_block: HashMap<String, BTreeSet<u32>>,
+    gc: BTreeSet<u32>,
+    /// Identity number → whether it existed before this batch.
+    id_journal: BTreeMap<u32, bool>,
+
+    // Addresses, ipBlocks and the prefixes they put in the ipcache.
+    addrs: BTreeMap<[u8; 16], AddrState>,
+    blocks: HashMap<String, (IpBlock, u32)>,
+    block_index: BlockIndex,
+    regions: BTreeMap<([u8; 16], u32), Region>,
+    egress_names: HashMap<(String, Protocol), u32>,
+
+    // Selectors, rules and policies.
+    sels: Slab<PeerSel>,
+    sel_index: HashMap<SelKey, usize>,
+    sel_by_block: HashMap<String, usize>,
+    pod_sels_own: HashMap<String, BTreeSet<usize>>,
+    pod_sels_matching: BTreeSet<usize>,
+    all_sel: Option<usize>,
+    subjs: Slab<SubjSel>,
+    subj_index: HashMap<(String, Selector), usize>,
+    subj_by_ns: HashMap<String, BTreeSet<usize>>,
+    rules: Slab<RuleState>,
+    pols: Slab<PolState>,
+    pol_by_id: HashMap<u32, usize>,
+    pols_by_ns: HashMap<String, BTreeSet<usize>>,
+    /// Policy id → (namespace, name) and how many versions hold it.
+    pol_rank: HashMap<u32, ((String, String), u32)>,
+
+    // Output.
+    desired: Desired,
+    /// Policy entry → contributing policies (id, count), the reported one
+    /// (first in name order) first.
+    contrib: HashMap<PolicyKey, Vec<(u32, u32)>>,
+    journal: Journal,
+    dirty_ifindex: BTreeSet<u32>,
+    warnings: Vec<String>,
+}
+
+/// The 16-byte address range a network spans.
+fn range16(net: &IpNetwork) -> ([u8; 16], [u8; 16]) {
+    let p = Prefix::from_net(*net);
+    let mut hi = p.addr;
+    for bit in p.len as usize..128 {
+        hi[bit / 8] |= 0x80 >> (bit % 8);
+    }
+    (p.addr, hi)
+}
+
+fn host_prefix(addr: [u8; 16]) -> Prefix {
+    Prefix { len: 128, addr }
+}
+
+impl Engine {
+    /// An empty engine that numbers identities with `ids` (numbers already
+    /// in it are kept for the same keys).
+    pub fn new(ids: IdentityTable, node_mode: Mode) -> Self {
+        let mut e = Engine {
+            namespaces: HashMap::new(),
+            pods: HashMap::new(),
+            node_mode,
+            host: BTreeSet::new(),
+            eps: BTreeMap::new(),
+            eps_by_ns: HashMap::new(),
+            eps_by_pod: HashMap::new(),
+            eps_by_port: HashMap::new(),
+            ifindex_claims: HashMap::new(),
+            ids,
+            id_refs: HashMap::new(),
+            visible: BTreeSet::new(),
+            ids_by_ns: HashMap::new(),
+            ids_by_block: HashMap::new(),
+            gc: BTreeSet::new(),
+            id_journal: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            blocks: HashMap::new(),
+            block_index: BlockIndex::default(),
+            regions: BTreeMap::new(),
+            egress_names: HashMap::new(),
+            sels: Slab::default(),
+            sel_index: HashMap::new(),
+            sel_by_block: HashMap::new(),
+            pod_sels_own: HashMap::new(),
+            pod_sels_matching: BTreeSet::new(),
+            all_sel: None,
+            subjs: Slab::default(),
+            subj_index: HashMap::new(),
+            subj_by_ns: HashMap::new(),
+            rules: Slab::default(),
+            pols: Slab::default(),
+            pol_by_id: HashMap::new(),
+            pols_by_ns: HashMap::new(),
+            pol_rank: HashMap::new(),
+            desired: Desired::default(),
+            contrib: HashMap::new(),
+            journal: Journal {
+                enabled: true,
+                ..Default::default()
+            },
+            dirty_ifindex: BTreeSet::new(),
+            warnings: Vec::new(),
+        };
+        // IPv4-mapped lookups must never fall through to an IPv6 block
+        // such as ::/0: the IPv4 /0 is always a region.
+        e.region_ref(
+            IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0"),
+            ),
+            1,
+        );
+        e
+    }
+
+    /// Stop recording old values (while loading a whole state at once;
+    /// the caller then syncs the maps from [`Engine::desired`]).
+    pub fn begin_bulk(&mut self) {
+        self.journal = Journal::default();
+    }
+
+    /// Record old values again; identities nothing uses are forgotten.
+    pub fn end_bulk(&mut self) -> Changes {
+        let unused: Vec<u32> = self
+            .ids
+            .iter()
+            .map(|(_, id)| id)
+            .filter(|id| !self.id_refs.contains_key(id))
+            .collect();
+        self.gc.extend(unused);
+        let changes = self.finish();
+        self.journal.enabled = true;
+        changes
+    }
+
+    /// The complete desired content of the maps.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn identities(&self) -> &IdentityTable {
+        &self.ids
+    }
+
+    /// An endpoint's own identity.
+    pub fn endpoint_identity(&self, ep_id: u32) -> Option<u32> {
+        self.eps.get(&ep_id).map(|e| e.own)
+    }
+
+    pub fn node_mode(&self) -> Mode {
+        self.node_mode
+    }
+
+    // ----- events -------------------------------------------------------
+
+    /// Create or replace a Namespace object.
+    pub fn upsert_namespace(&mut self, info: NamespaceInfo) {
+        let name = info.name.clone();
+        let old = self.namespaces.insert(name.clone(), info);
+        self.namespace_changed(&name, old);
+    }
+
+    /// Delete a Namespace object (the namespace stays, unlabelled).
+    pub fn remove_namespace(&mut self, name: &str) {
+        if let Some(old) = self.namespaces.remove(name) {
+            self.namespace_changed(name, Some(old));
+        }
+    }
+
+    pub fn upsert_pod(&mut self, pod: PodInfo) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if self.pods.get(&key) == Some(&pod) {
+            return;
+        }
+        self.pods.insert(key.clone(), pod);
+        self.pod_changed(&key);
+    }
+
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if self.pods.remove(&key).is_some() {
+            self.pod_changed(&key);
+        }
+    }
+
+    /// Create or replace the policy with this stable id.
+    pub fn upsert_policy(&mut self, id: u32, policy: Policy) {
+        let old = self.pol_by_id.get(&id).copied();
+        if let Some(o) = old
+            && self.pols[o].policy == policy
+        {
+            return;
+        }
+        // The new version first: what both versions share (ipBlocks,
+        // selectors, entries) never drops to zero in between, so it keeps
+        // its identities and its map entries are not rewritten.
+        self.add_policy(id, policy);
+        if let Some(o) = old {
+            self.remove_policy_version(o);
+        }
+    }
+
+    pub fn remove_policy(&mut self, id: u32) {
+        if let Some(p) = self.pol_by_id.get(&id).copied() {
+            self.remove_policy_version(p);
+        }
+    }
+
+    /// Add an endpoint, or replace the one with the same `ep_id`.
+    pub fn upsert_endpoint(&mut self, mut input: EndpointInput) {
+        let mut seen = BTreeSet::new();
+        input.addresses.retain(|a| seen.insert(*a));
+        if let Some(e) = self.eps.get(&input.ep_id) {
+            if e.input == input {
+                return;
+            }
+            self.remove_ep(input.ep_id);
+        }
+        self.add_ep(input);
+    }
+
+    pub fn remove_endpoint(&mut self, ep_id: u32) {
+        if self.eps.contains_key(&ep_id) {
+            self.remove_ep(ep_id);
+        }
+    }
+
+    /// The node's own addresses (they get the host identity).
+    pub fn set_host_addresses(&mut self, addrs: &[IpAddr]) {
+        let new: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        let gone: Vec<IpAddr> = self.host.difference(&new).copied().collect();
+        let added: Vec<IpAddr> = new.difference(&self.host).copied().collect();
+        self.host = new;
+        for (a, host) in gone
+            .into_iter()
+            .map(|a| (a, false))
+            .chain(added.into_iter().map(|a| (a, true)))
+        {
+            let key = abi::addr16(a);
+            self.addrs.entry(key).or_default().host = host;
+            self.recompute_ipcache(host_prefix(key));
+            self.tidy_addr(key);
+        }
+    }
+
+    /// The node's default mode (policies and namespaces without one).
+    pub fn set_node_mode(&mut self, mode: Mode) {
+        if self.node_mode == mode {
+            return;
+        }
+        self.node_mode = mode;
+        let all: Vec<usize> = self.pols.iter().map(|(p, _)| p).collect();
+        for p in all {
+            self.refresh_mode(p);
+        }
+    }
+
+    /// Everything that changed since the last call.
+    pub fn finish(&mut self) -> Changes {
+        for ifindex in std::mem::take(&mut self.dirty_ifindex) {
+            let value = self
+                .ifindex_claims
+                .get(&ifindex)
+                .and_then(|c| c.last())
+                .map(|&ep| self.ep_value(ep));
+            self.set_endpoint(ifindex, value);
+        }
+        for id in std::mem::take(&mut self.gc) {
+            if self.id_refs.get(&id).is_some_and(|r| r.0 > 0) {
+                continue;
+            }
+            self.id_refs.remove(&id);
+            if self.ids.remove(id).is_some() && self.journal.enabled {
+                self.id_journal.entry(id).or_insert(true);
+            }
+        }
+        let mut changes = Changes {
+            warnings: std::mem::take(&mut self.warnings),
+            ..Default::default()
+        };
+        for (id, existed) in std::mem::take(&mut self.id_journal) {
+            match (existed, self.ids.key_of(id)) {
+                (false, Some(key)) => changes.identities_added.push((id, key.clone())),
+                (true, None) => changes.identities_removed.push(id),
+                _ => {}
+            }
+        }
+        changes.delta = self.take_delta();
+        changes
+    }
+
+    // ----- the oracle -----------------------------------------------------
+
+    /// The inputs as the full compiler takes them.
+    pub fn compile_inputs(&self) -> (NamespaceMap, Vec<(u32, Policy)>, Vec<EndpointView>) {
+        let namespaces: NamespaceMap = self
+            .namespaces
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Modes and labels are derived again from the inputs, not taken
+        // from what the engine keeps: this is what the oracle checks.
+        let policies = self
+            .pol_by_id
+            .values()
+            .map(|&p| {
+                let s = &self.pols[p];
+                let mut policy = s.policy.clone();
+                policy.mode = Some(effective_mode(
+                    s.policy.mode,
+                    self.namespaces.get(&policy.namespace).and_then(|n| n.mode),
+                    self.node_mode,
+                ));
+                (s.id, policy)
+            })
+            .collect();
+        let endpoints = self
+            .eps
+            .values()
+            .map(|e| {
+                let pod = self
+                    .pods
+                    .get(&(e.input.namespace.clone(), e.input.name.clone()));
+                EndpointView {
+                    ep_id: e.input.ep_id,
+                    ifindex: e.input.ifindex,
+                    namespace: e.input.namespace.clone(),
+                    name: e.input.name.clone(),
+                    labels: effective_labels(&e.input.labels, pod),
+                    ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
+                    addresses: e.input.addresses.clone(),
+                    extra_flags: 0,
+                }
+            })
+            .collect();
+        (namespaces, policies, endpoints)
+    }
+
+    /// Compile the same inputs in full with a copy of the identity table.
+    pub fn full_compile(&self) -> (compile::Compiled, IdentityTable) {
+        let (namespaces, policies, endpoints) = self.compile_inputs();
+        let host: Vec<IpAddr> = self.host.iter().copied().collect();
+        let mut ids = self.ids.clone();
+        let compiled = compile::compile(
+            &compile::Input {
+                namespaces: &namespaces,
+                policies: &policies,
+                endpoints: &endpoints,
+                host_addresses: &host,
+            },
+            &mut ids,
+        );
+        ids.retain_used(&compiled.used_identities);
+        (compiled, ids)
+    }
+
+    // ----- identities -----------------------------------------------------
+
+    fn acquire(&mut self, key: &IdentityKey, fact: bool) -> u32 {
+        let (id, new) = self.ids.allocate(key);
+        if id == ID_WORLD {
+            return id;
+        }
+        if new && self.journal.enabled {
+            self.id_journal.entry(id).or_insert(false);
+        }
+        let refs = self.id_refs.entry(id).or_default();
+        refs.0 += 1;
+        if fact {
+            refs.1 += 1;
+            if refs.1 == 1 {
+                self.identity_visible(id);
+            }
+        }
+        id
+    }
+
+    fn release(&mut self, id: u32, fact: bool) {
+        if id == ID_WORLD {
+            return;
+        }
+        let Some(refs) = self.id_refs.get_mut(&id) else {
+            return;
+        };
+        refs.0 = refs.0.saturating_sub(1);
+        let hidden = fact && {
+            refs.1 = refs.1.saturating_sub(1);
+            refs.1 == 0
+        };
+        if refs.0 == 0 {
+            // Forgotten at `finish` unless something takes it again first,
+            // so a relabel back and forth keeps the number.
+            self.gc.insert(id);
+        }
+        if hidden {
+            self.identity_hidden(id);
+        }
+    }
+
+    fn key(&self, id: u32) -> IdentityKey {
+        self.ids.key_of(id).cloned().unwrap_or_default()
+    }
+
+    fn ns_labels(&self, ns: &str) -> Labels {
+        match self.namespaces.get(ns) {
+            Some(n) => n.labels.clone(),
+            None => NamespaceInfo::new(ns, None).labels,
+        }
+    }
+
+    /// Selectors that could match an identity with this key.
+    fn candidate_sels(&self, key: &IdentityKey) -> Vec<usize> {
+        let mut out: Vec<usize> = key
+            .blocks
+            .iter()
+            .filter_map(|b| self.sel_by_block.get(b).copied())
+            .collect();
+        if let Some(ns) = &key.namespace {
+            out.extend(self.pod_sels_own.get(ns).into_iter().flatten());
+            out.extend(self.pod_sels_matching.iter());
+        }
+        out.extend(self.all_sel);
+        out
+    }
+
+    fn sel_matches(&self, sel: usize, key: &IdentityKey) -> bool {
+        match &self.sels[sel].key {
+            SelKey::All => true,
+            SelKey::Peer { policy_ns, peer } => {
+                let ns_labels = key.namespace.as_deref().map(|ns| self.ns_labels(ns));
+                let facts = PeerFacts {
+                    pod: key
+                        .namespace
+                        .as_deref()
+                        .zip(ns_labels.as_ref())
+                        .map(|(ns, nl)| (ns, nl, &key.labels)),
+                    blocks: &key.blocks,
+                };
+                compile::peer_matches(peer, policy_ns, &facts)
+            }
+        }
+    }
+
+    fn identity_visible(&mut self, id: u32) {
+        let key = self.key(id);
+        self.visible.insert(id);
+        if let Some(ns) = &key.namespace {
+            self.ids_by_ns.entry(ns.clone()).or_default().insert(id);
+        }
+        for b in &key.blocks {
+            self.ids_by_block.entry(b.clone()).or_default().insert(id);
+        }
+        for sel in self.candidate_sels(&key) {
+            if self.sel_matches(sel, &key) {
+                self.sel_add(sel, id);
+            }
+        }
+    }
+
+    fn identity_hidden(&mut self, id: u32) {
+        let key = self.key(id);
+        for sel in self.candidate_sels(&key) {
+            self.sel_remove(sel, id);
+        }
+        self.visible.remove(&id);
+        if let Some(ns) = &key.namespace {
+            remove_from(&mut self.ids_by_ns, ns, &id);
+        }
+        for b in &key.blocks {
+            remove_from(&mut self.ids_by_block, b, &id);
+        }
+    }
+
+    // ----- selectors and rules ---------------------------------------------
+
+    fn sel_add(&mut self, sel: usize, id: u32) {
+        if self.sels[sel].matches.insert(id) {
+            for r in self.sels[sel].rules.clone() {
+                self.rule_peer(r, id, 1);
+            }
+        }
+    }
+
+    fn sel_remove(&mut self, sel: usize, id: u32) {
+        if self.sels[sel].matches.remove(&id) {
+            for r in self.sels[sel].rules.clone() {
+                self.rule_peer(r, id, -1);
+            }
+        }
+    }
+
+    fn rule_peer(&mut self, r: usize, id: u32, sign: i32) {
+        let peers = &mut self.rules[r].peers;
+        if sign > 0 {
+            let c = peers.entry(id).or_insert(0);
+            *c += 1;
+            if *c != 1 {
+                return;
+            }
+        } else {
+            let Some(c) = peers.get_mut(&id) else {
+                return;
+            };
+            *c -= 1;
+            if *c != 0 {
+                return;
+            }
+            peers.remove(&id);
+        }
+        let subj = self.pols[self.rules[r].pol].subj;
+        let subjects: Vec<u32> = self.subjs[subj].matches.iter().copied().collect();
+        for ep in subjects {
+            self.emit(r, ep, PeerRef::Id(id), sign);
+        }
+    }
+
+    fn sel_ref(&mut self, key: SelKey) -> usize {
+        if let Some(&s) = self.sel_index.get(&key) {
+            self.sels[s].users += 1;
+            return s;
+        }
+        let s = self.sels.insert(PeerSel {
+            key: key.clone(),
+            users: 1,
+            matches: BTreeSet::new(),
+            rules: Vec::new(),
+        });
+        self.sel_index.insert(key.clone(), s);
+        let candidates: Vec<u32> = match &key {
+            SelKey::All => {
+                self.all_sel = Some(s);
+                self.visible.iter().copied().collect()
+            }
+            SelKey::Peer {
+                peer: Peer::IpBlock(b),
+                ..
+            } => {
+                let c = b.canonical();
+                self.sel_by_block.insert(c.clone(), s);
+                self.ids_by_block
+                    .get(&c)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect()
+            }
+            SelKey::Peer {
+                policy_ns,
+                peer:
+                    Peer::Pods {
+                        namespaces: NamespaceScope::Own,
+                        ..
+                    },
+            } => {
+                self.pod_sels_own
+                    .entry(policy_ns.clone())
+                    .or_default()
+                    .insert(s);
+                self.ids_by_ns
+                    .get(policy_ns)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect()
+            }
+            SelKey::Peer { .. } => {
+                self.pod_sels_matching.insert(s);
+                self.ids_by_ns.values().flatten().copied().collect()
+            }
+        };
+        for id in candidates {
+            let k = self.key(id);
+            if self.sel_matches(s, &k) {
+                self.sels[s].matches.insert(id);
+            }
+        }
+        s
+    }
+
+    fn sel_unref(&mut self, s: usize) {
+        self.sels[s].users -= 1;
+        if self.sels[s].users > 0 {
+            return;
+        }
+        let Some(sel) = self.sels.remove(s) else {
+            return;
+        };
+        self.sel_index.remove(&sel.key);
+        match &sel.key {
+            SelKey::All => self.all_sel = None,
+            SelKey::Peer {
+                peer: Peer::IpBlock(b),
+                ..
+            } => {
+                self.sel_by_block.remove(&b.canonical());
+            }
+            SelKey::Peer {
+                policy_ns,
+                peer:
+                    Peer::Pods {
+                        namespaces: NamespaceScope::Own,
+                        ..
+                    },
+            } => remove_from(&mut self.pod_sels_own, policy_ns, &s),
+            SelKey::Peer { .. } => {
+                self.pod_sels_matching.remove(&s);
+            }
+        }
+    }
+
+    fn subj_ref(&mut self, namespace: &str, selector: &Selector) -> usize {
+        let key = (namespace.to_owned(), selector.clone());
+        if let Some(&s) = self.subj_index.get(&key) {
+            self.subjs[s].users += 1;
+            return s;
+        }
+        let matches: BTreeSet<u32> = self
+            .eps_by_ns
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|ep| selector.matches(&self.eps[ep].labels))
+            .collect();
+        let s = self.subjs.insert(SubjSel {
+            namespace: namespace.to_owned(),
+            selector: selector.clone(),
+            users: 1,
+            matches,
+            policies: BTreeSet::new(),
+        });
+        self.subj_index.insert(key, s);
+        self.subj_by_ns
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(s);
+        s
+    }
+
+    fn subj_unref(&mut self, s: usize) {
+        self.subjs[s].users -= 1;
+        if self.subjs[s].users > 0 {
+            return;
+        }
+        if let Some(sub) = self.subjs.remove(s) {
+            self.subj_index
+                .remove(&(sub.namespace.clone(), sub.selector.clone()));
+            remove_from(&mut self.subj_by_ns, &sub.namespace, &s);
+        }
+    }
+
+    fn subj_add(&mut self, s: usize, ep: u32) {
+        if self.subjs[s].matches.insert(ep) {
+            for p in self.subjs[s].policies.clone() {
+                self.policy_subject(p, ep, 1);
+            }
+        }
+    }
+
+    fn subj_remove(&mut self, s: usize, ep: u32) {
+        if self.subjs[s].matches.remove(&ep) {
+            for p in self.subjs[s].policies.clone() {
+                self.policy_subject(p, ep, -1);
+            }
+        }
+    }
+
+    /// A policy starts (`sign` 1) or stops (-1) selecting an endpoint.
+    fn policy_subject(&mut self, p: usize, ep: u32, sign: i32) {
+        let pol = &self.pols[p];
+        let isolates = [pol.policy.ingress_isolation, pol.policy.egress_isolation];
+        let enforced = pol.mode == Mode::Enforce;
+        let rules = pol.rules.clone();
+        if let Some(e) = self.eps.get_mut(&ep) {
+            for (d, _) in isolates.iter().enumerate().filter(|(_, i)| **i) {
+                e.out.isolating[d] = e.out.isolating[d].wrapping_add_signed(sign);
+                if enforced {
+                    e.out.enforcing[d] = e.out.enforcing[d].wrapping_add_signed(sign);
+                }
+            }
+            self.dirty_ifindex.insert(e.input.ifindex);
+        }
+        for r in rules {
+            if self.rules[r].any {
+                self.emit(r, ep, PeerRef::Any, sign);
+            }
+            let peers: Vec<u32> = self.rules[r].peers.keys().copied().collect();
+            for id in peers {
+                self.emit(r, ep, PeerRef::Id(id), sign);
+            }
+        }
+    }
+
+    // ----- policies ----------------------------------------------------------
+
+    fn add_policy(&mut self, id: u32, policy: Policy) -> usize {
+        let blocks: Vec<IpBlock> =
+            compile::collect_blocks(std::slice::from_ref(&(id, policy.clone())));
+        let names: Vec<(String, Protocol)> =
+            compile::egress_port_names(std::slice::from_ref(&(id, policy.clone())))
+                .into_iter()
+                .collect();
+        for b in &blocks {
+            self.block_ref(b, 1);
+        }
+        for n in &names {
+            self.name_ref(n, 1);
+        }
+        let rank = self
+            .pol_rank
+            .entry(id)
+            .or_insert(((policy.namespace.clone(), policy.name.clone()), 0));
+        rank.1 += 1;
+        let mode = effective_mode(
+            policy.mode,
+            self.namespaces.get(&policy.namespace).and_then(|n| n.mode),
+            self.node_mode,
+        );
+        let subj = self.subj_ref(&policy.namespace, &policy.pod_selector);
+        let ns = policy.namespace.clone();
+        let ingress = if policy.ingress_isolation {
+            policy.ingress.clone()
+        } else {
+            Vec::new()
+        };
+        let egress = if policy.egress_isolation {
+            policy.egress.clone()
+        } else {
+            Vec::new()
+        };
+        let p = self.pols.insert(PolState {
+            id,
+            policy,
+            mode,
+            subj,
+            rules: Vec::new(),
+            blocks,
+            egress_names: names,
+        });
+        self.pol_by_id.insert(id, p);
+        self.pols_by_ns.entry(ns.clone()).or_default().insert(p);
+        for (dir, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
+            for rule in &rules {
+                let r = self.add_rule(p, id, &ns, dir, rule);
+                self.pols[p].rules.push(r);
+            }
+        }
+        self.subjs[subj].policies.insert(p);
+        let eps: Vec<u32> = self.subjs[subj].matches.iter().copied().collect();
+        for ep in eps {
+            self.policy_subject(p, ep, 1);
+        }
+        p
+    }
+
+    fn add_rule(&mut self, p: usize, id: u32, ns: &str, dir: Direction, rule: &Rule) -> usize {
+        let any = rule.peers.is_empty();
+        let named_egress = dir == Direction::Egress
+            && rule
+                .ports
+                .iter()
+                .any(|p| matches!(p.port, PortMatch::Named(_)));
+        let keys: Vec<SelKey> = if any {
+            if named_egress {
+                vec![SelKey::All]
+            } else {
+                Vec::new()
+            }
+        } else {
+            rule.peers
+                .iter()
+                .map(|peer| SelKey::Peer {
+                    policy_ns: match peer {
+                        Peer::IpBlock(_) => String::new(),
+                        Peer::Pods { .. } => ns.to_owned(),
+                    },
+                    peer: peer.clone(),
+                })
+                .collect()
+        };
+        let r = self.rules.insert(RuleState {
+            pol: p,
+            policy_id: id,
+            dir,
+            any,
+            sels: Vec::new(),
+            ports: rule.ports.clone(),
+            peers: BTreeMap::new(),
+        });
+        for key in keys {
+            let s = self.sel_ref(key);
+            self.sels[s].rules.push(r);
+            self.rules[r].sels.push(s);
+            let matches: Vec<u32> = self.sels[s].matches.iter().copied().collect();
+            for m in matches {
+                *self.rules[r].peers.entry(m).or_insert(0) += 1;
+            }
+        }
+        r
+    }
+
+    fn remove_policy_version(&mut self, p: usize) {
+        let subj = self.pols[p].subj;
+        let eps: Vec<u32> = self.subjs[subj].matches.iter().copied().collect();
+        for ep in eps {
+            self.policy_subject(p, ep, -1);
+        }
+        self.subjs[subj].policies.remove(&p);
+        self.subj_unref(subj);
+        for r in std::mem::take(&mut self.pols[p].rules) {
+            let Some(rule) = self.rules.remove(r) else {
+                continue;
+            };
+            for s in rule.sels {
+                let uses = &mut self.sels[s].rules;
+                if let Some(i) = uses.iter().position(|x| *x == r) {
+                    uses.swap_remove(i);
+                }
+                self.sel_unref(s);
+            }
+        }
+        let Some(pol) = self.pols.remove(p) else {
+            return;
+        };
+        remove_from(&mut self.pols_by_ns, &pol.policy.namespace, &p);
+        if self.pol_by_id.get(&pol.id) == Some(&p) {
+            self.pol_by_id.remove(&pol.id);
+        }
+        if let Some(rank) = self.pol_rank.get_mut(&pol.id) {
+            rank.1 -= 1;
+            if rank.1 == 0 {
+                self.pol_rank.remove(&pol.id);
+            }
+        }
+        for n in &pol.egress_names {
+            self.name_ref(n, -1);
+        }
+        for b in &pol.blocks {
+            self.block_ref(b, -1);
+        }
+    }
+
+    fn refresh_mode(&mut self, p: usize) {
+        let pol = &self.pols[p];
+        let mode = effective_mode(
+            pol.policy.mode,
+            self.namespaces
+                .get(&pol.policy.namespace)
+                .and_then(|n| n.mode),
+            self.node_mode,
+        );
+        if mode == pol.mode {
+            return;
+        }
+        let isolates = [pol.policy.ingress_isolation, pol.policy.egress_isolation];
+        let sign: i32 = if mode == Mode::Enforce { 1 } else { -1 };
+        let eps: Vec<u32> = self.subjs[pol.subj].matches.iter().copied().collect();
+        self.pols[p].mode = mode;
+        for ep in eps {
+            if let Some(e) = self.eps.get_mut(&ep) {
+                for (d, _) in isolates.iter().enumerate().filter(|(_, i)| **i) {
+                    e.out.enforcing[d] = e.out.enforcing[d].wrapping_add_signed(sign);
+                }
+                self.dirty_ifindex.insert(e.input.ifindex);
+            }
+        }
+    }
+
+    // ----- namespaces and pods -------------------------------------------------
+
+    fn namespace_changed(&mut self, name: &str, old: Option<NamespaceInfo>) {
+        let old_labels = old
+            .as_ref()
+            .map(|o| o.labels.clone())
+            .unwrap_or_else(|| NamespaceInfo::new(name, None).labels);
+        let old_mode = old.and_then(|o| o.mode);
+        let new_mode = self.namespaces.get(name).and_then(|n| n.mode);
+        if old_labels != self.ns_labels(name) {
+            // Only namespace selectors look at namespace labels.
+            let ids: Vec<u32> = self
+                .ids_by_ns
+                .get(name)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            let sels: Vec<usize> = self.pod_sels_matching.iter().copied().collect();
+            for id in ids {
+                let key = self.key(id);
+                for &s in &sels {
+                    if self.sel_matches(s, &key) {
+                        self.sel_add(s, id);
+                    } else {
+                        self.sel_remove(s, id);
+                    }
+                }
+            }
+        }
+        if old_mode != new_mode {
+            let pols: Vec<usize> = self
+                .pols_by_ns
+                .get(name)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for p in pols {
+                self.refresh_mode(p);
+            }
+        }
+    }
+
+    fn pod_changed(&mut self, key: &(String, String)) {
+        let eps: Vec<u32> = self
+            .eps_by_pod
+            .get(key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for ep in eps {
+            let e = &self.eps[&ep];
+            let pod = self.pods.get(key);
+            let labels = effective_labels(&e.input.labels, pod);
+            let ports = pod.map(|p| p.ports.clone()).unwrap_or_default();
+            if labels != e.labels || ports != e.ports {
+                let input = e.input.clone();
+                self.remove_ep(ep);
+                self.add_ep(input);
+            }
+        }
+    }
+
+    // ----- endpoints and addresses ---------------------------------------------
+
+    fn port_tags(&self, ports: &[NamedPort]) -> BTreeSet<String> {
+        ports
+            .iter()
+            .filter(|np| {
+                self.egress_names
+                    .contains_key(&(np.name.clone(), np.protocol))
+            })
+            .map(IdentityKey::port_tag)
+            .collect()
+    }
+
+    /// The identity key of an endpoint's address (`None`: of the endpoint
+    /// without addresses).
+    fn ep_key(&self, e: &EpState, addr: Option<IpAddr>) -> IdentityKey {
+        IdentityKey {
+            namespace: Some(e.input.namespace.clone()),
+            labels: e.labels.clone(),
+            blocks: addr
+                .map(|a| self.block_index.of_addr(a))
+                .unwrap_or_default(),
+            ports: self.port_tags(&e.ports),
+        }
+    }
+
+    fn add_ep(&mut self, input: EndpointInput) {
+        let ep = input.ep_id;
+        let pod_key = (input.namespace.clone(), input.name.clone());
+        let pod = self.pods.get(&pod_key);
+        let labels = effective_labels(&input.labels, pod);
+        let ports = pod.map(|p| p.ports.clone()).unwrap_or_default();
+        self.eps_by_ns
+            .entry(input.namespace.clone())
+            .or_default()
+            .insert(ep);
+        self.eps_by_pod.entry(pod_key).or_default().insert(ep);
+        for np in &ports {
+            self.eps_by_port
+                .entry((np.name.clone(), np.protocol))
+                .or_default()
+                .insert(ep);
+        }
+        self.ifindex_claims
+            .entry(input.ifindex)
+            .or_default()
+            .insert(ep);
+        self.dirty_ifindex.insert(input.ifindex);
+        let addresses = input.addresses.clone();
+        let namespace = input.namespace.clone();
+        self.eps.insert(
+            ep,
+            EpState {
+                input,
+                labels,
+                ports,
+                addr_ids: Vec::new(),
+                own: ID_WORLD,
+                out: EpOut::default(),
+            },
+        );
+        for addr in &addresses {
+            let key = self.ep_key(&self.eps[&ep], Some(*addr));
+            let id = self.acquire(&key, true);
+            if let Some(e) = self.eps.get_mut(&ep) {
+                e.addr_ids.push(id);
+            }
+            self.claim(*addr, ep);
+            self.set_srcguard(
+                SrcguardKey {
+                    ep_id: ep,
+                    addr: abi::addr16(*addr),
+                },
+                true,
+            );
+        }
+        let own_key = self.ep_key(&self.eps[&ep], addresses.first().copied());
+        let own = self.acquire(&own_key, false);
+        if let Some(e) = self.eps.get_mut(&ep) {
+            e.own = own;
+        }
+        let labels = self.eps[&ep].labels.clone();
+        let subjects: Vec<usize> = self
+            .subj_by_ns
+            .get(&namespace)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&s| self.subjs[s].selector.matches(&labels))
+            .collect();
+        for s in subjects {
+            self.subj_add(s, ep);
+        }
+    }
+
+    fn remove_ep(&mut self, ep: u32) {
+        let namespace = self.eps[&ep].input.namespace.clone();
+        let subjects: Vec<usize> = self
+            .subj_by_ns
+            .get(&namespace)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&s| self.subjs[s].matches.contains(&ep))
+            .collect();
+        for s in subjects {
+            self.subj_remove(s, ep);
+        }
+        let e = &self.eps[&ep];
+        let addresses = e.input.addresses.clone();
+        let addr_ids = e.addr_ids.clone();
+        let own = e.own;
+        for (addr, id) in addresses.iter().zip(addr_ids) {
+            self.unclaim(*addr, ep);
+            self.set_srcguard(
+                SrcguardKey {
+                    ep_id: ep,
+                    addr: abi::addr16(*addr),
+                },
+                false,
+            );
+            self.release(id, true);
+        }
+        self.release(own, false);
+        let Some(e) = self.eps.remove(&ep) else {
+            return;
+        };
+        remove_from(&mut self.eps_by_ns, &e.input.namespace, &ep);
+        remove_from(
+            &mut self.eps_by_pod,
+            &(e.input.namespace.clone(), e.input.name.clone()),
+            &ep,
+        );
+        for np in &e.ports {
+            remove_from(&mut self.eps_by_port, &(np.name.clone(), np.protocol), &ep);
+        }
+        remove_from(&mut self.ifindex_claims, &e.input.ifindex, &ep);
+        self.dirty_ifindex.insert(e.input.ifindex);
+    }
+
+    /// Recompute an endpoint's identities (its labels did not change, but
+    /// the ipBlocks or named ports that refine them did).
+    fn reidentify(&mut self, ep: u32) {
+        let Some(e) = self.eps.get(&ep) else {
+            return;
+        };
+        let addresses = e.input.addresses.clone();
+        for (pos, addr) in addresses.iter().enumerate() {
+            let key = self.ep_key(&self.eps[&ep], Some(*addr));
+            let old = self.eps[&ep].addr_ids[pos];
+            if self.ids.id_of(&key) == Some(old) {
+                continue;
+            }
+            let new = self.acquire(&key, true);
+            if let Some(e) = self.eps.get_mut(&ep) {
+                e.addr_ids[pos] = new;
+            }
+            self.release(old, true);
+            self.recompute_ipcache(host_prefix(abi::addr16(*addr)));
+        }
+        let own_key = self.ep_key(&self.eps[&ep], addresses.first().copied());
+        let old = self.eps[&ep].own;
+        if self.ids.id_of(&own_key) != Some(old) {
+            let new = self.acquire(&own_key, false);
+            if let Some(e) = self.eps.get_mut(&ep) {
+                e.own = new;
+                self.dirty_ifindex.insert(e.input.ifindex);
+            }
+            self.release(old, false);
+        }
+    }
+
+    fn claim(&mut self, addr: IpAddr, ep: u32) {
+        let key = abi::addr16(addr);
+        let a = self.addrs.entry(key).or_default();
+        if let Some(&prev) = a.claimants.iter().next_back()
+            && prev != ep
+        {
+            let (older, newer) = if prev < ep { (prev, ep) } else { (ep, prev) };
+            let name = |id: u32| {
+                self.eps
+                    .get(&id)
+                    .map(|e| e.input.name.clone())
+                    .unwrap_or_default()
+            };
+            self.warnings.push(format!(
+                "address {addr} is claimed by endpoints {} and {}; the newer one ({}) wins",
+                name(older),
+                name(newer),
+                name(newer)
+            ));
+        }
+        self.addrs.entry(key).or_default().claimants.insert(ep);
+        self.recompute_ipcache(host_prefix(key));
+    }
+
+    fn unclaim(&mut self, addr: IpAddr, ep: u32) {
+        let key = abi::addr16(addr);
+        if let Some(a) = self.addrs.get_mut(&key) {
+            a.claimants.remove(&ep);
+        }
+        self.recompute_ipcache(host_prefix(key));
+        self.tidy_addr(key);
+    }
+
+    fn tidy_addr(&mut self, key: [u8; 16]) {
+        if self
+            .addrs
+            .get(&key)
+            .is_some_and(|a| a.claimants.is_empty() && !a.host)
+        {
+            self.addrs.remove(&key);
+        }
+    }
+
+    /// The identity of an endpoint's address.
+    fn addr_identity(&self, ep: u32, addr: [u8; 16]) -> Option<u32> {
+        let e = self.eps.get(&ep)?;
+        let pos = e
+            .input
+            .addresses
+            .iter()
+            .position(|a| abi::addr16(*a) == addr)?;
+        e.addr_ids.get(pos).copied()
+    }
+
+    /// What the ipcache holds for a prefix: the owning endpoint's identity,
+    /// else the host's, else the ipBlock region's.
+    fn recompute_ipcache(&mut self, prefix: Prefix) {
+        let mut id = None;
+        if prefix.len == 128
+            && let Some(a) = self.addrs.get(&prefix.addr)
+        {
+            id = match a.claimants.last() {
+                Some(&owner) => self.addr_identity(owner, prefix.addr),
+                None if a.host => Some(ID_HOST),
+                None => None,
+            };
+        }
+        if id.is_none() {
+            id = self
+                .regions
+                .get(&(prefix.addr, prefix.len))
+                .and_then(|r| r.id);
+        }
+        self.set_ipcache(
+            prefix,
+            id.map(|identity| IpcacheValue { identity, flags: 0 }),
+        );
+    }
+
+    // ----- ipBlocks and named ports ----------------------------------------------
+
+    fn block_ref(&mut self, b: &IpBlock, sign: i32) {
+        let c = b.canonical();
+        let entry = self.blocks.entry(c.clone()).or_insert((b.clone(), 0));
+        if sign > 0 {
+            entry.1 += 1;
+            if entry.1 != 1 {
+                return;
+            }
+            self.block_index.insert(b.clone());
+            for net in std::iter::once(b.cidr).chain(b.except.iter().copied()) {
+                self.region_ref(net, 1);
+            }
+            self.refresh_within(&b.cidr);
+        } else {
+            entry.1 -= 1;
+            if entry.1 != 0 {
+                return;
+            }
+            self.blocks.remove(&c);
+            self.block_index.remove(b);
+            self.refresh_within(&b.cidr);
+            for net in std::iter::once(b.cidr).chain(b.except.iter().copied()) {
+                self.region_ref(net, -1);
+            }
+        }
+    }
+
+    fn region_ref(&mut self, net: IpNetwork, sign: i32) {
+        let p = Prefix::from_net(net);
+        let k = (p.addr, p.len);
+        if sign > 0 {
+            let r = self.regions.entry(k).or_insert(Region {
+                net,
+                refs: 0,
+                id: None,
+            });
+            r.refs += 1;
+            if r.refs == 1 {
+                self.refresh_region(k);
+            }
+        } else {
+            let Some(r) = self.regions.get_mut(&k) else {
+                return;
+            };
+            r.refs -= 1;
+            if r.refs > 0 {
+                return;
+            }
+            if let Some(r) = self.regions.remove(&k)
+                && let Some(id) = r.id
+            {
+                self.release(id, true);
+            }
+            self.recompute_ipcache(p);
+        }
+    }
+
+    fn refresh_region(&mut self, k: ([u8; 16], u32)) {
+        let Some(r) = self.regions.get(&k) else {
+            return;
+        };
+        let key = IdentityKey {
+            blocks: self.block_index.of_prefix(&r.net),
+            ..Default::default()
+        };
+        let old = r.id;
+        if old.is_some() && self.ids.id_of(&key) == old {
+            return;
+        }
+        if old == Some(ID_WORLD) && key.blocks.is_empty() {
+            return;
+        }
+        let new = self.acquire(&key, true);
+        if let Some(r) = self.regions.get_mut(&k) {
+            r.id = Some(new);
+        }
+        if let Some(o) = old {
+            self.release(o, true);
+        }
+        self.recompute_ipcache(Prefix {
+            addr: k.0,
+            len: k.1,
+        });
+    }
+
+    /// Regions and endpoint addresses inside `cidr` may have changed
+    /// identity (a block around them came or went).
+    fn refresh_within(&mut self, cidr: &IpNetwork) {
+        let (lo, hi) = range16(cidr);
+        let len = Prefix::from_net(*cidr).len;
+        let regions: Vec<([u8; 16], u32)> = self
+            .regions
+            .range((lo, 0)..=(hi, 128))
+            .map(|(k, _)| *k)
+            .filter(|k| k.1 >= len)
+            .collect();
+        for k in regions {
+            self.refresh_region(k);
+        }
+        let eps: BTreeSet<u32> = self
+            .addrs
+            .range(lo..=hi)
+            .flat_map(|(_, a)| a.claimants.iter().copied())
+            .collect();
+        for ep in eps {
+            self.reidentify(ep);
+        }
+    }
+
+    fn name_ref(&mut self, name: &(String, Protocol), sign: i32) {
+        let c = self.egress_names.entry(name.clone()).or_insert(0);
+        let before = *c;
+        *c = c.wrapping_add_signed(sign);
+        let after = *c;
+        if after == 0 {
+            self.egress_names.remove(name);
+        }
+        if (before == 0) != (after == 0) {
+            let eps: Vec<u32> = self
+                .eps_by_port
+                .get(name)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for ep in eps {
+                self.reidentify(ep);
+            }
+        }
+    }
+
+    // ----- entries -----------------------------------------------------------------
+
+    fn emit(&mut self, r: usize, ep: u32, peer: PeerRef, sign: i32) {
+        let keys = self.rule_keys(r, ep, peer);
+        let pid = self.rules[r].policy_id;
+        for k in keys {
+            self.contribute(k, pid, sign);
+        }
+    }
+
+    /// The entries one rule gives one subject endpoint for one peer (or for
+    /// any peer).
+    fn rule_keys(&self, r: usize, ep: u32, peer: PeerRef) -> Vec<PolicyKey> {
+        let rule = &self.rules[r];
+        let Some(e) = self.eps.get(&ep) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut put = |peer_id: u32, proto: u8, port: u16, prefixlen: u32| {
+            out.push(PolicyKey {
+                prefixlen,
+                data: PolicyKeyData {
+                    ep_id: ep,
+                    direction: rule.dir as u8,
+                    tier: TIER_NETPOL,
+                    pad1: 0,
+                    peer_id,
+                    pad2: 0,
+                    protocol: proto,
+                    dport_be: port.to_be(),
+                },
+            });
+        };
+        // Rules without peers give "any peer" entries, except for named
+        // egress ports, which resolve on each destination identity.
+        let (peer_id, numbered) = match peer {
+            PeerRef::Any => (ID_ANY, true),
+            PeerRef::Id(id) => (id, !rule.any),
+        };
+        if rule.ports.is_empty() {
+            if numbered {
+                put(peer_id, 0, 0, POLICY_PREFIX_ANY_PROTO);
+            }
+            return out;
+        }
+        for port in &rule.ports {
+            let proto = port.protocol.number();
+            match &port.port {
+                PortMatch::All if numbered => put(peer_id, proto, 0, POLICY_PREFIX_ANY_PORT),
+                PortMatch::Range(a, b) if numbered => {
+                    for (start, bits) in port_prefixes(*a, *b) {
+                        put(peer_id, proto, start, POLICY_PREFIX_ANY_PORT + bits);
+                    }
+                }
+                PortMatch::Named(name) if rule.dir == Direction::Ingress && numbered => {
+                    for np in e
+                        .ports
+                        .iter()
+                        .filter(|np| &np.name == name && np.protocol == port.protocol)
+                    {
+                        put(peer_id, proto, np.port, POLICY_PREFIX_FULL);
+                    }
+                }
+                PortMatch::Named(name) if rule.dir == Direction::Egress => {
+                    if let PeerRef::Id(id) = peer
+                        && let Some(num) = self
+                            .ids
+                            .key_of(id)
+                            .and_then(|k| k.named_port(name, port.protocol))
+                    {
+                        put(id, proto, num, POLICY_PREFIX_FULL);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// One rule starts (`sign` 1) or stops producing an entry.
+    fn contribute(&mut self, key: PolicyKey, pid: u32, sign: i32) {
+        let rank = &self.pol_rank;
+        let before = |a: u32, b: u32| -> bool {
+            match (rank.get(&a), rank.get(&b)) {
+                (Some(x), Some(y)) => x.0 < y.0,
+                _ => a < b,
+            }
+        };
+        let list = self.contrib.entry(key).or_default();
+        if sign > 0 {
+            if let Some(c) = list.iter_mut().find(|c| c.0 == pid) {
+                c.1 += 1;
+                return;
+            }
+            list.push((pid, 1));
+            let last = list.len() - 1;
+            if last > 0 {
+                if !before(pid, list[0].0) {
+                    return;
+                }
+                list.swap(0, last);
+            }
+        } else {
+            let Some(i) = list.iter().position(|c| c.0 == pid) else {
+                return;
+            };
+            list[i].1 -= 1;
+            if list[i].1 > 0 {
+                return;
+            }
+            list.swap_remove(i);
+            if i != 0 {
+                return;
+            }
+            if let Some(best) =
+                (1..list.len()).reduce(|m, j| if before(list[j].0, list[m].0) { j } else { m })
+            {
+                list.swap(0, best);
+            }
+        }
+        let winner = list.first().map(|c| c.0);
+        if winner.is_none() {
+            self.contrib.remove(&key);
+        }
+        self.set_policy(
+            key,
+            winner.map(|policy_id| PolicyValue {
+                policy_id,
+                verdict: Verdict::Allow as u8,
+                flags: 0,
+                pad: 0,
+            }),
+        );
+    }
+
+    fn set_policy(&mut self, key: PolicyKey, value: Option<PolicyValue>) {
+        let old = match value {
+            Some(v) => self.desired.policy.insert(key, v),
+            None => self.desired.policy.remove(&key),
+        };
+        if old == value {
+            return;
+        }
+        if self.journal.enabled {
+            self.journal.policy.entry(key).or_insert(old);
+        }
+        if old.is_some() != value.is_some() {
+            let ep = key.data.ep_id;
+            if let Some(e) = self.eps.get_mut(&ep) {
+                let slot =
+                    usize::from(key.data.direction) * SHAPE_SLOTS + shape_slot(key.prefixlen);
+                if key.prefixlen != POLICY_PREFIX_FULL {
+                    let c = &mut e.out.shapes[slot];
+                    *c = if value.is_some() { *c + 1 } else { *c - 1 };
+                    self.dirty_ifindex.insert(e.input.ifindex);
+                }
+            }
+        }
+    }
+
+    fn set_ipcache(&mut self, prefix: Prefix, value: Option<IpcacheValue>) {
+        let old = match value {
+            Some(v) => self.desired.ipcache.insert(prefix, v),
+            None => self.desired.ipcache.remove(&prefix),
+        };
+        if old != value && self.journal.enabled {
+            self.journal.ipcache.entry(prefix).or_insert(old);
+        }
+    }
+
+    fn set_srcguard(&mut self, key: SrcguardKey, present: bool) {
+        let old = if present {
+            !self.desired.srcguard.insert(key)
+        } else {
+            self.desired.srcguard.remove(&key)
+        };
+        if old != present && self.journal.enabled {
+            self.journal.srcguard.entry(key).or_insert(old);
+        }
+    }
+
+    fn set_endpoint(&mut self, ifindex: u32, value: Option<EndpointValue>) {
+        let old = match value {
+            Some(v) => self.desired.endpoints.insert(ifindex, v),
+            None => self.desired.endpoints.remove(&ifindex),
+        };
+        if old != value && self.journal.enabled {
+            self.journal.endpoints.entry(ifindex).or_insert(old);
+        }
+    }
+
+    fn ep_value(&self, ep: u32) -> EndpointValue {
+        let e = &self.eps[&ep];
+        let mut flags = 0;
+        let mut range_lens = 0;
+        for (d, dir) in Direction::ALL.iter().enumerate() {
+            for slot in 0..SHAPE_SLOTS {
+                if e.out.shapes[d * SHAPE_SLOTS + slot] > 0 {
+                    let (f, l) = abi::ep_shape(*dir as u8, slot_prefixlen(slot));
+                    flags |= f;
+                    range_lens |= l;
+                }
+            }
+        }
+        for (d, (isolate, audit)) in [
+            (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),
+            (abi::EP_ISOLATE_EGRESS, abi::EP_AUDIT_EGRESS),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if e.out.isolating[d] > 0 {
+                flags |= isolate;
+                // Isolated only by audit-mode policies: report, not drop.
+                if e.out.enforcing[d] == 0 {
+                    flags |= audit;
+                }
+            }
+        }
+        EndpointValue {
+            ep_id: ep,
+            identity: e.own,
+            flags,
+            range_lens,
+        }
+    }
+
+    fn take_delta(&mut self) -> Delta {
+        let j = std::mem::take(&mut self.journal);
+        self.journal.enabled = j.enabled;
+        let mut d = Delta::default();
+        for (k, old) in j.policy {
+            let new = self.desired.policy.get(&k).copied();
+            if new != old {
+                d.revokes |= new.is_none();
+                d.policy.push((k, new));
+            }
+        }
+        for (k, old) in j.ipcache {
+            let new = self.desired.ipcache.get(&k).copied();
+            if new != old {
+                // A prefix that had no entry before only gains one: an
+                // address nobody owned, or a block region whose identity
+                // only adds blocks to what covered it.
+                d.revokes |= old.is_some();
+                d.ipcache.push((k, new));
+            }
+        }
+        for (k, old) in j.endpoints {
+            let new = self.desired.endpoints.get(&k).copied();
+            if new != old {
+                d.revokes |= match (old, new) {
+                    (Some(o), Some(n)) => {
+                        let iso = abi::EP_ISOLATE_INGRESS | abi::EP_ISOLATE_EGRESS;
+                        let audit = abi::EP_AUDIT_INGRESS | abi::EP_AUDIT_EGRESS;
+                        o.ep_id != n.ep_id
+                            || o.identity != n.identity
+                            || n.flags & iso & !o.flags != 0
+                            || o.flags & audit & !n.flags != 0
+                    }
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                d.endpoints.push((k, new));
+            }
+        }
+        for (k, old) in j.srcguard {
+            let new = self.desired.srcguard.contains(&k);
+            if new != old {
+                d.srcguard.push((k, new));
+            }
+        }
+        d.policy.sort_by_key(|(k, _)| *k);
+        d.ipcache.sort_by_key(|(k, _)| *k);
+        d.endpoints.sort_by_key(|(k, _)| *k);
+        d.srcguard.sort_by_key(|(k, _)| *k);
+        d
+    }
+}
+
+fn remove_from<K, V>(map: &mut HashMap<K, BTreeSet<V>>, key: &K, v: &V)
+where
+    K: std::hash::Hash + Eq,
+    V: Ord,
+{
+    if let Some(set) = map.get_mut(key) {
+        set.remove(v);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{Object, parse_documents};
+
+    /// Apply a delta to a copy of the maps, as the dataplane would.
+    fn apply(maps: &mut Desired, d: &Delta) {
+        for (k, v) in &d.policy {
+            match v {
+                Some(v) => maps.policy.insert(*k, *v),
+                None => maps.policy.remove(k),
+            };
+        }
+        for (k, v) in &d.ipcache {
+            match v {
+                Some(v) => maps.ipcache.insert(*k, *v),
+                None => maps.ipcache.remove(k),
+            };
+        }
+        for (k, v) in &d.endpoints {
+            match v {
+                Some(v) => maps.endpoints.insert(*k, *v),
+                None => maps.endpoints.remove(k),
+            };
+        }
+        for (k, add) in &d.srcguard {
+            if *add {
+                maps.srcguard.insert(*k);
+            } else {
+                maps.srcguard.remove(k);
+            }
+        }
+    }
+
+    fn policy(v: serde_json::Value) -> Policy {
+        match parse_documents(&v.to_string(), "test")
+            .unwrap_or_else(|e| panic!("{e}: {v}"))
+            .remove(0)
+        {
+            Object::NetworkPolicy(np) => Policy::from_k8s(&np).unwrap(),
+            other => panic!("not a policy: {other:?}"),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Namespace(String, Option<String>, Option<Mode>),
+        RemoveNamespace(String),
+        Pod(String, String, Option<String>, Option<u16>),
+        RemovePod(String, String),
+        Policy(u32, serde_json::Value),
+        RemovePolicy(u32),
+        Endpoint {
+            ep: u32,
+            ifindex: u32,
+            ns: String,
+            name: String,
+            app: Option<String>,
+            addrs: Vec<IpAddr>,
+        },
+        RemoveEndpoint(u32),
+        Host(Vec<IpAddr>),
+        NodeMode(Mode),
+    }
+
+    const ADDRS: &[&str] = &[
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.1.7",
+        "192.168.0.1",
+        "fd00::1",
+        "fd00::2",
+        "2001:db8::9",
+    ];
+
+    fn ns() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a".to_string()), Just("b".to_string())]
+    }
+
+    fn app() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop_oneof![Just("x".to_string()), Just("y".to_string())])
+    }
+
+    fn pod_name() -> impl Strategy<Value = String> {
+        prop_oneof![Just("p1".to_string()), Just("p2".to_string())]
+    }
+
+    fn mode() -> impl Strategy<Value = Option<Mode>> {
+        prop::option::of(prop_oneof![Just(Mode::Enforce), Just(Mode::Audit)])
+    }
+
+    fn addr() -> impl Strategy<Value = IpAddr> {
+        (0..ADDRS.len()).prop_map(|i| ADDRS[i].parse().unwrap())
+    }
+
+    fn selector() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(json!({})),
+            Just(json!({"matchLabels": {"app": "x"}})),
+            Just(json!({"matchLabels": {"app": "y"}})),
+            Just(json!({"matchExpressions": [{"key": "app", "operator": "Exists"}]})),
+            Just(
+                json!({"matchExpressions": [{"key": "team", "operator": "In", "values": ["red"]}]})
+            ),
+        ]
+    }
+
+    fn peer() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            selector().prop_map(|s| json!({"podSelector": s})),
+            selector().prop_map(|s| json!({"namespaceSelector": s})),
+            (selector(), selector())
+                .prop_map(|(n, p)| json!({"namespaceSelector": n, "podSelector": p})),
+            Just(json!({"ipBlock": {"cidr": "10.0.0.0/24"}})),
+            Just(json!({"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.0.0/30"]}})),
+            Just(json!({"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}})),
+            Just(json!({"ipBlock": {"cidr": "10.0.0.2/32"}})),
+            Just(json!({"ipBlock": {"cidr": "fd00::/64"}})),
+            Just(json!({"ipBlock": {"cidr": "::/0"}})),
+        ]
+    }
+
+    fn port() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(json!({"port": 80})),
+            Just(json!({"port": 53, "protocol": "UDP"})),
+            Just(json!({"port": 8000, "endPort": 8010})),
+            Just(json!({"port": "http"})),
+            Just(json!({"port": "dns", "protocol": "UDP"})),
+            Just(json!({"protocol": "SCTP"})),
+        ]
+    }
+
+    fn rule(field: &'static str) -> impl Strategy<Value = serde_json::Value> {
+        (
+            prop::collection::vec(peer(), 0..3),
+            prop::collection::vec(port(), 0..3),
+        )
+            .prop_map(move |(peers, ports)| {
+                let mut r = serde_json::Map::new();
+                if !peers.is_empty() {
+                    r.insert(field.into(), json!(peers));
+                }
+                if !ports.is_empty() {
+                    r.insert("ports".into(), json!(ports));
+                }
+                serde_json::Value::Object(r)
+            })
+    }
+
+    fn policy_json() -> impl Strategy<Value = (String, serde_json::Value)> {
+        (
+            ns(),
+            selector(),
+            prop_oneof![
+                Just(None),
+                Just(Some(vec!["Ingress"])),
+                Just(Some(vec!["Egress"])),
+                Just(Some(vec!["Ingress", "Egress"])),
+            ],
+            prop::collection::vec(rule("from"), 0..3),
+            prop::collection::vec(rule("to"), 0..3),
+            mode(),
+        )
+            .prop_map(|(ns, sel, types, ingress, egress, mode)| {
+                let mut spec = json!({"podSelector": sel, "ingress": ingress, "egress": egress});
+                if let Some(t) = types {
+                    spec["policyTypes"] = json!(t);
+                }
+                let mut meta = json!({"namespace": ns});
+                if let Some(m) = mode {
+                    meta["annotations"] = json!({"palisade.io/mode": m.as_str()});
+                }
+                (
+                    ns,
+                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                            "metadata": meta, "spec": spec}),
+                )
+            })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                ns(),
+                prop::option::of(prop_oneof![
+                    Just("red".to_string()),
+                    Just("blue".to_string())
+                ]),
+                mode()
+            )
+                .prop_map(|(n, team, m)| Op::Namespace(n, team, m)),
+            ns().prop_map(Op::RemoveNamespace),
+            (
+                ns(),
+                pod_name(),
+                app(),
+                prop::option::of(prop_oneof![Just(80u16), Just(8080)])
+            )
+                .prop_map(|(n, p, a, port)| Op::Pod(n, p, a, port)),
+            (ns(), pod_name()).prop_map(|(n, p)| Op::RemovePod(n, p)),
+            (1u32..4, policy_json()).prop_map(|(id, (_, v))| Op::Policy(id, v)),
+            (1u32..4).prop_map(Op::RemovePolicy),
+            (
+                1u32..6,
+                10u32..13,
+                ns(),
+                pod_name(),
+                app(),
+                prop::collection::vec(addr(), 0..3)
+            )
+                .prop_map(|(ep, ifindex, ns, name, app, addrs)| Op::Endpoint {
+                    ep,
+                    ifindex,
+                    ns,
+                    name,
+                    app,
+                    addrs
+                }),
+            (1u32..6).prop_map(Op::RemoveEndpoint),
+            prop::collection::vec(addr(), 0..2).prop_map(Op::Host),
+            prop_oneof![Just(Mode::Enforce), Just(Mode::Audit)].prop_map(Op::NodeMode),
+        ]
+    }
+
+    fn labels(pairs: &[(&str, Option<&String>)]) -> Labels {
+        pairs
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    fn run(engine: &mut Engine, op: &Op) {
+        match op.clone() {
+            Op::Namespace(name, team, mode) => {
+                let mut info = NamespaceInfo::new(&name, Some(&labels(&[("team", team.as_ref())])));
+                info.mode = mode;
+                engine.upsert_namespace(info);
+            }
+            Op::RemoveNamespace(name) => engine.remove_namespace(&name),
+            Op::Pod(namespace, name, app, port) => engine.upsert_pod(PodInfo {
+                namespace,
+                name,
+                labels: labels(&[("app", app.as_ref())]),
+                ports: port
+                    .map(|p| NamedPort {
+                        name: "http".into(),
+                        port: p,
+                        protocol: Protocol::Tcp,
+                    })
+                    .into_iter()
+                    .chain(std::iter::once(NamedPort {
+                        name: "dns".into(),
+                        port: 5353,
+                        protocol: Protocol::Udp,
+                    }))
+                    .collect(),
+            }),
+            Op::RemovePod(ns, name) => engine.remove_pod(&ns, &name),
+            Op::Policy(id, mut v) => {
+                v["metadata"]["name"] = json!(format!("pol{id}"));
+                // A policy keeps its namespace for life (its id is its name).
+                v["metadata"]["namespace"] = json!(if id % 2 == 0 { "a" } else { "b" });
+                engine.upsert_policy(id, policy(v));
+            }
+            Op::RemovePolicy(id) => engine.remove_policy(id),
+            Op::Endpoint {
+                ep,
+                ifindex,
+                ns,
+                name,
+                app,
+                addrs,
+            } => engine.upsert_endpoint(EndpointInput {
+                ep_id: ep,
+                ifindex,
+                namespace: ns,
+                name,
+                labels: labels(&[("app", app.as_ref())]),
+                addresses: addrs,
+            }),
+            Op::RemoveEndpoint(ep) => engine.remove_endpoint(ep),
+            Op::Host(addrs) => engine.set_host_addresses(&addrs),
+            Op::NodeMode(m) => engine.set_node_mode(m),
+        }
+    }
+
+    fn check(engine: &mut Engine, maps: &mut Desired, ids: &mut IdentityTable, step: &str) {
+        let changes = engine.finish();
+        apply(maps, &changes.delta);
+        for (id, key) in &changes.identities_added {
+            ids.insert(*id, key.clone());
+        }
+        for id in &changes.identities_removed {
+            ids.remove(*id);
+        }
+        let (full, full_ids) = engine.full_compile();
+        assert_eq!(
+            engine.desired(),
+            &full.desired,
+            "incremental != full compile after {step}"
+        );
+        assert_eq!(
+            maps,
+            engine.desired(),
+            "delta did not reproduce the maps after {step}"
+        );
+        let table = |t: &IdentityTable| -> Vec<(u32, IdentityKey)> {
+            t.iter().map(|(k, id)| (id, k.clone())).collect()
+        };
+        assert_eq!(
+            table(engine.identities()),
+            table(&full_ids),
+            "identities after {step}"
+        );
+        assert_eq!(
+            table(ids),
+            table(engine.identities()),
+            "identity changes after {step}"
+        );
+        for (k, v) in engine
+            .compile_inputs()
+            .2
+            .iter()
+            .map(|e| (e.ep_id, engine.endpoint_identity(e.ep_id)))
+        {
+            assert_eq!(
+                v,
+                full.endpoint_identities.get(&k).copied(),
+                "identity of {k}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_egress_port_name_refines_existing_endpoints() {
+        let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
+        let mut maps = Desired::default();
+        let mut ids = IdentityTable::default();
+        run(
+            &mut engine,
+            &Op::Pod("a".into(), "p1".into(), None, Some(80)),
+        );
+        run(
+            &mut engine,
+            &Op::Endpoint {
+                ep: 1,
+                ifindex: 10,
+                ns: "a".into(),
+                name: "p1".into(),
+                app: None,
+                addrs: vec!["10.0.0.1".parse().unwrap()],
+            },
+        );
+        check(&mut engine, &mut maps, &mut ids, "endpoint");
+        let before = engine.endpoint_identity(1);
+        run(
+            &mut engine,
+            &Op::Policy(
+                2,
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                       "metadata": {}, "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                       "egress": [{"ports": [{"port": "http"}]}]}}),
+            ),
+        );
+        check(&mut engine, &mut maps, &mut ids, "policy");
+        assert_ne!(
+            engine.endpoint_identity(1),
+            before,
+            "refined by http/TCP=80"
+        );
+    }
+
+    #[test]
+    fn a_namespace_mode_changes_the_audit_flags_of_its_policies_subjects() {
+        let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
+        let mut maps = Desired::default();
+        let mut ids = IdentityTable::default();
+        run(
+            &mut engine,
+            &Op::Endpoint {
+                ep: 1,
+                ifindex: 10,
+                ns: "a".into(),
+                name: "p1".into(),
+                app: None,
+                addrs: vec!["10.0.0.1".parse().unwrap()],
+            },
+        );
+        run(
+            &mut engine,
+            &Op::Policy(
+                2,
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                       "metadata": {}, "spec": {"podSelector": {}}}),
+            ),
+        );
+        check(&mut engine, &mut maps, &mut ids, "policy");
+        assert_eq!(maps.endpoints[&10].flags, abi::EP_ISOLATE_INGRESS);
+        run(
+            &mut engine,
+            &Op::Namespace("a".into(), None, Some(Mode::Audit)),
+        );
+        check(&mut engine, &mut maps, &mut ids, "audit namespace");
+        assert_eq!(
+            maps.endpoints[&10].flags,
+            abi::EP_ISOLATE_INGRESS | abi::EP_AUDIT_INGRESS
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PALISADE_PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+            .. ProptestConfig::default()
+        })]
+
+        /// After any sequence of events, the incremental maps equal a full
+        /// compile entry for entry, and the deltas reproduce them.
+        #[test]
+        fn incremental_equals_full_compile(ops in prop::collection::vec(op(), 1..40)) {
+            let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
+            let mut maps = Desired::default();
+            let mut ids = IdentityTable::default();
+            check(&mut engine, &mut maps, &mut ids, "start");
+            for (i, op) in ops.iter().enumerate() {
+                run(&mut engine, op);
+                check(&mut engine, &mut maps, &mut ids, &format!("step {i}: {op:?}"));
+            }
+            // A fresh engine loaded in bulk from the same inputs (as the
+            // daemon starts) reaches the same maps with the same numbers.
+            let (namespaces, policies, endpoints) = engine.compile_inputs();
+            let mut fresh = Engine::new(engine.identities().clone(), engine.node_mode());
+            fresh.begin_bulk();
+            for ns in namespaces.into_values() {
+                fresh.upsert_namespace(ns);
+            }
+            for p in engine.pods.values() {
+                fresh.upsert_pod(p.clone());
+            }
+            for (id, _) in policies {
+                fresh.upsert_policy(id, engine.pols[engine.pol_by_id[&id]].policy.clone());
+            }
+            fresh.set_host_addresses(&engine.host.iter().copied().collect::<Vec<_>>());
+            for e in endpoints {
+                fresh.upsert_endpoint(engine.eps[&e.ep_id].input.clone());
+            }
+            fresh.end_bulk();
+            prop_assert_eq!(fresh.desired(), engine.desired());
+        }
+    }
+}
