@@ -442,9 +442,13 @@ fn veth_with_blocked_pin(n: &Node, tag: &str) -> (Netns, Call, Value) {
         .exec("ADD", &n.chain.plugin_conf(&plugins[0], None), &call);
     assert!(out.status.success(), "bridge ADD: {}", describe(&out));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(n.state_dir.join("state.json")).unwrap()).unwrap();
-    let next = state["nextEndpointId"].as_u64().unwrap();
+    // The id the next ADD gets (taken in a transaction that is dropped).
+    let mut store = palisade::store::Store::new(&n.state_dir);
+    let next = store
+        .write(std::time::Duration::from_secs(10))
+        .unwrap()
+        .allocate_endpoint_id()
+        .unwrap();
     std::fs::create_dir_all(
         n.bpf_root
             .join(format!("links/ep{next}-from-container/squatter")),

@@ -12,11 +12,12 @@ use std::{
 
 use palisade::{
     cni::{self, CniError, NetConf, PrevResult, code},
-    dataplane::{AttachMode, DEFAULT_BPF_ROOT, kernel::KernelDataplane},
+    daemon::{Control, NodeOps, Paths},
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT},
     netlink, netns,
-    node::{AddOutcome, NewEndpoint, Node, NodeError},
+    node::{AddOutcome, NewEndpoint, NodeError, stale_refs},
     policy::DEFAULT_NAMESPACE,
-    store::{DEFAULT_STATE_DIR, Endpoint, Source, Store},
+    store::{DEFAULT_STATE_DIR, Endpoint, Source},
 };
 use serde_json::Value;
 
@@ -133,7 +134,13 @@ fn run() -> Result<Option<Value>, CniError> {
         .bpf_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT));
-    let mut node = Node::new(Store::new(state_dir), KernelDataplane::new(bpf_root, mode));
+    let mut node = Control::open(&Paths {
+        state_dir,
+        bpf_root,
+        socket: conf.socket.clone(),
+        attach_mode: mode,
+    })
+    .map_err(|e| node_error(e, "reach the palisade daemon"))?;
 
     match command.as_str() {
         "ADD" => add(&conf, &mut node).map(Some),
@@ -187,7 +194,7 @@ fn pod_identity(container_id: &str) -> Result<(String, String, bool), CniError> 
     Ok((namespace, name, k8s))
 }
 
-fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniError> {
+fn add(conf: &NetConf, node: &mut Control) -> Result<Value, CniError> {
     let container_id = require_env("CNI_CONTAINERID", "the container id")?;
     let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
     let netns = require_env("CNI_NETNS", "the container's network namespace")?;
@@ -258,7 +265,7 @@ fn add(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<Value, CniErr
     Ok(raw)
 }
 
-fn del(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+fn del(conf: &NetConf, node: &mut Control) -> Result<(), CniError> {
     let container_id = require_env("CNI_CONTAINERID", "the container id")?;
     let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
     let key = Endpoint::key_for(&conf.name, &container_id, &ifname);
@@ -270,7 +277,7 @@ fn del(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError>
     Ok(())
 }
 
-fn check(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+fn check(conf: &NetConf, node: &mut Control) -> Result<(), CniError> {
     if !cni::version_at_least(&conf.cni_version, (0, 4, 0)) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -284,7 +291,7 @@ fn check(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniErro
     let ifname = require_env("CNI_IFNAME", "the container's interface name")?;
     prev_result(conf, "CHECK")?;
     let key = Endpoint::key_for(&conf.name, &container_id, &ifname);
-    node.check_endpoint(&key).map_err(|e| match e {
+    node.node.check_endpoint(&key).map_err(|e| match e {
         NodeError::NotFound(m) => CniError::new(code::NOT_ENFORCING, m),
         NodeError::Dataplane(d) => CniError::new(
             code::NOT_ENFORCING,
@@ -295,7 +302,7 @@ fn check(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniErro
     Ok(())
 }
 
-fn gc(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
+fn gc(conf: &NetConf, node: &mut Control) -> Result<(), CniError> {
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::new(
             code::INVALID_CONFIG,
@@ -303,15 +310,22 @@ fn gc(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> 
         )
     })?;
     let network = conf.name.clone();
+    let state = node
+        .node
+        .store
+        .read()
+        .map_err(|e| node_error(e.into(), "read palisade's state"))?;
+    let stale = stale_refs(&state, |e| {
+        e.source == Source::Cni
+            && e.network == network
+            && !valid
+                .iter()
+                .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
+    });
     let removed = node
-        .remove_endpoints_where(|e| {
-            e.source == Source::Cni
-                && e.network == network
-                && !valid
-                    .iter()
-                    .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
-        })
+        .remove_endpoints(&stale)
         .map_err(|e| node_error(e, "garbage-collect endpoints"))?;
+    node.node.sweep();
     for ep in removed {
         tracing::info!(
             "GC removed stale endpoint {} ({}/{})",
@@ -323,14 +337,14 @@ fn gc(conf: &NetConf, node: &mut Node<KernelDataplane>) -> Result<(), CniError> 
     Ok(())
 }
 
-fn status(node: &mut Node<KernelDataplane>) -> Result<(), CniError> {
-    node.store.read().map_err(|e| {
+fn status(node: &mut Control) -> Result<(), CniError> {
+    node.node.store.read().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
             format!("palisade cannot read its state: {e}"),
         )
     })?;
-    node.dataplane.ready().map_err(|e| {
+    node.node.dataplane.ready().map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
             format!("palisade cannot enforce on new containers: {e}"),

@@ -17,10 +17,10 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use palisade::{
-    dataplane::{AttachMode, DEFAULT_BPF_ROOT, kernel::KernelDataplane},
-    node::Node,
+    daemon::{Control, Paths},
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT},
     oci::{self, Stage},
-    store::{DEFAULT_STATE_DIR, Store},
+    store::DEFAULT_STATE_DIR,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -34,6 +34,10 @@ struct HookOptions {
     /// auto, tcx or netlink.
     #[arg(long, env = "PALISADE_ATTACH_MODE", default_value = "auto")]
     attach_mode: String,
+    /// The node daemon's socket (default: palisade.sock in the state
+    /// directory); without a daemon there the hook does the work itself.
+    #[arg(long, env = "PALISADE_SOCKET")]
+    socket: Option<PathBuf>,
     /// Let the container start even when palisade cannot enforce (default:
     /// the hook fails and the runtime refuses to start the container).
     #[arg(long, env = "PALISADE_FAIL_OPEN")]
@@ -48,6 +52,9 @@ impl HookOptions {
             format!("--bpf-root={}", self.bpf_root.display()),
             format!("--attach-mode={}", self.attach_mode),
         ];
+        if let Some(s) = &self.socket {
+            v.push(format!("--socket={}", s.display()));
+        }
         if self.fail_open {
             v.push("--fail-open".into());
         }
@@ -160,11 +167,25 @@ fn hook(options: &HookOptions, stage: Option<&str>) -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let mut node = Node::new(
-        Store::new(&options.state_dir),
-        KernelDataplane::new(&options.bpf_root, mode),
-    );
     let id = state.id().to_owned();
+    let mut node = match Control::open(&Paths {
+        state_dir: options.state_dir.clone(),
+        bpf_root: options.bpf_root.clone(),
+        socket: options.socket.clone(),
+        attach_mode: mode,
+    }) {
+        Ok(n) => n,
+        Err(e) if options.fail_open => {
+            eprintln!(
+                "palisade: WARNING: container {id} runs WITHOUT network policy enforcement (fail-open): {e}"
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("palisade: container {id}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match Stage::resolve(stage, &state) {
         Stage::Create => {
             let result = oci::load_spec(state.bundle())

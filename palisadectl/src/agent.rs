@@ -5,10 +5,10 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -176,10 +176,6 @@ fn serve(opts: Options, stats: Arc<Mutex<Stats>>) -> Result<()> {
     Ok(())
 }
 
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
 /// Run until killed.
 pub fn run(opts: Options) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir)
@@ -215,8 +211,7 @@ pub fn run(opts: Options) -> Result<()> {
         }
     };
     let store = Store::new(&opts.state_dir);
-    let state_file = opts.state_dir.join("state.json");
-    let mut seen_mtime = mtime(&state_file);
+    let mut seen = store.generation().unwrap_or_default();
     let mut resolver = Resolver::new(&store.read()?);
     let mut last_flush = Instant::now();
     loop {
@@ -225,12 +220,13 @@ pub fn run(opts: Options) -> Result<()> {
         if events.is_empty() {
             continue;
         }
-        let m = mtime(&state_file);
-        if m != seen_mtime {
-            seen_mtime = m;
-            if let Ok(st) = store.read() {
-                resolver = Resolver::new(&st);
-            }
+        // Names and policies changed: read them again.
+        let g = store.generation().unwrap_or_default();
+        if g != seen
+            && let Ok(st) = store.read()
+        {
+            seen = g;
+            resolver = Resolver::new(&st);
         }
         let mut s = stats
             .lock()

@@ -5,6 +5,7 @@
 mod agent;
 mod observe;
 mod output;
+mod serve;
 
 use std::{
     fs,
@@ -21,9 +22,10 @@ use clap::{
 use palisade::{
     abi::{Direction, Verdict},
     cniconf,
+    daemon::{Control, NodeOps, Paths},
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
     explain::{self, PartyRef},
-    node::{Change, Node, ObjectsReport},
+    node::{Change, Node, ObjectsReport, stale_refs},
     policy::{self, Object},
     store::{DEFAULT_STATE_DIR, Store},
 };
@@ -46,6 +48,10 @@ struct Cli {
     /// Where palisade pins its eBPF maps, programs and links (on bpffs).
     #[arg(long, global = true, env = "PALISADE_BPF_ROOT", default_value = DEFAULT_BPF_ROOT)]
     bpf_root: PathBuf,
+    /// The node daemon's socket (default: palisade.sock in the state
+    /// directory). Without a daemon there, commands do the work themselves.
+    #[arg(long, global = true, env = "PALISADE_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,8 +131,21 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
-    /// Run the node agent: flow log and Prometheus metrics.
-    Agent {
+    /// Run the node daemon: the policy engine in memory behind a local
+    /// socket (the CNI plugin, the OCI hook and palisadectl use it when it
+    /// runs), the flow log and Prometheus metrics.
+    #[command(
+        visible_alias = "agent",
+        long_about = "Run the node daemon. It keeps the policy engine in memory and serves it \
+                      on a root-only socket (palisade.sock in the state directory, or --socket); \
+                      the CNI plugin, the OCI hook and palisadectl send their changes there when \
+                      it runs, and do the same work themselves when it does not. At start it \
+                      rebuilds the engine from the store and reconciles the kernel maps (no \
+                      verdict changes when they match). It also drains flow events into the \
+                      flow log and serves Prometheus metrics. Enforcement never depends on it: \
+                      killing it changes no verdict."
+    )]
+    Daemon {
         /// Where to serve /metrics.
         #[arg(long, default_value = "127.0.0.1:9970")]
         listen: String,
@@ -346,6 +365,21 @@ fn write_manpages(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+fn paths(cli: &Cli) -> Paths {
+    Paths {
+        state_dir: cli.state_dir.clone(),
+        bpf_root: cli.bpf_root.clone(),
+        socket: cli.socket.clone(),
+        attach_mode: AttachMode::Auto,
+    }
+}
+
+/// The node: through the daemon when it runs, else in-process.
+fn control(cli: &Cli) -> Result<Control> {
+    Ok(Control::open(&paths(cli))?)
+}
+
+/// The node in-process (for commands that must not go through a daemon).
 fn node(cli: &Cli) -> Node<KernelDataplane> {
     Node::new(
         Store::new(&cli.state_dir),
@@ -404,7 +438,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Apply { files } => {
             let objects = read_objects(files)?;
-            let report = node(&cli).apply(objects).context("apply")?;
+            let report = control(&cli)?.apply(objects).context("apply")?;
             print_changes(&report)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -413,7 +447,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ignore_not_found,
         } => {
             let refs = read_objects(files)?.iter().map(Object::reference).collect();
-            let mut report = node(&cli).delete(refs).context("delete")?;
+            let mut report = control(&cli)?.delete(refs).context("delete")?;
             let missing: Vec<String> = report
                 .changes
                 .iter()
@@ -566,6 +600,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                      and removes its pinned datapath; run it again with --yes to do that"
                 );
             }
+            if let Some(d) = control(&cli)?.daemon() {
+                bail!(
+                    "the palisade daemon is running (socket {}); stop it first (`systemctl stop palisade`), then reset",
+                    d.socket().display()
+                );
+            }
             let gone = node(&cli).reset().context("reset")?;
             output::emit(&format!(
                 "detached {} endpoint(s) and removed the datapath under {}\n",
@@ -584,7 +624,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync => {
-            let report = node(&cli).resync().context("sync")?;
+            let (report, warnings) = control(&cli)?.resync().context("sync")?;
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             output::emit(&format!(
                 "maps in sync: {} entries written, {} removed, epoch {}\n",
                 report.upserted, report.deleted, report.epoch
@@ -616,20 +659,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Agent {
+        Command::Daemon {
             listen,
             log_dir,
             log_max_bytes,
             log_files,
         } => {
-            agent::run(agent::Options {
-                state_dir: cli.state_dir.clone(),
-                bpf_root: cli.bpf_root.clone(),
-                listen: listen.clone(),
-                log_dir: log_dir.clone(),
-                log_max_bytes: *log_max_bytes,
-                log_files: *log_files,
-            })?;
+            serve::run(
+                agent::Options {
+                    state_dir: cli.state_dir.clone(),
+                    bpf_root: cli.bpf_root.clone(),
+                    listen: listen.clone(),
+                    log_dir: log_dir.clone(),
+                    log_max_bytes: *log_max_bytes,
+                    log_files: *log_files,
+                },
+                cli.socket
+                    .clone()
+                    .unwrap_or_else(|| palisade::daemon::default_socket(&cli.state_dir)),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Learn {
@@ -696,7 +744,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if namespace.is_none() && m.is_none() {
                 anyhow::bail!("the node has no parent to inherit from: use audit or enforce");
             }
-            let report = node(&cli)
+            let report = control(&cli)?
                 .set_mode(namespace.as_deref(), m)
                 .context("set mode")?;
             let scope = namespace
@@ -732,9 +780,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     e.id, e.namespace, e.name, e.host_ifname, e.netns
                 );
             }
-            let removed = node(&cli)
-                .remove_endpoints_where(|e| veth_gone(e) && netns_gone(e))
+            let mut ctl = control(&cli)?;
+            let removed = ctl
+                .remove_endpoints(&stale_refs(&state, |e| veth_gone(e) && netns_gone(e)))
                 .context("garbage-collect endpoints")?;
+            ctl.node.sweep();
             let mut out = String::new();
             for ep in &removed {
                 out.push_str(&format!(

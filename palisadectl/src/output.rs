@@ -13,7 +13,7 @@ use palisade::{
     explain::Explanation,
     identity::{IdentityKey, reserved_name},
     node::compile_state,
-    policy::{Labels, NamespaceInfo, Policy},
+    policy::{Labels, NamespaceInfo},
     store::{Endpoint, State},
 };
 use serde::Serialize;
@@ -140,7 +140,7 @@ pub fn policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
     let selected: Vec<_> = state
         .policies
         .iter()
-        .filter(|(_, sp)| ns.is_none_or(|n| sp.object.metadata.namespace.as_deref() == Some(n)))
+        .filter(|(_, sp)| ns.is_none_or(|n| sp.policy.namespace == n))
         .collect();
     if format != Format::Table {
         let items = selected
@@ -151,9 +151,7 @@ pub fn policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
     }
     let mut rows = Vec::new();
     for (_, sp) in selected {
-        let Ok(p) = Policy::from_k8s(&sp.object) else {
-            continue;
-        };
+        let p = &sp.policy;
         let selected_eps = state
             .endpoints
             .values()
@@ -274,7 +272,7 @@ pub fn namespaces(state: &State, format: Format) -> Result<()> {
                 state
                     .namespaces
                     .get(&ns.name)
-                    .map(serde_json::to_value)
+                    .map(|n| serde_json::to_value(&n.object))
                     .unwrap_or_else(|| {
                         Ok(json!({"apiVersion": "v1", "kind": "Namespace",
                                   "metadata": {"name": ns.name, "labels": ns.labels}}))
@@ -303,7 +301,7 @@ pub fn namespaces(state: &State, format: Format) -> Result<()> {
                 state
                     .policies
                     .values()
-                    .filter(|p| p.object.metadata.namespace.as_deref() == Some(ns.name.as_str()))
+                    .filter(|p| p.policy.namespace == ns.name)
                     .count()
                     .to_string(),
                 labels_str(&ns.labels),
@@ -317,18 +315,18 @@ pub fn pods(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
     let pods: Vec<_> = state
         .pods
         .values()
-        .filter(|p| ns.is_none_or(|n| p.metadata.namespace.as_deref() == Some(n)))
+        .filter(|p| ns.is_none_or(|n| p.value.namespace == n))
         .collect();
     if format != Format::Table {
         let items = pods
             .iter()
-            .map(serde_json::to_value)
+            .map(|p| serde_json::to_value(&p.object))
             .collect::<Result<Vec<_>, _>>()?;
         return structured(&k8s_list(items), format);
     }
     let rows = pods
         .iter()
-        .filter_map(|p| palisade::policy::PodInfo::from_k8s(p).ok())
+        .map(|p| &p.value)
         .map(|p| {
             let running = state
                 .endpoints

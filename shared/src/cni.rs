@@ -124,6 +124,9 @@ pub struct NetConf {
     pub fail_open: Option<bool>,
     /// `auto` (default), `tcx` or `netlink`.
     pub attach_mode: Option<String>,
+    /// The node daemon's socket (default: `palisade.sock` in the state
+    /// directory); without a daemon there, the plugin does the work itself.
+    pub socket: Option<PathBuf>,
     /// Labels every endpoint of this network gets (before args and Pod
     /// objects).
     pub labels: Option<BTreeMap<String, String>>,

@@ -715,7 +715,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(i, o)| match o {
-                Object::NetworkPolicy(np) => (i as u32 + 1, Policy::from_k8s(&np).unwrap()),
+                Object::NetworkPolicy(np) => (i as u32 + 1, np.value),
                 other => panic!("not a policy: {other:?}"),
             })
             .collect()

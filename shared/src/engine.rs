@@ -74,39 +74,15 @@ impl Delta {
     pub fn len(&self) -> usize {
         self.policy.len() + self.ipcache.len() + self.endpoints.len() + self.srcguard.len()
     }
-
-    /// The delta that undoes this one, given the values it replaced.
-    pub fn inverse(&self, before: &Desired) -> Delta {
-        Delta {
-            policy: self
-                .policy
-                .iter()
-                .map(|(k, _)| (*k, before.policy.get(k).copied()))
-                .collect(),
-            ipcache: self
-                .ipcache
-                .iter()
-                .map(|(k, _)| (*k, before.ipcache.get(k).copied()))
-                .collect(),
-            endpoints: self
-                .endpoints
-                .iter()
-                .map(|(k, _)| (*k, before.endpoints.get(k).copied()))
-                .collect(),
-            srcguard: self
-                .srcguard
-                .iter()
-                .map(|(k, _)| (*k, before.srcguard.contains(k)))
-                .collect(),
-            revokes: true,
-        }
-    }
 }
 
 /// What one batch of events changed.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub delta: Delta,
+    /// What writes the replaced values back (to undo `delta` when the
+    /// store cannot take the change).
+    pub undo: Delta,
     /// Identities allocated (and still used).
     pub identities_added: Vec<(u32, IdentityKey)>,
     /// Identities no address uses any more.
@@ -621,7 +597,7 @@ impl Engine {
                 _ => {}
             }
         }
-        changes.delta = self.take_delta();
+        (changes.delta, changes.undo) = self.take_delta();
         changes
     }
 
@@ -1878,15 +1854,20 @@ impl Engine {
         }
     }
 
-    fn take_delta(&mut self) -> Delta {
+    fn take_delta(&mut self) -> (Delta, Delta) {
         let j = std::mem::take(&mut self.journal);
         self.journal.enabled = j.enabled;
         let mut d = Delta::default();
+        let mut undo = Delta {
+            revokes: true,
+            ..Default::default()
+        };
         for (k, old) in j.policy {
             let new = self.desired.policy.get(&k).copied();
             if new != old {
                 d.revokes |= new.is_none();
                 d.policy.push((k, new));
+                undo.policy.push((k, old));
             }
         }
         for (k, old) in j.ipcache {
@@ -1897,6 +1878,7 @@ impl Engine {
                 // only adds blocks to what covered it.
                 d.revokes |= old.is_some();
                 d.ipcache.push((k, new));
+                undo.ipcache.push((k, old));
             }
         }
         for (k, old) in j.endpoints {
@@ -1915,19 +1897,23 @@ impl Engine {
                     _ => false,
                 };
                 d.endpoints.push((k, new));
+                undo.endpoints.push((k, old));
             }
         }
         for (k, old) in j.srcguard {
             let new = self.desired.srcguard.contains(&k);
             if new != old {
                 d.srcguard.push((k, new));
+                undo.srcguard.push((k, old));
             }
         }
-        d.policy.sort_by_key(|(k, _)| *k);
-        d.ipcache.sort_by_key(|(k, _)| *k);
-        d.endpoints.sort_by_key(|(k, _)| *k);
-        d.srcguard.sort_by_key(|(k, _)| *k);
-        d
+        for delta in [&mut d, &mut undo] {
+            delta.policy.sort_by_key(|(k, _)| *k);
+            delta.ipcache.sort_by_key(|(k, _)| *k);
+            delta.endpoints.sort_by_key(|(k, _)| *k);
+            delta.srcguard.sort_by_key(|(k, _)| *k);
+        }
+        (d, undo)
     }
 }
 
@@ -1986,7 +1972,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}: {v}"))
             .remove(0)
         {
-            Object::NetworkPolicy(np) => Policy::from_k8s(&np).unwrap(),
+            Object::NetworkPolicy(np) => np.value,
             other => panic!("not a policy: {other:?}"),
         }
     }
@@ -2237,7 +2223,11 @@ mod tests {
 
     fn check(engine: &mut Engine, maps: &mut Desired, ids: &mut IdentityTable, step: &str) {
         let changes = engine.finish();
+        let before = maps.clone();
         apply(maps, &changes.delta);
+        let mut undone = maps.clone();
+        apply(&mut undone, &changes.undo);
+        assert_eq!(undone, before, "undo did not restore the maps after {step}");
         for (id, key) in &changes.identities_added {
             ids.insert(*id, key.clone());
         }

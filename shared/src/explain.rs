@@ -215,7 +215,7 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                 .cloned()
                 .unwrap_or_else(|| NamespaceInfo::new(ns, None))
                 .labels,
-            ports: obj.map(|p| p.ports).unwrap_or_default(),
+            ports: obj.map(|p| p.ports.clone()).unwrap_or_default(),
         })
     };
     match r {
@@ -394,7 +394,7 @@ pub fn explain(
     proto: u8,
     port: u16,
 ) -> Result<Explanation, ExplainError> {
-    let (mut policies, _) = state.policies();
+    let mut policies = state.policies();
     let namespaces = state.namespace_map();
     for (_, p) in &mut policies {
         p.mode = Some(state.effective_mode(p, &namespaces));
@@ -523,7 +523,11 @@ spec:
             if let Object::NetworkPolicy(np) = o {
                 st.policies.insert(
                     "default/api-allow".into(),
-                    StoredPolicy { id: 1, object: *np },
+                    StoredPolicy {
+                        id: 1,
+                        object: np.object,
+                        policy: np.value,
+                    },
                 );
             }
         }

@@ -186,7 +186,7 @@ impl Resolver {
             );
         }
         let namespaces = state.namespace_map();
-        let (policies, _) = state.policies();
+        let policies = state.policies();
         Self {
             endpoints,
             by_address,

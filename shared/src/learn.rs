@@ -491,7 +491,7 @@ mod tests {
         let policies: Vec<Policy> = objs
             .iter()
             .map(|o| match o {
-                Object::NetworkPolicy(np) => Policy::from_k8s(np).unwrap(),
+                Object::NetworkPolicy(np) => np.value.clone(),
                 other => panic!("{other:?}"),
             })
             .collect();

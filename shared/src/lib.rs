@@ -6,6 +6,7 @@ pub mod abi;
 pub mod cni;
 pub mod cniconf;
 pub mod compile;
+pub mod daemon;
 pub mod dataplane;
 pub mod engine;
 pub mod explain;

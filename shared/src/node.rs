@@ -1,8 +1,19 @@
-//! The node: the store plus the dataplane, and every operation the binaries
-//! perform on them. Each operation takes the store lock, changes the state
-//! in memory, compiles it, syncs the maps, and saves the state only when
-//! the kernel accepted it; on failure the previous state is synced back,
-//! so nothing is left half-done.
+//! The node: the store, the incremental engine and the dataplane, and every
+//! operation the binaries perform on them.
+//!
+//! Each write runs under the store's write lock and changes the stored rows
+//! and the engine together; the engine's net delta goes to the kernel maps
+//! before the store commits, and is written back if the commit fails, so
+//! nothing is left half-done. The maps carry the generation of the store
+//! they match (`sync_token`): a writer that finds another value (a crash
+//! between the two, or a store changed while the datapath was away)
+//! rebuilds the maps from the store first.
+//!
+//! The engine is kept between operations when the same `Node` serves many
+//! (the daemon), and rebuilt from the store when another process changed
+//! it (the store's generation tells). Attaching programs to a veth happens
+//! outside the lock: [`Node::register_endpoint`] and
+//! [`Node::complete_add`] are the two locked halves of an ADD.
 
 use std::{
     collections::BTreeSet,
@@ -11,13 +22,19 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
     compile::{self, Compiled, EndpointView},
-    dataplane::{Dataplane, DataplaneError, SyncReport},
-    policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef},
-    store::{Endpoint, Locked, PendingIdentity, Source, State, Store, StoreError, StoredPolicy},
+    dataplane::{Attachment, Dataplane, DataplaneError, SyncReport},
+    engine::Engine,
+    identity::IdentityTable,
+    policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef, validate_namespace_object},
+    store::{
+        Endpoint, PendingIdentity, Source, State, Store, StoreError, StoredNamespace, StoredPod,
+        StoredPolicy, Txn,
+    },
 };
 
 /// How long an identity recorded by an OCI hook waits for its CNI ADD.
@@ -34,22 +51,53 @@ pub enum NodeError {
     Dataplane(#[from] DataplaneError),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{context}; rolling back also failed: {rollback}")]
     RollbackFailed {
         context: String,
         rollback: DataplaneError,
     },
+    /// Reported by the daemon (see [`crate::daemon`]).
+    #[error("{message}")]
+    Remote { kind: ErrorKind, message: String },
+}
+
+/// What kind of failure an error is, for callers that map it to a
+/// contract's codes (and for the daemon's answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorKind {
+    /// The store was busy: retrying later may help.
+    Busy,
+    NotFound,
+    Invalid,
+    /// The kernel refused (attach, map update).
+    Dataplane,
+    Other,
 }
 
 impl NodeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Store(StoreError::LockTimeout { .. }) => ErrorKind::Busy,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Invalid(_) => ErrorKind::Invalid,
+            Self::Dataplane(_) | Self::RollbackFailed { .. } => ErrorKind::Dataplane,
+            Self::Remote { kind, .. } => *kind,
+            Self::Store(_) => ErrorKind::Other,
+        }
+    }
+
     /// Whether retrying later may help (the store was busy).
     pub fn is_busy(&self) -> bool {
-        matches!(self, Self::Store(StoreError::LockTimeout { .. }))
+        self.kind() == ErrorKind::Busy
     }
 }
 
 /// A new endpoint to register.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NewEndpoint {
     pub source: Source,
     pub network: String,
@@ -73,7 +121,7 @@ pub struct NewEndpoint {
 }
 
 /// What [`Node::add_endpoint`] did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AddOutcome {
     /// Registered and attached.
     Added(Endpoint),
@@ -90,8 +138,17 @@ impl AddOutcome {
     }
 }
 
+/// The first half of an ADD: what [`Node::register_endpoint`] found.
+#[derive(Debug)]
+pub enum Registered {
+    AlreadyManaged(Endpoint),
+    /// In the store and the maps, its programs not yet attached.
+    New(Endpoint),
+}
+
 /// What `apply` did to each object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Change {
     Created,
     Configured,
@@ -113,7 +170,7 @@ impl Change {
 }
 
 /// The result of applying or deleting objects.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ObjectsReport {
     pub changes: Vec<(ObjectRef, Change)>,
     pub sync: SyncReport,
@@ -121,7 +178,7 @@ pub struct ObjectsReport {
 }
 
 /// What `upgrade` did to each endpoint (by endpoint key).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeReport {
     /// Now running this build's programs.
     pub upgraded: Vec<String>,
@@ -133,12 +190,126 @@ pub struct UpgradeReport {
     pub failed: Vec<(String, String)>,
 }
 
-/// The store and the dataplane of one node.
+/// An endpoint to remove: by key, and only if it still has this id (when
+/// the caller decided from an earlier read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRef {
+    pub key: String,
+    pub id: Option<u32>,
+}
+
+/// What a write changed in the maps, and what a user should know.
+#[derive(Debug, Clone, Default)]
+struct Committed {
+    report: SyncReport,
+    warnings: Vec<String>,
+}
+
+/// Whether a write needs the datapath's maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Maps {
+    /// Load the datapath if it is not there yet.
+    Load,
+    /// Only if it is loaded (cleanup never loads programs).
+    IfLoaded,
+    /// The write changes nothing the maps hold.
+    No,
+}
+
+/// One write: the store transaction and the engine, changed together.
+struct Op<'a, 'c> {
+    tx: &'a mut Txn<'c>,
+    engine: &'a mut Engine,
+    /// Something the engine computes from changed.
+    inputs: bool,
+}
+
+impl Op<'_, '_> {
+    fn put_namespace(&mut self, ns: &StoredNamespace) -> Result<(), NodeError> {
+        self.tx.put_namespace(ns)?;
+        self.engine.upsert_namespace(ns.value.clone());
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_namespace(&mut self, name: &str) -> Result<bool, NodeError> {
+        let found = self.tx.delete_namespace(name)?;
+        if found {
+            self.engine.remove_namespace(name);
+            self.inputs = true;
+        }
+        Ok(found)
+    }
+
+    fn put_pod(&mut self, pod: &StoredPod) -> Result<(), NodeError> {
+        self.tx.put_pod(pod)?;
+        self.engine.upsert_pod(pod.value.clone());
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<bool, NodeError> {
+        let found = self.tx.delete_pod(namespace, name)?;
+        if found {
+            self.engine.remove_pod(namespace, name);
+            self.inputs = true;
+        }
+        Ok(found)
+    }
+
+    fn put_policy(&mut self, p: &StoredPolicy) -> Result<(), NodeError> {
+        self.tx.put_policy(p)?;
+        self.engine.upsert_policy(p.id, p.policy.clone());
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_policy(&mut self, p: &StoredPolicy) -> Result<(), NodeError> {
+        self.tx.delete_policy(&p.policy.namespace, &p.policy.name)?;
+        self.engine.remove_policy(p.id);
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn put_endpoint(&mut self, ep: &Endpoint) -> Result<(), NodeError> {
+        self.tx.put_endpoint(ep)?;
+        self.engine.upsert_endpoint(ep.input());
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_endpoint(&mut self, ep: &Endpoint) -> Result<(), NodeError> {
+        self.tx.delete_endpoint(&ep.key())?;
+        self.engine.remove_endpoint(ep.id);
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn set_host_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), NodeError> {
+        if self.tx.host_addresses()? != addrs {
+            self.tx.set_host_addresses(addrs)?;
+            self.engine.set_host_addresses(addrs);
+            self.inputs = true;
+        }
+        Ok(())
+    }
+
+    fn set_mode(&mut self, mode: Mode) -> Result<(), NodeError> {
+        self.tx.set_mode(mode)?;
+        self.engine.set_node_mode(mode);
+        self.inputs = true;
+        Ok(())
+    }
+}
+
+/// The store, the engine and the dataplane of one node.
 #[derive(Debug)]
 pub struct Node<D: Dataplane> {
     pub store: Store,
     pub dataplane: D,
     pub lock_timeout: Duration,
+    /// The engine and the store generation it reflects.
+    engine: Option<(Engine, u64)>,
 }
 
 fn now_secs() -> u64 {
@@ -148,12 +319,61 @@ fn now_secs() -> u64 {
         .unwrap_or_default()
 }
 
-/// Compile a state: the endpoint views, then the compiler. Identities are
-/// allocated in (and unused ones dropped from) the state's table.
+/// Build the engine from a whole state (the identity numbers in it are
+/// kept). Returns what the user should know (addresses claimed twice).
+pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
+    let mut e = Engine::new(state.identities.clone(), state.mode);
+    e.begin_bulk();
+    for ns in state.namespaces.values() {
+        e.upsert_namespace(ns.value.clone());
+    }
+    for pod in state.pods.values() {
+        e.upsert_pod(pod.value.clone());
+    }
+    // Policies before endpoints: identities are computed once, with every
+    // ipBlock and named port that refines them already known.
+    for p in state.policies.values() {
+        e.upsert_policy(p.id, p.policy.clone());
+    }
+    e.set_host_addresses(&state.host_addresses);
+    let mut eps: Vec<&Endpoint> = state.endpoints.values().collect();
+    eps.sort_by_key(|ep| ep.id);
+    for ep in eps {
+        e.upsert_endpoint(ep.input());
+    }
+    let warnings = e.end_bulk().warnings;
+    (e, warnings)
+}
+
+/// Make the stored identities equal to `now` (after a build or a full
+/// compile).
+fn store_identities(
+    tx: &mut Txn<'_>,
+    before: &IdentityTable,
+    now: &IdentityTable,
+) -> Result<(), StoreError> {
+    for (key, id) in now.iter() {
+        if before.key_of(id) != Some(key) {
+            tx.put_identity(id, key)?;
+        }
+    }
+    for (_, id) in before.iter() {
+        if now.key_of(id).is_none() {
+            tx.delete_identity(id)?;
+        }
+    }
+    if before.counters() != now.counters() {
+        tx.set_identity_counters(now.counters())?;
+    }
+    Ok(())
+}
+
+/// Compile a state in full: the endpoint views, then the compiler.
+/// Identities are allocated in (and unused ones dropped from) the state's
+/// table. For display and repair; the per-event path is the engine.
 pub fn compile_state(state: &mut State) -> Compiled {
     let namespaces = state.namespace_map();
-    let (mut policies, mut warnings) = state.policies();
-    // The compiler sees each policy's effective mode.
+    let mut policies = state.policies();
     for (_, p) in &mut policies {
         p.mode = Some(state.effective_mode(p, &namespaces));
     }
@@ -168,14 +388,14 @@ pub fn compile_state(state: &mut State) -> Compiled {
             labels: state.effective_labels(ep),
             ports: state
                 .pod_info(&ep.namespace, &ep.name)
-                .map(|p| p.ports)
+                .map(|p| p.ports.clone())
                 .unwrap_or_default(),
             addresses: ep.addresses.clone(),
             extra_flags: 0,
         })
         .collect();
     let host = state.host_addresses.clone();
-    let mut compiled = compile::compile(
+    let compiled = compile::compile(
         &compile::Input {
             namespaces: &namespaces,
             policies: &policies,
@@ -185,9 +405,44 @@ pub fn compile_state(state: &mut State) -> Compiled {
         &mut state.identities,
     );
     state.identities.retain_used(&compiled.used_identities);
-    warnings.append(&mut compiled.warnings);
-    compiled.warnings = warnings;
     compiled
+}
+
+/// Detach removed endpoints' programs and forget their counters. Runs
+/// without the state lock (the endpoints are out of the store and the maps
+/// already, so their programs drop everything meanwhile: fail closed).
+pub fn detach_endpoints<D: Dataplane>(dp: &mut D, gone: &[Endpoint]) -> Result<(), NodeError> {
+    let loaded = datapath_for_cleanup(dp);
+    let mut failed = Vec::new();
+    for ep in gone {
+        if let Err(e) = dp.detach(&ep.attachment, &ep.host_ifname) {
+            failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
+        }
+        if loaded && let Err(e) = dp.forget_endpoint(ep.id) {
+            tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
+        }
+    }
+    if !failed.is_empty() {
+        return Err(NodeError::Dataplane(DataplaneError::Other(format!(
+            "removed from the maps but not detached (traffic through them is dropped): {}",
+            failed.join("; ")
+        ))));
+    }
+    Ok(())
+}
+
+/// Whether a datapath is there to clean up. Cleanup (DEL, GC, poststop)
+/// never loads programs: a datapath that is missing or from an
+/// incompatible build has nothing of this endpoint to remove from its
+/// maps, and link pins are removed either way.
+fn datapath_for_cleanup<D: Dataplane>(dp: &mut D) -> bool {
+    match dp.open_existing() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::warn!("cleaning up without the datapath's maps: {e}");
+            false
+        }
+    }
 }
 
 impl<D: Dataplane> Node<D> {
@@ -196,217 +451,289 @@ impl<D: Dataplane> Node<D> {
             store,
             dataplane,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            engine: None,
         }
     }
 
-    fn lock(&self) -> Result<Locked, NodeError> {
-        Ok(self.store.lock(self.lock_timeout)?)
+    /// The engine, once an operation has built it (for status and tests).
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref().map(|(e, _)| e)
     }
 
-    /// Sync `locked.state`; if the kernel refuses, sync `previous` back.
-    fn commit(
+    /// Run one write. `f` changes the store and the engine through [`Op`];
+    /// then the engine's delta goes to the maps and the store commits.
+    fn transact<R>(
         &mut self,
-        locked: &mut Locked,
-        previous: &State,
-    ) -> Result<(SyncReport, Vec<String>), NodeError> {
-        let compiled = compile_state(&mut locked.state);
-        let result = match self.dataplane.sync(&compiled.desired) {
-            // The kernel took it; only a saved state makes it official.
-            Ok(report) => match locked.save() {
-                Ok(()) => return Ok((report, compiled.warnings)),
-                Err(e) => NodeError::from(e),
-            },
-            Err(e) => NodeError::from(e),
+        maps: Maps,
+        f: impl FnOnce(&mut Op<'_, '_>, &D) -> Result<R, NodeError>,
+    ) -> Result<(R, Committed), NodeError> {
+        let loaded = match maps {
+            Maps::Load => {
+                self.dataplane.prepare()?;
+                true
+            }
+            Maps::IfLoaded => datapath_for_cleanup(&mut self.dataplane),
+            Maps::No => false,
         };
-        Err(self.rollback(previous, result))
-    }
-
-    /// Sync `previous` back after `err`; report both if that fails too.
-    fn rollback(&mut self, previous: &State, err: NodeError) -> NodeError {
-        let mut prev = previous.clone();
-        let back = compile_state(&mut prev);
-        match self.dataplane.sync(&back.desired) {
-            Ok(_) => err,
-            Err(rollback) => NodeError::RollbackFailed {
-                context: err.to_string(),
-                rollback,
-            },
+        let Node {
+            store,
+            dataplane,
+            lock_timeout,
+            engine,
+        } = self;
+        let mut tx = store.write(*lock_timeout)?;
+        let generation = nonzero_generation(&mut tx)?;
+        if !matches!(engine, Some((_, g)) if *g == generation) {
+            // First use, or another process changed the store.
+            let state = tx.load()?;
+            let (built, warnings) = build_engine(&state);
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            store_identities(&mut tx, &state.identities, built.identities())?;
+            *engine = Some((built, generation));
         }
-    }
+        let Some((eng, _)) = engine.as_mut() else {
+            unreachable!("built above");
+        };
+        let token = if loaded { dataplane.sync_token()? } else { 0 };
+        if loaded && (token == 0 || token != generation) {
+            // The maps do not match the store (an interrupted write, a new
+            // datapath, or one that was away): repair them from it first.
+            let r = dataplane.sync(eng.desired())?;
+            dataplane.set_sync_token(generation)?;
+            tracing::info!(
+                "datapath repaired from the store (generation {generation}): {} written, {} removed",
+                r.upserted,
+                r.deleted
+            );
+        }
 
-    /// Whether a datapath is there to clean up. Cleanup (DEL, GC,
-    /// poststop) never loads programs: a datapath that is missing or from
-    /// an incompatible build has nothing of this endpoint to remove from
-    /// its maps, and link pins are removed either way.
-    fn datapath_for_cleanup(&mut self) -> bool {
-        match self.dataplane.open_existing() {
-            Ok(loaded) => loaded,
+        let mut op = Op {
+            tx: &mut tx,
+            engine: eng,
+            inputs: false,
+        };
+        let result = f(&mut op, dataplane);
+        let inputs = op.inputs;
+        let value = match result {
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!("cleaning up without the datapath's maps: {e}");
-                false
+                if inputs {
+                    // The engine holds changes the store will not.
+                    *engine = None;
+                }
+                return Err(e);
             }
+        };
+        if !inputs {
+            if tx.changed() {
+                tx.commit()?;
+            }
+            return Ok((value, Committed::default()));
         }
-    }
 
-    /// Remove endpoints: first from the maps (their programs then drop
-    /// everything: fail closed), then detach, then save.
-    fn remove_locked(
-        &mut self,
-        locked: &mut Locked,
-        gone: &[Endpoint],
-    ) -> Result<Vec<String>, NodeError> {
-        let loaded = self.datapath_for_cleanup();
-        let previous = locked.state.clone();
-        for ep in gone {
-            locked.state.endpoints.remove(&ep.key());
-        }
-        let mut warnings = Vec::new();
+        let changes = eng.finish();
+        let ids_now = eng.identities().counters();
+        let stored = (|| -> Result<u64, StoreError> {
+            for (id, key) in &changes.identities_added {
+                tx.put_identity(*id, key)?;
+            }
+            for id in &changes.identities_removed {
+                tx.delete_identity(*id)?;
+            }
+            tx.set_identity_counters(ids_now)?;
+            tx.bump_generation()
+        })();
+        let next = match stored {
+            Ok(n) => n,
+            Err(e) => {
+                *engine = None;
+                return Err(e.into());
+            }
+        };
+        let mut report = SyncReport::default();
         if loaded {
-            warnings = self.commit(locked, &previous)?.1;
-        } else {
-            locked.save()?;
-        }
-        let mut failed = Vec::new();
-        for ep in gone {
-            if let Err(e) = self.dataplane.detach(&ep.attachment, &ep.host_ifname) {
-                failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
+            // Until the store commits, the maps match neither generation.
+            let written = dataplane
+                .set_sync_token(0)
+                .and_then(|()| dataplane.apply(&changes.delta));
+            match written {
+                Ok(r) => report = r,
+                Err(e) => {
+                    *engine = None;
+                    return Err(undo(dataplane, &changes.undo, generation, e.into()));
+                }
             }
-            if loaded && let Err(e) = self.dataplane.forget_endpoint(ep.id) {
-                tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
-            }
         }
-        if !failed.is_empty() {
-            // The maps no longer know these endpoints, so their programs
-            // drop everything; say what is still attached.
-            return Err(NodeError::Dataplane(DataplaneError::Other(format!(
-                "removed from the maps but not detached (traffic through them is dropped): {}",
-                failed.join("; ")
-            ))));
+        if let Err(e) = tx.commit() {
+            *engine = None;
+            return Err(if loaded {
+                undo(dataplane, &changes.undo, generation, e.into())
+            } else {
+                e.into()
+            });
         }
-        Ok(warnings)
+        if loaded && let Err(e) = dataplane.set_sync_token(next) {
+            // The next write repairs the maps from the store.
+            tracing::warn!("could not record the maps' generation: {e}");
+        }
+        if let Some((_, g)) = engine.as_mut() {
+            *g = next;
+        }
+        Ok((
+            value,
+            Committed {
+                report,
+                warnings: changes.warnings,
+            },
+        ))
     }
 
-    /// Remove link pins no endpoint owns (left behind by a crash).
-    fn sweep(&mut self, state: &State) {
-        let keep: Vec<PathBuf> = state
-            .endpoints
-            .values()
-            .flat_map(|e| e.attachment.pins())
-            .collect();
-        if let Err(e) = self.dataplane.sweep_links(&keep) {
-            tracing::warn!("could not sweep orphaned link pins: {e}");
+    /// Register an endpoint and write its maps; its programs are attached
+    /// afterwards, outside the lock ([`Node::complete_add`]).
+    pub fn register_endpoint(&mut self, mut new: NewEndpoint) -> Result<Registered, NodeError> {
+        let ((registered, stale), c) = self.transact(Maps::Load, |op, dp| {
+            let key = Endpoint::key_for(&new.network, &new.container_id, &new.ifname);
+            let on_veth = op.tx.endpoints_on_ifindex(new.host_ifindex)?;
+            // No double work: a live endpoint the other integration
+            // registered for this very veth keeps it. (Two containers
+            // sharing one network namespace, such as a Podman pod or a
+            // Kubernetes pod's app containers, share its endpoint.)
+            if let Some(live) = on_veth.iter().find(|e| {
+                e.host_ifname == new.host_ifname
+                    && e.key() != key
+                    && dp.verify(&e.attachment, &e.host_ifname).is_ok()
+            }) {
+                return Ok((Registered::AlreadyManaged(live.clone()), Vec::new()));
+            }
+            // An identity an OCI hook recorded before the network existed.
+            let now = now_secs();
+            op.tx
+                .prune_pending(now.saturating_sub(PENDING_TTL_SECS - 1))?;
+            if let Some(ino) = new.netns_inode
+                && !new.k8s
+                && let Some(p) = op.tx.take_pending(ino)?
+            {
+                new.namespace = p.namespace;
+                new.name = p.name;
+                new.labels.extend(p.labels);
+            }
+            // A repeated ADD replaces the earlier registration; an endpoint
+            // still claiming this veth is stale (its veth was deleted and
+            // the index reused).
+            let mut stale = on_veth;
+            if let Some(same) = op.tx.endpoint(&key)?
+                && !stale.iter().any(|e| e.id == same.id)
+            {
+                stale.push(same);
+            }
+            for old in &stale {
+                op.delete_endpoint(old)?;
+            }
+            if let Some(h) = &new.host_addresses {
+                op.set_host_addresses(h)?;
+            }
+            let id = op.tx.allocate_endpoint_id()?;
+            let ep = Endpoint {
+                id,
+                source: new.source,
+                network: new.network.clone(),
+                container_id: new.container_id.clone(),
+                ifname: new.ifname.clone(),
+                namespace: new.namespace.clone(),
+                name: new.name.clone(),
+                labels: new.labels.clone(),
+                netns: new.netns.clone(),
+                host_ifname: new.host_ifname.clone(),
+                host_ifindex: new.host_ifindex,
+                addresses: new.addresses.clone(),
+                k8s: new.k8s,
+                attachment: Attachment::Pending,
+                created: now,
+            };
+            // Maps first: the first packet through the programs already
+            // finds this endpoint's policy.
+            op.put_endpoint(&ep)?;
+            Ok((Registered::New(ep), stale))
+        })?;
+        // Their veths are gone; their pins and filters go now.
+        if let Err(e) = detach_endpoints(&mut self.dataplane, &stale) {
+            tracing::warn!("stale endpoints: {e}");
+        }
+        for w in &c.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(registered)
+    }
+
+    /// Record how a registered endpoint's programs were attached, or take
+    /// it out again if attaching failed. Nothing stays behind on failure.
+    pub fn complete_add(
+        &mut self,
+        ep: Endpoint,
+        attached: Result<Attachment, DataplaneError>,
+    ) -> Result<Endpoint, NodeError> {
+        let key = ep.key();
+        let att = match attached {
+            Ok(att) => att,
+            Err(e) => {
+                let cleanup = self.unregister(&[EndpointRef {
+                    key,
+                    id: Some(ep.id),
+                }]);
+                if let Err(c) = cleanup {
+                    tracing::warn!("could not take endpoint {} out again: {c}", ep.id);
+                }
+                return Err(e.into());
+            }
+        };
+        let recorded = self.transact(Maps::No, |op, _| match op.tx.endpoint(&key)? {
+            Some(mut e) if e.id == ep.id => {
+                e.attachment = att.clone();
+                op.tx.put_endpoint(&e)?;
+                Ok(Some(e))
+            }
+            _ => Ok(None),
+        });
+        match recorded {
+            Ok((Some(e), _)) => Ok(e),
+            Ok((None, _)) => {
+                let _best_effort = self.dataplane.detach(&att, &ep.host_ifname);
+                Err(NodeError::NotFound(format!(
+                    "endpoint {key} was removed while its programs were being attached"
+                )))
+            }
+            Err(e) => {
+                let _best_effort = self.dataplane.detach(&att, &ep.host_ifname);
+                if let Err(c) = self.unregister(&[EndpointRef {
+                    key,
+                    id: Some(ep.id),
+                }]) {
+                    tracing::warn!("could not take endpoint {} out again: {c}", ep.id);
+                }
+                Err(e)
+            }
         }
     }
 
     /// Register an endpoint, program its maps, then attach the programs.
     /// On any failure nothing stays behind.
-    pub fn add_endpoint(&mut self, mut new: NewEndpoint) -> Result<AddOutcome, NodeError> {
-        let mut locked = self.lock()?;
-        self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        let key = Endpoint::key_for(&new.network, &new.container_id, &new.ifname);
-
-        // No double work: a live endpoint the other integration registered
-        // for this very veth keeps it.
-        // (Two containers sharing one network namespace, such as a Podman
-        // pod or a Kubernetes pod's app containers, share its endpoint.)
-        if let Some(live) = locked.state.endpoints.values().find(|e| {
-            e.host_ifindex == new.host_ifindex
-                && e.host_ifname == new.host_ifname
-                && e.key() != key
-                && self.dataplane.verify(&e.attachment, &e.host_ifname).is_ok()
-        }) {
-            return Ok(AddOutcome::AlreadyManaged(live.clone()));
-        }
-        // An identity an OCI hook recorded before the network existed.
-        let now = now_secs();
-        locked
-            .state
-            .pending
-            .retain(|_, p| now.saturating_sub(p.created) < PENDING_TTL_SECS);
-        if let Some(ino) = new.netns_inode
-            && !new.k8s
-            && let Some(p) = locked.state.pending.remove(&ino.to_string())
-        {
-            new.namespace = p.namespace;
-            new.name = p.name;
-            new.labels.extend(p.labels);
-        }
-
-        // A repeated ADD replaces the earlier registration; an endpoint
-        // still claiming this veth is stale (its veth was deleted and the
-        // index reused).
-        let stale: Vec<Endpoint> = locked
-            .state
-            .endpoints
-            .values()
-            .filter(|e| e.key() == key || e.host_ifindex == new.host_ifindex)
-            .cloned()
-            .collect();
-        for old in &stale {
-            self.dataplane.detach(&old.attachment, &old.host_ifname)?;
-            locked.state.endpoints.remove(&old.key());
-        }
-        if let Some(h) = &new.host_addresses {
-            locked.state.host_addresses = h.clone();
-        }
-        let id = locked.state.allocate_endpoint_id();
-        let mut ep = Endpoint {
-            id,
-            source: new.source,
-            network: new.network,
-            container_id: new.container_id,
-            ifname: new.ifname,
-            namespace: new.namespace,
-            name: new.name,
-            labels: new.labels,
-            netns: new.netns,
-            host_ifname: new.host_ifname,
-            host_ifindex: new.host_ifindex,
-            addresses: new.addresses,
-            k8s: new.k8s,
-            attachment: crate::dataplane::Attachment::Netlink {
-                ifindex: 0,
-                from_container: crate::dataplane::NlFilter {
-                    priority: 0,
-                    handle: 0,
-                },
-                to_container: crate::dataplane::NlFilter {
-                    priority: 0,
-                    handle: 0,
-                },
-            },
-            created: now_secs(),
+    pub fn add_endpoint(&mut self, new: NewEndpoint) -> Result<AddOutcome, NodeError> {
+        let ep = match self.register_endpoint(new)? {
+            Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
+            Registered::New(ep) => ep,
         };
-        locked.state.endpoints.insert(key.clone(), ep.clone());
-
-        // Maps first: the first packet through the programs already finds
-        // this endpoint's policy.
-        let compiled = compile_state(&mut locked.state);
-        if let Err(e) = self.dataplane.sync(&compiled.desired) {
-            return Err(self.undo_add(&previous, e.into()));
-        }
-        match self.dataplane.attach(id, &ep.host_ifname, ep.host_ifindex) {
-            Ok(att) => ep.attachment = att,
-            Err(e) => return Err(self.undo_add(&previous, e.into())),
-        }
-        locked.state.endpoints.insert(key, ep.clone());
-        if let Err(e) = locked.save() {
-            let _best_effort = self.dataplane.detach(&ep.attachment, &ep.host_ifname);
-            return Err(self.undo_add(&previous, e.into()));
-        }
-        for w in &compiled.warnings {
-            tracing::warn!("{w}");
-        }
-        self.sweep(&locked.state);
-        Ok(AddOutcome::Added(ep))
+        let attached = self
+            .dataplane
+            .attach(ep.id, &ep.host_ifname, ep.host_ifindex);
+        self.complete_add(ep, attached).map(AddOutcome::Added)
     }
 
     /// Whether the endpoint `key` exists on this veth with its programs
     /// attached (a hook that runs twice for one container does nothing).
     pub fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError> {
-        let state = self.store.read()?;
-        let Some(ep) = state.endpoints.get(key) else {
+        let Some(ep) = self.store.endpoint(key)? else {
             return Ok(false);
         };
         if ep.host_ifindex != ifindex {
@@ -427,19 +754,18 @@ impl<D: Dataplane> Node<D> {
         name: &str,
         labels: &Labels,
     ) -> Result<(), NodeError> {
-        let mut locked = self.lock()?;
-        let previous = locked.state.clone();
-        let Some(ep) = locked.state.endpoints.get_mut(key) else {
-            return Err(NodeError::NotFound(format!("no endpoint {key}")));
-        };
-        if ep.namespace == namespace && ep.name == name && ep.labels == *labels {
-            return Ok(());
-        }
-        ep.namespace = namespace.to_owned();
-        ep.name = name.to_owned();
-        ep.labels = labels.clone();
-        self.dataplane.prepare()?;
-        self.commit(&mut locked, &previous)?;
+        self.transact(Maps::Load, |op, _| {
+            let Some(mut ep) = op.tx.endpoint(key)? else {
+                return Err(NodeError::NotFound(format!("no endpoint {key}")));
+            };
+            if ep.namespace == namespace && ep.name == name && ep.labels == *labels {
+                return Ok(());
+            }
+            ep.namespace = namespace.to_owned();
+            ep.name = name.to_owned();
+            ep.labels = labels.clone();
+            op.put_endpoint(&ep)
+        })?;
         Ok(())
     }
 
@@ -451,49 +777,70 @@ impl<D: Dataplane> Node<D> {
         inode: u64,
         pending: PendingIdentity,
     ) -> Result<(), NodeError> {
-        let mut locked = self.lock()?;
-        let now = now_secs();
-        // The CNI ADD follows the hook within seconds; an identity nobody
-        // claimed soon is stale, and namespace inodes get reused.
-        locked
-            .state
-            .pending
-            .retain(|_, p| now.saturating_sub(p.created) < PENDING_TTL_SECS);
-        locked.state.pending.insert(inode.to_string(), pending);
-        locked.save()?;
+        self.transact(Maps::No, |op, _| {
+            // The CNI ADD follows the hook within seconds; an identity
+            // nobody claimed soon is stale, and namespace inodes get reused.
+            op.tx
+                .prune_pending(now_secs().saturating_sub(PENDING_TTL_SECS - 1))?;
+            op.tx.put_pending(inode, &pending)?;
+            Ok(())
+        })?;
         Ok(())
     }
 
     /// Forget everything an OCI container registered: its endpoints and any
     /// pending identity. Idempotent.
     pub fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError> {
-        {
-            let mut locked = self.lock()?;
-            let before = locked.state.pending.len();
-            locked
-                .state
-                .pending
-                .retain(|_, p| p.container_id != container_id);
-            if locked.state.pending.len() != before {
-                locked.save()?;
+        let (gone, _) = self.transact(Maps::IfLoaded, |op, _| {
+            op.tx.forget_pending_of(container_id)?;
+            let mut gone = Vec::new();
+            for e in op.tx.endpoints_of_container(container_id)? {
+                if e.source == Source::Oci {
+                    op.delete_endpoint(&e)?;
+                    gone.push(e);
+                }
             }
-        }
-        self.remove_endpoints_where(|e| e.source == Source::Oci && e.container_id == container_id)
+            Ok(gone)
+        })?;
+        detach_endpoints(&mut self.dataplane, &gone)?;
+        Ok(gone)
     }
 
-    fn undo_add(&mut self, previous: &State, err: NodeError) -> NodeError {
-        self.rollback(previous, err)
+    /// Take endpoints out of the store and the maps (under the lock); their
+    /// programs are detached afterwards ([`detach_endpoints`]).
+    pub fn unregister(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
+        let (gone, _) = self.transact(Maps::IfLoaded, |op, _| {
+            let mut gone = Vec::new();
+            for r in which {
+                if let Some(e) = op.tx.endpoint(&r.key)?
+                    && r.id.is_none_or(|id| id == e.id)
+                {
+                    op.delete_endpoint(&e)?;
+                    gone.push(e);
+                }
+            }
+            Ok(gone)
+        })?;
+        Ok(gone)
+    }
+
+    /// Remove endpoints: out of the maps (their programs then drop
+    /// everything: fail closed), out of the store, then detached.
+    pub fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
+        let gone = self.unregister(which)?;
+        detach_endpoints(&mut self.dataplane, &gone)?;
+        Ok(gone)
     }
 
     /// Detach and forget an endpoint. Succeeds when it is already gone.
     pub fn remove_endpoint(&mut self, key: &str) -> Result<Option<Endpoint>, NodeError> {
-        let mut locked = self.lock()?;
-        let Some(ep) = locked.state.endpoints.get(key).cloned() else {
-            return Ok(None);
-        };
-        self.remove_locked(&mut locked, std::slice::from_ref(&ep))?;
-        self.sweep(&locked.state);
-        Ok(Some(ep))
+        Ok(self
+            .remove_endpoints(&[EndpointRef {
+                key: key.to_owned(),
+                id: None,
+            }])?
+            .into_iter()
+            .next())
     }
 
     /// Remove every endpoint for which `stale` says so (CNI GC, `palisadectl gc`).
@@ -501,26 +848,18 @@ impl<D: Dataplane> Node<D> {
         &mut self,
         stale: impl Fn(&Endpoint) -> bool,
     ) -> Result<Vec<Endpoint>, NodeError> {
-        let mut locked = self.lock()?;
-        let gone: Vec<Endpoint> = locked
-            .state
-            .endpoints
-            .values()
-            .filter(|e| stale(e))
-            .cloned()
-            .collect();
-        if gone.is_empty() {
-            return Ok(gone);
+        let which = stale_refs(&self.store.read()?, stale);
+        if which.is_empty() {
+            return Ok(Vec::new());
         }
-        self.remove_locked(&mut locked, &gone)?;
-        self.sweep(&locked.state);
+        let gone = self.remove_endpoints(&which)?;
+        self.sweep();
         Ok(gone)
     }
 
     /// Fail unless the endpoint is registered, in the maps and attached.
     pub fn check_endpoint(&mut self, key: &str) -> Result<Endpoint, NodeError> {
-        let state = self.store.read()?;
-        let ep = state.endpoints.get(key).cloned().ok_or_else(|| {
+        let ep = self.store.endpoint(key)?.ok_or_else(|| {
             NodeError::NotFound(format!(
                 "palisade has no endpoint {key}; it was never added or was deleted"
             ))
@@ -540,21 +879,14 @@ impl<D: Dataplane> Node<D> {
         namespace: Option<&str>,
         mode: Option<Mode>,
     ) -> Result<SyncReport, NodeError> {
-        let mut locked = self.lock()?;
-        self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        match namespace {
-            None => locked.state.mode = mode.unwrap_or_default(),
+        let (_, c) = self.transact(Maps::Load, |op, _| match namespace {
+            None => op.set_mode(mode.unwrap_or_default()),
             Some(ns) => {
-                let obj = locked
-                    .state
-                    .namespaces
-                    .entry(ns.to_owned())
-                    .or_insert_with(|| {
-                        let mut n = k8s_openapi::api::core::v1::Namespace::default();
-                        n.metadata.name = Some(ns.to_owned());
-                        n
-                    });
+                let mut obj = op.tx.namespace(ns)?.map(|v| v.object).unwrap_or_else(|| {
+                    let mut n = k8s_openapi::api::core::v1::Namespace::default();
+                    n.metadata.name = Some(ns.to_owned());
+                    n
+                });
                 let ann = obj
                     .metadata
                     .annotations
@@ -567,145 +899,232 @@ impl<D: Dataplane> Node<D> {
                         ann.remove(MODE_ANNOTATION);
                     }
                 }
+                let valid = validate_namespace_object(obj)
+                    .map_err(|e| NodeError::Invalid(format!("namespace {ns:?}: {e}")))?;
+                op.put_namespace(&valid)
             }
-        }
-        let (report, _) = self.commit(&mut locked, &previous)?;
-        Ok(report)
+        })?;
+        Ok(c.report)
     }
 
     /// Create or replace objects, then enforce the result.
     pub fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
-        let mut locked = self.lock()?;
-        self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        let mut changes = Vec::new();
-        for obj in objects {
-            let r = obj.reference();
-            let key = format!("{}/{}", r.namespace, r.name);
-            let change = match obj {
-                Object::Namespace(ns) => upsert(&mut locked.state.namespaces, r.name.clone(), *ns),
-                Object::Pod(pod) => upsert(&mut locked.state.pods, key, *pod),
-                Object::NetworkPolicy(np) => match locked.state.policies.get(&key) {
-                    Some(sp) if sp.object == *np => Change::Unchanged,
-                    Some(sp) => {
-                        let id = sp.id;
-                        locked
-                            .state
-                            .policies
-                            .insert(key, StoredPolicy { id, object: *np });
-                        Change::Configured
+        let (changes, c) = self.transact(Maps::Load, |op, _| {
+            let mut changes = Vec::new();
+            for obj in objects {
+                let r = obj.reference();
+                let change = match obj {
+                    Object::Namespace(ns) => {
+                        let old = op.tx.namespace(&r.name)?;
+                        upsert(old.map(|o| o.object), &ns.object, || op.put_namespace(&ns))?
                     }
-                    None => {
-                        let id = locked.state.allocate_policy_id();
-                        locked
-                            .state
-                            .policies
-                            .insert(key, StoredPolicy { id, object: *np });
-                        Change::Created
+                    Object::Pod(pod) => {
+                        let old = op.tx.pod(&r.namespace, &r.name)?;
+                        upsert(old.map(|o| o.object), &pod.object, || op.put_pod(&pod))?
                     }
-                },
-            };
-            changes.push((r, change));
-        }
-        let (sync, warnings) = self.commit(&mut locked, &previous)?;
+                    Object::NetworkPolicy(np) => {
+                        let old = op.tx.policy(&r.namespace, &r.name)?;
+                        let id = match &old {
+                            Some(sp) => sp.id,
+                            None => op.tx.allocate_policy_id()?,
+                        };
+                        let stored = StoredPolicy {
+                            id,
+                            object: np.object,
+                            policy: np.value,
+                        };
+                        upsert(old.map(|o| o.object), &stored.object, || {
+                            op.put_policy(&stored)
+                        })?
+                    }
+                };
+                changes.push((r, change));
+            }
+            Ok(changes)
+        })?;
         Ok(ObjectsReport {
             changes,
-            sync,
-            warnings,
+            sync: c.report,
+            warnings: c.warnings,
         })
     }
 
     /// Delete objects. Deleting a Namespace deletes its Pods and
     /// NetworkPolicies too, as Kubernetes does.
     pub fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
-        let mut locked = self.lock()?;
-        self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        let mut changes = Vec::new();
-        for r in refs {
-            let key = format!("{}/{}", r.namespace, r.name);
-            let found = match r.kind {
-                Kind::Namespace => {
-                    let found = locked.state.namespaces.remove(&r.name).is_some();
-                    let prefix = format!("{}/", r.name);
-                    let pods: Vec<String> = locked
-                        .state
-                        .pods
-                        .keys()
-                        .filter(|k| k.starts_with(&prefix))
-                        .cloned()
-                        .collect();
-                    for k in pods {
-                        locked.state.pods.remove(&k);
-                        let (_, name) = k.split_once('/').unwrap_or_default();
-                        changes.push((
-                            ObjectRef {
-                                kind: Kind::Pod,
-                                namespace: r.name.clone(),
-                                name: name.to_owned(),
-                            },
-                            Change::Deleted,
-                        ));
+        let (changes, c) = self.transact(Maps::Load, |op, _| {
+            let mut changes = Vec::new();
+            for r in refs {
+                let found = match r.kind {
+                    Kind::Namespace => {
+                        for pod in op.tx.pods_in(&r.name)? {
+                            op.delete_pod(&pod.value.namespace, &pod.value.name)?;
+                            changes.push((
+                                ObjectRef {
+                                    kind: Kind::Pod,
+                                    namespace: r.name.clone(),
+                                    name: pod.value.name.clone(),
+                                },
+                                Change::Deleted,
+                            ));
+                        }
+                        for p in op.tx.policies_in(&r.name)? {
+                            op.delete_policy(&p)?;
+                            changes.push((
+                                ObjectRef {
+                                    kind: Kind::NetworkPolicy,
+                                    namespace: r.name.clone(),
+                                    name: p.policy.name.clone(),
+                                },
+                                Change::Deleted,
+                            ));
+                        }
+                        op.delete_namespace(&r.name)?
                     }
-                    let pols: Vec<String> = locked
-                        .state
-                        .policies
-                        .keys()
-                        .filter(|k| k.starts_with(&prefix))
-                        .cloned()
-                        .collect();
-                    for k in pols {
-                        locked.state.policies.remove(&k);
-                        let (_, name) = k.split_once('/').unwrap_or_default();
-                        changes.push((
-                            ObjectRef {
-                                kind: Kind::NetworkPolicy,
-                                namespace: r.name.clone(),
-                                name: name.to_owned(),
-                            },
-                            Change::Deleted,
-                        ));
-                    }
-                    found
-                }
-                Kind::Pod => locked.state.pods.remove(&key).is_some(),
-                Kind::NetworkPolicy => locked.state.policies.remove(&key).is_some(),
-            };
-            changes.push((
-                r,
-                if found {
-                    Change::Deleted
-                } else {
-                    Change::NotFound
-                },
-            ));
-        }
-        let (sync, warnings) = self.commit(&mut locked, &previous)?;
+                    Kind::Pod => op.delete_pod(&r.namespace, &r.name)?,
+                    Kind::NetworkPolicy => match op.tx.policy(&r.namespace, &r.name)? {
+                        Some(p) => {
+                            op.delete_policy(&p)?;
+                            true
+                        }
+                        None => false,
+                    },
+                };
+                changes.push((
+                    r,
+                    if found {
+                        Change::Deleted
+                    } else {
+                        Change::NotFound
+                    },
+                ));
+            }
+            Ok(changes)
+        })?;
         Ok(ObjectsReport {
             changes,
-            sync,
-            warnings,
+            sync: c.report,
+            warnings: c.warnings,
         })
     }
 
-    /// Recompile and sync without changing anything (repairs maps).
-    pub fn resync(&mut self) -> Result<SyncReport, NodeError> {
-        let mut locked = self.lock()?;
+    /// Compile everything in full and make the kernel maps match it,
+    /// reading them whole (repair). The engine is rebuilt from the store
+    /// and checked against the full compile; a difference is reported.
+    pub fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError> {
         self.dataplane.prepare()?;
-        let previous = locked.state.clone();
-        let (report, _) = self.commit(&mut locked, &previous)?;
-        self.sweep(&locked.state);
+        self.engine = None;
+        let Node {
+            store,
+            dataplane,
+            lock_timeout,
+            engine,
+        } = self;
+        let mut tx = store.write(*lock_timeout)?;
+        let mut generation = nonzero_generation(&mut tx)?;
+        let state = tx.load()?;
+        let (built, mut warnings) = build_engine(&state);
+        let (full, ids) = built.full_compile();
+        let agrees = full.desired == *built.desired() && ids == *built.identities();
+        if !agrees {
+            warnings.push(format!(
+                "the incremental engine disagreed with a full compile ({} policy, {} ipcache, {} endpoint entries in the full compile vs {}, {}, {}); the full compile was written — please report this",
+                full.desired.policy.len(),
+                full.desired.ipcache.len(),
+                full.desired.endpoints.len(),
+                built.desired().policy.len(),
+                built.desired().ipcache.len(),
+                built.desired().endpoints.len(),
+            ));
+            generation = tx.bump_generation()?;
+        }
+        store_identities(&mut tx, &state.identities, &ids)?;
+        dataplane.set_sync_token(0)?;
+        let report = dataplane.sync(&full.desired)?;
+        if tx.changed() {
+            tx.commit()?;
+        } else {
+            drop(tx);
+        }
+        dataplane.set_sync_token(generation)?;
+        if agrees {
+            *engine = Some((built, generation));
+        }
+        self.sweep();
+        Ok((report, warnings))
+    }
+
+    /// Build the engine from the store and make the kernel maps match it,
+    /// reading them whole (a daemon's start). When they match already,
+    /// nothing is written and no verdict changes.
+    pub fn start(&mut self) -> Result<SyncReport, NodeError> {
+        self.dataplane.prepare()?;
+        self.engine = None;
+        let Node {
+            store,
+            dataplane,
+            lock_timeout,
+            engine,
+        } = self;
+        let mut tx = store.write(*lock_timeout)?;
+        let generation = nonzero_generation(&mut tx)?;
+        let state = tx.load()?;
+        let (built, warnings) = build_engine(&state);
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        store_identities(&mut tx, &state.identities, built.identities())?;
+        let report = dataplane.sync(built.desired())?;
+        if tx.changed() {
+            tx.commit()?;
+        } else {
+            drop(tx);
+        }
+        dataplane.set_sync_token(generation)?;
+        *engine = Some((built, generation));
+        self.sweep();
         Ok(report)
+    }
+
+    /// The store generation the engine reflects (0: not built yet).
+    pub fn generation(&self) -> u64 {
+        self.engine.as_ref().map_or(0, |(_, g)| *g)
+    }
+
+    /// Remove link pins no endpoint owns (left behind by a crash).
+    pub fn sweep(&mut self) {
+        let keep: Vec<PathBuf> = match self.store.read() {
+            Ok(st) => st
+                .endpoints
+                .values()
+                .flat_map(|e| {
+                    e.attachment.pins().into_iter().chain(
+                        // An endpoint being attached owns its future pins.
+                        matches!(e.attachment, Attachment::Pending)
+                            .then(|| self.dataplane.link_pins(e.id))
+                            .into_iter()
+                            .flatten(),
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("not sweeping link pins: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.dataplane.sweep_links(&keep) {
+            tracing::warn!("could not sweep orphaned link pins: {e}");
+        }
     }
 
     /// Put this build's programs on every endpoint, each swapped in place
     /// (maps, conntrack and policy stay as they are, so no open connection
     /// notices). Endpoints that fail keep enforcing with their old programs.
     pub fn upgrade(&mut self) -> Result<UpgradeReport, NodeError> {
-        let locked = self.lock()?;
+        let state = self.store.read()?;
         self.dataplane.prepare()?;
         let mut report = UpgradeReport::default();
-        for ep in locked.state.endpoints.values() {
+        for ep in state.endpoints.values() {
             if self
                 .dataplane
                 .verify(&ep.attachment, &ep.host_ifname)
@@ -727,8 +1146,7 @@ impl<D: Dataplane> Node<D> {
     /// Objects (policies, namespaces, pods) stay in the store. Containers
     /// lose their isolation: this is for removing palisade from a node.
     pub fn reset(&mut self) -> Result<Vec<Endpoint>, NodeError> {
-        let mut locked = self.lock()?;
-        let gone: Vec<Endpoint> = locked.state.endpoints.values().cloned().collect();
+        let gone: Vec<Endpoint> = self.store.read()?.endpoints.into_values().collect();
         let mut failed = Vec::new();
         for ep in &gone {
             if let Err(e) = self.dataplane.detach(&ep.attachment, &ep.host_ifname) {
@@ -742,9 +1160,13 @@ impl<D: Dataplane> Node<D> {
             ))));
         }
         self.dataplane.destroy()?;
-        locked.state.endpoints.clear();
-        locked.state.pending.clear();
-        locked.save()?;
+        self.transact(Maps::No, |op, _| {
+            for ep in &gone {
+                op.delete_endpoint(ep)?;
+            }
+            op.tx.clear_endpoints()?;
+            Ok(())
+        })?;
         Ok(gone)
     }
 
@@ -764,24 +1186,57 @@ impl<D: Dataplane> Node<D> {
     }
 }
 
-fn upsert<T: PartialEq>(
-    map: &mut std::collections::BTreeMap<String, T>,
-    key: String,
-    value: T,
-) -> Change {
-    match map.get(&key) {
-        Some(old) if *old == value => Change::Unchanged,
-        Some(_) => {
-            map.insert(key, value);
-            Change::Configured
-        }
-        None => {
-            map.insert(key, value);
-            Change::Created
-        }
+/// The store's generation, never 0 (0 is what a new datapath's maps say).
+fn nonzero_generation(tx: &mut Txn<'_>) -> Result<u64, StoreError> {
+    match tx.generation()? {
+        0 => tx.bump_generation(),
+        g => Ok(g),
     }
 }
 
+/// The endpoints of a state for which `stale` says so, by key and id.
+pub fn stale_refs(state: &State, stale: impl Fn(&Endpoint) -> bool) -> Vec<EndpointRef> {
+    state
+        .endpoints
+        .values()
+        .filter(|e| stale(e))
+        .map(|e| EndpointRef {
+            key: e.key(),
+            id: Some(e.id),
+        })
+        .collect()
+}
+
+/// Write back the values a failed write replaced; report both failures if
+/// that fails too (the maps then stay marked as not matching the store,
+/// and the next write repairs them).
+fn undo<D: Dataplane>(
+    dp: &mut D,
+    undo: &crate::engine::Delta,
+    generation: u64,
+    err: NodeError,
+) -> NodeError {
+    match dp.apply(undo).and_then(|_| dp.set_sync_token(generation)) {
+        Ok(()) => err,
+        Err(rollback) => NodeError::RollbackFailed {
+            context: err.to_string(),
+            rollback,
+        },
+    }
+}
+
+/// Create or replace: unchanged when the object is the same.
+fn upsert<T: PartialEq>(
+    old: Option<T>,
+    new: &T,
+    write: impl FnOnce() -> Result<(), NodeError>,
+) -> Result<Change, NodeError> {
+    match old {
+        Some(o) if o == *new => Ok(Change::Unchanged),
+        Some(_) => write().map(|()| Change::Configured),
+        None => write().map(|()| Change::Created),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,7 +1313,7 @@ spec:
         ))
         .unwrap();
         let calls = &n.dataplane.calls;
-        let sync = calls.iter().position(|c| *c == Call::Sync).unwrap();
+        let sync = calls.iter().position(|c| *c == Call::Apply).unwrap();
         let attach = calls
             .iter()
             .position(|c| matches!(c, Call::Attach { .. }))
@@ -1011,6 +1466,120 @@ spec:
             matches!(out, AddOutcome::AlreadyManaged(ref e) if e.container_id == "new"),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn a_refused_map_write_changes_neither_the_maps_nor_the_store() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep(
+            "api",
+            10,
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        ))
+        .unwrap();
+        let maps = n.dataplane.maps.clone();
+        let before = n.store.read().unwrap();
+        n.dataplane.fail_apply = true;
+        let err = n
+            .apply(parse_documents(API_ALLOW, "t").unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(n.dataplane.maps, maps);
+        assert_eq!(n.store.read().unwrap(), before);
+        // The next write works from the store as it is.
+        n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        assert_ne!(n.dataplane.maps, maps);
+    }
+
+    #[test]
+    fn maps_that_do_not_match_the_store_are_repaired_before_the_next_write() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep("a", 10, &[], "10.0.0.2")).unwrap();
+        let good = n.dataplane.maps.clone();
+        // A crash between the map write and the commit leaves the token at 0.
+        n.dataplane.maps.policy.clear();
+        n.dataplane.maps.endpoints.clear();
+        n.dataplane.token = 0;
+        n.dataplane.calls.clear();
+        n.set_mode(None, Some(Mode::Enforce)).unwrap();
+        assert_eq!(
+            n.dataplane
+                .calls
+                .iter()
+                .filter(|c| **c == Call::Sync)
+                .count(),
+            1
+        );
+        assert_eq!(n.dataplane.maps, good);
+        // In step again: no full sync.
+        n.dataplane.calls.clear();
+        n.set_mode(None, Some(Mode::Audit)).unwrap();
+        assert!(
+            !n.dataplane.calls.contains(&Call::Sync),
+            "{:?}",
+            n.dataplane.calls
+        );
+    }
+
+    #[test]
+    fn a_node_sees_what_another_process_committed() {
+        let (d, mut a) = node();
+        let mut b = Node::new(Store::new(d.path()), RecordingDataplane::default());
+        a.add_endpoint(new_ep(
+            "api",
+            10,
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        ))
+        .unwrap();
+        // b builds its engine now, then a changes the store behind it.
+        b.set_mode(None, Some(Mode::Enforce)).unwrap();
+        a.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        b.set_mode(None, Some(Mode::Enforce)).unwrap();
+        let engine = b.engine().unwrap();
+        assert_eq!(engine.desired(), a.engine().unwrap().desired());
+        assert_eq!(
+            engine.desired().endpoints[&10].flags & EP_ISOLATE_INGRESS,
+            EP_ISOLATE_INGRESS
+        );
+    }
+
+    #[test]
+    fn an_unchanged_apply_writes_nothing() {
+        let (_d, mut n) = node();
+        n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        let generation = n.store.generation().unwrap();
+        n.dataplane.calls.clear();
+        let r = n.apply(parse_documents(API_ALLOW, "t").unwrap()).unwrap();
+        assert_eq!(r.changes[0].1, Change::Unchanged);
+        assert_eq!(n.store.generation().unwrap(), generation);
+        assert!(!n.dataplane.calls.contains(&Call::Apply));
+    }
+
+    #[test]
+    fn an_endpoint_removed_while_attaching_is_detached_again() {
+        let (_d, mut n) = node();
+        let Registered::New(ep) = n
+            .register_endpoint(new_ep("a", 10, &[], "10.0.0.2"))
+            .unwrap()
+        else {
+            panic!("a new endpoint")
+        };
+        assert_eq!(
+            n.store.read().unwrap().endpoints[&ep.key()].attachment,
+            Attachment::Pending
+        );
+        // A DEL comes in while the programs are being attached.
+        n.remove_endpoint(&ep.key()).unwrap();
+        let att = n
+            .dataplane
+            .attach(ep.id, &ep.host_ifname, ep.host_ifindex)
+            .unwrap();
+        let err = n.complete_add(ep.clone(), Ok(att)).unwrap_err();
+        assert!(err.to_string().contains("was removed"), "{err}");
+        assert!(n.dataplane.attached.is_empty());
+        assert!(n.dataplane.maps.endpoints.is_empty());
     }
 
     #[test]

@@ -23,10 +23,10 @@ use oci_spec::runtime::{ContainerState, LinuxNamespaceType, Spec, State};
 use thiserror::Error;
 
 use crate::{
-    dataplane::Dataplane,
+    daemon::NodeOps,
     netlink::{self, LinkFacts, NetlinkError},
     netns::{self, NetnsError},
-    node::{AddOutcome, NewEndpoint, Node, NodeError},
+    node::{AddOutcome, NewEndpoint, NodeError},
     policy::{DEFAULT_NAMESPACE, Labels, selector},
     store::{Endpoint, PendingIdentity, Source},
 };
@@ -280,8 +280,8 @@ impl CreateReport {
 
 /// `createRuntime` / `prestart` (and the Docker wrapper's `start`):
 /// register and attach every veth of the container that nobody enforces.
-pub fn on_create<D: Dataplane>(
-    node: &mut Node<D>,
+pub fn on_create(
+    node: &mut impl NodeOps,
     state: &State,
     spec: Option<&Spec>,
 ) -> Result<CreateReport, OciError> {
@@ -367,8 +367,8 @@ pub fn on_create<D: Dataplane>(
 
 /// `poststop`: forget the container. Works after its process and namespace
 /// are gone (everything needed was recorded at create time). Idempotent.
-pub fn on_poststop<D: Dataplane>(
-    node: &mut Node<D>,
+pub fn on_poststop(
+    node: &mut impl NodeOps,
     state: &State,
 ) -> Result<Vec<Endpoint>, OciError> {
     Ok(node.remove_container(state.id())?)

@@ -86,9 +86,7 @@ impl Datapath {
                 .into_iter()
                 .enumerate()
                 .map(|(i, o)| match o {
-                    Object::NetworkPolicy(np) => {
-                        (i as u32 + 1, Policy::from_k8s(&np).expect("valid policy"))
-                    }
+                    Object::NetworkPolicy(np) => (i as u32 + 1, np.value),
                     other => panic!("not a NetworkPolicy: {other:?}"),
                 })
                 .collect()

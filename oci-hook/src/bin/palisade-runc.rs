@@ -25,11 +25,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use palisade::{
-    dataplane::{AttachMode, DEFAULT_BPF_ROOT, kernel::KernelDataplane},
-    node::Node,
+    daemon::{Control, Paths},
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT},
     oci,
     policy::selector,
-    store::{DEFAULT_STATE_DIR, Store},
+    store::DEFAULT_STATE_DIR,
 };
 use serde_json::Value;
 
@@ -261,10 +261,12 @@ fn enforce_at_start(w: &Wrapper, global: &[String], id: &str) -> Result<String> 
     // `runc state` prints the OCI state (plus a few runc fields).
     let state = oci::parse_state(&String::from_utf8_lossy(&out.stdout))?;
     let spec = oci::load_spec(state.bundle())?;
-    let mut node = Node::new(
-        Store::new(&w.state_dir),
-        KernelDataplane::new(&w.bpf_root, AttachMode::Auto),
-    );
+    let mut node = Control::open(&Paths {
+        state_dir: w.state_dir.clone(),
+        bpf_root: w.bpf_root.clone(),
+        socket: std::env::var_os("PALISADE_SOCKET").map(PathBuf::from),
+        attach_mode: AttachMode::Auto,
+    })?;
     let report = oci::on_create(&mut node, &state, spec.as_ref())?;
     Ok(report.describe(id))
 }

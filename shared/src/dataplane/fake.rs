@@ -10,6 +10,7 @@ use super::{
 use crate::{
     abi::{self, Direction, ID_ANY, ID_WORLD},
     compile::{Desired, Prefix},
+    engine::Delta,
 };
 
 /// One recorded call.
@@ -20,6 +21,7 @@ pub enum Call {
     Detach { ifname: String },
     Verify { ifname: String },
     Sync,
+    Apply,
     Forget { ep_id: u32 },
 }
 
@@ -33,6 +35,10 @@ pub struct RecordingDataplane {
     pub attached: Vec<String>,
     /// Make the next attach fail (to test rollback).
     pub fail_attach: bool,
+    /// Make the next delta write fail (to test rollback).
+    pub fail_apply: bool,
+    /// The sync token (`pal_config.sync_token`).
+    pub token: u64,
 }
 
 impl Dataplane for RecordingDataplane {
@@ -75,8 +81,8 @@ impl Dataplane for RecordingDataplane {
         Ok(())
     }
 
-    fn verify(&self, _att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
-        if self.attached.iter().any(|i| i == ifname) {
+    fn verify(&self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError> {
+        if *att != Attachment::Pending && self.attached.iter().any(|i| i == ifname) {
             Ok(())
         } else {
             Err(DataplaneError::NotAttached {
@@ -98,6 +104,56 @@ impl Dataplane for RecordingDataplane {
             deleted: 0,
             epoch: self.epoch,
         })
+    }
+
+    fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError> {
+        self.calls.push(Call::Apply);
+        if std::mem::take(&mut self.fail_apply) {
+            return Err(DataplaneError::Other("injected map write failure".into()));
+        }
+        let m = &mut self.maps;
+        for (k, v) in &delta.policy {
+            match v {
+                Some(v) => m.policy.insert(*k, *v),
+                None => m.policy.remove(k),
+            };
+        }
+        for (k, v) in &delta.ipcache {
+            match v {
+                Some(v) => m.ipcache.insert(*k, *v),
+                None => m.ipcache.remove(k),
+            };
+        }
+        for (k, v) in &delta.endpoints {
+            match v {
+                Some(v) => m.endpoints.insert(*k, *v),
+                None => m.endpoints.remove(k),
+            };
+        }
+        for (k, add) in &delta.srcguard {
+            if *add {
+                m.srcguard.insert(*k);
+            } else {
+                m.srcguard.remove(k);
+            }
+        }
+        if delta.revokes {
+            self.epoch += 1;
+        }
+        Ok(SyncReport {
+            upserted: delta.len(),
+            deleted: 0,
+            epoch: self.epoch,
+        })
+    }
+
+    fn sync_token(&self) -> Result<u64, DataplaneError> {
+        Ok(self.token)
+    }
+
+    fn set_sync_token(&mut self, token: u64) -> Result<(), DataplaneError> {
+        self.token = token;
+        Ok(())
     }
 
     fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError> {

@@ -39,6 +39,7 @@ use crate::{
         PolicyValue, Reason, SrcguardKey, TIER_NETPOL, Verdict,
     },
     compile::{Desired, Prefix},
+    engine::Delta,
     netlink,
 };
 
@@ -768,6 +769,7 @@ impl Dataplane for KernelDataplane {
                 self.detach_netlink(&FROM_CONTAINER, ifname, *ifindex, *from_container)?;
                 self.detach_netlink(&TO_CONTAINER, ifname, *ifindex, *to_container)
             }
+            Attachment::Pending => Ok(()),
         }
     }
 
@@ -852,6 +854,12 @@ impl Dataplane for KernelDataplane {
                     std::mem::forget(link);
                     changed = true;
                 }
+            }
+            Attachment::Pending => {
+                return Err(DataplaneError::NotAttached {
+                    ifname: ifname.to_owned(),
+                    problem: "its programs are still being attached".into(),
+                });
             }
         }
         Ok(changed)
@@ -938,6 +946,9 @@ impl Dataplane for KernelDataplane {
                 }
                 Ok(())
             }
+            Attachment::Pending => Err(not_attached(
+                "its programs are still being attached (or the attach was interrupted)".into(),
+            )),
         }
     }
 
@@ -1068,6 +1079,123 @@ impl Dataplane for KernelDataplane {
         Ok(report)
     }
 
+    fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError> {
+        self.prepare()?;
+        let maps = self.maps_mut()?;
+        let mut report = SyncReport::default();
+        let ipcache_key = |p: &Prefix| LpmKey::new(p.len, IpcacheAddr { addr: p.addr });
+        // Order matters for packets in flight, as in `sync`: allow entries
+        // and new identities first, endpoints next, removals last.
+        for (k, v) in &delta.policy {
+            if let Some(v) = v {
+                maps.policy
+                    .insert(k, v, 0)
+                    .map_err(DataplaneError::map("pal_policy"))?;
+                report.upserted += 1;
+            }
+        }
+        for (p, v) in &delta.ipcache {
+            let Some(v) = v else { continue };
+            if p.len == 128 {
+                maps.ipcache_host
+                    .insert(IpcacheAddr { addr: p.addr }, v, 0)
+                    .map_err(DataplaneError::map("pal_ipcache_host"))?;
+            } else {
+                maps.ipcache
+                    .insert(&ipcache_key(p), *v, 0)
+                    .map_err(DataplaneError::map("pal_ipcache"))?;
+            }
+            report.upserted += 1;
+        }
+        for (k, add) in &delta.srcguard {
+            if *add {
+                maps.srcguard
+                    .insert(*k, 0, 0)
+                    .map_err(DataplaneError::map("pal_srcguard"))?;
+                report.upserted += 1;
+            }
+        }
+        for (k, v) in &delta.endpoints {
+            if let Some(v) = v {
+                maps.endpoints
+                    .insert(*k, *v, 0)
+                    .map_err(DataplaneError::map("pal_endpoints"))?;
+                report.upserted += 1;
+            }
+        }
+        // Removing what is already gone is fine (a repaired map, a retry).
+        let gone = |r: Result<(), aya::maps::MapError>, map| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DataplaneError::map(map)(e)),
+        };
+        for (k, v) in &delta.endpoints {
+            if v.is_none() {
+                gone(maps.endpoints.remove(k), "pal_endpoints")?;
+                report.deleted += 1;
+            }
+        }
+        for (k, add) in &delta.srcguard {
+            if !*add {
+                gone(maps.srcguard.remove(k), "pal_srcguard")?;
+                report.deleted += 1;
+            }
+        }
+        for (p, v) in &delta.ipcache {
+            if v.is_some() {
+                continue;
+            }
+            if p.len == 128 {
+                gone(
+                    maps.ipcache_host.remove(&IpcacheAddr { addr: p.addr }),
+                    "pal_ipcache_host",
+                )?;
+            } else {
+                gone(maps.ipcache.remove(&ipcache_key(p)), "pal_ipcache")?;
+            }
+            report.deleted += 1;
+        }
+        for (k, v) in &delta.policy {
+            if v.is_none() {
+                gone(maps.policy.remove(k), "pal_policy")?;
+                report.deleted += 1;
+            }
+        }
+        let mut cfg = maps
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?;
+        if delta.revokes {
+            // Established flows revalidate against the new state.
+            cfg.epoch = cfg.epoch.wrapping_add(1).max(1);
+            maps.config
+                .set(0, cfg, 0)
+                .map_err(DataplaneError::map("pal_config"))?;
+        }
+        report.epoch = cfg.epoch;
+        Ok(report)
+    }
+
+    fn sync_token(&self) -> Result<u64, DataplaneError> {
+        let cfg = self
+            .maps()?
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?;
+        Ok(cfg.sync_token)
+    }
+
+    fn set_sync_token(&mut self, token: u64) -> Result<(), DataplaneError> {
+        let maps = self.maps_mut()?;
+        let mut cfg = maps
+            .config
+            .get(&0, 0)
+            .map_err(DataplaneError::map("pal_config"))?;
+        cfg.sync_token = token;
+        maps.config
+            .set(0, cfg, 0)
+            .map_err(DataplaneError::map("pal_config"))
+    }
+
     fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError> {
         self.prepare()?;
         let maps = self.maps_mut()?;
@@ -1085,6 +1213,10 @@ impl Dataplane for KernelDataplane {
             }
         }
         Ok(())
+    }
+
+    fn link_pins(&self, ep_id: u32) -> Vec<PathBuf> {
+        PROGRAMS.iter().map(|p| self.link_pin(ep_id, p)).collect()
     }
 
     fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError> {

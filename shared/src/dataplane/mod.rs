@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::{
     abi::{Direction, PolicyValue, Reason, Verdict},
     compile::Desired,
+    engine::Delta,
 };
 
 /// Default root of palisade's pins.
@@ -70,6 +71,8 @@ pub enum Attachment {
         from_container: NlFilter,
         to_container: NlFilter,
     },
+    /// Registered, programs being attached (outside the state lock).
+    Pending,
 }
 
 impl Attachment {
@@ -77,6 +80,7 @@ impl Attachment {
         match self {
             Self::Tcx { .. } => "tcx",
             Self::Netlink { .. } => "clsact",
+            Self::Pending => "attaching",
         }
     }
 
@@ -86,7 +90,7 @@ impl Attachment {
                 from_container,
                 to_container,
             } => vec![from_container.clone(), to_container.clone()],
-            Self::Netlink { .. } => Vec::new(),
+            Self::Netlink { .. } | Self::Pending => Vec::new(),
         }
     }
 }
@@ -179,7 +183,7 @@ impl DataplaneError {
 }
 
 /// What a sync changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncReport {
     pub upserted: usize,
     pub deleted: usize,
@@ -269,12 +273,25 @@ pub trait Dataplane {
     fn detach(&mut self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError>;
     /// Fail unless both programs are attached as recorded.
     fn verify(&self, att: &Attachment, ifname: &str) -> Result<(), DataplaneError>;
-    /// Make the maps equal to `desired`; bump the epoch if anything changed.
+    /// Make the maps equal to `desired` by reading them all and writing
+    /// the difference; bump the epoch if anything changed (repair, start).
     fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError>;
+    /// Write the entries of a delta (additions before removals); bump the
+    /// epoch when it takes something away.
+    fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError>;
+    /// The store generation the maps were last made to match (0: unknown,
+    /// or a change is being written).
+    fn sync_token(&self) -> Result<u64, DataplaneError>;
+    fn set_sync_token(&mut self, token: u64) -> Result<(), DataplaneError>;
     /// Drop per-endpoint state (counters) of a removed endpoint.
     fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError>;
     /// Remove link pins that no endpoint owns (left by a crash).
     fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError>;
+    /// Where an endpoint's links are pinned when attached with TCX.
+    fn link_pins(&self, ep_id: u32) -> Vec<PathBuf> {
+        let _ = ep_id;
+        Vec::new()
+    }
     /// Put this build's programs on an attachment in place (a TCX link
     /// update, or a cls_bpf filter replaced under its handle), so that no
     /// packet passes without a program. `Ok(false)`: it runs them already.

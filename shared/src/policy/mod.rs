@@ -69,16 +69,24 @@ impl Kind {
     }
 }
 
+/// An object as it was written (`object`, only ever displayed) and the
+/// domain value it validated into (`value`, what palisade works with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Valid<W, D> {
+    pub object: W,
+    pub value: D,
+}
+
 /// A decoded, validated object.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    NetworkPolicy(Box<NetworkPolicy>),
+    Namespace(Box<Valid<Namespace, NamespaceInfo>>),
+    Pod(Box<Valid<Pod, PodInfo>>),
+    NetworkPolicy(Box<Valid<NetworkPolicy, Policy>>),
 }
 
 /// Which object: kind, namespace (empty for Namespace) and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub kind: Kind,
     pub namespace: String,
@@ -101,18 +109,29 @@ impl Object {
             Object::Namespace(n) => ObjectRef {
                 kind: Kind::Namespace,
                 namespace: String::new(),
-                name: n.metadata.name.clone().unwrap_or_default(),
+                name: n.value.name.clone(),
             },
             Object::Pod(p) => ObjectRef {
                 kind: Kind::Pod,
-                namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                name: p.metadata.name.clone().unwrap_or_default(),
+                namespace: p.value.namespace.clone(),
+                name: p.value.name.clone(),
             },
             Object::NetworkPolicy(p) => ObjectRef {
                 kind: Kind::NetworkPolicy,
-                namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                name: p.metadata.name.clone().unwrap_or_default(),
+                namespace: p.value.namespace.clone(),
+                name: p.value.name.clone(),
             },
+        }
+    }
+}
+
+impl Object {
+    /// The object as written, as JSON (with apiVersion and kind).
+    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Object::Namespace(n) => serde_json::to_value(&n.object),
+            Object::Pod(p) => serde_json::to_value(&p.object),
+            Object::NetworkPolicy(p) => serde_json::to_value(&p.object),
         }
     }
 }
@@ -161,22 +180,17 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
     match kind {
         "Namespace" => {
             want_api("v1")?;
-            let ns: Namespace = strict(value)?;
-            validate_namespace(&ns)?;
+            let ns = validate_namespace_object(strict(value)?)?;
             out.push(Object::Namespace(Box::new(ns)));
         }
         "Pod" => {
             want_api("v1")?;
-            let mut pod: Pod = strict(value)?;
-            default_namespace(&mut pod.metadata);
-            validate_pod(&pod)?;
+            let pod = validate_pod_object(strict(value)?)?;
             out.push(Object::Pod(Box::new(pod)));
         }
         "NetworkPolicy" => {
             want_api("networking.k8s.io/v1")?;
-            let mut np: NetworkPolicy = strict(value)?;
-            default_namespace(&mut np.metadata);
-            Policy::from_k8s(&np)?;
+            let np = validate_policy_object(strict(value)?)?;
             out.push(Object::NetworkPolicy(Box::new(np)));
         }
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
@@ -276,18 +290,46 @@ fn validate_meta(
     Ok(())
 }
 
-fn validate_namespace(ns: &Namespace) -> Result<(), ObjectError> {
+/// Validate a Namespace and keep what palisade needs of it.
+pub fn validate_namespace_object(
+    ns: Namespace,
+) -> Result<Valid<Namespace, NamespaceInfo>, ObjectError> {
     validate_meta(&ns.metadata, "Namespace")?;
-    mode_annotation(
+    let mode = mode_annotation(
         &ns.metadata,
         &format!("metadata.annotations[{MODE_ANNOTATION}]"),
     )?;
-    Ok(())
+    let mut value = NamespaceInfo::new(
+        ns.metadata.name.as_deref().unwrap_or_default(),
+        ns.metadata.labels.as_ref(),
+    );
+    value.mode = mode;
+    Ok(Valid { object: ns, value })
 }
 
-fn validate_pod(pod: &Pod) -> Result<(), ObjectError> {
+/// Validate a Pod (in `default` when it names no namespace).
+pub fn validate_pod_object(mut pod: Pod) -> Result<Valid<Pod, PodInfo>, ObjectError> {
+    default_namespace(&mut pod.metadata);
     validate_meta(&pod.metadata, "Pod")?;
-    PodInfo::from_k8s(pod).map(|_| ())
+    let value = PodInfo::from_k8s(&pod)?;
+    Ok(Valid { object: pod, value })
+}
+
+/// Validate a NetworkPolicy (in `default` when it names no namespace).
+pub fn validate_policy_object(
+    mut np: NetworkPolicy,
+) -> Result<Valid<NetworkPolicy, Policy>, ObjectError> {
+    default_namespace(&mut np.metadata);
+    let value = Policy::from_k8s(&np)?;
+    Ok(Valid { object: np, value })
+}
+
+/// Decode and validate objects already parsed as JSON (what the daemon
+/// receives from clients).
+pub fn decode_json(value: serde_json::Value) -> Result<Vec<Object>, ObjectError> {
+    let mut out = Vec::new();
+    decode_value(value, &mut out)?;
+    Ok(out)
 }
 
 /// An IP protocol a NetworkPolicy port can name.
@@ -862,7 +904,7 @@ mod tests {
     fn one_policy(yaml: &str) -> Policy {
         let objs = parse_documents(yaml, "test").unwrap();
         match &objs[..] {
-            [Object::NetworkPolicy(np)] => Policy::from_k8s(np).unwrap(),
+            [Object::NetworkPolicy(np)] => np.value.clone(),
             other => panic!("expected one NetworkPolicy, got {other:?}"),
         }
     }
@@ -1033,6 +1075,7 @@ spec:
         let objs = parse_documents(text, "t").unwrap();
         assert_eq!(objs.len(), 2);
         let Object::Pod(pod) = &objs[1] else { panic!() };
+        let pod = &pod.object;
         let info = PodInfo::from_k8s(pod).unwrap();
         assert_eq!(
             info.ports,

@@ -35,10 +35,10 @@ const APPS: usize = 50;
 /// the veth: their records, addresses and labels are real, their
 /// interfaces do not exist (the maps get their entries all the same).
 fn seed_endpoints(node: &Node, count: usize) {
-    let store = Store::new(&node.state_dir);
-    let mut locked = store.lock(Duration::from_secs(10)).expect("lock the store");
+    let mut store = Store::new(&node.state_dir);
+    let mut tx = store.write(Duration::from_secs(10)).expect("lock the store");
     for i in 0..count {
-        let id = locked.state.allocate_endpoint_id();
+        let id = tx.allocate_endpoint_id().expect("allocate an endpoint id");
         let container_id = format!("synthetic-{i}");
         let ep = Endpoint {
             id,
@@ -60,9 +60,11 @@ fn seed_endpoints(node: &Node, count: usize) {
             },
             created: 0,
         };
-        locked.state.endpoints.insert(ep.key(), ep);
+        tx.put_endpoint(&ep).expect("store an endpoint");
     }
-    locked.save().expect("save the store");
+    // Engines built before this write see it and rebuild.
+    tx.bump_generation().expect("bump the generation");
+    tx.commit().expect("commit the endpoints");
 }
 
 /// `count` NetworkPolicies of the usual shapes: each selects one app and

@@ -1,0 +1,596 @@
+//! The node daemon's socket, and the one way every binary reaches the
+//! node: [`Control`] sends writes to the daemon when one runs, and runs the
+//! same engine in-process against the same store when none does. Nothing
+//! needs the daemon for correctness; with it, the engine stays in memory
+//! between events instead of being rebuilt from the store for each.
+//!
+//! The socket (`palisade.sock` in the state directory unless set) is
+//! root-only: the directory is 0700 and the socket 0600. One request per
+//! connection, one JSON line each way.
+
+use std::{
+    fs,
+    io::{self, BufRead, BufReader, Write},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::{
+    dataplane::{AttachMode, Dataplane, SyncReport, kernel::KernelDataplane},
+    node::{
+        AddOutcome, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError, ObjectsReport,
+        Registered, detach_endpoints,
+    },
+    policy::{Labels, Mode, Object, ObjectRef, decode_json},
+    store::{Endpoint, PendingIdentity, Store},
+};
+
+/// The socket's file name in the state directory.
+pub const SOCKET_FILE: &str = "palisade.sock";
+/// Set to 1 to make every command fail unless the daemon answers.
+pub const REQUIRE_DAEMON_ENV: &str = "PALISADE_REQUIRE_DAEMON";
+/// How long a client waits for the daemon's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the daemon listens for a state directory, unless configured.
+pub fn default_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_FILE)
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    /// Who are you (and are you alive)?
+    Status,
+    /// Kubernetes objects as JSON; the daemon validates them again.
+    Apply {
+        objects: Vec<Value>,
+    },
+    Delete {
+        refs: Vec<ObjectRef>,
+    },
+    #[serde(rename_all = "camelCase")]
+    AddEndpoint {
+        endpoint: NewEndpoint,
+        attach_mode: AttachMode,
+    },
+    RemoveEndpoints {
+        endpoints: Vec<EndpointRef>,
+    },
+    #[serde(rename_all = "camelCase")]
+    RemoveContainer {
+        container_id: String,
+    },
+    SetIdentity {
+        key: String,
+        namespace: String,
+        name: String,
+        labels: Labels,
+    },
+    RecordPending {
+        inode: u64,
+        pending: PendingIdentity,
+    },
+    SetMode {
+        namespace: Option<String>,
+        mode: Option<Mode>,
+    },
+    Sync,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    /// The datapath the client means; the daemon refuses another.
+    bpf_root: PathBuf,
+    #[serde(flatten)]
+    request: Request,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "camelCase")]
+enum Response {
+    Ok { value: Value },
+    Err { kind: ErrorKind, message: String },
+}
+
+/// What the daemon says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub bpf_root: PathBuf,
+    pub state_dir: PathBuf,
+    /// Requests answered since it started.
+    pub requests: u64,
+    /// Store generation its engine reflects.
+    pub generation: u64,
+}
+
+/// A connection to a running daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    bpf_root: PathBuf,
+}
+
+impl Client {
+    /// `None` when no daemon listens there.
+    pub fn connect(socket: &Path, bpf_root: &Path) -> Option<Self> {
+        UnixStream::connect(socket).ok()?;
+        Some(Self {
+            socket: socket.to_owned(),
+            bpf_root: bpf_root.to_owned(),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, NodeError> {
+        let remote = |message: String| NodeError::Remote {
+            kind: ErrorKind::Other,
+            message,
+        };
+        let socket = self.socket.display().to_string();
+        let io = |e: io::Error| {
+            remote(format!(
+                "the palisade daemon at {socket} did not answer: {e} (is it running? `systemctl status palisade`)"
+            ))
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+        let mut line = serde_json::to_vec(&Envelope {
+            bpf_root: self.bpf_root.clone(),
+            request,
+        })
+        .map_err(|e| remote(format!("encode the request: {e}")))?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io)?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+        if answer.is_empty() {
+            return Err(remote(format!(
+                "the palisade daemon at {socket} closed the connection without an answer (did it stop?)"
+            )));
+        }
+        match serde_json::from_str(&answer)
+            .map_err(|e| remote(format!("the daemon's answer is not understood: {e}")))?
+        {
+            Response::Ok { value } => serde_json::from_value(value)
+                .map_err(|e| remote(format!("the daemon's answer is not understood: {e}"))),
+            Response::Err { kind, message } => Err(NodeError::Remote { kind, message }),
+        }
+    }
+}
+
+/// Writes a binary performs on the node, whichever way it runs.
+pub trait NodeOps {
+    fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError>;
+    fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError>;
+    fn add_endpoint(&mut self, new: NewEndpoint) -> Result<AddOutcome, NodeError>;
+    fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError>;
+    fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError>;
+    fn set_identity(
+        &mut self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<(), NodeError>;
+    fn record_pending(&mut self, inode: u64, pending: PendingIdentity) -> Result<(), NodeError>;
+    fn set_mode(
+        &mut self,
+        namespace: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<SyncReport, NodeError>;
+    fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError>;
+    /// Whether the endpoint `key` exists on this veth with its programs
+    /// attached (reads only).
+    fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError>;
+
+    fn remove_endpoint(&mut self, key: &str) -> Result<Option<Endpoint>, NodeError> {
+        Ok(self
+            .remove_endpoints(&[EndpointRef {
+                key: key.to_owned(),
+                id: None,
+            }])?
+            .into_iter()
+            .next())
+    }
+}
+
+impl<D: Dataplane> NodeOps for Node<D> {
+    fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
+        Node::apply(self, objects)
+    }
+    fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
+        Node::delete(self, refs)
+    }
+    fn add_endpoint(&mut self, new: NewEndpoint) -> Result<AddOutcome, NodeError> {
+        Node::add_endpoint(self, new)
+    }
+    fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
+        Node::remove_endpoints(self, which)
+    }
+    fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError> {
+        Node::remove_container(self, container_id)
+    }
+    fn set_identity(
+        &mut self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<(), NodeError> {
+        Node::set_identity(self, key, namespace, name, labels)
+    }
+    fn record_pending(&mut self, inode: u64, pending: PendingIdentity) -> Result<(), NodeError> {
+        Node::record_pending(self, inode, pending)
+    }
+    fn set_mode(
+        &mut self,
+        namespace: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<SyncReport, NodeError> {
+        Node::set_mode(self, namespace, mode)
+    }
+    fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError> {
+        Node::resync(self)
+    }
+    fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError> {
+        Node::is_enforced(self, key, ifindex)
+    }
+}
+
+/// Where a binary finds the node.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    /// The daemon's socket (default: in the state directory).
+    pub socket: Option<PathBuf>,
+    pub attach_mode: AttachMode,
+}
+
+/// The node as a binary sees it: through the daemon when one runs, else
+/// in-process. Reads are always local (the store allows readers while a
+/// writer works).
+#[derive(Debug)]
+pub struct Control {
+    pub node: Node<KernelDataplane>,
+    daemon: Option<Client>,
+    attach_mode: AttachMode,
+}
+
+impl Control {
+    pub fn open(paths: &Paths) -> Result<Self, NodeError> {
+        let socket = paths
+            .socket
+            .clone()
+            .unwrap_or_else(|| default_socket(&paths.state_dir));
+        let daemon = Client::connect(&socket, &paths.bpf_root);
+        if daemon.is_none() && std::env::var(REQUIRE_DAEMON_ENV).is_ok_and(|v| v == "1") {
+            return Err(NodeError::Remote {
+                kind: ErrorKind::Other,
+                message: format!(
+                    "no palisade daemon answers at {} and {REQUIRE_DAEMON_ENV}=1 is set; start it (`palisadectl daemon`, or `systemctl start palisade`)",
+                    socket.display()
+                ),
+            });
+        }
+        Ok(Self {
+            node: Node::new(
+                Store::new(&paths.state_dir),
+                KernelDataplane::new(&paths.bpf_root, paths.attach_mode),
+            ),
+            daemon,
+            attach_mode: paths.attach_mode,
+        })
+    }
+
+    /// The daemon this talks to, if any.
+    pub fn daemon(&self) -> Option<&Client> {
+        self.daemon.as_ref()
+    }
+}
+
+impl NodeOps for Control {
+    fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
+        let Some(d) = &self.daemon else {
+            return self.node.apply(objects);
+        };
+        let objects = objects
+            .iter()
+            .map(Object::to_json)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NodeError::Invalid(format!("encode objects: {e}")))?;
+        d.call(Request::Apply { objects })
+    }
+    fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::Delete { refs }),
+            None => self.node.delete(refs),
+        }
+    }
+    fn add_endpoint(&mut self, endpoint: NewEndpoint) -> Result<AddOutcome, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::AddEndpoint {
+                endpoint,
+                attach_mode: self.attach_mode,
+            }),
+            None => self.node.add_endpoint(endpoint),
+        }
+    }
+    fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::RemoveEndpoints {
+                endpoints: which.to_vec(),
+            }),
+            None => self.node.remove_endpoints(which),
+        }
+    }
+    fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::RemoveContainer {
+                container_id: container_id.to_owned(),
+            }),
+            None => self.node.remove_container(container_id),
+        }
+    }
+    fn set_identity(
+        &mut self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<(), NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::SetIdentity {
+                key: key.to_owned(),
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                labels: labels.clone(),
+            }),
+            None => self.node.set_identity(key, namespace, name, labels),
+        }
+    }
+    fn record_pending(&mut self, inode: u64, pending: PendingIdentity) -> Result<(), NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::RecordPending { inode, pending }),
+            None => self.node.record_pending(inode, pending),
+        }
+    }
+    fn set_mode(
+        &mut self,
+        namespace: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<SyncReport, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::SetMode {
+                namespace: namespace.map(str::to_owned),
+                mode,
+            }),
+            None => self.node.set_mode(namespace, mode),
+        }
+    }
+    fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::Sync),
+            None => self.node.resync(),
+        }
+    }
+    fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError> {
+        self.node.is_enforced(key, ifindex)
+    }
+}
+
+/// The daemon's side: the node (one writer at a time) and what it needs
+/// to attach programs outside the node's lock.
+#[derive(Debug)]
+pub struct Server {
+    node: Mutex<Node<KernelDataplane>>,
+    bpf_root: PathBuf,
+    state_dir: PathBuf,
+    requests: AtomicU64,
+}
+
+impl Server {
+    /// Build the engine from the store and make the maps match it (the
+    /// start of a daemon: nothing changes when they already match).
+    pub fn start(state_dir: &Path, bpf_root: &Path) -> Result<(Arc<Self>, SyncReport), NodeError> {
+        let mut node = Node::new(
+            Store::new(state_dir),
+            KernelDataplane::new(bpf_root, AttachMode::Auto),
+        );
+        let report = node.start()?;
+        Ok((
+            Arc::new(Self {
+                node: Mutex::new(node),
+                bpf_root: bpf_root.to_owned(),
+                state_dir: state_dir.to_owned(),
+                requests: AtomicU64::new(0),
+            }),
+            report,
+        ))
+    }
+
+    fn node(&self) -> std::sync::MutexGuard<'_, Node<KernelDataplane>> {
+        // A request that panicked left the node as its last commit did
+        // (writes are transactions): carry on.
+        self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accept connections until the listener fails; each is answered on
+    /// its own thread.
+    pub fn serve(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        for conn in listener.incoming() {
+            let conn = conn?;
+            let me = Arc::clone(self);
+            thread::spawn(move || {
+                if let Err(e) = me.answer(conn) {
+                    tracing::warn!("daemon: a client connection failed: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn answer(&self, conn: UnixStream) -> io::Result<()> {
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let response = match serde_json::from_str::<Envelope>(&line) {
+            Err(e) => Response::Err {
+                kind: ErrorKind::Invalid,
+                message: format!("the daemon does not understand the request: {e}"),
+            },
+            Ok(env) if env.bpf_root != self.bpf_root => Response::Err {
+                kind: ErrorKind::Invalid,
+                message: format!(
+                    "this palisade daemon manages the datapath at {}, not {}; use its bpf root or its own socket",
+                    self.bpf_root.display(),
+                    env.bpf_root.display()
+                ),
+            },
+            Ok(env) => match self.handle(env.request) {
+                Ok(value) => Response::Ok { value },
+                Err(e) => Response::Err {
+                    kind: e.kind(),
+                    message: anyhow_chain(&e),
+                },
+            },
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+        out.push(b'\n');
+        (&conn).write_all(&out)
+    }
+
+    fn handle(&self, request: Request) -> Result<Value, NodeError> {
+        match request {
+            Request::Status => json(Ok(self.status())),
+            Request::Apply { objects } => {
+                let mut decoded = Vec::new();
+                for o in objects {
+                    decoded.extend(
+                        decode_json(o).map_err(|e| NodeError::Invalid(e.to_string()))?,
+                    );
+                }
+                json(self.node().apply(decoded))
+            }
+            Request::Delete { refs } => json(self.node().delete(refs)),
+            Request::AddEndpoint {
+                endpoint,
+                attach_mode,
+            } => json(self.add_endpoint(endpoint, attach_mode)),
+            Request::RemoveEndpoints { endpoints } => {
+                let gone = self.node().unregister(&endpoints)?;
+                json(self.detach(gone))
+            }
+            Request::RemoveContainer { container_id } => {
+                json(self.node().remove_container(&container_id))
+            }
+            Request::SetIdentity {
+                key,
+                namespace,
+                name,
+                labels,
+            } => json(
+                self.node()
+                    .set_identity(&key, &namespace, &name, &labels),
+            ),
+            Request::RecordPending { inode, pending } => {
+                json(self.node().record_pending(inode, pending))
+            }
+            Request::SetMode { namespace, mode } => {
+                json(self.node().set_mode(namespace.as_deref(), mode))
+            }
+            Request::Sync => json(self.node().resync()),
+        }
+    }
+
+    /// Register under the lock, attach without it, record under it again:
+    /// concurrent ADDs do not wait for each other's attach.
+    fn add_endpoint(
+        &self,
+        new: NewEndpoint,
+        mode: AttachMode,
+    ) -> Result<AddOutcome, NodeError> {
+        let ep = match self.node().register_endpoint(new)? {
+            Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
+            Registered::New(ep) => ep,
+        };
+        let mut dp = KernelDataplane::new(&self.bpf_root, mode);
+        let attached = dp.attach(ep.id, &ep.host_ifname, ep.host_ifindex);
+        self.node().complete_add(ep, attached).map(AddOutcome::Added)
+    }
+
+    fn detach(&self, gone: Vec<Endpoint>) -> Result<Vec<Endpoint>, NodeError> {
+        let mut dp = KernelDataplane::new(&self.bpf_root, AttachMode::Auto);
+        detach_endpoints(&mut dp, &gone)?;
+        Ok(gone)
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            pid: std::process::id(),
+            bpf_root: self.bpf_root.clone(),
+            state_dir: self.state_dir.clone(),
+            requests: self.requests.load(Ordering::Relaxed),
+            generation: self.node().generation(),
+        }
+    }
+
+    /// Sweep orphaned link pins (periodically, and at start).
+    pub fn sweep(&self) {
+        self.node().sweep();
+    }
+}
+
+/// An answer as JSON.
+fn json<T: Serialize>(v: Result<T, NodeError>) -> Result<Value, NodeError> {
+    v.and_then(|v| serde_json::to_value(v).map_err(|e| NodeError::Invalid(format!("encode: {e}"))))
+}
+
+/// An error with its causes, as `{:#}` prints them.
+fn anyhow_chain(e: &NodeError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Bind the daemon's socket: root-only, replacing a stale one (the caller
+/// holds the daemon lock, so no other daemon listens there).
+pub fn bind(socket: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    match fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(socket)?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
