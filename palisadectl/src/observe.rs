@@ -34,11 +34,10 @@ pub fn agent_running(state_dir: &Path) -> bool {
         return false;
     };
     let pid = pid.trim();
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| {
-            let c = String::from_utf8_lossy(&c);
-            c.contains("agent") || c.contains("daemon")
-        })
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let c = String::from_utf8_lossy(&c);
+        c.contains("agent") || c.contains("daemon")
+    })
 }
 
 /// Where flow records come from.

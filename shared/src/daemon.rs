@@ -487,9 +487,7 @@ impl Server {
             Request::Apply { objects } => {
                 let mut decoded = Vec::new();
                 for o in objects {
-                    decoded.extend(
-                        decode_json(o).map_err(|e| NodeError::Invalid(e.to_string()))?,
-                    );
+                    decoded.extend(decode_json(o).map_err(|e| NodeError::Invalid(e.to_string()))?);
                 }
                 json(self.node().apply(decoded))
             }
@@ -510,10 +508,7 @@ impl Server {
                 namespace,
                 name,
                 labels,
-            } => json(
-                self.node()
-                    .set_identity(&key, &namespace, &name, &labels),
-            ),
+            } => json(self.node().set_identity(&key, &namespace, &name, &labels)),
             Request::RecordPending { inode, pending } => {
                 json(self.node().record_pending(inode, pending))
             }
@@ -526,18 +521,16 @@ impl Server {
 
     /// Register under the lock, attach without it, record under it again:
     /// concurrent ADDs do not wait for each other's attach.
-    fn add_endpoint(
-        &self,
-        new: NewEndpoint,
-        mode: AttachMode,
-    ) -> Result<AddOutcome, NodeError> {
+    fn add_endpoint(&self, new: NewEndpoint, mode: AttachMode) -> Result<AddOutcome, NodeError> {
         let ep = match self.node().register_endpoint(new)? {
             Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
             Registered::New(ep) => ep,
         };
         let mut dp = KernelDataplane::new(&self.bpf_root, mode);
         let attached = dp.attach(ep.id, &ep.host_ifname, ep.host_ifindex);
-        self.node().complete_add(ep, attached).map(AddOutcome::Added)
+        self.node()
+            .complete_add(ep, attached)
+            .map(AddOutcome::Added)
     }
 
     fn detach(&self, gone: Vec<Endpoint>) -> Result<Vec<Endpoint>, NodeError> {

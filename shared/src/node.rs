@@ -467,14 +467,6 @@ impl<D: Dataplane> Node<D> {
         maps: Maps,
         f: impl FnOnce(&mut Op<'_, '_>, &D) -> Result<R, NodeError>,
     ) -> Result<(R, Committed), NodeError> {
-        let loaded = match maps {
-            Maps::Load => {
-                self.dataplane.prepare()?;
-                true
-            }
-            Maps::IfLoaded => datapath_for_cleanup(&mut self.dataplane),
-            Maps::No => false,
-        };
         let Node {
             store,
             dataplane,
@@ -482,6 +474,16 @@ impl<D: Dataplane> Node<D> {
             engine,
         } = self;
         let mut tx = store.write(*lock_timeout)?;
+        // Loading the datapath happens under the lock: two processes must
+        // not load and pin it at once.
+        let loaded = match maps {
+            Maps::Load => {
+                dataplane.prepare()?;
+                true
+            }
+            Maps::IfLoaded => datapath_for_cleanup(dataplane),
+            Maps::No => false,
+        };
         let generation = nonzero_generation(&mut tx)?;
         if !matches!(engine, Some((_, g)) if *g == generation) {
             // First use, or another process changed the store.
@@ -1012,7 +1014,6 @@ impl<D: Dataplane> Node<D> {
     /// reading them whole (repair). The engine is rebuilt from the store
     /// and checked against the full compile; a difference is reported.
     pub fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError> {
-        self.dataplane.prepare()?;
         self.engine = None;
         let Node {
             store,
@@ -1021,6 +1022,7 @@ impl<D: Dataplane> Node<D> {
             engine,
         } = self;
         let mut tx = store.write(*lock_timeout)?;
+        dataplane.prepare()?;
         let mut generation = nonzero_generation(&mut tx)?;
         let state = tx.load()?;
         let (built, mut warnings) = build_engine(&state);
@@ -1058,7 +1060,6 @@ impl<D: Dataplane> Node<D> {
     /// reading them whole (a daemon's start). When they match already,
     /// nothing is written and no verdict changes.
     pub fn start(&mut self) -> Result<SyncReport, NodeError> {
-        self.dataplane.prepare()?;
         self.engine = None;
         let Node {
             store,
@@ -1067,6 +1068,7 @@ impl<D: Dataplane> Node<D> {
             engine,
         } = self;
         let mut tx = store.write(*lock_timeout)?;
+        dataplane.prepare()?;
         let generation = nonzero_generation(&mut tx)?;
         let state = tx.load()?;
         let (built, warnings) = build_engine(&state);

@@ -367,10 +367,7 @@ pub fn on_create(
 
 /// `poststop`: forget the container. Works after its process and namespace
 /// are gone (everything needed was recorded at create time). Idempotent.
-pub fn on_poststop(
-    node: &mut impl NodeOps,
-    state: &State,
-) -> Result<Vec<Endpoint>, OciError> {
+pub fn on_poststop(node: &mut impl NodeOps, state: &State) -> Result<Vec<Endpoint>, OciError> {
     Ok(node.remove_container(state.id())?)
 }
 

@@ -36,7 +36,9 @@ const APPS: usize = 50;
 /// interfaces do not exist (the maps get their entries all the same).
 fn seed_endpoints(node: &Node, count: usize) {
     let mut store = Store::new(&node.state_dir);
-    let mut tx = store.write(Duration::from_secs(10)).expect("lock the store");
+    let mut tx = store
+        .write(Duration::from_secs(10))
+        .expect("lock the store");
     for i in 0..count {
         let id = tx.allocate_endpoint_id().expect("allocate an endpoint id");
         let container_id = format!("synthetic-{i}");
