@@ -56,6 +56,8 @@ impl std::fmt::Display for Failure {
 #[derive(Debug)]
 pub struct Chain {
     pub conflist: Value,
+    /// Extra environment for every plugin.
+    pub env: Vec<(String, String)>,
     host_netns: PathBuf,
     cni_path: Vec<PathBuf>,
     cache: Mutex<HashMap<(String, String), Value>>,
@@ -69,6 +71,7 @@ impl Chain {
         cni_path.extend(REFERENCE_PLUGIN_DIRS.iter().map(PathBuf::from));
         Self {
             conflist,
+            env: Vec::new(),
             host_netns: host_netns.to_owned(),
             cni_path,
             cache: Mutex::new(HashMap::new()),
@@ -141,6 +144,7 @@ impl Chain {
         if let Ok(level) = std::env::var("PALISADE_LOG") {
             cmd.env("PALISADE_LOG", level);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = spawn_in(&self.host_netns, &mut cmd)
             .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
         let input = serde_json::to_vec(conf).expect("serialise conf");

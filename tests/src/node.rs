@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::{Value, json};
 
+use palisade::daemon::REQUIRE_DAEMON_ENV;
+
 use crate::{
     chain::{Call, Chain},
     sys::{self, Netns, describe},
@@ -43,6 +45,14 @@ pub struct NodeOptions {
     pub palisade: serde_json::Map<String, Value>,
     /// Ports the world host serves.
     pub world_ports: Vec<u16>,
+    /// Run the node daemon, and make every palisade command and plugin
+    /// fail unless it answers (default: `PALISADE_TEST_DAEMON=1`).
+    pub daemon: bool,
+}
+
+/// Whether tests run their nodes with the daemon (`PALISADE_TEST_DAEMON=1`).
+pub fn daemon_mode() -> bool {
+    std::env::var("PALISADE_TEST_DAEMON").is_ok_and(|v| v == "1")
 }
 
 impl Default for NodeOptions {
@@ -53,6 +63,7 @@ impl Default for NodeOptions {
             cni_version: "1.0.0".into(),
             palisade: serde_json::Map::new(),
             world_ports: vec![80, 81],
+            daemon: daemon_mode(),
         }
     }
 }
@@ -124,6 +135,8 @@ pub struct Node {
     pub options: NodeOptions,
     running: Mutex<Vec<Running>>,
     pub world: Option<World>,
+    /// The node daemon, when the node runs one.
+    daemon: Mutex<Option<Child>>,
 }
 
 /// Directory with the workspace's binaries (`palisade`, `palisadectl`, the
@@ -221,7 +234,10 @@ impl Node {
             ]
         });
         let bin = bin_dir();
-        let chain = Chain::new(conflist, &netns.path, &bin);
+        let mut chain = Chain::new(conflist, &netns.path, &bin);
+        if options.daemon {
+            chain.env.push((REQUIRE_DAEMON_ENV.into(), "1".into()));
+        }
         let mut node = Self {
             prefix,
             netns,
@@ -234,11 +250,79 @@ impl Node {
             options: options.clone(),
             running: Mutex::new(Vec::new()),
             world: None,
+            daemon: Mutex::new(None),
         };
         if options.world {
             node.world = Some(node.make_world());
         }
+        if options.daemon {
+            node.start_daemon();
+        }
         node
+    }
+
+    fn daemon_log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    /// Start `palisadectl daemon` in the node namespace and wait until it
+    /// answers on its socket.
+    pub fn start_daemon(&self) {
+        let mut slot = self.daemon.lock().expect("lock");
+        assert!(slot.is_none(), "the node's daemon runs already");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.daemon_log())
+            .expect("daemon log");
+        let mut cmd = std::process::Command::new(self.bin_dir.join("palisadectl"));
+        cmd.arg("daemon")
+            .env("PALISADE_STATE_DIR", &self.state_dir)
+            .env("PALISADE_BPF_ROOT", &self.bpf_root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = sys::spawn_in(&self.netns.path, &mut cmd).expect("spawn palisadectl daemon");
+        let socket = palisade::daemon::default_socket(&self.state_dir);
+        let start = Instant::now();
+        while palisade::daemon::Client::connect(&socket, &self.bpf_root).is_none() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "palisadectl daemon exited ({status}) before it served:\n{}",
+                    self.daemon_output()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "palisadectl daemon did not answer on {} within 60 s:\n{}",
+                socket.display(),
+                self.daemon_output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *slot = Some(child);
+    }
+
+    /// Kill the daemon with SIGKILL (enforcement must not notice).
+    pub fn kill_daemon(&self) {
+        if let Some(mut child) = self.daemon.lock().expect("lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What the daemon printed so far.
+    pub fn daemon_output(&self) -> String {
+        std::fs::read_to_string(self.daemon_log()).unwrap_or_default()
+    }
+
+    /// Whether the node's daemon process is alive.
+    pub fn daemon_alive(&self) -> bool {
+        self.daemon
+            .lock()
+            .expect("lock")
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     fn make_world(&self) -> World {
@@ -390,6 +474,7 @@ impl Node {
         cmd.args(args)
             .env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
+            .envs(self.chain.env.iter().map(|(k, v)| (k, v)))
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -485,6 +570,10 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Checked now, reported after the cleanup below.
+        let daemon_died = (self.options.daemon && !self.daemon_alive() && !std::thread::panicking())
+            .then(|| self.daemon_output());
+        self.kill_daemon();
         if let Ok(mut running) = self.running.lock() {
             for r in running.iter_mut() {
                 if let Some(mut s) = r.server.take() {
@@ -543,6 +632,9 @@ impl Drop for Node {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
+        }
+        if let Some(output) = daemon_died {
+            panic!("the node's daemon died during the test:\n{output}");
         }
     }
 }
