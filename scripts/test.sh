@@ -20,8 +20,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build"
 cargo build --workspace --all-targets
 
-step "unit tests (no root needed)"
-cargo test --workspace --lib --bins
+step "unit tests (no root needed), incremental engine == full compile (property test)"
+PALISADE_PROPTEST_CASES="${PALISADE_PROPTEST_CASES:-1000}" cargo test --workspace --lib --bins
 
 step "BPF verdict tests, CNI contract tests, datapath tests"
 cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
@@ -33,8 +33,14 @@ step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd (start-time ov
 cargo test -p palisade-tests --test runtimes -- --nocapture 2>&1 | tee /tmp/palisade-runtimes.log
 grep 'median container start' /tmp/palisade-runtimes.log || true
 
-step "NetworkPolicy conformance (Kubernetes e2e cases and recipes)"
+step "node daemon: socket, kill -9 and restart under traffic, daemonless writes beside it"
+cargo test -p palisade-tests --test daemon
+
+step "NetworkPolicy conformance (Kubernetes e2e cases and recipes), without the daemon"
 cargo test -p palisade-tests --test netpol -- --test-threads 4
+
+step "NetworkPolicy conformance again, every change through the node daemon"
+PALISADE_TEST_DAEMON=1 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
 step "packages (debug binaries), install-cni, dpkg -i/-r/-P, live upgrade under traffic"
 packaging/build.sh --debug

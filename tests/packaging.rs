@@ -403,7 +403,7 @@ fn deb_and_rpm_contain_exactly_the_expected_files() {
     }
     let mut want = expected_files("/usr/lib/cni/palisade");
     want.insert("/lib/systemd/system/sys-fs-bpf.mount".into());
-    want.insert("/lib/systemd/system/palisade-agent.service".into());
+    want.insert("/lib/systemd/system/palisade.service".into());
     want.insert("/usr/share/zsh/vendor-completions/_palisadectl".into());
     want.insert("/usr/share/doc/palisade/README.packaging.md".into());
     want.insert("/usr/share/doc/palisade/copyright".into());
@@ -418,7 +418,7 @@ fn deb_and_rpm_contain_exactly_the_expected_files() {
     let files: BTreeSet<String> = listing.lines().map(str::to_owned).collect();
     let mut want = expected_files("/usr/libexec/cni/palisade");
     want.insert("/usr/lib/systemd/system/sys-fs-bpf.mount".into());
-    want.insert("/usr/lib/systemd/system/palisade-agent.service".into());
+    want.insert("/usr/lib/systemd/system/palisade.service".into());
     want.insert("/usr/share/zsh/site-functions/_palisadectl".into());
     // rpm -qpl lists the directories the package owns too.
     let files: BTreeSet<String> = files
@@ -588,7 +588,7 @@ fn the_deb_installs_runs_the_demo_and_removes_cleanly() {
     }
     for f in [
         "/lib/systemd/system/sys-fs-bpf.mount",
-        "/lib/systemd/system/palisade-agent.service",
+        "/lib/systemd/system/palisade.service",
     ] {
         assert!(!Path::new(f).exists(), "{f} is left after dpkg -r");
     }

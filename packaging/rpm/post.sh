@@ -12,6 +12,15 @@ if [ "$1" -ge 2 ] && [ -d /sys/fs/bpf/palisade/maps ]; then
 	/usr/bin/palisadectl upgrade ||
 		echo "palisade: some containers keep the previous eBPF programs (see above)" >&2
 fi
+# The daemon runs this build from now on (started on install, restarted
+# on upgrade); enforcement does not depend on it.
+if [ -d /run/systemd/system ]; then
+	if [ "$1" -eq 1 ]; then
+		systemctl enable --now palisade.service >/dev/null 2>&1 || :
+	else
+		systemctl try-restart palisade.service >/dev/null 2>&1 || :
+	fi
+fi
 if [ "$1" -eq 1 ]; then
 	echo "palisade is installed. Add it to this node's CNI network with: palisadectl install-cni"
 fi

@@ -14,7 +14,7 @@ if [ "$1" -eq 0 ]; then
 		exit 1
 	fi
 	if [ -d /run/systemd/system ]; then
-		systemctl disable --now palisade-agent.service >/dev/null 2>&1 || :
+		systemctl disable --now palisade.service >/dev/null 2>&1 || :
 		systemctl disable sys-fs-bpf.mount >/dev/null 2>&1 || :
 	fi
 	enforced=$(/usr/bin/palisadectl get endpoints 2>/dev/null | tail -n +2 | grep -c . || :)

@@ -489,7 +489,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .dataplane
                 .open_existing()
                 .context("open the pinned maps")?;
-            output::status(&state, &n.dataplane, loaded, *output)?;
+            let socket = cli
+                .socket
+                .clone()
+                .unwrap_or_else(|| palisade::daemon::default_socket(&cli.state_dir));
+            let daemon = palisade::daemon::Client::connect(&socket, &cli.bpf_root)
+                .and_then(|c| c.call(palisade::daemon::Request::Status).ok());
+            output::status(&state, &n.dataplane, loaded, daemon, *output)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain {

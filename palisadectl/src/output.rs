@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use palisade::{
     abi::Direction,
+    daemon::DaemonStatus,
     dataplane::{Dataplane, DataplaneStatus, kernel::KernelDataplane},
     explain::Explanation,
     identity::{IdentityKey, reserved_name},
@@ -354,6 +355,7 @@ pub fn pods(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
 #[derive(Serialize)]
 struct StatusOut<'a> {
     loaded: bool,
+    daemon: Option<DaemonStatus>,
     datapath: Option<DataplaneStatus>,
     endpoints: Vec<EndpointStatus<'a>>,
 }
@@ -370,7 +372,20 @@ struct EndpointStatus<'a> {
     problem: Option<String>,
 }
 
-pub fn status(state: &State, dp: &KernelDataplane, loaded: bool, format: Format) -> Result<()> {
+pub fn status(
+    state: &State,
+    dp: &KernelDataplane,
+    loaded: bool,
+    daemon: Option<DaemonStatus>,
+    format: Format,
+) -> Result<()> {
+    let daemon_line = match &daemon {
+        Some(d) => format!(
+            "daemon: running (pid {}), {} requests served, store generation {}\n",
+            d.pid, d.requests, d.generation
+        ),
+        None => "daemon: not running (commands, the CNI plugin and the OCI hook do the work themselves)\n".into(),
+    };
     let datapath = if loaded { Some(dp.status()?) } else { None };
     let endpoints: Vec<EndpointStatus<'_>> = state
         .endpoints
@@ -398,6 +413,7 @@ pub fn status(state: &State, dp: &KernelDataplane, loaded: bool, format: Format)
         return structured(
             &StatusOut {
                 loaded,
+                daemon,
                 datapath,
                 endpoints,
             },
@@ -406,13 +422,13 @@ pub fn status(state: &State, dp: &KernelDataplane, loaded: bool, format: Format)
     }
     let Some(dpst) = datapath else {
         return emit(&format!(
-            "datapath: not loaded under {} (it is loaded when the first container is added)\nendpoints: {}\n",
+            "{daemon_line}datapath: not loaded under {} (it is loaded when the first container is added)\nendpoints: {}\n",
             dp.root().display(),
             state.endpoints.len()
         ));
     };
     emit(&format!(
-        "datapath: loaded under {}, policy epoch {}\nflow events: {} sent, {} rate-limited, {} lost (ring buffer full)\n\n",
+        "{daemon_line}datapath: loaded under {}, policy epoch {}\nflow events: {} sent, {} rate-limited, {} lost (ring buffer full)\n\n",
         dpst.bpf_root.display(),
         dpst.epoch,
         dpst.events_sent,

@@ -282,7 +282,8 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let mut child = sys::spawn_in(&self.netns.path, &mut cmd).expect("spawn palisadectl daemon");
+        let mut child =
+            sys::spawn_in(&self.netns.path, &mut cmd).expect("spawn palisadectl daemon");
         let socket = palisade::daemon::default_socket(&self.state_dir);
         let start = Instant::now();
         while palisade::daemon::Client::connect(&socket, &self.bpf_root).is_none() {
@@ -571,8 +572,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // Checked now, reported after the cleanup below.
-        let daemon_died = (self.options.daemon && !self.daemon_alive() && !std::thread::panicking())
-            .then(|| self.daemon_output());
+        let daemon_died =
+            (self.options.daemon && !self.daemon_alive() && !std::thread::panicking())
+                .then(|| self.daemon_output());
         self.kill_daemon();
         if let Ok(mut running) = self.running.lock() {
             for r in running.iter_mut() {
