@@ -376,6 +376,8 @@ fn expected_files(cni_link: &str) -> BTreeSet<String> {
         .next()
         .unwrap_or_default()
         .lines()
+        // A command's line; its wrapped description is indented further.
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .map(str::to_owned)

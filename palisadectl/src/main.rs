@@ -131,9 +131,7 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
-    /// Run the node daemon: the policy engine in memory behind a local
-    /// socket (the CNI plugin, the OCI hook and palisadectl use it when it
-    /// runs), the flow log and Prometheus metrics.
+    /// Run the node daemon: the policy engine behind a local socket, flow log and metrics.
     #[command(
         visible_alias = "agent",
         long_about = "Run the node daemon. It keeps the policy engine in memory and serves it \

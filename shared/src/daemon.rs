@@ -404,6 +404,9 @@ impl NodeOps for Control {
 #[derive(Debug)]
 pub struct Server {
     node: Mutex<Node<KernelDataplane>>,
+    /// Dataplane handles for attaching and detaching outside the node's
+    /// lock (each opened once, then reused).
+    handles: Mutex<Vec<KernelDataplane>>,
     bpf_root: PathBuf,
     state_dir: PathBuf,
     requests: AtomicU64,
@@ -421,6 +424,7 @@ impl Server {
         Ok((
             Arc::new(Self {
                 node: Mutex::new(node),
+                handles: Mutex::new(Vec::new()),
                 bpf_root: bpf_root.to_owned(),
                 state_dir: state_dir.to_owned(),
                 requests: AtomicU64::new(0),
@@ -453,7 +457,10 @@ impl Server {
     fn answer(&self, conn: UnixStream) -> io::Result<()> {
         let mut reader = BufReader::new(conn.try_clone()?);
         let mut line = String::new();
-        reader.read_line(&mut line)?;
+        if reader.read_line(&mut line)? == 0 {
+            // A client that only checked that the daemon answers.
+            return Ok(());
+        }
         let response = match serde_json::from_str::<Envelope>(&line) {
             Err(e) => Response::Err {
                 kind: ErrorKind::Invalid,
@@ -526,17 +533,36 @@ impl Server {
             Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
             Registered::New(ep) => ep,
         };
-        let mut dp = KernelDataplane::new(&self.bpf_root, mode);
+        let mut dp = self.dataplane(mode);
         let attached = dp.attach(ep.id, &ep.host_ifname, ep.host_ifindex);
+        self.put_back(dp);
         self.node()
             .complete_add(ep, attached)
             .map(AddOutcome::Added)
     }
 
     fn detach(&self, gone: Vec<Endpoint>) -> Result<Vec<Endpoint>, NodeError> {
-        let mut dp = KernelDataplane::new(&self.bpf_root, AttachMode::Auto);
-        detach_endpoints(&mut dp, &gone)?;
-        Ok(gone)
+        let mut dp = self.dataplane(AttachMode::Auto);
+        let result = detach_endpoints(&mut dp, &gone);
+        self.put_back(dp);
+        result.map(|()| gone)
+    }
+
+    /// A dataplane handle in `mode` for work outside the node's lock: from
+    /// the pool (maps and programs opened already), or new.
+    fn dataplane(&self, mode: AttachMode) -> KernelDataplane {
+        let mut pool = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.iter().position(|d| d.mode() == mode) {
+            Some(i) => pool.swap_remove(i),
+            None => KernelDataplane::new(&self.bpf_root, mode),
+        }
+    }
+
+    fn put_back(&self, dp: KernelDataplane) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dp);
     }
 
     pub fn status(&self) -> DaemonStatus {

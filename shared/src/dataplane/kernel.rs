@@ -263,6 +263,11 @@ impl KernelDataplane {
         }
     }
 
+    /// The attach mode it was created with.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -29,12 +29,12 @@ use crate::{
 };
 
 /// Distinct `app` labels the synthetic endpoints and policies use.
-const APPS: usize = 50;
+pub const APPS: usize = 50;
 
 /// Register `count` endpoints in the node's store as CNI ADD would, minus
 /// the veth: their records, addresses and labels are real, their
 /// interfaces do not exist (the maps get their entries all the same).
-fn seed_endpoints(node: &Node, count: usize) {
+pub fn seed_endpoints(node: &Node, count: usize) {
     let mut store = Store::new(&node.state_dir);
     let mut tx = store
         .write(Duration::from_secs(10))
@@ -71,8 +71,8 @@ fn seed_endpoints(node: &Node, count: usize) {
 
 /// `count` NetworkPolicies of the usual shapes: each selects one app and
 /// admits another app on one port; every tenth also limits egress to an
-/// address block and DNS.
-fn policies_yaml(count: usize) -> String {
+/// address block and DNS, and every tenth admits the namespaces of a team.
+pub fn policies_yaml(count: usize) -> String {
     let mut docs = Vec::with_capacity(count);
     for i in 0..count {
         let mut spec = json!({
@@ -83,6 +83,13 @@ fn policies_yaml(count: usize) -> String {
                 "ports": [{"protocol": "TCP", "port": 8000 + (i % 100)}],
             }],
         });
+        if i % 10 == 5 {
+            let team = if i % 20 == 5 { "red" } else { "blue" };
+            spec["ingress"][0]["from"]
+                .as_array_mut()
+                .expect("from")
+                .push(json!({"namespaceSelector": {"matchLabels": {"team": team}}}));
+        }
         if i % 10 == 0 {
             spec["policyTypes"] = json!(["Ingress", "Egress"]);
             spec["egress"] = json!([
@@ -105,7 +112,7 @@ fn policies_yaml(count: usize) -> String {
 }
 
 /// `palisadectl <verb> -f <file>`: the wall time of the whole command.
-fn ctl_file(node: &Node, verb: &str, yaml: &str) -> Duration {
+pub fn ctl_file(node: &Node, verb: &str, yaml: &str) -> Duration {
     let path = node.dir.join(format!("{verb}.yaml"));
     std::fs::write(&path, yaml).expect("write the policy file");
     let start = Instant::now();
@@ -119,115 +126,8 @@ fn ctl_file(node: &Node, verb: &str, yaml: &str) -> Duration {
     took
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn apply_scale(cfg: &Config, report: &mut Report) -> String {
-    let endpoint_counts: &[usize] = if cfg.short { &[100] } else { &[100, 1_000] };
-    let policy_counts: &[usize] = if cfg.short {
-        &[1, 100]
-    } else {
-        &[1, 100, 1_000, 10_000]
-    };
-    let nodes: BTreeMap<usize, Node> = endpoint_counts
-        .iter()
-        .map(|&e| {
-            let node = Node::new(NodeOptions::default());
-            // Load the datapath (as the first CNI ADD would) before seeding.
-            let out = node.ctl(&["status"], None);
-            assert!(
-                out.status.success(),
-                "palisadectl status: {}",
-                describe(&out)
-            );
-            seed_endpoints(&node, e);
-            (e, node)
-        })
-        .collect();
-    let docs: BTreeMap<usize, String> = policy_counts
-        .iter()
-        .map(|&p| (p, policies_yaml(p)))
-        .collect();
-    let mut apply: BTreeMap<(usize, usize), Samples> = BTreeMap::new();
-    let mut one_more: BTreeMap<(usize, usize), Samples> = BTreeMap::new();
-    let mut delete: BTreeMap<(usize, usize), Samples> = BTreeMap::new();
-    let extra = policies_yaml(1).replace("policy-0", "one-more");
-    for rep in 0..cfg.reps {
-        for (&e, node) in &nodes {
-            for &p in policy_counts {
-                eprintln!(
-                    "  control plane: rep {} of {}, {p} policies over {e} endpoints",
-                    rep + 1,
-                    cfg.reps
-                );
-                apply
-                    .entry((e, p))
-                    .or_default()
-                    .push(ms(ctl_file(node, "apply", &docs[&p])));
-                one_more
-                    .entry((e, p))
-                    .or_default()
-                    .push(ms(ctl_file(node, "apply", &extra)));
-                ctl_file(node, "delete", &extra);
-                delete
-                    .entry((e, p))
-                    .or_default()
-                    .push(ms(ctl_file(node, "delete", &docs[&p])));
-            }
-        }
-    }
-    drop(nodes);
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "`palisadectl apply -f FILE` on a node whose store holds *E* endpoints \
-         ({APPS} distinct `app` labels), from no policies to *P* NetworkPolicies in one file; \
-         wall time of the whole command (start, parse, compile, map sync, durable save). \
-         Each policy selects one app and admits another on one port; every tenth also limits \
-         egress. The endpoints are store records with real addresses and labels whose veths \
-         do not exist (a thousand real containers do not fit this machine's budget); the \
-         compiler and the maps treat them exactly as real ones. \"One more\" applies a single \
-         extra policy on top of the *P*.\n"
-    );
-    let mut t = Table::new(&[
-        "endpoints",
-        "policies",
-        "apply ms",
-        "one more policy ms",
-        "delete all ms",
-    ]);
-    for &e in endpoint_counts {
-        for &p in policy_counts {
-            let a = &apply[&(e, p)];
-            report.measured(
-                &format!("apply {p} policies over {e} endpoints ms"),
-                a.median(),
-            );
-            report.measured(
-                &format!("apply one more policy with {p} over {e} endpoints ms"),
-                one_more[&(e, p)].median(),
-            );
-            t.row(vec![
-                e.to_string(),
-                p.to_string(),
-                a.show(0),
-                one_more[&(e, p)].show(0),
-                delete[&(e, p)].show(0),
-            ]);
-        }
-    }
-    s.push_str(&t.render());
-    if let Some(a) = apply.get(&(1_000, 1_000)).and_then(Samples::median) {
-        report.target(
-            "Applying 1,000 policies over 1,000 endpoints under 1 s",
-            &format!("{a:.0} ms"),
-            a < 1_000.0,
-            "",
-        );
-    }
-    s
 }
 
 /// When the connection from the client to the server first succeeds
@@ -252,7 +152,10 @@ fn visibility(cfg: &Config, report: &mut Report) -> String {
     } else {
         (1_000, 1_000)
     };
-    let node = Node::new(NodeOptions::default());
+    let node = Node::new(NodeOptions {
+        daemon: true,
+        ..NodeOptions::default()
+    });
     node.apply(
         r#"
 apiVersion: v1
@@ -320,8 +223,8 @@ spec:
     let _ = writeln!(
         s,
         "\n#### From `apply` returning to the verdict changing\n\n\
-         Two real containers (bridge + palisade) on a node that also holds {} more endpoints \
-         and {p} policies. The server starts isolated. `palisadectl apply` of a policy \
+         Two real containers (bridge + palisade) on a node (with the node daemon) that also \
+         holds {} more endpoints and {p} policies. The server starts isolated. `palisadectl apply` of a policy \
          admitting the client, then `palisadectl delete` of it; after each command returns, \
          fresh TCP connections (20 ms timeout) are attempted back to back until the verdict \
          has changed. \"Visible after\" is when the first attempt with the new verdict \
@@ -361,15 +264,24 @@ spec:
     s
 }
 
-struct CniRun {
-    add: Vec<f64>,
-    del: Vec<f64>,
-    palisade_add: Vec<f64>,
+#[derive(Default)]
+pub struct CniRun {
+    pub add: Vec<f64>,
+    pub del: Vec<f64>,
+    pub palisade_add: Vec<f64>,
+}
+
+impl CniRun {
+    pub fn extend(&mut self, other: CniRun) {
+        self.add.extend(other.add);
+        self.del.extend(other.del);
+        self.palisade_add.extend(other.palisade_add);
+    }
 }
 
 /// ADD then DEL for `netns.len()` containers through `chain`, `parallel`
 /// at a time; wall times in ms.
-fn cni_batch(chain: &Chain, label: &str, netns: &[Netns], parallel: usize) -> CniRun {
+pub fn cni_batch(chain: &Chain, label: &str, netns: &[Netns], parallel: usize) -> CniRun {
     chain.add_times.lock().expect("lock").clear();
     let calls: Vec<Call> = netns
         .iter()
@@ -420,9 +332,13 @@ fn cni_batch(chain: &Chain, label: &str, netns: &[Netns], parallel: usize) -> Cn
     }
 }
 
-/// A node whose palisade entry uses `attach_mode` (`None`: the default).
-fn cni_node(attach_mode: Option<&str>) -> Node {
-    let mut options = NodeOptions::default();
+/// A node whose palisade entry uses `attach_mode` (`None`: the default),
+/// with or without the node daemon.
+fn cni_node(attach_mode: Option<&str>, daemon: bool) -> Node {
+    let mut options = NodeOptions {
+        daemon,
+        ..NodeOptions::default()
+    };
     if let Some(m) = attach_mode {
         options.palisade.insert("attachMode".into(), json!(m));
     }
@@ -433,10 +349,11 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
     // The default (TCX where the kernel has it) and clsact, each on a node
     // of its own; the bridge-only chain shares the first node.
     let chains = [
-        ("bridge + palisade (TCX, default)", None),
-        ("bridge + palisade (clsact)", Some("netlink")),
+        ("bridge + palisade (TCX, default)", None, true),
+        ("bridge + palisade (clsact)", Some("netlink"), true),
+        ("bridge + palisade (TCX, no daemon)", None, false),
     ];
-    let nodes: Vec<Node> = chains.iter().map(|(_, m)| cni_node(*m)).collect();
+    let nodes: Vec<Node> = chains.iter().map(|(_, m, d)| cni_node(*m, *d)).collect();
     let plain = plain_chain(&nodes[0]);
     let per_batch = 20;
     let batches = if cfg.short { 1 } else { 2 * cfg.reps };
@@ -446,7 +363,7 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
     // The first ADD on a node loads the programs; time it on its own and
     // keep it out of the percentiles below.
     let mut first_add = BTreeMap::new();
-    for ((name, _), node) in chains.iter().zip(&nodes) {
+    for ((name, _, _), node) in chains.iter().zip(&nodes) {
         let r = cni_batch(&node.chain, "warmup", &netns[..1], 1);
         first_add.insert(*name, r.add[0]);
     }
@@ -455,7 +372,7 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
         chains
             .iter()
             .zip(&nodes)
-            .map(|((name, _), n)| (*name, &n.chain)),
+            .map(|((name, _, _), n)| (*name, &n.chain)),
     );
     let mut add: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
     let mut del: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
@@ -486,7 +403,8 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
          along; spawned with posix_spawn from a thread inside the node namespace, so the \
          benchmark's own memory does not slow the spawn as a fork would). palisade attaches with TCX links (its default where the kernel has TCX) or, \
          with `\"attachMode\": \"netlink\"`, as clsact/cls_bpf filters; each on a node of its \
-         own. {per_batch} containers per batch, either one after another or all {per_batch} \
+         own with the node daemon running, and TCX once more on a node without the daemon (each \
+         plugin process then loads the engine from the store itself). {per_batch} containers per batch, either one after another or all {per_batch} \
          at once; {batches} batches per chain, interleaved. Wall time per container, ms; \
          \"palisade alone\" is the palisade plugin's own invocation inside the chain. The \
          first ADD on a node loads the programs and is not in these percentiles: it took \
@@ -551,15 +469,7 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
                     ),
                     &format!("{:.1} ms (p99 {fv:.1} vs {b:.1} ms)", fv - b),
                     fv - b < 25.0,
-                    "Two costs. A TCX attach waits for an RCU grace period (`synchronize_rcu`) \
-                     while holding the RTNL lock, once per hook, so twice per container: about \
-                     15 ms each on this kernel (seen with `strace -T` on `BPF_LINK_CREATE`), \
-                     and it serialises against every other netlink user, the bridge plugin \
-                     included. clsact filters attach without that wait, which is why \
-                     `attachMode: netlink` is much cheaper. And ADDs take palisade's state lock \
-                     for their whole critical section (compile, map sync, attach, durable save), \
-                     so 20 ADDs at once on 2 cores queue behind each other; TCX attaches would \
-                     queue on RTNL even outside that lock.",
+                    crate::change::TCX_LIMIT,
                 );
             }
         }
@@ -571,7 +481,7 @@ fn cni_latency(cfg: &Config, report: &mut Report) -> String {
 }
 
 pub fn run(cfg: &Config, report: &mut Report) {
-    let mut s = apply_scale(cfg, report);
+    let mut s = crate::change::run(cfg, report);
     s.push_str(&visibility(cfg, report));
     s.push_str(&cni_latency(cfg, report));
     report.section("Control plane", s);

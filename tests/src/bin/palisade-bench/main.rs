@@ -8,6 +8,7 @@
     reason = "a benchmark that cannot measure stops with the reason"
 )]
 
+mod change;
 mod control;
 mod datapath;
 mod stats;
