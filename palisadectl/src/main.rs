@@ -311,6 +311,21 @@ fn verdict_word(word: String) -> Result<Verdict, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What the library reports (repairs, warnings) goes to stderr; the
+    // daemon says more by default.
+    let default = if matches!(cli.command, Command::Daemon { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALISADE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .without_time()
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -1741,8 +1741,10 @@ impl Engine {
             if i != 0 {
                 return;
             }
+            // The last contributor moved into slot 0: the new first by
+            // name may be any of them, that one included.
             if let Some(best) =
-                (1..list.len()).reduce(|m, j| if before(list[j].0, list[m].0) { j } else { m })
+                (0..list.len()).reduce(|m, j| if before(list[j].0, list[m].0) { j } else { m })
             {
                 list.swap(0, best);
             }
@@ -2135,8 +2137,8 @@ mod tests {
             )
                 .prop_map(|(n, p, a, port)| Op::Pod(n, p, a, port)),
             (ns(), pod_name()).prop_map(|(n, p)| Op::RemovePod(n, p)),
-            (1u32..4, policy_json()).prop_map(|(id, (_, v))| Op::Policy(id, v)),
-            (1u32..4).prop_map(Op::RemovePolicy),
+            (1u32..7, policy_json()).prop_map(|(id, (_, v))| Op::Policy(id, v)),
+            (1u32..7).prop_map(Op::RemovePolicy),
             (
                 1u32..6,
                 10u32..13,
@@ -2194,9 +2196,11 @@ mod tests {
             }),
             Op::RemovePod(ns, name) => engine.remove_pod(&ns, &name),
             Op::Policy(id, mut v) => {
-                v["metadata"]["name"] = json!(format!("pol{id}"));
+                // Names in another order than ids, so that which policy an
+                // entry reports (the first by name) is not the oldest.
+                v["metadata"]["name"] = json!(format!("pol{}", (id * 7) % 10));
                 // A policy keeps its namespace for life (its id is its name).
-                v["metadata"]["namespace"] = json!(if id % 2 == 0 { "a" } else { "b" });
+                v["metadata"]["namespace"] = json!(if id % 3 == 0 { "a" } else { "b" });
                 engine.upsert_policy(id, policy(v));
             }
             Op::RemovePolicy(id) => engine.remove_policy(id),
@@ -2273,6 +2277,37 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_reports_the_first_policy_by_name_after_the_first_leaves() {
+        let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
+        let mut maps = Desired::default();
+        let mut ids = IdentityTable::default();
+        run(
+            &mut engine,
+            &Op::Endpoint {
+                ep: 1,
+                ifindex: 10,
+                ns: "b".into(),
+                name: "p1".into(),
+                app: None,
+                addrs: vec!["10.0.0.1".parse().unwrap()],
+            },
+        );
+        let allow_all = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                               "metadata": {}, "spec": {"podSelector": {}, "ingress": [{}]}});
+        // Ids 2, 1 and 5 are pol4, pol7 and pol5 (all in namespace b):
+        // the first by name comes first, the second last.
+        for id in [2, 1, 5] {
+            run(&mut engine, &Op::Policy(id, allow_all.clone()));
+            check(&mut engine, &mut maps, &mut ids, &format!("policy {id}"));
+        }
+        let reported = |m: &Desired| m.policy.values().next().map(|v| v.policy_id);
+        assert_eq!(reported(&maps), Some(2), "pol4 is first by name");
+        run(&mut engine, &Op::RemovePolicy(2));
+        check(&mut engine, &mut maps, &mut ids, "remove pol4");
+        assert_eq!(reported(&maps), Some(5), "pol5 is first by name now");
+    }
+
+    #[test]
     fn a_new_egress_port_name_refines_existing_endpoints() {
         let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
         let mut maps = Desired::default();
@@ -2330,7 +2365,7 @@ mod tests {
         run(
             &mut engine,
             &Op::Policy(
-                2,
+                3,
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                        "metadata": {}, "spec": {"podSelector": {}}}),
             ),

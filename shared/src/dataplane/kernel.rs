@@ -993,6 +993,7 @@ impl Dataplane for KernelDataplane {
         // identities first, endpoints (isolation flags) next, removals last.
         for (k, v) in &desired.policy {
             if cur_policy.get(k) != Some(v) {
+                tracing::debug!("sync: policy {k:?} was {:?}", cur_policy.get(k));
                 maps.policy
                     .insert(k, v, 0)
                     .map_err(DataplaneError::map("pal_policy"))?;
@@ -1001,6 +1002,7 @@ impl Dataplane for KernelDataplane {
         }
         for (a, v) in &want_ipcache_host {
             if cur_ipcache_host.get(a) != Some(v) {
+                tracing::debug!("sync: address {a:?} {v:?} was {:?}", cur_ipcache_host.get(a));
                 maps.ipcache_host
                     .insert(a, v, 0)
                     .map_err(DataplaneError::map("pal_ipcache_host"))?;
@@ -1009,6 +1011,7 @@ impl Dataplane for KernelDataplane {
         }
         for (p, v) in &want_ipcache {
             if cur_ipcache.get(p) != Some(v) {
+                tracing::debug!("sync: prefix {p} {v:?} was {:?}", cur_ipcache.get(p));
                 maps.ipcache
                     .insert(&LpmKey::new(p.len, IpcacheAddr { addr: p.addr }), *v, 0)
                     .map_err(DataplaneError::map("pal_ipcache"))?;
@@ -1023,6 +1026,7 @@ impl Dataplane for KernelDataplane {
         }
         for (k, v) in &desired.endpoints {
             if cur_eps.get(k) != Some(v) {
+                tracing::debug!("sync: endpoint {k} {v:?} was {:?}", cur_eps.get(k));
                 maps.endpoints
                     .insert(*k, *v, 0)
                     .map_err(DataplaneError::map("pal_endpoints"))?;
