@@ -1002,7 +1002,10 @@ impl Dataplane for KernelDataplane {
         }
         for (a, v) in &want_ipcache_host {
             if cur_ipcache_host.get(a) != Some(v) {
-                tracing::debug!("sync: address {a:?} {v:?} was {:?}", cur_ipcache_host.get(a));
+                tracing::debug!(
+                    "sync: address {a:?} {v:?} was {:?}",
+                    cur_ipcache_host.get(a)
+                );
                 maps.ipcache_host
                     .insert(a, v, 0)
                     .map_err(DataplaneError::map("pal_ipcache_host"))?;

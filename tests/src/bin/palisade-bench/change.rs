@@ -4,7 +4,12 @@
 //! commands and plugins; the bulk apply that fills the node, the daemon's
 //! restart to reconciled maps, and the memory of the daemon and the store.
 
-use std::{collections::BTreeMap, fmt::Write, time::Instant};
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    net::{IpAddr, Ipv4Addr},
+    time::Instant,
+};
 
 use palisade::daemon::{Client, DaemonStatus, Request, default_socket};
 use testbed::{
@@ -14,7 +19,7 @@ use testbed::{
 
 use crate::{
     Config, Report,
-    control::{APPS, CniRun, cni_batch, ctl_file, ms, policies_yaml, seed_endpoints},
+    control::{APPS, CniRun, cni_batch, ctl_file, ms, policies_yaml, seed, seed_endpoints},
     stats::{Samples, Table, percentile},
     traffic::plain_chain,
 };
@@ -81,14 +86,45 @@ fn policy_entries(n: &Node) -> u64 {
         .sum()
 }
 
-const NAMESPACE: [&str; 2] = [
-    "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {team: red}}\n",
-    "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {team: blue}}\n",
-];
+/// The namespace whose objects the measured changes touch: two endpoints,
+/// one policy admitting one of them (by pod and namespace labels) to the
+/// other. Whatever the node holds besides, these changes touch the same few
+/// entries, so their cost shows what the rest of the state adds.
+const PROBE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: probe, labels: {team: red}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: probe-a, namespace: probe}
+spec:
+  podSelector: {matchLabels: {app: probe-a}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: red}}, podSelector: {matchLabels: {app: probe-b}}}]
+    ports: [{port: 80}]
+"#;
 
-fn pod(i: usize, app: usize) -> String {
+const ONE_MORE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: one-more, namespace: probe}
+spec:
+  podSelector: {matchLabels: {app: probe-b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: probe-a}}}]
+    ports: [{port: 81}]
+"#;
+
+fn namespace(team: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: bench, labels: {{app: app{app}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: probe, labels: {{team: {team}}}}}\n"
+    )
+}
+
+fn pod(app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: probe-1, namespace: probe, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
     )
 }
 
@@ -100,9 +136,19 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
         ..NodeOptions::default()
     });
     seed_endpoints(&node, e);
-    ctl_file(&node, "apply", NAMESPACE[0]);
+    seed(
+        &node,
+        ["probe-a", "probe-b"].iter().enumerate().map(|(i, app)| {
+            (
+                "probe".to_owned(),
+                format!("probe-{i}"),
+                [("app".to_string(), app.to_string())].into(),
+                IpAddr::V4(Ipv4Addr::new(10, 201, 0, i as u8 + 1)),
+            )
+        }),
+    );
+    ctl_file(&node, "apply", PROBE);
     cost.bulk_ms = ms(ctl_file(&node, "apply", &policies_yaml(p)));
-    let one = policies_yaml(1).replace("policy-0", "one-more");
     let reps = if cfg.short { 1 } else { 2 * cfg.reps };
     for rep in 0..reps {
         eprintln!(
@@ -110,16 +156,15 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
             rep + 1
         );
         let mut push = |k: &'static str, v: f64| cost.change.entry(k).or_default().push(v);
-        push(CHANGES[0], ms(ctl_file(&node, "apply", &one)));
-        push(CHANGES[1], ms(ctl_file(&node, "delete", &one)));
-        push(
-            CHANGES[2],
-            ms(ctl_file(&node, "apply", &pod(rep % e, (rep % 2) + 1))),
-        );
-        push(
-            CHANGES[3],
-            ms(ctl_file(&node, "apply", NAMESPACE[(rep + 1) % 2])),
-        );
+        push(CHANGES[0], ms(ctl_file(&node, "apply", ONE_MORE)));
+        push(CHANGES[1], ms(ctl_file(&node, "delete", ONE_MORE)));
+        let (app, team) = if rep % 2 == 0 {
+            ("probe-c", "blue")
+        } else {
+            ("probe-b", "red")
+        };
+        push(CHANGES[2], ms(ctl_file(&node, "apply", &pod(app))));
+        push(CHANGES[3], ms(ctl_file(&node, "apply", &namespace(team))));
     }
 
     // CNI ADD and DEL of real containers, beside the bridge plugin alone.
@@ -180,14 +225,20 @@ pub fn run(cfg: &Config, report: &mut Report) -> String {
         s,
         "\n### Cost of one change\n\n\
          A node with the node daemon running (the default deployment) holds *P* NetworkPolicies \
-         and *E* endpoints in one namespace ({APPS} distinct `app` labels; the endpoints are \
-         store records with real addresses and labels and no veth, as in the section above). \
-         Each policy selects one app and admits another on one port; every tenth also limits \
-         egress, and every tenth admits the namespaces of a team. Every change is the real \
-         command's wall time (process start, parse, the daemon's incremental update, the map \
-         writes and the durable commit): `palisadectl apply` of one more policy and `delete` \
-         of it, `apply` of one Pod object with a new label, `apply` of the Namespace with a new \
-         label. Median (min–max) of {} repetitions. \"Entries\" is `pal_policy`'s fill.\n",
+         and *E* endpoints in namespace `bench` ({APPS} distinct `app` labels; the endpoints are \
+         store records with real addresses and labels and no veth). Each policy selects one \
+         app and admits another on one port; every tenth also limits egress to an address \
+         block and DNS, and every tenth also admits namespaces by label. Beside them, namespace \
+         `probe` holds two endpoints and one policy admitting one to the other by pod and \
+         namespace labels. The measured changes are made there, so each touches the same few \
+         entries at every size and its cost shows what the rest of the state adds: \
+         `palisadectl apply` of one more policy and `delete` of it, `apply` of a Pod object \
+         giving one of the two a new label, `apply` of the Namespace with a new label. (A \
+         change that reaches more, such as a namespace label that many policies select, costs \
+         in proportion to the entries it changes: see docs/CONTROL-PLANE.md.) Every figure is \
+         the real command's wall time: process start, parse, the daemon's incremental update, \
+         the map writes and the durable commit. Median (min–max) of {} repetitions. \
+         \"Entries\" is `pal_policy`'s fill.\n",
         if cfg.short { 1 } else { 2 * cfg.reps }
     );
     let head: Vec<String> = ["policies", "endpoints", "entries"]
@@ -211,9 +262,9 @@ pub fn run(cfg: &Config, report: &mut Report) -> String {
 
     let _ = writeln!(
         s,
-        "\nCNI ADD and DEL of real containers on the same nodes: the bridge plugin alone, and \
-         bridge + palisade (default attach mode: TCX), {PER_BATCH} containers one after another \
-         and {PER_BATCH} at once, ms. \"palisade alone\" is the palisade plugin's own \
+        "\nCNI ADD and DEL of real containers on the same nodes (namespace `bench`, no labels), \
+         the bridge plugin alone, and bridge + palisade (default attach mode: TCX), \
+         {PER_BATCH} containers one after another and {PER_BATCH} at once, ms. \"palisade alone\" is the palisade plugin's own \
          invocation (it sends the endpoint to the daemon, which writes its maps, attaches its \
          programs outside the state lock and records them).\n"
     );

@@ -12,6 +12,7 @@ use std::{
 
 use palisade::{
     dataplane::Attachment,
+    policy::Labels,
     store::{Endpoint, Source, Store},
 };
 use serde_json::json;
@@ -31,34 +32,49 @@ use crate::{
 /// Distinct `app` labels the synthetic endpoints and policies use.
 pub const APPS: usize = 50;
 
-/// Register `count` endpoints in the node's store as CNI ADD would, minus
-/// the veth: their records, addresses and labels are real, their
-/// interfaces do not exist (the maps get their entries all the same).
+/// Register `count` endpoints in namespace `bench` (labels `app: appN`) in
+/// the node's store as CNI ADD would, minus the veth: their records,
+/// addresses and labels are real, their interfaces do not exist (the maps
+/// get their entries all the same).
 pub fn seed_endpoints(node: &Node, count: usize) {
+    seed(
+        node,
+        (0..count).map(|i| {
+            (
+                "bench".to_owned(),
+                format!("pod-{i}"),
+                [("app".to_string(), format!("app{}", i % APPS))].into(),
+                IpAddr::V4(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8)),
+            )
+        }),
+    )
+}
+
+/// Register synthetic endpoints: (namespace, name, labels, address).
+pub fn seed(node: &Node, eps: impl Iterator<Item = (String, String, Labels, IpAddr)>) {
     let mut store = Store::new(&node.state_dir);
     let mut tx = store
         .write(Duration::from_secs(10))
         .expect("lock the store");
-    for i in 0..count {
+    for (namespace, name, labels, addr) in eps {
         let id = tx.allocate_endpoint_id().expect("allocate an endpoint id");
-        let container_id = format!("synthetic-{i}");
         let ep = Endpoint {
             id,
             source: Source::Cni,
             network: "synthetic".into(),
-            container_id: container_id.clone(),
+            container_id: format!("synthetic-{id}"),
             ifname: "eth0".into(),
-            namespace: "bench".into(),
-            name: format!("pod-{i}"),
-            labels: [("app".to_string(), format!("app{}", i % APPS))].into(),
+            namespace,
+            name,
+            labels,
             netns: String::new(),
-            host_ifname: format!("syn{i}"),
-            host_ifindex: 1_000_000 + i as u32,
-            addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8))],
+            host_ifname: format!("syn{id}"),
+            host_ifindex: 1_000_000 + id,
+            addresses: vec![addr],
             k8s: true,
             attachment: Attachment::Tcx {
-                from_container: node.dir.join(format!("nonexistent/{i}/from")),
-                to_container: node.dir.join(format!("nonexistent/{i}/to")),
+                from_container: node.dir.join(format!("nonexistent/{id}/from")),
+                to_container: node.dir.join(format!("nonexistent/{id}/to")),
             },
             created: 0,
         };
@@ -88,7 +104,7 @@ pub fn policies_yaml(count: usize) -> String {
             spec["ingress"][0]["from"]
                 .as_array_mut()
                 .expect("from")
-                .push(json!({"namespaceSelector": {"matchLabels": {"team": team}}}));
+                .push(json!({"namespaceSelector": {"matchLabels": {"bench-team": team}}}));
         }
         if i % 10 == 0 {
             spec["policyTypes"] = json!(["Ingress", "Egress"]);
