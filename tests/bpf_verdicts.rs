@@ -1076,3 +1076,59 @@ fn dhcp_nd_and_router_messages_are_exempt_only_in_their_scope() {
         "router advertisement to a container",
     );
 }
+
+/// A full sync (the daemon's start, `palisadectl sync`) reads every entry
+/// back, also past the first batch of the kernel's batched lookup: written
+/// once, nothing is written again, and removals are exact.
+#[test]
+fn a_full_sync_reads_back_every_entry_of_large_maps() {
+    use palisade::{
+        abi::{IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue, TIER_NETPOL},
+        compile::{Desired, Prefix},
+        dataplane::Dataplane,
+    };
+    let mut d = fixture();
+    let mut want = Desired::default();
+    for i in 0..10_000u32 {
+        want.policy.insert(
+            PolicyKey {
+                prefixlen: abi::POLICY_PREFIX_FULL,
+                data: PolicyKeyData {
+                    ep_id: 7,
+                    tier: TIER_NETPOL,
+                    peer_id: 1_000 + i,
+                    protocol: abi::PROTO_TCP,
+                    dport_be: 80u16.to_be(),
+                    ..Default::default()
+                },
+            },
+            PolicyValue {
+                policy_id: 1,
+                verdict: 1,
+                ..Default::default()
+            },
+        );
+        let addr = IpAddr::from([10, 77, (i >> 8) as u8, i as u8]);
+        want.ipcache.insert(
+            Prefix::host(addr),
+            IpcacheValue {
+                identity: 256 + i,
+                flags: 0,
+            },
+        );
+    }
+    let first = d.dp.sync(&want).unwrap();
+    assert!(first.upserted >= 20_000, "{first:?}");
+    let again = d.dp.sync(&want).unwrap();
+    assert_eq!(
+        (again.upserted, again.deleted),
+        (0, 0),
+        "a second sync found entries missing or different"
+    );
+    let drop: Vec<PolicyKey> = want.policy.keys().step_by(2).copied().collect();
+    for k in &drop {
+        want.policy.remove(k);
+    }
+    let third = d.dp.sync(&want).unwrap();
+    assert_eq!((third.upserted, third.deleted), (0, drop.len()));
+}

@@ -412,6 +412,19 @@ fn read_input(name: &str) -> Result<String> {
     }
 }
 
+fn read_documents(files: &[String]) -> Result<Vec<policy::Document>> {
+    let mut all = Vec::new();
+    for f in files {
+        let text = read_input(f)?;
+        let source = if f == "-" { "<stdin>" } else { f.as_str() };
+        all.extend(policy::split_documents(&text, source)?);
+    }
+    if all.is_empty() {
+        bail!("no objects found in {}", files.join(", "));
+    }
+    Ok(all)
+}
+
 fn read_objects(files: &[String]) -> Result<Vec<Object>> {
     let mut all = Vec::new();
     for f in files {
@@ -450,8 +463,9 @@ fn print_changes(report: &ObjectsReport) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Apply { files } => {
-            let objects = read_objects(files)?;
-            let report = control(&cli)?.apply(objects).context("apply")?;
+            // Validated where the work is done (by the daemon when it runs).
+            let documents = read_documents(files)?;
+            let report = control(&cli)?.apply_documents(documents).context("apply")?;
             print_changes(&report)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -33,7 +33,7 @@ use crate::{
         AddOutcome, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError, ObjectsReport,
         Registered, detach_endpoints,
     },
-    policy::{Labels, Mode, Object, ObjectRef, decode_json},
+    policy::{Document, Labels, Mode, Object, ObjectRef, decode_documents},
     store::{Endpoint, PendingIdentity, Store},
 };
 
@@ -55,9 +55,9 @@ pub fn default_socket(state_dir: &Path) -> PathBuf {
 pub enum Request {
     /// Who are you (and are you alive)?
     Status,
-    /// Kubernetes objects as JSON; the daemon validates them again.
+    /// Kubernetes objects as read from files; the daemon validates them.
     Apply {
-        objects: Vec<Value>,
+        documents: Vec<Document>,
     },
     Delete {
         refs: Vec<ObjectRef>,
@@ -181,6 +181,12 @@ impl Client {
 /// Writes a binary performs on the node, whichever way it runs.
 pub trait NodeOps {
     fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError>;
+    /// Validate documents and apply them (where the work is done: with a
+    /// daemon, there).
+    fn apply_documents(&mut self, documents: Vec<Document>) -> Result<ObjectsReport, NodeError> {
+        let objects = decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        self.apply(objects)
+    }
     fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError>;
     fn add_endpoint(&mut self, new: NewEndpoint) -> Result<AddOutcome, NodeError>;
     fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError>;
@@ -311,15 +317,35 @@ impl Control {
 
 impl NodeOps for Control {
     fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
-        let Some(d) = &self.daemon else {
-            return self.node.apply(objects);
-        };
-        let objects = objects
-            .iter()
-            .map(Object::to_json)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NodeError::Invalid(format!("encode objects: {e}")))?;
-        d.call(Request::Apply { objects })
+        match &self.daemon {
+            // The daemon validates what it receives: send the objects as
+            // they were written.
+            Some(d) => d.call(Request::Apply {
+                documents: objects
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| {
+                        Ok(Document {
+                            source: "<request>".into(),
+                            index: i + 1,
+                            value: o.to_json()?,
+                        })
+                    })
+                    .collect::<Result<_, serde_json::Error>>()
+                    .map_err(|e| NodeError::Invalid(format!("encode objects: {e}")))?,
+            }),
+            None => self.node.apply(objects),
+        }
+    }
+    fn apply_documents(&mut self, documents: Vec<Document>) -> Result<ObjectsReport, NodeError> {
+        match &self.daemon {
+            Some(d) => d.call(Request::Apply { documents }),
+            None => {
+                let objects =
+                    decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
+                self.node.apply(objects)
+            }
+        }
     }
     fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
         match &self.daemon {
@@ -491,12 +517,10 @@ impl Server {
     fn handle(&self, request: Request) -> Result<Value, NodeError> {
         match request {
             Request::Status => json(Ok(self.status())),
-            Request::Apply { objects } => {
-                let mut decoded = Vec::new();
-                for o in objects {
-                    decoded.extend(decode_json(o).map_err(|e| NodeError::Invalid(e.to_string()))?);
-                }
-                json(self.node().apply(decoded))
+            Request::Apply { documents } => {
+                let objects =
+                    decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
+                json(self.node().apply(objects))
             }
             Request::Delete { refs } => json(self.node().delete(refs)),
             Request::AddEndpoint {

@@ -15,9 +15,13 @@
 //! identities allocated and released, and warnings.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
+
+// The engine's maps are keyed by its own numbers and names: a fast hash,
+// no need for one that resists chosen keys.
+use rustc_hash::FxHashMap as HashMap;
 
 use ipnetwork::IpNetwork;
 
@@ -259,8 +263,9 @@ struct RuleState {
     any: bool,
     sels: Vec<usize>,
     ports: Vec<PortRule>,
-    /// Peer identities, with how many of the rule's selectors match each.
-    peers: BTreeMap<u32, u32>,
+    /// Peer identities, with how many of the rule's selectors match each
+    /// (sorted by identity; usually a handful).
+    peers: Vec<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -273,6 +278,94 @@ struct PolState {
     rules: Vec<usize>,
     blocks: Vec<IpBlock>,
     egress_names: Vec<(String, Protocol)>,
+}
+
+/// The policies in (namespace, name) order as numbers, so that comparing
+/// two is one integer comparison. New names get a number between their
+/// neighbours'; when there is no room, all are numbered again (in order,
+/// so every comparison keeps its answer).
+#[derive(Debug, Default)]
+struct Ranks {
+    by_name: BTreeMap<(String, String), u64>,
+    /// Policy id → (rank, versions holding it, name).
+    of: HashMap<u32, (u64, u32, (String, String))>,
+}
+
+const RANK_STEP: u64 = 1 << 32;
+
+impl Ranks {
+    fn add(&mut self, id: u32, name: (String, String)) {
+        if let Some(r) = self.of.get_mut(&id) {
+            r.1 += 1;
+            return;
+        }
+        let lo = self
+            .by_name
+            .range(..name.clone())
+            .next_back()
+            .map(|(_, r)| *r);
+        let hi = self
+            .by_name
+            .range((
+                std::ops::Bound::Excluded(name.clone()),
+                std::ops::Bound::Unbounded,
+            ))
+            .next()
+            .map(|(_, r)| *r);
+        let rank = match (lo, hi) {
+            (None, None) => Some(u64::MAX / 2),
+            (Some(l), None) => l.checked_add(RANK_STEP),
+            (None, Some(h)) => h.checked_sub(RANK_STEP),
+            (Some(l), Some(h)) => (h - l > 1).then(|| l + (h - l) / 2),
+        };
+        let rank = rank.unwrap_or_else(|| {
+            self.by_name.insert(name.clone(), 0);
+            self.renumber();
+            self.by_name[&name]
+        });
+        self.by_name.insert(name.clone(), rank);
+        let rank = self.by_name[&name];
+        self.of.insert(id, (rank, 1, name));
+    }
+
+    fn renumber(&mut self) {
+        let ids: HashMap<(String, String), u32> = self
+            .of
+            .iter()
+            .map(|(id, (_, _, n))| (n.clone(), *id))
+            .collect();
+        for (i, (name, r)) in self.by_name.iter_mut().enumerate() {
+            *r = (i as u64 + 1) * (u64::MAX / (ids.len() as u64 + 2));
+            if let Some(id) = ids.get(name)
+                && let Some(o) = self.of.get_mut(id)
+            {
+                o.0 = *r;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(r) = self.of.get_mut(&id) {
+            r.1 -= 1;
+            if r.1 == 0
+                && let Some((_, _, name)) = self.of.remove(&id)
+            {
+                self.by_name.remove(&name);
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> u64 {
+        self.of.get(&id).map_or(u64::from(id), |r| r.0)
+    }
+}
+
+/// The policies that produce one entry, by id with how many of their rules
+/// do, and the one the entry reports (the first by name).
+#[derive(Debug, Default)]
+struct Contribs {
+    reported: u32,
+    by_id: Vec<(u32, u32)>,
 }
 
 /// Old values of every map entry changed since the last `finish`.
@@ -338,14 +431,15 @@ pub struct Engine {
     pols: Slab<PolState>,
     pol_by_id: HashMap<u32, usize>,
     pols_by_ns: HashMap<String, BTreeSet<usize>>,
-    /// Policy id → (namespace, name) and how many versions hold it.
-    pol_rank: HashMap<u32, ((String, String), u32)>,
+    pol_rank: Ranks,
 
     // Output.
     desired: Desired,
-    /// Policy entry → contributing policies (id, count), the reported one
-    /// (first in name order) first.
-    contrib: HashMap<PolicyKey, Vec<(u32, u32)>>,
+    /// Policy entry → the policies that produce it.
+    contrib: HashMap<PolicyKey, Contribs>,
+    /// Reused buffers (the hot paths allocate nothing per entry).
+    scratch_keys: Vec<PolicyKey>,
+    scratch_ids: Vec<u32>,
     journal: Journal,
     dirty_ifindex: BTreeSet<u32>,
     warnings: Vec<String>,
@@ -370,43 +464,45 @@ impl Engine {
     /// in it are kept for the same keys).
     pub fn new(ids: IdentityTable, node_mode: Mode) -> Self {
         let mut e = Engine {
-            namespaces: HashMap::new(),
-            pods: HashMap::new(),
+            namespaces: HashMap::default(),
+            pods: HashMap::default(),
             node_mode,
             host: BTreeSet::new(),
             eps: BTreeMap::new(),
-            eps_by_ns: HashMap::new(),
-            eps_by_pod: HashMap::new(),
-            eps_by_port: HashMap::new(),
-            ifindex_claims: HashMap::new(),
+            eps_by_ns: HashMap::default(),
+            eps_by_pod: HashMap::default(),
+            eps_by_port: HashMap::default(),
+            ifindex_claims: HashMap::default(),
             ids,
-            id_refs: HashMap::new(),
+            id_refs: HashMap::default(),
             visible: BTreeSet::new(),
-            ids_by_ns: HashMap::new(),
-            ids_by_block: HashMap::new(),
+            ids_by_ns: HashMap::default(),
+            ids_by_block: HashMap::default(),
             gc: BTreeSet::new(),
             id_journal: BTreeMap::new(),
             addrs: BTreeMap::new(),
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             block_index: BlockIndex::default(),
             regions: BTreeMap::new(),
-            egress_names: HashMap::new(),
+            egress_names: HashMap::default(),
             sels: Slab::default(),
-            sel_index: HashMap::new(),
-            sel_by_block: HashMap::new(),
-            pod_sels_own: HashMap::new(),
+            sel_index: HashMap::default(),
+            sel_by_block: HashMap::default(),
+            pod_sels_own: HashMap::default(),
             pod_sels_matching: BTreeSet::new(),
             all_sel: None,
             subjs: Slab::default(),
-            subj_index: HashMap::new(),
-            subj_by_ns: HashMap::new(),
+            subj_index: HashMap::default(),
+            subj_by_ns: HashMap::default(),
             rules: Slab::default(),
             pols: Slab::default(),
-            pol_by_id: HashMap::new(),
-            pols_by_ns: HashMap::new(),
-            pol_rank: HashMap::new(),
+            pol_by_id: HashMap::default(),
+            pols_by_ns: HashMap::default(),
+            pol_rank: Ranks::default(),
             desired: Desired::default(),
-            contrib: HashMap::new(),
+            contrib: HashMap::default(),
+            scratch_keys: Vec::new(),
+            scratch_ids: Vec::new(),
             journal: Journal {
                 enabled: true,
                 ..Default::default()
@@ -802,22 +898,8 @@ impl Engine {
     }
 
     fn rule_peer(&mut self, r: usize, id: u32, sign: i32) {
-        let peers = &mut self.rules[r].peers;
-        if sign > 0 {
-            let c = peers.entry(id).or_insert(0);
-            *c += 1;
-            if *c != 1 {
-                return;
-            }
-        } else {
-            let Some(c) = peers.get_mut(&id) else {
-                return;
-            };
-            *c -= 1;
-            if *c != 0 {
-                return;
-            }
-            peers.remove(&id);
+        if !count(&mut self.rules[r].peers, id, sign) {
+            return;
         }
         let subj = self.pols[self.rules[r].pol].subj;
         let subjects: Vec<u32> = self.subjs[subj].matches.iter().copied().collect();
@@ -982,7 +1064,6 @@ impl Engine {
         let pol = &self.pols[p];
         let isolates = [pol.policy.ingress_isolation, pol.policy.egress_isolation];
         let enforced = pol.mode == Mode::Enforce;
-        let rules = pol.rules.clone();
         if let Some(e) = self.eps.get_mut(&ep) {
             for (d, _) in isolates.iter().enumerate().filter(|(_, i)| **i) {
                 e.out.isolating[d] = e.out.isolating[d].wrapping_add_signed(sign);
@@ -992,14 +1073,18 @@ impl Engine {
             }
             self.dirty_ifindex.insert(e.input.ifindex);
         }
-        for r in rules {
+        for i in 0..self.pols[p].rules.len() {
+            let r = self.pols[p].rules[i];
             if self.rules[r].any {
                 self.emit(r, ep, PeerRef::Any, sign);
             }
-            let peers: Vec<u32> = self.rules[r].peers.keys().copied().collect();
-            for id in peers {
+            let mut peers = std::mem::take(&mut self.scratch_ids);
+            peers.clear();
+            peers.extend(self.rules[r].peers.iter().map(|(id, _)| *id));
+            for &id in &peers {
                 self.emit(r, ep, PeerRef::Id(id), sign);
             }
+            self.scratch_ids = peers;
         }
     }
 
@@ -1018,11 +1103,8 @@ impl Engine {
         for n in &names {
             self.name_ref(n, 1);
         }
-        let rank = self
-            .pol_rank
-            .entry(id)
-            .or_insert(((policy.namespace.clone(), policy.name.clone()), 0));
-        rank.1 += 1;
+        self.pol_rank
+            .add(id, (policy.namespace.clone(), policy.name.clone()));
         let mode = effective_mode(
             policy.mode,
             self.namespaces.get(&policy.namespace).and_then(|n| n.mode),
@@ -1097,7 +1179,7 @@ impl Engine {
             any,
             sels: Vec::new(),
             ports: rule.ports.clone(),
-            peers: BTreeMap::new(),
+            peers: Vec::new(),
         });
         for key in keys {
             let s = self.sel_ref(key);
@@ -1105,7 +1187,7 @@ impl Engine {
             self.rules[r].sels.push(s);
             let matches: Vec<u32> = self.sels[s].matches.iter().copied().collect();
             for m in matches {
-                *self.rules[r].peers.entry(m).or_insert(0) += 1;
+                count(&mut self.rules[r].peers, m, 1);
             }
         }
         r
@@ -1138,12 +1220,7 @@ impl Engine {
         if self.pol_by_id.get(&pol.id) == Some(&p) {
             self.pol_by_id.remove(&pol.id);
         }
-        if let Some(rank) = self.pol_rank.get_mut(&pol.id) {
-            rank.1 -= 1;
-            if rank.1 == 0 {
-                self.pol_rank.remove(&pol.id);
-            }
-        }
+        self.pol_rank.remove(pol.id);
         for n in &pol.egress_names {
             self.name_ref(n, -1);
         }
@@ -1630,21 +1707,23 @@ impl Engine {
     // ----- entries -----------------------------------------------------------------
 
     fn emit(&mut self, r: usize, ep: u32, peer: PeerRef, sign: i32) {
-        let keys = self.rule_keys(r, ep, peer);
+        let mut keys = std::mem::take(&mut self.scratch_keys);
+        keys.clear();
+        self.rule_keys(r, ep, peer, &mut keys);
         let pid = self.rules[r].policy_id;
-        for k in keys {
-            self.contribute(k, pid, sign);
+        for k in &keys {
+            self.contribute(*k, pid, sign);
         }
+        self.scratch_keys = keys;
     }
 
     /// The entries one rule gives one subject endpoint for one peer (or for
     /// any peer).
-    fn rule_keys(&self, r: usize, ep: u32, peer: PeerRef) -> Vec<PolicyKey> {
+    fn rule_keys(&self, r: usize, ep: u32, peer: PeerRef, out: &mut Vec<PolicyKey>) {
         let rule = &self.rules[r];
         let Some(e) = self.eps.get(&ep) else {
-            return Vec::new();
+            return;
         };
-        let mut out = Vec::new();
         let mut put = |peer_id: u32, proto: u8, port: u16, prefixlen: u32| {
             out.push(PolicyKey {
                 prefixlen,
@@ -1670,7 +1749,7 @@ impl Engine {
             if numbered {
                 put(peer_id, 0, 0, POLICY_PREFIX_ANY_PROTO);
             }
-            return out;
+            return;
         }
         for port in &rule.ports {
             let proto = port.protocol.number();
@@ -1703,59 +1782,54 @@ impl Engine {
                 _ => {}
             }
         }
-        out
     }
 
     /// One rule starts (`sign` 1) or stops producing an entry.
     fn contribute(&mut self, key: PolicyKey, pid: u32, sign: i32) {
-        let rank = &self.pol_rank;
-        let before = |a: u32, b: u32| -> bool {
-            match (rank.get(&a), rank.get(&b)) {
-                (Some(x), Some(y)) => x.0 < y.0,
-                _ => a < b,
-            }
-        };
-        let list = self.contrib.entry(key).or_default();
-        if sign > 0 {
-            if let Some(c) = list.iter_mut().find(|c| c.0 == pid) {
-                c.1 += 1;
-                return;
-            }
-            list.push((pid, 1));
-            let last = list.len() - 1;
-            if last > 0 {
-                if !before(pid, list[0].0) {
+        let ranks = &self.pol_rank;
+        let c = self.contrib.entry(key).or_default();
+        let pos = c.by_id.binary_search_by_key(&pid, |x| x.0);
+        let reported = if sign > 0 {
+            match pos {
+                Ok(i) => {
+                    c.by_id[i].1 += 1;
                     return;
                 }
-                list.swap(0, last);
+                Err(i) => c.by_id.insert(i, (pid, 1)),
             }
+            if c.by_id.len() > 1 && ranks.get(pid) >= ranks.get(c.reported) {
+                return;
+            }
+            c.reported = pid;
+            Some(pid)
         } else {
-            let Some(i) = list.iter().position(|c| c.0 == pid) else {
+            let Ok(i) = pos else {
                 return;
             };
-            list[i].1 -= 1;
-            if list[i].1 > 0 {
+            c.by_id[i].1 -= 1;
+            if c.by_id[i].1 > 0 {
                 return;
             }
-            list.swap_remove(i);
-            if i != 0 {
+            c.by_id.remove(i);
+            if !c.by_id.is_empty() && pid != c.reported {
                 return;
             }
-            // The last contributor moved into slot 0: the new first by
-            // name may be any of them, that one included.
-            if let Some(best) =
-                (0..list.len()).reduce(|m, j| if before(list[j].0, list[m].0) { j } else { m })
-            {
-                list.swap(0, best);
+            // The reported policy left: the first by name of the rest.
+            let next = c.by_id.iter().map(|x| x.0).min_by_key(|id| ranks.get(*id));
+            match next {
+                Some(n) => {
+                    c.reported = n;
+                    Some(n)
+                }
+                None => {
+                    self.contrib.remove(&key);
+                    None
+                }
             }
-        }
-        let winner = list.first().map(|c| c.0);
-        if winner.is_none() {
-            self.contrib.remove(&key);
-        }
+        };
         self.set_policy(
             key,
-            winner.map(|policy_id| PolicyValue {
+            reported.map(|policy_id| PolicyValue {
                 policy_id,
                 verdict: Verdict::Allow as u8,
                 flags: 0,
@@ -1916,6 +1990,31 @@ impl Engine {
             delta.srcguard.sort_by_key(|(k, _)| *k);
         }
         (d, undo)
+    }
+}
+
+/// Count one more (`sign` 1) or one less of `id` in a sorted counted set;
+/// whether it came (from 0) or went (to 0).
+fn count(set: &mut Vec<(u32, u32)>, id: u32, sign: i32) -> bool {
+    match set.binary_search_by_key(&id, |x| x.0) {
+        Ok(i) if sign > 0 => {
+            set[i].1 += 1;
+            false
+        }
+        Ok(i) => {
+            set[i].1 -= 1;
+            if set[i].1 == 0 {
+                set.remove(i);
+                true
+            } else {
+                false
+            }
+        }
+        Err(i) if sign > 0 => {
+            set.insert(i, (id, 1));
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -2274,6 +2373,29 @@ mod tests {
                 "identity of {k}"
             );
         }
+    }
+
+    #[test]
+    fn policy_ranks_follow_name_order_through_renumbering() {
+        let mut r = Ranks::default();
+        let name = |i: u32| ("ns".to_string(), format!("p{i:05}"));
+        // Always between the first two: the gap halves every time, so the
+        // ranks are renumbered again and again.
+        r.add(0, name(0));
+        r.add(99_999, name(99_999));
+        for i in (1..200).rev() {
+            r.add(i, name(i));
+        }
+        for i in 1000..1100 {
+            r.add(i, name(i));
+        }
+        r.remove(5);
+        let mut ids: Vec<u32> = r.of.keys().copied().collect();
+        ids.sort_by_key(|id| r.get(*id));
+        let mut by_name = ids.clone();
+        by_name.sort_by_key(|id| name(*id));
+        assert_eq!(ids, by_name);
+        assert!(!ids.contains(&5));
     }
 
     #[test]

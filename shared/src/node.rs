@@ -336,9 +336,16 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
         e.upsert_policy(p.id, p.policy.clone());
     }
     e.set_host_addresses(&state.host_addresses);
-    let mut eps: Vec<&Endpoint> = state.endpoints.values().collect();
-    eps.sort_by_key(|ep| ep.id);
-    for ep in eps {
+    // Endpoints with the same labels one after another: the policies and
+    // rules that select them stay in the CPU's caches (several times
+    // faster on a large node than in id order; the result is the same).
+    let mut eps: Vec<(&str, Labels, &Endpoint)> = state
+        .endpoints
+        .values()
+        .map(|ep| (ep.namespace.as_str(), state.effective_labels(ep), ep))
+        .collect();
+    eps.sort_by(|a, b| (a.0, &a.1, a.2.id).cmp(&(b.0, &b.1, b.2.id)));
+    for (_, _, ep) in eps {
         e.upsert_endpoint(ep.input());
     }
     let warnings = e.end_bulk().warnings;
@@ -1070,13 +1077,24 @@ impl<D: Dataplane> Node<D> {
         let mut tx = store.write(*lock_timeout)?;
         dataplane.prepare()?;
         let generation = nonzero_generation(&mut tx)?;
+        let t = std::time::Instant::now();
         let state = tx.load()?;
+        let loaded = t.elapsed();
         let (built, warnings) = build_engine(&state);
+        let engine_built = t.elapsed() - loaded;
         for w in warnings {
             tracing::warn!("{w}");
         }
         store_identities(&mut tx, &state.identities, built.identities())?;
         let report = dataplane.sync(built.desired())?;
+        tracing::info!(
+            "start: store read in {} ms ({} policies, {} endpoints), engine built in {} ms, maps read and reconciled in {} ms",
+            loaded.as_millis(),
+            state.policies.len(),
+            state.endpoints.len(),
+            engine_built.as_millis(),
+            (t.elapsed() - loaded - engine_built).as_millis()
+        );
         if tx.changed() {
             tx.commit()?;
         } else {

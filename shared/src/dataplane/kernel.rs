@@ -621,16 +621,119 @@ fn current_ifindex(ifname: &str) -> Option<u32> {
 }
 
 /// Read a whole hash map.
+/// Read a whole hash map. Batched (`BPF_MAP_LOOKUP_BATCH`, thousands of
+/// entries a system call) where the kernel has it, else entry by entry
+/// (two system calls each: reading 150,000 policy entries one by one takes
+/// most of half a second).
 fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
     hash: &HashMap<MapData, K, V>,
     map: &'static str,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
+    if let Some(all) = read_hash_batched(hash, map)? {
+        return Ok(all);
+    }
     let mut out = BTreeMap::new();
     for item in hash.iter() {
         let (k, v) = item.map_err(DataplaneError::map(map))?;
         out.insert(k, v);
     }
     Ok(out)
+}
+
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `None`: the kernel cannot read this map in batches.
+fn read_hash_batched<K: aya::Pod + Ord, V: aya::Pod>(
+    hash: &HashMap<MapData, K, V>,
+    map: &'static str,
+) -> Result<Option<BTreeMap<K, V>>, DataplaneError> {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use aya::maps::IterableMap;
+
+    const CHUNK: usize = 4096;
+    let fd = hash.map().fd().as_fd().as_raw_fd();
+    let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(CHUNK);
+    let mut values: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(CHUNK);
+    // A hash map's batch token is a bucket number (u32); room for more.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut first = true;
+    let mut out = BTreeMap::new();
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of!(token_in) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the batch member of bpf_attr, passed with its
+        // exact size; the kernel writes at most `count` keys and values
+        // into buffers with room for CHUNK of each (K and V are the map's
+        // key and value types, checked against the pinned map when it was
+        // opened), and the token into `token_out`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let errno = (r < 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        if let Some(e) = errno
+            && e != libc::ENOENT
+        {
+            // ENOTSUPP (524) is the kernel's own "not supported".
+            if first && matches!(e, libc::EINVAL | libc::EOPNOTSUPP | 524) {
+                return Ok(None);
+            }
+            return Err(DataplaneError::Map {
+                map,
+                source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: io::Error::from_raw_os_error(e),
+                })),
+            });
+        }
+        let n = (attr.count as usize).min(CHUNK);
+        for i in 0..n {
+            // SAFETY: the kernel filled the first `n` slots.
+            let (k, v) = unsafe {
+                (
+                    keys.as_ptr().add(i).read().assume_init(),
+                    values.as_ptr().add(i).read().assume_init(),
+                )
+            };
+            out.insert(k, v);
+        }
+        if errno.is_some() {
+            return Ok(Some(out)); // ENOENT: that was the last batch
+        }
+        token_in = token_out;
+        first = false;
+    }
 }
 
 /// Read a whole LPM trie into a map keyed like the compiler's output.
@@ -979,15 +1082,11 @@ impl Dataplane for KernelDataplane {
             .into_iter()
             .map(|(p, v)| (IpcacheAddr { addr: p.addr }, v))
             .collect();
-        let mut cur_eps = BTreeMap::new();
-        for item in maps.endpoints.iter() {
-            let (k, v) = item.map_err(DataplaneError::map("pal_endpoints"))?;
-            cur_eps.insert(k, v);
-        }
-        let mut cur_src = std::collections::BTreeSet::new();
-        for k in maps.srcguard.keys() {
-            cur_src.insert(k.map_err(DataplaneError::map("pal_srcguard"))?);
-        }
+        let cur_eps = read_hash(&maps.endpoints, "pal_endpoints")?;
+        let cur_src: std::collections::BTreeSet<SrcguardKey> =
+            read_hash(&maps.srcguard, "pal_srcguard")?
+                .into_keys()
+                .collect();
 
         // Order matters for packets in flight: allow entries and new
         // identities first, endpoints (isolation flags) next, removals last.

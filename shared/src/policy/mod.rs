@@ -125,6 +125,13 @@ impl Object {
     }
 }
 
+/// Decode every document of a YAML or JSON stream (multi-document YAML,
+/// a JSON object, or a `kind: List`). `source_name` names the input in
+/// errors. Either every document is valid, or nothing is returned.
+pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, ObjectError> {
+    decode_documents(split_documents(text, source_name)?)
+}
+
 impl Object {
     /// The object as written, as JSON (with apiVersion and kind).
     pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
@@ -136,24 +143,47 @@ impl Object {
     }
 }
 
-/// Decode every document of a YAML or JSON stream (multi-document YAML,
-/// a JSON object, or a `kind: List`). `source_name` names the input in
-/// errors. Either every document is valid, or nothing is returned.
-pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, ObjectError> {
+/// One document of a YAML or JSON stream: read, not yet validated (what a
+/// client sends the daemon, which validates it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Document {
+    pub source: String,
+    /// 1-based.
+    pub index: usize,
+    pub value: serde_json::Value,
+}
+
+/// Read every document of a stream (skipping empty ones).
+pub fn split_documents(text: &str, source_name: &str) -> Result<Vec<Document>, ObjectError> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let doc_err = |message: String| ObjectError::Document {
+        let value = serde_json::Value::deserialize(doc).map_err(|e| ObjectError::Document {
             source_name: source_name.to_owned(),
             index,
-            message,
-        };
-        let value = serde_json::Value::deserialize(doc)
-            .map_err(|e| doc_err(format!("not valid YAML or JSON: {e}")))?;
+            message: format!("not valid YAML or JSON: {e}"),
+        })?;
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing `---`
         }
-        decode_value(value, &mut out).map_err(|e| doc_err(e.to_string()))?;
+        out.push(Document {
+            source: source_name.to_owned(),
+            index,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// Validate documents; errors name the source and the document.
+pub fn decode_documents(docs: Vec<Document>) -> Result<Vec<Object>, ObjectError> {
+    let mut out = Vec::new();
+    for d in docs {
+        decode_value(d.value, &mut out).map_err(|e| ObjectError::Document {
+            source_name: d.source,
+            index: d.index,
+            message: e.to_string(),
+        })?;
     }
     Ok(out)
 }
@@ -322,14 +352,6 @@ pub fn validate_policy_object(
     default_namespace(&mut np.metadata);
     let value = Policy::from_k8s(&np)?;
     Ok(Valid { object: np, value })
-}
-
-/// Decode and validate objects already parsed as JSON (what the daemon
-/// receives from clients).
-pub fn decode_json(value: serde_json::Value) -> Result<Vec<Object>, ObjectError> {
-    let mut out = Vec::new();
-    decode_value(value, &mut out)?;
-    Ok(out)
 }
 
 /// An IP protocol a NetworkPolicy port can name.

@@ -203,7 +203,9 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
 }
 
 pub fn run(cfg: &Config, report: &mut Report) -> String {
-    let sizes: Vec<(usize, usize)> = if cfg.short {
+    let sizes: Vec<(usize, usize)> = if !cfg.sizes.is_empty() {
+        cfg.sizes.clone()
+    } else if cfg.short {
         vec![(100, 100), (1_000, 100)]
     } else {
         let counts = [100, 1_000, 10_000];

@@ -23,6 +23,8 @@ enum Part {
     Datapath,
     Traffic,
     Control,
+    /// Only the cost of one change (part of control).
+    Change,
 }
 
 /// Measure palisade and write the report.
@@ -42,6 +44,10 @@ struct Opts {
     /// Run only these parts (repeatable; default: all).
     #[arg(long, value_enum)]
     only: Vec<Part>,
+    /// Sizes for the cost of one change, as POLICIESxENDPOINTS (repeatable;
+    /// default: 100, 1000 and 10000 of each).
+    #[arg(long, value_parser = parse_size)]
+    size: Vec<(usize, usize)>,
     /// The command line to print in the report as the way to reproduce it.
     #[arg(long, default_value = "bench/run")]
     command: String,
@@ -52,6 +58,18 @@ struct Opts {
 pub struct Config {
     pub short: bool,
     pub reps: usize,
+    /// Sizes for the cost of one change (empty: the defaults).
+    pub sizes: Vec<(usize, usize)>,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (p, e) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?} is not POLICIESxENDPOINTS (e.g. 10000x1000)"))?;
+    Ok((
+        p.parse().map_err(|e| format!("{p:?}: {e}"))?,
+        e.parse().map_err(|e| format!("{e:?}: {e}"))?,
+    ))
 }
 
 #[derive(Debug)]
@@ -154,6 +172,7 @@ fn main() {
     let cfg = Config {
         short: opts.short,
         reps: opts.reps.unwrap_or(if opts.short { 1 } else { 5 }).max(1),
+        sizes: opts.size.clone(),
     };
     let parts = if opts.only.is_empty() {
         vec![Part::Datapath, Part::Traffic, Part::Control]
@@ -168,6 +187,10 @@ fn main() {
             Part::Datapath => datapath::run(&cfg, &mut report),
             Part::Traffic => traffic::run(&cfg, &mut report),
             Part::Control => control::run(&cfg, &mut report),
+            Part::Change => {
+                let s = change::run(&cfg, &mut report);
+                report.section("Control plane", s);
+            }
         }
     }
 
