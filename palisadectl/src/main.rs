@@ -412,17 +412,20 @@ fn read_input(name: &str) -> Result<String> {
     }
 }
 
-fn read_documents(files: &[String]) -> Result<Vec<policy::Document>> {
-    let mut all = Vec::new();
-    for f in files {
-        let text = read_input(f)?;
-        let source = if f == "-" { "<stdin>" } else { f.as_str() };
-        all.extend(policy::split_documents(&text, source)?);
-    }
-    if all.is_empty() {
-        bail!("no objects found in {}", files.join(", "));
-    }
-    Ok(all)
+fn read_sources(files: &[String]) -> Result<Vec<policy::Source>> {
+    files
+        .iter()
+        .map(|f| {
+            Ok(policy::Source {
+                name: if f == "-" {
+                    "<stdin>".into()
+                } else {
+                    f.clone()
+                },
+                text: read_input(f)?,
+            })
+        })
+        .collect()
 }
 
 fn read_objects(files: &[String]) -> Result<Vec<Object>> {
@@ -463,9 +466,13 @@ fn print_changes(report: &ObjectsReport) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Apply { files } => {
-            // Validated where the work is done (by the daemon when it runs).
-            let documents = read_documents(files)?;
-            let report = control(&cli)?.apply_documents(documents).context("apply")?;
+            // Parsed and validated where the work is done (by the daemon
+            // when it runs).
+            let sources = read_sources(files)?;
+            let report = control(&cli)?.apply_sources(sources).context("apply")?;
+            if report.changes.is_empty() {
+                bail!("no objects found in {}", files.join(", "));
+            }
             print_changes(&report)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -33,7 +33,7 @@ use crate::{
         AddOutcome, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError, ObjectsReport,
         Registered, detach_endpoints,
     },
-    policy::{Document, Labels, Mode, Object, ObjectRef, decode_documents},
+    policy::{Labels, Mode, Object, ObjectRef, Source, parse_sources},
     store::{Endpoint, PendingIdentity, Store},
 };
 
@@ -55,9 +55,10 @@ pub fn default_socket(state_dir: &Path) -> PathBuf {
 pub enum Request {
     /// Who are you (and are you alive)?
     Status,
-    /// Kubernetes objects as read from files; the daemon validates them.
+    /// Kubernetes objects as read from files; the daemon parses and
+    /// validates them.
     Apply {
-        documents: Vec<Document>,
+        sources: Vec<Source>,
     },
     Delete {
         refs: Vec<ObjectRef>,
@@ -96,7 +97,6 @@ pub enum Request {
 struct Envelope {
     /// The datapath the client means; the daemon refuses another.
     bpf_root: PathBuf,
-    #[serde(flatten)]
     request: Request,
 }
 
@@ -181,10 +181,10 @@ impl Client {
 /// Writes a binary performs on the node, whichever way it runs.
 pub trait NodeOps {
     fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError>;
-    /// Validate documents and apply them (where the work is done: with a
-    /// daemon, there).
-    fn apply_documents(&mut self, documents: Vec<Document>) -> Result<ObjectsReport, NodeError> {
-        let objects = decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
+    /// Parse and validate objects and apply them, where the work is done
+    /// (with a daemon, there).
+    fn apply_sources(&mut self, sources: Vec<Source>) -> Result<ObjectsReport, NodeError> {
+        let objects = parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?;
         self.apply(objects)
     }
     fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError>;
@@ -319,16 +319,14 @@ impl NodeOps for Control {
     fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
         match &self.daemon {
             // The daemon validates what it receives: send the objects as
-            // they were written.
+            // they were written (JSON is YAML).
             Some(d) => d.call(Request::Apply {
-                documents: objects
+                sources: objects
                     .iter()
-                    .enumerate()
-                    .map(|(i, o)| {
-                        Ok(Document {
-                            source: "<request>".into(),
-                            index: i + 1,
-                            value: o.to_json()?,
+                    .map(|o| {
+                        Ok(Source {
+                            name: "<request>".into(),
+                            text: o.to_json()?.to_string(),
                         })
                     })
                     .collect::<Result<_, serde_json::Error>>()
@@ -337,12 +335,12 @@ impl NodeOps for Control {
             None => self.node.apply(objects),
         }
     }
-    fn apply_documents(&mut self, documents: Vec<Document>) -> Result<ObjectsReport, NodeError> {
+    fn apply_sources(&mut self, sources: Vec<Source>) -> Result<ObjectsReport, NodeError> {
         match &self.daemon {
-            Some(d) => d.call(Request::Apply { documents }),
+            Some(d) => d.call(Request::Apply { sources }),
             None => {
                 let objects =
-                    decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
+                    parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?;
                 self.node.apply(objects)
             }
         }
@@ -487,7 +485,14 @@ impl Server {
             // A client that only checked that the daemon answers.
             return Ok(());
         }
-        let response = match serde_json::from_str::<Envelope>(&line) {
+        let t = std::time::Instant::now();
+        let parsed = serde_json::from_str::<Envelope>(&line);
+        tracing::debug!(
+            "request of {} bytes read in {} ms",
+            line.len(),
+            t.elapsed().as_millis()
+        );
+        let response = match parsed {
             Err(e) => Response::Err {
                 kind: ErrorKind::Invalid,
                 message: format!("the daemon does not understand the request: {e}"),
@@ -517,10 +522,19 @@ impl Server {
     fn handle(&self, request: Request) -> Result<Value, NodeError> {
         match request {
             Request::Status => json(Ok(self.status())),
-            Request::Apply { documents } => {
+            Request::Apply { sources } => {
+                let t = std::time::Instant::now();
                 let objects =
-                    decode_documents(documents).map_err(|e| NodeError::Invalid(e.to_string()))?;
-                json(self.node().apply(objects))
+                    parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?;
+                let n = objects.len();
+                let decoded = t.elapsed();
+                let r = json(self.node().apply(objects));
+                tracing::debug!(
+                    "apply: {n} objects parsed and validated in {} ms, applied in {} ms",
+                    decoded.as_millis(),
+                    (t.elapsed() - decoded).as_millis()
+                );
+                r
             }
             Request::Delete { refs } => json(self.node().delete(refs)),
             Request::AddEndpoint {

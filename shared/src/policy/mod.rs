@@ -129,7 +129,22 @@ impl Object {
 /// a JSON object, or a `kind: List`). `source_name` names the input in
 /// errors. Either every document is valid, or nothing is returned.
 pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, ObjectError> {
-    decode_documents(split_documents(text, source_name)?)
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let doc_err = |message: String| ObjectError::Document {
+            source_name: source_name.to_owned(),
+            index,
+            message,
+        };
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|e| doc_err(format!("not valid YAML or JSON: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        decode_value(value, &mut out).map_err(|e| doc_err(e.to_string()))?;
+    }
+    Ok(out)
 }
 
 impl Object {
@@ -143,47 +158,19 @@ impl Object {
     }
 }
 
-/// One document of a YAML or JSON stream: read, not yet validated (what a
-/// client sends the daemon, which validates it).
+/// A named stream of documents (a file, stdin), as a client read it: the
+/// daemon parses and validates it where the work is done.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Document {
-    pub source: String,
-    /// 1-based.
-    pub index: usize,
-    pub value: serde_json::Value,
+pub struct Source {
+    pub name: String,
+    pub text: String,
 }
 
-/// Read every document of a stream (skipping empty ones).
-pub fn split_documents(text: &str, source_name: &str) -> Result<Vec<Document>, ObjectError> {
+/// Parse and validate every document of every source.
+pub fn parse_sources(sources: &[Source]) -> Result<Vec<Object>, ObjectError> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let index = i + 1;
-        let value = serde_json::Value::deserialize(doc).map_err(|e| ObjectError::Document {
-            source_name: source_name.to_owned(),
-            index,
-            message: format!("not valid YAML or JSON: {e}"),
-        })?;
-        if value.is_null() {
-            continue; // an empty document, e.g. after a trailing `---`
-        }
-        out.push(Document {
-            source: source_name.to_owned(),
-            index,
-            value,
-        });
-    }
-    Ok(out)
-}
-
-/// Validate documents; errors name the source and the document.
-pub fn decode_documents(docs: Vec<Document>) -> Result<Vec<Object>, ObjectError> {
-    let mut out = Vec::new();
-    for d in docs {
-        decode_value(d.value, &mut out).map_err(|e| ObjectError::Document {
-            source_name: d.source,
-            index: d.index,
-            message: e.to_string(),
-        })?;
+    for s in sources {
+        out.extend(parse_documents(&s.text, &s.name)?);
     }
     Ok(out)
 }
