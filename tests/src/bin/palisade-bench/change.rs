@@ -193,11 +193,19 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
         let start = Instant::now();
         node.start_daemon();
         cost.restart_ms.push(ms(start.elapsed()));
-        cost.restart_log = node.daemon_output()[before..]
+        // What the daemon says it did at start: how long each step took,
+        // and what it wrote.
+        let said = node.daemon_output()[before..].to_owned();
+        cost.restart_log = said
             .lines()
-            .find(|l| l.contains("reconciled"))
-            .unwrap_or_default()
-            .to_owned();
+            .filter_map(|l| {
+                l.split_once("start: ").map(|(_, s)| s).or_else(|| {
+                    l.split_once("palisade daemon: engine built and ")
+                        .map(|(_, s)| s)
+                })
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
     }
     cost
 }
@@ -331,8 +339,8 @@ pub fn run(cfg: &Config, report: &mut Report) -> String {
          `palisadectl apply` of all *P* policies onto the *E* endpoints. \"Restart\" is a \
          `kill -9` of the daemon and the time from starting it again to its socket answering, \
          which it opens only after it rebuilt the engine from the store and reconciled the \
-         kernel maps (the daemon's own log line follows; when the maps already match, nothing \
-         is written and no established flow is re-checked). Daemon memory is its resident set \
+         kernel maps (what the daemon logged about it follows; when the maps already match, \
+         nothing is written and no established flow is re-checked). Daemon memory is its resident set \
          (VmRSS) after the changes above; the store is `palisade.db` with its write-ahead log.\n"
     );
     let mut t = Table::new(&[
