@@ -30,8 +30,8 @@ use serde_json::Value;
 use crate::{
     dataplane::{AttachMode, Dataplane, SyncReport, kernel::KernelDataplane},
     node::{
-        AddOutcome, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError, ObjectsReport,
-        Registered, detach_endpoints,
+        AddOutcome, DEFAULT_LOCK_TIMEOUT, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError,
+        ObjectsReport, Registered, detach_endpoints, register_waiting,
     },
     policy::{Labels, Mode, Object, ObjectRef, Source, parse_sources},
     store::{Endpoint, PendingIdentity, Store},
@@ -92,7 +92,16 @@ pub enum Request {
     Sync,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// What a client writes (borrowing what it sends).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvelopeRef<'a> {
+    bpf_root: &'a Path,
+    request: &'a Request,
+}
+
+/// What the daemon reads.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Envelope {
     /// The datapath the client means; the daemon refuses another.
@@ -142,37 +151,63 @@ impl Client {
     }
 
     pub fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, NodeError> {
-        let remote = |message: String| NodeError::Remote {
-            kind: ErrorKind::Other,
-            message,
-        };
+        self.send(&request)
+    }
+
+    /// Send one request. A daemon that cannot be reached at all (it
+    /// stopped since [`Client::connect`]) is `ErrorKind::Unreachable`:
+    /// nothing was sent. One that does not answer in time is `Busy`.
+    fn send<T: DeserializeOwned>(&self, request: &Request) -> Result<T, NodeError> {
+        let err = |kind: ErrorKind, message: String| NodeError::Remote { kind, message };
         let socket = self.socket.display().to_string();
+        let mut stream = UnixStream::connect(&self.socket).map_err(|e| {
+            err(
+                ErrorKind::Unreachable,
+                format!("the palisade daemon at {socket} does not answer: {e}"),
+            )
+        })?;
         let io = |e: io::Error| {
-            remote(format!(
-                "the palisade daemon at {socket} did not answer: {e} (is it running? `systemctl status palisade`)"
-            ))
+            let kind = if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                ErrorKind::Busy
+            } else {
+                ErrorKind::Other
+            };
+            err(
+                kind,
+                format!(
+                    "the palisade daemon at {socket} did not answer: {e} (is it running? `systemctl status palisade`)"
+                ),
+            )
         };
-        let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
         stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-        let mut line = serde_json::to_vec(&Envelope {
-            bpf_root: self.bpf_root.clone(),
+        let mut line = serde_json::to_vec(&EnvelopeRef {
+            bpf_root: &self.bpf_root,
             request,
         })
-        .map_err(|e| remote(format!("encode the request: {e}")))?;
+        .map_err(|e| err(ErrorKind::Other, format!("encode the request: {e}")))?;
         line.push(b'\n');
         stream.write_all(&line).map_err(io)?;
         let mut answer = String::new();
         BufReader::new(stream).read_line(&mut answer).map_err(io)?;
         if answer.is_empty() {
-            return Err(remote(format!(
-                "the palisade daemon at {socket} closed the connection without an answer (did it stop?)"
-            )));
+            return Err(err(
+                ErrorKind::Other,
+                format!(
+                    "the palisade daemon at {socket} closed the connection without an answer (did it stop?)"
+                ),
+            ));
         }
-        match serde_json::from_str(&answer)
-            .map_err(|e| remote(format!("the daemon's answer is not understood: {e}")))?
-        {
-            Response::Ok { value } => serde_json::from_value(value)
-                .map_err(|e| remote(format!("the daemon's answer is not understood: {e}"))),
+        let not_understood = |e: serde_json::Error| {
+            err(
+                ErrorKind::Other,
+                format!("the daemon's answer is not understood: {e}"),
+            )
+        };
+        match serde_json::from_str(&answer).map_err(not_understood)? {
+            Response::Ok { value } => serde_json::from_value(value).map_err(not_understood),
             Response::Err { kind, message } => Err(NodeError::Remote { kind, message }),
         }
     }
@@ -280,6 +315,8 @@ pub struct Paths {
 pub struct Control {
     pub node: Node<KernelDataplane>,
     daemon: Option<Client>,
+    /// Fail rather than work without the daemon.
+    require: bool,
     attach_mode: AttachMode,
 }
 
@@ -290,14 +327,9 @@ impl Control {
             .clone()
             .unwrap_or_else(|| default_socket(&paths.state_dir));
         let daemon = Client::connect(&socket, &paths.bpf_root);
-        if daemon.is_none() && std::env::var(REQUIRE_DAEMON_ENV).is_ok_and(|v| v == "1") {
-            return Err(NodeError::Remote {
-                kind: ErrorKind::Other,
-                message: format!(
-                    "no palisade daemon answers at {} and {REQUIRE_DAEMON_ENV}=1 is set; start it (`palisadectl daemon`, or `systemctl start palisade`)",
-                    socket.display()
-                ),
-            });
+        let require = std::env::var(REQUIRE_DAEMON_ENV).is_ok_and(|v| v == "1");
+        if daemon.is_none() && require {
+            return Err(no_daemon(&socket));
         }
         Ok(Self {
             node: Node::new(
@@ -305,6 +337,7 @@ impl Control {
                 KernelDataplane::new(&paths.bpf_root, paths.attach_mode),
             ),
             daemon,
+            require,
             attach_mode: paths.attach_mode,
         })
     }
@@ -313,68 +346,118 @@ impl Control {
     pub fn daemon(&self) -> Option<&Client> {
         self.daemon.as_ref()
     }
+
+    /// Send `request` to the daemon; without one (or when it stopped since
+    /// it was found: nothing was sent then), do the work here.
+    fn via<T: DeserializeOwned>(
+        &mut self,
+        request: Request,
+        local: impl FnOnce(&mut Node<KernelDataplane>, Request) -> Result<T, NodeError>,
+    ) -> Result<T, NodeError> {
+        if let Some(d) = &self.daemon {
+            match d.send(&request) {
+                Err(NodeError::Remote {
+                    kind: ErrorKind::Unreachable,
+                    ..
+                }) if !self.require => {
+                    tracing::info!("the daemon stopped; doing the work in this process");
+                    self.daemon = None;
+                }
+                Err(NodeError::Remote {
+                    kind: ErrorKind::Unreachable,
+                    ..
+                }) => return Err(no_daemon(d.socket())),
+                answered => return answered,
+            }
+        }
+        local(&mut self.node, request)
+    }
+}
+
+fn no_daemon(socket: &Path) -> NodeError {
+    NodeError::Remote {
+        kind: ErrorKind::Unreachable,
+        message: format!(
+            "no palisade daemon answers at {} and {REQUIRE_DAEMON_ENV}=1 is set; start it (`palisadectl daemon`, or `systemctl start palisade`)",
+            socket.display()
+        ),
+    }
+}
+
+/// A request's payload taken back for in-process work.
+macro_rules! take {
+    ($request:expr, $variant:path { $($field:ident),* }) => {
+        match $request {
+            $variant { $($field),* } => ($($field),*),
+            _ => unreachable!("built just above"),
+        }
+    };
 }
 
 impl NodeOps for Control {
     fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
-        match &self.daemon {
-            // The daemon validates what it receives: send the objects as
-            // they were written (JSON is YAML).
-            Some(d) => d.call(Request::Apply {
-                sources: objects
-                    .iter()
-                    .map(|o| {
-                        Ok(Source {
-                            name: "<request>".into(),
-                            text: o.to_json()?.to_string(),
-                        })
-                    })
-                    .collect::<Result<_, serde_json::Error>>()
-                    .map_err(|e| NodeError::Invalid(format!("encode objects: {e}")))?,
-            }),
-            None => self.node.apply(objects),
+        if self.daemon.is_none() {
+            return self.node.apply(objects);
         }
+        // The daemon validates what it receives: send the objects as they
+        // were written (JSON is YAML).
+        let sources = objects
+            .iter()
+            .map(|o| {
+                Ok(Source {
+                    name: "<request>".into(),
+                    text: o.to_json()?.to_string(),
+                })
+            })
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(|e| NodeError::Invalid(format!("encode objects: {e}")))?;
+        self.via(Request::Apply { sources }, |n, _| n.apply(objects))
     }
     fn apply_sources(&mut self, sources: Vec<Source>) -> Result<ObjectsReport, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::Apply { sources }),
-            None => {
-                let objects =
-                    parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?;
-                self.node.apply(objects)
-            }
-        }
+        self.via(Request::Apply { sources }, |n, r| {
+            let sources = take!(r, Request::Apply { sources });
+            n.apply(parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?)
+        })
     }
     fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::Delete { refs }),
-            None => self.node.delete(refs),
-        }
+        self.via(Request::Delete { refs }, |n, r| {
+            n.delete(take!(r, Request::Delete { refs }))
+        })
     }
     fn add_endpoint(&mut self, endpoint: NewEndpoint) -> Result<AddOutcome, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::AddEndpoint {
+        let attach_mode = self.attach_mode;
+        self.via(
+            Request::AddEndpoint {
                 endpoint,
-                attach_mode: self.attach_mode,
-            }),
-            None => self.node.add_endpoint(endpoint),
-        }
+                attach_mode,
+            },
+            |n, r| {
+                let (endpoint, _) = take!(
+                    r,
+                    Request::AddEndpoint {
+                        endpoint,
+                        attach_mode
+                    }
+                );
+                n.add_endpoint(endpoint)
+            },
+        )
     }
     fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::RemoveEndpoints {
+        self.via(
+            Request::RemoveEndpoints {
                 endpoints: which.to_vec(),
-            }),
-            None => self.node.remove_endpoints(which),
-        }
+            },
+            |n, _| n.remove_endpoints(which),
+        )
     }
     fn remove_container(&mut self, container_id: &str) -> Result<Vec<Endpoint>, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::RemoveContainer {
+        self.via(
+            Request::RemoveContainer {
                 container_id: container_id.to_owned(),
-            }),
-            None => self.node.remove_container(container_id),
-        }
+            },
+            |n, _| n.remove_container(container_id),
+        )
     }
     fn set_identity(
         &mut self,
@@ -383,40 +466,37 @@ impl NodeOps for Control {
         name: &str,
         labels: &Labels,
     ) -> Result<(), NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::SetIdentity {
+        self.via(
+            Request::SetIdentity {
                 key: key.to_owned(),
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 labels: labels.clone(),
-            }),
-            None => self.node.set_identity(key, namespace, name, labels),
-        }
+            },
+            |n, _| n.set_identity(key, namespace, name, labels),
+        )
     }
     fn record_pending(&mut self, inode: u64, pending: PendingIdentity) -> Result<(), NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::RecordPending { inode, pending }),
-            None => self.node.record_pending(inode, pending),
-        }
+        self.via(Request::RecordPending { inode, pending }, |n, r| {
+            let (inode, pending) = take!(r, Request::RecordPending { inode, pending });
+            n.record_pending(inode, pending)
+        })
     }
     fn set_mode(
         &mut self,
         namespace: Option<&str>,
         mode: Option<Mode>,
     ) -> Result<SyncReport, NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::SetMode {
+        self.via(
+            Request::SetMode {
                 namespace: namespace.map(str::to_owned),
                 mode,
-            }),
-            None => self.node.set_mode(namespace, mode),
-        }
+            },
+            |n, _| n.set_mode(namespace, mode),
+        )
     }
     fn resync(&mut self) -> Result<(SyncReport, Vec<String>), NodeError> {
-        match &self.daemon {
-            Some(d) => d.call(Request::Sync),
-            None => self.node.resync(),
-        }
+        self.via(Request::Sync, |n, _| n.resync())
     }
     fn is_enforced(&mut self, key: &str, ifindex: u32) -> Result<bool, NodeError> {
         self.node.is_enforced(key, ifindex)
@@ -457,10 +537,30 @@ impl Server {
         ))
     }
 
-    fn node(&self) -> std::sync::MutexGuard<'_, Node<KernelDataplane>> {
-        // A request that panicked left the node as its last commit did
-        // (writes are transactions): carry on.
-        self.node.lock().unwrap_or_else(|p| p.into_inner())
+    /// The node, waited for as long as a write waits for the store.
+    fn node(&self) -> Result<std::sync::MutexGuard<'_, Node<KernelDataplane>>, NodeError> {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.node.try_lock() {
+                Ok(n) => return Ok(n),
+                // A request that panicked left the store as its last commit
+                // did (writes are transactions) and the engine out of the
+                // node (it is rebuilt): carry on.
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if start.elapsed() >= DEFAULT_LOCK_TIMEOUT {
+                return Err(NodeError::Remote {
+                    kind: ErrorKind::Busy,
+                    message: format!(
+                        "the palisade daemon was busy with other changes for {DEFAULT_LOCK_TIMEOUT:?}; try again later"
+                    ),
+                });
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
     }
 
     /// Accept connections until the listener fails; each is answered on
@@ -528,7 +628,7 @@ impl Server {
                     parse_sources(&sources).map_err(|e| NodeError::Invalid(e.to_string()))?;
                 let n = objects.len();
                 let decoded = t.elapsed();
-                let r = json(self.node().apply(objects));
+                let r = json(self.node()?.apply(objects));
                 tracing::debug!(
                     "apply: {n} objects parsed and validated in {} ms, applied in {} ms",
                     decoded.as_millis(),
@@ -536,45 +636,46 @@ impl Server {
                 );
                 r
             }
-            Request::Delete { refs } => json(self.node().delete(refs)),
+            Request::Delete { refs } => json(self.node()?.delete(refs)),
             Request::AddEndpoint {
                 endpoint,
                 attach_mode,
             } => json(self.add_endpoint(endpoint, attach_mode)),
             Request::RemoveEndpoints { endpoints } => {
-                let gone = self.node().unregister(&endpoints)?;
+                let gone = self.node()?.unregister(&endpoints)?;
                 json(self.detach(gone))
             }
             Request::RemoveContainer { container_id } => {
-                json(self.node().remove_container(&container_id))
+                json(self.node()?.remove_container(&container_id))
             }
             Request::SetIdentity {
                 key,
                 namespace,
                 name,
                 labels,
-            } => json(self.node().set_identity(&key, &namespace, &name, &labels)),
+            } => json(self.node()?.set_identity(&key, &namespace, &name, &labels)),
             Request::RecordPending { inode, pending } => {
-                json(self.node().record_pending(inode, pending))
+                json(self.node()?.record_pending(inode, pending))
             }
             Request::SetMode { namespace, mode } => {
-                json(self.node().set_mode(namespace.as_deref(), mode))
+                json(self.node()?.set_mode(namespace.as_deref(), mode))
             }
-            Request::Sync => json(self.node().resync()),
+            Request::Sync => json(self.node()?.resync()),
         }
     }
 
     /// Register under the lock, attach without it, record under it again:
     /// concurrent ADDs do not wait for each other's attach.
     fn add_endpoint(&self, new: NewEndpoint, mode: AttachMode) -> Result<AddOutcome, NodeError> {
-        let ep = match self.node().register_endpoint(new)? {
+        let ep = match register_waiting(|| self.node()?.register_endpoint(new.clone()))? {
             Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
             Registered::New(ep) => ep,
+            Registered::Attaching(_) => unreachable!("register_waiting waits it out"),
         };
         let mut dp = self.dataplane(mode);
         let attached = dp.attach(ep.id, &ep.host_ifname, ep.host_ifindex);
         self.put_back(dp);
-        self.node()
+        self.node()?
             .complete_add(ep, attached)
             .map(AddOutcome::Added)
     }
@@ -609,13 +710,17 @@ impl Server {
             bpf_root: self.bpf_root.clone(),
             state_dir: self.state_dir.clone(),
             requests: self.requests.load(Ordering::Relaxed),
-            generation: self.node().generation(),
+            // 0 while a change holds the node.
+            generation: self.node.try_lock().map_or(0, |n| n.generation()),
         }
     }
 
     /// Sweep orphaned link pins (periodically, and at start).
     pub fn sweep(&self) {
-        self.node().sweep();
+        match self.node() {
+            Ok(mut n) => n.sweep(),
+            Err(e) => tracing::warn!("not sweeping link pins now: {e}"),
+        }
     }
 }
 

@@ -2514,14 +2514,22 @@ mod tests {
         /// After any sequence of events, the incremental maps equal a full
         /// compile entry for entry, and the deltas reproduce them.
         #[test]
-        fn incremental_equals_full_compile(ops in prop::collection::vec(op(), 1..40)) {
+        fn incremental_equals_full_compile(
+            ops in prop::collection::vec((op(), prop::bool::weighted(0.7)), 1..40)
+        ) {
             let mut engine = Engine::new(IdentityTable::default(), Mode::Enforce);
             let mut maps = Desired::default();
             let mut ids = IdentityTable::default();
             check(&mut engine, &mut maps, &mut ids, "start");
-            for (i, op) in ops.iter().enumerate() {
+            // Several events in one change (one `finish`) as well as one.
+            let mut batch = Vec::new();
+            for (i, (op, finish)) in ops.iter().enumerate() {
                 run(&mut engine, op);
-                check(&mut engine, &mut maps, &mut ids, &format!("step {i}: {op:?}"));
+                batch.push(format!("{op:?}"));
+                if *finish || i + 1 == ops.len() {
+                    check(&mut engine, &mut maps, &mut ids, &format!("step {i}: {}", batch.join(", ")));
+                    batch.clear();
+                }
             }
             // A fresh engine loaded in bulk from the same inputs (as the
             // daemon starts) reaches the same maps with the same numbers.

@@ -74,6 +74,8 @@ pub enum ErrorKind {
     Invalid,
     /// The kernel refused (attach, map update).
     Dataplane,
+    /// No daemon answers (nothing was sent to it).
+    Unreachable,
     Other,
 }
 
@@ -138,10 +140,19 @@ impl AddOutcome {
     }
 }
 
+/// How long an endpoint whose programs are being attached counts as alive
+/// (an ADD that died between registering and recording its attachment
+/// leaves one behind; after this, a new ADD for the veth replaces it).
+pub const ATTACH_GRACE_SECS: u64 = 30;
+
 /// The first half of an ADD: what [`Node::register_endpoint`] found.
 #[derive(Debug)]
 pub enum Registered {
     AlreadyManaged(Endpoint),
+    /// Another ADD for the same veth is attaching its programs right now:
+    /// ask again shortly (it becomes `AlreadyManaged`, or, if that ADD
+    /// fails, room for this one).
+    Attaching(Endpoint),
     /// In the store and the maps, its programs not yet attached.
     New(Endpoint),
 }
@@ -359,17 +370,23 @@ fn store_identities(
     before: &IdentityTable,
     now: &IdentityTable,
 ) -> Result<(), StoreError> {
+    let mut changed = false;
     for (key, id) in now.iter() {
         if before.key_of(id) != Some(key) {
             tx.put_identity(id, key)?;
+            changed = true;
         }
     }
     for (_, id) in before.iter() {
         if now.key_of(id).is_none() {
             tx.delete_identity(id)?;
+            changed = true;
         }
     }
-    if before.counters() != now.counters() {
+    // Numbers handed out and given back while loading (ipBlock regions
+    // seen before all their blocks) need not be recorded: nothing uses
+    // them, so a write that changes nothing stays without a commit.
+    if changed {
         tx.set_identity_counters(now.counters())?;
     }
     Ok(())
@@ -415,6 +432,37 @@ pub fn compile_state(state: &mut State) -> Compiled {
     compiled
 }
 
+/// Register, waiting (without the lock) while another ADD attaches its
+/// programs to the same veth.
+pub fn register_waiting(
+    mut register: impl FnMut() -> Result<Registered, NodeError>,
+) -> Result<Registered, NodeError> {
+    let start = std::time::Instant::now();
+    loop {
+        match register()? {
+            Registered::Attaching(e)
+                if start.elapsed() < Duration::from_secs(ATTACH_GRACE_SECS) =>
+            {
+                tracing::debug!(
+                    "{} is being attached by another ADD; waiting",
+                    e.host_ifname
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Registered::Attaching(e) => {
+                return Err(NodeError::Remote {
+                    kind: ErrorKind::Busy,
+                    message: format!(
+                        "another ADD has been attaching programs to {} for {ATTACH_GRACE_SECS} s; try again later",
+                        e.host_ifname
+                    ),
+                });
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
 /// Detach removed endpoints' programs and forget their counters. Runs
 /// without the state lock (the endpoints are out of the store and the maps
 /// already, so their programs drop everything meanwhile: fail closed).
@@ -422,7 +470,13 @@ pub fn detach_endpoints<D: Dataplane>(dp: &mut D, gone: &[Endpoint]) -> Result<(
     let loaded = datapath_for_cleanup(dp);
     let mut failed = Vec::new();
     for ep in gone {
-        if let Err(e) = dp.detach(&ep.attachment, &ep.host_ifname) {
+        let detached = match &ep.attachment {
+            // Removed while (or after an ADD died while) attaching: its
+            // TCX links, if any, are pinned where they always are.
+            Attachment::Pending => remove_pins(&dp.link_pins(ep.id)),
+            att => dp.detach(att, &ep.host_ifname),
+        };
+        if let Err(e) = detached {
             failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
         }
         if loaded && let Err(e) = dp.forget_endpoint(ep.id) {
@@ -434,6 +488,23 @@ pub fn detach_endpoints<D: Dataplane>(dp: &mut D, gone: &[Endpoint]) -> Result<(
             "removed from the maps but not detached (traffic through them is dropped): {}",
             failed.join("; ")
         ))));
+    }
+    Ok(())
+}
+
+fn remove_pins(pins: &[PathBuf]) -> Result<(), DataplaneError> {
+    for pin in pins {
+        match std::fs::remove_file(pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DataplaneError::Fs {
+                    op: "remove link pin",
+                    path: pin.clone(),
+                    source,
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -492,18 +563,21 @@ impl<D: Dataplane> Node<D> {
             Maps::No => false,
         };
         let generation = nonzero_generation(&mut tx)?;
-        if !matches!(engine, Some((_, g)) if *g == generation) {
+        // The engine is out of its slot until the change is committed: if
+        // anything fails, or panics, on the way, it is rebuilt from the
+        // store next time instead of being used half-changed.
+        let mut eng = match engine.take() {
+            Some((e, g)) if g == generation => e,
             // First use, or another process changed the store.
-            let state = tx.load()?;
-            let (built, warnings) = build_engine(&state);
-            for w in warnings {
-                tracing::warn!("{w}");
+            _ => {
+                let state = tx.load()?;
+                let (built, warnings) = build_engine(&state);
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                store_identities(&mut tx, &state.identities, built.identities())?;
+                built
             }
-            store_identities(&mut tx, &state.identities, built.identities())?;
-            *engine = Some((built, generation));
-        }
-        let Some((eng, _)) = engine.as_mut() else {
-            unreachable!("built above");
         };
         let token = if loaded { dataplane.sync_token()? } else { 0 };
         if loaded && (token == 0 || token != generation) {
@@ -520,17 +594,18 @@ impl<D: Dataplane> Node<D> {
 
         let mut op = Op {
             tx: &mut tx,
-            engine: eng,
+            engine: &mut eng,
             inputs: false,
         };
-        let result = f(&mut op, dataplane);
+        let value = f(&mut op, dataplane);
         let inputs = op.inputs;
-        let value = match result {
+        let value = match value {
             Ok(v) => v,
             Err(e) => {
-                if inputs {
-                    // The engine holds changes the store will not.
-                    *engine = None;
+                // An engine that took part of the change stays out (it is
+                // rebuilt next time); one that did not goes back.
+                if !inputs {
+                    *engine = Some((eng, generation));
                 }
                 return Err(e);
             }
@@ -539,12 +614,13 @@ impl<D: Dataplane> Node<D> {
             if tx.changed() {
                 tx.commit()?;
             }
+            *engine = Some((eng, generation));
             return Ok((value, Committed::default()));
         }
 
         let changes = eng.finish();
         let ids_now = eng.identities().counters();
-        let stored = (|| -> Result<u64, StoreError> {
+        let next = (|| -> Result<u64, StoreError> {
             for (id, key) in &changes.identities_added {
                 tx.put_identity(*id, key)?;
             }
@@ -553,43 +629,29 @@ impl<D: Dataplane> Node<D> {
             }
             tx.set_identity_counters(ids_now)?;
             tx.bump_generation()
-        })();
-        let next = match stored {
-            Ok(n) => n,
-            Err(e) => {
-                *engine = None;
-                return Err(e.into());
-            }
-        };
+        })()?;
         let mut report = SyncReport::default();
         if loaded {
-            // Until the store commits, the maps match neither generation.
+            // Until the store commits, the maps match neither generation;
+            // they carry the new one before the lock is released, so no
+            // other writer can find them matching a store they do not.
             let written = dataplane
                 .set_sync_token(0)
-                .and_then(|()| dataplane.apply(&changes.delta));
+                .and_then(|()| dataplane.apply(&changes.delta))
+                .and_then(|r| dataplane.set_sync_token(next).map(|()| r));
             match written {
                 Ok(r) => report = r,
-                Err(e) => {
-                    *engine = None;
-                    return Err(undo(dataplane, &changes.undo, generation, e.into()));
-                }
+                Err(e) => return Err(undo(dataplane, &changes.undo, generation, e.into())),
             }
         }
         if let Err(e) = tx.commit() {
-            *engine = None;
             return Err(if loaded {
                 undo(dataplane, &changes.undo, generation, e.into())
             } else {
                 e.into()
             });
         }
-        if loaded && let Err(e) = dataplane.set_sync_token(next) {
-            // The next write repairs the maps from the store.
-            tracing::warn!("could not record the maps' generation: {e}");
-        }
-        if let Some((_, g)) = engine.as_mut() {
-            *g = next;
-        }
+        *engine = Some((eng, next));
         Ok((
             value,
             Committed {
@@ -609,15 +671,23 @@ impl<D: Dataplane> Node<D> {
             // registered for this very veth keeps it. (Two containers
             // sharing one network namespace, such as a Podman pod or a
             // Kubernetes pod's app containers, share its endpoint.)
-            if let Some(live) = on_veth.iter().find(|e| {
-                e.host_ifname == new.host_ifname
-                    && e.key() != key
-                    && dp.verify(&e.attachment, &e.host_ifname).is_ok()
-            }) {
-                return Ok((Registered::AlreadyManaged(live.clone()), Vec::new()));
+            let now = now_secs();
+            let attaching = |e: &Endpoint| {
+                e.attachment == Attachment::Pending
+                    && now.saturating_sub(e.created) < ATTACH_GRACE_SECS
+            };
+            for e in on_veth
+                .iter()
+                .filter(|e| e.host_ifname == new.host_ifname && e.key() != key)
+            {
+                if attaching(e) {
+                    return Ok((Registered::Attaching(e.clone()), Vec::new()));
+                }
+                if dp.verify(&e.attachment, &e.host_ifname).is_ok() {
+                    return Ok((Registered::AlreadyManaged(e.clone()), Vec::new()));
+                }
             }
             // An identity an OCI hook recorded before the network existed.
-            let now = now_secs();
             op.tx
                 .prune_pending(now.saturating_sub(PENDING_TTL_SECS - 1))?;
             if let Some(ino) = new.netns_inode
@@ -708,13 +778,23 @@ impl<D: Dataplane> Node<D> {
         match recorded {
             Ok((Some(e), _)) => Ok(e),
             Ok((None, _)) => {
-                let _best_effort = self.dataplane.detach(&att, &ep.host_ifname);
-                Err(NodeError::NotFound(format!(
-                    "endpoint {key} was removed while its programs were being attached"
-                )))
+                let mut msg =
+                    format!("endpoint {key} was removed while its programs were being attached");
+                if let Err(d) = self.dataplane.detach(&att, &ep.host_ifname) {
+                    msg.push_str(&format!(
+                        "; detaching them again failed too ({d}): run `palisadectl gc`"
+                    ));
+                }
+                Err(NodeError::NotFound(msg))
             }
             Err(e) => {
-                let _best_effort = self.dataplane.detach(&att, &ep.host_ifname);
+                if let Err(d) = self.dataplane.detach(&att, &ep.host_ifname) {
+                    tracing::warn!(
+                        "could not detach the programs of endpoint {} from {} again: {d}",
+                        ep.id,
+                        ep.host_ifname
+                    );
+                }
                 if let Err(c) = self.unregister(&[EndpointRef {
                     key,
                     id: Some(ep.id),
@@ -729,9 +809,10 @@ impl<D: Dataplane> Node<D> {
     /// Register an endpoint, program its maps, then attach the programs.
     /// On any failure nothing stays behind.
     pub fn add_endpoint(&mut self, new: NewEndpoint) -> Result<AddOutcome, NodeError> {
-        let ep = match self.register_endpoint(new)? {
+        let ep = match register_waiting(|| self.register_endpoint(new.clone()))? {
             Registered::AlreadyManaged(e) => return Ok(AddOutcome::AlreadyManaged(e)),
             Registered::New(ep) => ep,
+            Registered::Attaching(_) => unreachable!("register_waiting waits it out"),
         };
         let attached = self
             .dataplane
@@ -1050,12 +1131,13 @@ impl<D: Dataplane> Node<D> {
         store_identities(&mut tx, &state.identities, &ids)?;
         dataplane.set_sync_token(0)?;
         let report = dataplane.sync(&full.desired)?;
+        // Before the lock is released (see `transact`).
+        dataplane.set_sync_token(generation)?;
         if tx.changed() {
             tx.commit()?;
         } else {
             drop(tx);
         }
-        dataplane.set_sync_token(generation)?;
         if agrees {
             *engine = Some((built, generation));
         }
@@ -1095,12 +1177,12 @@ impl<D: Dataplane> Node<D> {
             engine_built.as_millis(),
             (t.elapsed() - loaded - engine_built).as_millis()
         );
+        dataplane.set_sync_token(generation)?;
         if tx.changed() {
             tx.commit()?;
         } else {
             drop(tx);
         }
-        dataplane.set_sync_token(generation)?;
         *engine = Some((built, generation));
         self.sweep();
         Ok(report)
@@ -1111,28 +1193,36 @@ impl<D: Dataplane> Node<D> {
         self.engine.as_ref().map_or(0, |(_, g)| *g)
     }
 
-    /// Remove link pins no endpoint owns (left behind by a crash).
+    /// Remove link pins no endpoint owns (left behind by a crash). Under
+    /// the lock: an ADD registers its endpoint before it pins its links, so
+    /// every pin an ADD in flight makes is known here.
     pub fn sweep(&mut self) {
-        let keep: Vec<PathBuf> = match self.store.read() {
-            Ok(st) => st
-                .endpoints
-                .values()
-                .flat_map(|e| {
-                    e.attachment.pins().into_iter().chain(
+        let Node {
+            store,
+            dataplane,
+            lock_timeout,
+            ..
+        } = self;
+        let swept = store
+            .write(*lock_timeout)
+            .map_err(NodeError::from)
+            .and_then(|tx| {
+                let keep: Vec<PathBuf> = tx
+                    .endpoints()?
+                    .iter()
+                    .flat_map(|e| match &e.attachment {
                         // An endpoint being attached owns its future pins.
-                        matches!(e.attachment, Attachment::Pending)
-                            .then(|| self.dataplane.link_pins(e.id))
-                            .into_iter()
-                            .flatten(),
-                    )
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!("not sweeping link pins: {e}");
-                return;
-            }
-        };
-        if let Err(e) = self.dataplane.sweep_links(&keep) {
+                        Attachment::Pending => dataplane.link_pins(e.id),
+                        att => att.pins(),
+                    })
+                    .collect();
+                dataplane.sweep_links(&keep)?;
+                if tx.changed() {
+                    tx.commit()?;
+                }
+                Ok(())
+            });
+        if let Err(e) = swept {
             tracing::warn!("could not sweep orphaned link pins: {e}");
         }
     }
@@ -1600,6 +1690,33 @@ spec:
         assert!(err.to_string().contains("was removed"), "{err}");
         assert!(n.dataplane.attached.is_empty());
         assert!(n.dataplane.maps.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_second_add_for_a_veth_being_attached_waits_for_the_first() {
+        let (_d, mut n) = node();
+        let Registered::New(first) = n.register_endpoint(new_ep("a", 10, &[], "10.0.0.2")).unwrap()
+        else {
+            panic!("a new endpoint")
+        };
+        // The OCI hook of a second container in the same network
+        // namespace arrives while the first ADD attaches.
+        let mut second = new_ep("a-oci", 10, &[], "10.0.0.2");
+        second.source = Source::Oci;
+        assert!(matches!(
+            n.register_endpoint(second.clone()).unwrap(),
+            Registered::Attaching(ref e) if e.id == first.id
+        ));
+        let att = n
+            .dataplane
+            .attach(first.id, &first.host_ifname, first.host_ifindex)
+            .unwrap();
+        n.complete_add(first.clone(), Ok(att)).unwrap();
+        let out = n.add_endpoint(second).unwrap();
+        assert!(
+            matches!(out, AddOutcome::AlreadyManaged(ref e) if e.id == first.id),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -499,6 +499,11 @@ impl Store {
                 path: legacy.clone(),
                 source,
             })?;
+        if old.version > 1 {
+            // The marker a migration leaves: the database was removed
+            // since; start empty.
+            return Ok(());
+        }
         // Build the database beside, then rename it into place: a crash
         // leaves either no database (migrate again) or a complete one.
         let tmp = self.dir.join(format!("{DB_FILE}.migrating"));
@@ -532,6 +537,17 @@ impl Store {
                 source,
             },
         )?;
+        // An older palisade still running during an upgrade would take a
+        // missing state.json for an empty node and clear the maps; a file
+        // of a newer version makes it refuse instead.
+        fs::write(
+            &legacy,
+            format!("{{\"version\": {SCHEMA_VERSION}, \"movedTo\": \"{DB_FILE}\"}}\n"),
+        )
+        .map_err(|source| StoreError::Migrate {
+            path: legacy.clone(),
+            source,
+        })?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|source| StoreError::Migrate {
@@ -962,6 +978,10 @@ impl Txn<'_> {
         )
     }
 
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        self.many("endpoint", "SELECT record FROM endpoints", [])
+    }
+
     pub fn endpoints_on_ifindex(&self, ifindex: u32) -> Result<Vec<Endpoint>, StoreError> {
         self.many(
             "endpoint",
@@ -1129,6 +1149,8 @@ impl Txn<'_> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LegacyState {
+    #[serde(default)]
+    version: u32,
     #[serde(default)]
     boot_id: String,
     #[serde(default)]
@@ -1304,8 +1326,11 @@ mod tests {
         assert_eq!(st.identities.id_of(&key), Some(web));
         assert_eq!(st.mode, Mode::Audit);
         assert_eq!(st.host_addresses.len(), 1);
-        assert!(!dir.path().join(LEGACY_FILE).exists());
         assert!(dir.path().join("state.json.migrated").exists());
+        // What is left in state.json makes an older palisade refuse.
+        let marker: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(LEGACY_FILE)).unwrap()).unwrap();
+        assert!(marker["version"].as_u64().unwrap() > 1, "{marker}");
         let mut tx = store.write(Duration::from_secs(1)).unwrap();
         assert_eq!(tx.allocate_policy_id().unwrap(), 8);
         assert_eq!(tx.allocate_endpoint_id().unwrap(), 5);

@@ -176,6 +176,9 @@ struct Maps {
     config: Array<MapData, ConfigValue>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     evstats: PerCpuArray<MapData, u64>,
+    /// The kernel's id of `pal_config` when these were opened: a pin that
+    /// names another map means the datapath was removed and created again.
+    config_id: u32,
 }
 
 impl std::fmt::Debug for Maps {
@@ -458,7 +461,31 @@ impl KernelDataplane {
             config: typed!("pal_config"),
             counters: typed!("pal_counters"),
             evstats: typed!("pal_evstats"),
+            config_id: self.pinned_config_id().unwrap_or(0),
         })
+    }
+
+    /// The id of the map pinned as `pal_config` now.
+    fn pinned_config_id(&self) -> Option<u32> {
+        MapInfo::from_pin(self.maps_dir().join("pal_config"))
+            .ok()
+            .map(|i| i.id())
+    }
+
+    /// Forget opened maps whose pins are gone or name other maps (the
+    /// datapath was removed, or created again by another process, while
+    /// this one kept them open: writing to them would change nothing any
+    /// program reads).
+    fn forget_stale_maps(&mut self) {
+        if let Some(m) = &self.maps
+            && self.pinned_config_id() != Some(m.config_id)
+        {
+            tracing::info!(
+                "the pinned datapath under {} changed; opening it again",
+                self.root.display()
+            );
+            self.maps = None;
+        }
     }
 
     fn effective_mode(&self) -> AttachMode {
@@ -754,6 +781,7 @@ impl Dataplane for KernelDataplane {
     /// creating anything (for read-only commands). `false`: nothing is
     /// loaded under this root yet.
     fn open_existing(&mut self) -> Result<bool, DataplaneError> {
+        self.forget_stale_maps();
         if self.maps.is_some() {
             return Ok(true);
         }
@@ -770,6 +798,7 @@ impl Dataplane for KernelDataplane {
     }
 
     fn prepare(&mut self) -> Result<(), DataplaneError> {
+        self.forget_stale_maps();
         if self.maps.is_some() {
             return Ok(());
         }
