@@ -196,16 +196,19 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
         // What the daemon says it did at start: how long each step took,
         // and what it wrote.
         let said = node.daemon_output()[before..].to_owned();
-        cost.restart_log = said
+        let steps = said
             .lines()
-            .filter_map(|l| {
-                l.split_once("start: ").map(|(_, s)| s).or_else(|| {
-                    l.split_once("palisade daemon: engine built and ")
-                        .map(|(_, s)| s)
-                })
+            .find_map(|l| l.split_once("start: ").map(|(_, s)| s.to_owned()))
+            .unwrap_or_default();
+        let wrote = said
+            .lines()
+            .find_map(|l| {
+                l.split_once("reconciled in ")
+                    .and_then(|(_, s)| s.split_once('('))
+                    .map(|(_, s)| s.trim_end_matches(')').to_owned())
             })
-            .collect::<Vec<_>>()
-            .join("; ");
+            .unwrap_or_default();
+        cost.restart_log = format!("{steps}; {wrote}");
     }
     cost
 }
