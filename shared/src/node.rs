@@ -1695,7 +1695,9 @@ spec:
     #[test]
     fn a_second_add_for_a_veth_being_attached_waits_for_the_first() {
         let (_d, mut n) = node();
-        let Registered::New(first) = n.register_endpoint(new_ep("a", 10, &[], "10.0.0.2")).unwrap()
+        let Registered::New(first) = n
+            .register_endpoint(new_ep("a", 10, &[], "10.0.0.2"))
+            .unwrap()
         else {
             panic!("a new endpoint")
         };
