@@ -860,7 +860,7 @@ impl Engine {
         }
         for sel in self.candidate_sels(&key) {
             if self.sel_matches(sel, &key) {
-                self.sel_add(sel, id);
+                self.sel_member(sel, id, 1);
             }
         }
     }
@@ -868,7 +868,7 @@ impl Engine {
     fn identity_hidden(&mut self, id: u32) {
         let key = self.key(id);
         for sel in self.candidate_sels(&key) {
-            self.sel_remove(sel, id);
+            self.sel_member(sel, id, -1);
         }
         self.visible.remove(&id);
         if let Some(ns) = &key.namespace {
@@ -881,18 +881,17 @@ impl Engine {
 
     // ----- selectors and rules ---------------------------------------------
 
-    fn sel_add(&mut self, sel: usize, id: u32) {
-        if self.sels[sel].matches.insert(id) {
+    /// An identity starts (`sign` 1) or stops matching a selector.
+    fn sel_member(&mut self, sel: usize, id: u32, sign: i32) {
+        let matches = &mut self.sels[sel].matches;
+        let changed = if sign > 0 {
+            matches.insert(id)
+        } else {
+            matches.remove(&id)
+        };
+        if changed {
             for r in self.sels[sel].rules.clone() {
-                self.rule_peer(r, id, 1);
-            }
-        }
-    }
-
-    fn sel_remove(&mut self, sel: usize, id: u32) {
-        if self.sels[sel].matches.remove(&id) {
-            for r in self.sels[sel].rules.clone() {
-                self.rule_peer(r, id, -1);
+                self.rule_peer(r, id, sign);
             }
         }
     }
@@ -1043,18 +1042,17 @@ impl Engine {
         }
     }
 
-    fn subj_add(&mut self, s: usize, ep: u32) {
-        if self.subjs[s].matches.insert(ep) {
+    /// An endpoint starts (`sign` 1) or stops matching a subject selector.
+    fn subj_member(&mut self, s: usize, ep: u32, sign: i32) {
+        let matches = &mut self.subjs[s].matches;
+        let changed = if sign > 0 {
+            matches.insert(ep)
+        } else {
+            matches.remove(&ep)
+        };
+        if changed {
             for p in self.subjs[s].policies.clone() {
-                self.policy_subject(p, ep, 1);
-            }
-        }
-    }
-
-    fn subj_remove(&mut self, s: usize, ep: u32) {
-        if self.subjs[s].matches.remove(&ep) {
-            for p in self.subjs[s].policies.clone() {
-                self.policy_subject(p, ep, -1);
+                self.policy_subject(p, ep, sign);
             }
         }
     }
@@ -1278,9 +1276,9 @@ impl Engine {
                 let key = self.key(id);
                 for &s in &sels {
                     if self.sel_matches(s, &key) {
-                        self.sel_add(s, id);
+                        self.sel_member(s, id, 1);
                     } else {
-                        self.sel_remove(s, id);
+                        self.sel_member(s, id, -1);
                     }
                 }
             }
@@ -1411,7 +1409,7 @@ impl Engine {
             .filter(|&s| self.subjs[s].selector.matches(&labels))
             .collect();
         for s in subjects {
-            self.subj_add(s, ep);
+            self.subj_member(s, ep, 1);
         }
     }
 
@@ -1426,7 +1424,7 @@ impl Engine {
             .filter(|&s| self.subjs[s].matches.contains(&ep))
             .collect();
         for s in subjects {
-            self.subj_remove(s, ep);
+            self.subj_member(s, ep, -1);
         }
         let e = &self.eps[&ep];
         let addresses = e.input.addresses.clone();

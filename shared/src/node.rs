@@ -922,17 +922,6 @@ impl<D: Dataplane> Node<D> {
         Ok(gone)
     }
 
-    /// Detach and forget an endpoint. Succeeds when it is already gone.
-    pub fn remove_endpoint(&mut self, key: &str) -> Result<Option<Endpoint>, NodeError> {
-        Ok(self
-            .remove_endpoints(&[EndpointRef {
-                key: key.to_owned(),
-                id: None,
-            }])?
-            .into_iter()
-            .next())
-    }
-
     /// Remove every endpoint for which `stale` says so (CNI GC, `palisadectl gc`).
     pub fn remove_endpoints_where(
         &mut self,
@@ -1352,6 +1341,7 @@ mod tests {
     use super::*;
     use crate::{
         abi::{Direction, EP_ISOLATE_INGRESS, PROTO_TCP},
+        daemon::NodeOps,
         dataplane::{
             Lookup,
             fake::{Call, RecordingDataplane},

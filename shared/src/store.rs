@@ -1071,6 +1071,13 @@ impl Txn<'_> {
 
     /// Drop pending identities created before `oldest` (Unix seconds).
     pub fn prune_pending(&mut self, oldest: u64) -> Result<(), StoreError> {
+        self.forget_pending_where(|p| p.created < oldest)
+    }
+
+    fn forget_pending_where(
+        &mut self,
+        stale: impl Fn(&PendingIdentity) -> bool,
+    ) -> Result<(), StoreError> {
         let all: Vec<(String, PendingIdentity)> = rows(
             &self.tx,
             &self.path,
@@ -1078,7 +1085,7 @@ impl Txn<'_> {
             "SELECT inode, record FROM pending",
         )?;
         for (inode, p) in all {
-            if p.created < oldest {
+            if stale(&p) {
                 self.exec(
                     "forget a pending identity",
                     "DELETE FROM pending WHERE inode = ?1",
@@ -1119,22 +1126,7 @@ impl Txn<'_> {
 
     /// Forget the pending identities a container recorded.
     pub fn forget_pending_of(&mut self, container_id: &str) -> Result<(), StoreError> {
-        let all: Vec<(String, PendingIdentity)> = rows(
-            &self.tx,
-            &self.path,
-            "pending identity",
-            "SELECT inode, record FROM pending",
-        )?;
-        for (inode, p) in all {
-            if p.container_id == container_id {
-                self.exec(
-                    "forget a pending identity",
-                    "DELETE FROM pending WHERE inode = ?1",
-                    [inode],
-                )?;
-            }
-        }
-        Ok(())
+        self.forget_pending_where(|p| p.container_id == container_id)
     }
 
     /// Forget every endpoint and pending identity (reset).
