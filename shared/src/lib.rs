@@ -3,6 +3,7 @@
 //! separate from the one module that touches the kernel (`dataplane`).
 
 pub mod abi;
+pub mod cluster;
 pub mod cni;
 pub mod cniconf;
 pub mod compile;
