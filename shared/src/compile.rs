@@ -39,6 +39,8 @@ pub struct EndpointView {
     pub addresses: Vec<IpAddr>,
     /// Extra `PAL_EP_*` flags to set (audit modes).
     pub extra_flags: u32,
+    /// A pod on another node: a peer only (see `EndpointInput::remote`).
+    pub remote: bool,
 }
 
 /// What to compile.
@@ -390,11 +392,12 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
 
     // 1. Identities of endpoint addresses. Oldest first: when two
     // endpoints claim one address (a stale one whose DEL was lost, and the
-    // container IPAM gave it to since), the newest registration wins.
+    // container IPAM gave it to since), the newest registration wins; a
+    // local endpoint wins over remote pods.
     let mut facts: BTreeMap<u32, IdentityFacts> = BTreeMap::new();
-    let mut owner: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    let mut owner: BTreeMap<IpAddr, (bool, &str)> = BTreeMap::new();
     let mut by_age: Vec<&EndpointView> = input.endpoints.iter().collect();
-    by_age.sort_by_key(|e| e.ep_id);
+    by_age.sort_by_key(|e| (!e.remote, e.ep_id));
     for ep in by_age {
         let ports: BTreeSet<String> = ep
             .ports
@@ -416,16 +419,20 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             };
             let id = ids.get_or_allocate(&key);
             own_identity.get_or_insert(id);
-            if let Some(prev) = owner.insert(*addr, &ep.name) {
+            if let Some((true, prev)) = owner.insert(*addr, (!ep.remote, &ep.name))
+                && !ep.remote
+            {
                 out.warnings.push(format!(
                     "address {addr} is claimed by endpoints {prev} and {}; the newer one ({}) wins",
                     ep.name, ep.name
                 ));
             }
-            out.desired.srcguard.insert(SrcguardKey {
-                ep_id: ep.ep_id,
-                addr: abi::addr16(*addr),
-            });
+            if !ep.remote {
+                out.desired.srcguard.insert(SrcguardKey {
+                    ep_id: ep.ep_id,
+                    addr: abi::addr16(*addr),
+                });
+            }
             out.desired.ipcache.insert(
                 Prefix::host(*addr),
                 IpcacheValue {
@@ -437,6 +444,9 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 ns_labels: ns_labels(&ep.namespace),
                 key,
             });
+        }
+        if ep.remote {
+            continue;
         }
         let own = own_identity.unwrap_or_else(|| ids.get_or_allocate(&base));
         out.endpoint_identities.insert(ep.ep_id, own);
@@ -520,7 +530,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
 
     // 5. Per endpoint: isolation flags and allow entries. Oldest first, so
     // that of two endpoints claiming one veth the newest is programmed.
-    let mut by_age: Vec<&EndpointView> = input.endpoints.iter().collect();
+    let mut by_age: Vec<&EndpointView> = input.endpoints.iter().filter(|e| !e.remote).collect();
     by_age.sort_by_key(|e| e.ep_id);
     for ep in by_age {
         let mut flags = ep.extra_flags;
@@ -734,6 +744,7 @@ mod tests {
             ports: Vec::new(),
             addresses: vec![addr.parse().unwrap()],
             extra_flags: 0,
+            remote: false,
         }
     }
 

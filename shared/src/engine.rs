@@ -50,6 +50,12 @@ pub struct EndpointInput {
     /// Labels the runtime gave (a Pod object's labels overlay them).
     pub labels: Labels,
     pub addresses: Vec<IpAddr>,
+    /// A pod on another node (cluster mode): its addresses get its
+    /// identity, so rules can name it as a peer, but nothing here enforces
+    /// for it (no endpoint entry, no policy entries, no source guard).
+    /// `ifindex` is 0. Where a local endpoint and a remote one claim the
+    /// same address, the local one owns it.
+    pub remote: bool,
 }
 
 /// Net changes to the datapath maps since the last [`Engine::finish`].
@@ -211,8 +217,9 @@ struct EpState {
 
 #[derive(Debug, Default)]
 struct AddrState {
-    /// Endpoints that claim the address; the newest (highest id) owns it.
-    claimants: BTreeSet<u32>,
+    /// Endpoints that claim the address, as (local, id): a local one owns
+    /// it over remote ones, and among equals the newest (highest id).
+    claimants: BTreeSet<(bool, u32)>,
     /// One of the node's own addresses.
     host: bool,
 }
@@ -552,7 +559,10 @@ impl Engine {
 
     /// An endpoint's own identity.
     pub fn endpoint_identity(&self, ep_id: u32) -> Option<u32> {
-        self.eps.get(&ep_id).map(|e| e.own)
+        self.eps
+            .get(&ep_id)
+            .filter(|e| !e.input.remote)
+            .map(|e| e.own)
     }
 
     pub fn node_mode(&self) -> Mode {
@@ -738,6 +748,7 @@ impl Engine {
                     ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
                     addresses: e.input.addresses.clone(),
                     extra_flags: 0,
+                    remote: e.input.remote,
                 }
             })
             .collect();
@@ -1013,7 +1024,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .copied()
-            .filter(|ep| selector.matches(&self.eps[ep].labels))
+            .filter(|ep| !self.eps[ep].input.remote && selector.matches(&self.eps[ep].labels))
             .collect();
         let s = self.subjs.insert(SubjSel {
             namespace: namespace.to_owned(),
@@ -1361,11 +1372,14 @@ impl Engine {
                 .or_default()
                 .insert(ep);
         }
-        self.ifindex_claims
-            .entry(input.ifindex)
-            .or_default()
-            .insert(ep);
-        self.dirty_ifindex.insert(input.ifindex);
+        let remote = input.remote;
+        if !remote {
+            self.ifindex_claims
+                .entry(input.ifindex)
+                .or_default()
+                .insert(ep);
+            self.dirty_ifindex.insert(input.ifindex);
+        }
         let addresses = input.addresses.clone();
         let namespace = input.namespace.clone();
         self.eps.insert(
@@ -1386,13 +1400,18 @@ impl Engine {
                 e.addr_ids.push(id);
             }
             self.claim(*addr, ep);
-            self.set_srcguard(
-                SrcguardKey {
-                    ep_id: ep,
-                    addr: abi::addr16(*addr),
-                },
-                true,
-            );
+            if !remote {
+                self.set_srcguard(
+                    SrcguardKey {
+                        ep_id: ep,
+                        addr: abi::addr16(*addr),
+                    },
+                    true,
+                );
+            }
+        }
+        if remote {
+            return;
         }
         let own_key = self.ep_key(&self.eps[&ep], addresses.first().copied());
         let own = self.acquire(&own_key, false);
@@ -1430,18 +1449,23 @@ impl Engine {
         let addresses = e.input.addresses.clone();
         let addr_ids = e.addr_ids.clone();
         let own = e.own;
+        let remote = e.input.remote;
         for (addr, id) in addresses.iter().zip(addr_ids) {
             self.unclaim(*addr, ep);
-            self.set_srcguard(
-                SrcguardKey {
-                    ep_id: ep,
-                    addr: abi::addr16(*addr),
-                },
-                false,
-            );
+            if !remote {
+                self.set_srcguard(
+                    SrcguardKey {
+                        ep_id: ep,
+                        addr: abi::addr16(*addr),
+                    },
+                    false,
+                );
+            }
             self.release(id, true);
         }
-        self.release(own, false);
+        if !remote {
+            self.release(own, false);
+        }
         let Some(e) = self.eps.remove(&ep) else {
             return;
         };
@@ -1454,8 +1478,10 @@ impl Engine {
         for np in &e.ports {
             remove_from(&mut self.eps_by_port, &(np.name.clone(), np.protocol), &ep);
         }
-        remove_from(&mut self.ifindex_claims, &e.input.ifindex, &ep);
-        self.dirty_ifindex.insert(e.input.ifindex);
+        if !remote {
+            remove_from(&mut self.ifindex_claims, &e.input.ifindex, &ep);
+            self.dirty_ifindex.insert(e.input.ifindex);
+        }
     }
 
     /// Recompute an endpoint's identities (its labels did not change, but
@@ -1478,6 +1504,9 @@ impl Engine {
             self.release(old, true);
             self.recompute_ipcache(host_prefix(abi::addr16(*addr)));
         }
+        if self.eps[&ep].input.remote {
+            return;
+        }
         let own_key = self.ep_key(&self.eps[&ep], addresses.first().copied());
         let old = self.eps[&ep].own;
         if self.ids.id_of(&own_key) != Some(old) {
@@ -1492,8 +1521,12 @@ impl Engine {
 
     fn claim(&mut self, addr: IpAddr, ep: u32) {
         let key = abi::addr16(addr);
+        let local = !self.eps[&ep].input.remote;
         let a = self.addrs.entry(key).or_default();
-        if let Some(&prev) = a.claimants.iter().next_back()
+        // Two local endpoints on one address is worth a word (a lost DEL);
+        // a remote pod's address taken over is the cluster moving on.
+        if let Some(&(true, prev)) = a.claimants.iter().next_back()
+            && local
             && prev != ep
         {
             let (older, newer) = if prev < ep { (prev, ep) } else { (ep, prev) };
@@ -1510,14 +1543,19 @@ impl Engine {
                 name(newer)
             ));
         }
-        self.addrs.entry(key).or_default().claimants.insert(ep);
+        self.addrs
+            .entry(key)
+            .or_default()
+            .claimants
+            .insert((local, ep));
         self.recompute_ipcache(host_prefix(key));
     }
 
     fn unclaim(&mut self, addr: IpAddr, ep: u32) {
         let key = abi::addr16(addr);
         if let Some(a) = self.addrs.get_mut(&key) {
-            a.claimants.remove(&ep);
+            let local = !self.eps.get(&ep).is_some_and(|e| e.input.remote);
+            a.claimants.remove(&(local, ep));
         }
         self.recompute_ipcache(host_prefix(key));
         self.tidy_addr(key);
@@ -1552,7 +1590,7 @@ impl Engine {
             && let Some(a) = self.addrs.get(&prefix.addr)
         {
             id = match a.claimants.last() {
-                Some(&owner) => self.addr_identity(owner, prefix.addr),
+                Some(&(_, owner)) => self.addr_identity(owner, prefix.addr),
                 None if a.host => Some(ID_HOST),
                 None => None,
             };
@@ -1673,7 +1711,7 @@ impl Engine {
         let eps: BTreeSet<u32> = self
             .addrs
             .range(lo..=hi)
-            .flat_map(|(_, a)| a.claimants.iter().copied())
+            .flat_map(|(_, a)| a.claimants.iter().map(|&(_, ep)| ep))
             .collect();
         for ep in eps {
             self.reidentify(ep);
@@ -2091,6 +2129,7 @@ mod tests {
             name: String,
             app: Option<String>,
             addrs: Vec<IpAddr>,
+            remote: bool,
         },
         RemoveEndpoint(u32),
         Host(Vec<IpAddr>),
@@ -2242,15 +2281,18 @@ mod tests {
                 ns(),
                 pod_name(),
                 app(),
-                prop::collection::vec(addr(), 0..3)
+                prop::collection::vec(addr(), 0..3),
+                prop::bool::weighted(0.3),
             )
-                .prop_map(|(ep, ifindex, ns, name, app, addrs)| Op::Endpoint {
+                .prop_map(|(ep, ifindex, ns, name, app, addrs, remote)| Op::Endpoint {
                     ep,
-                    ifindex,
+                    // A remote pod has no veth here.
+                    ifindex: if remote { 0 } else { ifindex },
                     ns,
                     name,
                     app,
-                    addrs
+                    addrs,
+                    remote,
                 }),
             (1u32..6).prop_map(Op::RemoveEndpoint),
             prop::collection::vec(addr(), 0..2).prop_map(Op::Host),
@@ -2308,6 +2350,7 @@ mod tests {
                 name,
                 app,
                 addrs,
+                remote,
             } => engine.upsert_endpoint(EndpointInput {
                 ep_id: ep,
                 ifindex,
@@ -2315,6 +2358,7 @@ mod tests {
                 name,
                 labels: labels(&[("app", app.as_ref())]),
                 addresses: addrs,
+                remote,
             }),
             Op::RemoveEndpoint(ep) => engine.remove_endpoint(ep),
             Op::Host(addrs) => engine.set_host_addresses(&addrs),
@@ -2410,6 +2454,7 @@ mod tests {
                 name: "p1".into(),
                 app: None,
                 addrs: vec!["10.0.0.1".parse().unwrap()],
+                remote: false,
             },
         );
         let allow_all = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -2445,6 +2490,7 @@ mod tests {
                 name: "p1".into(),
                 app: None,
                 addrs: vec!["10.0.0.1".parse().unwrap()],
+                remote: false,
             },
         );
         check(&mut engine, &mut maps, &mut ids, "endpoint");
@@ -2480,6 +2526,7 @@ mod tests {
                 name: "p1".into(),
                 app: None,
                 addrs: vec!["10.0.0.1".parse().unwrap()],
+                remote: false,
             },
         );
         run(

@@ -359,6 +359,9 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     for (_, _, ep) in eps {
         e.upsert_endpoint(ep.input());
     }
+    for r in state.remote.values() {
+        e.upsert_endpoint(r.input());
+    }
     let warnings = e.end_bulk().warnings;
     (e, warnings)
 }
@@ -416,7 +419,25 @@ pub fn compile_state(state: &mut State) -> Compiled {
                 .unwrap_or_default(),
             addresses: ep.addresses.clone(),
             extra_flags: 0,
+            remote: false,
         })
+        .chain(state.remote.values().map(|r| EndpointView {
+            ep_id: r.id,
+            ifindex: 0,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            labels: state
+                .pod_info(&r.namespace, &r.name)
+                .map(|p| p.labels.clone())
+                .unwrap_or_default(),
+            ports: state
+                .pod_info(&r.namespace, &r.name)
+                .map(|p| p.ports.clone())
+                .unwrap_or_default(),
+            addresses: r.addresses.clone(),
+            extra_flags: 0,
+            remote: true,
+        }))
         .collect();
     let host = state.host_addresses.clone();
     let compiled = compile::compile(

@@ -172,6 +172,36 @@ impl Endpoint {
             name: self.name.clone(),
             labels: self.labels.clone(),
             addresses: self.addresses.clone(),
+            remote: false,
+        }
+    }
+}
+
+/// A pod on another node (cluster mode): its addresses, so that they get
+/// the identity of its namespace and labels (the stored Pod object's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemotePod {
+    /// Numeric id in the engine (from the endpoint counter; never used in
+    /// map keys).
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl RemotePod {
+    pub fn input(&self) -> EndpointInput {
+        EndpointInput {
+            ep_id: self.id,
+            ifindex: 0,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            labels: Labels::new(),
+            addresses: self.addresses.clone(),
+            remote: true,
         }
     }
 }
@@ -214,6 +244,8 @@ pub struct State {
     pub policies: BTreeMap<String, StoredPolicy>,
     /// By [`Endpoint::key`].
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Pods on other nodes, by `namespace/name` (cluster mode).
+    pub remote: BTreeMap<String, RemotePod>,
     pub identities: IdentityTable,
     /// The node's own addresses, refreshed by every CNI ADD.
     pub host_addresses: Vec<IpAddr>,
@@ -232,6 +264,7 @@ impl Default for State {
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            remote: BTreeMap::new(),
             identities: IdentityTable::default(),
             host_addresses: Vec::new(),
             pending: BTreeMap::new(),
@@ -254,6 +287,7 @@ impl State {
             .values()
             .map(|e| e.namespace.clone())
             .chain(self.pods.values().map(|p| p.value.namespace.clone()))
+            .chain(self.remote.values().map(|p| p.namespace.clone()))
             .chain(self.policies.values().map(|p| p.policy.namespace.clone()));
         for ns in implicit {
             map.entry(ns.clone())
@@ -329,6 +363,9 @@ CREATE INDEX IF NOT EXISTS endpoints_by_ifindex ON endpoints (ifindex);
 CREATE INDEX IF NOT EXISTS endpoints_by_container ON endpoints (container_id);
 CREATE TABLE IF NOT EXISTS identities (id INTEGER PRIMARY KEY, key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (inode TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS remote_pods (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)) WITHOUT ROWID;
 ";
 
 impl Store {
@@ -703,6 +740,14 @@ fn load(conn: &Connection, path: &Path) -> Result<State, StoreError> {
         endpoints: rows(conn, path, "endpoint", "SELECT key, record FROM endpoints")?
             .into_iter()
             .collect(),
+        remote: rows(
+            conn,
+            path,
+            "remote pod",
+            "SELECT namespace || '/' || name, record FROM remote_pods",
+        )?
+        .into_iter()
+        .collect(),
         identities: ids,
         host_addresses: meta("host_addresses")?
             .map(|v| decode(path, "setting", "host_addresses", &v))
@@ -1013,6 +1058,43 @@ impl Txn<'_> {
             "DELETE FROM endpoints WHERE key = ?1",
             [key],
         )? > 0)
+    }
+
+    // ----- pods on other nodes -----
+
+    pub fn remote_pod(&self, namespace: &str, name: &str) -> Result<Option<RemotePod>, StoreError> {
+        self.one(
+            "remote pod",
+            "SELECT record FROM remote_pods WHERE namespace = ?1 AND name = ?2",
+            [namespace, name],
+            &format!("{namespace}/{name}"),
+        )
+    }
+
+    pub fn put_remote_pod(&mut self, pod: &RemotePod) -> Result<(), StoreError> {
+        self.exec(
+            "write a remote pod",
+            "INSERT OR REPLACE INTO remote_pods (namespace, name, record) VALUES (?1, ?2, ?3)",
+            params![pod.namespace, pod.name, encode(pod)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_remote_pod(&mut self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "delete a remote pod",
+            "DELETE FROM remote_pods WHERE namespace = ?1 AND name = ?2",
+            [namespace, name],
+        )? > 0)
+    }
+
+    /// A setting in the meta table (`None`: never set).
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.meta(key)
+    }
+
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.set_meta(key, value)
     }
 
     // ----- identities and settings -----

@@ -185,5 +185,6 @@ pub fn endpoint(
         ports: Vec::new(),
         addresses: addrs.iter().map(|a| a.parse().expect("address")).collect(),
         extra_flags: 0,
+        remote: false,
     }
 }
