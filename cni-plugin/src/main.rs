@@ -8,6 +8,7 @@ use std::{
     io::{self, Read, Write},
     path::{Path, PathBuf},
     process::ExitCode,
+    time::{Duration, Instant},
 };
 
 use palisade::{
@@ -174,6 +175,59 @@ fn prev_result(conf: &NetConf, command: &str) -> Result<(Value, PrevResult), Cni
     Ok((raw, parsed))
 }
 
+/// In cluster mode, wait (bounded) until the agent has stored the pod's
+/// object from the API server: its labels decide the pod's identity. The
+/// plugin never asks the API server itself.
+fn wait_for_pod(conf: &NetConf, state_dir: &Path, namespace: &str, name: &str) -> Result<(), CniError> {
+    let store = palisade::store::Store::new(state_dir);
+    let io = |e: palisade::store::StoreError| {
+        CniError::new(code::IO_FAILURE, format!("read the palisade store: {e}"))
+    };
+    let Some(node) = store
+        .setting(palisade::cluster::CLUSTER_NODE_SETTING)
+        .map_err(io)?
+    else {
+        return Ok(());
+    };
+    let limit = match conf.pod_wait_seconds {
+        Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("podWaitSeconds {s} is not a number of seconds >= 0"),
+            ));
+        }
+        None => cni::DEFAULT_POD_WAIT,
+    };
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if store.has_pod(namespace, name).map_err(io)? {
+            if !start.elapsed().is_zero() {
+                tracing::info!(
+                    "waited {} ms for the agent to learn Pod {namespace}/{name}",
+                    start.elapsed().as_millis()
+                );
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            return Err(CniError::new(
+                code::NOT_ENFORCING,
+                format!(
+                    "Pod {namespace}/{name} is not known to the palisade agent of node {node} after \
+                     {limit:?}: its labels decide its policy, so it does not start unprotected. Is \
+                     the agent running and connected to the API server (`palisadectl status`), and \
+                     does the pod exist (`kubectl -n {namespace} get pod {name}`)? The wait is the \
+                     plugin setting podWaitSeconds."
+                ),
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// Namespace and name from CNI_ARGS, and whether Kubernetes gave both.
 fn pod_identity(container_id: &str) -> Result<(String, String, bool), CniError> {
     let args = env_var("CNI_ARGS").unwrap_or_default();
@@ -200,8 +254,15 @@ fn add(conf: &NetConf, node: &mut Control) -> Result<Value, CniError> {
     let netns = require_env("CNI_NETNS", "the container's network namespace")?;
     let (mut raw, prev) = prev_result(conf, "ADD")?;
     let (namespace, name, k8s) = pod_identity(&container_id)?;
+    let state_dir = conf
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
 
     let mut enforce = || -> Result<AddOutcome, CniError> {
+        if k8s {
+            wait_for_pod(conf, &state_dir, &namespace, &name)?;
+        }
         let links = netlink::list_links().map_err(|e| {
             CniError::new(code::IO_FAILURE, format!("list the host's interfaces: {e}"))
         })?;

@@ -59,3 +59,241 @@ pub const WATCHED: &[Watched] = &[
 
 /// The verbs the agent uses on every watched resource.
 pub const VERBS: &[&str] = &["list", "watch"];
+
+// ----- API objects as the engine's inputs -------------------------------------
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    policy::{
+        Kind, ObjectError, ObjectRef, Policy, Valid, validate_namespace_object,
+        validate_pod_object, validate_policy_object,
+    },
+    store::{StoredNamespace, StoredPod},
+};
+
+/// The store setting that says this node is in cluster mode; its value is
+/// the node's name.
+pub const CLUSTER_NODE_SETTING: &str = "cluster_node";
+
+/// Where a pod runs and which addresses it has.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: Option<String>,
+    pub host_network: bool,
+    /// `status.podIPs` (else `status.podIP`).
+    pub addresses: Vec<IpAddr>,
+    /// Succeeded or Failed: its addresses are released.
+    pub finished: bool,
+}
+
+impl Placement {
+    pub fn of(pod: &Pod) -> Self {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let mut addresses = Vec::new();
+        let mut seen = BTreeSet::new();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|p| p.ip.clone()).collect::<Vec<_>>())
+            .filter(|v| !v.is_empty())
+            .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]))
+            .unwrap_or_default();
+        for ip in ips {
+            if let Ok(a) = ip.parse::<IpAddr>()
+                && seen.insert(a)
+            {
+                addresses.push(a);
+            }
+        }
+        Placement {
+            node: spec.and_then(|s| s.node_name.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            addresses,
+            finished: matches!(
+                status.and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+        }
+    }
+
+    /// The addresses that identify the pod as a peer from a node other
+    /// than `this_node`: none for pods on this node (their endpoints do),
+    /// host-network pods (the node's addresses) and finished pods.
+    pub fn remote_addresses(&self, this_node: &str) -> Option<&[IpAddr]> {
+        let elsewhere = self.node.as_deref().is_some_and(|n| n != this_node);
+        (elsewhere && !self.host_network && !self.finished && !self.addresses.is_empty())
+            .then_some(self.addresses.as_slice())
+    }
+}
+
+/// What palisade keeps of a Pod from the API: names, labels, named ports,
+/// node and addresses. The rest (images, volumes, conditions) is dropped
+/// before it is stored.
+pub fn trim_pod(pod: &Pod) -> Pod {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    Pod {
+        metadata: ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..Default::default()
+        },
+        spec: spec.map(|s| PodSpec {
+            node_name: s.node_name.clone(),
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.clone(),
+                    ports: c.ports.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        status: status.map(|s| PodStatus {
+            phase: s.phase.clone(),
+            pod_ip: s.pod_ip.clone(),
+            pod_ips: s.pod_ips.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// An object from the API, validated.
+#[derive(Debug, Clone)]
+pub enum ApiObject {
+    Namespace(Box<StoredNamespace>),
+    Pod(Box<StoredPod>, Placement),
+    NetworkPolicy(Box<Valid<NetworkPolicy, Policy>>),
+}
+
+impl ApiObject {
+    pub fn namespace(ns: Namespace) -> Result<Self, ObjectError> {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: ns.metadata.name,
+                labels: ns.metadata.labels,
+                annotations: ns.metadata.annotations,
+                uid: ns.metadata.uid,
+                resource_version: ns.metadata.resource_version,
+                ..Default::default()
+            },
+            spec: None,
+            status: None,
+        };
+        Ok(ApiObject::Namespace(Box::new(validate_namespace_object(
+            ns,
+        )?)))
+    }
+
+    pub fn pod(pod: &Pod) -> Result<Self, ObjectError> {
+        let placement = Placement::of(pod);
+        Ok(ApiObject::Pod(
+            Box::new(validate_pod_object(trim_pod(pod))?),
+            placement,
+        ))
+    }
+
+    pub fn policy(np: NetworkPolicy) -> Result<Self, ObjectError> {
+        Ok(ApiObject::NetworkPolicy(Box::new(validate_policy_object(
+            np,
+        )?)))
+    }
+
+    pub fn reference(&self) -> ObjectRef {
+        match self {
+            ApiObject::Namespace(n) => ObjectRef {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: n.value.name.clone(),
+            },
+            ApiObject::Pod(p, _) => ObjectRef {
+                kind: Kind::Pod,
+                namespace: p.value.namespace.clone(),
+                name: p.value.name.clone(),
+            },
+            ApiObject::NetworkPolicy(p) => ObjectRef {
+                kind: Kind::NetworkPolicy,
+                namespace: p.value.namespace.clone(),
+                name: p.value.name.clone(),
+            },
+        }
+    }
+}
+
+/// A batch of API events, applied in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct ApiChanges {
+    /// Objects created or changed.
+    pub upserts: Vec<ApiObject>,
+    /// Objects deleted.
+    pub deletes: Vec<ObjectRef>,
+    /// Kinds listed in full (a first list, or a relist after a watch was
+    /// lost): every stored object of these kinds that is not in
+    /// `upserts` is deleted.
+    pub complete: Vec<Kind>,
+}
+
+impl ApiChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty() && self.complete.is_empty()
+    }
+}
+
+/// What a batch changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiReport {
+    pub created: usize,
+    pub changed: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    /// Map entries written and removed.
+    pub upserted: usize,
+    pub removed: usize,
+}
+
+/// The agent's connection to the API server, as `palisadectl status`
+/// shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node: String,
+    /// The API server's URL.
+    pub api_server: String,
+    /// Every watch is established (false during an outage or a relist).
+    pub connected: bool,
+    /// Every watched kind has been listed in full and applied once.
+    pub synced: bool,
+    /// Unix milliseconds of the first full sync, and of the last batch
+    /// applied.
+    pub first_sync_ms: Option<u64>,
+    pub last_applied_ms: Option<u64>,
+    /// Objects known, by kind.
+    pub objects: std::collections::BTreeMap<String, usize>,
+    /// Watches that ended with an error and were started again.
+    pub watch_restarts: u64,
+    /// Full relists after the first (410 Gone, reconnects).
+    pub relists: u64,
+    /// From an event's arrival to its change being in the maps, over the
+    /// last batches: median and 99th percentile, milliseconds.
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub last_error: Option<String>,
+}

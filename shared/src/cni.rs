@@ -130,7 +130,13 @@ pub struct NetConf {
     /// Labels every endpoint of this network gets (before args and Pod
     /// objects).
     pub labels: Option<BTreeMap<String, String>>,
+    /// Cluster mode: how long ADD waits for the agent to have the pod's
+    /// object from the API server before it fails (default 5).
+    pub pod_wait_seconds: Option<f64>,
 }
+
+/// How long ADD waits for a Pod object in cluster mode by default.
+pub const DEFAULT_POD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl NetConf {
     pub fn arg_labels(&self) -> Labels {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::{
+    cluster::{ApiChanges, ApiReport, ClusterStatus},
     dataplane::{AttachMode, Dataplane, SyncReport, kernel::KernelDataplane},
     node::{
         AddOutcome, DEFAULT_LOCK_TIMEOUT, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError,
@@ -127,6 +128,9 @@ pub struct DaemonStatus {
     pub requests: u64,
     /// Store generation its engine reflects.
     pub generation: u64,
+    /// Kubernetes cluster mode: the API connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
 }
 
 /// A connection to a running daemon.
@@ -514,6 +518,7 @@ pub struct Server {
     bpf_root: PathBuf,
     state_dir: PathBuf,
     requests: AtomicU64,
+    cluster: Mutex<Option<ClusterStatus>>,
 }
 
 impl Server {
@@ -532,6 +537,7 @@ impl Server {
                 bpf_root: bpf_root.to_owned(),
                 state_dir: state_dir.to_owned(),
                 requests: AtomicU64::new(0),
+                cluster: Mutex::new(None),
             }),
             report,
         ))
@@ -712,7 +718,30 @@ impl Server {
             requests: self.requests.load(Ordering::Relaxed),
             // 0 while a change holds the node.
             generation: self.node.try_lock().map_or(0, |n| n.generation()),
+            cluster: self.cluster_status(),
         }
+    }
+
+    /// Apply a batch of Kubernetes API events (the cluster-mode agent in
+    /// this process).
+    pub fn apply_api(&self, this_node: &str, changes: ApiChanges) -> Result<ApiReport, NodeError> {
+        self.node()?.apply_api(this_node, changes)
+    }
+
+    /// Not in cluster mode (a daemon started without it).
+    pub fn leave_cluster(&self) -> Result<(), NodeError> {
+        self.node()?.leave_cluster()
+    }
+
+    pub fn set_cluster_status(&self, status: ClusterStatus) {
+        *self.cluster.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sweep orphaned link pins (periodically, and at start).

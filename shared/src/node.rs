@@ -16,7 +16,7 @@
 //! [`Node::complete_add`] are the two locked halves of an ADD.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -26,14 +26,15 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
+    cluster::{ApiChanges, ApiObject, ApiReport, CLUSTER_NODE_SETTING, Placement},
     compile::{self, Compiled, EndpointView},
     dataplane::{Attachment, Dataplane, DataplaneError, SyncReport},
     engine::Engine,
     identity::IdentityTable,
     policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef, validate_namespace_object},
     store::{
-        Endpoint, PendingIdentity, Source, State, Store, StoreError, StoredNamespace, StoredPod,
-        StoredPolicy, Txn,
+        Endpoint, PendingIdentity, RemotePod, Source, State, Store, StoreError, StoredNamespace,
+        StoredPod, StoredPolicy, Txn,
     },
 };
 
@@ -294,6 +295,60 @@ impl Op<'_, '_> {
         self.engine.remove_endpoint(ep.id);
         self.inputs = true;
         Ok(())
+    }
+
+    fn put_remote_pod(&mut self, pod: &RemotePod) -> Result<(), NodeError> {
+        self.tx.put_remote_pod(pod)?;
+        self.engine.upsert_endpoint(pod.input());
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_remote_pod(&mut self, namespace: &str, name: &str) -> Result<bool, NodeError> {
+        let Some(old) = self.tx.remote_pod(namespace, name)? else {
+            return Ok(false);
+        };
+        self.tx.delete_remote_pod(namespace, name)?;
+        self.engine.remove_endpoint(old.id);
+        self.inputs = true;
+        Ok(true)
+    }
+
+    /// Keep a pod's remote record in step with where it runs.
+    fn place_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        placement: &Placement,
+        this_node: &str,
+    ) -> Result<(), NodeError> {
+        let old = self.tx.remote_pod(namespace, name)?;
+        let (Some(addresses), Some(node)) = (
+            placement.remote_addresses(this_node),
+            placement.node.as_deref(),
+        ) else {
+            if old.is_some() {
+                self.delete_remote_pod(namespace, name)?;
+            }
+            return Ok(());
+        };
+        if let Some(o) = &old
+            && o.addresses == addresses
+            && o.node == node
+        {
+            return Ok(());
+        }
+        let id = match old {
+            Some(o) => o.id,
+            None => self.tx.allocate_endpoint_id()?,
+        };
+        self.put_remote_pod(&RemotePod {
+            id,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            node: node.to_owned(),
+            addresses: addresses.to_vec(),
+        })
     }
 
     fn set_host_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), NodeError> {
@@ -1010,6 +1065,7 @@ impl<D: Dataplane> Node<D> {
     /// Create or replace objects, then enforce the result.
     pub fn apply(&mut self, objects: Vec<Object>) -> Result<ObjectsReport, NodeError> {
         let (changes, c) = self.transact(Maps::Load, |op, _| {
+            Self::refuse_in_cluster(op.tx, "apply")?;
             let mut changes = Vec::new();
             for obj in objects {
                 let r = obj.reference();
@@ -1049,10 +1105,137 @@ impl<D: Dataplane> Node<D> {
         })
     }
 
+    /// Apply a batch of events from the Kubernetes API (cluster mode; the
+    /// node is `this_node`) in one transaction. Objects equal to the stored
+    /// ones change nothing.
+    pub fn apply_api(
+        &mut self,
+        this_node: &str,
+        changes: ApiChanges,
+    ) -> Result<ApiReport, NodeError> {
+        let (mut report, c) = self.transact(Maps::Load, |op, _| {
+            let mut report = ApiReport::default();
+            if op.tx.setting(CLUSTER_NODE_SETTING)?.as_deref() != Some(this_node) {
+                op.tx.set_setting(CLUSTER_NODE_SETTING, this_node)?;
+            }
+            let mut listed: BTreeMap<Kind, BTreeSet<(String, String)>> = changes
+                .complete
+                .iter()
+                .map(|k| (*k, BTreeSet::new()))
+                .collect();
+            let mut count = |c: Change| match c {
+                Change::Created => report.created += 1,
+                Change::Configured => report.changed += 1,
+                _ => report.unchanged += 1,
+            };
+            for obj in changes.upserts {
+                let r = obj.reference();
+                if let Some(set) = listed.get_mut(&r.kind) {
+                    set.insert((r.namespace.clone(), r.name.clone()));
+                }
+                match obj {
+                    ApiObject::Namespace(ns) => {
+                        let old = op.tx.namespace(&r.name)?;
+                        count(upsert(old.map(|o| o.object), &ns.object, || {
+                            op.put_namespace(&ns)
+                        })?);
+                    }
+                    ApiObject::Pod(pod, placement) => {
+                        let old = op.tx.pod(&r.namespace, &r.name)?;
+                        count(upsert(old.map(|o| o.object), &pod.object, || {
+                            op.put_pod(&pod)
+                        })?);
+                        op.place_pod(&r.namespace, &r.name, &placement, this_node)?;
+                    }
+                    ApiObject::NetworkPolicy(np) => {
+                        let old = op.tx.policy(&r.namespace, &r.name)?;
+                        let id = match &old {
+                            Some(sp) => sp.id,
+                            None => op.tx.allocate_policy_id()?,
+                        };
+                        let stored = StoredPolicy {
+                            id,
+                            object: np.object,
+                            policy: np.value,
+                        };
+                        count(upsert(old.map(|o| o.object), &stored.object, || {
+                            op.put_policy(&stored)
+                        })?);
+                    }
+                }
+            }
+            let mut gone = changes.deletes;
+            for (kind, keep) in &listed {
+                for (namespace, name) in op.tx.object_keys(*kind)? {
+                    if !keep.contains(&(namespace.clone(), name.clone())) {
+                        gone.push(ObjectRef {
+                            kind: *kind,
+                            namespace,
+                            name,
+                        });
+                    }
+                }
+            }
+            for r in gone {
+                // Deleting a Namespace does not cascade here: the API
+                // sends the deletion of each of its objects.
+                let found = match r.kind {
+                    Kind::Namespace => op.delete_namespace(&r.name)?,
+                    Kind::Pod => {
+                        let remote = op.delete_remote_pod(&r.namespace, &r.name)?;
+                        op.delete_pod(&r.namespace, &r.name)? || remote
+                    }
+                    Kind::NetworkPolicy => match op.tx.policy(&r.namespace, &r.name)? {
+                        Some(p) => {
+                            op.delete_policy(&p)?;
+                            true
+                        }
+                        None => false,
+                    },
+                };
+                if found {
+                    report.deleted += 1;
+                }
+            }
+            Ok(report)
+        })?;
+        report.upserted = c.report.upserted;
+        report.removed = c.report.deleted;
+        for w in c.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(report)
+    }
+
+    /// Leave cluster mode: objects stay, `palisadectl apply` takes them again.
+    pub fn leave_cluster(&mut self) -> Result<(), NodeError> {
+        self.transact(Maps::No, |op, _| {
+            if op.tx.setting(CLUSTER_NODE_SETTING)?.is_some() {
+                op.tx.delete_setting(CLUSTER_NODE_SETTING)?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Refuse what the API server owns in cluster mode.
+    fn refuse_in_cluster(tx: &Txn<'_>, what: &str) -> Result<(), NodeError> {
+        match tx.setting(CLUSTER_NODE_SETTING)? {
+            Some(node) => Err(NodeError::Invalid(format!(
+                "this node ({node}) runs in Kubernetes cluster mode: Namespaces, Pods and \
+                 NetworkPolicies come from the API server, so {what} them with kubectl \
+                 (e.g. `kubectl {what} -f FILE`); palisade-only settings such as \
+                 `palisadectl mode` stay local"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Delete objects. Deleting a Namespace deletes its Pods and
     /// NetworkPolicies too, as Kubernetes does.
     pub fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<ObjectsReport, NodeError> {
         let (changes, c) = self.transact(Maps::Load, |op, _| {
+            Self::refuse_in_cluster(op.tx, "delete")?;
             let mut changes = Vec::new();
             for r in refs {
                 let found = match r.kind {

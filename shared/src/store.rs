@@ -41,7 +41,7 @@ use crate::{
     engine::EndpointInput,
     identity::{IdentityKey, IdentityTable},
     policy::{
-        Labels, Mode, NamespaceInfo, NamespaceMap, PodInfo, Policy, Valid, effective_labels,
+        Kind, Labels, Mode, NamespaceInfo, NamespaceMap, PodInfo, Policy, Valid, effective_labels,
         effective_mode,
     },
 };
@@ -484,6 +484,36 @@ impl Store {
             .optional()
             .map_err(db_err("read", &path))?;
         text.map(|t| decode(&path, "endpoint", key, &t)).transpose()
+    }
+
+    /// A setting, read without waiting for writers (`None`: never set, or
+    /// nothing stored yet).
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let path = self.db_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(db_err("open", &path))?;
+        get_meta(&conn, &path, key)
+    }
+
+    /// Whether a Pod object is stored, read without waiting for writers.
+    pub fn has_pod(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let path = self.db_path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(db_err("open", &path))?;
+        conn.query_row(
+            "SELECT 1 FROM pods WHERE namespace = ?1 AND name = ?2",
+            [namespace, name],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|r| r.is_some())
+        .map_err(db_err("read", &path))
     }
 
     /// The generation of the stored state (cheap; for readers that cache
@@ -1060,6 +1090,25 @@ impl Txn<'_> {
         )? > 0)
     }
 
+    /// (namespace, name) of every stored object of a kind (namespace empty
+    /// for Namespaces).
+    pub fn object_keys(&self, kind: Kind) -> Result<Vec<(String, String)>, StoreError> {
+        let sql = match kind {
+            Kind::Namespace => "SELECT '', name FROM namespaces",
+            Kind::Pod => "SELECT namespace, name FROM pods",
+            Kind::NetworkPolicy => "SELECT namespace, name FROM policies",
+        };
+        let mut stmt = self
+            .tx
+            .prepare_cached(sql)
+            .map_err(db_err("read", &self.path))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db_err("read", &self.path))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(db_err("read", &self.path))
+    }
+
     // ----- pods on other nodes -----
 
     pub fn remote_pod(&self, namespace: &str, name: &str) -> Result<Option<RemotePod>, StoreError> {
@@ -1095,6 +1144,11 @@ impl Txn<'_> {
 
     pub fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         self.set_meta(key, value)
+    }
+
+    pub fn delete_setting(&mut self, key: &str) -> Result<(), StoreError> {
+        self.exec("delete a setting", "DELETE FROM meta WHERE key = ?1", [key])?;
+        Ok(())
     }
 
     // ----- identities and settings -----
