@@ -34,6 +34,10 @@ pub struct Options {
     pub log_dir: Option<PathBuf>,
     pub log_max_bytes: u64,
     pub log_files: u32,
+    /// The daemon this agent runs in (for readiness).
+    pub server: Option<Arc<palisade::daemon::Server>>,
+    /// Cluster mode's metrics.
+    pub cluster: Option<Arc<crate::cluster::Metrics>>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -151,6 +155,49 @@ fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
         dropped,
     );
 
+    if let Some(m) = &opts.cluster {
+        reg.register(
+            "palisade_kube_event_to_datapath_seconds",
+            "From a Kubernetes API event's arrival to its change being in the datapath maps",
+            m.lag.clone(),
+        );
+        reg.register(
+            "palisade_kube_events",
+            "Kubernetes API events applied",
+            m.events.clone(),
+        );
+        reg.register(
+            "palisade_kube_watch_restarts",
+            "Kubernetes watches that failed and were started again",
+            m.watch_restarts.clone(),
+        );
+        reg.register(
+            "palisade_kube_relists",
+            "Full relists after the first (410 Gone, lost watches)",
+            m.relists.clone(),
+        );
+        if let Some(st) = opts.server.as_ref().and_then(|s| s.cluster_status()) {
+            let objects = Family::<Labels, Gauge<i64>>::default();
+            for (kind, n) in &st.objects {
+                objects
+                    .get_or_create(&vec![("resource".to_owned(), kind.clone())])
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            reg.register(
+                "palisade_kube_objects",
+                "Objects known from the Kubernetes API, by resource",
+                objects,
+            );
+            let synced = Gauge::<i64>::default();
+            synced.set(i64::from(st.synced));
+            reg.register(
+                "palisade_kube_synced",
+                "1 once every watched resource has been listed and applied",
+                synced,
+            );
+        }
+    }
+
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
@@ -160,7 +207,19 @@ fn serve(opts: Options, stats: Arc<Mutex<Stats>>) -> Result<()> {
     let server = tiny_http::Server::http(&opts.listen)
         .map_err(|e| anyhow::anyhow!("listen on {}: {e}", opts.listen))?;
     for req in server.incoming_requests() {
-        let resp = if req.url() == "/metrics" {
+        let resp = if req.url() == "/healthz" {
+            tiny_http::Response::from_string("ok\n")
+        } else if req.url() == "/readyz" {
+            // Ready: the daemon serves; in cluster mode, once the first
+            // full sync from the API server is in the maps.
+            match opts.server.as_ref().map(|s| s.cluster_status()) {
+                Some(Some(st)) if !st.synced => tiny_http::Response::from_string(
+                    "not ready: the first sync from the Kubernetes API server is not complete\n",
+                )
+                .with_status_code(503),
+                _ => tiny_http::Response::from_string("ok\n"),
+            }
+        } else if req.url() == "/metrics" {
             match metrics(&opts, &stats) {
                 Ok(text) => tiny_http::Response::from_string(text).with_header(
                     tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4")

@@ -3,6 +3,7 @@
 //! JSON or YAML.
 
 mod agent;
+mod cluster;
 mod observe;
 mod output;
 mod serve;
@@ -156,6 +157,18 @@ enum Command {
         /// How many files the log rotates through.
         #[arg(long, default_value_t = 4)]
         log_files: u32,
+        /// Kubernetes cluster mode: take Namespaces, Pods and NetworkPolicies
+        /// from the API server (in-cluster service account, else --kubeconfig,
+        /// KUBECONFIG or ~/.kube/config).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The kubeconfig to use in cluster mode.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name in the cluster (default: $NODE_NAME, else the
+        /// hostname).
+        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        node_name: Option<String>,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -705,7 +718,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             log_dir,
             log_max_bytes,
             log_files,
+            kubernetes,
+            kubeconfig,
+            node_name,
         } => {
+            let cluster = if *kubernetes {
+                let node_name = match node_name {
+                    Some(n) => n.clone(),
+                    None => nix::unistd::gethostname()
+                        .context("find this node's name (set --node-name or NODE_NAME)")?
+                        .to_string_lossy()
+                        .into_owned(),
+                };
+                Some(cluster::Options {
+                    kubeconfig: kubeconfig.clone(),
+                    node_name,
+                })
+            } else {
+                None
+            };
             serve::run(
                 agent::Options {
                     state_dir: cli.state_dir.clone(),
@@ -714,10 +745,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     log_dir: log_dir.clone(),
                     log_max_bytes: *log_max_bytes,
                     log_files: *log_files,
+                    server: None,
+                    cluster: None,
                 },
                 cli.socket
                     .clone()
                     .unwrap_or_else(|| palisade::daemon::default_socket(&cli.state_dir)),
+                cluster,
             )?;
             Ok(ExitCode::SUCCESS)
         }

@@ -372,6 +372,39 @@ struct EndpointStatus<'a> {
     problem: Option<String>,
 }
 
+/// Cluster mode's part of `status`.
+fn cluster_lines(c: &palisade::cluster::ClusterStatus) -> String {
+    let ago = |ms: Option<u64>| match ms {
+        Some(ms) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or_default();
+            format!("{} s ago", now.saturating_sub(ms) / 1000)
+        }
+        None => "never".into(),
+    };
+    let objects: Vec<String> = c.objects.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let mut out = format!(
+        "cluster: node {} with API server {}: {}, {}\n  first full sync: {}; last change applied: {}\n  objects: {}\n  event to datapath: p50 {:.1} ms, p99 {:.1} ms; watch restarts {}, relists {}\n",
+        c.node,
+        c.api_server,
+        if c.connected { "connected" } else { "NOT connected (enforcing the last state)" },
+        if c.synced { "synced" } else { "first sync not complete" },
+        ago(c.first_sync_ms),
+        ago(c.last_applied_ms),
+        objects.join(", "),
+        c.lag_p50_ms,
+        c.lag_p99_ms,
+        c.watch_restarts,
+        c.relists,
+    );
+    if let Some(e) = &c.last_error {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    out
+}
+
 pub fn status(
     state: &State,
     dp: &KernelDataplane,
@@ -385,6 +418,10 @@ pub fn status(
             d.pid, d.requests, d.generation
         ),
         None => "daemon: not running (commands, the CNI plugin and the OCI hook do the work themselves)\n".into(),
+    };
+    let daemon_line = match daemon.as_ref().and_then(|d| d.cluster.as_ref()) {
+        Some(c) => format!("{daemon_line}{}", cluster_lines(c)),
+        None => daemon_line,
     };
     let datapath = if loaded { Some(dp.status()?) } else { None };
     let endpoints: Vec<EndpointStatus<'_>> = state

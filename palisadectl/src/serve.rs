@@ -55,7 +55,11 @@ fn lock(state_dir: &Path) -> Result<Flock<File>> {
 }
 
 /// Run until killed.
-pub fn run(opts: agent::Options, socket: PathBuf) -> Result<()> {
+pub fn run(
+    mut opts: agent::Options,
+    socket: PathBuf,
+    cluster: Option<crate::cluster::Options>,
+) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
     let start = Instant::now();
     let (server, report) = Server::start(&opts.state_dir, &opts.bpf_root)
@@ -88,5 +92,17 @@ pub fn run(opts: agent::Options, socket: PathBuf) -> Result<()> {
             }
         });
     }
+    match cluster {
+        Some(c) => {
+            opts.cluster = Some(
+                crate::cluster::start(Arc::clone(&server), c)
+                    .context("start Kubernetes cluster mode")?,
+            );
+        }
+        None => server
+            .leave_cluster()
+            .context("record that this node is not in cluster mode")?,
+    }
+    opts.server = Some(server);
     agent::run(opts)
 }

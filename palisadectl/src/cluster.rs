@@ -1,0 +1,505 @@
+//! Kubernetes cluster mode in the daemon (`palisadectl daemon
+//! --kubernetes`): watch the API server with kube-rs and feed every event
+//! to the engine as one incremental change.
+//!
+//! Each watched kind has its own watcher (list, then watch from the list's
+//! resourceVersion; bookmarks; a relist after 410 Gone or a lost watch;
+//! backoff while the API is away). Events go to one applier, which takes
+//! whatever has queued since its last batch and applies it in one
+//! transaction. A relist is buffered until it is complete and then applied
+//! as the whole truth for its kind (what is stored and not listed is
+//! deleted), so an outage or a 410 never empties or loosens the maps in
+//! between: enforcement stays as it was until the API answers again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    path::PathBuf,
+    sync::Arc,
+    thread,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, watcher},
+};
+use palisade::{
+    cluster::{ApiChanges, ApiObject, ClusterStatus},
+    daemon::Server,
+    policy::{Kind, ObjectError, ObjectRef},
+};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+/// Cluster-mode settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A kubeconfig to use instead of the in-cluster service account,
+    /// `KUBECONFIG` and `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (its pods are enforced here; every other pod is a
+    /// peer known by its addresses).
+    pub node_name: String,
+}
+
+/// What the metrics endpoint shows of the agent.
+#[derive(Debug)]
+pub struct Metrics {
+    /// From an event's arrival to its change being in the maps, seconds.
+    pub lag: Histogram,
+    pub events: Counter,
+    pub watch_restarts: Counter,
+    pub relists: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            lag: Histogram::new(
+                [
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+                ]
+                .into_iter(),
+            ),
+            events: Counter::default(),
+            watch_restarts: Counter::default(),
+            relists: Counter::default(),
+        }
+    }
+}
+
+/// Every kind the agent watches, as the applier names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Watch {
+    Namespaces,
+    Pods,
+    NetworkPolicies,
+    Nodes,
+    Services,
+    EndpointSlices,
+}
+
+impl Watch {
+    const ALL: [Watch; 6] = [
+        Watch::Namespaces,
+        Watch::Pods,
+        Watch::NetworkPolicies,
+        Watch::Nodes,
+        Watch::Services,
+        Watch::EndpointSlices,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Watch::Namespaces => "namespaces",
+            Watch::Pods => "pods",
+            Watch::NetworkPolicies => "networkpolicies",
+            Watch::Nodes => "nodes",
+            Watch::Services => "services",
+            Watch::EndpointSlices => "endpointslices",
+        }
+    }
+
+    /// The engine's kind for the objects of this watch (the others are
+    /// only counted for now).
+    fn kind(self) -> Option<Kind> {
+        match self {
+            Watch::Namespaces => Some(Kind::Namespace),
+            Watch::Pods => Some(Kind::Pod),
+            Watch::NetworkPolicies => Some(Kind::NetworkPolicy),
+            _ => None,
+        }
+    }
+}
+
+/// One object of a watch event, converted.
+#[derive(Debug)]
+struct Item {
+    key: (String, String),
+    /// `None` for kinds the engine does not take (yet), and for objects
+    /// that failed validation (`error`).
+    object: Option<ApiObject>,
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Apply(Watch, Instant, Item),
+    Delete(Watch, Instant, Item),
+    ListStart(Watch),
+    Listed(Watch, Item),
+    ListDone(Watch, Instant),
+    Failed(Watch, String),
+}
+
+/// Start the agent on its own thread; it runs until the process ends.
+pub fn start(server: Arc<Server>, opts: Options) -> Result<Arc<Metrics>> {
+    let metrics = Arc::new(Metrics::new());
+    // Say at once that this node is in cluster mode: from now on, ADDs
+    // wait for their Pod objects and `palisadectl apply` is refused.
+    server
+        .apply_api(&opts.node_name, ApiChanges::default())
+        .context("record cluster mode in the store")?;
+    server.set_cluster_status(ClusterStatus {
+        node: opts.node_name.clone(),
+        ..Default::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("palisade-kube")
+        .build()
+        .context("start the Kubernetes client's runtime")?;
+    let m = Arc::clone(&metrics);
+    thread::Builder::new()
+        .name("palisade-cluster".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                if let Err(e) = run(server, opts, m).await {
+                    eprintln!("palisade daemon: cluster mode stopped: {e:#}");
+                    std::process::exit(1);
+                }
+            });
+        })
+        .context("start the cluster-mode thread")?;
+    Ok(metrics)
+}
+
+/// Find the API server the way kubectl does, with the in-cluster service
+/// account first (a DaemonSet pod); `--kubeconfig` wins over both.
+async fn config(opts: &Options) -> Result<Config> {
+    if let Some(path) = &opts.kubeconfig {
+        let kc = Kubeconfig::read_from(path)
+            .with_context(|| format!("read the kubeconfig {}", path.display()))?;
+        return Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("use the kubeconfig {}", path.display()));
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return Config::incluster().context("use the in-cluster service account");
+    }
+    Config::from_kubeconfig(&KubeConfigOptions::default())
+        .await
+        .context("no --kubeconfig, not in a cluster, and KUBECONFIG / ~/.kube/config unusable")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+fn key_of<K: Resource>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn item<K: Resource>(
+    obj: &K,
+    convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>,
+) -> Item {
+    let key = key_of(obj);
+    match convert(obj) {
+        Some(Ok(o)) => Item {
+            key,
+            object: Some(o),
+            error: None,
+        },
+        Some(Err(e)) => Item {
+            error: Some(format!("{}/{}: {e}", key.0, key.1)),
+            key,
+            object: None,
+        },
+        None => Item {
+            key,
+            object: None,
+            error: None,
+        },
+    }
+}
+
+/// Watch one kind cluster-wide until the process ends.
+fn spawn_watch<K>(
+    client: Client,
+    which: Watch,
+    convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>,
+    tx: mpsc::UnboundedSender<Msg>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let api: Api<K> = Api::all(client);
+        let mut stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        loop {
+            let msg = match stream.try_next().await {
+                Ok(Some(ev)) => match ev {
+                    watcher::Event::Init => Msg::ListStart(which),
+                    watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert)),
+                    watcher::Event::InitDone => Msg::ListDone(which, Instant::now()),
+                    watcher::Event::Apply(o) => Msg::Apply(which, Instant::now(), item(&o, convert)),
+                    watcher::Event::Delete(o) => {
+                        Msg::Delete(which, Instant::now(), item(&o, convert))
+                    }
+                },
+                Ok(None) => return,
+                Err(e) => Msg::Failed(which, e.to_string()),
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Result<()> {
+    let config = config(&opts).await?;
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).context("create the Kubernetes client")?;
+    eprintln!(
+        "palisade daemon: cluster mode for node {} with the API server at {url}",
+        opts.node_name
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    spawn_watch::<Namespace>(
+        client.clone(),
+        Watch::Namespaces,
+        |o| Some(ApiObject::namespace(o.clone())),
+        tx.clone(),
+    );
+    spawn_watch::<Pod>(
+        client.clone(),
+        Watch::Pods,
+        |o| Some(ApiObject::pod(o)),
+        tx.clone(),
+    );
+    spawn_watch::<NetworkPolicy>(
+        client.clone(),
+        Watch::NetworkPolicies,
+        |o| Some(ApiObject::policy(o.clone())),
+        tx.clone(),
+    );
+    spawn_watch::<Node>(client.clone(), Watch::Nodes, |_| None, tx.clone());
+    spawn_watch::<Service>(client.clone(), Watch::Services, |_| None, tx.clone());
+    spawn_watch::<EndpointSlice>(client, Watch::EndpointSlices, |_| None, tx);
+
+    let mut applier = Applier {
+        server,
+        node: opts.node_name,
+        metrics,
+        status: ClusterStatus::default(),
+        known: BTreeMap::new(),
+        listing: BTreeMap::new(),
+        listed_once: BTreeSet::new(),
+        failing: BTreeSet::new(),
+        lags: Vec::new(),
+    };
+    applier.status.node.clone_from(&applier.node);
+    applier.status.api_server = url;
+    applier.publish();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 10_000).await > 0 {
+        applier.apply(std::mem::take(&mut batch)).await;
+    }
+    Ok(())
+}
+
+/// Turns queued events into batches for the engine, and keeps the status.
+struct Applier {
+    server: Arc<Server>,
+    node: String,
+    metrics: Arc<Metrics>,
+    status: ClusterStatus,
+    /// Object keys per watch (for counts, and for kinds the engine does
+    /// not take yet).
+    known: BTreeMap<Watch, BTreeSet<(String, String)>>,
+    /// Relists under way: what has been listed so far.
+    listing: BTreeMap<Watch, Vec<Item>>,
+    listed_once: BTreeSet<Watch>,
+    failing: BTreeSet<Watch>,
+    /// Recent event-to-datapath times, seconds.
+    lags: Vec<f64>,
+}
+
+impl Applier {
+    async fn apply(&mut self, msgs: Vec<Msg>) {
+        let mut upserts: BTreeMap<ObjectRef, ApiObject> = BTreeMap::new();
+        let mut deletes: BTreeSet<ObjectRef> = BTreeSet::new();
+        let mut complete = Vec::new();
+        let mut arrivals = Vec::new();
+        let mut errors = Vec::new();
+        for msg in msgs {
+            match msg {
+                Msg::Failed(w, e) => {
+                    self.metrics.watch_restarts.inc();
+                    self.status.watch_restarts += 1;
+                    if self.failing.insert(w) {
+                        tracing::warn!("watch of {} failed (retrying with backoff): {e}", w.name());
+                    }
+                    self.status.last_error = Some(format!("{}: {e}", w.name()));
+                }
+                Msg::ListStart(w) => {
+                    self.listing.insert(w, Vec::new());
+                }
+                Msg::Listed(w, item) => {
+                    self.listing.entry(w).or_default().push(item);
+                }
+                Msg::ListDone(w, at) => {
+                    self.failing.remove(&w);
+                    let items = self.listing.remove(&w).unwrap_or_default();
+                    if !self.listed_once.insert(w) {
+                        self.metrics.relists.inc();
+                        self.status.relists += 1;
+                    }
+                    let keys = self.known.entry(w).or_default();
+                    keys.clear();
+                    if let Some(kind) = w.kind() {
+                        complete.push(kind);
+                        upserts.retain(|r, _| r.kind != kind);
+                        deletes.retain(|r| r.kind != kind);
+                    }
+                    for it in items {
+                        keys.insert(it.key.clone());
+                        errors.extend(it.error);
+                        if let Some(o) = it.object {
+                            upserts.insert(o.reference(), o);
+                        }
+                    }
+                    arrivals.push(at);
+                }
+                Msg::Apply(w, at, it) => {
+                    self.failing.remove(&w);
+                    self.known.entry(w).or_default().insert(it.key.clone());
+                    errors.extend(it.error);
+                    if let Some(o) = it.object {
+                        let r = o.reference();
+                        deletes.remove(&r);
+                        upserts.insert(r, o);
+                    }
+                    arrivals.push(at);
+                }
+                Msg::Delete(w, at, it) => {
+                    self.failing.remove(&w);
+                    if let Some(set) = self.known.get_mut(&w) {
+                        set.remove(&it.key);
+                    }
+                    if let Some(kind) = w.kind() {
+                        let r = ObjectRef {
+                            kind,
+                            namespace: if kind == Kind::Namespace {
+                                String::new()
+                            } else {
+                                it.key.0.clone()
+                            },
+                            name: it.key.1.clone(),
+                        };
+                        upserts.remove(&r);
+                        deletes.insert(r);
+                    }
+                    arrivals.push(at);
+                }
+            }
+        }
+        for e in errors {
+            // The API server accepted it; palisade cannot enforce it.
+            tracing::error!("an object from the API is not valid for palisade and is ignored: {e}");
+            self.status.last_error = Some(e);
+        }
+        let changes = ApiChanges {
+            upserts: upserts.into_values().collect(),
+            deletes: deletes.into_iter().collect(),
+            complete,
+        };
+        if !changes.is_empty() {
+            let server = Arc::clone(&self.server);
+            let node = self.node.clone();
+            let n = changes.upserts.len() + changes.deletes.len();
+            let result =
+                tokio::task::spawn_blocking(move || server.apply_api(&node, changes)).await;
+            match result {
+                Ok(Ok(report)) => {
+                    tracing::debug!(
+                        "applied {n} API changes: {} created, {} changed, {} deleted; {} entries written, {} removed",
+                        report.created,
+                        report.changed,
+                        report.deleted,
+                        report.upserted,
+                        report.removed
+                    );
+                    self.status.last_applied_ms = Some(now_ms());
+                }
+                Ok(Err(e)) => {
+                    // Nothing was applied (the change is a transaction);
+                    // the next relist brings it back. Make one happen.
+                    tracing::error!("applying {n} API changes failed: {e}");
+                    self.status.last_error = Some(format!("apply: {e}"));
+                }
+                Err(e) => {
+                    tracing::error!("applying {n} API changes panicked: {e}");
+                    self.status.last_error = Some(format!("apply: {e}"));
+                }
+            }
+        }
+        let done = Instant::now();
+        for at in arrivals {
+            let lag = done.duration_since(at).as_secs_f64();
+            self.metrics.events.inc();
+            self.metrics.lag.observe(lag);
+            self.lags.push(lag);
+        }
+        if self.lags.len() > 4096 {
+            let cut = self.lags.len() - 4096;
+            self.lags.drain(..cut);
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let s = &mut self.status;
+        s.connected = self.failing.is_empty() && self.listing.is_empty();
+        let synced = Watch::ALL.iter().all(|w| self.listed_once.contains(w));
+        if synced && !s.synced {
+            s.first_sync_ms = Some(now_ms());
+            eprintln!(
+                "palisade daemon: first full sync from the API server done ({})",
+                Watch::ALL
+                    .iter()
+                    .map(|w| format!(
+                        "{} {}",
+                        self.known.get(w).map_or(0, BTreeSet::len),
+                        w.name()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        s.synced = synced;
+        s.objects = Watch::ALL
+            .iter()
+            .map(|w| (w.name().to_owned(), self.known.get(w).map_or(0, BTreeSet::len)))
+            .collect();
+        let mut sorted = self.lags.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p: f64| -> f64 {
+            if sorted.is_empty() {
+                return 0.0;
+            }
+            let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+            sorted[i.min(sorted.len() - 1)] * 1000.0
+        };
+        s.lag_p50_ms = q(0.5);
+        s.lag_p99_ms = q(0.99);
+        self.server.set_cluster_status(s.clone());
+    }
+}
