@@ -23,13 +23,16 @@ use palisade::cluster::{VERBS, WATCHED};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-/// What the state directory and the bpf root are on the host; the agent's
-/// containers mount them at the same paths, so that the CNI plugin (on the
-/// host) and the daemon (in the pod) agree on the socket and the pins.
+/// The host's state directory and bpffs (under which the default bpf root
+/// lies). The agent's containers mount them at the same paths, so that the
+/// CNI plugin (on the host) and the daemon (in the pod) agree on the socket
+/// and the pins.
 const STATE_DIR: &str = "/var/lib/palisade";
 const BPFFS: &str = "/sys/fs/bpf";
+/// The host's CNI directories, where the container runtime looks.
 const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// `palisadectl install-cni`'s default `--cni-conf-dir`.
 const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
 /// One typed document, with where it came from.
@@ -588,13 +591,7 @@ fn agent_daemonset_is_wired_for_the_node_the_kubelet_and_prometheus() {
         "the agent needs its service account token to reach the API server"
     );
 
-    // The main container: the agent in cluster mode.
-    assert_eq!(
-        pod.containers.len(),
-        1,
-        "one container, the agent, expected; found {:?}",
-        pod.containers.iter().map(|c| &c.name).collect::<Vec<_>>()
-    );
+    // The agent in cluster mode.
     let agent = running(&pod.containers, "daemon");
     let args = palisadectl_args(agent).expect("the agent runs palisadectl");
     assert!(
@@ -746,11 +743,12 @@ fn agent_daemonset_is_wired_for_the_node_the_kubelet_and_prometheus() {
          binary into the host's {CNI_BIN_DIR}: install-cni only edits the conflist"
     );
     let image = agent.image.as_deref();
-    for c in init {
+    for c in init.iter().chain(&pod.containers) {
         assert_eq!(
             c.image.as_deref(),
             image,
-            "init container {} must use the agent's image (its palisadectl and plugin)",
+            "container {} must use the agent's image (one version of palisadectl, the plugin \
+             and the programs)",
             c.name
         );
     }
