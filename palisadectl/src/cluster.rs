@@ -126,6 +126,8 @@ impl Watch {
 #[derive(Debug)]
 struct Item {
     key: (String, String),
+    /// The object's resourceVersion (0 when it is not a number).
+    rv: u64,
     /// `None` for kinds the engine does not take (yet), and for objects
     /// that failed validation (`error`).
     object: Option<ApiObject>,
@@ -209,19 +211,28 @@ fn item<K: Resource>(
     convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>,
 ) -> Item {
     let key = key_of(obj);
+    let rv = obj
+        .meta()
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     match convert(obj) {
         Some(Ok(o)) => Item {
             key,
+            rv,
             object: Some(o),
             error: None,
         },
         Some(Err(e)) => Item {
             error: Some(format!("{}/{}: {e}", key.0, key.1)),
             key,
+            rv,
             object: None,
         },
         None => Item {
             key,
+            rv,
             object: None,
             error: None,
         },
@@ -339,6 +350,11 @@ impl Applier {
         let mut complete = Vec::new();
         let mut arrivals = Vec::new();
         let mut errors = Vec::new();
+        let mut rvs: BTreeMap<Watch, u64> = BTreeMap::new();
+        let mut seen = |w: Watch, rv: u64| {
+            let e = rvs.entry(w).or_default();
+            *e = (*e).max(rv);
+        };
         for msg in msgs {
             match msg {
                 Msg::Failed(w, e) => {
@@ -370,6 +386,7 @@ impl Applier {
                         deletes.retain(|r| r.kind != kind);
                     }
                     for it in items {
+                        seen(w, it.rv);
                         keys.insert(it.key.clone());
                         errors.extend(it.error);
                         if let Some(o) = it.object {
@@ -379,6 +396,7 @@ impl Applier {
                     arrivals.push(at);
                 }
                 Msg::Apply(w, at, it) => {
+                    seen(w, it.rv);
                     self.failing.remove(&w);
                     self.known.entry(w).or_default().insert(it.key.clone());
                     errors.extend(it.error);
@@ -390,6 +408,7 @@ impl Applier {
                     arrivals.push(at);
                 }
                 Msg::Delete(w, at, it) => {
+                    seen(w, it.rv);
                     self.failing.remove(&w);
                     if let Some(set) = self.known.get_mut(&w) {
                         set.remove(&it.key);
@@ -421,7 +440,9 @@ impl Applier {
             deletes: deletes.into_iter().collect(),
             complete,
         };
-        if !changes.is_empty() {
+        if changes.is_empty() {
+            self.applied(&rvs);
+        } else {
             let server = Arc::clone(&self.server);
             let node = self.node.clone();
             let n = changes.upserts.len() + changes.deletes.len();
@@ -438,6 +459,7 @@ impl Applier {
                         report.removed
                     );
                     self.status.last_applied_ms = Some(now_ms());
+                    self.applied(&rvs);
                 }
                 Ok(Err(e)) => {
                     // Nothing was applied (the change is a transaction);
@@ -463,6 +485,17 @@ impl Applier {
             self.lags.drain(..cut);
         }
         self.publish();
+    }
+
+    fn applied(&mut self, rvs: &BTreeMap<Watch, u64>) {
+        for (w, rv) in rvs {
+            let e = self
+                .status
+                .applied_resource_versions
+                .entry(w.name().to_owned())
+                .or_default();
+            *e = (*e).max(*rv);
+        }
     }
 
     fn publish(&mut self) {

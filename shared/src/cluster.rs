@@ -295,5 +295,8 @@ pub struct ClusterStatus {
     /// last batches: median and 99th percentile, milliseconds.
     pub lag_p50_ms: f64,
     pub lag_p99_ms: f64,
+    /// By resource: the highest resourceVersion among the events applied
+    /// (a relist counts the objects it listed).
+    pub applied_resource_versions: std::collections::BTreeMap<String, u64>,
     pub last_error: Option<String>,
 }

@@ -4,6 +4,8 @@
 
 pub mod case;
 pub mod chain;
+pub mod cluster;
+pub mod kubeapi;
 pub mod matrix;
 pub mod node;
 pub mod probe;

@@ -48,6 +48,29 @@ pub struct NodeOptions {
     /// Run the node daemon, and make every palisade command and plugin
     /// fail unless it answers (default: `PALISADE_TEST_DAEMON=1`).
     pub daemon: bool,
+    /// The pods' subnets (nodes of one cluster need different ones).
+    pub pod_subnet_v4: String,
+    pub pod_subnet_v6: String,
+    /// The primary CNI plugin.
+    pub primary: Primary,
+    /// Cluster mode: the daemon watches this API server as this node.
+    pub kube: Option<KubeNode>,
+}
+
+/// The plugin palisade chains after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Primary {
+    /// One bridge, pods on it (bridge; Flannel's setup).
+    Bridge,
+    /// A veth per pod routed by the host (ptp; Calico's setup).
+    Ptp,
+}
+
+/// A node of a cluster: what its daemon is told.
+#[derive(Debug, Clone)]
+pub struct KubeNode {
+    pub kubeconfig: PathBuf,
+    pub node_name: String,
 }
 
 /// Whether tests run their nodes with the daemon (`PALISADE_TEST_DAEMON=1`).
@@ -64,6 +87,10 @@ impl Default for NodeOptions {
             palisade: serde_json::Map::new(),
             world_ports: vec![80, 81],
             daemon: daemon_mode(),
+            pod_subnet_v4: POD_SUBNET_V4.into(),
+            pod_subnet_v6: POD_SUBNET_V6.into(),
+            primary: Primary::Bridge,
+            kube: None,
         }
     }
 }
@@ -209,10 +236,23 @@ impl Node {
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0");
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0");
 
-        let mut ranges = vec![json!([{ "subnet": POD_SUBNET_V4 }])];
+        let mut ranges = vec![json!([{ "subnet": options.pod_subnet_v4 }])];
         if options.ipv6 {
-            ranges.push(json!([{ "subnet": POD_SUBNET_V6 }]));
+            ranges.push(json!([{ "subnet": options.pod_subnet_v6 }]));
         }
+        let ipam = json!({"type": "host-local", "ranges": ranges, "dataDir": dir.join("ipam")});
+        let primary = match options.primary {
+            Primary::Bridge => json!({
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "ipMasq": false,
+                "hairpinMode": false,
+                "ipam": ipam
+            }),
+            Primary::Ptp => json!({"type": "ptp", "ipMasq": false, "ipam": ipam}),
+        };
         let mut palisade = options.palisade.clone();
         palisade.insert("type".into(), json!("palisade"));
         palisade.insert("stateDir".into(), json!(state_dir));
@@ -220,18 +260,7 @@ impl Node {
         let conflist = json!({
             "cniVersion": options.cni_version,
             "name": "palisade-test",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": "cni0",
-                    "isGateway": true,
-                    "isDefaultGateway": true,
-                    "ipMasq": false,
-                    "hairpinMode": false,
-                    "ipam": {"type": "host-local", "ranges": ranges, "dataDir": dir.join("ipam")}
-                },
-                Value::Object(palisade)
-            ]
+            "plugins": [primary, Value::Object(palisade)]
         });
         let bin = bin_dir();
         let mut chain = Chain::new(conflist, &netns.path, &bin);
@@ -255,7 +284,7 @@ impl Node {
         if options.world {
             node.world = Some(node.make_world());
         }
-        if options.daemon {
+        if options.daemon || options.kube.is_some() {
             node.start_daemon();
         }
         node
@@ -276,8 +305,16 @@ impl Node {
             .open(self.daemon_log())
             .expect("daemon log");
         let mut cmd = std::process::Command::new(self.bin_dir.join("palisadectl"));
-        cmd.arg("daemon")
-            .env("PALISADE_STATE_DIR", &self.state_dir)
+        cmd.arg("daemon");
+        if let Some(k) = &self.options.kube {
+            cmd.arg("--kubernetes")
+                .arg("--kubeconfig")
+                .arg(&k.kubeconfig)
+                .arg("--node-name")
+                .arg(&k.node_name);
+        }
+        cmd.env("PALISADE_STATE_DIR", &self.state_dir)
+            .env("PALISADE_LOG", "info")
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -573,7 +610,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         // Checked now, reported after the cleanup below.
         let daemon_died =
-            (self.options.daemon && !self.daemon_alive() && !std::thread::panicking())
+            ((self.options.daemon || self.options.kube.is_some())
+                && !self.daemon_alive()
+                && !std::thread::panicking())
                 .then(|| self.daemon_output());
         self.kill_daemon();
         if let Ok(mut running) = self.running.lock() {

@@ -1,0 +1,226 @@
+//! Kubernetes cluster mode on several hermetic nodes: every node's daemon
+//! watches the test API server (a list/watch double: no kube-apiserver
+//! can be installed here), policies are written to the API only, and real
+//! traffic crosses nodes over VXLAN (Flannel), host-gw routes (Flannel) or
+//! per-pod routes (Calico's shape, the ptp plugin).
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
+use std::time::Duration;
+
+use testbed::{
+    cluster::{Cluster, Topology},
+    node::Pod,
+    probe::{PROBE_TIMEOUT, Proto, probe},
+    sys::describe,
+};
+
+fn tcp(from: &Pod, to: &Pod, port: u16, v6: bool) -> bool {
+    probe(&from.netns, to.addr(v6), Proto::Tcp, port, PROBE_TIMEOUT)
+}
+
+/// Assert a connectivity matrix: (from, to, allowed).
+fn expect(c: &Cluster, cases: &[(&Pod, &Pod, bool)], what: &str) {
+    let families: &[bool] = if c.ipv6 { &[false, true] } else { &[false] };
+    let mut wrong = Vec::new();
+    for &v6 in families {
+        for (from, to, allowed) in cases {
+            let got = tcp(from, to, 80, v6);
+            if got != *allowed {
+                wrong.push(format!(
+                    "{} -> {} (IPv{}): {} but expected {}",
+                    from.key(),
+                    to.key(),
+                    if v6 { 6 } else { 4 },
+                    if got { "allowed" } else { "denied" },
+                    if *allowed { "allowed" } else { "denied" }
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} topology, {what}:\n{}",
+        c.topology.name(),
+        wrong.join("\n")
+    );
+}
+
+/// Pods on three nodes; policies from the API select peers on other nodes
+/// by pod and namespace labels, ipBlocks match remote pod addresses
+/// exactly, and label changes on a remote pod move it in and out.
+fn cross_node_policy(topology: Topology, ipv6: bool) {
+    let c = Cluster::new(3, topology, ipv6, serde_json::Map::new());
+    c.namespace("x", &[("team", "x")]);
+    c.namespace("y", &[("team", "y")]);
+    let a = c.add_pod(0, "x", "a", &[("app", "a")], &[80]);
+    let b = c.add_pod(1, "x", "b", &[("app", "b")], &[80]);
+    let d = c.add_pod(2, "y", "d", &[("app", "d")], &[80]);
+    let e = c.add_pod(1, "y", "e", &[("app", "e")], &[80]);
+    c.settle();
+    expect(
+        &c,
+        &[(&a, &b, true), (&d, &b, true), (&b, &d, true), (&e, &a, true)],
+        "no policy",
+    );
+
+    // b admits pods labelled app=a in its namespace, and namespace y's app=d.
+    c.apply_policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: a}}
+    - namespaceSelector: {matchLabels: {team: y}}
+      podSelector: {matchLabels: {app: d}}
+"#,
+    );
+    c.settle();
+    expect(
+        &c,
+        &[(&a, &b, true), (&d, &b, true), (&e, &b, false), (&b, &a, true)],
+        "ingress policy on b",
+    );
+
+    // A remote pod relabelled out of the selector loses access; back in,
+    // it regains it.
+    c.relabel_pod(&a, &[("app", "other")]);
+    c.settle();
+    expect(&c, &[(&a, &b, false), (&d, &b, true)], "a relabelled");
+    c.relabel_pod(&a, &[("app", "a")]);
+    c.settle();
+    expect(&c, &[(&a, &b, true)], "a labelled back");
+
+    // Egress from d: only to pods in namespace x, except b by ipBlock.
+    let mut blocks = format!(
+        "    - ipBlock: {{cidr: 10.100.0.0/16, except: [{}/32]}}\n",
+        b.addr(false)
+    );
+    if ipv6 {
+        blocks.push_str(&format!(
+            "    - ipBlock: {{cidr: 'fd00:100::/32', except: ['{}/128']}}\n",
+            b.addr(true)
+        ));
+    }
+    c.apply_policy(&format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: d-out, namespace: y}}
+spec:
+  podSelector: {{matchLabels: {{app: d}}}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+{blocks}"#
+    ));
+    c.settle();
+    expect(
+        &c,
+        &[(&d, &a, true), (&d, &b, false), (&d, &e, true), (&e, &d, true)],
+        "egress ipBlock on d with b excepted",
+    );
+
+    c.delete_policy("x", "b-in");
+    c.delete_policy("y", "d-out");
+    c.settle();
+    expect(
+        &c,
+        &[(&a, &b, true), (&e, &b, true), (&d, &b, true)],
+        "policies deleted",
+    );
+}
+
+#[test]
+fn vxlan_cross_node_policy_ipv4_and_ipv6() {
+    cross_node_policy(Topology::Vxlan, true);
+}
+
+#[test]
+fn host_gw_cross_node_policy_ipv4_and_ipv6() {
+    cross_node_policy(Topology::HostGw, true);
+}
+
+#[test]
+fn routed_ptp_cross_node_policy_ipv4_and_ipv6() {
+    cross_node_policy(Topology::Routed, true);
+}
+
+/// In cluster mode, Kubernetes kinds come from the API: `palisadectl
+/// apply` refuses them and says to use kubectl.
+#[test]
+fn palisadectl_apply_of_kubernetes_kinds_is_refused_in_cluster_mode() {
+    let c = Cluster::new(1, Topology::HostGw, false, serde_json::Map::new());
+    let out = c.nodes[0].ctl(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n"),
+    );
+    assert!(!out.status.success(), "apply succeeded:\n{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kubectl") && err.contains("cluster mode"),
+        "the refusal does not say to use kubectl:\n{err}"
+    );
+}
+
+/// A sandbox whose Pod object the agent has not seen waits (bounded),
+/// then fails closed with what is missing; one whose object arrives while
+/// it waits starts.
+#[test]
+fn cni_add_waits_for_the_pod_object_then_fails_closed() {
+    let mut conf = serde_json::Map::new();
+    conf.insert("podWaitSeconds".into(), serde_json::json!(2));
+    let c = Cluster::new(1, Topology::HostGw, false, conf);
+    c.namespace("x", &[]);
+    c.settle();
+    let start = std::time::Instant::now();
+    let err = c.nodes[0]
+        .try_add_pod("x", "ghost", &[])
+        .expect_err("ADD for a pod the API does not have must fail");
+    let waited = start.elapsed();
+    let text = format!("{err}");
+    assert!(
+        text.contains("x/ghost") && text.contains("not known to the palisade agent"),
+        "the error does not say what is missing:\n{text}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "ADD failed after {waited:?}, before the 2 s wait"
+    );
+    assert!(
+        c.nodes[0].endpoints().is_empty(),
+        "a failed ADD left an endpoint"
+    );
+
+    // The object arrives while ADD waits: it succeeds.
+    let late = std::thread::scope(|s| {
+        let adder = s.spawn(|| c.nodes[0].try_add_pod("x", "late", &[80]));
+        std::thread::sleep(Duration::from_millis(500));
+        c.api.apply(&k8s_openapi::api::core::v1::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("late".into()),
+                namespace: Some("x".into()),
+                labels: Some([("app".to_owned(), "late".to_owned())].into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("node-0".into()),
+                ..Default::default()
+            }),
+            status: None,
+        });
+        adder.join().unwrap()
+    });
+    let late = late.unwrap_or_else(|e| panic!("ADD with a late Pod object failed: {e}"));
+    let eps = c.nodes[0].endpoints();
+    assert_eq!(eps.len(), 1, "endpoints: {eps:?}");
+    assert_eq!(eps[0]["name"], "late");
+    drop(late);
+}
