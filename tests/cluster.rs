@@ -41,9 +41,25 @@ fn expect(c: &Cluster, cases: &[(&Pod, &Pod, bool)], what: &str) {
             }
         }
     }
-    assert!(
-        wrong.is_empty(),
-        "{} topology, {what}:\n{}",
+    if wrong.is_empty() {
+        return;
+    }
+    // What the network looked like, for the failure message.
+    let mut routes = String::new();
+    for n in &c.nodes {
+        for args in [&["addr"][..], &["route"], &["-6", "route"]] {
+            let mut a = vec!["-n", n.netns.name.as_str()];
+            a.extend_from_slice(args);
+            routes.push_str(&format!(
+                "{} ip {}:\n{}",
+                n.netns.name,
+                args.join(" "),
+                testbed::sys::ip(&a)
+            ));
+        }
+    }
+    panic!(
+        "{} topology, {what}:\n{}\n\n{routes}",
         c.topology.name(),
         wrong.join("\n")
     );
@@ -63,7 +79,12 @@ fn cross_node_policy(topology: Topology, ipv6: bool) {
     c.settle();
     expect(
         &c,
-        &[(&a, &b, true), (&d, &b, true), (&b, &d, true), (&e, &a, true)],
+        &[
+            (&a, &b, true),
+            (&d, &b, true),
+            (&b, &d, true),
+            (&e, &a, true),
+        ],
         "no policy",
     );
 
@@ -85,7 +106,12 @@ spec:
     c.settle();
     expect(
         &c,
-        &[(&a, &b, true), (&d, &b, true), (&e, &b, false), (&b, &a, true)],
+        &[
+            (&a, &b, true),
+            (&d, &b, true),
+            (&e, &b, false),
+            (&b, &a, true),
+        ],
         "ingress policy on b",
     );
 
@@ -124,7 +150,12 @@ spec:
     c.settle();
     expect(
         &c,
-        &[(&d, &a, true), (&d, &b, false), (&d, &e, true), (&e, &d, true)],
+        &[
+            (&d, &a, true),
+            (&d, &b, false),
+            (&d, &e, true),
+            (&e, &d, true),
+        ],
         "egress ipBlock on d with b excepted",
     );
 
@@ -162,7 +193,11 @@ fn palisadectl_apply_of_kubernetes_kinds_is_refused_in_cluster_mode() {
         &["apply", "-f", "-"],
         Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n"),
     );
-    assert!(!out.status.success(), "apply succeeded:\n{}", describe(&out));
+    assert!(
+        !out.status.success(),
+        "apply succeeded:\n{}",
+        describe(&out)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("kubectl") && err.contains("cluster mode"),

@@ -206,10 +206,7 @@ fn key_of<K: Resource>(obj: &K) -> (String, String) {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-fn item<K: Resource>(
-    obj: &K,
-    convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>,
-) -> Item {
+fn item<K: Resource>(obj: &K, convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>) -> Item {
     let key = key_of(obj);
     let rv = obj
         .meta()
@@ -259,7 +256,9 @@ fn spawn_watch<K>(
                     watcher::Event::Init => Msg::ListStart(which),
                     watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert)),
                     watcher::Event::InitDone => Msg::ListDone(which, Instant::now()),
-                    watcher::Event::Apply(o) => Msg::Apply(which, Instant::now(), item(&o, convert)),
+                    watcher::Event::Apply(o) => {
+                        Msg::Apply(which, Instant::now(), item(&o, convert))
+                    }
                     watcher::Event::Delete(o) => {
                         Msg::Delete(which, Instant::now(), item(&o, convert))
                     }
@@ -520,7 +519,12 @@ impl Applier {
         s.synced = synced;
         s.objects = Watch::ALL
             .iter()
-            .map(|w| (w.name().to_owned(), self.known.get(w).map_or(0, BTreeSet::len)))
+            .map(|w| {
+                (
+                    w.name().to_owned(),
+                    self.known.get(w).map_or(0, BTreeSet::len),
+                )
+            })
             .collect();
         let mut sorted = self.lags.clone();
         sorted.sort_by(f64::total_cmp);

@@ -133,7 +133,15 @@ impl Cluster {
         fabric.sysctl("net.ipv6.conf.default.accept_dad", "0");
         sys::ip(&["-n", f, "link", "add", "br0", "type", "bridge"]);
         sys::ip(&["-n", f, "link", "set", "br0", "up"]);
-        sys::ip(&["-n", f, "addr", "add", &format!("{API_V4}/24"), "dev", "br0"]);
+        sys::ip(&[
+            "-n",
+            f,
+            "addr",
+            "add",
+            &format!("{API_V4}/24"),
+            "dev",
+            "br0",
+        ]);
         let api = fabric
             .run(|| ApiServer::start(&format!("{API_V4}:0")))
             .expect("start the test API server in the fabric namespace");
@@ -206,10 +214,7 @@ impl Cluster {
     }
 
     fn changed(&self, resource: &'static str, rv: u64) {
-        self.expected
-            .lock()
-            .expect("lock")
-            .insert(resource, rv);
+        self.expected.lock().expect("lock").insert(resource, rv);
     }
 
     /// Create a Namespace object.
@@ -244,11 +249,7 @@ impl Cluster {
         obj.status = Some(PodStatus {
             phase: Some("Running".into()),
             pod_ip: ips.first().map(ToString::to_string),
-            pod_ips: Some(
-                ips.iter()
-                    .map(|ip| PodIP { ip: ip.to_string() })
-                    .collect(),
-            ),
+            pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
             ..Default::default()
         });
         let rv = self.api.apply(&obj);
@@ -327,11 +328,7 @@ fn applied_rvs(node: &Node) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
-fn label_map(
-    name: &str,
-    labels: &[(&str, &str)],
-    namespace: bool,
-) -> BTreeMap<String, String> {
+fn label_map(name: &str, labels: &[(&str, &str)], namespace: bool) -> BTreeMap<String, String> {
     let mut m: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -413,12 +410,30 @@ fn wire(fabric: &Netns, node: &Node, i: usize) {
     let n = &node.netns.name;
     let peer = format!("n{i}");
     sys::ip(&[
-        "-n", n, "link", "add", "fab0", "type", "veth", "peer", "name", &peer, "netns",
+        "-n",
+        n,
+        "link",
+        "add",
+        "fab0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+        "netns",
         &fabric.name,
     ]);
     sys::ip(&["-n", &fabric.name, "link", "set", &peer, "master", "br0"]);
     sys::ip(&["-n", &fabric.name, "link", "set", &peer, "up"]);
-    sys::ip(&["-n", n, "addr", "add", &format!("{}/24", node_v4(i)), "dev", "fab0"]);
+    sys::ip(&[
+        "-n",
+        n,
+        "addr",
+        "add",
+        &format!("{}/24", node_v4(i)),
+        "dev",
+        "fab0",
+    ]);
     sys::ip(&[
         "-n",
         n,
@@ -454,7 +469,15 @@ fn route(node: &Node, i: usize, n: usize, topology: Topology, ipv6: bool) {
             "8472",
             "nolearning",
         ]);
-        sys::ip(&["-n", ns, "link", "set", "flannel.1", "address", &vtep_mac(i)]);
+        sys::ip(&[
+            "-n",
+            ns,
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            &vtep_mac(i),
+        ]);
         sys::ip(&["-n", ns, "link", "set", "flannel.1", "up"]);
         sys::ip(&[
             "-n",

@@ -251,7 +251,16 @@ impl Node {
                 "hairpinMode": false,
                 "ipam": ipam
             }),
-            Primary::Ptp => json!({"type": "ptp", "ipMasq": false, "ipam": ipam}),
+            Primary::Ptp => {
+                // ptp gives pods only what IPAM says: default routes here.
+                let mut ipam = ipam;
+                let mut routes = vec![json!({"dst": "0.0.0.0/0"})];
+                if options.ipv6 {
+                    routes.push(json!({"dst": "::/0"}));
+                }
+                ipam["routes"] = json!(routes);
+                json!({"type": "ptp", "ipMasq": false, "ipam": ipam})
+            }
         };
         let mut palisade = options.palisade.clone();
         palisade.insert("type".into(), json!("palisade"));
@@ -609,11 +618,10 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // Checked now, reported after the cleanup below.
-        let daemon_died =
-            ((self.options.daemon || self.options.kube.is_some())
-                && !self.daemon_alive()
-                && !std::thread::panicking())
-                .then(|| self.daemon_output());
+        let daemon_died = ((self.options.daemon || self.options.kube.is_some())
+            && !self.daemon_alive()
+            && !std::thread::panicking())
+        .then(|| self.daemon_output());
         self.kill_daemon();
         if let Ok(mut running) = self.running.lock() {
             for r in running.iter_mut() {
