@@ -259,3 +259,165 @@ fn cni_add_waits_for_the_pod_object_then_fails_closed() {
     assert_eq!(eps[0]["name"], "late");
     drop(late);
 }
+
+/// Poll until `f` holds (the agent reconnects with backoff after an
+/// outage), or fail with `what`.
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn cluster_status(node: &testbed::node::Node) -> serde_json::Value {
+    let out = node.ctl(&["status", "-o", "json"], None);
+    assert!(out.status.success(), "status: {}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["daemon"]["cluster"].clone()
+}
+
+/// Dropped watches, an outage, changes made while the agents could not
+/// see them, 410 Gone on reconnect (history compacted) and an API server
+/// restart: enforcement never loosens or flaps in between, and afterwards
+/// every agent has resynced to what the API holds.
+#[test]
+fn the_agent_survives_api_failures_without_loosening_and_resyncs() {
+    let c = Cluster::new(2, Topology::HostGw, false, serde_json::Map::new());
+    c.namespace("x", &[]);
+    let a = c.add_pod(0, "x", "a", &[("app", "a")], &[80]);
+    let b = c.add_pod(1, "x", "b", &[("app", "b")], &[80]);
+    let d = c.add_pod(0, "x", "d", &[("app", "d")], &[80]);
+    c.apply_policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+"#,
+    );
+    c.settle();
+    expect(&c, &[(&a, &b, true), (&d, &b, false)], "before any failure");
+
+    // 1. Every watch drops: nothing changes; the next change still arrives.
+    c.api.drop_watches();
+    expect(&c, &[(&a, &b, true), (&d, &b, false)], "watches dropped");
+    c.relabel_pod(&d, &[("app", "a")]);
+    c.settle();
+    expect(
+        &c,
+        &[(&d, &b, true)],
+        "a change after the watches came back",
+    );
+
+    // 2. An outage, with changes the agents cannot see, and the history
+    // compacted so that their watches get 410 Gone when they come back.
+    c.api.pause();
+    c.api.drop_watches();
+    for node in &c.nodes {
+        eventually(
+            "the agent notices the outage",
+            Duration::from_secs(30),
+            || cluster_status(node)["connected"] == false,
+        );
+    }
+    c.relabel_pod(&d, &[("app", "d")]);
+    c.delete_policy("x", "b-in");
+    c.apply_policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-only-d, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: d}}}]
+"#,
+    );
+    c.api.compact();
+    // While the API is away, the last known state is enforced, unchanged.
+    for _ in 0..3 {
+        expect(&c, &[(&a, &b, true), (&d, &b, true)], "during the outage");
+    }
+    let restarts_before = cluster_status(&c.nodes[1])["watchRestarts"]
+        .as_u64()
+        .unwrap();
+    c.api.resume();
+    // The relist brings every change; the states in between are never
+    // looser than before or after (a loses access, d keeps it).
+    eventually(
+        "after the outage, a's access is revoked (b-in deleted, b-only-d applied)",
+        Duration::from_secs(60),
+        || {
+            expect(
+                &c,
+                &[(&d, &b, true)],
+                "d stays allowed while the agents resync",
+            );
+            !tcp(&a, &b, 80, false)
+        },
+    );
+    for node in &c.nodes {
+        eventually("the agent reconnects", Duration::from_secs(60), || {
+            let st = cluster_status(node);
+            st["connected"] == true && st["synced"] == true
+        });
+        let st = cluster_status(node);
+        assert!(
+            st["relists"].as_u64().unwrap() >= 1,
+            "no relist after 410 Gone: {st}"
+        );
+    }
+    assert!(
+        cluster_status(&c.nodes[1])["watchRestarts"]
+            .as_u64()
+            .unwrap()
+            > restarts_before,
+        "the outage was not counted as watch restarts"
+    );
+    c.settle();
+    expect(&c, &[(&a, &b, false), (&d, &b, true)], "after the resync");
+
+    // 3. The API server restarts (same address, same objects): nothing
+    // changes, and a change after it is applied.
+    // It listens in the fabric namespace: bind there again.
+    c.fabric.run(|| c.api.restart()).unwrap();
+    expect(
+        &c,
+        &[(&a, &b, false), (&d, &b, true)],
+        "API server restarted",
+    );
+    c.delete_policy("x", "b-only-d");
+    c.settle();
+    expect(
+        &c,
+        &[(&a, &b, true), (&d, &b, true)],
+        "a change after the restart",
+    );
+}
+
+/// A network installed for a cluster (`kubernetes: true`, as the
+/// DaemonSet installs it) waits for Pod objects even before the agent has
+/// started, and fails closed when none comes.
+#[test]
+fn cni_add_on_a_cluster_network_fails_closed_before_the_agent_starts() {
+    let mut conf = serde_json::Map::new();
+    conf.insert("kubernetes".into(), serde_json::json!(true));
+    conf.insert("podWaitSeconds".into(), serde_json::json!(1));
+    let node = testbed::node::Node::new(testbed::node::NodeOptions {
+        palisade: conf,
+        daemon: false,
+        ..Default::default()
+    });
+    let err = node
+        .try_add_pod("x", "early", &[])
+        .expect_err("ADD must wait for the agent and fail closed");
+    let text = format!("{err}");
+    assert!(
+        text.contains("x/early") && text.contains("has not started"),
+        "the error does not say what is missing:\n{text}"
+    );
+}

@@ -183,11 +183,13 @@ fn wait_for_pod(conf: &NetConf, state_dir: &Path, namespace: &str, name: &str) -
     let io = |e: palisade::store::StoreError| {
         CniError::new(code::IO_FAILURE, format!("read the palisade store: {e}"))
     };
-    let Some(node) = store
+    let node = match store
         .setting(palisade::cluster::CLUSTER_NODE_SETTING)
         .map_err(io)?
-    else {
-        return Ok(());
+    {
+        Some(node) => node,
+        None if conf.kubernetes == Some(true) => "(its agent has not started yet)".to_owned(),
+        None => return Ok(()),
     };
     let limit = match conf.pod_wait_seconds {
         Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
