@@ -8,10 +8,37 @@ use ipnet_lite::network;
 use serde::Deserialize;
 
 use crate::{
+    cluster::{Cluster, Topology as ClusterTopology},
     matrix::{Matrix, Peer, probe_against},
     node::{Node, NodeOptions, Pod},
     probe::Proto,
 };
+
+/// Where a case runs.
+#[derive(Debug)]
+pub enum Backend {
+    /// One node, objects given with `palisadectl apply`.
+    Node(Node),
+    /// Several nodes in cluster mode: objects go to the API server only,
+    /// pods are spread over the nodes.
+    Cluster(Box<Cluster>),
+}
+
+/// Nodes in a cluster run of a case.
+pub const CLUSTER_NODES: usize = 3;
+
+/// `PALISADE_TEST_CLUSTER=vxlan|host-gw|routed`: run cases on a cluster.
+pub fn cluster_topology() -> Option<ClusterTopology> {
+    let v = std::env::var("PALISADE_TEST_CLUSTER").ok()?;
+    Some(
+        ClusterTopology::ALL
+            .into_iter()
+            .find(|t| t.name() == v)
+            .unwrap_or_else(|| {
+                panic!("PALISADE_TEST_CLUSTER={v} is not one of vxlan, host-gw, routed")
+            }),
+    )
+}
 
 type Labels = BTreeMap<String, String>;
 
@@ -221,12 +248,12 @@ mod ipnet_lite {
     }
 }
 
-/// A running case on one node.
+/// A running case.
 #[derive(Debug)]
 pub struct Run<'a> {
     pub case: &'a Case,
     pub v6: bool,
-    pub node: Node,
+    pub backend: Backend,
     pub pods: BTreeMap<String, Arc<Pod>>,
     pub ports: BTreeMap<String, Vec<PortSpec>>,
     pub serve: Vec<u16>,
@@ -234,6 +261,54 @@ pub struct Run<'a> {
 
 impl<'a> Run<'a> {
     pub fn start(case: &'a Case, v6: bool) -> Self {
+        match cluster_topology() {
+            Some(t) => Self::start_cluster(case, v6, t),
+            None => Self::start_node(case, v6),
+        }
+    }
+
+    /// On a cluster: pods round-robin over the nodes, so that every
+    /// namespace spans nodes and most pairs cross them.
+    pub fn start_cluster(case: &'a Case, v6: bool, topology: ClusterTopology) -> Self {
+        let (serve, namespaces, pods, world) = case.resolved_topology();
+        let c = Cluster::with_world(
+            CLUSTER_NODES,
+            topology,
+            v6,
+            serde_json::Map::new(),
+            world.then(|| serve.clone()),
+        );
+        for (ns, labels) in &namespaces {
+            let l: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            c.namespace(ns, &l);
+        }
+        let mut ports = BTreeMap::new();
+        let mut running = BTreeMap::new();
+        for (i, (key, spec)) in pods.iter().enumerate() {
+            let (ns, name) = key
+                .split_once('/')
+                .unwrap_or_else(|| panic!("pod key {key} is not ns/name"));
+            let p = spec.ports.clone().unwrap_or_else(|| default_ports(&serve));
+            let obj = serde_json::from_str(&pod_yaml(ns, name, &spec.labels, &p))
+                .expect("Pod object");
+            running.insert(key.clone(), c.start_pod(i % CLUSTER_NODES, obj, &serve));
+            ports.insert(key.clone(), p);
+        }
+        c.settle();
+        Self {
+            case,
+            v6,
+            backend: Backend::Cluster(Box::new(c)),
+            pods: running,
+            ports,
+            serve,
+        }
+    }
+
+    pub fn start_node(case: &'a Case, v6: bool) -> Self {
         let (serve, namespaces, pods, world) = case.resolved_topology();
         let node = Node::new(NodeOptions {
             ipv6: v6,
@@ -264,16 +339,46 @@ impl<'a> Run<'a> {
         Self {
             case,
             v6,
-            node,
+            backend: Backend::Node(node),
             pods: running,
             ports,
             serve,
         }
     }
 
+    /// The node with the outside host.
+    fn world_node(&self) -> &Node {
+        match &self.backend {
+            Backend::Node(n) => n,
+            Backend::Cluster(c) => &c.nodes[0],
+        }
+    }
+
+    fn apply(&self, text: &str) {
+        match &self.backend {
+            Backend::Node(n) => {
+                n.apply(text);
+            }
+            Backend::Cluster(c) => {
+                c.apply_yaml(text);
+                c.settle();
+            }
+        }
+    }
+
+    fn delete(&self, text: &str) {
+        match &self.backend {
+            Backend::Node(n) => n.delete(text),
+            Backend::Cluster(c) => {
+                c.delete_yaml(text);
+                c.settle();
+            }
+        }
+    }
+
     fn addr_of(&self, who: &str) -> IpAddr {
         if who == "world" {
-            return self.node.world_addr(self.v6);
+            return self.world_node().world_addr(self.v6);
         }
         self.pods
             .get(who)
@@ -327,11 +432,11 @@ impl<'a> Run<'a> {
                 addr: p.addr(self.v6),
             })
             .collect();
-        if let Some(w) = &self.node.world {
+        if let Some(w) = &self.world_node().world {
             peers.push(Peer {
                 name: "world".into(),
                 netns: w.netns.path.clone(),
-                addr: self.node.world_addr(self.v6),
+                addr: self.world_node().world_addr(self.v6),
             });
         }
         peers
@@ -375,7 +480,21 @@ impl<'a> Run<'a> {
             .get(&r.pod)
             .cloned()
             .unwrap_or_else(|| default_ports(&self.serve));
-        self.node.apply(&pod_yaml(ns, name, &r.labels, &ports));
+        match &self.backend {
+            Backend::Node(n) => {
+                n.apply(&pod_yaml(ns, name, &r.labels, &ports));
+            }
+            Backend::Cluster(c) => {
+                let pod = self.pods.get(&r.pod).expect("relabelled pod runs");
+                let l: Vec<(&str, &str)> = r
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                c.relabel_pod(pod, &l);
+                c.settle();
+            }
+        }
     }
 
     /// Run every step; return a report of every mismatch (empty: passed).
@@ -384,16 +503,29 @@ impl<'a> Run<'a> {
         let peers = self.peers();
         for (i, step) in self.case.steps.iter().enumerate() {
             if let Some(r) = &step.relabel_namespace {
-                self.node.apply(&namespace_yaml(&r.namespace, &r.labels));
+                match &self.backend {
+                    Backend::Node(n) => {
+                        n.apply(&namespace_yaml(&r.namespace, &r.labels));
+                    }
+                    Backend::Cluster(c) => {
+                        let l: Vec<(&str, &str)> = r
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        c.namespace(&r.namespace, &l);
+                        c.settle();
+                    }
+                }
             }
             if let Some(r) = &step.relabel_pod {
                 self.relabel_pod(r);
             }
             if let Some(d) = &step.delete {
-                self.node.delete(&self.substitute(d));
+                self.delete(&self.substitute(d));
             }
             if let Some(a) = &step.apply {
-                self.node.apply(&self.substitute(a));
+                self.apply(&self.substitute(a));
             }
             for p in &step.probes {
                 let proto = Proto::parse(&p.protocol).unwrap_or_else(|| {

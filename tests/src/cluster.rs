@@ -121,6 +121,18 @@ impl Cluster {
         ipv6: bool,
         palisade: serde_json::Map<String, serde_json::Value>,
     ) -> Self {
+        Self::with_world(n, topology, ipv6, palisade, None)
+    }
+
+    /// Like [`Cluster::new`], with an outside host ("world") serving
+    /// `world` ports, routed through node 0 (every node routes it there).
+    pub fn with_world(
+        n: usize,
+        topology: Topology,
+        ipv6: bool,
+        palisade: serde_json::Map<String, serde_json::Value>,
+        world: Option<Vec<u16>>,
+    ) -> Self {
         sys::require_root();
         sys::sweep_stale();
         let prefix = sys::unique_prefix();
@@ -156,6 +168,8 @@ impl Cluster {
             api.apply(&node_object(&name, i, ipv6));
             let node = Node::new(NodeOptions {
                 ipv6,
+                world: i == 0 && world.is_some(),
+                world_ports: world.clone().unwrap_or_default(),
                 pod_subnet_v4: subnet_v4(i),
                 pod_subnet_v6: subnet_v6(i),
                 primary: match topology {
@@ -175,6 +189,22 @@ impl Cluster {
         }
         for (i, node) in nodes.iter().enumerate() {
             route(node, i, n, topology, ipv6);
+            if i > 0 && world.is_some() {
+                let ns = node.netns.name.as_str();
+                sys::ip(&["-n", ns, "route", "add", "203.0.113.0/24", "via", &node_v4(0)]);
+                if ipv6 {
+                    sys::ip(&[
+                        "-n",
+                        ns,
+                        "-6",
+                        "route",
+                        "add",
+                        "2001:db8:cafe::/64",
+                        "via",
+                        &node_v6(0),
+                    ]);
+                }
+            }
         }
         let c = Cluster {
             topology,
@@ -242,8 +272,18 @@ impl Cluster {
         labels: &[(&str, &str)],
         serve: &[u16],
     ) -> Arc<Pod> {
-        let mut obj = pod_object(namespace, name, labels, node, serve);
+        let obj = pod_object(namespace, name, labels, node, serve);
+        self.start_pod(node, obj, serve)
+    }
+
+    /// [`Cluster::add_pod`] for a Pod object written by the caller (its
+    /// node name is set here).
+    pub fn start_pod(&self, node: usize, mut obj: KubePod, serve: &[u16]) -> Arc<Pod> {
+        let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        obj.spec.get_or_insert_with(Default::default).node_name = Some(format!("node-{node}"));
         self.api.apply(&obj);
+        let (namespace, name) = (namespace.as_str(), name.as_str());
         let pod = self.nodes[node].add_pod(namespace, name, serve);
         let ips: Vec<IpAddr> = pod.v4.into_iter().chain(pod.v6).collect();
         obj.status = Some(PodStatus {
@@ -266,6 +306,47 @@ impl Cluster {
         obj.metadata.labels = Some(label_map(&pod.name, labels, false));
         let rv = self.api.apply(&obj);
         self.changed("pods", rv.parse().unwrap_or(0));
+    }
+
+    /// Create or replace every object of a YAML stream.
+    pub fn apply_yaml(&self, text: &str) {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+                .expect("YAML document");
+            if value.is_null() {
+                continue;
+            }
+            let resource = resource_of(&value);
+            let rv = self
+                .api
+                .apply_value(value)
+                .unwrap_or_else(|e| panic!("apply to the test API server: {e}"));
+            self.changed(resource, rv.parse().unwrap_or(0));
+        }
+    }
+
+    /// Delete every object a YAML stream names.
+    pub fn delete_yaml(&self, text: &str) {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+                .expect("YAML document");
+            if value.is_null() {
+                continue;
+            }
+            let ns = value["metadata"]["namespace"].as_str();
+            let name = value["metadata"]["name"].as_str().expect("metadata.name");
+            let resource = resource_of(&value);
+            let found = match resource {
+                "networkpolicies" => self
+                    .api
+                    .delete::<NetworkPolicy>(Some(ns.unwrap_or("default")), name),
+                "pods" => self.api.delete::<KubePod>(Some(ns.unwrap_or("default")), name),
+                "namespaces" => self.api.delete::<Namespace>(None, name),
+                other => panic!("the cluster test bed cannot delete {other}"),
+            };
+            assert!(found, "{resource} {name} was not in the API");
+            self.changed(resource, self.api.resource_version());
+        }
     }
 
     /// Create or replace a NetworkPolicy from YAML.
@@ -314,6 +395,19 @@ impl Cluster {
 
     pub fn dir(&self) -> &std::path::Path {
         &self.dir.0
+    }
+}
+
+/// The resource (plural) of an object by its kind.
+fn resource_of(value: &serde_json::Value) -> &'static str {
+    match value["kind"].as_str() {
+        Some("NetworkPolicy") => "networkpolicies",
+        Some("Pod") => "pods",
+        Some("Namespace") => "namespaces",
+        Some("Node") => "nodes",
+        Some("Service") => "services",
+        Some("EndpointSlice") => "endpointslices",
+        other => panic!("the cluster test bed does not know kind {other:?}"),
     }
 }
 
