@@ -42,6 +42,16 @@ cargo test -p palisade-tests --test netpol -- --test-threads 4
 step "NetworkPolicy conformance again, every change through the node daemon"
 PALISADE_TEST_DAEMON=1 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
+step "Kubernetes cluster mode: the test API server (list/watch double), manifests, multi-node agents, API failures"
+cargo test -p palisade-tests --test kubeapi
+cargo test -p palisade-shared --test manifests
+cargo test -p palisade-tests --test cluster -- --test-threads 2
+
+for topology in vxlan host-gw routed; do
+	step "NetworkPolicy conformance on 3 nodes in cluster mode ($topology): policies through the API only"
+	PALISADE_TEST_CLUSTER=$topology cargo test -p palisade-tests --test netpol -- --test-threads 4
+done
+
 step "packages (debug binaries), install-cni, dpkg -i/-r/-P, live upgrade under traffic"
 packaging/build.sh --debug
 cargo test -p palisade-tests --test packaging --test upgrade -- --test-threads 1

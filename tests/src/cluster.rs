@@ -77,7 +77,14 @@ fn subnet_v4(i: usize) -> String {
 }
 
 fn subnet_v6(i: usize) -> String {
-    format!("fd00:100:{i}::/120")
+    // Laid out like the IPv4 subnets (10.100.i.0/24): one /112 holds every
+    // node's pods, as 10.100.0.0/16 does, so cases' ipBlocks read the same.
+    format!("{}/120", net6(i))
+}
+
+/// The first address of node i's IPv6 pod subnet.
+fn net6(i: usize) -> String {
+    format!("fd00:100::{:x}", i * 256)
 }
 
 fn vtep_mac(i: usize) -> String {
@@ -588,7 +595,7 @@ fn route(node: &Node, i: usize, n: usize, topology: Topology, ipv6: bool) {
                 ns,
                 "addr",
                 "add",
-                &format!("fd00:100:{i}::/128"),
+                &format!("{}/128", net6(i)),
                 "dev",
                 "flannel.1",
                 "nodad",
@@ -639,7 +646,7 @@ fn route(node: &Node, i: usize, n: usize, topology: Topology, ipv6: bool) {
                     "onlink",
                 ]);
                 if ipv6 {
-                    let gw6 = format!("fd00:100:{j}::");
+                    let gw6 = net6(j);
                     sys::ip(&[
                         "-n",
                         ns,
