@@ -140,7 +140,7 @@ enum Msg {
     Delete(Watch, Instant, Item),
     ListStart(Watch),
     Listed(Watch, Item),
-    ListDone(Watch, Instant),
+    ListDone(Watch),
     Failed(Watch, String),
 }
 
@@ -255,7 +255,7 @@ fn spawn_watch<K>(
                 Ok(Some(ev)) => match ev {
                     watcher::Event::Init => Msg::ListStart(which),
                     watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert)),
-                    watcher::Event::InitDone => Msg::ListDone(which, Instant::now()),
+                    watcher::Event::InitDone => Msg::ListDone(which),
                     watcher::Event::Apply(o) => {
                         Msg::Apply(which, Instant::now(), item(&o, convert))
                     }
@@ -370,7 +370,7 @@ impl Applier {
                 Msg::Listed(w, item) => {
                     self.listing.entry(w).or_default().push(item);
                 }
-                Msg::ListDone(w, at) => {
+                Msg::ListDone(w) => {
                     self.failing.remove(&w);
                     let items = self.listing.remove(&w).unwrap_or_default();
                     if !self.listed_once.insert(w) {
@@ -392,7 +392,6 @@ impl Applier {
                             upserts.insert(o.reference(), o);
                         }
                     }
-                    arrivals.push(at);
                 }
                 Msg::Apply(w, at, it) => {
                     seen(w, it.rv);

@@ -363,6 +363,11 @@ impl Node {
         std::fs::read_to_string(self.daemon_log()).unwrap_or_default()
     }
 
+    /// The daemon's process id, when it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.lock().expect("lock").as_ref().map(Child::id)
+    }
+
     /// Whether the node's daemon process is alive.
     pub fn daemon_alive(&self) -> bool {
         self.daemon

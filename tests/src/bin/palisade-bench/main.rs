@@ -9,6 +9,7 @@
 )]
 
 mod change;
+mod cluster;
 mod control;
 mod datapath;
 mod stats;
@@ -25,6 +26,8 @@ enum Part {
     Control,
     /// Only the cost of one change (part of control).
     Change,
+    /// Kubernetes cluster mode at cluster scale.
+    Cluster,
 }
 
 /// Measure palisade and write the report.
@@ -175,7 +178,7 @@ fn main() {
         sizes: opts.size.clone(),
     };
     let parts = if opts.only.is_empty() {
-        vec![Part::Datapath, Part::Traffic, Part::Control]
+        vec![Part::Datapath, Part::Traffic, Part::Control, Part::Cluster]
     } else {
         opts.only.clone()
     };
@@ -187,6 +190,7 @@ fn main() {
             Part::Datapath => datapath::run(&cfg, &mut report),
             Part::Traffic => traffic::run(&cfg, &mut report),
             Part::Control => control::run(&cfg, &mut report),
+            Part::Cluster => cluster::run(&cfg, &mut report),
             Part::Change => {
                 let s = change::run(&cfg, &mut report);
                 report.section("Control plane", s);
