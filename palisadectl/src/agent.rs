@@ -273,6 +273,14 @@ pub fn run(opts: Options) -> Result<()> {
     let mut seen = store.generation().unwrap_or_default();
     let mut resolver = Resolver::new(&store.read()?);
     let mut last_flush = Instant::now();
+    // In cluster mode the store changes many times a second and holds
+    // every pod of the cluster: names are read again at most this often.
+    let mut last_read = Instant::now();
+    let reread_every = if opts.cluster.is_some() {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    };
     loop {
         reader.wait(Duration::from_millis(200));
         let events = reader.drain();
@@ -282,9 +290,11 @@ pub fn run(opts: Options) -> Result<()> {
         // Names and policies changed: read them again.
         let g = store.generation().unwrap_or_default();
         if g != seen
+            && last_read.elapsed() >= reread_every
             && let Ok(st) = store.read()
         {
             seen = g;
+            last_read = Instant::now();
             resolver = Resolver::new(&st);
         }
         let mut s = stats

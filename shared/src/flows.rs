@@ -185,6 +185,24 @@ impl Resolver {
                 ),
             );
         }
+        // Pods on other nodes (cluster mode), named by their Pod objects.
+        for r in state.remote.values() {
+            for a in &r.addresses {
+                by_address.entry(*a).or_insert(r.id);
+            }
+            endpoints.insert(
+                r.id,
+                (
+                    r.namespace.clone(),
+                    r.name.clone(),
+                    state
+                        .pod_info(&r.namespace, &r.name)
+                        .map(|p| p.labels.clone())
+                        .unwrap_or_default(),
+                    r.addresses.clone(),
+                ),
+            );
+        }
         let namespaces = state.namespace_map();
         let policies = state.policies();
         Self {
