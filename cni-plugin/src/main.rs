@@ -178,7 +178,12 @@ fn prev_result(conf: &NetConf, command: &str) -> Result<(Value, PrevResult), Cni
 /// In cluster mode, wait (bounded) until the agent has stored the pod's
 /// object from the API server: its labels decide the pod's identity. The
 /// plugin never asks the API server itself.
-fn wait_for_pod(conf: &NetConf, state_dir: &Path, namespace: &str, name: &str) -> Result<(), CniError> {
+fn wait_for_pod(
+    conf: &NetConf,
+    state_dir: &Path,
+    namespace: &str,
+    name: &str,
+) -> Result<(), CniError> {
     let store = palisade::store::Store::new(state_dir);
     let io = |e: palisade::store::StoreError| {
         CniError::new(code::IO_FAILURE, format!("read the palisade store: {e}"))

@@ -65,12 +65,9 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         Metrics {
-            lag: Histogram::new(
-                [
-                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-                ]
-                .into_iter(),
-            ),
+            lag: Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+            ]),
             events: Counter::default(),
             watch_restarts: Counter::default(),
             relists: Counter::default(),

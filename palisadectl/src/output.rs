@@ -389,8 +389,16 @@ fn cluster_lines(c: &palisade::cluster::ClusterStatus) -> String {
         "cluster: node {} with API server {}: {}, {}\n  first full sync: {}; last change applied: {}\n  objects: {}\n  event to datapath: p50 {:.1} ms, p99 {:.1} ms; watch restarts {}, relists {}\n",
         c.node,
         c.api_server,
-        if c.connected { "connected" } else { "NOT connected (enforcing the last state)" },
-        if c.synced { "synced" } else { "first sync not complete" },
+        if c.connected {
+            "connected"
+        } else {
+            "NOT connected (enforcing the last state)"
+        },
+        if c.synced {
+            "synced"
+        } else {
+            "first sync not complete"
+        },
         ago(c.first_sync_ms),
         ago(c.last_applied_ms),
         objects.join(", "),

@@ -476,22 +476,24 @@ pub fn compile_state(state: &mut State) -> Compiled {
             extra_flags: 0,
             remote: false,
         })
-        .chain(state.remote.values().map(|r| EndpointView {
-            ep_id: r.id,
-            ifindex: 0,
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            labels: state
-                .pod_info(&r.namespace, &r.name)
-                .map(|p| p.labels.clone())
-                .unwrap_or_default(),
-            ports: state
-                .pod_info(&r.namespace, &r.name)
-                .map(|p| p.ports.clone())
-                .unwrap_or_default(),
-            addresses: r.addresses.clone(),
-            extra_flags: 0,
-            remote: true,
+        .chain(state.remote.values().map(|r| {
+            EndpointView {
+                ep_id: r.id,
+                ifindex: 0,
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                labels: state
+                    .pod_info(&r.namespace, &r.name)
+                    .map(|p| p.labels.clone())
+                    .unwrap_or_default(),
+                ports: state
+                    .pod_info(&r.namespace, &r.name)
+                    .map(|p| p.ports.clone())
+                    .unwrap_or_default(),
+                addresses: r.addresses.clone(),
+                extra_flags: 0,
+                remote: true,
+            }
         }))
         .collect();
     let host = state.host_addresses.clone();
@@ -1604,6 +1606,163 @@ spec:
             })
             .unwrap();
         !a.isolated || a.entry.is_some()
+    }
+
+    fn api_pod(ns: &str, name: &str, app: &str, node: &str, ip: &str) -> ApiObject {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap();
+        ApiObject::pod(&pod).unwrap()
+    }
+
+    fn api_policy(yaml: &str) -> ApiObject {
+        ApiObject::policy(serde_yaml::from_str(yaml).unwrap()).unwrap()
+    }
+
+    fn ipcache_id(n: &Node<RecordingDataplane>, addr: &str) -> Option<u32> {
+        let a: IpAddr = addr.parse().unwrap();
+        n.dataplane
+            .maps
+            .ipcache
+            .get(&compile::Prefix::host(a))
+            .map(|v| v.identity)
+    }
+
+    #[test]
+    fn api_pods_on_other_nodes_are_peers_and_relists_delete_what_is_gone() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep(
+            "api",
+            10,
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        ))
+        .unwrap();
+        let changes = ApiChanges {
+            upserts: vec![
+                api_pod("default", "web", "bookstore", "node-b", "10.1.0.5"),
+                api_pod("default", "other", "x", "node-b", "10.1.0.6"),
+                // This node's pod: its labels overlay the endpoint, no
+                // remote record.
+                api_pod("default", "api", "bookstore", "node-a", "10.0.0.2"),
+                api_policy(API_ALLOW),
+            ],
+            deletes: vec![],
+            complete: vec![Kind::Pod, Kind::NetworkPolicy],
+        };
+        let r = n.apply_api("node-a", changes).unwrap();
+        assert_eq!(r.created, 4, "{r:?}");
+        let st = n.store.read().unwrap();
+        assert_eq!(st.remote.len(), 2, "{:?}", st.remote);
+        assert_eq!(
+            n.store.setting(CLUSTER_NODE_SETTING).unwrap().as_deref(),
+            Some("node-a")
+        );
+        let ep = st.endpoints.values().next().unwrap().id;
+        assert!(decide(&n, ep, "10.1.0.5"), "a remote pod the policy admits");
+        assert!(!decide(&n, ep, "10.1.0.6"), "a remote pod it does not");
+        assert!(ipcache_id(&n, "10.1.0.5").is_some());
+
+        // Events: relabel the admitted one out; the other in.
+        let r = n
+            .apply_api(
+                "node-a",
+                ApiChanges {
+                    upserts: vec![
+                        api_pod("default", "web", "x", "node-b", "10.1.0.5"),
+                        api_pod("default", "other", "bookstore", "node-b", "10.1.0.6"),
+                    ],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(r.changed, 2, "{r:?}");
+        assert!(!decide(&n, ep, "10.1.0.5"));
+        assert!(decide(&n, ep, "10.1.0.6"));
+
+        // A relist without "other" and without the policy: both go, the
+        // rest is unchanged and not rewritten.
+        let r = n
+            .apply_api(
+                "node-a",
+                ApiChanges {
+                    upserts: vec![
+                        api_pod("default", "web", "x", "node-b", "10.1.0.5"),
+                        api_pod("default", "api", "bookstore", "node-a", "10.0.0.2"),
+                    ],
+                    deletes: vec![],
+                    complete: vec![Kind::Pod, Kind::NetworkPolicy],
+                },
+            )
+            .unwrap();
+        assert_eq!((r.deleted, r.unchanged), (2, 2), "{r:?}");
+        let st = n.store.read().unwrap();
+        assert_eq!(st.remote.len(), 1);
+        assert!(st.policies.is_empty());
+        assert_eq!(
+            ipcache_id(&n, "10.1.0.6"),
+            None,
+            "the deleted pod's address"
+        );
+        assert!(decide(&n, ep, "10.1.0.6"), "no policy: not isolated");
+        // The engine agrees with a full compile of the store.
+        let (_, warnings) = n.resync().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_pod_that_finishes_or_moves_here_stops_being_remote() {
+        let (_d, mut n) = node();
+        n.apply_api(
+            "node-a",
+            ApiChanges {
+                upserts: vec![api_pod("default", "job", "j", "node-b", "10.1.0.9")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(ipcache_id(&n, "10.1.0.9").is_some());
+        let mut done = api_pod("default", "job", "j", "node-b", "10.1.0.9");
+        if let ApiObject::Pod(_, placement) = &mut done {
+            placement.finished = true;
+        }
+        n.apply_api(
+            "node-a",
+            ApiChanges {
+                upserts: vec![done],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ipcache_id(&n, "10.1.0.9"), None);
+        assert!(n.store.read().unwrap().remote.is_empty());
+    }
+
+    #[test]
+    fn apply_and_delete_are_refused_in_cluster_mode() {
+        let (_d, mut n) = node();
+        n.apply_api("node-a", ApiChanges::default()).unwrap();
+        let objects = parse_documents(API_ALLOW, "test").unwrap();
+        let err = n.apply(objects).unwrap_err().to_string();
+        assert!(
+            err.contains("kubectl apply") && err.contains("node-a"),
+            "{err}"
+        );
+        let err = n
+            .delete(vec![ObjectRef {
+                kind: Kind::NetworkPolicy,
+                namespace: "default".into(),
+                name: "api-allow".into(),
+            }])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kubectl delete"), "{err}");
+        n.leave_cluster().unwrap();
+        let objects = parse_documents(API_ALLOW, "test").unwrap();
+        n.apply(objects).unwrap();
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::{
 #[derive(Debug)]
 pub enum Backend {
     /// One node, objects given with `palisadectl apply`.
-    Node(Node),
+    Node(Box<Node>),
     /// Several nodes in cluster mode: objects go to the API server only,
     /// pods are spread over the nodes.
     Cluster(Box<Cluster>),
@@ -292,8 +292,8 @@ impl<'a> Run<'a> {
                 .split_once('/')
                 .unwrap_or_else(|| panic!("pod key {key} is not ns/name"));
             let p = spec.ports.clone().unwrap_or_else(|| default_ports(&serve));
-            let obj = serde_json::from_str(&pod_yaml(ns, name, &spec.labels, &p))
-                .expect("Pod object");
+            let obj =
+                serde_json::from_str(&pod_yaml(ns, name, &spec.labels, &p)).expect("Pod object");
             running.insert(key.clone(), c.start_pod(i % CLUSTER_NODES, obj, &serve));
             ports.insert(key.clone(), p);
         }
@@ -339,7 +339,7 @@ impl<'a> Run<'a> {
         Self {
             case,
             v6,
-            backend: Backend::Node(node),
+            backend: Backend::Node(Box::new(node)),
             pods: running,
             ports,
             serve,

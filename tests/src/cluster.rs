@@ -198,7 +198,15 @@ impl Cluster {
             route(node, i, n, topology, ipv6);
             if i > 0 && world.is_some() {
                 let ns = node.netns.name.as_str();
-                sys::ip(&["-n", ns, "route", "add", "203.0.113.0/24", "via", &node_v4(0)]);
+                sys::ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    "203.0.113.0/24",
+                    "via",
+                    &node_v4(0),
+                ]);
                 if ipv6 {
                     sys::ip(&[
                         "-n",
@@ -318,8 +326,8 @@ impl Cluster {
     /// Create or replace every object of a YAML stream.
     pub fn apply_yaml(&self, text: &str) {
         for doc in serde_yaml::Deserializer::from_str(text) {
-            let value = <serde_json::Value as serde::Deserialize>::deserialize(doc)
-                .expect("YAML document");
+            let value =
+                <serde_json::Value as serde::Deserialize>::deserialize(doc).expect("YAML document");
             if value.is_null() {
                 continue;
             }
@@ -335,8 +343,8 @@ impl Cluster {
     /// Delete every object a YAML stream names.
     pub fn delete_yaml(&self, text: &str) {
         for doc in serde_yaml::Deserializer::from_str(text) {
-            let value = <serde_json::Value as serde::Deserialize>::deserialize(doc)
-                .expect("YAML document");
+            let value =
+                <serde_json::Value as serde::Deserialize>::deserialize(doc).expect("YAML document");
             if value.is_null() {
                 continue;
             }
@@ -347,7 +355,9 @@ impl Cluster {
                 "networkpolicies" => self
                     .api
                     .delete::<NetworkPolicy>(Some(ns.unwrap_or("default")), name),
-                "pods" => self.api.delete::<KubePod>(Some(ns.unwrap_or("default")), name),
+                "pods" => self
+                    .api
+                    .delete::<KubePod>(Some(ns.unwrap_or("default")), name),
                 "namespaces" => self.api.delete::<Namespace>(None, name),
                 other => panic!("the cluster test bed cannot delete {other}"),
             };

@@ -117,8 +117,10 @@ fn pod(i: usize, s: Scale, generation: usize) -> Pod {
 /// the namespace on a named port; every fifth also admits a team's
 /// namespaces.
 fn policy(ns: usize, k: usize) -> NetworkPolicy {
-    let mut from = vec![serde_json::json!({"podSelector": {"matchLabels": {"app": format!("a{}", (k + 1) % APPS)}}})];
-    if k % 5 == 0 {
+    let mut from = vec![
+        serde_json::json!({"podSelector": {"matchLabels": {"app": format!("a{}", (k + 1) % APPS)}}}),
+    ];
+    if k.is_multiple_of(5) {
         from.push(serde_json::json!({
             "namespaceSelector": {"matchLabels": {"team": format!("t{}", (ns + k) % TEAMS)}},
             "podSelector": {"matchLabels": {"tier": "0"}}
@@ -262,7 +264,8 @@ fn measure(s: Scale, stream_secs: u64) -> Outcome {
         match e % 4 {
             0 => {
                 let p = pod(i, s, 0);
-                c.api.delete::<Pod>(p.metadata.namespace.as_deref(), &format!("p-{i}"));
+                c.api
+                    .delete::<Pod>(p.metadata.namespace.as_deref(), &format!("p-{i}"));
             }
             1 => {
                 let i = ((e - 1) * 7919) % s.pods;
@@ -286,7 +289,8 @@ fn measure(s: Scale, stream_secs: u64) -> Outcome {
         for m in v["datapath"]["maps"].as_array().into_iter().flatten() {
             match m["name"].as_str() {
                 Some("pal_ipcache" | "pal_ipcache_host") => {
-                    out.ipcache = Some(out.ipcache.unwrap_or(0) + m["entries"].as_u64().unwrap_or(0));
+                    out.ipcache =
+                        Some(out.ipcache.unwrap_or(0) + m["entries"].as_u64().unwrap_or(0));
                 }
                 Some("pal_policy") => out.policy_entries = m["entries"].as_u64(),
                 _ => {}
@@ -299,10 +303,9 @@ fn measure(s: Scale, stream_secs: u64) -> Outcome {
         );
     }
     if let Some((_, metrics)) = http_get(&c, "/metrics") {
-        for l in metrics
-            .lines()
-            .filter(|l| l.starts_with("palisade_kube_watch_restarts") || l.starts_with("palisade_kube_relists"))
-        {
+        for l in metrics.lines().filter(|l| {
+            l.starts_with("palisade_kube_watch_restarts") || l.starts_with("palisade_kube_relists")
+        }) {
             eprintln!("cluster bench: {l}");
         }
     }
