@@ -17,7 +17,7 @@ use std::{
     path::PathBuf,
     sync::Arc,
     thread,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -438,34 +438,42 @@ impl Applier {
         if changes.is_empty() {
             self.applied(&rvs);
         } else {
-            let server = Arc::clone(&self.server);
-            let node = self.node.clone();
             let n = changes.upserts.len() + changes.deletes.len();
-            let result =
-                tokio::task::spawn_blocking(move || server.apply_api(&node, changes)).await;
-            match result {
-                Ok(Ok(report)) => {
-                    tracing::debug!(
-                        "applied {n} API changes: {} created, {} changed, {} deleted; {} entries written, {} removed",
-                        report.created,
-                        report.changed,
-                        report.deleted,
-                        report.upserted,
-                        report.removed
-                    );
-                    self.status.last_applied_ms = Some(now_ms());
-                    self.applied(&rvs);
-                }
-                Ok(Err(e)) => {
-                    // Nothing was applied (the change is a transaction);
-                    // the next relist brings it back. Make one happen.
-                    tracing::error!("applying {n} API changes failed: {e}");
-                    self.status.last_error = Some(format!("apply: {e}"));
-                }
-                Err(e) => {
-                    tracing::error!("applying {n} API changes panicked: {e}");
-                    self.status.last_error = Some(format!("apply: {e}"));
-                }
+            // A batch that cannot be applied (the store busy for longer
+            // than a write waits, a full disk) is tried again until it is:
+            // dropping it would leave this node behind the API until the
+            // next relist, which may never come. Events queue meanwhile.
+            let mut pause = Duration::from_millis(100);
+            for attempt in 1.. {
+                let server = Arc::clone(&self.server);
+                let node = self.node.clone();
+                let batch = changes.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || server.apply_api(&node, batch)).await;
+                let err = match result {
+                    Ok(Ok(report)) => {
+                        tracing::debug!(
+                            "applied {n} API changes: {} created, {} changed, {} deleted; {} entries written, {} removed",
+                            report.created,
+                            report.changed,
+                            report.deleted,
+                            report.upserted,
+                            report.removed
+                        );
+                        self.status.last_applied_ms = Some(now_ms());
+                        self.applied(&rvs);
+                        break;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("panicked: {e}"),
+                };
+                tracing::error!(
+                    "applying {n} API changes failed (attempt {attempt}, again in {pause:?}): {err}"
+                );
+                self.status.last_error = Some(format!("apply: {err}"));
+                self.publish();
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
         let done = Instant::now();
