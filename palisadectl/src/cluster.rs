@@ -147,7 +147,7 @@ pub fn start(server: Arc<Server>, opts: Options) -> Result<Arc<Metrics>> {
     // Say at once that this node is in cluster mode: from now on, ADDs
     // wait for their Pod objects and `palisadectl apply` is refused.
     server
-        .apply_api(&opts.node_name, ApiChanges::default())
+        .apply_api(&opts.node_name, &ApiChanges::default())
         .context("record cluster mode in the store")?;
     server.set_cluster_status(ClusterStatus {
         node: opts.node_name.clone(),
@@ -190,6 +190,15 @@ async fn config(opts: &Options) -> Result<Config> {
     Config::from_kubeconfig(&KubeConfigOptions::default())
         .await
         .context("no --kubeconfig, not in a cluster, and KUBECONFIG / ~/.kube/config unusable")
+}
+
+/// Return freed heap memory to the system (glibc keeps it otherwise, and
+/// the RSS would stay at the peak of the first sync).
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
 }
 
 fn now_ms() -> u64 {
@@ -439,6 +448,7 @@ impl Applier {
             self.applied(&rvs);
         } else {
             let n = changes.upserts.len() + changes.deletes.len();
+            let changes = Arc::new(changes);
             // A batch that cannot be applied (the store busy for longer
             // than a write waits, a full disk) is tried again until it is:
             // dropping it would leave this node behind the API until the
@@ -447,9 +457,9 @@ impl Applier {
             for attempt in 1.. {
                 let server = Arc::clone(&self.server);
                 let node = self.node.clone();
-                let batch = changes.clone();
+                let batch = Arc::clone(&changes);
                 let result =
-                    tokio::task::spawn_blocking(move || server.apply_api(&node, batch)).await;
+                    tokio::task::spawn_blocking(move || server.apply_api(&node, &batch)).await;
                 let err = match result {
                     Ok(Ok(report)) => {
                         tracing::debug!(
@@ -462,6 +472,11 @@ impl Applier {
                         );
                         self.status.last_applied_ms = Some(now_ms());
                         self.applied(&rvs);
+                        if n >= 1000 {
+                            // A large batch (a list) leaves freed memory in
+                            // the allocator's arenas: give it back.
+                            trim_heap();
+                        }
                         break;
                     }
                     Ok(Err(e)) => e.to_string(),

@@ -724,7 +724,7 @@ impl Server {
 
     /// Apply a batch of Kubernetes API events (the cluster-mode agent in
     /// this process).
-    pub fn apply_api(&self, this_node: &str, changes: ApiChanges) -> Result<ApiReport, NodeError> {
+    pub fn apply_api(&self, this_node: &str, changes: &ApiChanges) -> Result<ApiReport, NodeError> {
         self.node()?.apply_api(this_node, changes)
     }
 

@@ -1113,7 +1113,7 @@ impl<D: Dataplane> Node<D> {
     pub fn apply_api(
         &mut self,
         this_node: &str,
-        changes: ApiChanges,
+        changes: &ApiChanges,
     ) -> Result<ApiReport, NodeError> {
         let (mut report, c) = self.transact(Maps::Load, |op, _| {
             let mut report = ApiReport::default();
@@ -1130,7 +1130,7 @@ impl<D: Dataplane> Node<D> {
                 Change::Configured => report.changed += 1,
                 _ => report.unchanged += 1,
             };
-            for obj in changes.upserts {
+            for obj in &changes.upserts {
                 let r = obj.reference();
                 if let Some(set) = listed.get_mut(&r.kind) {
                     set.insert((r.namespace.clone(), r.name.clone()));
@@ -1147,7 +1147,7 @@ impl<D: Dataplane> Node<D> {
                         count(upsert(old.map(|o| o.object), &pod.object, || {
                             op.put_pod(&pod)
                         })?);
-                        op.place_pod(&r.namespace, &r.name, &placement, this_node)?;
+                        op.place_pod(&r.namespace, &r.name, placement, this_node)?;
                     }
                     ApiObject::NetworkPolicy(np) => {
                         let old = op.tx.policy(&r.namespace, &r.name)?;
@@ -1155,10 +1155,15 @@ impl<D: Dataplane> Node<D> {
                             Some(sp) => sp.id,
                             None => op.tx.allocate_policy_id()?,
                         };
+                        // Compared before anything is copied.
+                        if old.as_ref().is_some_and(|o| o.object == np.object) {
+                            count(Change::Unchanged);
+                            continue;
+                        }
                         let stored = StoredPolicy {
                             id,
-                            object: np.object,
-                            policy: np.value,
+                            object: np.object.clone(),
+                            policy: np.value.clone(),
                         };
                         count(upsert(old.map(|o| o.object), &stored.object, || {
                             op.put_policy(&stored)
@@ -1166,7 +1171,7 @@ impl<D: Dataplane> Node<D> {
                     }
                 }
             }
-            let mut gone = changes.deletes;
+            let mut gone = changes.deletes.clone();
             for (kind, keep) in &listed {
                 for (namespace, name) in op.tx.object_keys(*kind)? {
                     if !keep.contains(&(namespace.clone(), name.clone())) {
@@ -1653,7 +1658,7 @@ spec:
             deletes: vec![],
             complete: vec![Kind::Pod, Kind::NetworkPolicy],
         };
-        let r = n.apply_api("node-a", changes).unwrap();
+        let r = n.apply_api("node-a", &changes).unwrap();
         assert_eq!(r.created, 4, "{r:?}");
         let st = n.store.read().unwrap();
         assert_eq!(st.remote.len(), 2, "{:?}", st.remote);
@@ -1670,7 +1675,7 @@ spec:
         let r = n
             .apply_api(
                 "node-a",
-                ApiChanges {
+                &ApiChanges {
                     upserts: vec![
                         api_pod("default", "web", "x", "node-b", "10.1.0.5"),
                         api_pod("default", "other", "bookstore", "node-b", "10.1.0.6"),
@@ -1688,7 +1693,7 @@ spec:
         let r = n
             .apply_api(
                 "node-a",
-                ApiChanges {
+                &ApiChanges {
                     upserts: vec![
                         api_pod("default", "web", "x", "node-b", "10.1.0.5"),
                         api_pod("default", "api", "bookstore", "node-a", "10.0.0.2"),
@@ -1718,7 +1723,7 @@ spec:
         let (_d, mut n) = node();
         n.apply_api(
             "node-a",
-            ApiChanges {
+            &ApiChanges {
                 upserts: vec![api_pod("default", "job", "j", "node-b", "10.1.0.9")],
                 ..Default::default()
             },
@@ -1731,7 +1736,7 @@ spec:
         }
         n.apply_api(
             "node-a",
-            ApiChanges {
+            &ApiChanges {
                 upserts: vec![done],
                 ..Default::default()
             },
@@ -1744,7 +1749,7 @@ spec:
     #[test]
     fn apply_and_delete_are_refused_in_cluster_mode() {
         let (_d, mut n) = node();
-        n.apply_api("node-a", ApiChanges::default()).unwrap();
+        n.apply_api("node-a", &ApiChanges::default()).unwrap();
         let objects = parse_documents(API_ALLOW, "test").unwrap();
         let err = n.apply(objects).unwrap_err().to_string();
         assert!(

@@ -153,10 +153,19 @@ fn http_get(c: &Cluster, path: &str) -> Option<(u16, String)> {
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+/// The highest RSS the process has had.
+fn peak_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
@@ -168,6 +177,7 @@ struct Outcome {
     sync_s: Option<f64>,
     rss_synced: Option<f64>,
     rss_after: Option<f64>,
+    rss_peak: Option<f64>,
     events: usize,
     rate: f64,
     lag_p50: Option<f64>,
@@ -281,6 +291,7 @@ fn measure(s: Scale, stream_secs: u64) -> Outcome {
     // Let the last events land.
     std::thread::sleep(Duration::from_secs(2));
     out.rss_after = pid.and_then(rss_mib);
+    out.rss_peak = pid.and_then(peak_mib);
     let st = c.nodes[0].ctl(&["status", "-o", "json"], None);
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&st.stdout) {
         let cl = &v["daemon"]["cluster"];
@@ -365,6 +376,7 @@ pub fn run(cfg: &Config, report: &mut Report) {
         "initial sync s",
         "agent RSS synced MiB",
         "agent RSS after events MiB",
+        "agent peak RSS MiB",
         "events",
         "rate /s",
         "event to datapath p50 ms",
@@ -376,6 +388,7 @@ pub fn run(cfg: &Config, report: &mut Report) {
         f(o.sync_s, 1),
         f(o.rss_synced, 1),
         f(o.rss_after, 1),
+        f(o.rss_peak, 1),
         o.events.to_string(),
         format!("{:.0}", o.rate),
         f(o.lag_p50, 1),
@@ -405,7 +418,7 @@ pub fn run(cfg: &Config, report: &mut Report) {
             (a, b) => a.or(b),
         };
         report.target(
-            "cluster agent RSS < 400 MiB",
+            "cluster agent RSS < 400 MiB (after the first sync and under events)",
             &f(rss, 1),
             rss.is_some_and(|v| v < 400.0),
             "",
