@@ -1139,13 +1139,13 @@ impl<D: Dataplane> Node<D> {
                     ApiObject::Namespace(ns) => {
                         let old = op.tx.namespace(&r.name)?;
                         count(upsert(old.map(|o| o.object), &ns.object, || {
-                            op.put_namespace(&ns)
+                            op.put_namespace(ns)
                         })?);
                     }
                     ApiObject::Pod(pod, placement) => {
                         let old = op.tx.pod(&r.namespace, &r.name)?;
                         count(upsert(old.map(|o| o.object), &pod.object, || {
-                            op.put_pod(&pod)
+                            op.put_pod(pod)
                         })?);
                         op.place_pod(&r.namespace, &r.name, placement, this_node)?;
                     }
