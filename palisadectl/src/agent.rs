@@ -272,6 +272,9 @@ pub fn run(opts: Options) -> Result<()> {
     let store = Store::new(&opts.state_dir);
     let mut seen = store.generation().unwrap_or_default();
     let mut resolver = Resolver::new(&store.read()?);
+    if opts.cluster.is_some() {
+        crate::cluster::trim_heap();
+    }
     let mut last_flush = Instant::now();
     // In cluster mode the store changes many times a second and holds
     // every pod of the cluster: names are read again at most this often.
@@ -296,6 +299,10 @@ pub fn run(opts: Options) -> Result<()> {
             seen = g;
             last_read = Instant::now();
             resolver = Resolver::new(&st);
+            drop(st);
+            if opts.cluster.is_some() {
+                crate::cluster::trim_heap();
+            }
         }
         let mut s = stats
             .lock()

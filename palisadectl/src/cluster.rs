@@ -194,7 +194,7 @@ async fn config(opts: &Options) -> Result<Config> {
 
 /// Return freed heap memory to the system (glibc keeps it otherwise, and
 /// the RSS would stay at the peak of the first sync).
-fn trim_heap() {
+pub fn trim_heap() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         nix::libc::malloc_trim(0);

@@ -185,7 +185,8 @@ impl Resolver {
                 ),
             );
         }
-        // Pods on other nodes (cluster mode), named by their Pod objects.
+        // Pods on other nodes (cluster mode): named, without their labels
+        // (a cluster has many; the flow's identity says what matched).
         for r in state.remote.values() {
             for a in &r.addresses {
                 by_address.entry(*a).or_insert(r.id);
@@ -195,10 +196,7 @@ impl Resolver {
                 (
                     r.namespace.clone(),
                     r.name.clone(),
-                    state
-                        .pod_info(&r.namespace, &r.name)
-                        .map(|p| p.labels.clone())
-                        .unwrap_or_default(),
+                    Labels::new(),
                     r.addresses.clone(),
                 ),
             );
