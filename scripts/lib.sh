@@ -3,10 +3,12 @@
 # Debian packages palisade builds and tests with.
 PALISADE_PACKAGES=(
 	clang llvm libbpf-dev clang-format    # compiling and checking the eBPF C
+	libelf-dev zlib1g-dev pkg-config make # libbpf (built from the libbpf-sys crate) for the netfilter program
 	containernetworking-plugins           # the reference bridge/host-local plugins
 	iproute2                              # ip, tc
 	runc podman containerd docker.io      # the runtimes the OCI hook is tested with
-	netavark aardvark-dns iptables        # Podman's netavark backend
+	netavark aardvark-dns iptables        # Podman's netavark backend; kube-proxy-style DNAT in tests
+	nftables                              # kube-proxy's nftables mode in tests (nft)
 	busybox-static                        # container root filesystems (no registry images)
 	graphviz                              # palisadectl graph (layout and rendering)
 	iperf3 ipset                          # benchmarks (bench/run)

@@ -7,7 +7,7 @@ use std::{
     process::Command,
 };
 
-const PROGRAMS: &[&str] = &["from_container", "to_container"];
+const PROGRAMS: &[&str] = &["from_container", "to_container", "service"];
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

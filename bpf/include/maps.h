@@ -111,4 +111,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_ratelimit SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pal_svc_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pal_svc_flow_key);
+	__type(value, struct pal_svc_flow_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_svc_flows SEC(".maps");
+
 #endif /* PALISADE_MAPS_H */

@@ -53,6 +53,8 @@
  *   ESTABLISHED       conntrack: established or reply
  *   RELATED           conntrack: ICMP error about a known flow
  *   INFRA             ARP, ND, DHCP: never governed
+ *   SERVICE           to a Service frontend: judged on the backend after
+ *                     the node's DNAT (pal_service at netfilter FORWARD)
  *   DROP_POLICY       no rule allows the flow
  *   DROP_UNKNOWN_ENDPOINT  the program runs on a veth with no endpoint
  *   DROP_MALFORMED    truncated or invalid headers
@@ -67,6 +69,7 @@
 #define PAL_REASON_ESTABLISHED	  3
 #define PAL_REASON_RELATED	  4
 #define PAL_REASON_INFRA	  5
+#define PAL_REASON_SERVICE	  6
 #define PAL_DROP_POLICY		  (-1)
 #define PAL_DROP_UNKNOWN_ENDPOINT (-2)
 #define PAL_DROP_MALFORMED	  (-3)
@@ -184,6 +187,10 @@ struct pal_ct_key {
 #define PAL_CT_TCP_FIN_FWD (1U << 1)
 #define PAL_CT_TCP_RST	   (1U << 2)
 #define PAL_CT_TCP_FIN_REV (1U << 3)
+/* Opened to a Service frontend: the verdict belongs to the backend, decided
+ * by pal_service after DNAT, so the entry is not revalidated against the
+ * frontend address. */
+#define PAL_CT_SERVICE (1U << 4)
 #define PAL_CT_TCP_CLOSED(f)                                                   \
 	(((f)&PAL_CT_TCP_RST) ||                                               \
 	 ((f) & (PAL_CT_TCP_FIN_FWD | PAL_CT_TCP_FIN_REV)) ==                  \
@@ -284,6 +291,35 @@ struct pal_event {
 struct pal_ratelimit {
 	__u64 last_ns;
 	__u64 tokens;
+};
+
+/* pal_svc: HASH. Service frontends of this node (ClusterIPs, external and
+ * load-balancer addresses, this node's addresses with each NodePort), by
+ * address, protocol and port. A new egress flow to one is not judged on
+ * the veth: it is judged after the node's DNAT, on the backend chosen.
+ * Value is reserved (0). */
+struct pal_svc_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 protocol;
+	__u8 pad;
+};
+
+/* pal_svc_flows: LRU_HASH. Flows the veth program deferred to pal_service,
+ * keyed by their tuple before DNAT (as the client sent it), written while
+ * the flow opens, so the netfilter program knows which endpoint sent it. */
+struct pal_svc_flow_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+struct pal_svc_flow_value {
+	__u32 ifindex; /* key of pal_endpoints */
+	__u32 ep_id;   /* the endpoint then; another one there fails closed */
 };
 
 #endif /* PALISADE_ABI_H */

@@ -102,11 +102,10 @@ static __always_inline void pal_ct_touch(struct pal_ct_value *v, int result,
 						   : PAL_CT_TCP_FIN_FWD;
 }
 
-static __always_inline void pal_ct_create(__u32 ep_id, __u8 dir,
-					  const struct pal_tuple *t,
-					  __u8 verdict, __u32 policy_id,
-					  __u32 peer_id, __u32 epoch, __u32 len,
-					  __u8 tcp_flags, __u64 now)
+static __always_inline void
+pal_ct_create(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u8 verdict,
+	      __u32 policy_id, __u32 peer_id, __u32 epoch, __u32 len,
+	      __u8 tcp_flags, __u16 flags, __u64 now)
 {
 	struct pal_ct_key k = {};
 	struct pal_ct_value v = {};
@@ -120,6 +119,7 @@ static __always_inline void pal_ct_create(__u32 ep_id, __u8 dir,
 	v.policy_id = policy_id;
 	v.peer_id = peer_id;
 	v.verdict = verdict;
+	v.flags = flags;
 	if (tcp_flags & PAL_TCP_RST)
 		v.flags |= PAL_CT_TCP_RST;
 	if (tcp_flags & PAL_TCP_FIN)

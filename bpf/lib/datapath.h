@@ -63,9 +63,38 @@ static __always_inline int pal_drop(struct __sk_buff *skb,
 				    __u32 peer_id, __u64 now)
 {
 	pal_count(ep ? ep->ep_id : 0, dir, PAL_VERDICT_DENY, reason, skb->len);
-	pal_emit(skb, cfg, ep, dir, t, PAL_EVENT_DROP, PAL_VERDICT_DENY, reason,
-		 peer_id, 0, now);
+	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, t, PAL_EVENT_DROP,
+		 PAL_VERDICT_DENY, reason, peer_id, 0, now);
 	return PAL_DROP;
+}
+
+/* Whether a new flow goes to a Service frontend of this node. */
+static __always_inline int pal_svc_frontend(const struct pal_tuple *t)
+{
+	struct pal_svc_key k = {};
+
+	if (!pal_is_l4_ports(t->protocol))
+		return 0;
+	__builtin_memcpy(k.addr, t->daddr, 16);
+	k.port = t->dport;
+	k.protocol = t->protocol;
+	return bpf_map_lookup_elem(&pal_svc, &k) != 0;
+}
+
+/* Tell pal_service which endpoint opened this flow to a frontend. */
+static __always_inline void pal_svc_defer(const struct pal_endpoint *ep,
+					  __u32 ifindex,
+					  const struct pal_tuple *t)
+{
+	struct pal_svc_flow_key k = {};
+	struct pal_svc_flow_value v = {.ifindex = ifindex, .ep_id = ep->ep_id};
+
+	__builtin_memcpy(k.saddr, t->saddr, 16);
+	__builtin_memcpy(k.daddr, t->daddr, 16);
+	k.sport = t->sport;
+	k.dport = t->dport;
+	k.protocol = t->protocol;
+	bpf_map_update_elem(&pal_svc_flows, &k, &v, BPF_ANY);
 }
 
 static __always_inline int pal_addr_eq(const __u8 *a, const __u8 *b)
@@ -229,6 +258,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	struct pal_scratch *sc;
 	struct pal_ct_key *ck;
 	struct pal_pkt *p;
+	__u16 ct_flags = 0;
 	__u64 now;
 	int rc, res;
 
@@ -307,7 +337,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		if (p->inner_valid && pal_addr_eq(p->t.daddr, p->inner.saddr))
 			rel = pal_ct_lookup(ep->ep_id, dir ^ 1, &p->inner, now,
 					    ck, &res);
-		if (rel && rel->epoch == cfg->epoch) {
+		if (rel && (rel->epoch == cfg->epoch ||
+			    (rel->flags & PAL_CT_SERVICE))) {
 			pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW,
 				  PAL_REASON_RELATED, skb->len);
 			return PAL_PASS;
@@ -330,7 +361,16 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	    (res == PAL_CT_REPLY || PAL_CT_TCP_CLOSED(ct->flags)))
 		ct = 0;
 	if (ct) {
-		if (ct->epoch != cfg->epoch) {
+		if (ct->flags & PAL_CT_SERVICE) {
+			/* Decided on its backend by pal_service; until the
+			 * first reply, each packet of the opening (a SYN
+			 * retransmitted, UDP) may be balanced anew, so the
+			 * deferral is renewed for it. */
+			if (res == PAL_CT_ESTABLISHED &&
+			    !(ct->flags & PAL_CT_SEEN_REPLY))
+				pal_svc_defer(ep, ifindex, &p->t);
+			ct->epoch = cfg->epoch;
+		} else if (ct->epoch != cfg->epoch) {
 			/* Policy or identities changed since this flow was
 			 * decided: decide it again as it was opened. */
 			struct pal_tuple *orig = &sc->orig;
@@ -359,15 +399,25 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		return PAL_PASS;
 	}
 
-	pal_decide(ep, dir, &p->t, cfg, &d);
-	if (d.verdict == PAL_VERDICT_DENY)
-		return pal_drop(skb, cfg, ep, dir, &p->t, d.reason, d.peer_id,
-				now);
+	if (dir == PAL_DIR_EGRESS && pal_svc_frontend(&p->t)) {
+		/* To a Service: the backend is chosen by the node's DNAT after
+		 * this hook, so pal_service judges the flow there. */
+		pal_svc_defer(ep, ifindex, &p->t);
+		d.verdict = PAL_VERDICT_ALLOW;
+		d.reason = PAL_REASON_SERVICE;
+		d.peer_id = pal_identity_of(p->t.daddr);
+		ct_flags = PAL_CT_SERVICE;
+	} else {
+		pal_decide(ep, dir, &p->t, cfg, &d);
+		if (d.verdict == PAL_VERDICT_DENY)
+			return pal_drop(skb, cfg, ep, dir, &p->t, d.reason,
+					d.peer_id, now);
+	}
 	pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id, d.peer_id,
-		      cfg->epoch, skb->len, p->tcp_flags, now);
+		      cfg->epoch, skb->len, p->tcp_flags, ct_flags, now);
 	pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
-	pal_emit(skb, cfg, ep, dir, &p->t, PAL_EVENT_FLOW, d.verdict, d.reason,
-		 d.peer_id, d.policy_id, now);
+	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, &p->t, PAL_EVENT_FLOW,
+		 d.verdict, d.reason, d.peer_id, d.policy_id, now);
 	return PAL_PASS;
 }
 

@@ -61,7 +61,7 @@ static __always_inline int pal_rate_ok(const struct pal_config *cfg, __u64 now)
 	return 1;
 }
 
-static __always_inline void pal_emit(struct __sk_buff *skb,
+static __always_inline void pal_emit(__u32 ifindex, __u32 pkt_len,
 				     const struct pal_config *cfg,
 				     const struct pal_endpoint *ep, __u8 dir,
 				     const struct pal_tuple *t, __u8 type,
@@ -83,11 +83,11 @@ static __always_inline void pal_emit(struct __sk_buff *skb,
 	}
 	e->ts_ns = now;
 	e->ep_id = ep ? ep->ep_id : 0;
-	e->ifindex = skb->ifindex;
+	e->ifindex = ifindex;
 	e->identity = ep ? ep->identity : 0;
 	e->peer_identity = peer_id;
 	e->policy_id = policy_id;
-	e->pkt_len = skb->len;
+	e->pkt_len = pkt_len;
 	__builtin_memcpy(e->saddr, t->saddr, 16);
 	__builtin_memcpy(e->daddr, t->daddr, 16);
 	e->sport = t->sport;

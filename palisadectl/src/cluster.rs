@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     thread,
@@ -33,7 +34,9 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use palisade::{
-    cluster::{ApiChanges, ApiObject, ClusterStatus},
+    cluster::{
+        ApiChanges, ApiObject, ClusterStatus, ServiceFrontends, frontend_set, node_addresses,
+    },
     daemon::Server,
     policy::{Kind, ObjectError, ObjectRef},
 };
@@ -129,6 +132,17 @@ struct Item {
     /// that failed validation (`error`).
     object: Option<ApiObject>,
     error: Option<String>,
+    /// What the agent keeps itself (Service frontends, node addresses).
+    side: Side,
+}
+
+/// What the agent takes from kinds the engine does not store.
+#[derive(Debug, Default)]
+enum Side {
+    #[default]
+    None,
+    Service(ServiceFrontends),
+    Node(Vec<IpAddr>),
 }
 
 #[derive(Debug)]
@@ -212,7 +226,13 @@ fn key_of<K: Resource>(obj: &K) -> (String, String) {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-fn item<K: Resource>(obj: &K, convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>) -> Item {
+/// How one kind's objects become engine objects, and what the agent keeps
+/// of them itself.
+type Convert<K> = fn(&K) -> Option<Result<ApiObject, ObjectError>>;
+type SideOf<K> = fn(&K) -> Side;
+
+fn item<K: Resource>(obj: &K, convert: Convert<K>, side_of: SideOf<K>) -> Item {
+    let side = side_of(obj);
     let key = key_of(obj);
     let rv = obj
         .meta()
@@ -226,18 +246,21 @@ fn item<K: Resource>(obj: &K, convert: fn(&K) -> Option<Result<ApiObject, Object
             rv,
             object: Some(o),
             error: None,
+            side,
         },
         Some(Err(e)) => Item {
             error: Some(format!("{}/{}: {e}", key.0, key.1)),
             key,
             rv,
             object: None,
+            side,
         },
         None => Item {
             key,
             rv,
             object: None,
             error: None,
+            side,
         },
     }
 }
@@ -246,7 +269,8 @@ fn item<K: Resource>(obj: &K, convert: fn(&K) -> Option<Result<ApiObject, Object
 fn spawn_watch<K>(
     client: Client,
     which: Watch,
-    convert: fn(&K) -> Option<Result<ApiObject, ObjectError>>,
+    convert: Convert<K>,
+    side_of: SideOf<K>,
     tx: mpsc::UnboundedSender<Msg>,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -260,13 +284,13 @@ fn spawn_watch<K>(
             let msg = match stream.try_next().await {
                 Ok(Some(ev)) => match ev {
                     watcher::Event::Init => Msg::ListStart(which),
-                    watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert)),
+                    watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert, side_of)),
                     watcher::Event::InitDone => Msg::ListDone(which),
                     watcher::Event::Apply(o) => {
-                        Msg::Apply(which, Instant::now(), item(&o, convert))
+                        Msg::Apply(which, Instant::now(), item(&o, convert, side_of))
                     }
                     watcher::Event::Delete(o) => {
-                        Msg::Delete(which, Instant::now(), item(&o, convert))
+                        Msg::Delete(which, Instant::now(), item(&o, convert, side_of))
                     }
                 },
                 Ok(None) => return,
@@ -292,23 +316,49 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         client.clone(),
         Watch::Namespaces,
         |o| Some(ApiObject::namespace(o.clone())),
+        |_| Side::None,
         tx.clone(),
     );
     spawn_watch::<Pod>(
         client.clone(),
         Watch::Pods,
         |o| Some(ApiObject::pod(o)),
+        |_| Side::None,
         tx.clone(),
     );
     spawn_watch::<NetworkPolicy>(
         client.clone(),
         Watch::NetworkPolicies,
         |o| Some(ApiObject::policy(o.clone())),
+        |_| Side::None,
         tx.clone(),
     );
-    spawn_watch::<Node>(client.clone(), Watch::Nodes, |_| None, tx.clone());
-    spawn_watch::<Service>(client.clone(), Watch::Services, |_| None, tx.clone());
-    spawn_watch::<EndpointSlice>(client, Watch::EndpointSlices, |_| None, tx);
+    spawn_watch::<Node>(
+        client.clone(),
+        Watch::Nodes,
+        |_| None,
+        |n| Side::Node(node_addresses(n)),
+        tx.clone(),
+    );
+    spawn_watch::<Service>(
+        client.clone(),
+        Watch::Services,
+        |_| None,
+        |s| Side::Service(ServiceFrontends::of(s)),
+        tx.clone(),
+    );
+    spawn_watch::<EndpointSlice>(client, Watch::EndpointSlices, |_| None, |_| Side::None, tx);
+
+    // Service flows are judged after the node's DNAT by a netfilter
+    // program in this (the node's) network namespace.
+    let hook = {
+        let server = Arc::clone(&server);
+        tokio::task::spawn_blocking(move || server.ensure_service_hook())
+            .await
+            .context("attach the Service hook")?
+            .context("attach the netfilter hook that judges Service traffic on its backend")?
+    };
+    tracing::info!("Service hook: {hook:?}");
 
     let mut applier = Applier {
         server,
@@ -320,9 +370,25 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         listed_once: BTreeSet::new(),
         failing: BTreeSet::new(),
         lags: Vec::new(),
+        services: BTreeMap::new(),
+        node_addresses: Vec::new(),
+        frontends_changed: false,
     };
     applier.status.node.clone_from(&applier.node);
     applier.status.api_server = url;
+    applier.status.service_hook = match applier.server.service_hook_info() {
+        Ok(hooks) => hooks
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} (netfilter FORWARD, priority {}, link {})",
+                    h.family, h.priority, h.link_id
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("unknown: {e}"),
+    };
     applier.publish();
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 10_000).await > 0 {
@@ -346,6 +412,11 @@ struct Applier {
     failing: BTreeSet<Watch>,
     /// Recent event-to-datapath times, seconds.
     lags: Vec<f64>,
+    /// Service frontends by Service, and this node's addresses (for
+    /// NodePorts); written to `pal_svc` after a batch that changed them.
+    services: BTreeMap<(String, String), ServiceFrontends>,
+    node_addresses: Vec<IpAddr>,
+    frontends_changed: bool,
 }
 
 impl Applier {
@@ -390,6 +461,7 @@ impl Applier {
                         upserts.retain(|r, _| r.kind != kind);
                         deletes.retain(|r| r.kind != kind);
                     }
+                    let mut sides = Vec::new();
                     for it in items {
                         seen(w, it.rv);
                         keys.insert(it.key.clone());
@@ -397,6 +469,19 @@ impl Applier {
                         if let Some(o) = it.object {
                             upserts.insert(o.reference(), o);
                         }
+                        sides.push((it.key, it.side));
+                    }
+                    // A list is the whole truth for its kind.
+                    match w {
+                        Watch::Services => self.services.clear(),
+                        Watch::Nodes => self.node_addresses.clear(),
+                        _ => {}
+                    }
+                    if matches!(w, Watch::Services | Watch::Nodes) {
+                        self.frontends_changed = true;
+                    }
+                    for (key, side) in sides {
+                        self.take_side(key, side);
                     }
                 }
                 Msg::Apply(w, at, it) => {
@@ -409,6 +494,7 @@ impl Applier {
                         deletes.remove(&r);
                         upserts.insert(r, o);
                     }
+                    self.take_side(it.key, it.side);
                     arrivals.push(at);
                 }
                 Msg::Delete(w, at, it) => {
@@ -429,6 +515,16 @@ impl Applier {
                         };
                         upserts.remove(&r);
                         deletes.insert(r);
+                    }
+                    match w {
+                        Watch::Services => {
+                            self.frontends_changed |= self.services.remove(&it.key).is_some();
+                        }
+                        Watch::Nodes if it.key.1 == self.node => {
+                            self.node_addresses.clear();
+                            self.frontends_changed = true;
+                        }
+                        _ => {}
                     }
                     arrivals.push(at);
                 }
@@ -491,6 +587,7 @@ impl Applier {
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
+        self.write_frontends().await;
         let done = Instant::now();
         for at in arrivals {
             let lag = done.duration_since(at).as_secs_f64();
@@ -503,6 +600,59 @@ impl Applier {
             self.lags.drain(..cut);
         }
         self.publish();
+    }
+
+    /// Keep what the agent needs of a Service or of this node's Node.
+    fn take_side(&mut self, key: (String, String), side: Side) {
+        match side {
+            Side::None => {}
+            Side::Service(f) => {
+                if self.services.get(&key) != Some(&f) {
+                    self.services.insert(key, f);
+                    self.frontends_changed = true;
+                }
+            }
+            Side::Node(addresses) => {
+                if key.1 == self.node && self.node_addresses != addresses {
+                    self.node_addresses = addresses;
+                    self.frontends_changed = true;
+                }
+            }
+        }
+    }
+
+    /// Write the Service frontends after a change to Services or to this
+    /// node's addresses, once Services have been listed (until then the
+    /// map keeps what it held). A write that fails is tried again after
+    /// the next batch.
+    async fn write_frontends(&mut self) {
+        if !self.frontends_changed || !self.listed_once.contains(&Watch::Services) {
+            return;
+        }
+        let desired = frontend_set(self.services.values(), &self.node_addresses);
+        let count = desired.len();
+        let server = Arc::clone(&self.server);
+        let result =
+            tokio::task::spawn_blocking(move || server.set_service_frontends(&desired)).await;
+        match result {
+            Ok(Ok((added, removed))) => {
+                tracing::debug!(
+                    "Service frontends: {added} added, {removed} removed, {count} in all"
+                );
+                self.frontends_changed = false;
+                self.status.service_frontends = count;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "writing the Service frontends failed (again after the next change): {e}"
+                );
+                self.status.last_error = Some(format!("Service frontends: {e}"));
+            }
+            Err(e) => {
+                tracing::error!("writing the Service frontends panicked: {e}");
+                self.status.last_error = Some(format!("Service frontends: {e}"));
+            }
+        }
     }
 
     fn applied(&mut self, rvs: &BTreeMap<Watch, u64>) {

@@ -407,6 +407,15 @@ fn cluster_lines(c: &palisade::cluster::ClusterStatus) -> String {
         c.watch_restarts,
         c.relists,
     );
+    out.push_str(&format!(
+        "  Services: {} frontends judged on their backend; hook: {}\n",
+        c.service_frontends,
+        if c.service_hook.is_empty() {
+            "NOT attached"
+        } else {
+            c.service_hook.as_str()
+        }
+    ));
     if let Some(e) = &c.last_error {
         out.push_str(&format!("  last error: {e}\n"));
     }

@@ -159,6 +159,8 @@ pub enum Reason {
     Established,
     Related,
     Infra,
+    /// To a Service frontend: judged on its backend after the node's DNAT.
+    Service,
     DropPolicy,
     DropUnknownEndpoint,
     DropMalformed,
@@ -183,6 +185,7 @@ impl Reason {
             3 => Self::Established,
             4 => Self::Related,
             5 => Self::Infra,
+            6 => Self::Service,
             -1 => Self::DropPolicy,
             -2 => Self::DropUnknownEndpoint,
             -3 => Self::DropMalformed,
@@ -212,6 +215,7 @@ impl Reason {
             Self::Established => "part of an established flow",
             Self::Related => "ICMP error about an established flow",
             Self::Infra => "ARP, neighbour discovery or DHCP (never governed)",
+            Self::Service => "to a Service: judged on the backend after DNAT",
             Self::DropPolicy => "no policy rule allows it",
             Self::DropUnknownEndpoint => "the veth has no registered endpoint (fail closed)",
             Self::DropMalformed => "truncated or malformed headers",
@@ -224,13 +228,14 @@ impl Reason {
     }
 
     /// Every reason with a code, for reading text back.
-    const KNOWN: [Self; 13] = [
+    const KNOWN: [Self; 14] = [
         Self::Policy,
         Self::NotIsolated,
         Self::Host,
         Self::Established,
         Self::Related,
         Self::Infra,
+        Self::Service,
         Self::DropPolicy,
         Self::DropUnknownEndpoint,
         Self::DropMalformed,
@@ -525,6 +530,55 @@ pub struct FragValue {
     pub pad: u32,
 }
 
+/// `struct pal_svc_key`: a Service frontend (address, port, protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(C)]
+pub struct SvcKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub protocol: u8,
+    pub pad: u8,
+}
+
+impl SvcKey {
+    pub fn new(addr: IpAddr, protocol: u8, port: u16) -> Self {
+        Self {
+            addr: addr16(addr),
+            port_be: port.to_be(),
+            protocol,
+            pad: 0,
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        ip_from16(self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+/// `struct pal_svc_flow_key`: a flow to a frontend, as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct SvcFlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct pal_svc_flow_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct SvcFlowValue {
+    pub ifindex: u32,
+    pub ep_id: u32,
+}
+
 // Layouts must match the C structs byte for byte.
 const _: () = assert!(size_of::<EndpointValue>() == 16);
 const _: () = assert!(size_of::<IpcacheAddr>() == 16);
@@ -555,6 +609,11 @@ const _: () = assert!(size_of::<SrcguardKey>() == 20);
 const _: () = assert!(offset_of!(SrcguardKey, addr) == 4);
 const _: () = assert!(size_of::<FragKey>() == 44);
 const _: () = assert!(size_of::<FragValue>() == 8);
+const _: () = assert!(size_of::<SvcKey>() == 20);
+const _: () = assert!(offset_of!(SvcKey, protocol) == 18);
+const _: () = assert!(size_of::<SvcFlowKey>() == 40);
+const _: () = assert!(offset_of!(SvcFlowKey, protocol) == 36);
+const _: () = assert!(size_of::<SvcFlowValue>() == 8);
 
 // SAFETY: all of these are `repr(C)` structs of integers and byte arrays
 // with explicit padding fields, so every bit pattern is valid and no byte is
@@ -574,6 +633,9 @@ unsafe impl aya::Pod for Event {}
 unsafe impl aya::Pod for FragKey {}
 unsafe impl aya::Pod for SrcguardKey {}
 unsafe impl aya::Pod for FragValue {}
+unsafe impl aya::Pod for SvcKey {}
+unsafe impl aya::Pod for SvcFlowKey {}
+unsafe impl aya::Pod for SvcFlowValue {}
 
 impl Event {
     /// Decode an event from the ring buffer's bytes.

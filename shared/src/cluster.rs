@@ -66,7 +66,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        core::v1::{Container, Namespace, Node as KubeNode, Pod, PodSpec, PodStatus, Service},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -74,6 +74,7 @@ use k8s_openapi::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    abi::SvcKey,
     policy::{
         Kind, ObjectError, ObjectRef, Policy, Valid, validate_namespace_object,
         validate_pod_object, validate_policy_object,
@@ -299,4 +300,189 @@ pub struct ClusterStatus {
     /// (a relist counts the objects it listed).
     pub applied_resource_versions: std::collections::BTreeMap<String, u64>,
     pub last_error: Option<String>,
+    /// Service frontends in the datapath (`pal_svc`), and the netfilter
+    /// hook that judges their flows on the backend (empty when not
+    /// attached).
+    #[serde(default)]
+    pub service_frontends: usize,
+    #[serde(default)]
+    pub service_hook: String,
+}
+
+// ----- Services ---------------------------------------------------------------
+
+/// The frontends of one Service, as the node's DNAT (kube-proxy) serves
+/// them: its ClusterIPs, external IPs and load-balancer addresses with each
+/// port, and its NodePorts (on this node's addresses, known from its Node).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceFrontends {
+    pub fixed: Vec<SvcKey>,
+    /// (protocol, NodePort).
+    pub node_ports: Vec<(u8, u16)>,
+}
+
+/// The IP protocol number of a Service or container port's protocol
+/// (TCP when unset, as the API defaults it).
+pub fn protocol_number(protocol: Option<&str>) -> Option<u8> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        "SCTP" => Some(132),
+        _ => None,
+    }
+}
+
+impl ServiceFrontends {
+    pub fn of(svc: &Service) -> Self {
+        let mut out = Self::default();
+        let Some(spec) = svc.spec.as_ref() else {
+            return out;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return out;
+        }
+        let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+        let cluster_ips = spec
+            .cluster_ips
+            .clone()
+            .filter(|v| !v.is_empty())
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default();
+        let lb = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|v| v.iter().filter_map(|i| i.ip.clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        // "None" (headless) and anything else that is not an address
+        // has no frontend.
+        for a in cluster_ips
+            .iter()
+            .chain(spec.external_ips.iter().flatten())
+            .chain(lb.iter())
+        {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                addresses.insert(ip);
+            }
+        }
+        let mut fixed = BTreeSet::new();
+        let mut node_ports = BTreeSet::new();
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = protocol_number(port.protocol.as_deref()) else {
+                continue;
+            };
+            if let Ok(p) = u16::try_from(port.port) {
+                for a in &addresses {
+                    fixed.insert(SvcKey::new(*a, proto, p));
+                }
+            }
+            if let Some(np) = port.node_port.and_then(|n| u16::try_from(n).ok())
+                && np != 0
+            {
+                node_ports.insert((proto, np));
+            }
+        }
+        out.fixed = fixed.into_iter().collect();
+        out.node_ports = node_ports.into_iter().collect();
+        out
+    }
+}
+
+/// A node's own addresses (InternalIP and ExternalIP), where its NodePorts
+/// are served.
+pub fn node_addresses(node: &KubeNode) -> Vec<IpAddr> {
+    let mut out = BTreeSet::new();
+    for a in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
+            && let Ok(ip) = a.address.parse::<IpAddr>()
+        {
+            out.insert(ip);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Every frontend of this node: each Service's fixed ones, and its
+/// NodePorts on each of the node's addresses.
+pub fn frontend_set<'a>(
+    services: impl IntoIterator<Item = &'a ServiceFrontends>,
+    node_addresses: &[IpAddr],
+) -> BTreeSet<SvcKey> {
+    let mut out = BTreeSet::new();
+    for s in services {
+        out.extend(s.fixed.iter().copied());
+        for (proto, port) in &s.node_ports {
+            for a in node_addresses {
+                out.insert(SvcKey::new(*a, *proto, *port));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("Service YAML")
+    }
+
+    #[test]
+    fn frontends_of_a_dual_stack_nodeport_service() {
+        let s = service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  externalIPs: [192.0.2.7]
+  ports:
+  - {name: http, port: 80, targetPort: web, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP}
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.9}, {hostname: lb.example}]}
+"#,
+        );
+        let f = ServiceFrontends::of(&s);
+        let want: Vec<SvcKey> = ["10.96.0.10", "fd00:96::10", "192.0.2.7", "198.51.100.9"]
+            .iter()
+            .flat_map(|a| {
+                let ip: IpAddr = a.parse().unwrap();
+                [SvcKey::new(ip, 6, 80), SvcKey::new(ip, 17, 53)]
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(f.fixed, want);
+        assert_eq!(f.node_ports, vec![(6, 30080)]);
+
+        let node: IpAddr = "192.168.250.1".parse().unwrap();
+        let set = frontend_set([&f], &[node]);
+        assert!(set.contains(&SvcKey::new(node, 6, 30080)));
+        assert_eq!(set.len(), want.len() + 1);
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontends() {
+        for yaml in [
+            "{apiVersion: v1, kind: Service, metadata: {name: h}, spec: {clusterIP: None, ports: [{port: 80}]}}",
+            "{apiVersion: v1, kind: Service, metadata: {name: e}, spec: {type: ExternalName, externalName: example.com}}",
+        ] {
+            assert_eq!(
+                ServiceFrontends::of(&service(yaml)),
+                ServiceFrontends::default()
+            );
+        }
+    }
 }

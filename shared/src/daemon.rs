@@ -9,6 +9,7 @@
 //! connection, one JSON line each way.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::{self, BufRead, BufReader, Write},
     os::unix::{
@@ -28,8 +29,13 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::{
+    abi::SvcKey,
     cluster::{ApiChanges, ApiReport, ClusterStatus},
-    dataplane::{AttachMode, Dataplane, SyncReport, kernel::KernelDataplane},
+    dataplane::{
+        AttachMode, Dataplane, SyncReport,
+        kernel::KernelDataplane,
+        service::{Frontends, HookChange, HookInfo, ServiceHook},
+    },
     node::{
         AddOutcome, DEFAULT_LOCK_TIMEOUT, EndpointRef, ErrorKind, NewEndpoint, Node, NodeError,
         ObjectsReport, Registered, detach_endpoints, register_waiting,
@@ -519,6 +525,8 @@ pub struct Server {
     state_dir: PathBuf,
     requests: AtomicU64,
     cluster: Mutex<Option<ClusterStatus>>,
+    /// `pal_svc`, opened when cluster mode first writes it.
+    frontends: Mutex<Option<Frontends>>,
 }
 
 impl Server {
@@ -538,6 +546,7 @@ impl Server {
                 state_dir: state_dir.to_owned(),
                 requests: AtomicU64::new(0),
                 cluster: Mutex::new(None),
+                frontends: Mutex::new(None),
             }),
             report,
         ))
@@ -742,6 +751,41 @@ impl Server {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Attach the netfilter hook that judges Service flows on their
+    /// backend (cluster mode), in this thread's network namespace.
+    pub fn ensure_service_hook(&self) -> Result<HookChange, NodeError> {
+        let dp = KernelDataplane::new(&self.bpf_root, AttachMode::Auto);
+        Ok(ServiceHook::new(&self.bpf_root, dp.service_program_pin()).ensure()?)
+    }
+
+    /// The hooks in place, for status.
+    pub fn service_hook_info(&self) -> Result<Vec<HookInfo>, NodeError> {
+        let dp = KernelDataplane::new(&self.bpf_root, AttachMode::Auto);
+        Ok(ServiceHook::new(&self.bpf_root, dp.service_program_pin()).info()?)
+    }
+
+    /// Make `pal_svc` hold exactly these Service frontends; returns (added,
+    /// removed).
+    pub fn set_service_frontends(
+        &self,
+        desired: &BTreeSet<SvcKey>,
+    ) -> Result<(usize, usize), NodeError> {
+        let mut guard = self.frontends.lock().unwrap_or_else(|p| p.into_inner());
+        let frontends = match guard.as_mut() {
+            Some(f) => f,
+            None => guard.insert(Frontends::open(&self.bpf_root)?),
+        };
+        match frontends.set(desired) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // The map may have been replaced (the datapath removed and
+                // created again): open it afresh next time.
+                *guard = None;
+                Err(e.into())
+            }
+        }
     }
 
     /// Sweep orphaned link pins (periodically, and at start).

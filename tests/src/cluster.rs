@@ -72,6 +72,12 @@ fn node_v6(i: usize) -> String {
     format!("{FABRIC_V6}{:x}", i + 1)
 }
 
+/// Node `i`'s own address on the fabric (where its NodePorts are served).
+pub fn node_address(i: usize, v6: bool) -> IpAddr {
+    let a = if v6 { node_v6(i) } else { node_v4(i) };
+    a.parse().expect("node address")
+}
+
 fn subnet_v4(i: usize) -> String {
     format!("10.100.{i}.0/24")
 }

@@ -97,6 +97,38 @@ fn tcp(target: IpAddr, port: u16, timeout: Duration) -> bool {
     matches!(stream.read(&mut buf), Ok(n) if n > 0)
 }
 
+/// Connect over TCP (one SYN, no retransmission) and ask the server which
+/// of its addresses was reached: behind a Service, the backend the DNAT
+/// chose. `None` when no connection was made within `timeout`.
+pub fn who(netns: &Path, target: IpAddr, port: u16, timeout: Duration) -> Option<IpAddr> {
+    in_netns(netns, || {
+        let sock = Socket::new(domain(target), Type::STREAM, Some(Protocol::TCP)).ok()?;
+        // A retransmitted SYN would be balanced anew: one try per call.
+        let one: libc::c_int = 1;
+        // SAFETY: TCP_SYNCNT takes an int; the pointer and length are one.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        let addr = SockAddr::from(SocketAddr::new(target, port));
+        sock.connect_timeout(&addr, timeout).ok()?;
+        let mut stream: std::net::TcpStream = sock.into();
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        stream.write_all(b"who\n").ok()?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).ok()?;
+        std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+    })
+}
+
 fn udp(target: IpAddr, port: u16, timeout: Duration) -> bool {
     let bind: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse().expect("addr")

@@ -128,6 +128,13 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
         size_of::<CounterKey>(),
         size_of::<CounterValue>(),
     ),
+    ("pal_svc", MapType::Hash, size_of::<abi::SvcKey>(), 4),
+    (
+        "pal_svc_flows",
+        MapType::LruHash,
+        size_of::<abi::SvcFlowKey>(),
+        size_of::<abi::SvcFlowValue>(),
+    ),
     ("pal_events", MapType::RingBuf, 0, 0),
     ("pal_evstats", MapType::PerCpuArray, 4, 8),
     ("pal_ratelimit", MapType::PerCpuArray, 4, 16),
@@ -146,6 +153,7 @@ fn hash_objects(from: &[u8], to: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(from);
     h.update(to);
+    h.update(super::service::object());
     let digest = h.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
@@ -285,6 +293,11 @@ impl KernelDataplane {
 
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
+    }
+
+    /// Where this build's netfilter program for Services is pinned.
+    pub fn service_program_pin(&self) -> PathBuf {
+        self.progs_dir().join("service")
     }
 
     /// Where a program of this build is pinned.
@@ -1369,6 +1382,10 @@ impl Dataplane for KernelDataplane {
         };
         for e in entries.flatten() {
             let p = e.path();
+            // The Service hooks (service::ServiceHook) are not endpoints'.
+            if e.file_name().to_string_lossy().starts_with("service-") {
+                continue;
+            }
             if !keep.contains(&p) {
                 fs::remove_file(&p).map_err(fs_err("remove orphaned link pin", &p))?;
                 removed.push(p);

@@ -7,6 +7,7 @@
 pub mod events;
 pub mod fake;
 pub mod kernel;
+pub mod service;
 
 use std::{io, net::IpAddr, path::PathBuf};
 
@@ -168,6 +169,13 @@ pub enum DataplaneError {
         map: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    /// Loading or attaching the netfilter program for Services.
+    #[error("{what} (the netfilter program pal_service, for Service traffic)")]
+    Netfilter {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("{0}")]
     Other(String),

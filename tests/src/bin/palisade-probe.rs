@@ -1,5 +1,6 @@
 //! `palisade-probe serve`: the server side of the test bed's probes. Echoes
-//! TCP lines and UDP datagrams on the given ports (IPv4 and IPv6), and
+//! TCP lines and UDP datagrams on the given ports (IPv4 and IPv6), answers
+//! a TCP `who` line with the address the client reached, and
 //! answers SCTP INIT chunks with INIT ACK on raw sockets (the test kernel
 //! has no SCTP stack). Prints `ready` once every socket is bound.
 //!
@@ -165,7 +166,16 @@ fn serve(args: &[String]) {
                 thread::spawn(move || {
                     let mut conn = conn;
                     let mut buf = [0u8; 65536];
+                    // "who": which address the client reached (the backend
+                    // a Service's DNAT chose).
+                    let me = conn.local_addr().map(|a| a.ip().to_canonical());
                     while let Ok(n) = conn.read(&mut buf) {
+                        if &buf[..n] == b"who\n"
+                            && let Ok(me) = me
+                        {
+                            let _ = conn.write_all(format!("{me}\n").as_bytes());
+                            break;
+                        }
                         if n == 0 || conn.write_all(&buf[..n]).is_err() {
                             break;
                         }
