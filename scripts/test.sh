@@ -47,6 +47,9 @@ cargo test -p palisade-tests --test kubeapi
 cargo test -p palisade-shared --test manifests
 cargo test -p palisade-tests --test cluster -- --test-threads 2
 
+step "Services judged on their backend: kube-proxy's iptables and nftables rules, backends on several nodes"
+cargo test -p palisade-tests --test services -- --test-threads 2
+
 for topology in vxlan host-gw routed; do
 	step "NetworkPolicy conformance on 3 nodes in cluster mode ($topology): policies through the API only"
 	PALISADE_TEST_CLUSTER=$topology cargo test -p palisade-tests --test netpol -- --test-threads 4

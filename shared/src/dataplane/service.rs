@@ -207,6 +207,19 @@ impl ServiceHook {
         Ok(HookChange::Attached { priority })
     }
 
+    /// The program's accumulated run time and run count (counted while
+    /// `kernel.bpf_stats_enabled` is 1): what it costs per packet.
+    pub fn run_stats(&self) -> Result<(std::time::Duration, u64), DataplaneError> {
+        let info = aya::programs::ProgramInfo::from_pin(&self.program_pin).map_err(|e| {
+            DataplaneError::OpenPin {
+                what: "program pal_service".into(),
+                path: self.program_pin.clone(),
+                source: boxed(e),
+            }
+        })?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     fn pinned_program_id(&self) -> Option<u32> {
         ProgramHandle::from_pinned_path(&self.program_pin)
             .ok()

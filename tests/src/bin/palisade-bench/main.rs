@@ -24,6 +24,8 @@ enum Part {
     Datapath,
     Traffic,
     Control,
+    /// Service traffic: through a ClusterIP vs direct, and pal_service's cost.
+    Services,
     /// Only the cost of one change (part of control).
     Change,
     /// Kubernetes cluster mode at cluster scale.
@@ -178,7 +180,13 @@ fn main() {
         sizes: opts.size.clone(),
     };
     let parts = if opts.only.is_empty() {
-        vec![Part::Datapath, Part::Traffic, Part::Control, Part::Cluster]
+        vec![
+            Part::Datapath,
+            Part::Traffic,
+            Part::Services,
+            Part::Control,
+            Part::Cluster,
+        ]
     } else {
         opts.only.clone()
     };
@@ -189,6 +197,7 @@ fn main() {
         match part {
             Part::Datapath => datapath::run(&cfg, &mut report),
             Part::Traffic => traffic::run(&cfg, &mut report),
+            Part::Services => traffic::run_services(&cfg, &mut report),
             Part::Control => control::run(&cfg, &mut report),
             Part::Cluster => cluster::run(&cfg, &mut report),
             Part::Change => {
