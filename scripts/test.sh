@@ -50,7 +50,10 @@ cargo test -p palisade-tests --test cluster -- --test-threads 2
 step "Services judged on their backend: kube-proxy's iptables and nftables rules, backends on several nodes"
 cargo test -p palisade-tests --test services -- --test-threads 2
 
-for topology in vxlan host-gw routed; do
+step "NetworkPolicy conformance on 3 nodes in cluster mode (vxlan), probing one Service per pod through kube-proxy DNAT"
+PALISADE_TEST_CLUSTER=vxlan PALISADE_TEST_SERVICES=1 cargo test -p palisade-tests --test netpol -- --test-threads 4
+
+for topology in host-gw routed; do
 	step "NetworkPolicy conformance on 3 nodes in cluster mode ($topology): policies through the API only"
 	PALISADE_TEST_CLUSTER=$topology cargo test -p palisade-tests --test netpol -- --test-threads 4
 done

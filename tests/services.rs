@@ -208,35 +208,6 @@ spec:
     )
 }
 
-/// Wait until every node has written the Service's frontends.
-fn wait_frontends(c: &Cluster, at_least: u64) {
-    for node in &c.nodes {
-        let start = std::time::Instant::now();
-        loop {
-            let out = node.ctl(&["status", "-o", "json"], None);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let cluster = &v["daemon"]["cluster"];
-            if cluster["serviceFrontends"].as_u64().unwrap_or(0) >= at_least {
-                assert!(
-                    cluster["serviceHook"]
-                        .as_str()
-                        .is_some_and(|h| h.contains("service-v4") && h.contains("service-v6")),
-                    "{}: the Service hook is not attached: {cluster}",
-                    node.prefix
-                );
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{}: the Service's frontends were not written within 30 s: {cluster}\n{}",
-                node.prefix,
-                node.daemon_output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// Connect `ATTEMPTS` times; by backend address, how many answered, and
 /// how many attempts got no connection.
 fn spread(from: &Pod, target: IpAddr, port: u16) -> (BTreeMap<IpAddr, usize>, usize) {
@@ -301,7 +272,7 @@ fn services_judged_on_backend(topology: Topology, mode: Mode, ipv6: bool) {
     c.apply_yaml(&service_yaml(ipv6));
     c.settle();
     // ClusterIP(s) and one NodePort per node address.
-    wait_frontends(&c, if ipv6 { 4 } else { 2 });
+    c.wait_service_frontends(if ipv6 { 4 } else { 2 });
     for node in &c.nodes {
         kube_proxy(node, mode, ipv6, &[&b1, &b2]);
     }

@@ -40,6 +40,99 @@ pub fn cluster_topology() -> Option<ClusterTopology> {
     )
 }
 
+/// `PALISADE_TEST_SERVICES=1` (with `PALISADE_TEST_CLUSTER`): every pod
+/// gets a Service of its own (a ClusterIP with every served port, TCP and
+/// UDP) and every node kube-proxy's DNAT rules for it; TCP and UDP probes
+/// go to the ClusterIPs, as the upstream e2e suite probes, so egress rules
+/// are judged on the backend after DNAT. ICMP (ClusterIPs do not answer it)
+/// and SCTP (spoken on raw sockets here, which the DNAT would not follow)
+/// still go to the pods' own addresses.
+pub fn services_mode() -> bool {
+    std::env::var("PALISADE_TEST_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// One Service per pod, and the DNAT rules on every node; returns each
+/// pod's ClusterIP.
+fn set_up_services(
+    c: &Cluster,
+    pods: &BTreeMap<String, Arc<Pod>>,
+    serve: &[u16],
+    v6: bool,
+) -> BTreeMap<String, IpAddr> {
+    let mut vips = BTreeMap::new();
+    let mut docs = Vec::new();
+    let mut rules = String::from("*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n");
+    for (i, (key, pod)) in pods.iter().enumerate() {
+        let (ns, name) = key.split_once('/').expect("ns/name");
+        let vip: IpAddr = if v6 {
+            format!("fd00:96::1:{:x}", i + 1)
+        } else {
+            format!("10.96.1.{}", i + 1)
+        }
+        .parse()
+        .expect("ClusterIP");
+        let ports: Vec<String> = serve
+            .iter()
+            .flat_map(|p| {
+                ["TCP", "UDP"].map(|proto| {
+                    format!(
+                        "  - {{name: {}-{p}, port: {p}, targetPort: {p}, protocol: {proto}}}",
+                        proto.to_lowercase()
+                    )
+                })
+            })
+            .collect();
+        docs.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{name}, namespace: {ns}}}\n\
+             spec:\n  clusterIP: '{vip}'\n  clusterIPs: ['{vip}']\n  ports:\n{}\n",
+            ports.join("\n")
+        ));
+        let len = if v6 { 128 } else { 32 };
+        for proto in ["tcp", "udp"] {
+            rules.push_str(&format!(
+                "-A KUBE-SERVICES -d {vip}/{len} -p {proto} -j DNAT --to-destination {}\n",
+                pod.addr(v6)
+            ));
+        }
+        vips.insert(key.clone(), vip);
+    }
+    rules.push_str("COMMIT\n");
+    c.apply_yaml(&docs.join("---\n"));
+    c.settle();
+    let restore = if v6 {
+        "ip6tables-restore"
+    } else {
+        "iptables-restore"
+    };
+    for node in &c.nodes {
+        // A backend on its client's bridge answers over the bridge: the
+        // reply must pass netfilter to have the DNAT undone.
+        node.netns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
+        node.netns
+            .sysctl("net.bridge.bridge-nf-call-ip6tables", "1");
+        let mut child = node
+            .netns
+            .command(restore)
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {restore}: {e}"));
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), rules.as_bytes())
+            .expect("write rules");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{restore} in {}: {}",
+            node.netns.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.wait_service_frontends((pods.len() * serve.len() * 2) as u64);
+    vips
+}
+
 type Labels = BTreeMap<String, String>;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +350,8 @@ pub struct Run<'a> {
     pub pods: BTreeMap<String, Arc<Pod>>,
     pub ports: BTreeMap<String, Vec<PortSpec>>,
     pub serve: Vec<u16>,
+    /// Each pod's ClusterIP, in services mode.
+    pub vips: BTreeMap<String, IpAddr>,
 }
 
 impl<'a> Run<'a> {
@@ -298,6 +393,11 @@ impl<'a> Run<'a> {
             ports.insert(key.clone(), p);
         }
         c.settle();
+        let vips = if services_mode() {
+            set_up_services(&c, &running, &serve, v6)
+        } else {
+            BTreeMap::new()
+        };
         Self {
             case,
             v6,
@@ -305,6 +405,7 @@ impl<'a> Run<'a> {
             pods: running,
             ports,
             serve,
+            vips,
         }
     }
 
@@ -343,6 +444,7 @@ impl<'a> Run<'a> {
             pods: running,
             ports,
             serve,
+            vips: BTreeMap::new(),
         }
     }
 
@@ -423,13 +525,23 @@ impl<'a> Run<'a> {
     }
 
     pub fn peers(&self) -> Vec<Peer> {
+        self.peers_for(Proto::Icmp)
+    }
+
+    /// The peers, addressed as probes of `proto` reach them: through the
+    /// pods' ClusterIPs for TCP and UDP in services mode.
+    pub fn peers_for(&self, proto: Proto) -> Vec<Peer> {
+        let through_service = matches!(proto, Proto::Tcp | Proto::Udp);
         let mut peers: Vec<Peer> = self
             .pods
             .iter()
             .map(|(k, p)| Peer {
                 name: k.clone(),
                 netns: p.netns.clone(),
-                addr: p.addr(self.v6),
+                addr: match self.vips.get(k) {
+                    Some(vip) if through_service => *vip,
+                    _ => p.addr(self.v6),
+                },
             })
             .collect();
         if let Some(w) = &self.world_node().world {
@@ -500,7 +612,6 @@ impl<'a> Run<'a> {
     /// Run every step; return a report of every mismatch (empty: passed).
     pub fn run_steps(&self) -> String {
         let mut failures = String::new();
-        let peers = self.peers();
         for (i, step) in self.case.steps.iter().enumerate() {
             if let Some(r) = &step.relabel_namespace {
                 match &self.backend {
@@ -533,7 +644,7 @@ impl<'a> Run<'a> {
                 });
                 let port = p.port.unwrap_or(0);
                 let expected = self.expected(&p.expect);
-                let observed = probe_against(&peers, proto, port, &expected);
+                let observed = probe_against(&self.peers_for(proto), proto, port, &expected);
                 let diff = observed.diff(&expected);
                 if !diff.is_empty() {
                     let _ = writeln!(

@@ -419,6 +419,36 @@ impl Cluster {
     pub fn dir(&self) -> &std::path::Path {
         &self.dir.0
     }
+
+    /// Wait until every node's agent has written at least `at_least`
+    /// Service frontends, with its Service hook attached for both families.
+    pub fn wait_service_frontends(&self, at_least: u64) {
+        for node in &self.nodes {
+            let start = std::time::Instant::now();
+            loop {
+                let out = node.ctl(&["status", "-o", "json"], None);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let cluster = &v["daemon"]["cluster"];
+                if cluster["serviceFrontends"].as_u64().unwrap_or(0) >= at_least {
+                    assert!(
+                        cluster["serviceHook"]
+                            .as_str()
+                            .is_some_and(|h| h.contains("service-v4") && h.contains("service-v6")),
+                        "{}: the Service hook is not attached: {cluster}",
+                        node.prefix
+                    );
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{}: {at_least} Service frontends were not written within 30 s: {cluster}\n{}",
+                    node.prefix,
+                    node.daemon_output()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// The resource (plural) of an object by its kind.
