@@ -351,14 +351,35 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
 
     // Service flows are judged after the node's DNAT by a netfilter
     // program in this (the node's) network namespace.
-    let hook = {
+    // Without it, nothing may be deferred to it: the frontends are then
+    // cleared, and flows to Services are judged on the veth against the
+    // frontend address (closed for isolated clients), as before cluster
+    // mode knew Services.
+    let hook_error = {
         let server = Arc::clone(&server);
-        tokio::task::spawn_blocking(move || server.ensure_service_hook())
-            .await
-            .context("attach the Service hook")?
-            .context("attach the netfilter hook that judges Service traffic on its backend")?
+        match tokio::task::spawn_blocking(move || server.ensure_service_hook()).await {
+            Ok(Ok(change)) => {
+                tracing::info!("Service hook: {change:?}");
+                None
+            }
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("panicked: {e}")),
+        }
     };
-    tracing::info!("Service hook: {hook:?}");
+    if let Some(e) = &hook_error {
+        tracing::error!(
+            "the netfilter hook that judges Service traffic on its backend could not be attached; \
+             Service frontends are not deferred to it (flows to Services are judged against the \
+             frontend address): {e}"
+        );
+        let server = Arc::clone(&server);
+        let cleared =
+            tokio::task::spawn_blocking(move || server.set_service_frontends(&BTreeSet::new()))
+                .await;
+        if !matches!(cleared, Ok(Ok(_))) {
+            tracing::error!("could not clear the Service frontends either: {cleared:?}");
+        }
+    }
 
     let mut applier = Applier {
         server,
@@ -373,10 +394,12 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         services: BTreeMap::new(),
         node_addresses: Vec::new(),
         frontends_changed: false,
+        hook_attached: hook_error.is_none(),
     };
     applier.status.node.clone_from(&applier.node);
     applier.status.api_server = url;
     applier.status.service_hook = match applier.server.service_hook_info() {
+        _ if hook_error.is_some() => String::new(),
         Ok(hooks) => hooks
             .iter()
             .map(|h| {
@@ -389,6 +412,9 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
             .join(", "),
         Err(e) => format!("unknown: {e}"),
     };
+    if let Some(e) = hook_error {
+        applier.status.last_error = Some(format!("Service hook: {e}"));
+    }
     applier.publish();
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 10_000).await > 0 {
@@ -417,6 +443,8 @@ struct Applier {
     services: BTreeMap<(String, String), ServiceFrontends>,
     node_addresses: Vec<IpAddr>,
     frontends_changed: bool,
+    /// The Service hook is attached: frontends may be deferred to it.
+    hook_attached: bool,
 }
 
 impl Applier {
@@ -626,7 +654,10 @@ impl Applier {
     /// map keeps what it held). A write that fails is tried again after
     /// the next batch.
     async fn write_frontends(&mut self) {
-        if !self.frontends_changed || !self.listed_once.contains(&Watch::Services) {
+        if !self.hook_attached
+            || !self.frontends_changed
+            || !self.listed_once.contains(&Watch::Services)
+        {
             return;
         }
         let desired = frontend_set(self.services.values(), &self.node_addresses);
