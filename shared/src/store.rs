@@ -339,6 +339,22 @@ fn db_err(op: &'static str, path: &Path) -> impl FnOnce(rusqlite::Error) -> Stor
     move |source| StoreError::Db { op, path, source }
 }
 
+/// A read-only connection that waits for a writer's commit (the WAL being
+/// reset, the file being created) instead of failing at once.
+fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(db_err("open", path))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(db_err("set the lock timeout", path))?;
+    Ok(conn)
+}
+
+/// The store file exists but its tables do not yet (another process is
+/// creating it).
+fn no_table(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(_, Some(m)) if m.starts_with("no such table"))
+}
+
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e,
@@ -472,8 +488,7 @@ impl Store {
         if !path.exists() {
             return Ok(self.read()?.endpoints.remove(key));
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(db_err("open", &path))?;
+        let conn = open_read_only(&path)?;
         if get_meta(&conn, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
             return Ok(None);
         }
@@ -493,9 +508,16 @@ impl Store {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(db_err("open", &path))?;
-        get_meta(&conn, &path, key)
+        let conn = open_read_only(&path)?;
+        match conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+        {
+            Ok(v) => Ok(v),
+            // Another process is creating the store this instant.
+            Err(e) if no_table(&e) => Ok(None),
+            Err(e) => Err(db_err("read settings", &path)(e)),
+        }
     }
 
     /// Whether a Pod object is stored, read without waiting for writers.
@@ -504,16 +526,19 @@ impl Store {
         if !path.exists() {
             return Ok(false);
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(db_err("open", &path))?;
-        conn.query_row(
-            "SELECT 1 FROM pods WHERE namespace = ?1 AND name = ?2",
-            [namespace, name],
-            |_| Ok(()),
-        )
-        .optional()
-        .map(|r| r.is_some())
-        .map_err(db_err("read", &path))
+        let conn = open_read_only(&path)?;
+        match conn
+            .query_row(
+                "SELECT 1 FROM pods WHERE namespace = ?1 AND name = ?2",
+                [namespace, name],
+                |_| Ok(()),
+            )
+            .optional()
+        {
+            Ok(r) => Ok(r.is_some()),
+            Err(e) if no_table(&e) => Ok(false),
+            Err(e) => Err(db_err("read", &path)(e)),
+        }
     }
 
     /// The generation of the stored state (cheap; for readers that cache
@@ -523,11 +548,17 @@ impl Store {
         if !path.exists() {
             return Ok(0);
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(db_err("open", &path))?;
-        Ok(get_meta(&conn, &path, "generation")?
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(0))
+        let conn = open_read_only(&path)?;
+        match conn
+            .query_row("SELECT value FROM meta WHERE key = 'generation'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()
+        {
+            Ok(g) => Ok(g.and_then(|g| g.parse().ok()).unwrap_or(0)),
+            Err(e) if no_table(&e) => Ok(0),
+            Err(e) => Err(db_err("read settings", &path)(e)),
+        }
     }
 
     /// Import `state.json` of an earlier palisade, once.
