@@ -27,6 +27,18 @@ const NODE_PORT: u16 = 30080;
 /// One SYN per attempt: a retransmission would be balanced again.
 const ATTEMPT: Duration = Duration::from_millis(900);
 const ATTEMPTS: usize = 16;
+/// The client may only reach tier one (b1, on the client's node).
+const CLIENT_TO_TIER_ONE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-out, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector: {matchLabels: {tier: one}}
+"#;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -293,19 +305,7 @@ fn services_judged_on_backend(topology: Topology, mode: Mode, ipv6: bool) {
     }
 
     // The client may only reach tier one: b1 on its own node.
-    c.apply_policy(
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-out, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-  - to:
-    - podSelector: {matchLabels: {tier: one}}
-"#,
-    );
+    c.apply_policy(CLIENT_TO_TIER_ONE);
     c.settle();
     for &v6 in families {
         let fam = if v6 { "IPv6" } else { "IPv4" };
@@ -409,19 +409,7 @@ spec:
     }
 
     // Flow records name the backend that was refused.
-    c.apply_policy(
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-out, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-  - to:
-    - podSelector: {matchLabels: {tier: one}}
-"#,
-    );
+    c.apply_policy(CLIENT_TO_TIER_ONE);
     c.settle();
     let _ = spread(&client, vip(false), 80);
     let node0 = &c.nodes[0];

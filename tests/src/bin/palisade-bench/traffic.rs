@@ -469,16 +469,15 @@ fn rr(client: &BenchPod, to: IpAddr, count: usize, connect_each: bool) -> (f64, 
     )
 }
 
-/// A connection the setup must refuse is refused, so the figures really
-/// are for traffic through the rules.
-fn check_enforced(stranger: &BenchPod, server: &BenchPod, setup: Setup) {
-    let out = stranger
+/// Whether one round trip from `from` to `to` fails (300 ms to answer).
+fn refused(from: &BenchPod, to: IpAddr) -> bool {
+    let out = from
         .netns
         .command(bin_dir().join("palisade-probe"))
         .args([
             "rr",
             "--to",
-            &format!("{}:{RR_PORT}", server.addr),
+            &format!("{to}:{RR_PORT}"),
             "--count",
             "1",
             "--timeout-ms",
@@ -487,7 +486,13 @@ fn check_enforced(stranger: &BenchPod, server: &BenchPod, setup: Setup) {
         .output()
         .expect("run palisade-probe rr");
     let v: Value = serde_json::from_slice(&out.stdout).expect("rr JSON");
-    let refused = v["failed"] == 1;
+    v["failed"] == 1
+}
+
+/// A connection the setup must refuse is refused, so the figures really
+/// are for traffic through the rules.
+fn check_enforced(stranger: &BenchPod, server: &BenchPod, setup: Setup) {
+    let refused = refused(stranger, server.addr);
     assert_eq!(
         refused,
         setup.enforces(),
@@ -695,25 +700,8 @@ spec:
 "#,
     );
     // Enforced: through a ClusterIP, the backend decides.
-    let refused = |to: IpAddr| {
-        let out = client
-            .netns
-            .command(bin_dir().join("palisade-probe"))
-            .args([
-                "rr",
-                "--to",
-                &format!("{to}:{RR_PORT}"),
-                "--count",
-                "1",
-                "--timeout-ms",
-                "300",
-            ])
-            .output()
-            .expect("run palisade-probe rr");
-        serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| v["failed"] == 1)
-    };
     assert!(
-        refused(denied.addr) && refused(IpAddr::V4(DENIED_VIP)),
+        refused(client, denied.addr) && refused(client, IpAddr::V4(DENIED_VIP)),
         "the client's policy must refuse the other pod, directly and through its ClusterIP"
     );
 
