@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use testbed::{
-    cluster::{Cluster, Topology},
+    cluster::{Cluster, Topology, node_source},
     node::Pod,
     probe::{PROBE_TIMEOUT, Proto, probe},
     sys::describe,
@@ -65,6 +65,86 @@ fn expect(c: &Cluster, cases: &[(&Pod, &Pod, bool)], what: &str) {
     );
 }
 
+/// Probe `pod` (isolated for ingress, no rule for nodes) from node `from`'s
+/// host: denied, recorded as from that node; then allowed by an ipBlock of
+/// the node's source address.
+fn node_to_pod(c: &Cluster, from: usize, pod: &Pod) {
+    let families: &[bool] = if c.ipv6 { &[false, true] } else { &[false] };
+    let host = &c.nodes[from].netns.path;
+    let node_name = format!("node-{from}");
+    for &v6 in families {
+        assert!(
+            !probe(host, pod.addr(v6), Proto::Tcp, 80, PROBE_TIMEOUT),
+            "{}: node {from} reached {} (IPv{}) though no rule admits nodes",
+            c.topology.name(),
+            pod.key(),
+            if v6 { 6 } else { 4 }
+        );
+    }
+    let at = c
+        .nodes
+        .iter()
+        .find(|n| n.endpoints().iter().any(|e| e["name"] == pod.name.as_str()))
+        .expect("the pod's node");
+    let source = node_source(c.topology, from, false).to_string();
+    let start = std::time::Instant::now();
+    loop {
+        let out = at.ctl(&["flows", "-o", "json"], None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let found = text.lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["kind"] == "drop"
+                    && v["peer"]["address"] == source.as_str()
+                    && v["peer"]["kind"] == "node"
+                    && v["peer"]["name"] == node_name.as_str()
+            })
+        });
+        if found {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}: no drop recorded from node {node_name} ({source}):\n{text}",
+            c.topology.name()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let blocks: String = families
+        .iter()
+        .map(|&v6| {
+            let a = node_source(c.topology, from, v6);
+            format!(
+                "    - ipBlock: {{cidr: '{a}/{}'}}\n",
+                if v6 { 128 } else { 32 }
+            )
+        })
+        .collect();
+    c.apply_policy(&format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: from-node, namespace: {}}}
+spec:
+  podSelector: {{}}
+  ingress:
+  - from:
+{blocks}"#,
+        pod.namespace
+    ));
+    c.settle();
+    for &v6 in families {
+        assert!(
+            probe(host, pod.addr(v6), Proto::Tcp, 80, PROBE_TIMEOUT),
+            "{}: node {from} still denied {} (IPv{}) with an ipBlock of its address",
+            c.topology.name(),
+            pod.key(),
+            if v6 { 6 } else { 4 }
+        );
+    }
+    c.delete_policy(&pod.namespace, "from-node");
+    c.settle();
+}
+
 /// Pods on three nodes; policies from the API select peers on other nodes
 /// by pod and namespace labels, ipBlocks match remote pod addresses
 /// exactly, and label changes on a remote pod move it in and out.
@@ -114,6 +194,11 @@ spec:
         ],
         "ingress policy on b",
     );
+
+    // Another node's own traffic is the node's, not a pod's: b's selectors
+    // do not admit it; an ipBlock with its address does, and flow records
+    // name the node.
+    node_to_pod(&c, 2, &b);
 
     // A remote pod relabelled out of the selector loses access; back in,
     // it regains it.

@@ -117,6 +117,7 @@ impl Watch {
             Watch::Namespaces => Some(Kind::Namespace),
             Watch::Pods => Some(Kind::Pod),
             Watch::NetworkPolicies => Some(Kind::NetworkPolicy),
+            Watch::Nodes => Some(Kind::Node),
             _ => None,
         }
     }
@@ -336,7 +337,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
     spawn_watch::<Node>(
         client.clone(),
         Watch::Nodes,
-        |_| None,
+        |n| Some(Ok(ApiObject::node(n))),
         |n| Side::Node(node_addresses(n)),
         tx.clone(),
     );

@@ -462,6 +462,7 @@ fn print_changes(report: &ObjectsReport) -> Result<()> {
             policy::Kind::Namespace => "namespace",
             policy::Kind::Pod => "pod",
             policy::Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
+            policy::Kind::Node => "node",
         };
         let name = if r.namespace.is_empty() {
             r.name.clone()

@@ -79,7 +79,7 @@ use crate::{
         Kind, ObjectError, ObjectRef, Policy, Valid, validate_namespace_object,
         validate_pod_object, validate_policy_object,
     },
-    store::{StoredNamespace, StoredPod},
+    store::{RemoteNode, StoredNamespace, StoredPod},
 };
 
 /// The store setting that says this node is in cluster mode; its value is
@@ -182,6 +182,9 @@ pub enum ApiObject {
     Namespace(Box<StoredNamespace>),
     Pod(Box<StoredPod>, Placement),
     NetworkPolicy(Box<Valid<NetworkPolicy, Policy>>),
+    /// A node of the cluster: its addresses get the node identity (this
+    /// node's own Node is ignored: its addresses are the host's).
+    Node(RemoteNode),
 }
 
 impl ApiObject {
@@ -217,8 +220,20 @@ impl ApiObject {
         )?)))
     }
 
+    pub fn node(node: &KubeNode) -> Self {
+        ApiObject::Node(RemoteNode {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            addresses: node_identity_addresses(node),
+        })
+    }
+
     pub fn reference(&self) -> ObjectRef {
         match self {
+            ApiObject::Node(n) => ObjectRef {
+                kind: Kind::Node,
+                namespace: String::new(),
+                name: n.name.clone(),
+            },
             ApiObject::Namespace(n) => ObjectRef {
                 kind: Kind::Namespace,
                 namespace: String::new(),
@@ -404,6 +419,58 @@ pub fn node_addresses(node: &KubeNode) -> Vec<IpAddr> {
             && let Ok(ip) = a.address.parse::<IpAddr>()
         {
             out.insert(ip);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Annotations where network plugins record a node's tunnel addresses
+/// (the source of what the node itself sends through the tunnel): Calico's
+/// IP-in-IP, VXLAN and WireGuard interfaces, and its BGP address (a CIDR).
+const TUNNEL_ANNOTATIONS: &[&str] = &[
+    "projectcalico.org/IPv4Address",
+    "projectcalico.org/IPv6Address",
+    "projectcalico.org/IPv4IPIPTunnelAddr",
+    "projectcalico.org/IPv4VXLANTunnelAddr",
+    "projectcalico.org/IPv6VXLANTunnelAddr",
+    "projectcalico.org/IPv4WireguardInterfaceAddr",
+    "projectcalico.org/IPv6WireguardInterfaceAddr",
+];
+
+/// Flannel's annotation naming its backend; with `vxlan`, the node's
+/// `flannel.1` device has the first address of each of its pod CIDRs.
+const FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-type";
+
+/// Every address another node's own traffic can come from, and so the
+/// addresses that get the node identity: its InternalIPs and ExternalIPs,
+/// the tunnel addresses Calico records in annotations, and with Flannel's
+/// VXLAN backend the first address of each pod CIDR (its `flannel.1`).
+pub fn node_identity_addresses(node: &KubeNode) -> Vec<IpAddr> {
+    let mut out: BTreeSet<IpAddr> = node_addresses(node).into_iter().collect();
+    let annotations = node.metadata.annotations.as_ref();
+    for key in TUNNEL_ANNOTATIONS {
+        let Some(v) = annotations.and_then(|a| a.get(*key)) else {
+            continue;
+        };
+        let addr = v.split('/').next().unwrap_or_default().trim();
+        if let Ok(ip) = addr.parse::<IpAddr>() {
+            out.insert(ip);
+        }
+    }
+    if annotations
+        .and_then(|a| a.get(FLANNEL_BACKEND))
+        .is_some_and(|b| b == "vxlan")
+    {
+        let spec = node.spec.as_ref();
+        let cidrs = spec
+            .and_then(|s| s.pod_cidrs.clone())
+            .filter(|c| !c.is_empty())
+            .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+            .unwrap_or_default();
+        for c in cidrs {
+            if let Ok(net) = c.parse::<ipnetwork::IpNetwork>() {
+                out.insert(net.network());
+            }
         }
     }
     out.into_iter().collect()

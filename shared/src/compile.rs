@@ -52,6 +52,8 @@ pub struct Input<'a> {
     pub endpoints: &'a [EndpointView],
     /// Addresses of the node itself.
     pub host_addresses: &'a [IpAddr],
+    /// Addresses of the cluster's other nodes (Node objects).
+    pub node_addresses: &'a [IpAddr],
 }
 
 /// An ipcache prefix in the 16-byte address space.
@@ -410,6 +412,7 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             labels: ep.labels.clone(),
             blocks: BTreeSet::new(),
             ports: ports.clone(),
+            node: false,
         };
         let mut own_identity = None;
         for addr in &ep.addresses {
@@ -464,6 +467,31 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 },
             );
         }
+    }
+
+    // 2b. Other nodes' addresses: the node identity, refined by the
+    // ipBlocks they fall in (no pod or namespace selector matches it).
+    for addr in input.node_addresses {
+        if owner.contains_key(addr) || input.host_addresses.contains(addr) {
+            continue;
+        }
+        let key = IdentityKey {
+            node: true,
+            blocks: block_index.of_addr(*addr),
+            ..Default::default()
+        };
+        let id = ids.get_or_allocate(&key);
+        out.desired.ipcache.insert(
+            Prefix::host(*addr),
+            IpcacheValue {
+                identity: id,
+                flags: 0,
+            },
+        );
+        facts.entry(id).or_insert_with(|| IdentityFacts {
+            key,
+            ns_labels: Labels::new(),
+        });
     }
 
     // 3. ipBlock regions. The IPv4 /0 prefix is always present so that
@@ -757,6 +785,7 @@ mod tests {
                 policies: pols,
                 endpoints: eps,
                 host_addresses: &["10.0.0.1".parse().unwrap()],
+                node_addresses: &[],
             },
             &mut ids,
         );

@@ -222,6 +222,11 @@ struct AddrState {
     claimants: BTreeSet<(bool, u32)>,
     /// One of the node's own addresses.
     host: bool,
+    /// How many other nodes (Node objects) name the address.
+    node: u32,
+    /// The node identity the address holds while it is another node's and
+    /// nothing before it (an endpoint, this node) owns it.
+    node_id: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -399,6 +404,8 @@ pub struct Engine {
     pods: HashMap<(String, String), PodInfo>,
     node_mode: Mode,
     host: BTreeSet<IpAddr>,
+    /// Other nodes' addresses, by node name.
+    nodes: HashMap<String, BTreeSet<IpAddr>>,
     eps: BTreeMap<u32, EpState>,
     eps_by_ns: HashMap<String, BTreeSet<u32>>,
     eps_by_pod: HashMap<(String, String), BTreeSet<u32>>,
@@ -475,6 +482,7 @@ impl Engine {
             pods: HashMap::default(),
             node_mode,
             host: BTreeSet::new(),
+            nodes: HashMap::default(),
             eps: BTreeMap::new(),
             eps_by_ns: HashMap::default(),
             eps_by_pod: HashMap::default(),
@@ -661,6 +669,36 @@ impl Engine {
         }
     }
 
+    /// Another node of the cluster and its addresses (they get the node
+    /// identity unless a pod or this node has them).
+    pub fn upsert_node(&mut self, name: &str, addrs: &[IpAddr]) {
+        let new: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        let old = self.nodes.insert(name.to_owned(), new.clone());
+        let old = old.unwrap_or_default();
+        for a in old.difference(&new) {
+            self.node_addr(*a, -1);
+        }
+        for a in new.difference(&old) {
+            self.node_addr(*a, 1);
+        }
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        for a in self.nodes.remove(name).unwrap_or_default() {
+            self.node_addr(a, -1);
+        }
+    }
+
+    fn node_addr(&mut self, addr: IpAddr, sign: i32) {
+        let key = abi::addr16(addr);
+        let a = self.addrs.entry(key).or_default();
+        a.node = a.node.saturating_add_signed(sign);
+        if (sign > 0 && a.node == 1) || (sign < 0 && a.node == 0) {
+            self.recompute_ipcache(host_prefix(key));
+        }
+        self.tidy_addr(key);
+    }
+
     /// The node's default mode (policies and namespaces without one).
     pub fn set_node_mode(&mut self, mode: Mode) {
         if self.node_mode == mode {
@@ -759,6 +797,14 @@ impl Engine {
     pub fn full_compile(&self) -> (compile::Compiled, IdentityTable) {
         let (namespaces, policies, endpoints) = self.compile_inputs();
         let host: Vec<IpAddr> = self.host.iter().copied().collect();
+        let nodes: Vec<IpAddr> = self
+            .nodes
+            .values()
+            .flatten()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let mut ids = self.ids.clone();
         let compiled = compile::compile(
             &compile::Input {
@@ -766,6 +812,7 @@ impl Engine {
                 policies: &policies,
                 endpoints: &endpoints,
                 host_addresses: &host,
+                node_addresses: &nodes,
             },
             &mut ids,
         );
@@ -1352,6 +1399,7 @@ impl Engine {
                 .map(|a| self.block_index.of_addr(a))
                 .unwrap_or_default(),
             ports: self.port_tags(&e.ports),
+            node: false,
         }
     }
 
@@ -1565,7 +1613,7 @@ impl Engine {
         if self
             .addrs
             .get(&key)
-            .is_some_and(|a| a.claimants.is_empty() && !a.host)
+            .is_some_and(|a| a.claimants.is_empty() && !a.host && a.node == 0)
         {
             self.addrs.remove(&key);
         }
@@ -1583,16 +1631,19 @@ impl Engine {
     }
 
     /// What the ipcache holds for a prefix: the owning endpoint's identity,
-    /// else the host's, else the ipBlock region's.
+    /// else the host's, else another node's, else the ipBlock region's.
     fn recompute_ipcache(&mut self, prefix: Prefix) {
         let mut id = None;
+        if prefix.len == 128 {
+            self.refresh_node_identity(prefix.addr);
+        }
         if prefix.len == 128
             && let Some(a) = self.addrs.get(&prefix.addr)
         {
             id = match a.claimants.last() {
                 Some(&(_, owner)) => self.addr_identity(owner, prefix.addr),
                 None if a.host => Some(ID_HOST),
-                None => None,
+                None => a.node_id,
             };
         }
         if id.is_none() {
@@ -1605,6 +1656,33 @@ impl Engine {
             prefix,
             id.map(|identity| IpcacheValue { identity, flags: 0 }),
         );
+    }
+
+    /// Give another node's address the node identity (refined by the
+    /// ipBlocks it falls in) while nothing before it owns the address, and
+    /// take it back when something does.
+    fn refresh_node_identity(&mut self, addr: [u8; 16]) {
+        let Some(a) = self.addrs.get(&addr) else {
+            return;
+        };
+        let old = a.node_id;
+        let want = (a.node > 0 && a.claimants.is_empty() && !a.host).then(|| IdentityKey {
+            node: true,
+            blocks: self.block_index.of_addr(abi::ip_from16(addr)),
+            ..Default::default()
+        });
+        let new = match want {
+            Some(key) if old.is_some() && self.ids.id_of(&key) == old => return,
+            Some(key) => Some(self.acquire(&key, true)),
+            None if old.is_none() => return,
+            None => None,
+        };
+        if let Some(a) = self.addrs.get_mut(&addr) {
+            a.node_id = new;
+        }
+        if let Some(o) = old {
+            self.release(o, true);
+        }
     }
 
     // ----- ipBlocks and named ports ----------------------------------------------
@@ -1715,6 +1793,15 @@ impl Engine {
             .collect();
         for ep in eps {
             self.reidentify(ep);
+        }
+        let nodes: Vec<[u8; 16]> = self
+            .addrs
+            .range(lo..=hi)
+            .filter(|(_, a)| a.node_id.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in nodes {
+            self.recompute_ipcache(host_prefix(k));
         }
     }
 
@@ -2133,6 +2220,8 @@ mod tests {
         },
         RemoveEndpoint(u32),
         Host(Vec<IpAddr>),
+        /// Another node with these addresses (`None`: the Node is deleted).
+        Node(String, Option<Vec<IpAddr>>),
         NodeMode(Mode),
     }
 
@@ -2296,6 +2385,11 @@ mod tests {
                 }),
             (1u32..6).prop_map(Op::RemoveEndpoint),
             prop::collection::vec(addr(), 0..2).prop_map(Op::Host),
+            (
+                prop_oneof![Just("n1".to_string()), Just("n2".to_string())],
+                prop::option::of(prop::collection::vec(addr(), 0..3))
+            )
+                .prop_map(|(n, addrs)| Op::Node(n, addrs)),
             prop_oneof![Just(Mode::Enforce), Just(Mode::Audit)].prop_map(Op::NodeMode),
         ]
     }
@@ -2362,6 +2456,8 @@ mod tests {
             }),
             Op::RemoveEndpoint(ep) => engine.remove_endpoint(ep),
             Op::Host(addrs) => engine.set_host_addresses(&addrs),
+            Op::Node(name, Some(addrs)) => engine.upsert_node(&name, &addrs),
+            Op::Node(name, None) => engine.remove_node(&name),
             Op::NodeMode(m) => engine.set_node_mode(m),
         }
     }
@@ -2591,6 +2687,9 @@ mod tests {
                 fresh.upsert_policy(id, engine.pols[engine.pol_by_id[&id]].policy.clone());
             }
             fresh.set_host_addresses(&engine.host.iter().copied().collect::<Vec<_>>());
+            for (name, addrs) in &engine.nodes {
+                fresh.upsert_node(name, &addrs.iter().copied().collect::<Vec<_>>());
+            }
             for e in endpoints {
                 fresh.upsert_endpoint(engine.eps[&e.ep_id].input.clone());
             }

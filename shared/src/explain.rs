@@ -229,7 +229,12 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
             Ok(Party {
                 display: format!("{namespace}/{name}"),
                 pod: Some(pod),
-                address: ep.and_then(|e| e.addresses.first().copied()),
+                address: ep.map(|e| e.addresses.first().copied()).unwrap_or_else(|| {
+                    state
+                        .remote
+                        .get(&format!("{namespace}/{name}"))
+                        .and_then(|r| r.addresses.first().copied())
+                }),
                 is_host: false,
                 endpoint_id: ep.map(|e| e.id),
             })
@@ -244,12 +249,23 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                     endpoint_id: Some(ep.id),
                 });
             }
+            // A pod on another node (cluster mode).
+            if let Some(r) = state.remote.values().find(|r| r.addresses.contains(ip)) {
+                return Ok(Party {
+                    display: format!("{}/{} ({ip}, on node {})", r.namespace, r.name, r.node),
+                    pod: pod_facts(None, &r.namespace, &r.name),
+                    address: Some(*ip),
+                    is_host: false,
+                    endpoint_id: None,
+                });
+            }
             let is_host = state.host_addresses.contains(ip);
+            let node = state.nodes.values().find(|n| n.addresses.contains(ip));
             Ok(Party {
-                display: if is_host {
-                    format!("{ip} (this node)")
-                } else {
-                    ip.to_string()
+                display: match node {
+                    _ if is_host => format!("{ip} (this node)"),
+                    Some(n) => format!("{ip} (node {})", n.name),
+                    None => ip.to_string(),
                 },
                 pod: None,
                 address: Some(*ip),

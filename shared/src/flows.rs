@@ -24,7 +24,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowParty {
-    /// `pod`, `host`, `world` or `cidr`.
+    /// `pod`, `host` (this node), `node` (another node of the cluster:
+    /// `name` is the Node's), `world` or `cidr`.
     pub kind: String,
     pub address: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,6 +44,10 @@ impl FlowParty {
             (Some(ns), Some(n)) => format!("{ns}/{n}"),
             _ => match self.kind.as_str() {
                 "host" => format!("{} (node)", self.address),
+                "node" => match &self.name {
+                    Some(n) => format!("{} (node {n})", self.address),
+                    None => format!("{} (node)", self.address),
+                },
                 _ => self.address.to_string(),
             },
         }
@@ -163,6 +168,8 @@ pub struct Resolver {
     endpoints: BTreeMap<u32, (String, String, Labels, Vec<IpAddr>)>,
     by_address: BTreeMap<IpAddr, u32>,
     host: Vec<IpAddr>,
+    /// Other nodes' addresses (cluster mode), with the node's name.
+    nodes: BTreeMap<IpAddr, String>,
     policy_names: BTreeMap<u32, String>,
     policies: Vec<(Policy, Mode)>,
 }
@@ -207,6 +214,11 @@ impl Resolver {
             endpoints,
             by_address,
             host: state.host_addresses.clone(),
+            nodes: state
+                .nodes
+                .values()
+                .flat_map(|n| n.addresses.iter().map(|a| (*a, n.name.clone())))
+                .collect(),
             policy_names: state
                 .policies
                 .iter()
@@ -236,8 +248,11 @@ impl Resolver {
                 labels: labels.clone(),
             };
         }
+        let node = self.nodes.get(&addr);
         let kind = if identity == ID_HOST || self.host.contains(&addr) {
             "host"
+        } else if node.is_some() {
+            "node"
         } else if identity == ID_WORLD || reserved_name(identity).is_some() {
             "world"
         } else {
@@ -247,7 +262,7 @@ impl Resolver {
             kind: kind.into(),
             address: addr,
             namespace: None,
-            name: None,
+            name: (kind == "node").then(|| node.cloned()).flatten(),
             identity,
             labels: Labels::new(),
         }

@@ -45,6 +45,11 @@ fn node(p: &FlowParty) -> Node {
             label: "this node".into(),
             group: "node".into(),
         },
+        (None, Some(name)) if p.kind == "node" => Node {
+            id: format!("node:{name}"),
+            label: format!("node {name}"),
+            group: "nodes".into(),
+        },
         _ => Node {
             id: format!("ext:{}", p.address),
             label: p.address.to_string(),

@@ -33,6 +33,11 @@ pub struct IdentityKey {
     /// `name/PROTO=port` for named ports that egress rules refer to.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub ports: BTreeSet<String>,
+    /// An address of another node of the cluster (a Node object's): never
+    /// an endpoint, so no pod or namespace selector matches it, while
+    /// ipBlocks do exactly as for any address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node: bool,
 }
 
 impl IdentityKey {
@@ -69,6 +74,7 @@ impl IdentityKey {
                     format!("{ns} {}", labels.join(","))
                 }
             }
+            None if self.node => "node".to_owned(),
             None => "cidr".to_owned(),
         };
         if !self.blocks.is_empty() {
@@ -176,7 +182,7 @@ impl IdentityTable {
             return (*id, false);
         }
         // An ipBlock region no policy block covers is simply the world.
-        if !key.is_endpoint() && key.blocks.is_empty() {
+        if !key.is_endpoint() && !key.node && key.blocks.is_empty() {
             return (ID_WORLD, false);
         }
         let id = if key.is_endpoint() {
@@ -300,6 +306,14 @@ mod tests {
         };
         assert_eq!(t.get_or_allocate(&key), ID_CIDR_MIN);
         assert_eq!(t.get_or_allocate(&IdentityKey::default()), ID_WORLD);
+        // Another node's address is never the world, inside a block or not.
+        let node = IdentityKey {
+            node: true,
+            ..Default::default()
+        };
+        let n = t.get_or_allocate(&node);
+        assert!(n > ID_CIDR_MIN, "a number of its own, not the world: {n}");
+        assert_eq!(t.key_of(n).map(|k| k.describe()), Some("node".to_owned()));
     }
 
     #[test]

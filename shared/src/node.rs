@@ -33,8 +33,8 @@ use crate::{
     identity::IdentityTable,
     policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef, validate_namespace_object},
     store::{
-        Endpoint, PendingIdentity, RemotePod, Source, State, Store, StoreError, StoredNamespace,
-        StoredPod, StoredPolicy, Txn,
+        Endpoint, PendingIdentity, RemoteNode, RemotePod, Source, State, Store, StoreError,
+        StoredNamespace, StoredPod, StoredPolicy, Txn,
     },
 };
 
@@ -351,6 +351,22 @@ impl Op<'_, '_> {
         })
     }
 
+    fn put_remote_node(&mut self, node: &RemoteNode) -> Result<(), NodeError> {
+        self.tx.put_remote_node(node)?;
+        self.engine.upsert_node(&node.name, &node.addresses);
+        self.inputs = true;
+        Ok(())
+    }
+
+    fn delete_remote_node(&mut self, name: &str) -> Result<bool, NodeError> {
+        if !self.tx.delete_remote_node(name)? {
+            return Ok(false);
+        }
+        self.engine.remove_node(name);
+        self.inputs = true;
+        Ok(true)
+    }
+
     fn set_host_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), NodeError> {
         if self.tx.host_addresses()? != addrs {
             self.tx.set_host_addresses(addrs)?;
@@ -416,6 +432,11 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     }
     for r in state.remote.values() {
         e.upsert_endpoint(r.input());
+    }
+    // After the pods: an address a pod has never holds the node identity
+    // in between.
+    for n in state.nodes.values() {
+        e.upsert_node(&n.name, &n.addresses);
     }
     let warnings = e.end_bulk().warnings;
     (e, warnings)
@@ -497,12 +518,20 @@ pub fn compile_state(state: &mut State) -> Compiled {
         }))
         .collect();
     let host = state.host_addresses.clone();
+    let nodes: Vec<IpAddr> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.addresses.iter().copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let compiled = compile::compile(
         &compile::Input {
             namespaces: &namespaces,
             policies: &policies,
             endpoints: &endpoints,
             host_addresses: &host,
+            node_addresses: &nodes,
         },
         &mut state.identities,
     );
@@ -1169,6 +1198,21 @@ impl<D: Dataplane> Node<D> {
                             op.put_policy(&stored)
                         })?);
                     }
+                    // This node's addresses are the host's.
+                    ApiObject::Node(n) if n.name == this_node => {
+                        op.delete_remote_node(&n.name)?;
+                    }
+                    ApiObject::Node(n) => {
+                        let old = op.tx.remote_node(&n.name)?;
+                        count(match &old {
+                            Some(o) if o == n => Change::Unchanged,
+                            Some(_) => Change::Configured,
+                            None => Change::Created,
+                        });
+                        if old.as_ref() != Some(n) {
+                            op.put_remote_node(n)?;
+                        }
+                    }
                 }
             }
             let mut gone = changes.deletes.clone();
@@ -1199,6 +1243,7 @@ impl<D: Dataplane> Node<D> {
                         }
                         None => false,
                     },
+                    Kind::Node => op.delete_remote_node(&r.name)?,
                 };
                 if found {
                     report.deleted += 1;
@@ -1279,6 +1324,7 @@ impl<D: Dataplane> Node<D> {
                         }
                         None => false,
                     },
+                    Kind::Node => op.delete_remote_node(&r.name)?,
                 };
                 changes.push((
                     r,
@@ -1714,6 +1760,167 @@ spec:
         );
         assert!(decide(&n, ep, "10.1.0.6"), "no policy: not isolated");
         // The engine agrees with a full compile of the store.
+        let (_, warnings) = n.resync().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    fn api_node(name: &str, ips: &[&str], extra: serde_json::Value) -> ApiObject {
+        let mut node = serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"addresses": ips.iter()
+                .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip}))
+                .collect::<Vec<_>>()}
+        });
+        if let serde_json::Value::Object(m) = extra {
+            for (k, v) in m {
+                node[k] = v;
+            }
+        }
+        ApiObject::node(&serde_json::from_value(node).unwrap())
+    }
+
+    const NODE_POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-pods-and-one-node}
+spec:
+  podSelector: {matchLabels: {role: api}}
+  ingress:
+  - from:
+    - namespaceSelector: {}
+    - ipBlock: {cidr: 192.168.250.2/32}
+"#;
+
+    #[test]
+    fn other_nodes_addresses_get_the_node_identity_and_follow_node_objects() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep(
+            "api",
+            10,
+            &[("app", "bookstore"), ("role", "api")],
+            "10.0.0.2",
+        ))
+        .unwrap();
+        let flannel = serde_json::json!({
+            "metadata": {"name": "node-b", "annotations": {
+                "flannel.alpha.coreos.com/backend-type": "vxlan"}},
+            "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24"]}
+        });
+        let r = n
+            .apply_api(
+                "node-a",
+                &ApiChanges {
+                    upserts: vec![
+                        api_policy(NODE_POLICY),
+                        api_node("node-a", &["192.168.250.1"], serde_json::json!({})),
+                        api_node("node-b", &["192.168.250.2"], flannel),
+                        api_node("node-c", &["192.168.250.3"], serde_json::json!({})),
+                    ],
+                    deletes: vec![],
+                    complete: vec![Kind::Node],
+                },
+            )
+            .unwrap();
+        assert_eq!(r.created, 3, "this node's own Node is not stored: {r:?}");
+        let st = n.store.read().unwrap();
+        assert_eq!(
+            st.nodes.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["node-b", "node-c"]
+        );
+        let node_key = |n: &Node<RecordingDataplane>, addr: &str| {
+            let id = ipcache_id(n, addr)?;
+            n.store.read().unwrap().identities.key_of(id).cloned()
+        };
+        assert_eq!(ipcache_id(&n, "192.168.250.1"), None, "this node's Node");
+        for addr in ["192.168.250.2", "192.168.250.3", "10.1.0.0"] {
+            let key = node_key(&n, addr).unwrap_or_else(|| panic!("{addr} has no identity"));
+            assert!(key.node && key.namespace.is_none(), "{addr}: {key:?}");
+        }
+        let ep = st.endpoints.values().next().unwrap().id;
+        assert!(
+            decide(&n, ep, "192.168.250.2"),
+            "inside the policy's ipBlock"
+        );
+        assert!(
+            !decide(&n, ep, "192.168.250.3"),
+            "a namespaceSelector never matches a node"
+        );
+        assert!(!decide(&n, ep, "10.1.0.0"), "node-b's flannel.1 address");
+        assert!(
+            node_key(&n, "192.168.250.2")
+                .unwrap()
+                .blocks
+                .contains("192.168.250.2/32"),
+            "the ipBlock refines the node identity"
+        );
+
+        // The Node's address changes; then it goes.
+        n.apply_api(
+            "node-a",
+            &ApiChanges {
+                upserts: vec![api_node(
+                    "node-c",
+                    &["192.168.250.4"],
+                    serde_json::json!({}),
+                )],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ipcache_id(&n, "192.168.250.3"), None);
+        assert!(node_key(&n, "192.168.250.4").unwrap().node);
+        n.apply_api(
+            "node-a",
+            &ApiChanges {
+                deletes: vec![ObjectRef {
+                    kind: Kind::Node,
+                    namespace: String::new(),
+                    name: "node-c".into(),
+                }],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ipcache_id(&n, "192.168.250.4"), None);
+
+        // A pod that gets a node's address takes it over; when it goes,
+        // the address is the node's again.
+        n.apply_api(
+            "node-a",
+            &ApiChanges {
+                upserts: vec![api_pod(
+                    "default",
+                    "web",
+                    "bookstore",
+                    "node-b",
+                    "192.168.250.2",
+                )],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!node_key(&n, "192.168.250.2").unwrap().node);
+        assert!(decide(&n, ep, "192.168.250.2"));
+        n.apply_api(
+            "node-a",
+            &ApiChanges {
+                complete: vec![Kind::Pod],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(node_key(&n, "192.168.250.2").unwrap().node);
+        // A relist of Nodes without node-b.
+        n.apply_api(
+            "node-a",
+            &ApiChanges {
+                complete: vec![Kind::Node],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(n.store.read().unwrap().nodes.is_empty());
+        assert_eq!(ipcache_id(&n, "10.1.0.0"), None);
         let (_, warnings) = n.resync().unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
     }

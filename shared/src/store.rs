@@ -206,6 +206,15 @@ impl RemotePod {
     }
 }
 
+/// Another node of the cluster (cluster mode): its addresses get the node
+/// identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteNode {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
 /// An identity an OCI hook learnt for a network namespace before any
 /// interface existed in it (the CNI ADD for that namespace takes it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +255,8 @@ pub struct State {
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Pods on other nodes, by `namespace/name` (cluster mode).
     pub remote: BTreeMap<String, RemotePod>,
+    /// The other nodes of the cluster, by name (cluster mode).
+    pub nodes: BTreeMap<String, RemoteNode>,
     pub identities: IdentityTable,
     /// The node's own addresses, refreshed by every CNI ADD.
     pub host_addresses: Vec<IpAddr>,
@@ -265,6 +276,7 @@ impl Default for State {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             remote: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             identities: IdentityTable::default(),
             host_addresses: Vec::new(),
             pending: BTreeMap::new(),
@@ -382,6 +394,7 @@ CREATE TABLE IF NOT EXISTS pending (inode TEXT PRIMARY KEY, record TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS remote_pods (
     namespace TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (namespace, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS remote_nodes (name TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
 ";
 
 impl Store {
@@ -809,6 +822,14 @@ fn load(conn: &Connection, path: &Path) -> Result<State, StoreError> {
         )?
         .into_iter()
         .collect(),
+        nodes: rows(
+            conn,
+            path,
+            "remote node",
+            "SELECT name, record FROM remote_nodes",
+        )?
+        .into_iter()
+        .collect(),
         identities: ids,
         host_addresses: meta("host_addresses")?
             .map(|v| decode(path, "setting", "host_addresses", &v))
@@ -1128,6 +1149,7 @@ impl Txn<'_> {
             Kind::Namespace => "SELECT '', name FROM namespaces",
             Kind::Pod => "SELECT namespace, name FROM pods",
             Kind::NetworkPolicy => "SELECT namespace, name FROM policies",
+            Kind::Node => "SELECT '', name FROM remote_nodes",
         };
         let mut stmt = self
             .tx
@@ -1165,6 +1187,34 @@ impl Txn<'_> {
             "delete a remote pod",
             "DELETE FROM remote_pods WHERE namespace = ?1 AND name = ?2",
             [namespace, name],
+        )? > 0)
+    }
+
+    // ----- other nodes -----
+
+    pub fn remote_node(&self, name: &str) -> Result<Option<RemoteNode>, StoreError> {
+        self.one(
+            "remote node",
+            "SELECT record FROM remote_nodes WHERE name = ?1",
+            [name],
+            name,
+        )
+    }
+
+    pub fn put_remote_node(&mut self, node: &RemoteNode) -> Result<(), StoreError> {
+        self.exec(
+            "write a remote node",
+            "INSERT OR REPLACE INTO remote_nodes (name, record) VALUES (?1, ?2)",
+            params![node.name, encode(node)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_remote_node(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "delete a remote node",
+            "DELETE FROM remote_nodes WHERE name = ?1",
+            [name],
         )? > 0)
     }
 

@@ -98,6 +98,7 @@ impl Datapath {
                 policies: &policies,
                 endpoints,
                 host_addresses: host,
+                node_addresses: &[],
             },
             &mut self.ids,
         );

@@ -25,8 +25,8 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, ContainerPort, Namespace, Node as KubeNodeObject, NodeAddress, NodeStatus,
-            Pod as KubePod, PodIP, PodSpec, PodStatus,
+            Container, ContainerPort, Namespace, Node as KubeNodeObject, NodeAddress, NodeSpec,
+            NodeStatus, Pod as KubePod, PodIP, PodSpec, PodStatus,
         },
         networking::v1::NetworkPolicy,
     },
@@ -70,6 +70,16 @@ fn node_v4(i: usize) -> String {
 
 fn node_v6(i: usize) -> String {
     format!("{FABRIC_V6}{:x}", i + 1)
+}
+
+/// The source address of what node `i` itself sends to pods on other
+/// nodes: its `flannel.1` address over VXLAN, else its fabric address.
+pub fn node_source(topology: Topology, i: usize, v6: bool) -> IpAddr {
+    match (topology, v6) {
+        (Topology::Vxlan, false) => format!("10.100.{i}.0").parse().expect("address"),
+        (Topology::Vxlan, true) => net6(i).parse().expect("address"),
+        _ => node_address(i, v6),
+    }
 }
 
 /// Node `i`'s own address on the fabric (where its NodePorts are served).
@@ -178,7 +188,7 @@ impl Cluster {
             let name = format!("node-{i}");
             // The Node object exists before its agent starts, as in a
             // cluster where the kubelet registered first.
-            api.apply(&node_object(&name, i, ipv6));
+            api.apply(&node_object(&name, i, ipv6, topology));
             let node = Node::new(NodeOptions {
                 ipv6,
                 world: i == 0 && world.is_some(),
@@ -487,7 +497,10 @@ fn label_map(name: &str, labels: &[(&str, &str)], namespace: bool) -> BTreeMap<S
     m
 }
 
-fn node_object(name: &str, i: usize, ipv6: bool) -> KubeNodeObject {
+/// Node `i` as its kubelet registers it, with the pod CIDRs the
+/// controller manager assigns, and with Flannel's VXLAN backend its
+/// annotation (Flannel gives `flannel.1` the first address of each).
+fn node_object(name: &str, i: usize, ipv6: bool, topology: Topology) -> KubeNodeObject {
     let mut addresses = vec![NodeAddress {
         type_: "InternalIP".into(),
         address: node_v4(i),
@@ -498,6 +511,10 @@ fn node_object(name: &str, i: usize, ipv6: bool) -> KubeNodeObject {
             address: node_v6(i),
         });
     }
+    let mut cidrs = vec![subnet_v4(i)];
+    if ipv6 {
+        cidrs.push(subnet_v6(i));
+    }
     KubeNodeObject {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -505,9 +522,19 @@ fn node_object(name: &str, i: usize, ipv6: bool) -> KubeNodeObject {
                 "kubernetes.io/hostname".to_owned(),
                 name.to_owned(),
             )])),
+            annotations: (topology == Topology::Vxlan).then(|| {
+                BTreeMap::from([(
+                    "flannel.alpha.coreos.com/backend-type".to_owned(),
+                    "vxlan".to_owned(),
+                )])
+            }),
             ..Default::default()
         },
-        spec: None,
+        spec: Some(NodeSpec {
+            pod_cidr: Some(subnet_v4(i)),
+            pod_cidrs: Some(cidrs),
+            ..Default::default()
+        }),
         status: Some(NodeStatus {
             addresses: Some(addresses),
             ..Default::default()

@@ -57,6 +57,8 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Another node of the cluster (cluster mode only; never applied).
+    Node,
 }
 
 impl Kind {
@@ -65,6 +67,7 @@ impl Kind {
             Self::Namespace => "Namespace",
             Self::Pod => "Pod",
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::Node => "Node",
         }
     }
 }
