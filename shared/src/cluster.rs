@@ -541,6 +541,55 @@ status:
     }
 
     #[test]
+    fn a_nodes_identity_addresses_include_its_tunnel_addresses() {
+        let node: KubeNode = serde_yaml::from_str(
+            r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: n1
+  annotations:
+    projectcalico.org/IPv4Address: 192.168.1.5/24
+    projectcalico.org/IPv4IPIPTunnelAddr: 10.244.3.0
+    projectcalico.org/IPv6VXLANTunnelAddr: "fd00:244::3:0"
+    projectcalico.org/IPv4VXLANTunnelAddr: not-an-address
+spec: {podCIDR: 10.245.3.0/24, podCIDRs: [10.245.3.0/24]}
+status:
+  addresses:
+  - {type: InternalIP, address: 192.168.1.5}
+  - {type: ExternalIP, address: 203.0.113.5}
+  - {type: Hostname, address: n1}
+"#,
+        )
+        .unwrap();
+        let want: Vec<IpAddr> = ["10.244.3.0", "192.168.1.5", "203.0.113.5", "fd00:244::3:0"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(node_identity_addresses(&node), want);
+        // NodePorts are served on the node's own addresses only.
+        assert_eq!(node_addresses(&node).len(), 2);
+
+        // Flannel's VXLAN backend: flannel.1 has the pod CIDRs' first
+        // addresses; without the annotation they are pods' range only.
+        let mut flannel = node.clone();
+        flannel.metadata.annotations = Some(
+            [(FLANNEL_BACKEND.to_owned(), "vxlan".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        let got = node_identity_addresses(&flannel);
+        assert!(got.contains(&"10.245.3.0".parse().unwrap()), "{got:?}");
+        assert!(
+            !node_identity_addresses(&KubeNode {
+                metadata: ObjectMeta::default(),
+                ..node
+            })
+            .contains(&"10.245.3.0".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn headless_and_external_name_services_have_no_frontends() {
         for yaml in [
             "{apiVersion: v1, kind: Service, metadata: {name: h}, spec: {clusterIP: None, ports: [{port: 80}]}}",
