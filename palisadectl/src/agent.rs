@@ -51,15 +51,12 @@ struct Stats {
 
 fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
     let mut reg = Registry::default();
-    let state = Store::new(&opts.state_dir).read()?;
-    let names: BTreeMap<u32, (String, String)> = state
-        .endpoints
-        .values()
-        .map(|e| (e.id, (e.namespace.clone(), e.name.clone())))
-        .collect();
+    // Names only: in cluster mode the store holds every pod of the
+    // cluster, and a scrape must not read them all.
+    let names = Store::new(&opts.state_dir).endpoint_names()?;
 
     let endpoints = Gauge::<i64>::default();
-    endpoints.set(i64::try_from(state.endpoints.len()).unwrap_or(i64::MAX));
+    endpoints.set(i64::try_from(names.len()).unwrap_or(i64::MAX));
     reg.register(
         "palisade_endpoints",
         "Endpoints palisade enforces on",
@@ -271,7 +268,7 @@ pub fn run(opts: Options) -> Result<()> {
     };
     let store = Store::new(&opts.state_dir);
     let mut seen = store.generation().unwrap_or_default();
-    let mut resolver = Resolver::new(&store.read()?);
+    let mut resolver = Resolver::new(&store.read_names()?);
     if opts.cluster.is_some() {
         crate::cluster::trim_heap();
     }
@@ -294,7 +291,7 @@ pub fn run(opts: Options) -> Result<()> {
         let g = store.generation().unwrap_or_default();
         if g != seen
             && last_read.elapsed() >= reread_every
-            && let Ok(st) = store.read()
+            && let Ok(st) = store.read_names()
         {
             seen = g;
             last_read = Instant::now();

@@ -76,7 +76,7 @@ impl Source {
         match self {
             Self::Log(dir) => Ok(flows::read_log(dir)),
             Self::Kernel { reader, store } => {
-                let resolver = Resolver::new(&store.read()?);
+                let resolver = Resolver::new(&store.read_names()?);
                 Ok(reader
                     .drain()
                     .iter()

@@ -1713,6 +1713,18 @@ spec:
             Some("node-a")
         );
         let ep = st.endpoints.values().next().unwrap().id;
+        // Reads for names take this node's Pod objects only.
+        let names = n.store.read_names().unwrap();
+        assert_eq!(
+            names.pods.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["default/api"]
+        );
+        assert_eq!(names.remote.len(), 2);
+        assert_eq!(st.pods.len(), 3);
+        assert_eq!(
+            n.store.endpoint_names().unwrap(),
+            BTreeMap::from([(ep, ("default".to_owned(), "api".to_owned()))])
+        );
         assert!(decide(&n, ep, "10.1.0.5"), "a remote pod the policy admits");
         assert!(!decide(&n, ep, "10.1.0.6"), "a remote pod it does not");
         assert!(ipcache_id(&n, "10.1.0.5").is_some());

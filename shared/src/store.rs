@@ -465,6 +465,18 @@ impl Store {
     /// A consistent snapshot of everything, without waiting for writers.
     /// An empty state when nothing was ever stored.
     pub fn read(&self) -> Result<State, StoreError> {
+        self.read_with(Pods::All)
+    }
+
+    /// Like [`Store::read`], but with the Pod objects of this node's
+    /// endpoints only: everything that names the parties of a flow (local
+    /// endpoints and their labels, pods on other nodes, nodes, policies),
+    /// without the whole cluster's Pod objects in cluster mode.
+    pub fn read_names(&self) -> Result<State, StoreError> {
+        self.read_with(Pods::OfEndpoints)
+    }
+
+    fn read_with(&self, which: Pods) -> Result<State, StoreError> {
         let path = self.db_path();
         if !path.exists() {
             if self.dir.join(LEGACY_FILE).exists() {
@@ -485,7 +497,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(db_err("begin a read", &path))?;
-        let mut state = load(&tx, &path)?;
+        let mut state = load_with(&tx, &path, which)?;
         if get_meta(&tx, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
             // Not yet cleaned by a writer: none of these exist any more.
             state.endpoints.clear();
@@ -493,6 +505,37 @@ impl Store {
             state.pending.clear();
         }
         Ok(state)
+    }
+
+    /// This node's endpoints by id, as (namespace, name), read without
+    /// waiting for writers and without anything else (for metrics).
+    pub fn endpoint_names(&self) -> Result<BTreeMap<u32, (String, String)>, StoreError> {
+        let path = self.db_path();
+        if !path.exists() {
+            return Ok(self
+                .read()?
+                .endpoints
+                .into_values()
+                .map(|e| (e.id, (e.namespace, e.name)))
+                .collect());
+        }
+        let conn = open_read_only(&path)?;
+        if get_meta(&conn, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
+            return Ok(BTreeMap::new());
+        }
+        let mut stmt = match conn.prepare(
+            "SELECT id, json_extract(record, '$.namespace'), json_extract(record, '$.name') \
+             FROM endpoints",
+        ) {
+            Ok(s) => s,
+            Err(e) if no_table(&e) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(db_err("read", &path)(e)),
+        };
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .map_err(db_err("read", &path))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(db_err("read", &path))
     }
 
     /// One endpoint, read without waiting for writers.
@@ -755,17 +798,35 @@ fn rows<T: DeserializeOwned>(
     sql: &str,
 ) -> Result<Vec<(String, T)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql).map_err(db_err("read", path))?;
-    let raw: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(db_err("read", path))?
-        .collect::<Result<_, _>>()
-        .map_err(db_err("read", path))?;
-    raw.into_iter()
-        .map(|(k, text)| Ok((k.clone(), decode(path, what, &k, &text)?)))
-        .collect()
+    let mut rows = stmt.query([]).map_err(db_err("read", path))?;
+    // Decoded one by one: the texts of a large table are never all held.
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(db_err("read", path))? {
+        let key: String = r.get(0).map_err(db_err("read", path))?;
+        let text = r.get_ref(1).map_err(db_err("read", path))?;
+        let text = text
+            .as_str()
+            .map_err(|e| db_err("read", path)(rusqlite::Error::from(e)))?;
+        let value = decode(path, what, &key, text)?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// Which Pod objects a read takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pods {
+    All,
+    /// Only those of this node's endpoints (what names and labels need; in
+    /// cluster mode the table holds every pod of the cluster).
+    OfEndpoints,
 }
 
 fn load(conn: &Connection, path: &Path) -> Result<State, StoreError> {
+    load_with(conn, path, Pods::All)
+}
+
+fn load_with(conn: &Connection, path: &Path, which: Pods) -> Result<State, StoreError> {
     let meta = |key: &str| get_meta(conn, path, key);
     let mut ids = IdentityTable::with_counters(
         meta("next_local_identity")?
@@ -795,14 +856,27 @@ fn load(conn: &Connection, path: &Path) -> Result<State, StoreError> {
         )?
         .into_iter()
         .collect(),
-        pods: rows(
-            conn,
-            path,
-            "pod",
-            "SELECT namespace || '/' || name, record FROM pods",
-        )?
-        .into_iter()
-        .collect(),
+        pods: match which {
+            Pods::All => rows(
+                conn,
+                path,
+                "pod",
+                "SELECT namespace || '/' || name, record FROM pods",
+            )?
+            .into_iter()
+            .collect(),
+            Pods::OfEndpoints => rows(
+                conn,
+                path,
+                "pod",
+                "SELECT p.namespace || '/' || p.name, p.record FROM pods p \
+                 WHERE EXISTS (SELECT 1 FROM endpoints e WHERE \
+                 json_extract(e.record, '$.namespace') = p.namespace AND \
+                 json_extract(e.record, '$.name') = p.name)",
+            )?
+            .into_iter()
+            .collect(),
+        },
         policies: rows(
             conn,
             path,
