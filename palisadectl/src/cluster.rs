@@ -156,6 +156,9 @@ enum Msg {
     Failed(Watch, String),
 }
 
+/// Events waiting for the engine, at most (also the largest batch).
+const QUEUE: usize = 10_000;
+
 /// Start the agent on its own thread; it runs until the process ends.
 pub fn start(server: Arc<Server>, opts: Options) -> Result<Arc<Metrics>> {
     let metrics = Arc::new(Metrics::new());
@@ -272,7 +275,7 @@ fn spawn_watch<K>(
     which: Watch,
     convert: Convert<K>,
     side_of: SideOf<K>,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -297,7 +300,7 @@ fn spawn_watch<K>(
                 Ok(None) => return,
                 Err(e) => Msg::Failed(which, e.to_string()),
             };
-            if tx.send(msg).is_err() {
+            if tx.send(msg).await.is_err() {
                 return;
             }
         }
@@ -312,7 +315,10 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         "palisade daemon: cluster mode for node {} with the API server at {url}",
         opts.node_name
     );
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Bounded: while the engine takes one batch, a watch waits instead of
+    // reading on, so a long list is never held whole (the next page is
+    // fetched when there is room).
+    let (tx, mut rx) = mpsc::channel(QUEUE);
     spawn_watch::<Namespace>(
         client.clone(),
         Watch::Namespaces,
@@ -418,10 +424,21 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
     }
     applier.publish();
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 10_000).await > 0 {
+    while rx.recv_many(&mut batch, QUEUE).await > 0 {
         applier.apply(std::mem::take(&mut batch)).await;
     }
     Ok(())
+}
+
+/// A list under way. Its objects go to the engine with the batch they
+/// arrive in (a list of every pod of a large cluster is never held whole);
+/// the keys are kept so that, once it is complete, what was stored and not
+/// listed is deleted.
+#[derive(Debug, Default)]
+struct Listing {
+    keys: BTreeSet<(String, String)>,
+    /// What the agent keeps itself (Services, Nodes): taken at the end.
+    sides: Vec<((String, String), Side)>,
 }
 
 /// Turns queued events into batches for the engine, and keeps the status.
@@ -434,7 +451,7 @@ struct Applier {
     /// not take yet).
     known: BTreeMap<Watch, BTreeSet<(String, String)>>,
     /// Relists under way: what has been listed so far.
-    listing: BTreeMap<Watch, Vec<Item>>,
+    listing: BTreeMap<Watch, Listing>,
     listed_once: BTreeSet<Watch>,
     failing: BTreeSet<Watch>,
     /// Recent event-to-datapath times, seconds.
@@ -453,6 +470,7 @@ impl Applier {
         let mut upserts: BTreeMap<ObjectRef, ApiObject> = BTreeMap::new();
         let mut deletes: BTreeSet<ObjectRef> = BTreeSet::new();
         let mut complete = Vec::new();
+        let mut listed = Vec::new();
         let mut arrivals = Vec::new();
         let mut errors = Vec::new();
         let mut rvs: BTreeMap<Watch, u64> = BTreeMap::new();
@@ -471,35 +489,40 @@ impl Applier {
                     self.status.last_error = Some(format!("{}: {e}", w.name()));
                 }
                 Msg::ListStart(w) => {
-                    self.listing.insert(w, Vec::new());
+                    self.listing.insert(w, Listing::default());
                 }
-                Msg::Listed(w, item) => {
-                    self.listing.entry(w).or_default().push(item);
+                Msg::Listed(w, it) => {
+                    seen(w, it.rv);
+                    errors.extend(it.error);
+                    if let Some(o) = it.object {
+                        let r = o.reference();
+                        deletes.remove(&r);
+                        upserts.insert(r, o);
+                    }
+                    let l = self.listing.entry(w).or_default();
+                    l.keys.insert(it.key.clone());
+                    if !matches!(it.side, Side::None) {
+                        l.sides.push((it.key, it.side));
+                    }
                 }
                 Msg::ListDone(w) => {
                     self.failing.remove(&w);
-                    let items = self.listing.remove(&w).unwrap_or_default();
+                    let Listing { keys, sides } = self.listing.remove(&w).unwrap_or_default();
                     if !self.listed_once.insert(w) {
                         self.metrics.relists.inc();
                         self.status.relists += 1;
                     }
-                    let keys = self.known.entry(w).or_default();
-                    keys.clear();
                     if let Some(kind) = w.kind() {
                         complete.push(kind);
-                        upserts.retain(|r, _| r.kind != kind);
-                        deletes.retain(|r| r.kind != kind);
+                        // Listed in earlier batches (or in this one: the
+                        // engine takes the union).
+                        listed.extend(keys.iter().map(|(namespace, name)| ObjectRef {
+                            kind,
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        }));
                     }
-                    let mut sides = Vec::new();
-                    for it in items {
-                        seen(w, it.rv);
-                        keys.insert(it.key.clone());
-                        errors.extend(it.error);
-                        if let Some(o) = it.object {
-                            upserts.insert(o.reference(), o);
-                        }
-                        sides.push((it.key, it.side));
-                    }
+                    self.known.insert(w, keys);
                     // A list is the whole truth for its kind.
                     match w {
                         Watch::Services => self.services.clear(),
@@ -568,6 +591,7 @@ impl Applier {
             upserts: upserts.into_values().collect(),
             deletes: deletes.into_iter().collect(),
             complete,
+            listed,
         };
         if changes.is_empty() {
             self.applied(&rvs);

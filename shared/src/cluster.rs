@@ -262,8 +262,11 @@ pub struct ApiChanges {
     pub deletes: Vec<ObjectRef>,
     /// Kinds listed in full (a first list, or a relist after a watch was
     /// lost): every stored object of these kinds that is not in
-    /// `upserts` is deleted.
+    /// `upserts` or `listed` is deleted.
     pub complete: Vec<Kind>,
+    /// Objects of the `complete` kinds that the list delivered in earlier
+    /// batches (the agent applies a long list as it arrives).
+    pub listed: Vec<ObjectRef>,
 }
 
 impl ApiChanges {

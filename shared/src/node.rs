@@ -1154,6 +1154,11 @@ impl<D: Dataplane> Node<D> {
                 .iter()
                 .map(|k| (*k, BTreeSet::new()))
                 .collect();
+            for r in &changes.listed {
+                if let Some(set) = listed.get_mut(&r.kind) {
+                    set.insert((r.namespace.clone(), r.name.clone()));
+                }
+            }
             let mut count = |c: Change| match c {
                 Change::Created => report.created += 1,
                 Change::Configured => report.changed += 1,
@@ -1703,6 +1708,7 @@ spec:
             ],
             deletes: vec![],
             complete: vec![Kind::Pod, Kind::NetworkPolicy],
+            listed: vec![],
         };
         let r = n.apply_api("node-a", &changes).unwrap();
         assert_eq!(r.created, 4, "{r:?}");
@@ -1747,21 +1753,34 @@ spec:
         assert!(decide(&n, ep, "10.1.0.6"));
 
         // A relist without "other" and without the policy: both go, the
-        // rest is unchanged and not rewritten.
+        // rest is unchanged and not rewritten. The list arrives in two
+        // batches: "web" in the first, the rest with the end of the list.
         let r = n
             .apply_api(
                 "node-a",
                 &ApiChanges {
-                    upserts: vec![
-                        api_pod("default", "web", "x", "node-b", "10.1.0.5"),
-                        api_pod("default", "api", "bookstore", "node-a", "10.0.0.2"),
-                    ],
-                    deletes: vec![],
-                    complete: vec![Kind::Pod, Kind::NetworkPolicy],
+                    upserts: vec![api_pod("default", "web", "x", "node-b", "10.1.0.5")],
+                    ..Default::default()
                 },
             )
             .unwrap();
-        assert_eq!((r.deleted, r.unchanged), (2, 2), "{r:?}");
+        assert_eq!((r.deleted, r.unchanged), (0, 1), "{r:?}");
+        let r = n
+            .apply_api(
+                "node-a",
+                &ApiChanges {
+                    upserts: vec![api_pod("default", "api", "bookstore", "node-a", "10.0.0.2")],
+                    deletes: vec![],
+                    complete: vec![Kind::Pod, Kind::NetworkPolicy],
+                    listed: vec![ObjectRef {
+                        kind: Kind::Pod,
+                        namespace: "default".into(),
+                        name: "web".into(),
+                    }],
+                },
+            )
+            .unwrap();
+        assert_eq!((r.deleted, r.unchanged), (2, 1), "{r:?}");
         let st = n.store.read().unwrap();
         assert_eq!(st.remote.len(), 1);
         assert!(st.policies.is_empty());
@@ -1830,6 +1849,7 @@ spec:
                     ],
                     deletes: vec![],
                     complete: vec![Kind::Node],
+                    listed: vec![],
                 },
             )
             .unwrap();
