@@ -204,7 +204,9 @@ impl Default for EpOut {
 #[derive(Debug)]
 struct EpState {
     input: EndpointInput,
-    /// Effective labels (the Pod object's over the runtime's).
+    /// Effective labels (the Pod object's over the runtime's); empty for
+    /// remote pods, whose labels are their Pod object's (kept once, in
+    /// `Engine::pods`: a cluster has many).
     labels: Labels,
     /// The Pod object's named ports.
     ports: Vec<NamedPort>,
@@ -598,14 +600,14 @@ impl Engine {
         if self.pods.get(&key) == Some(&pod) {
             return;
         }
-        self.pods.insert(key.clone(), pod);
-        self.pod_changed(&key);
+        let old = self.pods.insert(key.clone(), pod);
+        self.pod_changed(&key, old.as_ref());
     }
 
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
-        if self.pods.remove(&key).is_some() {
-            self.pod_changed(&key);
+        if let Some(old) = self.pods.remove(&key) {
+            self.pod_changed(&key, Some(&old));
         }
     }
 
@@ -1355,7 +1357,7 @@ impl Engine {
         }
     }
 
-    fn pod_changed(&mut self, key: &(String, String)) {
+    fn pod_changed(&mut self, key: &(String, String), old: Option<&PodInfo>) {
         let eps: Vec<u32> = self
             .eps_by_pod
             .get(key)
@@ -1368,7 +1370,12 @@ impl Engine {
             let pod = self.pods.get(key);
             let labels = effective_labels(&e.input.labels, pod);
             let ports = pod.map(|p| p.ports.clone()).unwrap_or_default();
-            if labels != e.labels || ports != e.ports {
+            let was = if e.input.remote {
+                effective_labels(&e.input.labels, old)
+            } else {
+                e.labels.clone()
+            };
+            if labels != was || ports != e.ports {
                 let input = e.input.clone();
                 self.remove_ep(ep);
                 self.add_ep(input);
@@ -1392,9 +1399,17 @@ impl Engine {
     /// The identity key of an endpoint's address (`None`: of the endpoint
     /// without addresses).
     fn ep_key(&self, e: &EpState, addr: Option<IpAddr>) -> IdentityKey {
+        let labels = if e.input.remote {
+            let pod = self
+                .pods
+                .get(&(e.input.namespace.clone(), e.input.name.clone()));
+            effective_labels(&e.input.labels, pod)
+        } else {
+            e.labels.clone()
+        };
         IdentityKey {
             namespace: Some(e.input.namespace.clone()),
-            labels: e.labels.clone(),
+            labels,
             blocks: addr
                 .map(|a| self.block_index.of_addr(a))
                 .unwrap_or_default(),
@@ -1407,7 +1422,11 @@ impl Engine {
         let ep = input.ep_id;
         let pod_key = (input.namespace.clone(), input.name.clone());
         let pod = self.pods.get(&pod_key);
-        let labels = effective_labels(&input.labels, pod);
+        let labels = if input.remote {
+            Labels::new()
+        } else {
+            effective_labels(&input.labels, pod)
+        };
         let ports = pod.map(|p| p.ports.clone()).unwrap_or_default();
         self.eps_by_ns
             .entry(input.namespace.clone())
