@@ -214,7 +214,8 @@ struct EpState {
     addr_ids: Vec<u32>,
     /// The endpoint's own identity (its first address's).
     own: u32,
-    out: EpOut,
+    /// Local endpoints only (a remote pod has no map value).
+    out: Option<Box<EpOut>>,
 }
 
 #[derive(Debug, Default)]
@@ -1123,10 +1124,11 @@ impl Engine {
         let isolates = [pol.policy.ingress_isolation, pol.policy.egress_isolation];
         let enforced = pol.mode == Mode::Enforce;
         if let Some(e) = self.eps.get_mut(&ep) {
+            let out = e.out.get_or_insert_with(Box::default);
             for (d, _) in isolates.iter().enumerate().filter(|(_, i)| **i) {
-                e.out.isolating[d] = e.out.isolating[d].wrapping_add_signed(sign);
+                out.isolating[d] = out.isolating[d].wrapping_add_signed(sign);
                 if enforced {
-                    e.out.enforcing[d] = e.out.enforcing[d].wrapping_add_signed(sign);
+                    out.enforcing[d] = out.enforcing[d].wrapping_add_signed(sign);
                 }
             }
             self.dirty_ifindex.insert(e.input.ifindex);
@@ -1305,8 +1307,9 @@ impl Engine {
         self.pols[p].mode = mode;
         for ep in eps {
             if let Some(e) = self.eps.get_mut(&ep) {
+                let out = e.out.get_or_insert_with(Box::default);
                 for (d, _) in isolates.iter().enumerate().filter(|(_, i)| **i) {
-                    e.out.enforcing[d] = e.out.enforcing[d].wrapping_add_signed(sign);
+                    out.enforcing[d] = out.enforcing[d].wrapping_add_signed(sign);
                 }
                 self.dirty_ifindex.insert(e.input.ifindex);
             }
@@ -1457,7 +1460,7 @@ impl Engine {
                 ports,
                 addr_ids: Vec::new(),
                 own: ID_WORLD,
-                out: EpOut::default(),
+                out: (!remote).then(Box::default),
             },
         );
         for addr in &addresses {
@@ -1997,7 +2000,7 @@ impl Engine {
                 let slot =
                     usize::from(key.data.direction) * SHAPE_SLOTS + shape_slot(key.prefixlen);
                 if key.prefixlen != POLICY_PREFIX_FULL {
-                    let c = &mut e.out.shapes[slot];
+                    let c = &mut e.out.get_or_insert_with(Box::default).shapes[slot];
                     *c = if value.is_some() { *c + 1 } else { *c - 1 };
                     self.dirty_ifindex.insert(e.input.ifindex);
                 }
@@ -2038,11 +2041,13 @@ impl Engine {
 
     fn ep_value(&self, ep: u32) -> EndpointValue {
         let e = &self.eps[&ep];
+        let none = EpOut::default();
+        let out = e.out.as_deref().unwrap_or(&none);
         let mut flags = 0;
         let mut range_lens = 0;
         for (d, dir) in Direction::ALL.iter().enumerate() {
             for slot in 0..SHAPE_SLOTS {
-                if e.out.shapes[d * SHAPE_SLOTS + slot] > 0 {
+                if out.shapes[d * SHAPE_SLOTS + slot] > 0 {
                     let (f, l) = abi::ep_shape(*dir as u8, slot_prefixlen(slot));
                     flags |= f;
                     range_lens |= l;
@@ -2056,10 +2061,10 @@ impl Engine {
         .into_iter()
         .enumerate()
         {
-            if e.out.isolating[d] > 0 {
+            if out.isolating[d] > 0 {
                 flags |= isolate;
                 // Isolated only by audit-mode policies: report, not drop.
-                if e.out.enforcing[d] == 0 {
+                if out.enforcing[d] == 0 {
                     flags |= audit;
                 }
             }

@@ -9,7 +9,10 @@
 //! the names egress rules use (named ports resolve per destination pod).
 //! Allocation is pure; the store persists the table so numbers are stable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -97,8 +100,9 @@ impl IdentityKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "TableWire", into = "TableWire")]
 pub struct IdentityTable {
-    by_key: BTreeMap<IdentityKey, u32>,
-    by_id: BTreeMap<u32, IdentityKey>,
+    /// Each key is held once, by both indexes.
+    by_key: BTreeMap<Arc<IdentityKey>, u32>,
+    by_id: BTreeMap<u32, Arc<IdentityKey>>,
     next_local: u32,
     next_cidr: u32,
 }
@@ -128,7 +132,11 @@ impl From<TableWire> for IdentityTable {
 impl From<IdentityTable> for TableWire {
     fn from(t: IdentityTable) -> Self {
         TableWire {
-            entries: t.by_id.into_iter().map(|(id, k)| (k, id)).collect(),
+            entries: t
+                .by_id
+                .into_iter()
+                .map(|(id, k)| (Arc::unwrap_or_clone(k), id))
+                .collect(),
             next_local: t.next_local,
             next_cidr: t.next_cidr,
         }
@@ -164,7 +172,8 @@ impl IdentityTable {
 
     /// Record a stored identity.
     pub fn insert(&mut self, id: u32, key: IdentityKey) {
-        if let Some(old) = self.by_id.insert(id, key.clone()) {
+        let key = Arc::new(key);
+        if let Some(old) = self.by_id.insert(id, Arc::clone(&key)) {
             self.by_key.remove(&old);
         }
         self.by_key.insert(key, id);
@@ -221,7 +230,7 @@ impl IdentityTable {
     pub fn remove(&mut self, id: u32) -> Option<IdentityKey> {
         let key = self.by_id.remove(&id)?;
         self.by_key.remove(&key);
-        Some(key)
+        Some(Arc::unwrap_or_clone(key))
     }
 
     /// Forget identities no address uses any more.
@@ -239,7 +248,7 @@ impl IdentityTable {
 
     /// Every identity, by number.
     pub fn iter(&self) -> impl Iterator<Item = (&IdentityKey, u32)> {
-        self.by_id.iter().map(|(id, k)| (k, *id))
+        self.by_id.iter().map(|(id, k)| (&**k, *id))
     }
 
     pub fn len(&self) -> usize {
@@ -251,7 +260,7 @@ impl IdentityTable {
     }
 
     pub fn key_of(&self, id: u32) -> Option<&IdentityKey> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(|k| &**k)
     }
 
     /// The number of `key`, if it has one.
