@@ -437,6 +437,9 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
 #[derive(Debug, Default)]
 struct Listing {
     keys: BTreeSet<(String, String)>,
+    /// The objects the engine took (not those that failed validation: as
+    /// before lists were applied in parts, those are deleted at the end).
+    taken: Vec<ObjectRef>,
     /// What the agent keeps itself (Services, Nodes): taken at the end.
     sides: Vec<((String, String), Side)>,
 }
@@ -494,12 +497,13 @@ impl Applier {
                 Msg::Listed(w, it) => {
                     seen(w, it.rv);
                     errors.extend(it.error);
+                    let l = self.listing.entry(w).or_default();
                     if let Some(o) = it.object {
                         let r = o.reference();
                         deletes.remove(&r);
+                        l.taken.push(r.clone());
                         upserts.insert(r, o);
                     }
-                    let l = self.listing.entry(w).or_default();
                     l.keys.insert(it.key.clone());
                     if !matches!(it.side, Side::None) {
                         l.sides.push((it.key, it.side));
@@ -507,7 +511,8 @@ impl Applier {
                 }
                 Msg::ListDone(w) => {
                     self.failing.remove(&w);
-                    let Listing { keys, sides } = self.listing.remove(&w).unwrap_or_default();
+                    let Listing { keys, taken, sides } =
+                        self.listing.remove(&w).unwrap_or_default();
                     if !self.listed_once.insert(w) {
                         self.metrics.relists.inc();
                         self.status.relists += 1;
@@ -516,11 +521,7 @@ impl Applier {
                         complete.push(kind);
                         // Listed in earlier batches (or in this one: the
                         // engine takes the union).
-                        listed.extend(keys.iter().map(|(namespace, name)| ObjectRef {
-                            kind,
-                            namespace: namespace.clone(),
-                            name: name.clone(),
-                        }));
+                        listed.extend(taken);
                     }
                     self.known.insert(w, keys);
                     // A list is the whole truth for its kind.
