@@ -420,16 +420,17 @@ pub fn run(cfg: &Config, report: &mut Report) {
             "cluster agent RSS < 400 MiB (after the first sync and under events)",
             &f(rss, 1),
             rss.is_some_and(|v| v < 400.0),
-            "Missed by about 4x. It is live data, not the allocator's fragmentation: the same \
-             run with mimalloc instead of glibc's malloc measured 1666 MiB against 1655. The \
-             engine alone holds about 520 MiB for 150,000 remote pods (its per-pod label maps \
-             about 165 MiB, its per-endpoint records about 354 MiB, measured by building the \
-             engine alone); the remaining 1.1 GiB is not broken down yet (candidates: the \
-             objects the kube-rs watch streams decode before they are trimmed, the store's \
-             page cache, the agent's key sets per kind). What would bring it down: one shared \
-             label set per distinct set of labels (pods of one ReplicaSet share theirs), \
-             remote-pod records reduced to addresses and an identity, and Pods decoded \
-             straight into the trimmed form.",
+            "Missed by about 1.5x (it was 1661 MiB before the agent stopped reading the whole \
+             store for metrics and flow names and started applying lists as they arrive). heaptrack \
+             on a second run of the same bench (the agent under heaptrack, release build): heap at its peak 473 MiB, \
+             during the first sync; live after the event stream 358 MiB, of which the Pod objects' \
+             label maps about 80 MiB, the engine's endpoint records for remote pods about 95 MiB, \
+             its pod table 38 MiB and per-pod index 19 MiB, identities about 20 MiB, the agent's \
+             key sets per kind 13 MiB. The rest of the RSS is what glibc keeps of the sync's peak, \
+             code and stacks. What would bring it down: one shared label set per distinct set of \
+             labels (pods of one ReplicaSet share theirs), remote-pod records reduced to addresses \
+             and an identity instead of full endpoint records, and smaller batches during the first \
+             list (the peak).",
         );
         report.target(
             "cluster event-to-datapath p99 < 100 ms at 200 pod events/s",
