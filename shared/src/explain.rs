@@ -582,6 +582,45 @@ spec:
     }
 
     #[test]
+    fn pods_and_nodes_elsewhere_in_the_cluster_are_named_and_matched() {
+        let mut st = state();
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: shop, namespace: default, \
+                    labels: {app: bookstore}}\n";
+        for o in parse_documents(yaml, "t").unwrap() {
+            if let Object::Pod(pod) = o {
+                st.pods.insert("default/shop".into(), *pod);
+            }
+        }
+        st.remote.insert(
+            "default/shop".into(),
+            crate::store::RemotePod {
+                id: 50,
+                namespace: "default".into(),
+                name: "shop".into(),
+                node: "node-b".into(),
+                addresses: vec!["10.1.0.5".parse().unwrap()],
+            },
+        );
+        st.nodes.insert(
+            "node-b".into(),
+            crate::store::RemoteNode {
+                name: "node-b".into(),
+                addresses: vec!["192.168.250.2".parse().unwrap()],
+            },
+        );
+        let p = |s: &str| PartyRef::parse(s).unwrap();
+        // The remote pod's labels come from its Pod object: the policy's
+        // podSelector admits it.
+        let e = explain(&st, &p("10.1.0.5"), &p("default/api"), PROTO_TCP, 80).unwrap();
+        assert!(e.allowed, "{e}");
+        assert_eq!(e.from.display, "default/shop (10.1.0.5, on node node-b)");
+        // Another node is no pod: no selector admits it.
+        let e = explain(&st, &p("192.168.250.2"), &p("default/api"), PROTO_TCP, 80).unwrap();
+        assert!(!e.allowed, "{e}");
+        assert_eq!(e.from.display, "192.168.250.2 (node node-b)");
+    }
+
+    #[test]
     fn parties_and_ports_parse_or_say_what_to_write() {
         assert_eq!(parse_port("80/TCP").unwrap(), (PROTO_TCP, 80));
         assert_eq!(parse_port("53/udp").unwrap(), (PROTO_UDP, 53));
