@@ -87,28 +87,24 @@ fn node_to_pod(c: &Cluster, from: usize, pod: &Pod) {
         .find(|n| n.endpoints().iter().any(|e| e["name"] == pod.name.as_str()))
         .expect("the pod's node");
     let source = node_source(c.topology, from, false).to_string();
-    let start = std::time::Instant::now();
-    loop {
-        let out = at.ctl(&["flows", "-o", "json"], None);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let found = text.lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
-                v["kind"] == "drop"
-                    && v["peer"]["address"] == source.as_str()
-                    && v["peer"]["kind"] == "node"
-                    && v["peer"]["name"] == node_name.as_str()
-            })
-        });
-        if found {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}: no drop recorded from node {node_name} ({source}):\n{text}",
+    eventually(
+        &format!(
+            "{}: a drop recorded from node {node_name} ({source}) in `palisadectl flows`",
             c.topology.name()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ),
+        Duration::from_secs(10),
+        || {
+            let out = at.ctl(&["flows", "-o", "json"], None);
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                    v["kind"] == "drop"
+                        && v["peer"]["address"] == source.as_str()
+                        && v["peer"]["kind"] == "node"
+                        && v["peer"]["name"] == node_name.as_str()
+                })
+            })
+        },
+    );
     let blocks: String = families
         .iter()
         .map(|&v6| {
