@@ -205,9 +205,11 @@ impl Cluster {
                     kubeconfig: kubeconfig.clone(),
                     node_name: name,
                 }),
+                defer_daemon: true,
                 ..Default::default()
             });
             wire(&fabric, &node, i);
+            node.start_daemon();
             nodes.push(node);
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -265,13 +267,47 @@ impl Cluster {
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "the agent of {} did not sync with the API server within 60 s:\n{}\n{}",
+                "the agent of {} did not sync with the API server within 60 s:\n{}\n{}\n{}",
                 node.prefix,
                 sys::describe(&out),
-                node.daemon_output()
+                node.daemon_output(),
+                self.paths(node)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The network between a node and the API server, for failure
+    /// messages: the node's addresses, routes and neighbours, its sockets,
+    /// and the fabric's bridge and listening sockets.
+    fn paths(&self, node: &Node) -> String {
+        let show = |ns: &str, args: &[&str]| {
+            let mut all = vec!["netns", "exec", ns];
+            all.extend_from_slice(args);
+            let out = std::process::Command::new("ip").args(&all).output();
+            match out {
+                Ok(o) => format!(
+                    "{ns}$ {}\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => format!("{ns}$ {}: {e}\n", args.join(" ")),
+            }
+        };
+        let n = node.netns.name.as_str();
+        let f = self.fabric.name.as_str();
+        [
+            show(n, &["ip", "-br", "addr"]),
+            show(n, &["ip", "route"]),
+            show(n, &["ip", "neigh"]),
+            show(n, &["ss", "-tanp"]),
+            show(f, &["ip", "-br", "link"]),
+            show(f, &["bridge", "link"]),
+            show(f, &["ss", "-tlnp"]),
+            show(f, &["ip", "neigh"]),
+        ]
+        .concat()
     }
 
     fn changed(&self, resource: &'static str, rv: u64) {

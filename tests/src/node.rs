@@ -55,6 +55,11 @@ pub struct NodeOptions {
     pub primary: Primary,
     /// Cluster mode: the daemon watches this API server as this node.
     pub kube: Option<KubeNode>,
+    /// Do not start the daemon in [`Node::new`]: the caller finishes the
+    /// node's network first (a cluster wires it to the fabric, so that the
+    /// agent's first connection to the API server already has a route),
+    /// then calls [`Node::start_daemon`].
+    pub defer_daemon: bool,
 }
 
 /// The plugin palisade chains after.
@@ -91,6 +96,7 @@ impl Default for NodeOptions {
             pod_subnet_v6: POD_SUBNET_V6.into(),
             primary: Primary::Bridge,
             kube: None,
+            defer_daemon: false,
         }
     }
 }
@@ -293,7 +299,7 @@ impl Node {
         if options.world {
             node.world = Some(node.make_world());
         }
-        if options.daemon || options.kube.is_some() {
+        if (options.daemon || options.kube.is_some()) && !options.defer_daemon {
             node.start_daemon();
         }
         node
