@@ -156,7 +156,7 @@ int pal_service(struct bpf_nf_ctx *ctx)
 			  len);
 		pal_emit(fv->ifindex, len, cfg, ep, PAL_DIR_EGRESS, &t,
 			 PAL_EVENT_DROP, PAL_VERDICT_DENY, d.reason, d.peer_id,
-			 0, now);
+			 d.policy_id, now);
 		return NF_DROP;
 	}
 	pal_count(ep->ep_id, PAL_DIR_EGRESS, d.verdict, d.reason, len);

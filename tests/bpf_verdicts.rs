@@ -1132,3 +1132,215 @@ fn a_full_sync_reads_back_every_entry_of_large_maps() {
     let third = d.dp.sync(&want).unwrap();
     assert_eq!((third.upserted, third.deleted), (0, drop.len()));
 }
+
+/// An admin or baseline tier entry for "me" (endpoint 1), as the compiler
+/// writes them: exact peer identity, resolved verdict, deciding policy.
+fn tier_entry(
+    want: &mut palisade::compile::Desired,
+    (dir, tier): (Direction, u8),
+    peer: u32,
+    (prefixlen, dport): (u32, u16),
+    (verdict, policy_id): (abi::Verdict, u32),
+) {
+    want.policy.insert(
+        abi::PolicyKey {
+            prefixlen,
+            data: abi::PolicyKeyData {
+                ep_id: 1,
+                direction: dir as u8,
+                tier,
+                peer_id: peer,
+                protocol: abi::PROTO_TCP,
+                dport_be: dport.to_be(),
+                ..Default::default()
+            },
+        },
+        abi::PolicyValue {
+            policy_id,
+            verdict: verdict as u8,
+            ..Default::default()
+        },
+    );
+    let (flags, lens) = abi::ep_shape(dir as u8, prefixlen);
+    let tier_flag = match (tier, dir) {
+        (abi::TIER_ADMIN, Ingress) => abi::EP_ADMIN_INGRESS,
+        (abi::TIER_ADMIN, Egress) => abi::EP_ADMIN_EGRESS,
+        (_, Ingress) => abi::EP_BASELINE_INGRESS,
+        (_, Egress) => abi::EP_BASELINE_EGRESS,
+    };
+    let ep = want
+        .endpoints
+        .get_mut(&TEST_IFINDEX)
+        .expect("me is an endpoint");
+    ep.flags |= flags | tier_flag;
+    ep.range_lens |= lens;
+}
+
+fn identity_of(want: &palisade::compile::Desired, addr: &str) -> u32 {
+    want.ipcache[&palisade::compile::Prefix::host(ip(addr))].identity
+}
+
+/// The datapath's order of tiers: the admin tier first (allow and deny
+/// final, pass and no entry go on), NetworkPolicy for what it isolates,
+/// the baseline tier only for directions no NetworkPolicy isolates. Within
+/// a tier the longest entry is the answer, even when it says pass.
+#[test]
+fn tiers_decide_in_order_admin_then_networkpolicy_then_baseline() {
+    use abi::{TIER_ADMIN, TIER_BASELINE, Verdict as V};
+    let full = abi::POLICY_PREFIX_FULL;
+    let any_port = abi::POLICY_PREFIX_ANY_PORT;
+    // Ingress isolated (friends on TCP 80), egress not isolated.
+    let mut d = Datapath::new();
+    let mut want = d.program(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: me}
+spec:
+  podSelector: {matchLabels: {app: me}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: friend}}}]
+    ports: [{port: 80}]
+"#,
+        &endpoints(),
+        &[ip("10.0.0.1")],
+    );
+    let friend = identity_of(&want, FRIEND);
+    let stranger = identity_of(&want, STRANGER);
+    assert_ne!(friend, stranger);
+    let admin_in = (Ingress, TIER_ADMIN);
+    let admin_out = (Egress, TIER_ADMIN);
+    let base_in = (Ingress, TIER_BASELINE);
+    let base_out = (Egress, TIER_BASELINE);
+    // Admin: deny friend:80 (over the NetworkPolicy's allow); allow the
+    // stranger on every TCP port (over the isolation) except 22, passed on.
+    tier_entry(&mut want, admin_in, friend, (full, 80), (V::Deny, 100));
+    tier_entry(
+        &mut want,
+        admin_in,
+        stranger,
+        (any_port, 0),
+        (V::Allow, 101),
+    );
+    tier_entry(&mut want, admin_in, stranger, (full, 22), (V::Pass, 102));
+    // Baseline ingress: never consulted, ingress is isolated.
+    tier_entry(&mut want, base_in, stranger, (full, 22), (V::Allow, 103));
+    // Egress: admin passes friend:80 on, baseline denies it; baseline
+    // denies the stranger on all TCP ports but passes 443.
+    tier_entry(&mut want, admin_out, friend, (full, 80), (V::Pass, 104));
+    tier_entry(&mut want, base_out, friend, (full, 80), (V::Deny, 105));
+    tier_entry(&mut want, base_out, stranger, (any_port, 0), (V::Deny, 106));
+    tier_entry(&mut want, base_out, stranger, (full, 443), (V::Pass, 107));
+    d.load(&want);
+
+    let cases = [
+        (
+            Ingress,
+            FRIEND,
+            ME,
+            80,
+            Verdict::Drop,
+            "admin deny over NP allow",
+        ),
+        (Ingress, FRIEND6, ME6, 80, Verdict::Drop, "admin deny, IPv6"),
+        (
+            Ingress,
+            FRIEND,
+            ME,
+            81,
+            Verdict::Drop,
+            "no admin entry, NP isolates",
+        ),
+        (
+            Ingress,
+            STRANGER,
+            ME,
+            81,
+            Verdict::Pass,
+            "admin allow over isolation",
+        ),
+        (
+            Ingress,
+            STRANGER,
+            ME,
+            22,
+            Verdict::Drop,
+            "admin pass, NP isolates, baseline not asked",
+        ),
+        (
+            Egress,
+            ME,
+            FRIEND,
+            80,
+            Verdict::Drop,
+            "admin pass, baseline deny",
+        ),
+        (
+            Egress,
+            ME,
+            FRIEND,
+            81,
+            Verdict::Pass,
+            "no entry: not isolated",
+        ),
+        (
+            Egress,
+            ME,
+            STRANGER,
+            8080,
+            Verdict::Drop,
+            "baseline deny on all ports",
+        ),
+        (
+            Egress,
+            ME6,
+            STRANGER6,
+            8080,
+            Verdict::Drop,
+            "baseline deny, IPv6",
+        ),
+        (
+            Egress,
+            ME,
+            STRANGER,
+            443,
+            Verdict::Pass,
+            "baseline pass: allowed",
+        ),
+        (
+            Egress,
+            ME,
+            "192.0.2.9",
+            8080,
+            Verdict::Pass,
+            "world: no tier entry",
+        ),
+    ];
+    for (i, (dir, src, dst, port, verdict, what)) in cases.iter().enumerate() {
+        // A fresh source port: every case opens its own flow.
+        let frame = tcp(src, dst, 41000 + i as u16, *port, TCP_SYN);
+        expect(&d, *dir, &frame, *verdict, what);
+    }
+
+    // Without the endpoint's tier flags the tiers are not looked up: the
+    // flags are what keeps the cost of endpoints without tier policy flat.
+    for ep in want.endpoints.values_mut() {
+        ep.flags &= !(abi::EP_ADMIN_INGRESS | abi::EP_BASELINE_EGRESS);
+    }
+    d.load(&want);
+    expect(
+        &d,
+        Ingress,
+        &tcp(FRIEND, ME, 42000, 80, TCP_SYN),
+        Verdict::Pass,
+        "admin flag off: the NetworkPolicy allows friend:80",
+    );
+    expect(
+        &d,
+        Egress,
+        &tcp(ME, STRANGER, 42001, 8080, TCP_SYN),
+        Verdict::Pass,
+        "baseline flag off: egress not isolated",
+    );
+}

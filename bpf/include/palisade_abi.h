@@ -29,18 +29,24 @@
 #define PAL_ID_LOCAL_MIN 256
 #define PAL_ID_CIDR_MIN	 0x01000000
 
-/* Policy tiers, evaluated in this order. Only NetworkPolicy exists today;
- * the others keep their place in the key so no layout change is needed. */
-#define PAL_TIER_ADMIN	  0 /* AdminNetworkPolicy (reserved) */
-#define PAL_TIER_NETPOL	  1 /* Kubernetes NetworkPolicy */
-#define PAL_TIER_BASELINE 2 /* BaselineAdminNetworkPolicy (reserved) */
+/* Policy tiers, evaluated in this order. The admin tier (AdminNetworkPolicy,
+ * ClusterNetworkPolicy tier Admin) decides first: ALLOW and DENY are final,
+ * PASS (or no entry) goes on. NetworkPolicy then decides for the directions
+ * it isolates; the baseline tier (BaselineAdminNetworkPolicy,
+ * ClusterNetworkPolicy tier Baseline) only for the others, and what it does
+ * not decide is allowed. Admin and baseline entries name exact peer
+ * identities (never PAL_ID_ANY), and user space resolves priorities and rule
+ * order into them: the longest entry found is the answer of its tier. */
+#define PAL_TIER_ADMIN	  0
+#define PAL_TIER_NETPOL	  1
+#define PAL_TIER_BASELINE 2
 
 /* Verdicts, as stored in policy values, conntrack, counters and events. */
 #define PAL_VERDICT_NONE     0
 #define PAL_VERDICT_ALLOW    1
 #define PAL_VERDICT_DENY     2
 #define PAL_VERDICT_AUDIT    3 /* would be denied; allowed because audited */
-#define PAL_VERDICT_PASS     4 /* tier says: decide in the next tier (reserved) */
+#define PAL_VERDICT_PASS     4 /* tier says: decide in the next tier */
 #define PAL_VERDICT_REDIRECT 5 /* send to an L7 proxy (reserved) */
 
 /*
@@ -90,6 +96,12 @@
 #define PAL_EP_HAS_ANY_PROTO_INGRESS (1U << 5)
 #define PAL_EP_HAS_ANY_PORT_EGRESS   (1U << 6)
 #define PAL_EP_HAS_ANY_PROTO_EGRESS  (1U << 7)
+/* The endpoint has admin / baseline tier entries in this direction (else
+ * that tier is not looked up at all). */
+#define PAL_EP_ADMIN_INGRESS	(1U << 8)
+#define PAL_EP_ADMIN_EGRESS	(1U << 9)
+#define PAL_EP_BASELINE_INGRESS (1U << 10)
+#define PAL_EP_BASELINE_EGRESS	(1U << 11)
 
 /* Global configuration flags (pal_config.flags): node <-> pod traffic is
  * never governed; flow events go to the ring buffer. */

@@ -56,16 +56,27 @@ static __always_inline void pal_frag_key_make(struct pal_frag_key *k,
 	__builtin_memcpy(k->daddr, p->t.daddr, 16);
 }
 
+static __always_inline int pal_drop_by(struct __sk_buff *skb,
+				       const struct pal_config *cfg,
+				       const struct pal_endpoint *ep, __u8 dir,
+				       const struct pal_tuple *t, __s8 reason,
+				       __u32 peer_id, __u32 policy_id,
+				       __u64 now)
+{
+	pal_count(ep ? ep->ep_id : 0, dir, PAL_VERDICT_DENY, reason, skb->len);
+	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, t, PAL_EVENT_DROP,
+		 PAL_VERDICT_DENY, reason, peer_id, policy_id, now);
+	return PAL_DROP;
+}
+
+/* A drop no policy decided (policy_id 0). */
 static __always_inline int pal_drop(struct __sk_buff *skb,
 				    const struct pal_config *cfg,
 				    const struct pal_endpoint *ep, __u8 dir,
 				    const struct pal_tuple *t, __s8 reason,
 				    __u32 peer_id, __u64 now)
 {
-	pal_count(ep ? ep->ep_id : 0, dir, PAL_VERDICT_DENY, reason, skb->len);
-	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, t, PAL_EVENT_DROP,
-		 PAL_VERDICT_DENY, reason, peer_id, 0, now);
-	return PAL_DROP;
+	return pal_drop_by(skb, cfg, ep, dir, t, reason, peer_id, 0, now);
 }
 
 /* Whether a new flow goes to a Service frontend of this node. */
@@ -346,8 +357,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		/* Unsolicited: plain ICMP, judged by policy, never tracked. */
 		pal_decide(ep, dir, &p->t, cfg, &d);
 		if (d.verdict == PAL_VERDICT_DENY)
-			return pal_drop(skb, cfg, ep, dir, &p->t, d.reason,
-					d.peer_id, now);
+			return pal_drop_by(skb, cfg, ep, dir, &p->t, d.reason,
+					   d.peer_id, d.policy_id, now);
 		pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
 		return PAL_PASS;
 	}
@@ -384,9 +395,9 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			pal_decide(ep, ck->direction, orig, cfg, &d);
 			if (d.verdict == PAL_VERDICT_DENY) {
 				bpf_map_delete_elem(&pal_ct, ck);
-				return pal_drop(skb, cfg, ep, dir, &p->t,
-						PAL_DROP_REVOKED, d.peer_id,
-						now);
+				return pal_drop_by(skb, cfg, ep, dir, &p->t,
+						   PAL_DROP_REVOKED, d.peer_id,
+						   d.policy_id, now);
 			}
 			ct->epoch = cfg->epoch;
 			ct->verdict = d.verdict;
@@ -410,8 +421,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	} else {
 		pal_decide(ep, dir, &p->t, cfg, &d);
 		if (d.verdict == PAL_VERDICT_DENY)
-			return pal_drop(skb, cfg, ep, dir, &p->t, d.reason,
-					d.peer_id, now);
+			return pal_drop_by(skb, cfg, ep, dir, &p->t, d.reason,
+					   d.peer_id, d.policy_id, now);
 	}
 	pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id, d.peer_id,
 		      cfg->epoch, skb->len, p->tcp_flags, ct_flags, now);

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Identities and verdicts. A decision costs one ipcache lookup and at most
- * two policy searches per tier (exact peer identity, then "any peer"), each
+ * four policy searches: the admin tier (exact peer identity), NetworkPolicy
+ * (exact peer, then "any peer") or else the baseline tier (exact peer), each
  * one hash lookup per entry shape the endpoint has (one port, each port-range
  * block size, all ports, all protocols), whatever the number of policies,
  * rules, endpoints or ports: rules are compiled into map entries by user
@@ -97,7 +98,8 @@ static __always_inline int pal_policy_peer(struct pal_policy_key *k,
 	       pal_policy_search(k, range_lens, shapes, out);
 }
 
-/* One tier: the exact peer identity first, then the wildcard. */
+/* One tier: the exact peer identity first, then (NetworkPolicy only) the
+ * wildcard. */
 static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 					     __u8 dir, __u8 tier, __u32 peer_id,
 					     __u8 proto, __be16 dport,
@@ -123,12 +125,37 @@ static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 	k.m.dport = dport;
 	if (pal_policy_peer(&k, range_lens, shapes, out))
 		return 1;
+	if (tier != PAL_TIER_NETPOL)
+		return 0;
 	/* The search clobbered the shape fields: back to one port. */
 	k.prefixlen = PAL_POLICY_PREFIX_FULL;
 	k.m.peer_id = PAL_ID_ANY;
 	k.m.protocol = proto;
 	k.m.dport = dport;
 	return pal_policy_peer(&k, range_lens, shapes, out);
+}
+
+/* An admin or baseline entry's answer, when it is final (ALLOW, DENY, or
+ * AUDIT: a deny of a policy in audit mode, let through and reported).
+ * policy_id names the deciding policy either way. */
+static __always_inline int pal_tier_final(const struct pal_policy_value *v,
+					  struct pal_decision *d)
+{
+	switch (v->verdict) {
+	case PAL_VERDICT_ALLOW:
+		d->verdict = PAL_VERDICT_ALLOW;
+		d->reason = PAL_REASON_POLICY;
+		break;
+	case PAL_VERDICT_DENY:
+	case PAL_VERDICT_AUDIT:
+		d->verdict = v->verdict;
+		d->reason = PAL_DROP_POLICY;
+		break;
+	default:
+		return 0;
+	}
+	d->policy_id = v->policy_id;
+	return 1;
 }
 
 /*
@@ -158,13 +185,24 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 		return;
 	}
 
-	/* Tier PAL_TIER_ADMIN (AdminNetworkPolicy) is looked up here once it
-	 * exists: ALLOW and DENY are final, PASS falls through. */
+	/* The admin tier: ALLOW and DENY are final, PASS goes on. */
+	if ((ep->flags & (dir == PAL_DIR_EGRESS ? PAL_EP_ADMIN_EGRESS
+						: PAL_EP_ADMIN_INGRESS)) &&
+	    pal_policy_lookup(ep, dir, PAL_TIER_ADMIN, d->peer_id, t->protocol,
+			      dport, &v) &&
+	    pal_tier_final(&v, d))
+		return;
 
 	if (!(ep->flags & isolate)) {
-		/* Tier PAL_TIER_BASELINE (BaselineAdminNetworkPolicy) is
-		 * consulted here: it only governs directions that no
-		 * NetworkPolicy isolates. */
+		/* The baseline tier governs only directions that no
+		 * NetworkPolicy isolates; what it leaves is allowed. */
+		if ((ep->flags & (dir == PAL_DIR_EGRESS
+					  ? PAL_EP_BASELINE_EGRESS
+					  : PAL_EP_BASELINE_INGRESS)) &&
+		    pal_policy_lookup(ep, dir, PAL_TIER_BASELINE, d->peer_id,
+				      t->protocol, dport, &v) &&
+		    pal_tier_final(&v, d))
+			return;
 		d->verdict = PAL_VERDICT_ALLOW;
 		d->reason = PAL_REASON_NOT_ISOLATED;
 		return;

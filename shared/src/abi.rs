@@ -61,7 +61,7 @@ pub const ID_LOCAL_MIN: u32 = 256;
 /// `PAL_ID_CIDR_MIN`: first identity of an ipBlock CIDR.
 pub const ID_CIDR_MIN: u32 = 0x0100_0000;
 
-/// `PAL_TIER_*`.
+/// `PAL_TIER_*`, in the order the datapath evaluates them.
 pub const TIER_ADMIN: u8 = 0;
 pub const TIER_NETPOL: u8 = 1;
 pub const TIER_BASELINE: u8 = 2;
@@ -300,6 +300,10 @@ pub const EP_HAS_ANY_PORT_INGRESS: u32 = 1 << 4;
 pub const EP_HAS_ANY_PROTO_INGRESS: u32 = 1 << 5;
 pub const EP_HAS_ANY_PORT_EGRESS: u32 = 1 << 6;
 pub const EP_HAS_ANY_PROTO_EGRESS: u32 = 1 << 7;
+pub const EP_ADMIN_INGRESS: u32 = 1 << 8;
+pub const EP_ADMIN_EGRESS: u32 = 1 << 9;
+pub const EP_BASELINE_INGRESS: u32 = 1 << 10;
+pub const EP_BASELINE_EGRESS: u32 = 1 << 11;
 
 /// What an endpoint needs set for the datapath to look up a policy entry of
 /// this direction (`DIR_*`) and prefix length: (`PAL_EP_HAS_*` flags,
