@@ -56,12 +56,10 @@ static __always_inline void pal_frag_key_make(struct pal_frag_key *k,
 	__builtin_memcpy(k->daddr, p->t.daddr, 16);
 }
 
-static __always_inline int pal_drop_by(struct __sk_buff *skb,
-				       const struct pal_config *cfg,
-				       const struct pal_endpoint *ep, __u8 dir,
-				       const struct pal_tuple *t, __s8 reason,
-				       __u32 peer_id, __u32 policy_id,
-				       __u64 now)
+static __always_inline int
+pal_drop_by(struct __sk_buff *skb, const struct pal_config *cfg,
+	    const struct pal_endpoint *ep, __u8 dir, const struct pal_tuple *t,
+	    __s8 reason, __u32 peer_id, __u32 policy_id, __u64 now)
 {
 	pal_count(ep ? ep->ep_id : 0, dir, PAL_VERDICT_DENY, reason, skb->len);
 	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, t, PAL_EVENT_DROP,

@@ -196,9 +196,9 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 	if (!(ep->flags & isolate)) {
 		/* The baseline tier governs only directions that no
 		 * NetworkPolicy isolates; what it leaves is allowed. */
-		if ((ep->flags & (dir == PAL_DIR_EGRESS
-					  ? PAL_EP_BASELINE_EGRESS
-					  : PAL_EP_BASELINE_INGRESS)) &&
+		if ((ep->flags &
+		     (dir == PAL_DIR_EGRESS ? PAL_EP_BASELINE_EGRESS
+					    : PAL_EP_BASELINE_INGRESS)) &&
 		    pal_policy_lookup(ep, dir, PAL_TIER_BASELINE, d->peer_id,
 				      t->protocol, dport, &v) &&
 		    pal_tier_final(&v, d))
