@@ -1142,6 +1142,24 @@ fn tier_entry(
     (prefixlen, dport): (u32, u16),
     (verdict, policy_id): (abi::Verdict, u32),
 ) {
+    tier_entry_flags(
+        want,
+        (dir, tier),
+        peer,
+        (prefixlen, dport),
+        (verdict, policy_id),
+        0,
+    );
+}
+
+fn tier_entry_flags(
+    want: &mut palisade::compile::Desired,
+    (dir, tier): (Direction, u8),
+    peer: u32,
+    (prefixlen, dport): (u32, u16),
+    (verdict, policy_id): (abi::Verdict, u32),
+    flags: u8,
+) {
     want.policy.insert(
         abi::PolicyKey {
             prefixlen,
@@ -1158,6 +1176,7 @@ fn tier_entry(
         abi::PolicyValue {
             policy_id,
             verdict: verdict as u8,
+            flags,
             ..Default::default()
         },
     );
@@ -1343,4 +1362,114 @@ spec:
         Verdict::Pass,
         "baseline flag off: egress not isolated",
     );
+}
+
+/// An entry marked audit (an audited Deny came first) lets the flow through
+/// when it ends up allowed, counted as audit; an enforced deny stays a deny.
+#[test]
+fn audited_tier_denies_report_instead_of_drop() {
+    use abi::{TIER_ADMIN, TIER_BASELINE, Verdict as V};
+    let full = abi::POLICY_PREFIX_FULL;
+    let mut d = Datapath::new();
+    // Ingress isolated (friends on TCP 80), egress not isolated.
+    let mut want = d.program(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: me}
+spec:
+  podSelector: {matchLabels: {app: me}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: friend}}}]
+    ports: [{port: 80}]
+"#,
+        &endpoints(),
+        &[ip("10.0.0.1")],
+    );
+    let friend = identity_of(&want, FRIEND);
+    let stranger = identity_of(&want, STRANGER);
+    let audit = abi::POLICY_F_AUDIT;
+    // friend:80 in: audited deny, then nothing in the tier; NP allows.
+    tier_entry_flags(
+        &mut want,
+        (Ingress, TIER_ADMIN),
+        friend,
+        (full, 80),
+        (V::None, 120),
+        audit,
+    );
+    // stranger:81 in: audited deny, then NP isolation denies for real.
+    tier_entry_flags(
+        &mut want,
+        (Ingress, TIER_ADMIN),
+        stranger,
+        (full, 81),
+        (V::None, 121),
+        audit,
+    );
+    // egress to the stranger: audited deny, then a baseline allow.
+    tier_entry_flags(
+        &mut want,
+        (Egress, TIER_BASELINE),
+        stranger,
+        (full, 80),
+        (V::Allow, 122),
+        audit,
+    );
+    d.load(&want);
+    let audits = |d: &Datapath, dir: Direction| -> u64 {
+        d.counters()
+            .iter()
+            .filter(|c| c.verdict == abi::Verdict::Audit && c.direction == dir)
+            .map(|c| c.packets)
+            .sum()
+    };
+    expect(
+        &d,
+        Ingress,
+        &tcp(FRIEND, ME, 43000, 80, TCP_SYN),
+        Verdict::Pass,
+        "audited, then allowed",
+    );
+    assert_eq!(
+        audits(&d, Ingress),
+        1,
+        "counted as audit: {:?}",
+        d.counters()
+    );
+    expect(
+        &d,
+        Ingress,
+        &tcp(STRANGER, ME, 43001, 81, TCP_SYN),
+        Verdict::Drop,
+        "audited, then denied",
+    );
+    assert_eq!(
+        audits(&d, Ingress),
+        1,
+        "a real deny is not an audit: {:?}",
+        d.counters()
+    );
+    expect(
+        &d,
+        Egress,
+        &tcp(ME, STRANGER, 43002, 80, TCP_SYN),
+        Verdict::Pass,
+        "audited, baseline allows",
+    );
+    assert_eq!(
+        audits(&d, Egress),
+        1,
+        "counted as audit: {:?}",
+        d.counters()
+    );
+    expect(
+        &d,
+        Egress,
+        &tcp(ME, STRANGER, 43003, 81, TCP_SYN),
+        Verdict::Pass,
+        "no entry",
+    );
+    assert_eq!(audits(&d, Egress), 1, "not an audit: {:?}", d.counters());
 }

@@ -175,9 +175,13 @@ struct pal_policy_key {
 struct pal_policy_value {
 	__u32 policy_id; /* which policy allowed it (for events and explain) */
 	__u8 verdict;	 /* PAL_VERDICT_* */
-	__u8 flags;	 /* reserved */
+	__u8 flags;	 /* PAL_POLICY_F_* */
 	__u16 pad;
 };
+
+/* Admin and baseline entries: an audited Deny of policy_id matched before
+ * the rule that decided (verdict); reported if the flow ends up allowed. */
+#define PAL_POLICY_F_AUDIT (1U << 0)
 
 /* pal_ct: LRU_HASH. One entry per flow per endpoint, keyed by the
  * direction and tuple of the packet that opened it. The client's and the

@@ -135,73 +135,62 @@ static __always_inline int pal_policy_lookup(const struct pal_endpoint *ep,
 	return pal_policy_peer(&k, range_lens, shapes, out);
 }
 
-/* An admin or baseline entry's answer, when it is final (ALLOW, DENY, or
- * AUDIT: a deny of a policy in audit mode, let through and reported).
- * policy_id names the deciding policy either way. */
+/* An admin or baseline entry's answer, when it is final (ALLOW or DENY;
+ * policy_id names the deciding policy). An entry marked PAL_POLICY_F_AUDIT
+ * also says that an audited Deny of the policy in policy_id came first:
+ * remembered in audit_by, and reported if the flow ends up allowed. */
 static __always_inline int pal_tier_final(const struct pal_policy_value *v,
-					  struct pal_decision *d)
+					  struct pal_decision *d,
+					  __u32 *audit_by)
 {
+	__u32 audit = (v->flags & PAL_POLICY_F_AUDIT) ? v->policy_id : 0;
+
+	if (audit && !*audit_by)
+		*audit_by = audit;
 	switch (v->verdict) {
 	case PAL_VERDICT_ALLOW:
 		d->verdict = PAL_VERDICT_ALLOW;
 		d->reason = PAL_REASON_POLICY;
 		break;
 	case PAL_VERDICT_DENY:
-	case PAL_VERDICT_AUDIT:
-		d->verdict = v->verdict;
+		d->verdict = PAL_VERDICT_DENY;
 		d->reason = PAL_DROP_POLICY;
 		break;
 	default:
 		return 0;
 	}
-	d->policy_id = v->policy_id;
+	d->policy_id = audit ? 0 : v->policy_id;
 	return 1;
 }
 
-/*
- * Decide a flow opened in direction dir at endpoint ep with tuple t (as
- * seen in that direction). The peer is the destination of egress flows and
- * the source of ingress flows; the port is always the destination port.
- */
-static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
-				       const struct pal_tuple *t,
-				       const struct pal_config *cfg,
-				       struct pal_decision *d)
+/* The tiers, without the audit report (see pal_decide). */
+static __always_inline void pal_decide_tiers(const struct pal_endpoint *ep,
+					     __u8 dir,
+					     const struct pal_tuple *t,
+					     struct pal_decision *d,
+					     __u32 *audit_by)
 {
-	const __u8 *peer = dir == PAL_DIR_EGRESS ? t->daddr : t->saddr;
-	__u32 isolate = dir == PAL_DIR_EGRESS ? PAL_EP_ISOLATE_EGRESS
-					      : PAL_EP_ISOLATE_INGRESS;
-	__u32 audit = dir == PAL_DIR_EGRESS ? PAL_EP_AUDIT_EGRESS
-					    : PAL_EP_AUDIT_INGRESS;
+	__u32 egress = dir == PAL_DIR_EGRESS;
 	__be16 dport = pal_is_l4_ports(t->protocol) ? t->dport : 0;
 	struct pal_policy_value v = {};
 
-	d->peer_id = pal_identity_of(peer);
-	d->policy_id = 0;
-
-	if (d->peer_id == PAL_ID_HOST && (cfg->flags & PAL_CFG_ALLOW_HOST)) {
-		d->verdict = PAL_VERDICT_ALLOW;
-		d->reason = PAL_REASON_HOST;
-		return;
-	}
-
 	/* The admin tier: ALLOW and DENY are final, PASS goes on. */
-	if ((ep->flags & (dir == PAL_DIR_EGRESS ? PAL_EP_ADMIN_EGRESS
-						: PAL_EP_ADMIN_INGRESS)) &&
+	if ((ep->flags &
+	     (egress ? PAL_EP_ADMIN_EGRESS : PAL_EP_ADMIN_INGRESS)) &&
 	    pal_policy_lookup(ep, dir, PAL_TIER_ADMIN, d->peer_id, t->protocol,
 			      dport, &v) &&
-	    pal_tier_final(&v, d))
+	    pal_tier_final(&v, d, audit_by))
 		return;
 
-	if (!(ep->flags & isolate)) {
+	if (!(ep->flags &
+	      (egress ? PAL_EP_ISOLATE_EGRESS : PAL_EP_ISOLATE_INGRESS))) {
 		/* The baseline tier governs only directions that no
 		 * NetworkPolicy isolates; what it leaves is allowed. */
-		if ((ep->flags &
-		     (dir == PAL_DIR_EGRESS ? PAL_EP_BASELINE_EGRESS
-					    : PAL_EP_BASELINE_INGRESS)) &&
+		if ((ep->flags & (egress ? PAL_EP_BASELINE_EGRESS
+					 : PAL_EP_BASELINE_INGRESS)) &&
 		    pal_policy_lookup(ep, dir, PAL_TIER_BASELINE, d->peer_id,
 				      t->protocol, dport, &v) &&
-		    pal_tier_final(&v, d))
+		    pal_tier_final(&v, d, audit_by))
 			return;
 		d->verdict = PAL_VERDICT_ALLOW;
 		d->reason = PAL_REASON_NOT_ISOLATED;
@@ -217,7 +206,41 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 	}
 
 	d->reason = PAL_DROP_POLICY;
-	d->verdict = (ep->flags & audit) ? PAL_VERDICT_AUDIT : PAL_VERDICT_DENY;
+	d->verdict = (ep->flags &
+		      (egress ? PAL_EP_AUDIT_EGRESS : PAL_EP_AUDIT_INGRESS))
+			     ? PAL_VERDICT_AUDIT
+			     : PAL_VERDICT_DENY;
+}
+
+/*
+ * Decide a flow opened in direction dir at endpoint ep with tuple t (as
+ * seen in that direction). The peer is the destination of egress flows and
+ * the source of ingress flows; the port is always the destination port.
+ * A flow allowed after an audited tier policy's Deny matched it is
+ * reported as audit (would be denied), naming that policy.
+ */
+static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
+				       const struct pal_tuple *t,
+				       const struct pal_config *cfg,
+				       struct pal_decision *d)
+{
+	const __u8 *peer = dir == PAL_DIR_EGRESS ? t->daddr : t->saddr;
+	__u32 audit_by = 0;
+
+	d->peer_id = pal_identity_of(peer);
+	d->policy_id = 0;
+
+	if (d->peer_id == PAL_ID_HOST && (cfg->flags & PAL_CFG_ALLOW_HOST)) {
+		d->verdict = PAL_VERDICT_ALLOW;
+		d->reason = PAL_REASON_HOST;
+		return;
+	}
+	pal_decide_tiers(ep, dir, t, d, &audit_by);
+	if (audit_by && d->verdict == PAL_VERDICT_ALLOW) {
+		d->verdict = PAL_VERDICT_AUDIT;
+		d->reason = PAL_DROP_POLICY;
+		d->policy_id = audit_by;
+	}
 }
 
 #endif /* PALISADE_POLICY_H */

@@ -411,6 +411,10 @@ pub struct PolicyKeyData {
     pub dport_be: u16,
 }
 
+/// `PAL_POLICY_F_AUDIT`: on an admin or baseline entry, an audited Deny of
+/// the policy in `policy_id` matched before the rule that decided.
+pub const POLICY_F_AUDIT: u8 = 1 << 0;
+
 /// `struct pal_policy_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]

@@ -21,3 +21,4 @@ pub mod node;
 pub mod oci;
 pub mod policy;
 pub mod store;
+pub mod tiers;
