@@ -26,19 +26,10 @@ use crate::{
     compile::port_prefixes,
 };
 
+pub use crate::policy::tier::Action;
+
 /// The protocols whose ports tier rules can name.
 pub const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
-
-/// What a tier rule does with what it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// Allow (ANP, BANP) or Accept (CNP): final.
-    Allow,
-    /// Deny: final.
-    Deny,
-    /// Pass: the next tier decides.
-    Pass,
-}
 
 /// The traffic a rule matches towards one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -7,6 +7,7 @@
 //! [`Policy`], [`PodInfo`] and [`NamespaceInfo`].
 
 pub mod selector;
+pub mod tier;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
