@@ -22,8 +22,9 @@ use crate::{
     identity::{IdentityKey, IdentityTable},
     policy::{
         IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
-        Policy, PortMatch, PortRule, Protocol, Rule,
+        Policy, PortMatch, PortRule, Protocol, Rule, tier::TierPolicy,
     },
+    tiers,
 };
 
 /// An endpoint as the compiler sees it: effective labels (runtime labels
@@ -54,6 +55,9 @@ pub struct Input<'a> {
     pub host_addresses: &'a [IpAddr],
     /// Addresses of the cluster's other nodes (Node objects).
     pub node_addresses: &'a [IpAddr],
+    /// AdminNetworkPolicy, BaselineAdminNetworkPolicy and
+    /// ClusterNetworkPolicy objects with their ids, modes resolved.
+    pub tier_policies: &'a [(u32, TierPolicy)],
 }
 
 /// An ipcache prefix in the 16-byte address space.
@@ -380,9 +384,21 @@ struct ResolvedRule<'a> {
 /// Compile the desired datapath state. Allocates identities in `ids`.
 pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
     let mut out = Compiled::default();
-    let blocks = collect_blocks(input.policies);
+    let mut blocks = collect_blocks(input.policies);
+    let mut egress_names = egress_port_names(input.policies);
+    for (_, t) in input.tier_policies {
+        blocks.extend(tiers::blocks(t));
+        egress_names.extend(tiers::egress_names(t));
+    }
+    blocks.sort();
+    blocks.dedup();
     let block_index = BlockIndex::new(&blocks);
-    let egress_names = egress_port_names(input.policies);
+    let mut tier_refs: Vec<tiers::TierRef<'_>> = input
+        .tier_policies
+        .iter()
+        .map(|(id, p)| tiers::TierRef::new(*id, p, Mode::Enforce))
+        .collect();
+    tiers::sort(&mut tier_refs);
     let ns_labels = |ns: &str| -> Labels {
         input
             .namespaces
@@ -591,6 +607,33 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 range_lens |= lens;
             }
         }
+        // The admin and baseline tiers: one cell per direction, tier and
+        // peer identity, for the tier policies that select the endpoint.
+        let ep_ns_labels = ns_labels(&ep.namespace);
+        let pols: Vec<tiers::TierRef<'_>> = tier_refs
+            .iter()
+            .filter(|t| tiers::selects(t.policy, &ep_ns_labels, &ep.labels))
+            .copied()
+            .collect();
+        if !pols.is_empty() {
+            for (id, f) in &facts {
+                let peer = f.facts();
+                for dir in Direction::ALL {
+                    for (tier, tier_no) in tiers::TIERS {
+                        let rules =
+                            tiers::cell_rules(&pols, tier, dir, &ep.ports, &peer, &|n, p| {
+                                f.named_port(n, p)
+                            });
+                        for (k, v) in tiers::cell_entries(ep.ep_id, dir, tier_no, *id, &rules) {
+                            let (f, lens) = abi::ep_shape(dir as u8, k.prefixlen);
+                            flags |= f | tiers::ep_flag(tier_no, dir as u8);
+                            range_lens |= lens;
+                            out.desired.policy.insert(k, v);
+                        }
+                    }
+                }
+            }
+        }
         if flags & abi::EP_ISOLATE_INGRESS != 0 && !enforced_in {
             flags |= abi::EP_AUDIT_INGRESS;
         }
@@ -786,6 +829,7 @@ mod tests {
                 endpoints: eps,
                 host_addresses: &["10.0.0.1".parse().unwrap()],
                 node_addresses: &[],
+                tier_policies: &[],
             },
             &mut ids,
         );

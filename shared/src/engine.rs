@@ -36,8 +36,9 @@ use crate::{
     policy::{
         IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
         PodInfo, Policy, PortMatch, PortRule, Protocol, Rule, Selector, effective_labels,
-        effective_mode,
+        effective_mode, tier::TierPolicy,
     },
+    tiers,
 };
 
 /// What the engine needs of an endpoint.
@@ -189,6 +190,8 @@ struct EpOut {
     enforcing: [u32; 2],
     /// Distinct policy entries of this endpoint per direction and shape.
     shapes: [u32; 2 * SHAPE_SLOTS],
+    /// Admin and baseline entries, by direction then tier (admin first).
+    tiers: [u32; 4],
 }
 
 impl Default for EpOut {
@@ -197,6 +200,7 @@ impl Default for EpOut {
             isolating: [0; 2],
             enforcing: [0; 2],
             shapes: [0; 2 * SHAPE_SLOTS],
+            tiers: [0; 4],
         }
     }
 }
@@ -255,6 +259,8 @@ enum SelKey {
 struct PeerSel {
     key: SelKey,
     users: u32,
+    /// Uses by tier policies (a change of `matches` re-resolves cells).
+    tier_users: u32,
     matches: BTreeSet<u32>,
     /// Rules that use it (a rule appears once per use).
     rules: Vec<usize>,
@@ -399,6 +405,18 @@ enum PeerRef {
     Id(u32),
 }
 
+/// A tier policy and what it references.
+#[derive(Debug)]
+struct TierPolState {
+    policy: TierPolicy,
+    sels: Vec<usize>,
+    blocks: Vec<IpBlock>,
+    names: Vec<(String, Protocol)>,
+}
+
+/// A cell: direction, tier, peer identity (see [`crate::tiers`]).
+type CellKey = (u8, u8, u32);
+
 /// The engine. See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
@@ -449,6 +467,14 @@ pub struct Engine {
     pol_by_id: HashMap<u32, usize>,
     pols_by_ns: HashMap<String, BTreeSet<usize>>,
     pol_rank: Ranks,
+
+    // Tier policies (few): cells are re-resolved at `finish` for the
+    // endpoints and identities events marked.
+    tier_pols: BTreeMap<u32, TierPolState>,
+    tier_cells: HashMap<u32, BTreeMap<CellKey, Vec<(PolicyKey, PolicyValue)>>>,
+    tier_dirty_eps: BTreeSet<u32>,
+    tier_dirty_ids: BTreeSet<u32>,
+    tier_all: bool,
 
     // Output.
     desired: Desired,
@@ -517,6 +543,11 @@ impl Engine {
             pol_by_id: HashMap::default(),
             pols_by_ns: HashMap::default(),
             pol_rank: Ranks::default(),
+            tier_pols: BTreeMap::new(),
+            tier_cells: HashMap::default(),
+            tier_dirty_eps: BTreeSet::new(),
+            tier_dirty_ids: BTreeSet::new(),
+            tier_all: false,
             desired: Desired::default(),
             contrib: HashMap::default(),
             scratch_keys: Vec::new(),
@@ -636,6 +667,63 @@ impl Engine {
     }
 
     /// Add an endpoint, or replace the one with the same `ep_id`.
+    /// An AdminNetworkPolicy, BaselineAdminNetworkPolicy or
+    /// ClusterNetworkPolicy, by its store id.
+    pub fn upsert_tier_policy(&mut self, id: u32, policy: TierPolicy) {
+        if self.tier_pols.get(&id).is_some_and(|t| t.policy == policy) {
+            return;
+        }
+        self.remove_tier_policy(id);
+        let blocks = tiers::blocks(&policy);
+        let names = tiers::egress_names(&policy);
+        for b in &blocks {
+            self.block_ref(b, 1);
+        }
+        for n in &names {
+            self.name_ref(n, 1);
+        }
+        let mut sels = Vec::new();
+        for rule in policy.ingress.iter().chain(&policy.egress) {
+            for peer in &rule.peers {
+                if let crate::policy::tier::TierPeer::Peer(peer) = peer {
+                    let s = self.sel_ref(SelKey::Peer {
+                        policy_ns: String::new(),
+                        peer: peer.clone(),
+                    });
+                    self.sels[s].tier_users += 1;
+                    sels.push(s);
+                }
+            }
+        }
+        self.tier_pols.insert(
+            id,
+            TierPolState {
+                policy,
+                sels,
+                blocks,
+                names,
+            },
+        );
+        self.tier_all = true;
+    }
+
+    pub fn remove_tier_policy(&mut self, id: u32) {
+        let Some(t) = self.tier_pols.remove(&id) else {
+            return;
+        };
+        for s in t.sels {
+            self.sels[s].tier_users -= 1;
+            self.sel_unref(s);
+        }
+        for n in &t.names {
+            self.name_ref(n, -1);
+        }
+        for b in &t.blocks {
+            self.block_ref(b, -1);
+        }
+        self.tier_all = true;
+    }
+
     pub fn upsert_endpoint(&mut self, mut input: EndpointInput) {
         let mut seen = BTreeSet::new();
         input.addresses.retain(|a| seen.insert(*a));
@@ -708,6 +796,7 @@ impl Engine {
             return;
         }
         self.node_mode = mode;
+        self.tier_all = true;
         let all: Vec<usize> = self.pols.iter().map(|(p, _)| p).collect();
         for p in all {
             self.refresh_mode(p);
@@ -716,6 +805,7 @@ impl Engine {
 
     /// Everything that changed since the last call.
     pub fn finish(&mut self) -> Changes {
+        self.refresh_tiers();
         for ifindex in std::mem::take(&mut self.dirty_ifindex) {
             let value = self
                 .ifindex_claims
@@ -746,6 +836,139 @@ impl Engine {
         }
         (changes.delta, changes.undo) = self.take_delta();
         changes
+    }
+
+    // ----- tiers -------------------------------------------------------------
+
+    /// Re-resolve the tier cells events marked: every cell of marked
+    /// endpoints (all endpoints after a tier policy or the node's mode
+    /// changed), and the cells of marked identities on every endpoint.
+    fn refresh_tiers(&mut self) {
+        let all = std::mem::take(&mut self.tier_all);
+        let mut eps = std::mem::take(&mut self.tier_dirty_eps);
+        let ids = std::mem::take(&mut self.tier_dirty_ids);
+        if self.tier_pols.is_empty() && self.tier_cells.is_empty() {
+            return;
+        }
+        if all {
+            eps.extend(
+                self.eps
+                    .iter()
+                    .filter(|(_, e)| !e.input.remote)
+                    .map(|(k, _)| *k),
+            );
+            eps.extend(self.tier_cells.keys().copied());
+        }
+        let node_mode = self.node_mode;
+        let tier_pols = std::mem::take(&mut self.tier_pols);
+        let mut refs: Vec<tiers::TierRef<'_>> = tier_pols
+            .iter()
+            .map(|(id, t)| tiers::TierRef::new(*id, &t.policy, node_mode))
+            .collect();
+        tiers::sort(&mut refs);
+        for &ep in &eps {
+            self.refresh_ep_cells(ep, &refs, None, &tier_pols);
+        }
+        if !ids.is_empty() {
+            let others: Vec<u32> = self
+                .tier_cells
+                .keys()
+                .copied()
+                .chain(
+                    self.eps
+                        .iter()
+                        .filter(|(_, e)| !e.input.remote)
+                        .map(|(k, _)| *k),
+                )
+                .filter(|ep| !eps.contains(ep))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for ep in others {
+                self.refresh_ep_cells(ep, &refs, Some(&ids), &tier_pols);
+            }
+        }
+        self.tier_pols = tier_pols;
+    }
+
+    /// Re-resolve an endpoint's cells: all of them, or those of `only`
+    /// these peer identities.
+    fn refresh_ep_cells(
+        &mut self,
+        ep: u32,
+        refs: &[tiers::TierRef<'_>],
+        only: Option<&BTreeSet<u32>>,
+        tier_pols: &BTreeMap<u32, TierPolState>,
+    ) {
+        let mut fresh: BTreeMap<CellKey, Vec<(PolicyKey, PolicyValue)>> = BTreeMap::new();
+        if let Some(e) = self.eps.get(&ep).filter(|e| !e.input.remote) {
+            let ns_labels = self.ns_labels(&e.input.namespace);
+            let pols: Vec<tiers::TierRef<'_>> = refs
+                .iter()
+                .filter(|t| tiers::selects(t.policy, &ns_labels, &e.labels))
+                .copied()
+                .collect();
+            let mut peers: BTreeSet<u32> = BTreeSet::new();
+            for t in &pols {
+                for &s in &tier_pols[&t.id].sels {
+                    peers.extend(self.sels[s].matches.iter().copied());
+                }
+            }
+            if let Some(only) = only {
+                peers.retain(|id| only.contains(id));
+            }
+            for id in peers {
+                let key = self.key(id);
+                let id_ns_labels = key.namespace.as_deref().map(|ns| self.ns_labels(ns));
+                let facts = PeerFacts {
+                    pod: key
+                        .namespace
+                        .as_deref()
+                        .zip(id_ns_labels.as_ref())
+                        .map(|(ns, nl)| (ns, nl, &key.labels)),
+                    blocks: &key.blocks,
+                };
+                for dir in Direction::ALL {
+                    for (tier, tier_no) in tiers::TIERS {
+                        let rules =
+                            tiers::cell_rules(&pols, tier, dir, &e.ports, &facts, &|n, p| {
+                                key.named_port(n, p)
+                            });
+                        let entries = tiers::cell_entries(ep, dir, tier_no, id, &rules);
+                        if !entries.is_empty() {
+                            fresh.insert((dir as u8, tier_no, id), entries);
+                        }
+                    }
+                }
+            }
+        }
+        let cells = self.tier_cells.entry(ep).or_default();
+        let stale: Vec<CellKey> = cells
+            .keys()
+            .filter(|k| only.is_none_or(|o| o.contains(&k.2)) && !fresh.contains_key(k))
+            .copied()
+            .collect();
+        let mut old: HashMap<PolicyKey, PolicyValue> = HashMap::default();
+        for k in stale {
+            old.extend(cells.remove(&k).into_iter().flatten());
+        }
+        let mut new: Vec<(PolicyKey, PolicyValue)> = Vec::new();
+        for (k, entries) in fresh {
+            if let Some(prev) = cells.insert(k, entries.clone()) {
+                old.extend(prev);
+            }
+            new.extend(entries);
+        }
+        if cells.is_empty() {
+            self.tier_cells.remove(&ep);
+        }
+        for (k, v) in &new {
+            old.remove(k);
+            self.set_policy(*k, Some(*v));
+        }
+        for k in old.into_keys() {
+            self.set_policy(k, None);
+        }
     }
 
     // ----- the oracle -----------------------------------------------------
@@ -808,6 +1031,15 @@ impl Engine {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let tier_policies: Vec<(u32, TierPolicy)> = self
+            .tier_pols
+            .iter()
+            .map(|(id, t)| {
+                let mut p = t.policy.clone();
+                p.mode = Some(p.mode.unwrap_or(self.node_mode));
+                (*id, p)
+            })
+            .collect();
         let mut ids = self.ids.clone();
         let compiled = compile::compile(
             &compile::Input {
@@ -816,6 +1048,7 @@ impl Engine {
                 endpoints: &endpoints,
                 host_addresses: &host,
                 node_addresses: &nodes,
+                tier_policies: &tier_policies,
             },
             &mut ids,
         );
@@ -951,6 +1184,9 @@ impl Engine {
             matches.remove(&id)
         };
         if changed {
+            if self.sels[sel].tier_users > 0 {
+                self.tier_dirty_ids.insert(id);
+            }
             for r in self.sels[sel].rules.clone() {
                 self.rule_peer(r, id, sign);
             }
@@ -976,6 +1212,7 @@ impl Engine {
         let s = self.sels.insert(PeerSel {
             key: key.clone(),
             users: 1,
+            tier_users: 0,
             matches: BTreeSet::new(),
             rules: Vec::new(),
         });
@@ -1326,6 +1563,11 @@ impl Engine {
         let old_mode = old.and_then(|o| o.mode);
         let new_mode = self.namespaces.get(name).and_then(|n| n.mode);
         if old_labels != self.ns_labels(name) {
+            // Tier subjects select by namespace labels.
+            if !self.tier_pols.is_empty() {
+                let eps = self.eps_by_ns.get(name).into_iter().flatten().copied();
+                self.tier_dirty_eps.extend(eps);
+            }
             // Only namespace selectors look at namespace labels.
             let ids: Vec<u32> = self
                 .ids_by_ns
@@ -1423,6 +1665,7 @@ impl Engine {
 
     fn add_ep(&mut self, input: EndpointInput) {
         let ep = input.ep_id;
+        self.tier_dirty_eps.insert(ep);
         let pod_key = (input.namespace.clone(), input.name.clone());
         let pod = self.pods.get(&pod_key);
         let labels = if input.remote {
@@ -1503,6 +1746,18 @@ impl Engine {
     }
 
     fn remove_ep(&mut self, ep: u32) {
+        // Its tier entries go while its counts still exist; `finish`
+        // resolves them again if it comes back.
+        for (k, _) in self
+            .tier_cells
+            .remove(&ep)
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, v)| v)
+        {
+            self.set_policy(k, None);
+        }
+        self.tier_dirty_eps.insert(ep);
         let namespace = self.eps[&ep].input.namespace.clone();
         let subjects: Vec<usize> = self
             .subj_by_ns
@@ -1557,6 +1812,7 @@ impl Engine {
     /// Recompute an endpoint's identities (its labels did not change, but
     /// the ipBlocks or named ports that refine them did).
     fn reidentify(&mut self, ep: u32) {
+        self.tier_dirty_eps.insert(ep);
         let Some(e) = self.eps.get(&ep) else {
             return;
         };
@@ -2004,6 +2260,13 @@ impl Engine {
                     *c = if value.is_some() { *c + 1 } else { *c - 1 };
                     self.dirty_ifindex.insert(e.input.ifindex);
                 }
+                if key.data.tier != TIER_NETPOL {
+                    let t = usize::from(key.data.direction) * 2
+                        + usize::from(key.data.tier == abi::TIER_BASELINE);
+                    let c = &mut e.out.get_or_insert_with(Box::default).tiers[t];
+                    *c = if value.is_some() { *c + 1 } else { *c - 1 };
+                    self.dirty_ifindex.insert(e.input.ifindex);
+                }
             }
         }
     }
@@ -2054,6 +2317,16 @@ impl Engine {
                 }
             }
         }
+        for (t, n) in out.tiers.iter().enumerate() {
+            if *n > 0 {
+                let tier = if t % 2 == 0 {
+                    abi::TIER_ADMIN
+                } else {
+                    abi::TIER_BASELINE
+                };
+                flags |= tiers::ep_flag(tier, (t / 2) as u8);
+            }
+        }
         for (d, (isolate, audit)) in [
             (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),
             (abi::EP_ISOLATE_EGRESS, abi::EP_AUDIT_EGRESS),
@@ -2088,7 +2361,9 @@ impl Engine {
         for (k, old) in j.policy {
             let new = self.desired.policy.get(&k).copied();
             if new != old {
-                d.revokes |= new.is_none();
+                // NetworkPolicy entries only allow: only a removal can
+                // revoke. A tier entry can deny: any change can.
+                d.revokes |= new.is_none() || k.data.tier != TIER_NETPOL;
                 d.policy.push((k, new));
                 undo.policy.push((k, old));
             }
@@ -2247,6 +2522,9 @@ mod tests {
         /// Another node with these addresses (`None`: the Node is deleted).
         Node(String, Option<Vec<IpAddr>>),
         NodeMode(Mode),
+        /// An ANP, BANP or CNP (its id, the object).
+        Tier(u32, serde_json::Value),
+        RemoveTier(u32),
     }
 
     const ADDRS: &[&str] = &[
@@ -2366,8 +2644,128 @@ mod tests {
             })
     }
 
+    fn tier_port() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(json!({"portNumber": {"port": 80}})),
+            Just(json!({"portNumber": {"port": 53, "protocol": "UDP"}})),
+            Just(json!({"portRange": {"start": 70, "end": 90}})),
+            Just(json!({"portRange": {"start": 8000, "end": 8010, "protocol": "SCTP"}})),
+            Just(json!({"namedPort": "http"})),
+            Just(json!({"namedPort": "dns"})),
+        ]
+    }
+
+    fn tier_peer(egress: bool) -> impl Strategy<Value = serde_json::Value> {
+        let pods = prop_oneof![
+            selector().prop_map(|s| json!({"namespaces": s})),
+            (selector(), selector())
+                .prop_map(|(n, p)| json!({"pods": {"namespaceSelector": n, "podSelector": p}})),
+        ];
+        let networks = prop_oneof![
+            Just(json!({"networks": ["10.0.0.0/24"]})),
+            Just(json!({"networks": ["0.0.0.0/0", "fd00::/64"]})),
+            Just(json!({"networks": ["10.0.0.2/32"]})),
+        ];
+        if egress {
+            prop_oneof![3 => pods, 1 => networks].boxed()
+        } else {
+            pods.boxed()
+        }
+    }
+
+    fn tier_rule(egress: bool) -> impl Strategy<Value = serde_json::Value> {
+        (
+            prop_oneof![Just("Allow"), Just("Deny"), Just("Pass")],
+            prop::collection::vec(tier_peer(egress), 1..3),
+            prop::option::of(prop::collection::vec(tier_port(), 1..3)),
+        )
+            .prop_map(move |(action, peers, ports)| {
+                let mut r = json!({"action": action});
+                r[if egress { "to" } else { "from" }] = json!(peers);
+                if let Some(p) = ports {
+                    r["ports"] = json!(p);
+                }
+                r
+            })
+    }
+
+    /// An ANP, BANP or CNP; invalid combinations (named ports with
+    /// networks, Pass in a BANP) are refused by validation and skipped.
+    fn tier_json() -> impl Strategy<Value = serde_json::Value> {
+        (
+            0u32..3,
+            0i64..3,
+            prop_oneof![
+                selector().prop_map(|s| json!({"namespaces": s})),
+                (selector(), selector())
+                    .prop_map(|(n, p)| json!({"pods": {"namespaceSelector": n, "podSelector": p}})),
+            ],
+            prop::collection::vec(tier_rule(false), 0..3),
+            prop::collection::vec(tier_rule(true), 0..3),
+            mode(),
+        )
+            .prop_map(|(kind, priority, subject, ingress, egress, mode)| {
+                let mut meta = json!({});
+                if let Some(m) = mode {
+                    meta["annotations"] = json!({"palisade.io/mode": m.as_str()});
+                }
+                match kind {
+                    0 => json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+                        "kind": "AdminNetworkPolicy", "metadata": meta,
+                        "spec": {"priority": priority, "subject": subject,
+                                 "ingress": ingress, "egress": egress}}),
+                    1 => json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+                        "kind": "BaselineAdminNetworkPolicy", "metadata": meta,
+                        "spec": {"subject": subject, "ingress": ingress, "egress": egress}}),
+                    _ => {
+                        let convert = |rules: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+                            rules.into_iter().map(cnp_rule).collect()
+                        };
+                        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                            "kind": "ClusterNetworkPolicy", "metadata": meta,
+                            "spec": {"tier": if priority == 2 { "Baseline" } else { "Admin" },
+                                     "priority": priority, "subject": subject,
+                                     "ingress": convert(ingress), "egress": convert(egress)}})
+                    }
+                }
+            })
+    }
+
+    /// A v1alpha1 rule in v1alpha2's shape.
+    fn cnp_rule(mut r: serde_json::Value) -> serde_json::Value {
+        if r["action"] == "Allow" {
+            r["action"] = json!("Accept");
+        }
+        if let Some(ports) = r.get("ports").cloned() {
+            let protocols: Vec<serde_json::Value> = ports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let proto = |p: &serde_json::Value| {
+                        p["protocol"].as_str().unwrap_or("TCP").to_lowercase()
+                    };
+                    if let Some(n) = p.get("namedPort") {
+                        json!({"destinationNamedPort": n})
+                    } else if let Some(n) = p.get("portNumber") {
+                        json!({proto(n): {"destinationPort": {"number": n["port"]}}})
+                    } else {
+                        let r = &p["portRange"];
+                        json!({proto(r): {"destinationPort":
+                            {"range": {"start": r["start"], "end": r["end"]}}}})
+                    }
+                })
+                .collect();
+            r.as_object_mut().map(|o| o.remove("ports"));
+            r["protocols"] = json!(protocols);
+        }
+        r
+    }
+
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
+            (11u32..15, tier_json()).prop_map(|(id, v)| Op::Tier(id, v)),
+            (11u32..15).prop_map(Op::RemoveTier),
             (
                 ns(),
                 prop::option::of(prop_oneof![
@@ -2483,6 +2881,38 @@ mod tests {
             Op::Node(name, Some(addrs)) => engine.upsert_node(&name, &addrs),
             Op::Node(name, None) => engine.remove_node(&name),
             Op::NodeMode(m) => engine.set_node_mode(m),
+            Op::Tier(id, mut v) => {
+                use crate::policy::tier::{TierKind, validate_anp, validate_cnp};
+                // Names in another order than ids (ties of priority are
+                // broken by name).
+                v["metadata"]["name"] = json!(if v["kind"] == "BaselineAdminNetworkPolicy" {
+                    "default".to_string()
+                } else {
+                    format!("t{}", (id * 3) % 5)
+                });
+                let parsed = match v["kind"].as_str() {
+                    Some("ClusterNetworkPolicy") => serde_json::from_value(v)
+                        .ok()
+                        .and_then(|o| validate_cnp(o).ok())
+                        .map(|(_, p)| p),
+                    Some(k) => {
+                        let kind = if k == "AdminNetworkPolicy" {
+                            TierKind::AdminNetworkPolicy
+                        } else {
+                            TierKind::BaselineAdminNetworkPolicy
+                        };
+                        serde_json::from_value(v)
+                            .ok()
+                            .and_then(|o| validate_anp(o, kind).ok())
+                            .map(|(_, p)| p)
+                    }
+                    None => None,
+                };
+                if let Some(p) = parsed {
+                    engine.upsert_tier_policy(id, p);
+                }
+            }
+            Op::RemoveTier(id) => engine.remove_tier_policy(id),
         }
     }
 
@@ -2709,6 +3139,9 @@ mod tests {
             }
             for (id, _) in policies {
                 fresh.upsert_policy(id, engine.pols[engine.pol_by_id[&id]].policy.clone());
+            }
+            for (id, t) in &engine.tier_pols {
+                fresh.upsert_tier_policy(*id, t.policy.clone());
             }
             fresh.set_host_addresses(&engine.host.iter().copied().collect::<Vec<_>>());
             for (name, addrs) in &engine.nodes {

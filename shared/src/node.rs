@@ -532,6 +532,7 @@ pub fn compile_state(state: &mut State) -> Compiled {
             endpoints: &endpoints,
             host_addresses: &host,
             node_addresses: &nodes,
+            tier_policies: &[],
         },
         &mut state.identities,
     );

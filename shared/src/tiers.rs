@@ -27,6 +27,195 @@ use crate::{
 };
 
 pub use crate::policy::tier::Action;
+use crate::{
+    abi::{Direction, PolicyKey, PolicyKeyData, TIER_ADMIN, TIER_BASELINE},
+    compile::{PeerFacts, peer_matches},
+    policy::{
+        IpBlock, Labels, Mode, NamedPort, Peer, Protocol,
+        tier::{Tier, TierPeer, TierPolicy, TierPort},
+    },
+};
+
+/// The tiers and their `PAL_TIER_*` numbers.
+pub const TIERS: [(Tier, u8); 2] = [(Tier::Admin, TIER_ADMIN), (Tier::Baseline, TIER_BASELINE)];
+
+/// A tier policy as the compilers take it: its id and effective mode.
+#[derive(Debug, Clone, Copy)]
+pub struct TierRef<'a> {
+    pub id: u32,
+    pub policy: &'a TierPolicy,
+    pub audit: bool,
+}
+
+impl<'a> TierRef<'a> {
+    pub fn new(id: u32, policy: &'a TierPolicy, node_mode: Mode) -> Self {
+        Self {
+            id,
+            policy,
+            audit: policy.mode.unwrap_or(node_mode) == Mode::Audit,
+        }
+    }
+}
+
+/// Sort into precedence order (see [`TierPolicy::rank`]).
+pub fn sort(pols: &mut [TierRef<'_>]) {
+    pols.sort_by(|a, b| a.policy.rank().cmp(&b.policy.rank()));
+}
+
+/// Whether a tier policy applies to a pod in namespace `ns` (with
+/// `ns_labels`) labelled `labels`.
+pub fn selects(p: &TierPolicy, ns_labels: &Labels, labels: &Labels) -> bool {
+    p.subject.namespaces.matches(ns_labels) && p.subject.pods.matches(labels)
+}
+
+/// Whether a rule peer matches a peer identity. `nodes` peers match nothing
+/// yet (node identities carry no labels); validation refuses them.
+pub fn peer_matches_identity(peer: &TierPeer, facts: &PeerFacts<'_>) -> bool {
+    match peer {
+        TierPeer::Peer(p) => peer_matches(p, "", facts),
+        TierPeer::Nodes(_) => false,
+    }
+}
+
+/// The rules of `pols` (those that select the endpoint, in precedence
+/// order) for one cell: tier, direction and peer. Named ports resolve on
+/// the destination: the endpoint's own ports for ingress, the peer's
+/// (`peer_port`) for egress.
+pub fn cell_rules(
+    pols: &[TierRef<'_>],
+    tier: Tier,
+    dir: Direction,
+    ep_ports: &[NamedPort],
+    peer: &PeerFacts<'_>,
+    peer_port: &dyn Fn(&str, Protocol) -> Option<u16>,
+) -> Vec<CellRule> {
+    let mut out = Vec::new();
+    for t in pols.iter().filter(|t| t.policy.tier == tier) {
+        let rules = match dir {
+            Direction::Ingress => &t.policy.ingress,
+            Direction::Egress => &t.policy.egress,
+        };
+        for r in rules {
+            if !r.peers.iter().any(|p| peer_matches_identity(p, peer)) {
+                continue;
+            }
+            let traffic = match &r.ports {
+                None => Traffic::All,
+                Some(ports) => {
+                    let mut items = Vec::new();
+                    for p in ports {
+                        match p {
+                            TierPort::Range(proto, a, b) => items.push((proto.number(), *a, *b)),
+                            TierPort::Named(name) if dir == Direction::Ingress => items.extend(
+                                ep_ports
+                                    .iter()
+                                    .filter(|np| &np.name == name)
+                                    .map(|np| (np.protocol.number(), np.port, np.port)),
+                            ),
+                            TierPort::Named(name) => {
+                                for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                                    if let Some(n) = peer_port(name, proto) {
+                                        items.push((proto.number(), n, n));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Traffic::Ports(items)
+                }
+            };
+            out.push(CellRule {
+                action: r.action,
+                traffic,
+                policy_id: t.id,
+                audit: t.audit,
+            });
+        }
+    }
+    out
+}
+
+/// A cell's entries as policy map keys and values.
+pub fn cell_entries(
+    ep_id: u32,
+    dir: Direction,
+    tier: u8,
+    peer_id: u32,
+    rules: &[CellRule],
+) -> Vec<(PolicyKey, PolicyValue)> {
+    resolve(rules)
+        .into_iter()
+        .map(|e| {
+            (
+                PolicyKey {
+                    prefixlen: e.prefixlen,
+                    data: PolicyKeyData {
+                        ep_id,
+                        direction: dir as u8,
+                        tier,
+                        pad1: 0,
+                        peer_id,
+                        pad2: 0,
+                        protocol: e.protocol,
+                        dport_be: e.port.to_be(),
+                    },
+                },
+                e.value,
+            )
+        })
+        .collect()
+}
+
+/// The `PAL_EP_*` flag an endpoint needs for entries of this tier and
+/// direction.
+pub fn ep_flag(tier: u8, dir: u8) -> u32 {
+    use crate::abi::{EP_ADMIN_EGRESS, EP_ADMIN_INGRESS, EP_BASELINE_EGRESS, EP_BASELINE_INGRESS};
+    let egress = dir == Direction::Egress as u8;
+    match (tier == TIER_ADMIN, egress) {
+        (true, false) => EP_ADMIN_INGRESS,
+        (true, true) => EP_ADMIN_EGRESS,
+        (false, false) => EP_BASELINE_INGRESS,
+        (false, true) => EP_BASELINE_EGRESS,
+    }
+}
+
+/// The `networks` CIDRs of tier policies, as ipBlocks (they refine
+/// identities like NetworkPolicy's ipBlocks).
+pub fn blocks(p: &TierPolicy) -> Vec<IpBlock> {
+    let mut out: Vec<IpBlock> = p
+        .ingress
+        .iter()
+        .chain(&p.egress)
+        .flat_map(|r| &r.peers)
+        .filter_map(|peer| match peer {
+            TierPeer::Peer(Peer::IpBlock(b)) => Some(b.clone()),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Named ports egress rules resolve on peers, for every protocol (a tier
+/// policy's named port takes the container port's protocol).
+pub fn egress_names(p: &TierPolicy) -> Vec<(String, Protocol)> {
+    let mut out: Vec<(String, Protocol)> = p
+        .egress
+        .iter()
+        .flat_map(|r| r.ports.iter().flatten())
+        .filter_map(|port| match port {
+            TierPort::Named(n) => Some(n),
+            TierPort::Range(..) => None,
+        })
+        .flat_map(|n| {
+            [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|proto| (n.clone(), proto))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// The protocols whose ports tier rules can name.
 pub const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];

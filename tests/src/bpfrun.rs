@@ -99,6 +99,7 @@ impl Datapath {
                 endpoints,
                 host_addresses: host,
                 node_addresses: &[],
+                tier_policies: &[],
             },
             &mut self.ids,
         );

@@ -504,10 +504,12 @@ fn peers(
                 pods,
             }));
         } else if let Some(nodes) = &p.nodes {
-            out.push(TierPeer::Nodes(Selector::from_k8s(
-                nodes,
+            Selector::from_k8s(nodes, &format!("{here}.nodes"))?;
+            return Err(invalid(
                 &format!("{here}.nodes"),
-            )?));
+                "nodes peers are not supported by palisade yet (node identities do not \
+                 carry node labels); use networks with the nodes' addresses",
+            ));
         } else if let Some(nets) = &p.networks {
             let npath = format!("{here}.networks");
             count(&npath, nets.len(), 1, MAX_NETWORKS)?;
@@ -958,7 +960,7 @@ spec:
     ports: [{portNumber: {port: 9090}}, {portRange: {protocol: UDP, start: 5000, end: 5010}}, {namedPort: web}]
   egress:
   - action: Allow
-    to: [{networks: [10.0.0.0/8, "fd00::/64"]}, {nodes: {matchLabels: {role: infra}}}]
+    to: [{networks: [10.0.0.0/8, "fd00::/64"]}, {pods: {namespaceSelector: {}, podSelector: {}}}]
 "#;
 
     #[test]
@@ -980,8 +982,11 @@ spec:
                 TierPort::Named("web".into()),
             ])
         );
-        assert_eq!(p.egress[0].peers.len(), 3, "two networks and a nodes peer");
-        assert!(matches!(p.egress[0].peers[2], TierPeer::Nodes(_)));
+        assert_eq!(p.egress[0].peers.len(), 3, "two networks and a pods peer");
+        assert!(matches!(
+            p.egress[0].peers[0],
+            TierPeer::Peer(Peer::IpBlock(_))
+        ));
     }
 
     #[test]
@@ -1081,6 +1086,14 @@ spec:
                 ),
                 "spec.egress[0].ports",
                 "named ports",
+            ),
+            (
+                with(
+                    "{pods: {namespaceSelector: {}, podSelector: {}}}",
+                    "{nodes: {}}",
+                ),
+                "spec.egress[0].to[1].nodes",
+                "not supported",
             ),
             (
                 with(
