@@ -27,7 +27,7 @@ use palisade::{
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
     explain::{self, PartyRef},
     node::{Change, Node, ObjectsReport, stale_refs},
-    policy::{self, Object},
+    policy::{self, Object, tier::TierKind},
     store::{DEFAULT_STATE_DIR, Store},
 };
 use palisade::{flows::Filter, learn, policy::Mode};
@@ -73,7 +73,9 @@ enum Command {
         #[arg(long)]
         ignore_not_found: bool,
     },
-    /// List endpoints, policies, identities, namespaces or pods.
+    /// List endpoints, policies, identities, namespaces, pods, or the
+    /// cluster-wide tiers (adminnetworkpolicies, baselineadminnetworkpolicies,
+    /// clusternetworkpolicies).
     Get {
         resource: Resource,
         /// Only this namespace.
@@ -310,6 +312,12 @@ enum Resource {
     Namespaces,
     #[value(alias = "pod", alias = "po")]
     Pods,
+    #[value(alias = "adminnetworkpolicy", alias = "anp")]
+    Adminnetworkpolicies,
+    #[value(alias = "baselineadminnetworkpolicy", alias = "banp")]
+    Baselineadminnetworkpolicies,
+    #[value(alias = "clusternetworkpolicy", alias = "cnp")]
+    Clusternetworkpolicies,
 }
 
 /// `flows --verdict`: the word flow records show, as the verdict to match.
@@ -463,6 +471,11 @@ fn print_changes(report: &ObjectsReport) -> Result<()> {
             policy::Kind::Pod => "pod",
             policy::Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
             policy::Kind::Node => "node",
+            policy::Kind::AdminNetworkPolicy => "adminnetworkpolicy.policy.networking.k8s.io",
+            policy::Kind::BaselineAdminNetworkPolicy => {
+                "baselineadminnetworkpolicy.policy.networking.k8s.io"
+            }
+            policy::Kind::ClusterNetworkPolicy => "clusternetworkpolicy.policy.networking.k8s.io",
         };
         let name = if r.namespace.is_empty() {
             r.name.clone()
@@ -528,6 +541,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Resource::Identities => output::identities(&state, ns, *output)?,
                 Resource::Namespaces => output::namespaces(&state, *output)?,
                 Resource::Pods => output::pods(&state, ns, *output)?,
+                Resource::Adminnetworkpolicies => {
+                    output::tier_policies(&state, TierKind::AdminNetworkPolicy, *output)?
+                }
+                Resource::Baselineadminnetworkpolicies => {
+                    output::tier_policies(&state, TierKind::BaselineAdminNetworkPolicy, *output)?
+                }
+                Resource::Clusternetworkpolicies => {
+                    output::tier_policies(&state, TierKind::ClusterNetworkPolicy, *output)?
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -590,17 +612,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         protocol: proto_num,
                         port,
                     })?;
-                    let allowed = !a.isolated
-                        || a.entry.is_some()
-                        || a.audit
-                        || e.from.is_host
-                        || e.to.is_host;
+                    let allowed = a.allowed || e.from.is_host || e.to.is_host;
                     datapath.push(output::DatapathAnswer {
                         direction: side.direction,
                         endpoint: ep_id,
                         peer_identity: a.peer_identity,
                         allowed,
-                        policy_id: a.entry.map(|v| v.policy_id),
+                        policy_id: a.tier.map(|t| t.1).or(a.entry).map(|v| v.policy_id),
                         agrees: allowed == side.allowed,
                     });
                 }

@@ -14,7 +14,7 @@ use palisade::{
     explain::Explanation,
     identity::{IdentityKey, reserved_name},
     node::compile_state,
-    policy::{Labels, NamespaceInfo},
+    policy::{Labels, NamespaceInfo, tier::TierKind},
     store::{Endpoint, State},
 };
 use serde::Serialize;
@@ -183,6 +183,76 @@ pub fn policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
             "POD-SELECTOR",
             "POLICY-TYPES",
             "RULES (IN/OUT)",
+            "ENDPOINTS",
+        ],
+        rows,
+    )
+}
+
+/// AdminNetworkPolicies, BaselineAdminNetworkPolicies or
+/// ClusterNetworkPolicies, in the order they are evaluated.
+pub fn tier_policies(state: &State, kind: TierKind, format: Format) -> Result<()> {
+    let mut selected: Vec<_> = state
+        .tier_policies
+        .values()
+        .filter(|t| t.policy.kind == kind)
+        .collect();
+    selected.sort_by(|a, b| a.policy.rank().cmp(&b.policy.rank()));
+    if format != Format::Table {
+        let items = selected
+            .iter()
+            .map(|t| serde_json::to_value(&t.object))
+            .collect::<Result<Vec<_>, _>>()?;
+        return structured(&k8s_list(items), format);
+    }
+    let namespaces = state.namespace_map();
+    let mut rows = Vec::new();
+    for t in selected {
+        let p = &t.policy;
+        let selected_eps = state
+            .endpoints
+            .values()
+            .filter(|e| {
+                let ns = namespaces
+                    .get(&e.namespace)
+                    .map(|n| n.labels.clone())
+                    .unwrap_or_else(|| NamespaceInfo::new(&e.namespace, None).labels);
+                palisade::tiers::selects(p, &ns, &state.effective_labels(e))
+            })
+            .count();
+        let subject = if p.subject.pods.is_empty() {
+            format!("namespaces {}", p.subject.namespaces.describe())
+        } else {
+            format!(
+                "pods {} in namespaces {}",
+                p.subject.pods.describe(),
+                p.subject.namespaces.describe()
+            )
+        };
+        rows.push(vec![
+            p.name.clone(),
+            t.id.to_string(),
+            p.tier.as_str().to_owned(),
+            if kind == TierKind::BaselineAdminNetworkPolicy {
+                "-".to_owned()
+            } else {
+                p.priority.to_string()
+            },
+            subject,
+            format!("{}/{}", p.ingress.len(), p.egress.len()),
+            p.mode.map(|m| m.as_str()).unwrap_or("-").to_owned(),
+            selected_eps.to_string(),
+        ]);
+    }
+    table(
+        &[
+            "NAME",
+            "ID",
+            "TIER",
+            "PRIORITY",
+            "SUBJECT",
+            "RULES (IN/OUT)",
+            "MODE",
             "ENDPOINTS",
         ],
         rows,

@@ -11,8 +11,12 @@ use thiserror::Error;
 use crate::{
     abi::{Direction, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, proto_name},
     compile::{PeerFacts, peer_matches, ports_match},
-    policy::{IpBlock, Labels, NamedPort, NamespaceInfo, Peer, Policy},
+    policy::{
+        IpBlock, Labels, NamedPort, NamespaceInfo, Peer, Policy,
+        tier::{Action, Tier, TierPort, TierRule},
+    },
     store::{Endpoint, State},
+    tiers::{self, TierRef},
 };
 
 #[derive(Debug, Error)]
@@ -105,12 +109,38 @@ pub struct Allow {
     pub ports: String,
 }
 
+/// A tier rule that matched: the one that decided, passed, or (in audit
+/// mode) would have denied.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TierMatch {
+    /// `Admin` or `Baseline`.
+    pub tier: String,
+    /// `AdminNetworkPolicy/NAME` (kind and name).
+    pub policy: String,
+    /// `ingress[2]` (and the rule's name, if it has one).
+    pub rule: String,
+    /// `Allow`, `Deny` or `Pass`.
+    pub action: String,
+    /// The policy is in audit mode: the rule did not decide.
+    pub audit: bool,
+}
+
+impl fmt::Display for TierMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.policy, self.rule)
+    }
+}
+
 /// One side's decision.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Side {
     pub direction: Direction,
     pub subject: String,
+    /// Admin and baseline rules that matched, in the order they were
+    /// evaluated (audited ones, a Pass, then the deciding one).
+    pub tiers: Vec<TierMatch>,
     /// Policies that select the subject for this direction.
     pub isolated_by: Vec<String>,
     pub allowed_by: Vec<Allow>,
@@ -166,6 +196,21 @@ impl fmt::Display for Explanation {
                 if side.allowed { "allowed" } else { "denied" },
                 side.reason
             )?;
+            for t in &side.tiers {
+                writeln!(
+                    f,
+                    "      {} tier: {} {} {}{}",
+                    t.tier,
+                    t.policy,
+                    t.rule,
+                    t.action,
+                    if t.audit {
+                        " (audit mode: would have denied; not enforced)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
             for a in &side.allowed_by {
                 writeln!(
                     f,
@@ -276,8 +321,87 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
     }
 }
 
+/// Whether a tier rule's ports take (proto, port); named ports resolve on
+/// the destination's `dest_ports`.
+fn tier_ports_match(r: &TierRule, proto: u8, port: u16, dest_ports: &[NamedPort]) -> bool {
+    match &r.ports {
+        None => true,
+        Some(list) => list.iter().any(|p| match p {
+            TierPort::Range(pr, a, b) => pr.number() == proto && (*a..=*b).contains(&port),
+            TierPort::Named(name) => dest_ports
+                .iter()
+                .any(|np| &np.name == name && np.protocol.number() == proto && np.port == port),
+        }),
+    }
+}
+
+/// One tier's answer for one side: the matched rules (in order) and the
+/// final action, if a rule of an enforced policy decided (Pass included).
+fn tier_side(
+    tier_pols: &[TierRef<'_>],
+    tier: Tier,
+    subject: &PodFacts,
+    dir: Direction,
+    facts: &PeerFacts<'_>,
+    proto: u8,
+    port: u16,
+    dest_ports: &[NamedPort],
+) -> (Vec<TierMatch>, Option<Action>) {
+    let mut matched = Vec::new();
+    for t in tier_pols.iter().filter(|t| t.policy.tier == tier) {
+        if !tiers::selects(t.policy, &subject.ns_labels, &subject.labels) {
+            continue;
+        }
+        let rules = match dir {
+            Direction::Ingress => &t.policy.ingress,
+            Direction::Egress => &t.policy.egress,
+        };
+        for (i, r) in rules.iter().enumerate() {
+            if !r
+                .peers
+                .iter()
+                .any(|p| tiers::peer_matches_identity(p, facts))
+                || !tier_ports_match(r, proto, port, dest_ports)
+            {
+                continue;
+            }
+            let m = TierMatch {
+                tier: tier.as_str().to_owned(),
+                policy: format!("{}/{}", t.policy.kind.as_str(), t.policy.name),
+                rule: if r.name.is_empty() {
+                    format!("{}[{i}]", dir.as_str())
+                } else {
+                    format!("{}[{i}] ({})", dir.as_str(), r.name)
+                },
+                action: match r.action {
+                    Action::Allow => "Allow",
+                    Action::Deny => "Deny",
+                    Action::Pass => "Pass",
+                }
+                .to_owned(),
+                audit: t.audit,
+            };
+            if t.audit {
+                // Only an audited Deny is worth reporting; none decides.
+                if r.action == Action::Deny && !matched.iter().any(|m: &TierMatch| m.audit) {
+                    matched.push(m);
+                }
+                continue;
+            }
+            matched.push(m);
+            return (matched, Some(r.action));
+        }
+    }
+    (matched, None)
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one side of one connection, spelled out"
+)]
 fn side(
     policies: &[(u32, Policy)],
+    tier_pols: &[TierRef<'_>],
     blocks: &[IpBlock],
     subject: &PodFacts,
     dir: Direction,
@@ -307,6 +431,16 @@ fn side(
         Direction::Ingress => &subject.ports,
         Direction::Egress => peer.pod.as_ref().map(|p| &p.ports).unwrap_or(&empty),
     };
+    let (mut tier_matches, admin) = tier_side(
+        tier_pols,
+        Tier::Admin,
+        subject,
+        dir,
+        &facts,
+        proto,
+        port,
+        dest_ports,
+    );
     let mut isolated_by = Vec::new();
     let mut allowed_by = Vec::new();
     let mut enforced = false;
@@ -343,10 +477,63 @@ fn side(
             }
         }
     }
+    let audited_deny = |m: &[TierMatch]| m.iter().find(|t| t.audit).map(ToString::to_string);
+    let decided = |m: &[TierMatch]| m.last().map(ToString::to_string).unwrap_or_default();
+    let mut baseline = None;
+    if !peer.is_host
+        && !matches!(admin, Some(Action::Allow | Action::Deny))
+        && isolated_by.is_empty()
+    {
+        let (m, b) = tier_side(
+            tier_pols,
+            Tier::Baseline,
+            subject,
+            dir,
+            &facts,
+            proto,
+            port,
+            dest_ports,
+        );
+        tier_matches.extend(m);
+        baseline = b;
+    }
+    let tier_audit = audited_deny(&tier_matches);
     let (allowed, reason) = if peer.is_host {
         (
             true,
             "traffic between a pod and its own node is never governed (kubelet probes)".to_owned(),
+        )
+    } else if admin == Some(Action::Deny) {
+        (
+            false,
+            format!(
+                "denied by {} before any NetworkPolicy",
+                decided(&tier_matches)
+            ),
+        )
+    } else if admin == Some(Action::Allow) {
+        (
+            true,
+            format!(
+                "allowed by {} before any NetworkPolicy",
+                decided(&tier_matches)
+            ),
+        )
+    } else if isolated_by.is_empty() && baseline == Some(Action::Deny) {
+        (
+            false,
+            format!(
+                "no NetworkPolicy selects {subject_name} for {dir}; denied by {}",
+                decided(&tier_matches)
+            ),
+        )
+    } else if isolated_by.is_empty() && baseline == Some(Action::Allow) {
+        (
+            true,
+            format!(
+                "no NetworkPolicy selects {subject_name} for {dir}; allowed by {}",
+                decided(&tier_matches)
+            ),
         )
     } else if isolated_by.is_empty() {
         (
@@ -387,14 +574,26 @@ fn side(
             ),
         )
     };
+    // An audited tier Deny matched before what allowed it: reported as
+    // audit, as the datapath does.
+    let (audit_tier, reason) = match (&tier_audit, allowed && !peer.is_host) {
+        (Some(by), true) => (
+            true,
+            format!("{reason}; AUDIT: {by} (audit mode) would deny it, so it is reported as audit"),
+        ),
+        _ => (false, reason),
+    };
+    let np_audit = allowed
+        && admin.is_none_or(|a| a == Action::Pass)
+        && allowed_by.is_empty()
+        && !isolated_by.is_empty()
+        && !enforced
+        && !peer.is_host;
     Side {
         direction: dir,
         subject: subject_name,
-        audit: allowed
-            && allowed_by.is_empty()
-            && !isolated_by.is_empty()
-            && !enforced
-            && !peer.is_host,
+        tiers: tier_matches,
+        audit: np_audit || audit_tier,
         isolated_by,
         allowed_by,
         allowed,
@@ -415,7 +614,18 @@ pub fn explain(
     for (_, p) in &mut policies {
         p.mode = Some(state.effective_mode(p, &namespaces));
     }
-    let blocks = all_blocks(&policies);
+    let mut blocks = all_blocks(&policies);
+    for t in state.tier_policies.values() {
+        blocks.extend(tiers::blocks(&t.policy));
+    }
+    blocks.sort();
+    blocks.dedup();
+    let mut tier_pols: Vec<TierRef<'_>> = state
+        .tier_policies
+        .values()
+        .map(|t| TierRef::new(t.id, &t.policy, state.mode))
+        .collect();
+    tiers::sort(&mut tier_pols);
     let from = resolve(state, from)?;
     let to = resolve(state, to)?;
     let proto = if proto == PROTO_ICMP && matches!(to.address.or(from.address), Some(IpAddr::V6(_)))
@@ -424,13 +634,22 @@ pub fn explain(
     } else {
         proto
     };
-    let egress = from
-        .pod
-        .as_ref()
-        .map(|p| side(&policies, &blocks, p, Direction::Egress, &to, proto, port));
+    let egress = from.pod.as_ref().map(|p| {
+        side(
+            &policies,
+            &tier_pols,
+            &blocks,
+            p,
+            Direction::Egress,
+            &to,
+            proto,
+            port,
+        )
+    });
     let ingress = to.pod.as_ref().map(|p| {
         side(
             &policies,
+            &tier_pols,
             &blocks,
             p,
             Direction::Ingress,

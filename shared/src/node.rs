@@ -31,10 +31,14 @@ use crate::{
     dataplane::{Attachment, Dataplane, DataplaneError, SyncReport},
     engine::Engine,
     identity::IdentityTable,
-    policy::{Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef, validate_namespace_object},
+    policy::{
+        Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef,
+        tier::{TierKind, TierObject, TierPolicy},
+        validate_namespace_object,
+    },
     store::{
         Endpoint, PendingIdentity, RemoteNode, RemotePod, Source, State, Store, StoreError,
-        StoredNamespace, StoredPod, StoredPolicy, Txn,
+        StoredNamespace, StoredPod, StoredPolicy, StoredTierPolicy, Txn,
     },
 };
 
@@ -282,6 +286,45 @@ impl Op<'_, '_> {
         self.inputs = true;
         Ok(())
     }
+    fn put_tier_policy(&mut self, p: &StoredTierPolicy) -> Result<(), NodeError> {
+        self.tx.put_tier_policy(p)?;
+        self.engine.upsert_tier_policy(p.id, p.policy.clone());
+        self.inputs = true;
+        Ok(())
+    }
+    /// Delete a tier policy if it exists; whether it did.
+    fn delete_tier_policy(&mut self, kind: TierKind, name: &str) -> Result<bool, NodeError> {
+        let Some(p) = self.tx.tier_policy(kind, name)? else {
+            return Ok(false);
+        };
+        self.tx.delete_tier_policy(kind, name)?;
+        self.engine.remove_tier_policy(p.id);
+        self.inputs = true;
+        Ok(true)
+    }
+    /// Create or replace a tier policy, keeping its number.
+    fn upsert_tier_policy(
+        &mut self,
+        object: &TierObject,
+        value: &TierPolicy,
+    ) -> Result<Change, NodeError> {
+        let old = self.tx.tier_policy(value.kind, &value.name)?;
+        if old.as_ref().is_some_and(|o| &o.object == object) {
+            return Ok(Change::Unchanged);
+        }
+        let id = match &old {
+            Some(o) => o.id,
+            None => self.tx.allocate_policy_id()?,
+        };
+        let stored = StoredTierPolicy {
+            id,
+            object: object.clone(),
+            policy: value.clone(),
+        };
+        upsert(old.map(|o| o.object), &stored.object, || {
+            self.put_tier_policy(&stored)
+        })
+    }
 
     fn put_endpoint(&mut self, ep: &Endpoint) -> Result<(), NodeError> {
         self.tx.put_endpoint(ep)?;
@@ -417,6 +460,9 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     for p in state.policies.values() {
         e.upsert_policy(p.id, p.policy.clone());
     }
+    for p in state.tier_policies.values() {
+        e.upsert_tier_policy(p.id, p.policy.clone());
+    }
     e.set_host_addresses(&state.host_addresses);
     // Endpoints with the same labels one after another: the policies and
     // rules that select them stay in the CPU's caches (several times
@@ -525,6 +571,15 @@ pub fn compile_state(state: &mut State) -> Compiled {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let tier_policies: Vec<(u32, TierPolicy)> = state
+        .tier_policies
+        .values()
+        .map(|t| {
+            let mut p = t.policy.clone();
+            p.mode = Some(p.mode.unwrap_or(state.mode));
+            (t.id, p)
+        })
+        .collect();
     let compiled = compile::compile(
         &compile::Input {
             namespaces: &namespaces,
@@ -532,7 +587,7 @@ pub fn compile_state(state: &mut State) -> Compiled {
             endpoints: &endpoints,
             host_addresses: &host,
             node_addresses: &nodes,
-            tier_policies: &[],
+            tier_policies: &tier_policies,
         },
         &mut state.identities,
     );
@@ -1125,6 +1180,7 @@ impl<D: Dataplane> Node<D> {
                             op.put_policy(&stored)
                         })?
                     }
+                    Object::TierPolicy(t) => op.upsert_tier_policy(&t.object, &t.value)?,
                 };
                 changes.push((r, change));
             }
@@ -1250,6 +1306,12 @@ impl<D: Dataplane> Node<D> {
                         None => false,
                     },
                     Kind::Node => op.delete_remote_node(&r.name)?,
+                    Kind::AdminNetworkPolicy
+                    | Kind::BaselineAdminNetworkPolicy
+                    | Kind::ClusterNetworkPolicy => {
+                        let kind = r.kind.tier_kind().expect("a tier kind");
+                        op.delete_tier_policy(kind, &r.name)?
+                    }
                 };
                 if found {
                     report.deleted += 1;
@@ -1331,6 +1393,12 @@ impl<D: Dataplane> Node<D> {
                         None => false,
                     },
                     Kind::Node => op.delete_remote_node(&r.name)?,
+                    Kind::AdminNetworkPolicy
+                    | Kind::BaselineAdminNetworkPolicy
+                    | Kind::ClusterNetworkPolicy => {
+                        let kind = r.kind.tier_kind().expect("a tier kind");
+                        op.delete_tier_policy(kind, &r.name)?
+                    }
                 };
                 changes.push((
                     r,

@@ -43,6 +43,7 @@ use crate::{
     policy::{
         Kind, Labels, Mode, NamespaceInfo, NamespaceMap, PodInfo, Policy, Valid, effective_labels,
         effective_mode,
+        tier::{TierKind, TierObject, TierPolicy},
     },
 };
 
@@ -232,6 +233,16 @@ pub struct PendingIdentity {
 pub type StoredNamespace = Valid<Namespace, NamespaceInfo>;
 pub type StoredPod = Valid<Pod, PodInfo>;
 
+/// A stored AdminNetworkPolicy, BaselineAdminNetworkPolicy or
+/// ClusterNetworkPolicy with its stable number (from the same counter as
+/// NetworkPolicies', so a number names one policy of any kind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredTierPolicy {
+    pub id: u32,
+    pub object: TierObject,
+    pub policy: TierPolicy,
+}
+
 /// A stored NetworkPolicy with its stable number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredPolicy {
@@ -251,6 +262,8 @@ pub struct State {
     pub pods: BTreeMap<String, StoredPod>,
     /// By `namespace/name`.
     pub policies: BTreeMap<String, StoredPolicy>,
+    /// By `Kind/name`.
+    pub tier_policies: BTreeMap<String, StoredTierPolicy>,
     /// By [`Endpoint::key`].
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Pods on other nodes, by `namespace/name` (cluster mode).
@@ -274,6 +287,7 @@ impl Default for State {
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
+            tier_policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             remote: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -395,6 +409,9 @@ CREATE TABLE IF NOT EXISTS remote_pods (
     namespace TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (namespace, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS remote_nodes (name TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tier_policies (
+    kind TEXT NOT NULL, name TEXT NOT NULL, id INTEGER NOT NULL UNIQUE, record TEXT NOT NULL,
+    PRIMARY KEY (kind, name)) WITHOUT ROWID;
 ";
 
 impl Store {
@@ -885,6 +902,14 @@ fn load_with(conn: &Connection, path: &Path, which: Pods) -> Result<State, Store
         )?
         .into_iter()
         .collect(),
+        tier_policies: rows(
+            conn,
+            path,
+            "tier policy",
+            "SELECT kind || '/' || name, record FROM tier_policies",
+        )?
+        .into_iter()
+        .collect(),
         endpoints: rows(conn, path, "endpoint", "SELECT key, record FROM endpoints")?
             .into_iter()
             .collect(),
@@ -1168,6 +1193,36 @@ impl Txn<'_> {
         )? > 0)
     }
 
+    pub fn tier_policy(
+        &self,
+        kind: TierKind,
+        name: &str,
+    ) -> Result<Option<StoredTierPolicy>, StoreError> {
+        self.one(
+            "tier policy",
+            "SELECT record FROM tier_policies WHERE kind = ?1 AND name = ?2",
+            [kind.as_str(), name],
+            &format!("{}/{name}", kind.as_str()),
+        )
+    }
+
+    pub fn put_tier_policy(&mut self, p: &StoredTierPolicy) -> Result<(), StoreError> {
+        self.exec(
+            "write a tier policy",
+            "INSERT OR REPLACE INTO tier_policies (kind, name, id, record) VALUES (?1, ?2, ?3, ?4)",
+            params![p.policy.kind.as_str(), p.policy.name, p.id, encode(p)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_tier_policy(&mut self, kind: TierKind, name: &str) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "delete a tier policy",
+            "DELETE FROM tier_policies WHERE kind = ?1 AND name = ?2",
+            [kind.as_str(), name],
+        )? > 0)
+    }
+
     // ----- endpoints -----
 
     pub fn endpoint(&self, key: &str) -> Result<Option<Endpoint>, StoreError> {
@@ -1224,6 +1279,15 @@ impl Txn<'_> {
             Kind::Pod => "SELECT namespace, name FROM pods",
             Kind::NetworkPolicy => "SELECT namespace, name FROM policies",
             Kind::Node => "SELECT '', name FROM remote_nodes",
+            Kind::AdminNetworkPolicy => {
+                "SELECT '', name FROM tier_policies WHERE kind = 'AdminNetworkPolicy'"
+            }
+            Kind::BaselineAdminNetworkPolicy => {
+                "SELECT '', name FROM tier_policies WHERE kind = 'BaselineAdminNetworkPolicy'"
+            }
+            Kind::ClusterNetworkPolicy => {
+                "SELECT '', name FROM tier_policies WHERE kind = 'ClusterNetworkPolicy'"
+            }
         };
         let mut stmt = self
             .tx

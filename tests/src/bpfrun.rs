@@ -76,21 +76,27 @@ impl Datapath {
         }
     }
 
-    /// Compile `yaml` (NetworkPolicies) for `endpoints` and load the maps.
+    /// Compile `yaml` (NetworkPolicies, AdminNetworkPolicies,
+    /// BaselineAdminNetworkPolicies, ClusterNetworkPolicies; ids in document
+    /// order from 1) for `endpoints` and load the maps.
     pub fn program(&mut self, yaml: &str, endpoints: &[EndpointView], host: &[IpAddr]) -> Desired {
-        let policies: Vec<(u32, Policy)> = if yaml.trim().is_empty() {
-            Vec::new()
-        } else {
-            parse_documents(yaml, "test")
-                .expect("policy YAML")
-                .into_iter()
-                .enumerate()
-                .map(|(i, o)| match o {
-                    Object::NetworkPolicy(np) => (i as u32 + 1, np.value),
-                    other => panic!("not a NetworkPolicy: {other:?}"),
-                })
-                .collect()
-        };
+        let mut policies: Vec<(u32, Policy)> = Vec::new();
+        let mut tier_policies = Vec::new();
+        if !yaml.trim().is_empty() {
+            let objects = parse_documents(yaml, "test").expect("policy YAML");
+            for (i, o) in objects.into_iter().enumerate() {
+                let id = i as u32 + 1;
+                match o {
+                    Object::NetworkPolicy(np) => policies.push((id, np.value)),
+                    Object::TierPolicy(t) => {
+                        let mut p = t.value;
+                        p.mode = Some(p.mode.unwrap_or_default());
+                        tier_policies.push((id, p));
+                    }
+                    other => panic!("not a policy: {other:?}"),
+                }
+            }
+        }
         let ns = NamespaceMap::new();
         let compiled = compile::compile(
             &compile::Input {
@@ -99,7 +105,7 @@ impl Datapath {
                 endpoints,
                 host_addresses: host,
                 node_addresses: &[],
-                tier_policies: &[],
+                tier_policies: &tier_policies,
             },
             &mut self.ids,
         );

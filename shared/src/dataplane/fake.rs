@@ -200,29 +200,44 @@ impl Dataplane for RecordingDataplane {
             abi::PROTO_TCP | abi::PROTO_UDP | abi::PROTO_SCTP
         );
         let port = if ported { q.port } else { 0 };
-        let entry = [peer_identity, ID_ANY].iter().find_map(|&peer| {
-            self.maps
-                .policy
-                .iter()
-                .filter(|(k, _)| {
-                    let d = &k.data;
-                    d.ep_id == q.ep_id
-                        && d.direction == q.direction as u8
-                        && d.peer_id == peer
-                        && (k.prefixlen == abi::POLICY_PREFIX_ANY_PROTO
-                            || (d.protocol == q.protocol && {
-                                let bits = k.prefixlen - abi::POLICY_PREFIX_ANY_PORT;
-                                let mask = if bits == 0 {
-                                    0
-                                } else {
-                                    u16::MAX << (16 - bits)
-                                };
-                                u16::from_be(d.dport_be) & mask == port & mask
-                            }))
-                })
-                .max_by_key(|(k, _)| k.prefixlen)
-                .map(|(_, v)| *v)
-        });
+        let ep_flags = self
+            .maps
+            .endpoints
+            .values()
+            .filter(|v| v.ep_id == q.ep_id)
+            .fold(0, |f, v| f | v.flags);
+        let find = |tier: u8| -> Option<abi::PolicyValue> {
+            let peers: &[u32] = if tier == abi::TIER_NETPOL {
+                &[peer_identity, ID_ANY]
+            } else {
+                &[peer_identity]
+            };
+            peers.iter().find_map(|&peer| {
+                self.maps
+                    .policy
+                    .iter()
+                    .filter(|(k, _)| {
+                        let d = &k.data;
+                        d.ep_id == q.ep_id
+                            && d.direction == q.direction as u8
+                            && d.tier == tier
+                            && d.peer_id == peer
+                            && (k.prefixlen == abi::POLICY_PREFIX_ANY_PROTO
+                                || (d.protocol == q.protocol && {
+                                    let bits = k.prefixlen - abi::POLICY_PREFIX_ANY_PORT;
+                                    let mask = if bits == 0 {
+                                        0
+                                    } else {
+                                        u16::MAX << (16 - bits)
+                                    };
+                                    u16::from_be(d.dport_be) & mask == port & mask
+                                }))
+                    })
+                    .max_by_key(|(k, _)| k.prefixlen)
+                    .map(|(_, v)| *v)
+            })
+        };
+        let (entry, tier, allowed) = super::decide_like_the_program(ep_flags, q.direction, find);
         let audit = self.maps.endpoints.values().any(|v| {
             v.ep_id == q.ep_id
                 && v.flags
@@ -237,6 +252,8 @@ impl Dataplane for RecordingDataplane {
             isolated,
             audit,
             entry,
+            tier,
+            allowed,
         })
     }
 }

@@ -1534,65 +1534,80 @@ impl Dataplane for KernelDataplane {
             Direction::Egress => (abi::EP_HAS_ANY_PORT_EGRESS, abi::EP_HAS_ANY_PROTO_EGRESS),
         };
         let port = if ported { q.port } else { 0 };
-        let mut entry = None;
-        'peers: for peer in [peer_identity, ID_ANY] {
-            let key = PolicyKeyData {
-                ep_id: q.ep_id,
-                direction: dir,
-                tier: TIER_NETPOL,
-                pad1: 0,
-                peer_id: peer,
-                pad2: 0,
-                protocol: q.protocol,
-                dport_be: port.to_be(),
+        let mut error = None;
+        let mut find = |tier: u8| -> Option<PolicyValue> {
+            let peers: &[u32] = if tier == TIER_NETPOL {
+                &[peer_identity, ID_ANY]
+            } else {
+                &[peer_identity]
             };
-            // Longest first, skipping what the endpoint has none of.
-            let mut tries = vec![(POLICY_PREFIX_FULL, key)];
-            for n in (1..=15u32)
-                .rev()
-                .filter(|n| range_lens & (1 << (n - 1)) != 0)
-            {
-                let mask = (0xffffu32 << (16 - n)) as u16;
-                tries.push((
-                    abi::POLICY_PREFIX_ANY_PORT + n,
-                    PolicyKeyData {
-                        dport_be: (port & mask).to_be(),
-                        ..key
-                    },
-                ));
-            }
-            if ep_flags & any_port_bit != 0 {
-                tries.push((
-                    abi::POLICY_PREFIX_ANY_PORT,
-                    PolicyKeyData { dport_be: 0, ..key },
-                ));
-            }
-            if ep_flags & any_proto_bit != 0 {
-                tries.push((
-                    abi::POLICY_PREFIX_ANY_PROTO,
-                    PolicyKeyData {
-                        protocol: 0,
-                        dport_be: 0,
-                        ..key
-                    },
-                ));
-            }
-            for (prefixlen, data) in tries {
-                match maps.policy.get(&PolicyKey { prefixlen, data }, 0) {
-                    Ok(v) => {
-                        entry = Some(v);
-                        break 'peers;
+            for &peer in peers {
+                let key = PolicyKeyData {
+                    ep_id: q.ep_id,
+                    direction: dir,
+                    tier,
+                    pad1: 0,
+                    peer_id: peer,
+                    pad2: 0,
+                    protocol: q.protocol,
+                    dport_be: port.to_be(),
+                };
+                // Longest first, skipping what the endpoint has none of.
+                let mut tries = vec![(POLICY_PREFIX_FULL, key)];
+                for n in (1..=15u32)
+                    .rev()
+                    .filter(|n| range_lens & (1 << (n - 1)) != 0)
+                {
+                    let mask = (0xffffu32 << (16 - n)) as u16;
+                    tries.push((
+                        abi::POLICY_PREFIX_ANY_PORT + n,
+                        PolicyKeyData {
+                            dport_be: (port & mask).to_be(),
+                            ..key
+                        },
+                    ));
+                }
+                if ep_flags & any_port_bit != 0 {
+                    tries.push((
+                        abi::POLICY_PREFIX_ANY_PORT,
+                        PolicyKeyData { dport_be: 0, ..key },
+                    ));
+                }
+                if ep_flags & any_proto_bit != 0 {
+                    tries.push((
+                        abi::POLICY_PREFIX_ANY_PROTO,
+                        PolicyKeyData {
+                            protocol: 0,
+                            dport_be: 0,
+                            ..key
+                        },
+                    ));
+                }
+                for (prefixlen, data) in tries {
+                    match maps.policy.get(&PolicyKey { prefixlen, data }, 0) {
+                        Ok(v) => return Some(v),
+                        Err(aya::maps::MapError::KeyNotFound) => {}
+                        Err(e) => {
+                            error.get_or_insert(DataplaneError::map("pal_policy")(e));
+                            return None;
+                        }
                     }
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(DataplaneError::map("pal_policy")(e)),
                 }
             }
+            None
+        };
+        let (entry, tier, allowed) =
+            super::decide_like_the_program(ep_flags, q.direction, &mut find);
+        if let Some(e) = error {
+            return Err(e);
         }
         Ok(LookupAnswer {
             peer_identity,
             isolated,
             audit,
             entry,
+            tier,
+            allowed,
         })
     }
 }

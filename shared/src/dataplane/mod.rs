@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    abi::{Direction, PolicyValue, Reason, Verdict},
+    abi::{self, Direction, PolicyValue, Reason, Verdict},
     compile::Desired,
     engine::Delta,
 };
@@ -260,7 +260,48 @@ pub struct LookupAnswer {
     pub isolated: bool,
     /// Isolated only by audit-mode policies: allowed and reported.
     pub audit: bool,
+    /// The NetworkPolicy entry found (when the direction is isolated and no
+    /// tier decided first).
     pub entry: Option<PolicyValue>,
+    /// The admin or baseline entry that decided (allow or deny), as
+    /// (`TIER_*`, value).
+    pub tier: Option<(u8, PolicyValue)>,
+    /// What the program does with a new flow: pass it (allowed or audit).
+    pub allowed: bool,
+}
+
+/// The decision `pal_decide` makes (bpf/lib/policy.h), from the endpoint's
+/// flags and `find`, which searches one tier's entries the way the program
+/// does (exact peer, and for NetworkPolicy then "any peer").
+pub fn decide_like_the_program(
+    flags: u32,
+    direction: Direction,
+    mut find: impl FnMut(u8) -> Option<PolicyValue>,
+) -> (Option<PolicyValue>, Option<(u8, PolicyValue)>, bool) {
+    let egress = direction == Direction::Egress;
+    let pick = |i: u32, e: u32| if egress { e } else { i };
+    // Allow and deny are final; pass and "none" go on. (An entry marked
+    // audit changes only how an allowed flow is reported.)
+    let tier_final = |tier: u8, find: &mut dyn FnMut(u8) -> Option<PolicyValue>| {
+        let v = find(tier)?;
+        matches!(v.verdict, 1 | 2).then_some((tier, v))
+    };
+    if flags & pick(abi::EP_ADMIN_INGRESS, abi::EP_ADMIN_EGRESS) != 0
+        && let Some(t) = tier_final(abi::TIER_ADMIN, &mut find)
+    {
+        return (None, Some(t), t.1.verdict == Verdict::Allow as u8);
+    }
+    if flags & pick(abi::EP_ISOLATE_INGRESS, abi::EP_ISOLATE_EGRESS) == 0 {
+        if flags & pick(abi::EP_BASELINE_INGRESS, abi::EP_BASELINE_EGRESS) != 0
+            && let Some(t) = tier_final(abi::TIER_BASELINE, &mut find)
+        {
+            return (None, Some(t), t.1.verdict == Verdict::Allow as u8);
+        }
+        return (None, None, true);
+    }
+    let entry = find(abi::TIER_NETPOL).filter(|v| v.verdict == Verdict::Allow as u8);
+    let audit = flags & pick(abi::EP_AUDIT_INGRESS, abi::EP_AUDIT_EGRESS) != 0;
+    (entry, None, entry.is_some() || audit)
 }
 
 /// Kernel side effects palisade needs.

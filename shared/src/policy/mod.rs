@@ -60,6 +60,9 @@ pub enum Kind {
     NetworkPolicy,
     /// Another node of the cluster (cluster mode only; never applied).
     Node,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
@@ -69,6 +72,29 @@ impl Kind {
             Self::Pod => "Pod",
             Self::NetworkPolicy => "NetworkPolicy",
             Self::Node => "Node",
+            Self::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Self::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+            Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+        }
+    }
+
+    /// The tier policy kind this is, if it is one.
+    pub fn tier_kind(self) -> Option<tier::TierKind> {
+        match self {
+            Self::AdminNetworkPolicy => Some(tier::TierKind::AdminNetworkPolicy),
+            Self::BaselineAdminNetworkPolicy => Some(tier::TierKind::BaselineAdminNetworkPolicy),
+            Self::ClusterNetworkPolicy => Some(tier::TierKind::ClusterNetworkPolicy),
+            _ => None,
+        }
+    }
+}
+
+impl From<tier::TierKind> for Kind {
+    fn from(k: tier::TierKind) -> Self {
+        match k {
+            tier::TierKind::AdminNetworkPolicy => Self::AdminNetworkPolicy,
+            tier::TierKind::BaselineAdminNetworkPolicy => Self::BaselineAdminNetworkPolicy,
+            tier::TierKind::ClusterNetworkPolicy => Self::ClusterNetworkPolicy,
         }
     }
 }
@@ -87,6 +113,8 @@ pub enum Object {
     Namespace(Box<Valid<Namespace, NamespaceInfo>>),
     Pod(Box<Valid<Pod, PodInfo>>),
     NetworkPolicy(Box<Valid<NetworkPolicy, Policy>>),
+    /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
+    TierPolicy(Box<Valid<tier::TierObject, tier::TierPolicy>>),
 }
 
 /// Which object: kind, namespace (empty for Namespace) and name.
@@ -125,6 +153,11 @@ impl Object {
                 namespace: p.value.namespace.clone(),
                 name: p.value.name.clone(),
             },
+            Object::TierPolicy(p) => ObjectRef {
+                kind: p.value.kind.into(),
+                namespace: String::new(),
+                name: p.value.name.clone(),
+            },
         }
     }
 }
@@ -158,6 +191,7 @@ impl Object {
             Object::Namespace(n) => serde_json::to_value(&n.object),
             Object::Pod(p) => serde_json::to_value(&p.object),
             Object::NetworkPolicy(p) => serde_json::to_value(&p.object),
+            Object::TierPolicy(p) => serde_json::to_value(&p.object),
         }
     }
 }
@@ -214,7 +248,34 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
             let np = validate_policy_object(strict(value)?)?;
             out.push(Object::NetworkPolicy(Box::new(np)));
         }
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+            want_api(tier::API_V1ALPHA1)?;
+            let kind = if kind == "AdminNetworkPolicy" {
+                tier::TierKind::AdminNetworkPolicy
+            } else {
+                tier::TierKind::BaselineAdminNetworkPolicy
+            };
+            let (object, value) = tier::validate_anp(strict(value)?, kind)?;
+            out.push(Object::TierPolicy(Box::new(Valid {
+                object: tier::TierObject::V1alpha1(object),
+                value,
+            })));
+        }
+        "ClusterNetworkPolicy" => {
+            want_api(tier::API_V1ALPHA2)?;
+            let (object, value) = tier::validate_cnp(strict(value)?)?;
+            out.push(Object::TierPolicy(Box::new(Valid {
+                object: tier::TierObject::V1alpha2(object),
+                value,
+            })));
+        }
+        "List"
+        | "NamespaceList"
+        | "PodList"
+        | "NetworkPolicyList"
+        | "AdminNetworkPolicyList"
+        | "BaselineAdminNetworkPolicyList"
+        | "ClusterNetworkPolicyList" => {
             let items = obj
                 .get("items")
                 .and_then(|i| i.as_array())
@@ -228,14 +289,14 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
         "" => {
             return Err(ObjectError::invalid(
                 "kind",
-                "missing; palisade understands Namespace, Pod and NetworkPolicy",
+                "missing; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy",
             ));
         }
         other => {
             return Err(ObjectError::invalid(
                 "kind",
                 format!(
-                    "unsupported kind {other:?}; palisade understands Namespace, Pod and NetworkPolicy"
+                    "unsupported kind {other:?}; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy"
                 ),
             ));
         }
