@@ -343,9 +343,7 @@ fn tier_side(
     subject: &PodFacts,
     dir: Direction,
     facts: &PeerFacts<'_>,
-    proto: u8,
-    port: u16,
-    dest_ports: &[NamedPort],
+    (proto, port, dest_ports): (u8, u16, &[NamedPort]),
 ) -> (Vec<TierMatch>, Option<Action>) {
     let mut matched = Vec::new();
     for t in tier_pols.iter().filter(|t| t.policy.tier == tier) {
@@ -437,9 +435,7 @@ fn side(
         subject,
         dir,
         &facts,
-        proto,
-        port,
-        dest_ports,
+        (proto, port, dest_ports),
     );
     let mut isolated_by = Vec::new();
     let mut allowed_by = Vec::new();
@@ -490,9 +486,7 @@ fn side(
             subject,
             dir,
             &facts,
-            proto,
-            port,
-            dest_ports,
+            (proto, port, dest_ports),
         );
         tier_matches.extend(m);
         baseline = b;
