@@ -502,3 +502,134 @@ fn cni_add_on_a_cluster_network_fails_closed_before_the_agent_starts() {
         "the error does not say what is missing:\n{text}"
     );
 }
+
+/// AdminNetworkPolicy and BaselineAdminNetworkPolicy come from the API
+/// like NetworkPolicy, across nodes. Without their CRDs the agent still
+/// syncs (those kinds are empty, and it says they are not installed); once
+/// the CRDs are there, it picks the objects up without a restart.
+#[test]
+fn tier_policies_come_from_the_api_and_their_crds_may_be_missing() {
+    let c = Cluster::new(2, Topology::Vxlan, true, serde_json::Map::new());
+    c.namespace("x", &[("team", "blue")]);
+    c.namespace("y", &[("team", "red")]);
+    let a = c.add_pod(0, "x", "a", &[("app", "a")], &[80]);
+    let b = c.add_pod(1, "y", "b", &[("app", "b")], &[80]);
+    let d = c.add_pod(1, "x", "d", &[("app", "d")], &[80]);
+    c.settle();
+    expect(
+        &c,
+        &[(&b, &a, true), (&d, &a, true), (&a, &b, true)],
+        "no policy",
+    );
+
+    // The admin tier denies red -> x/a before any NetworkPolicy; the
+    // baseline denies everything else into x for pods no NetworkPolicy
+    // isolates, except from x itself.
+    c.apply_yaml(
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: red-out}
+spec:
+  priority: 5
+  subject: {namespaces: {matchLabels: {team: blue}}}
+  ingress:
+  - name: from-red
+    action: Deny
+    from: [{namespaces: {matchLabels: {team: red}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {matchLabels: {team: red}}}
+  ingress:
+  - action: Deny
+    from: [{namespaces: {}}]
+"#,
+    );
+    c.settle();
+    expect(
+        &c,
+        &[
+            (&b, &a, false),
+            (&d, &a, true),
+            (&a, &b, false),
+            (&d, &b, false),
+        ],
+        "ANP denies red -> blue, BANP denies everything into red",
+    );
+    let out = c.nodes[0].ctl(
+        &[
+            "explain", "--from", "y/b", "--to", "x/a", "--port", "80/TCP",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "denied by AdminNetworkPolicy/red-out ingress[0] (from-red) before any NetworkPolicy"
+        ),
+        "explain names the deciding tier, policy and rule:\n{}",
+        describe(&out)
+    );
+    // A NetworkPolicy isolating y/b takes it out of the baseline's reach.
+    c.apply_policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-x, namespace: y}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}]}]
+"#,
+    );
+    c.settle();
+    expect(
+        &c,
+        &[(&a, &b, true), (&d, &b, true)],
+        "NetworkPolicy decides for y/b; the baseline is not consulted",
+    );
+
+    // The CRDs go away: as in Kubernetes, no tier policy exists any more.
+    c.api.set_crds_installed(false);
+    for n in &c.nodes {
+        eventually(
+            "the agent says the CRDs are not installed",
+            Duration::from_secs(30),
+            || {
+                let s = cluster_status(n);
+                s["synced"] == true
+                    && s["notInstalled"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k == "adminnetworkpolicies"))
+            },
+        );
+    }
+    eventually("ANP gone: y/b reaches x/a", Duration::from_secs(30), || {
+        tcp(&b, &a, 80, false)
+    });
+    // Back: the objects the API kept are enforced again, no restart.
+    c.api.set_crds_installed(true);
+    eventually(
+        "CRDs installed again: the ANP denies y/b -> x/a",
+        Duration::from_secs(40),
+        || !tcp(&b, &a, 80, false),
+    );
+    for n in &c.nodes {
+        eventually(
+            "the agent no longer lists missing CRDs",
+            Duration::from_secs(30),
+            || {
+                cluster_status(n)["notInstalled"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+            },
+        );
+    }
+    expect(
+        &c,
+        &[(&b, &a, false), (&d, &a, true)],
+        "after the CRDs came back",
+    );
+}

@@ -30,6 +30,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
@@ -87,17 +88,37 @@ enum Watch {
     Nodes,
     Services,
     EndpointSlices,
+    AdminNetworkPolicies,
+    BaselineAdminNetworkPolicies,
+    ClusterNetworkPolicies,
 }
 
 impl Watch {
-    const ALL: [Watch; 6] = [
+    const ALL: [Watch; 9] = [
         Watch::Namespaces,
         Watch::Pods,
         Watch::NetworkPolicies,
         Watch::Nodes,
         Watch::Services,
         Watch::EndpointSlices,
+        Watch::AdminNetworkPolicies,
+        Watch::BaselineAdminNetworkPolicies,
+        Watch::ClusterNetworkPolicies,
     ];
+
+    /// The custom resource behind a tier policy watch (group, version,
+    /// kind): served only where its CRD is installed.
+    fn crd(self) -> Option<(&'static str, &'static str, &'static str)> {
+        let group = "policy.networking.k8s.io";
+        match self {
+            Watch::AdminNetworkPolicies => Some((group, "v1alpha1", "AdminNetworkPolicy")),
+            Watch::BaselineAdminNetworkPolicies => {
+                Some((group, "v1alpha1", "BaselineAdminNetworkPolicy"))
+            }
+            Watch::ClusterNetworkPolicies => Some((group, "v1alpha2", "ClusterNetworkPolicy")),
+            _ => None,
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -107,6 +128,9 @@ impl Watch {
             Watch::Nodes => "nodes",
             Watch::Services => "services",
             Watch::EndpointSlices => "endpointslices",
+            Watch::AdminNetworkPolicies => "adminnetworkpolicies",
+            Watch::BaselineAdminNetworkPolicies => "baselineadminnetworkpolicies",
+            Watch::ClusterNetworkPolicies => "clusternetworkpolicies",
         }
     }
 
@@ -118,6 +142,9 @@ impl Watch {
             Watch::Pods => Some(Kind::Pod),
             Watch::NetworkPolicies => Some(Kind::NetworkPolicy),
             Watch::Nodes => Some(Kind::Node),
+            Watch::AdminNetworkPolicies => Some(Kind::AdminNetworkPolicy),
+            Watch::BaselineAdminNetworkPolicies => Some(Kind::BaselineAdminNetworkPolicy),
+            Watch::ClusterNetworkPolicies => Some(Kind::ClusterNetworkPolicy),
             _ => None,
         }
     }
@@ -154,7 +181,13 @@ enum Msg {
     Listed(Watch, Item),
     ListDone(Watch),
     Failed(Watch, String),
+    /// The kind's CRD is not installed (`true`) or is again (`false`).
+    NotServed(Watch, bool),
 }
+
+/// How often the agent looks again for a tier policy CRD that is not
+/// installed.
+const CRD_RECHECK: Duration = Duration::from_secs(10);
 
 /// Events waiting for the engine, at most (also the largest batch).
 const QUEUE: usize = 10_000;
@@ -307,6 +340,123 @@ fn spawn_watch<K>(
     });
 }
 
+/// Whether the API serves a custom resource (its CRD is installed).
+async fn served(client: &Client, ar: &ApiResource) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources(&ar.api_version).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == ar.plural)),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Watch one tier policy kind until the process ends. While its CRD is not
+/// installed, the kind has no objects (an empty list: any stored ones are
+/// deleted) and the agent looks again every [`CRD_RECHECK`]; a watch that
+/// finds the resource gone goes back to that.
+fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
+    let Some((group, version, kind)) = which.crd() else {
+        return;
+    };
+    let ar = ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: which.name().into(),
+    };
+    tokio::spawn(async move {
+        let mut absent = false;
+        loop {
+            match served(&client, &ar).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    if !absent {
+                        absent = true;
+                        let sent = async {
+                            tx.send(Msg::NotServed(which, true)).await?;
+                            tx.send(Msg::ListStart(which)).await?;
+                            tx.send(Msg::ListDone(which)).await
+                        };
+                        if sent.await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(CRD_RECHECK).await;
+                    continue;
+                }
+                Err(e) => {
+                    if tx.send(Msg::Failed(which, e.to_string())).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(CRD_RECHECK).await;
+                    continue;
+                }
+            }
+            if absent {
+                absent = false;
+                if tx.send(Msg::NotServed(which, false)).await.is_err() {
+                    return;
+                }
+            }
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            let convert = |o: &DynamicObject| -> Item {
+                let key = (String::new(), o.name_any());
+                let rv = o
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let result = serde_json::to_value(o)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| ApiObject::tier(v).map_err(|e| e.to_string()));
+                match result {
+                    Ok(object) => Item {
+                        key,
+                        rv,
+                        object: Some(object),
+                        error: None,
+                        side: Side::None,
+                    },
+                    Err(e) => Item {
+                        error: Some(format!("{kind} {}: {e}", key.1)),
+                        key,
+                        rv,
+                        object: None,
+                        side: Side::None,
+                    },
+                }
+            };
+            loop {
+                let msg = match stream.try_next().await {
+                    Ok(Some(ev)) => match ev {
+                        watcher::Event::Init => Msg::ListStart(which),
+                        watcher::Event::InitApply(o) => Msg::Listed(which, convert(&o)),
+                        watcher::Event::InitDone => Msg::ListDone(which),
+                        watcher::Event::Apply(o) => Msg::Apply(which, Instant::now(), convert(&o)),
+                        watcher::Event::Delete(o) => {
+                            Msg::Delete(which, Instant::now(), convert(&o))
+                        }
+                    },
+                    Ok(None) => return,
+                    // The CRD went away: look for it again.
+                    Err(
+                        watcher::Error::InitialListFailed(kube::Error::Api(s))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(s)),
+                    ) if s.is_not_found() => break,
+                    Err(e) => Msg::Failed(which, e.to_string()),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+}
+
 async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Result<()> {
     let config = config(&opts).await?;
     let url = config.cluster_url.to_string();
@@ -354,6 +504,13 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         |s| Side::Service(ServiceFrontends::of(s)),
         tx.clone(),
     );
+    for w in [
+        Watch::AdminNetworkPolicies,
+        Watch::BaselineAdminNetworkPolicies,
+        Watch::ClusterNetworkPolicies,
+    ] {
+        spawn_tier_watch(client.clone(), w, tx.clone());
+    }
     spawn_watch::<EndpointSlice>(client, Watch::EndpointSlices, |_| None, |_| Side::None, tx);
 
     // Service flows are judged after the node's DNAT by a netfilter
@@ -397,6 +554,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         listing: BTreeMap::new(),
         listed_once: BTreeSet::new(),
         failing: BTreeSet::new(),
+        not_served: BTreeSet::new(),
         lags: Vec::new(),
         services: BTreeMap::new(),
         node_addresses: Vec::new(),
@@ -457,6 +615,8 @@ struct Applier {
     listing: BTreeMap<Watch, Listing>,
     listed_once: BTreeSet<Watch>,
     failing: BTreeSet<Watch>,
+    /// Tier policy kinds whose CRD is not installed.
+    not_served: BTreeSet<Watch>,
     /// Recent event-to-datapath times, seconds.
     lags: Vec<f64>,
     /// Service frontends by Service, and this node's addresses (for
@@ -493,6 +653,20 @@ impl Applier {
                 }
                 Msg::ListStart(w) => {
                     self.listing.insert(w, Listing::default());
+                }
+                Msg::NotServed(w, absent) => {
+                    if absent {
+                        tracing::info!(
+                            "{} are not served (their CRD is not installed); looking again every {} s",
+                            w.name(),
+                            CRD_RECHECK.as_secs()
+                        );
+                        self.not_served.insert(w);
+                    } else {
+                        tracing::info!("{} are served now: watching them", w.name());
+                        self.not_served.remove(&w);
+                    }
+                    self.failing.remove(&w);
                 }
                 Msg::Listed(w, it) => {
                     seen(w, it.rv);
@@ -761,6 +935,11 @@ impl Applier {
             let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
             sorted[i.min(sorted.len() - 1)] * 1000.0
         };
+        s.not_installed = self
+            .not_served
+            .iter()
+            .map(|w| w.name().to_owned())
+            .collect();
         s.lag_p50_ms = q(0.5);
         s.lag_p99_ms = q(0.99);
         self.server.set_cluster_status(s.clone());

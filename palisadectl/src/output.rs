@@ -486,6 +486,12 @@ fn cluster_lines(c: &palisade::cluster::ClusterStatus) -> String {
             c.service_hook.as_str()
         }
     ));
+    if !c.not_installed.is_empty() {
+        out.push_str(&format!(
+            "  not installed in the cluster (CRD missing; looked for again every few seconds): {}\n",
+            c.not_installed.join(", ")
+        ));
+    }
     if let Some(e) = &c.last_error {
         out.push_str(&format!("  last error: {e}\n"));
     }

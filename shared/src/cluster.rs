@@ -76,8 +76,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     abi::SvcKey,
     policy::{
-        Kind, ObjectError, ObjectRef, Policy, Valid, validate_namespace_object,
-        validate_pod_object, validate_policy_object,
+        Kind, Object, ObjectError, ObjectRef, Policy, Valid,
+        tier::{TierObject, TierPolicy},
+        validate_namespace_object, validate_pod_object, validate_policy_object,
     },
     store::{RemoteNode, StoredNamespace, StoredPod},
 };
@@ -185,6 +186,8 @@ pub enum ApiObject {
     /// A node of the cluster: its addresses get the node identity (this
     /// node's own Node is ignored: its addresses are the host's).
     Node(RemoteNode),
+    /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
+    TierPolicy(Box<Valid<TierObject, TierPolicy>>),
 }
 
 impl ApiObject {
@@ -220,6 +223,24 @@ impl ApiObject {
         )?)))
     }
 
+    /// A tier policy object as the API serves it (JSON with apiVersion and
+    /// kind); what only the server uses (managedFields) is dropped.
+    pub fn tier(mut value: serde_json::Value) -> Result<Self, ObjectError> {
+        if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+        }
+        match crate::policy::decode_object(value)? {
+            Object::TierPolicy(t) => Ok(ApiObject::TierPolicy(t)),
+            other => Err(ObjectError::invalid(
+                "kind",
+                format!(
+                    "expected a tier policy, got {}",
+                    other.reference().kind.as_str()
+                ),
+            )),
+        }
+    }
+
     pub fn node(node: &KubeNode) -> Self {
         ApiObject::Node(RemoteNode {
             name: node.metadata.name.clone().unwrap_or_default(),
@@ -233,6 +254,11 @@ impl ApiObject {
                 kind: Kind::Node,
                 namespace: String::new(),
                 name: n.name.clone(),
+            },
+            ApiObject::TierPolicy(t) => ObjectRef {
+                kind: t.value.kind.into(),
+                namespace: String::new(),
+                name: t.value.name.clone(),
             },
             ApiObject::Namespace(n) => ObjectRef {
                 kind: Kind::Namespace,
@@ -325,6 +351,10 @@ pub struct ClusterStatus {
     pub service_frontends: usize,
     #[serde(default)]
     pub service_hook: String,
+    /// Tier policy kinds whose CRD the API server does not serve (looked
+    /// for again periodically; they count as synced and empty).
+    #[serde(default)]
+    pub not_installed: Vec<String>,
 }
 
 // ----- Services ---------------------------------------------------------------

@@ -1260,6 +1260,9 @@ impl<D: Dataplane> Node<D> {
                             op.put_policy(&stored)
                         })?);
                     }
+                    ApiObject::TierPolicy(t) => {
+                        count(op.upsert_tier_policy(&t.object, &t.value)?);
+                    }
                     // This node's addresses are the host's.
                     ApiObject::Node(n) if n.name == this_node => {
                         op.delete_remote_node(&n.name)?;

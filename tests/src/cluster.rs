@@ -506,6 +506,9 @@ fn resource_of(value: &serde_json::Value) -> &'static str {
         Some("Node") => "nodes",
         Some("Service") => "services",
         Some("EndpointSlice") => "endpointslices",
+        Some("AdminNetworkPolicy") => "adminnetworkpolicies",
+        Some("BaselineAdminNetworkPolicy") => "baselineadminnetworkpolicies",
+        Some("ClusterNetworkPolicy") => "clusternetworkpolicies",
         other => panic!("the cluster test bed does not know kind {other:?}"),
     }
 }

@@ -53,6 +53,28 @@ struct ResourceType {
     singular: &'static str,
     kind: &'static str,
     namespaced: bool,
+    /// A custom resource: served only while its CRD is "installed"
+    /// ([`ApiServer::set_crds_installed`]).
+    crd: bool,
+}
+
+const fn tier_crd(
+    version: &'static str,
+    api_version: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+) -> ResourceType {
+    ResourceType {
+        group: "policy.networking.k8s.io",
+        version,
+        api_version,
+        plural,
+        singular,
+        kind,
+        namespaced: false,
+        crd: true,
+    }
 }
 
 const fn core(
@@ -69,11 +91,12 @@ const fn core(
         singular,
         kind,
         namespaced,
+        crd: false,
     }
 }
 
 /// Every resource served, at `/api/v1/...` or `/apis/{group}/{version}/...`.
-const RESOURCES: [ResourceType; 6] = [
+const RESOURCES: [ResourceType; 9] = [
     core("namespaces", "namespace", "Namespace", false),
     core("pods", "pod", "Pod", true),
     core("nodes", "node", "Node", false),
@@ -86,6 +109,7 @@ const RESOURCES: [ResourceType; 6] = [
         singular: "networkpolicy",
         kind: "NetworkPolicy",
         namespaced: true,
+        crd: false,
     },
     ResourceType {
         group: "discovery.k8s.io",
@@ -95,7 +119,29 @@ const RESOURCES: [ResourceType; 6] = [
         singular: "endpointslice",
         kind: "EndpointSlice",
         namespaced: true,
+        crd: false,
     },
+    tier_crd(
+        "v1alpha1",
+        "policy.networking.k8s.io/v1alpha1",
+        "adminnetworkpolicies",
+        "adminnetworkpolicy",
+        "AdminNetworkPolicy",
+    ),
+    tier_crd(
+        "v1alpha1",
+        "policy.networking.k8s.io/v1alpha1",
+        "baselineadminnetworkpolicies",
+        "baselineadminnetworkpolicy",
+        "BaselineAdminNetworkPolicy",
+    ),
+    tier_crd(
+        "v1alpha2",
+        "policy.networking.k8s.io/v1alpha2",
+        "clusternetworkpolicies",
+        "clusternetworkpolicy",
+        "ClusterNetworkPolicy",
+    ),
 ];
 
 /// Index into [`RESOURCES`].
@@ -648,6 +694,8 @@ struct Shared {
     /// Bumped to close every open connection (the listener went away).
     kill_connections: watch::Sender<u64>,
     counters: Counters,
+    /// The custom resources' CRDs are installed (they are served).
+    crds: AtomicBool,
 }
 
 impl Shared {
@@ -742,6 +790,7 @@ impl ApiServer {
             kill_watches: watch::Sender::new(0),
             kill_connections: watch::Sender::new(0),
             counters: Counters::default(),
+            crds: AtomicBool::new(true),
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -893,6 +942,15 @@ impl ApiServer {
     /// Closes the listening socket and every connection: clients get
     /// "connection refused" until [`start_listening`](Self::start_listening).
     /// Objects and resourceVersions are kept.
+    /// Serve the custom resources (AdminNetworkPolicy,
+    /// BaselineAdminNetworkPolicy, ClusterNetworkPolicy) or not, as if
+    /// their CRDs were installed or deleted. Stored objects are kept; open
+    /// watches on them end.
+    pub fn set_crds_installed(&self, installed: bool) {
+        self.shared.crds.store(installed, Ordering::SeqCst);
+        self.shared.drop_watches();
+    }
+
     pub fn stop_listening(&self) {
         let (ack, done) = std_mpsc::channel();
         if self.commands.send(Command::StopListening(ack)).is_ok() {
@@ -1182,12 +1240,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (&Method::GET, ["version"]) => Ok(json_response(StatusCode::OK, &version())),
         (&Method::GET, ["healthz" | "livez" | "readyz"]) => Ok(text_response(StatusCode::OK, "ok")),
         (&Method::GET, ["api"]) => Ok(json_response(StatusCode::OK, &api_versions(shared.addr))),
-        (&Method::GET, ["apis"]) => Ok(json_response(StatusCode::OK, &api_groups())),
-        (&Method::GET, ["apis", group]) => api_group(group),
-        (&Method::GET, ["api", version]) => resource_list("", version),
-        (&Method::GET, ["apis", group, version]) => resource_list(group, version),
+        (&Method::GET, ["apis"]) => Ok(json_response(StatusCode::OK, &api_groups(crds(shared)))),
+        (&Method::GET, ["apis", group]) => api_group(group, crds(shared)),
+        (&Method::GET, ["api", version]) => resource_list("", version, crds(shared)),
+        (&Method::GET, ["apis", group, version]) => resource_list(group, version, crds(shared)),
         _ => {
-            let target = parse_target(&segments).ok_or_else(|| {
+            let target = parse_target(&segments, crds(shared)).ok_or_else(|| {
                 ApiError::new(
                     404,
                     "NotFound",
@@ -1200,7 +1258,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
 }
 
-fn parse_target(segments: &[&str]) -> Option<Target> {
+fn crds(shared: &Shared) -> bool {
+    shared.crds.load(Ordering::SeqCst)
+}
+
+/// Whether a resource is served now.
+fn served(r: &ResourceType, crds: bool) -> bool {
+    !r.crd || crds
+}
+
+fn parse_target(segments: &[&str], crds: bool) -> Option<Target> {
     let (group, version, rest) = match segments {
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
@@ -1213,9 +1280,9 @@ fn parse_target(segments: &[&str]) -> Option<Target> {
         [plural, name] => (None, *plural, Some(*name)),
         _ => return None,
     };
-    let rt = RESOURCES
-        .iter()
-        .position(|r| r.group == group && r.version == version && r.plural == plural)?;
+    let rt = RESOURCES.iter().position(|r| {
+        r.group == group && r.version == version && r.plural == plural && served(r, crds)
+    })?;
     let namespaced = RESOURCES[rt].namespaced;
     if (!namespaced && ns.is_some()) || (namespaced && ns.is_none() && name.is_some()) {
         return None;
@@ -1848,40 +1915,56 @@ fn api_versions(addr: SocketAddr) -> Value {
     })
 }
 
-fn group_json(group: &str) -> Value {
-    let version = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-    json!({"name": group, "versions": [version], "preferredVersion": version})
+fn group_json(group: &str, crds: bool) -> Value {
+    let mut versions: Vec<&str> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && served(r, crds))
+        .map(|r| r.version)
+        .collect();
+    versions.dedup();
+    // The newest first, as the real server prefers it.
+    versions.reverse();
+    let versions: Vec<Value> = versions
+        .into_iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    json!({"name": group, "versions": versions, "preferredVersion": versions[0]})
 }
 
-fn api_groups() -> Value {
+fn api_groups(crds: bool) -> Value {
     let mut groups: Vec<&str> = RESOURCES
         .iter()
+        .filter(|r| served(r, crds))
         .map(|r| r.group)
         .filter(|g| !g.is_empty())
         .collect();
     groups.dedup();
-    let groups: Vec<Value> = groups.into_iter().map(group_json).collect();
+    let groups: Vec<Value> = groups.into_iter().map(|g| group_json(g, crds)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-fn api_group(group: &str) -> Result<Response<Body>, ApiError> {
-    if group.is_empty() || !RESOURCES.iter().any(|r| r.group == group) {
+fn api_group(group: &str, crds: bool) -> Result<Response<Body>, ApiError> {
+    if group.is_empty()
+        || !RESOURCES
+            .iter()
+            .any(|r| r.group == group && served(r, crds))
+    {
         return Err(ApiError::new(
             404,
             "NotFound",
             format!("no API group {group}"),
         ));
     }
-    let mut body = group_json(group);
+    let mut body = group_json(group, crds);
     body["kind"] = "APIGroup".into();
     body["apiVersion"] = "v1".into();
     Ok(json_response(StatusCode::OK, &body))
 }
 
-fn resource_list(group: &str, version: &str) -> Result<Response<Body>, ApiError> {
+fn resource_list(group: &str, version: &str, crds: bool) -> Result<Response<Body>, ApiError> {
     let resources: Vec<Value> = RESOURCES
         .iter()
-        .filter(|r| r.group == group && r.version == version)
+        .filter(|r| r.group == group && r.version == version && served(r, crds))
         .map(|r| {
             json!({
                 "name": r.plural,
@@ -1974,26 +2057,46 @@ mod tests {
 
     #[test]
     fn paths_name_resources_with_their_scope() {
-        let t = parse_target(&["api", "v1", "namespaces", "x"]).expect("namespace x");
+        let t = parse_target(&["api", "v1", "namespaces", "x"], true).expect("namespace x");
         assert_eq!(
             (RESOURCES[t.rt].plural, t.ns, t.name.as_deref()),
             ("namespaces", None, Some("x"))
         );
-        let t = parse_target(&[
-            "apis",
-            "networking.k8s.io",
-            "v1",
-            "namespaces",
-            "x",
-            "networkpolicies",
-        ])
+        let t = parse_target(
+            &[
+                "apis",
+                "networking.k8s.io",
+                "v1",
+                "namespaces",
+                "x",
+                "networkpolicies",
+            ],
+            true,
+        )
         .expect("policies in x");
         assert_eq!(
             (RESOURCES[t.rt].plural, t.ns.as_deref()),
             ("networkpolicies", Some("x"))
         );
-        assert!(parse_target(&["api", "v1", "namespaces", "x", "nodes"]).is_none());
-        assert!(parse_target(&["api", "v1", "pods", "p"]).is_none());
-        assert!(parse_target(&["api", "v1", "namespaces", "x", "pods", "p", "status"]).is_none());
+        assert!(parse_target(&["api", "v1", "namespaces", "x", "nodes"], true).is_none());
+        assert!(parse_target(&["api", "v1", "pods", "p"], true).is_none());
+        assert!(
+            parse_target(
+                &["api", "v1", "namespaces", "x", "pods", "p", "status"],
+                true
+            )
+            .is_none()
+        );
+        let anp = [
+            "apis",
+            "policy.networking.k8s.io",
+            "v1alpha1",
+            "adminnetworkpolicies",
+        ];
+        assert!(parse_target(&anp, true).is_some(), "served with its CRD");
+        assert!(
+            parse_target(&anp, false).is_none(),
+            "not served without its CRD"
+        );
     }
 }

@@ -304,6 +304,17 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
     Ok(())
 }
 
+/// Decode and validate one object given as JSON (with apiVersion and
+/// kind), as the cluster agent receives it.
+pub fn decode_object(value: serde_json::Value) -> Result<Object, ObjectError> {
+    let mut out = Vec::new();
+    decode_value(value, &mut out)?;
+    match (out.pop(), out.is_empty()) {
+        (Some(o), true) => Ok(o),
+        _ => Err(ObjectError::invalid("<root>", "expected one object")),
+    }
+}
+
 /// Decode with unknown fields rejected and the failing field named.
 fn strict<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ObjectError> {
     let mut unknown = Vec::new();
