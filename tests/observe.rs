@@ -699,3 +699,119 @@ fn the_agent_survives_kill_9_without_changing_a_verdict_and_its_log_stays_capped
     assert!(total() <= cap);
     agent.kill9();
 }
+
+/// Flow records name the deciding tier and policy: an AdminNetworkPolicy
+/// deny, a NetworkPolicy allow after an ANP Pass, a
+/// BaselineAdminNetworkPolicy deny. In audit mode (annotation) the same
+/// ANP and BANP drop nothing and report what they would deny, naming
+/// themselves; switched to enforce, they drop exactly that.
+#[test]
+fn flows_name_the_deciding_tier_and_audit_mode_works_per_tier_policy() {
+    let n = Node::new(NodeOptions::default());
+    n.apply(&pods_yaml(&[
+        ("x", "a", "role: db"),
+        ("x", "b", "role: api"),
+        ("y", "c", "role: web"),
+    ]));
+    let a = n.add_pod("x", "a", &[80, 81]);
+    let b = n.add_pod("x", "b", &[80, 81]);
+    let c = n.add_pod("y", "c", &[80, 81]);
+    let _agent = Agent::start(&n, 19974, &[]);
+    let tiers = |mode: &str| {
+        format!(
+            r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {{name: guard, annotations: {{palisade.io/mode: {mode}}}}}
+spec:
+  priority: 10
+  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: x}}}}}}
+  ingress:
+  - name: api-to-np
+    action: Pass
+    from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{role: api}}}}}}}}]
+  - name: no-web-81
+    action: Deny
+    from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: y}}}}}}]
+    ports: [{{portNumber: {{port: 81}}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {{name: default, annotations: {{palisade.io/mode: {mode}}}}}
+spec:
+  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: y}}}}}}
+  ingress:
+  - action: Deny
+    from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: x}}}}}}]
+"#
+        )
+    };
+    // x/a is isolated by a NetworkPolicy that admits role=api on 80.
+    n.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: db}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: api}}}], ports: [{port: 80}]}]\n",
+    );
+
+    // Audit first: nothing the tiers would deny is dropped.
+    n.apply(&tiers("audit"));
+    assert_eq!(connect(&c, &b, 81, 1), 1, "audit: y/c -> x/b:81 passes");
+    assert_eq!(connect(&a, &c, 80, 1), 1, "audit: x/a -> y/c passes");
+    let fs = wait_flows(&n, "the audit records of both tiers", |fs| {
+        let audit_by = |p: &str| {
+            fs.iter()
+                .any(|f| f["verdict"] == "audit" && f["policy"] == p && f["direction"] == "ingress")
+        };
+        audit_by("AdminNetworkPolicy/guard") && audit_by("BaselineAdminNetworkPolicy/default")
+    });
+    let audited = fs
+        .iter()
+        .find(|f| f["verdict"] == "audit" && f["policy"] == "AdminNetworkPolicy/guard");
+    assert_eq!(
+        audited.map(|f| (
+            f["tier"].clone(),
+            f["dport"].clone(),
+            f["peer"]["name"].clone()
+        )),
+        Some((Value::from("Admin"), Value::from(81), Value::from("c"))),
+        "the ANP audit record: {fs:#?}"
+    );
+
+    // Enforced: the same connections are dropped, each by its tier.
+    n.apply(&tiers("enforce"));
+    assert_eq!(connect(&c, &b, 81, 1), 0, "ANP denies y/c -> x/b:81");
+    assert_eq!(connect(&c, &b, 80, 1), 1, "port 80 is not the ANP's");
+    assert_eq!(connect(&a, &c, 80, 1), 0, "BANP denies x -> y/c");
+    assert_eq!(
+        connect(&b, &a, 80, 1),
+        1,
+        "ANP passes api on; the NP allows it"
+    );
+    assert_eq!(
+        connect(&b, &a, 81, 1),
+        0,
+        "ANP passes api on; the NP denies 81"
+    );
+    let fs = wait_flows(&n, "drops by each tier and the NP allow", |fs| {
+        let seen = |verdict: &str, tier: &str, policy: &str| {
+            fs.iter().any(|f| {
+                f["verdict"] == verdict
+                    && f["tier"] == tier
+                    && f["policy"] == policy
+                    && f["direction"] == "ingress"
+            })
+        };
+        seen("denied", "Admin", "AdminNetworkPolicy/guard")
+            && seen("denied", "Baseline", "BaselineAdminNetworkPolicy/default")
+            && seen("allowed", "NetworkPolicy", "x/db")
+    });
+    // The NetworkPolicy's own deny (after the Pass) names what isolates.
+    assert!(
+        fs.iter().any(|f| f["verdict"] == "denied"
+            && f["dport"] == 81
+            && f["peer"]["name"] == "b"
+            && f["policy"].is_null()
+            && f["isolatedBy"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|p| p == "x/db"))),
+        "the NetworkPolicy deny after the Pass: {fs:#?}"
+    );
+}

@@ -73,9 +73,15 @@ pub struct FlowRecord {
     pub protocol: String,
     pub sport: u16,
     pub dport: u16,
-    /// The policy whose rule allowed the flow.
+    /// The policy that decided: the NetworkPolicy whose rule allowed the
+    /// flow, or the AdminNetworkPolicy / BaselineAdminNetworkPolicy /
+    /// ClusterNetworkPolicy (`Kind/name`) whose rule allowed or denied it,
+    /// or (verdict audit) whose audited Deny would have denied it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The deciding policy's tier: `Admin`, `NetworkPolicy` or `Baseline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     /// For denied and audited flows: the policies that isolate the
     /// endpoint in this direction (no rule of theirs allows the flow).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -170,7 +176,8 @@ pub struct Resolver {
     host: Vec<IpAddr>,
     /// Other nodes' addresses (cluster mode), with the node's name.
     nodes: BTreeMap<IpAddr, String>,
-    policy_names: BTreeMap<u32, String>,
+    /// Policy number → (name, tier).
+    policy_names: BTreeMap<u32, (String, &'static str)>,
     policies: Vec<(Policy, Mode)>,
 }
 
@@ -222,7 +229,16 @@ impl Resolver {
             policy_names: state
                 .policies
                 .iter()
-                .map(|(k, sp)| (sp.id, k.clone()))
+                .map(|(k, sp)| (sp.id, (k.clone(), "NetworkPolicy")))
+                .chain(state.tier_policies.values().map(|t| {
+                    (
+                        t.id,
+                        (
+                            format!("{}/{}", t.policy.kind.as_str(), t.policy.name),
+                            t.policy.tier.as_str(),
+                        ),
+                    )
+                }))
                 .collect(),
             policies: policies
                 .into_iter()
@@ -279,10 +295,16 @@ impl Resolver {
         let endpoint = self.party(own, e.identity, Some(e.ep_id));
         let peer = self.party(peer_addr, e.peer_identity, None);
         let verdict = Verdict::from_u8(e.verdict);
-        let policy = (e.policy_id != 0)
+        let decided = (e.policy_id != 0)
             .then(|| self.policy_names.get(&e.policy_id).cloned())
             .flatten();
-        let isolated_by = if matches!(verdict, Verdict::Deny | Verdict::Audit)
+        let by_tier = decided.as_ref().is_some_and(|d| d.1 != "NetworkPolicy");
+        let (policy, tier) = match decided {
+            Some((name, tier)) => (Some(name), Some(tier.to_owned())),
+            None => (None, None),
+        };
+        let isolated_by = if !by_tier
+            && matches!(verdict, Verdict::Deny | Verdict::Audit)
             && Reason::from_code(e.reason) == Reason::DropPolicy
         {
             let (ns, labels) = (
@@ -326,6 +348,7 @@ impl Resolver {
             sport: u16::from_be(e.sport_be),
             dport: u16::from_be(e.dport_be),
             policy,
+            tier,
             isolated_by,
         }
     }
@@ -572,6 +595,7 @@ mod tests {
             sport: 40000,
             dport: i,
             policy: None,
+            tier: None,
             isolated_by: vec![],
         }
     }

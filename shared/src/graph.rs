@@ -191,6 +191,7 @@ mod tests {
             sport: 1,
             dport: port,
             policy: None,
+            tier: None,
             isolated_by: vec![],
         };
         let records = vec![

@@ -431,6 +431,7 @@ mod tests {
             sport: 40000,
             dport: port,
             policy: None,
+            tier: None,
             isolated_by: vec![],
         }
     }
