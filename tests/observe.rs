@@ -395,7 +395,10 @@ fn learned_policies_allow_every_observed_connection_and_deny_the_rest() {
         ("shop", "cache", "app: cache"),
         ("data", "db", "app: db"),
         ("data", "backup", "app: backup"),
+        ("data", "idle", "app: idle"),
     ]));
+    // A pod that never talks: no policy is learned for it.
+    let idle = n.add_pod("data", "idle", &[80]);
     let names = [
         ("shop", "web"),
         ("shop", "api"),
@@ -518,6 +521,62 @@ fn learned_policies_allow_every_observed_connection_and_deny_the_rest() {
         wrong.is_empty(),
         "unobserved connections still work after learning:\n{}\n{yaml}",
         wrong.join("\n")
+    );
+
+    // With --baseline, a BaselineAdminNetworkPolicy denies what no learned
+    // policy decides: the idle pod (isolated by nothing) is cut off, the
+    // observed pattern keeps working.
+    // (No probe from idle before: any traffic of its own would be learned
+    // and give it a policy. api -> world above shows the world is there.)
+    let out = n.ctl(&["learn", "--baseline"], None);
+    assert!(out.status.success(), "learn --baseline: {}", describe(&out));
+    let with_baseline = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        with_baseline.contains("kind: BaselineAdminNetworkPolicy"),
+        "{with_baseline}"
+    );
+    n.apply(&with_baseline);
+    for (from, to, port, proto) in &pattern {
+        let (ns, _) = endpoints(from);
+        let (_, addr) = endpoints(to);
+        assert!(
+            probe(&ns, addr, *proto, *port, PROBE_TIMEOUT),
+            "observed {from} -> {to}:{port}/{proto:?} must still work with the baseline"
+        );
+    }
+    assert!(
+        !probe(
+            &idle.netns,
+            world_ip,
+            Proto::Tcp,
+            80,
+            Duration::from_millis(600)
+        ),
+        "the baseline denies idle -> world:\n{}\n{}\n{}",
+        describe(&n.ctl(
+            &[
+                "explain",
+                "--from",
+                "data/idle",
+                "--to",
+                &world_ip.to_string(),
+                "--port",
+                "80/TCP"
+            ],
+            None
+        )),
+        describe(&n.ctl(&["get", "banp"], None)),
+        describe(&n.ctl(&["get", "endpoints"], None)),
+    );
+    assert!(
+        !probe(
+            &pod("api").netns,
+            idle.addr(false),
+            Proto::Tcp,
+            80,
+            Duration::from_millis(600)
+        ),
+        "nothing reaches idle"
     );
 }
 

@@ -192,6 +192,10 @@ enum Command {
         /// Write the report (what each rule covers) here instead of stderr.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Also emit a BaselineAdminNetworkPolicy that denies what the
+        /// learned NetworkPolicies do not decide (pods never seen talking).
+        #[arg(long)]
+        baseline: bool,
     },
     /// Draw observed traffic (pods by namespace, edges by verdict).
     Graph {
@@ -781,6 +785,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             include_denied,
             mode,
             report,
+            baseline,
         } => {
             let records =
                 observe::collect(&cli.state_dir, &cli.bpf_root, log.as_deref(), *duration)?;
@@ -796,6 +801,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                     }),
                     namespace: namespace.clone(),
+                    baseline: *baseline,
                 },
             );
             let text = format!(

@@ -38,6 +38,11 @@ pub struct Options {
     pub mode: Option<Mode>,
     /// Only learn for workloads in this namespace.
     pub namespace: Option<String>,
+    /// Also emit a BaselineAdminNetworkPolicy that denies what no
+    /// NetworkPolicy decides: every pod the learned policies do not isolate
+    /// (one never seen talking) is cut off, the learned workloads keep
+    /// exactly what was observed.
+    pub baseline: bool,
 }
 
 /// A workload: the pods of one namespace sharing the selector labels.
@@ -372,6 +377,37 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         });
         docs.push(serde_yaml::to_string(&policy).unwrap_or_default());
     }
+    if opts.baseline {
+        let subject = match &opts.namespace {
+            Some(ns) => {
+                serde_json::json!({"namespaces": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}}})
+            }
+            None => serde_json::json!({"namespaces": {}}),
+        };
+        let mut meta = serde_json::json!({"name": crate::policy::tier::BANP_NAME});
+        if let Some(m) = opts.mode {
+            meta["annotations"] = serde_json::json!({MODE_ANNOTATION: m.as_str()});
+        }
+        let banp = serde_json::json!({
+            "apiVersion": crate::policy::tier::API_V1ALPHA1,
+            "kind": "BaselineAdminNetworkPolicy",
+            "metadata": meta,
+            "spec": {
+                "subject": subject,
+                "ingress": [{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}],
+                "egress": [{"name": "default-deny", "action": "Deny",
+                            "to": [{"networks": ["0.0.0.0/0", "::/0"]}]}],
+            }
+        });
+        report.push(
+            "BaselineAdminNetworkPolicy/default: denies ingress from every pod and egress to every \
+             address for pods that no NetworkPolicy isolates (the learned workloads are isolated \
+             by their own policies, which keep the observed traffic); ingress from outside the \
+             cluster cannot be named in a baseline policy and stays as it is"
+                .to_owned(),
+        );
+        docs.push(serde_yaml::to_string(&banp).unwrap_or_default());
+    }
     Learned {
         policies: docs.len(),
         yaml: docs.join("---\n"),
@@ -525,6 +561,65 @@ mod tests {
             l.report
         );
         assert!(l.report.iter().any(|r| r.contains("DNS")));
+    }
+
+    /// With `baseline`, a BANP default-deny follows the NetworkPolicies.
+    /// Checked by meaning: for a pod no learned policy isolates, the
+    /// baseline denies everything; the learned workloads are isolated by
+    /// their own policies, so the baseline never applies to them.
+    #[test]
+    fn a_baseline_default_deny_comes_with_the_learned_policies() {
+        use crate::policy::tier::{Action, Tier, TierPeer, TierPolicy};
+        let l = learn(
+            &sample(),
+            &Options {
+                baseline: true,
+                ..Options::default()
+            },
+        );
+        assert_eq!(l.policies, 4, "{}", l.yaml);
+        let objs = parse_documents(&l.yaml, "learned").unwrap();
+        let banp: Vec<&TierPolicy> = objs
+            .iter()
+            .filter_map(|o| match o {
+                Object::TierPolicy(t) => Some(&t.value),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(banp.len(), 1, "{}", l.yaml);
+        let b = banp[0];
+        assert_eq!((b.tier, b.name.as_str()), (Tier::Baseline, "default"));
+        assert!(b.subject.namespaces.is_empty() && b.subject.pods.is_empty());
+        for rules in [&b.ingress, &b.egress] {
+            assert_eq!(rules.len(), 1);
+            assert_eq!(rules[0].action, Action::Deny);
+            assert_eq!(rules[0].ports, None, "every protocol and port");
+        }
+        assert!(matches!(b.ingress[0].peers[0], TierPeer::Peer(_)));
+        let nps = objs
+            .iter()
+            .filter(|o| matches!(o, Object::NetworkPolicy(np) if np.value.ingress_isolation && np.value.egress_isolation))
+            .count();
+        assert_eq!(nps, 3, "every learned workload is isolated both ways");
+        assert!(
+            l.report
+                .iter()
+                .any(|r| r.contains("BaselineAdminNetworkPolicy/default"))
+        );
+        // Limited to a namespace, the baseline's subject is that namespace.
+        let one = learn(
+            &sample(),
+            &Options {
+                baseline: true,
+                namespace: Some("shop".into()),
+                ..Options::default()
+            },
+        );
+        assert!(
+            one.yaml.contains("kubernetes.io/metadata.name: shop"),
+            "{}",
+            one.yaml
+        );
     }
 
     #[test]
