@@ -55,6 +55,25 @@ pub const WATCHED: &[Watched] = &[
         resource: "endpointslices",
         kind: "EndpointSlice",
     },
+    // Custom resources: watched where their CRDs are installed.
+    Watched {
+        group: "policy.networking.k8s.io",
+        version: "v1alpha1",
+        resource: "adminnetworkpolicies",
+        kind: "AdminNetworkPolicy",
+    },
+    Watched {
+        group: "policy.networking.k8s.io",
+        version: "v1alpha1",
+        resource: "baselineadminnetworkpolicies",
+        kind: "BaselineAdminNetworkPolicy",
+    },
+    Watched {
+        group: "policy.networking.k8s.io",
+        version: "v1alpha2",
+        resource: "clusternetworkpolicies",
+        kind: "ClusterNetworkPolicy",
+    },
 ];
 
 /// The verbs the agent uses on every watched resource.

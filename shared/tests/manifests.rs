@@ -17,6 +17,7 @@ use k8s_openapi::{
         core::v1::{Container, Namespace, PodSpec, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use palisade::cluster::{VERBS, WATCHED};
@@ -49,6 +50,7 @@ enum Object {
     ClusterRole(Box<ClusterRole>),
     ClusterRoleBinding(Box<ClusterRoleBinding>),
     DaemonSet(Box<DaemonSet>),
+    CustomResourceDefinition(Box<CustomResourceDefinition>),
 }
 
 impl Object {
@@ -59,6 +61,7 @@ impl Object {
             Object::ClusterRole(_) => "ClusterRole",
             Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
             Object::DaemonSet(_) => "DaemonSet",
+            Object::CustomResourceDefinition(_) => "CustomResourceDefinition",
         }
     }
 }
@@ -110,6 +113,8 @@ fn differences(path: &str, raw: &Value, typed: &Value, out: &mut Vec<String>) {
             }
         }
         _ if raw == typed => {}
+        // JSON Schema bounds are floats in the type: 1 reads back as 1.0.
+        (Value::Number(r), Value::Number(t)) if r.as_f64() == t.as_f64() => {}
         _ => out.push(format!("{path}: written as {raw}, reads back as {typed}")),
     }
 }
@@ -169,6 +174,9 @@ fn parse_file(path: &Path) -> Vec<Doc> {
                 Object::ClusterRoleBinding(strict(&origin, &raw))
             }
             ("apps/v1", "DaemonSet") => Object::DaemonSet(strict(&origin, &raw)),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                Object::CustomResourceDefinition(strict(&origin, &raw))
+            }
             (v, k) => panic!(
                 "{origin}: {v} {k} is not a kind this test knows; add it to parse_file \
                  (and check it) if the manifests need it"
@@ -491,6 +499,89 @@ fn cluster_role_grants_exactly_list_and_watch_on_the_watched_resources() {
         "ClusterRole {name} must grant exactly palisade::cluster::WATCHED x VERBS, as \
          (apiGroup, resource, verb):\n  missing: {missing:?}\n  not needed: {extra:?}"
     );
+}
+
+/// `policy-crds.yaml` defines exactly the custom resources the agent
+/// watches (group, version, plural, kind), cluster-scoped, served and
+/// stored, with the schema limits palisade's validation also applies.
+#[test]
+fn the_policy_crds_define_exactly_the_custom_resources_the_agent_watches() {
+    let docs = parse("policy-crds.yaml");
+    let mut defined = BTreeSet::new();
+    for d in &docs {
+        let Object::CustomResourceDefinition(crd) = &d.object else {
+            panic!("{}: policy-crds.yaml holds only CRDs", d.origin);
+        };
+        let spec = &crd.spec;
+        assert_eq!(spec.scope, "Cluster", "{}: cluster-scoped", d.origin);
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some(format!("{}.{}", spec.names.plural, spec.group).as_str()),
+            "{}: a CRD's name is plural.group",
+            d.origin
+        );
+        for v in &spec.versions {
+            assert!(
+                v.served && v.storage,
+                "{}: {} served and stored",
+                d.origin,
+                v.name
+            );
+            let schema = v
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .unwrap_or_else(|| panic!("{}: no schema", d.origin));
+            let spec_schema = &schema.properties.as_ref().expect("properties")["spec"];
+            let props = spec_schema.properties.as_ref().expect("spec properties");
+            if let Some(p) = props.get("priority") {
+                assert_eq!(
+                    (p.minimum, p.maximum),
+                    (Some(0.0), Some(1000.0)),
+                    "{}",
+                    d.origin
+                );
+            }
+            let ingress = props["ingress"].items.as_ref().expect("ingress items");
+            let ingress = match ingress {
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => s,
+                other => panic!("{}: {other:?}", d.origin),
+            };
+            let actions = ingress.properties.as_ref().expect("rule")["action"]
+                .enum_
+                .clone()
+                .unwrap_or_default();
+            let actions: Vec<String> = actions
+                .iter()
+                .filter_map(|a| a.0.as_str().map(str::to_owned))
+                .collect();
+            let want: &[&str] = match spec.names.kind.as_str() {
+                "AdminNetworkPolicy" => &["Allow", "Deny", "Pass"],
+                "BaselineAdminNetworkPolicy" => &["Allow", "Deny"],
+                _ => &["Accept", "Deny", "Pass"],
+            };
+            assert_eq!(actions, want, "{}: rule actions", d.origin);
+            defined.insert((
+                spec.group.clone(),
+                v.name.clone(),
+                spec.names.plural.clone(),
+                spec.names.kind.clone(),
+            ));
+        }
+    }
+    let watched: BTreeSet<(String, String, String, String)> = WATCHED
+        .iter()
+        .filter(|w| w.group == "policy.networking.k8s.io")
+        .map(|w| {
+            (
+                w.group.to_owned(),
+                w.version.to_owned(),
+                w.resource.to_owned(),
+                w.kind.to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(defined, watched, "CRDs and the agent's custom resources");
 }
 
 #[test]

@@ -1166,3 +1166,18 @@ spec:
         assert!(err(cnp(&domains)).contains("not supported by palisade yet"));
     }
 }
+
+#[cfg(test)]
+mod examples {
+    /// The shipped example (conf/examples/tenant-isolation.yaml) is valid.
+    #[test]
+    fn the_tenant_isolation_example_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../conf/examples/tenant-isolation.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("the example");
+        let objs = crate::policy::parse_documents(&text, path).expect("valid");
+        assert_eq!(objs.len(), 3);
+    }
+}
