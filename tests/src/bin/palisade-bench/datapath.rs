@@ -132,9 +132,7 @@ fn tier_yaml(n: usize, client: &serde_json::Value) -> String {
         }
     }));
     for (k, chunk) in rest.chunks(25).enumerate() {
-        let protocols = |r: &serde_json::Value| {
-            json!([{"tcp": {"destinationPort": {"number": r["ports"][0]["portNumber"]["port"]}}}])
-        };
+        let protocols = |r: &serde_json::Value| json!([{"tcp": {"destinationPort": {"number": r["ports"][0]["portNumber"]["port"]}}}]);
         let rules: Vec<serde_json::Value> = chunk
             .iter()
             .map(|r| json!({"action": "Deny", "from": every_pod, "protocols": protocols(r)}))
