@@ -27,7 +27,7 @@ use palisade::{
     dataplane::{AttachMode, DEFAULT_BPF_ROOT, Dataplane, Lookup, kernel::KernelDataplane},
     explain::{self, PartyRef},
     node::{Change, Node, ObjectsReport, stale_refs},
-    policy::{self, Object, tier::TierKind},
+    policy::{self, tier::TierKind},
     store::{DEFAULT_STATE_DIR, Store},
 };
 use palisade::{flows::Filter, learn, policy::Mode};
@@ -454,12 +454,13 @@ fn read_sources(files: &[String]) -> Result<Vec<policy::Source>> {
         .collect()
 }
 
-fn read_objects(files: &[String]) -> Result<Vec<Object>> {
+/// What the files name (kind, namespace, name), for `delete`.
+fn read_references(files: &[String]) -> Result<Vec<policy::ObjectRef>> {
     let mut all = Vec::new();
     for f in files {
         let text = read_input(f)?;
         let source = if f == "-" { "<stdin>" } else { f.as_str() };
-        all.extend(policy::parse_documents(&text, source)?);
+        all.extend(policy::parse_references(&text, source)?);
     }
     if all.is_empty() {
         bail!("no objects found in {}", files.join(", "));
@@ -512,7 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             files,
             ignore_not_found,
         } => {
-            let refs = read_objects(files)?.iter().map(Object::reference).collect();
+            let refs = read_references(files)?;
             let mut report = control(&cli)?.delete(refs).context("delete")?;
             let missing: Vec<String> = report
                 .changes

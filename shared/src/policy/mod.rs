@@ -304,6 +304,90 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
     Ok(())
 }
 
+/// The objects a YAML or JSON stream names, for deletion: only
+/// apiVersion, kind, metadata.name and metadata.namespace are read (as
+/// `kubectl delete -f` does), so a document need not be a whole object.
+pub fn parse_references(text: &str, source_name: &str) -> Result<Vec<ObjectRef>, ObjectError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let doc_err = |message: String| ObjectError::Document {
+            source_name: source_name.to_owned(),
+            index,
+            message,
+        };
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|e| doc_err(format!("not valid YAML or JSON: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        reference_of(&value, &mut out).map_err(|e| doc_err(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+fn reference_of(value: &serde_json::Value, out: &mut Vec<ObjectRef>) -> Result<(), ObjectError> {
+    let kind = value["kind"].as_str().unwrap_or_default();
+    if kind == "List" || kind.ends_with("List") {
+        for (i, item) in value["items"].as_array().into_iter().flatten().enumerate() {
+            reference_of(item, out)
+                .map_err(|e| ObjectError::invalid(&format!("items[{i}]"), e.to_string()))?;
+        }
+        return Ok(());
+    }
+    let api = value["apiVersion"].as_str().unwrap_or_default();
+    let (kind, api_wanted, namespaced) = match kind {
+        "Namespace" => (Kind::Namespace, "v1", false),
+        "Pod" => (Kind::Pod, "v1", true),
+        "NetworkPolicy" => (Kind::NetworkPolicy, "networking.k8s.io/v1", true),
+        "AdminNetworkPolicy" => (Kind::AdminNetworkPolicy, tier::API_V1ALPHA1, false),
+        "BaselineAdminNetworkPolicy" => {
+            (Kind::BaselineAdminNetworkPolicy, tier::API_V1ALPHA1, false)
+        }
+        "ClusterNetworkPolicy" => (Kind::ClusterNetworkPolicy, tier::API_V1ALPHA2, false),
+        "" => return Err(ObjectError::invalid("kind", "missing")),
+        other => {
+            return Err(ObjectError::invalid(
+                "kind",
+                format!(
+                    "unsupported kind {other:?}; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy"
+                ),
+            ));
+        }
+    };
+    if api != api_wanted {
+        return Err(ObjectError::invalid(
+            "apiVersion",
+            format!(
+                "{} needs apiVersion {api_wanted:?}, got {api:?}",
+                kind.as_str()
+            ),
+        ));
+    }
+    let name = value["metadata"]["name"].as_str().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ObjectError::invalid(
+            "metadata.name",
+            "missing: name the object to delete",
+        ));
+    }
+    let namespace = if namespaced {
+        value["metadata"]["namespace"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned()
+    } else {
+        String::new()
+    };
+    out.push(ObjectRef {
+        kind,
+        namespace,
+        name: name.to_owned(),
+    });
+    Ok(())
+}
+
 /// Decode and validate one object given as JSON (with apiVersion and
 /// kind), as the cluster agent receives it.
 pub fn decode_object(value: serde_json::Value) -> Result<Object, ObjectError> {
@@ -992,6 +1076,36 @@ mod tests {
             [Object::NetworkPolicy(np)] => np.value.clone(),
             other => panic!("expected one NetworkPolicy, got {other:?}"),
         }
+    }
+
+    /// `delete -f` reads only what names an object, as kubectl does.
+    #[test]
+    fn references_need_only_kind_and_name() {
+        let refs = parse_references(
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: a}\n\
+             ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b}\n\
+             ---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: c, namespace: x}\n",
+            "test",
+        )
+        .expect("names");
+        let got: Vec<String> = refs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "AdminNetworkPolicy a",
+                "NetworkPolicy default/b",
+                "ClusterNetworkPolicy c"
+            ]
+        );
+        let e = parse_references("apiVersion: v1\nkind: Pod\nmetadata: {}\n", "test")
+            .expect_err("no name");
+        assert!(e.to_string().contains("metadata.name"), "{e}");
+        let e = parse_references(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: AdminNetworkPolicy\nmetadata: {name: a}\n",
+            "test",
+        )
+        .expect_err("wrong version");
+        assert!(e.to_string().contains("v1alpha1"), "{e}");
     }
 
     fn parse_err(yaml: &str) -> String {
