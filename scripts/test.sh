@@ -36,7 +36,7 @@ grep 'median container start' /tmp/palisade-runtimes.log || true
 step "node daemon: socket, kill -9 and restart under traffic, daemonless writes beside it"
 cargo test -p palisade-tests --test daemon
 
-step "NetworkPolicy conformance (Kubernetes e2e cases and recipes), without the daemon"
+step "NetworkPolicy conformance (Kubernetes e2e cases and recipes) and the tiers (network-policy-api conformance), without the daemon"
 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
 step "NetworkPolicy conformance again, every change through the node daemon"
@@ -50,12 +50,17 @@ cargo test -p palisade-tests --test cluster -- --test-threads 2
 step "Services judged on their backend: kube-proxy's iptables and nftables rules, backends on several nodes"
 cargo test -p palisade-tests --test services -- --test-threads 2
 
-step "NetworkPolicy conformance on 3 nodes in cluster mode (vxlan), probing one Service per pod through kube-proxy DNAT"
+step "NetworkPolicy and tier conformance on 3 nodes in cluster mode (vxlan), probing one Service per pod through kube-proxy DNAT"
 PALISADE_TEST_CLUSTER=vxlan PALISADE_TEST_SERVICES=1 cargo test -p palisade-tests --test netpol -- --test-threads 4
 
+# The tier cases (tier-*: AdminNetworkPolicy, BaselineAdminNetworkPolicy,
+# ClusterNetworkPolicy) run standalone, through the daemon and on vxlan above;
+# their meaning does not depend on the topology, so the other two topologies
+# run the NetworkPolicy cases only, to keep CI short. Everything everywhere:
+#   PALISADE_TEST_CLUSTER=host-gw cargo test -p palisade-tests --test netpol
 for topology in host-gw routed; do
 	step "NetworkPolicy conformance on 3 nodes in cluster mode ($topology): policies through the API only"
-	PALISADE_TEST_CLUSTER=$topology cargo test -p palisade-tests --test netpol -- --test-threads 4
+	PALISADE_TEST_CLUSTER=$topology cargo test -p palisade-tests --test netpol -- --test-threads 4 --skip tier-
 done
 
 step "packages (debug binaries), install-cni, dpkg -i/-r/-P, live upgrade under traffic"

@@ -411,6 +411,14 @@ impl Cluster {
                     .api
                     .delete::<KubePod>(Some(ns.unwrap_or("default")), name),
                 "namespaces" => self.api.delete::<Namespace>(None, name),
+                "adminnetworkpolicies"
+                | "baselineadminnetworkpolicies"
+                | "clusternetworkpolicies" => self.api.delete_named(
+                    value["apiVersion"].as_str().unwrap_or_default(),
+                    value["kind"].as_str().unwrap_or_default(),
+                    None,
+                    name,
+                ),
                 other => panic!("the cluster test bed cannot delete {other}"),
             };
             assert!(found, "{resource} {name} was not in the API");

@@ -882,6 +882,23 @@ impl ApiServer {
             .is_ok()
     }
 
+    /// Deletes the object an (apiVersion, kind) document names, of any
+    /// served kind (custom resources included); whether it existed.
+    pub fn delete_named(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> bool {
+        let rt = resource_of(api_version, kind).unwrap_or_else(|e| panic!("{e}"));
+        let key = key_for(rt, namespace, name);
+        self.shared
+            .store()
+            .delete(rt, &key, &Preconditions::default())
+            .is_ok()
+    }
+
     /// The object as the server stores it.
     pub fn get<K: k8s_openapi::Resource + DeserializeOwned>(
         &self,
