@@ -80,7 +80,8 @@ fn policy_json_with(
     .to_string()
 }
 
-/// About `n` rules spread over the three tiers, all selecting the subject:
+/// About `n` single-port rules spread over the three tiers, all selecting
+/// the subject:
 /// AdminNetworkPolicies (100 rules each, the API's limit) whose first
 /// rule passes the client on TCP 80 to NetworkPolicy and whose others deny
 /// other ports from every pod; the NetworkPolicy of [`policy_json`]; a
@@ -89,7 +90,10 @@ fn policy_json_with(
 /// for the subject, so every tier is looked up.
 fn tier_yaml(n: usize, client: &serde_json::Value) -> String {
     let per = (n / 3).max(1);
-    let other_port = |i: usize| 20_000 + i as u16;
+    // Every other port: each rule is its own single-port entry, as in the
+    // single-port rows above (contiguous ports would merge into port
+    // blocks; their cost is the port-range section's).
+    let other_port = |i: usize| 20_000 + 2 * i as u16;
     let every_pod = json!([{"namespaces": {}}]);
     let mut docs = Vec::new();
     let mut admin: Vec<serde_json::Value> = vec![json!({
@@ -551,10 +555,12 @@ pub fn run(cfg: &Config, report: &mut Report) {
         "\n#### Tiers: AdminNetworkPolicy + NetworkPolicy + BaselineAdminNetworkPolicy\n\n\
          The same, with {e0} endpoints, and about *N* rules in three tiers, each with entries \
          for the subject: AdminNetworkPolicies (up to 100 rules each) whose first rule passes \
-         the client on TCP {PORT} on to NetworkPolicy and whose other rules deny other ports \
-         from every pod; the NetworkPolicy above with *N*/3 rules; a \
+         the client on TCP {PORT} on to NetworkPolicy and whose other rules deny other single \
+         ports (every other port from 20000) from every pod; the NetworkPolicy above with *N*/3 rules; a \
          BaselineAdminNetworkPolicy and baseline ClusterNetworkPolicies (25 rules each) denying \
-         other ports from every pod. The client's new flow is looked up in the admin tier \
+         other single ports from every pod. (Tier rules on port ranges become aligned port \
+         blocks, as NetworkPolicy's do: each block size an endpoint uses adds one hash lookup \
+         to a search, at most 15, see the port-range rules above.) The client's new flow is looked up in the admin tier \
          (found: pass) and then in NetworkPolicy (allowed); the denied SYN misses the admin \
          tier and is denied by NetworkPolicy's isolation. The compiler resolves rule order \
          and priorities into one answer per (endpoint, direction, peer identity, port), so \
