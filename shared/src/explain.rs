@@ -794,6 +794,81 @@ spec:
         assert!(e.allowed);
     }
 
+    /// The tiers in explain: an admin Deny decides before the
+    /// NetworkPolicy, a Pass hands over to it, the baseline decides only
+    /// where no NetworkPolicy isolates, and an audited Deny is reported.
+    #[test]
+    fn names_the_deciding_tier_policy_and_rule() {
+        use crate::store::StoredTierPolicy;
+        let mut st = state();
+        let yaml = r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard}
+spec:
+  priority: 3
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: api}}}}
+  ingress:
+  - name: frontend-to-np
+    action: Pass
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: frontend}}}}]
+  - name: no-8080
+    action: Deny
+    from: [{namespaces: {}}]
+    ports: [{portNumber: {port: 8080}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default, annotations: {palisade.io/mode: audit}}
+spec:
+  subject: {namespaces: {}}
+  ingress:
+  - name: nothing-from-pods
+    action: Deny
+    from: [{namespaces: {}}]
+"#;
+        for (i, o) in parse_documents(yaml, "t").unwrap().into_iter().enumerate() {
+            if let Object::TierPolicy(t) = o {
+                st.tier_policies.insert(
+                    format!("{}/{}", t.value.kind.as_str(), t.value.name),
+                    StoredTierPolicy {
+                        id: 10 + i as u32,
+                        object: t.object,
+                        policy: t.value,
+                    },
+                );
+            }
+        }
+        compile_state(&mut st);
+        let p = |s: &str| PartyRef::parse(s).unwrap();
+        // coffee -> api:8080: the ANP's second rule, before any NetworkPolicy.
+        let e = explain(&st, &p("coffee"), &p("api"), PROTO_TCP, 8080).unwrap();
+        assert!(!e.allowed);
+        let ing = e.ingress.as_ref().unwrap();
+        assert_eq!(
+            ing.reason,
+            "denied by AdminNetworkPolicy/guard ingress[1] (no-8080) before any NetworkPolicy"
+        );
+        // frontend -> api:8080: passed on (rule 0 first), the NP allows.
+        let e = explain(&st, &p("frontend"), &p("api"), PROTO_TCP, 8080).unwrap();
+        assert!(e.allowed, "{e}");
+        let ing = e.ingress.as_ref().unwrap();
+        assert_eq!(ing.tiers[0].action, "Pass");
+        assert_eq!(ing.allowed_by[0].policy, "default/api-allow");
+        // coffee -> frontend: no NetworkPolicy isolates frontend; the
+        // audited baseline would deny: allowed, reported as audit.
+        let e = explain(&st, &p("coffee"), &p("frontend"), PROTO_TCP, 80).unwrap();
+        assert!(e.allowed, "{e}");
+        let ing = e.ingress.as_ref().unwrap();
+        assert!(ing.audit, "{e}");
+        assert!(
+            ing.reason.contains("BaselineAdminNetworkPolicy/default ingress[0] (nothing-from-pods) (audit mode) would deny it"),
+            "{}",
+            ing.reason
+        );
+        assert!(e.to_string().contains("ALLOWED (audit mode"), "{e}");
+    }
+
     #[test]
     fn pods_and_nodes_elsewhere_in_the_cluster_are_named_and_matched() {
         let mut st = state();
