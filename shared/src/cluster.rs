@@ -264,6 +264,7 @@ impl ApiObject {
         ApiObject::Node(RemoteNode {
             name: node.metadata.name.clone().unwrap_or_default(),
             addresses: node_identity_addresses(node),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
         })
     }
 

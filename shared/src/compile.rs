@@ -53,11 +53,27 @@ pub struct Input<'a> {
     pub endpoints: &'a [EndpointView],
     /// Addresses of the node itself.
     pub host_addresses: &'a [IpAddr],
-    /// Addresses of the cluster's other nodes (Node objects).
-    pub node_addresses: &'a [IpAddr],
+    /// Addresses of the cluster's other nodes (Node objects), with the
+    /// labels of the node each belongs to.
+    pub node_addresses: &'a [(IpAddr, Labels)],
     /// AdminNetworkPolicy, BaselineAdminNetworkPolicy and
     /// ClusterNetworkPolicy objects with their ids, modes resolved.
     pub tier_policies: &'a [(u32, TierPolicy)],
+}
+
+/// Other nodes' addresses with the labels of the node that names each,
+/// from nodes given in name order (an address two nodes name takes the
+/// first one's labels).
+pub fn node_address_labels<'a>(
+    nodes: impl IntoIterator<Item = (&'a BTreeSet<IpAddr>, Labels)>,
+) -> Vec<(IpAddr, Labels)> {
+    let mut out: BTreeMap<IpAddr, Labels> = BTreeMap::new();
+    for (addrs, labels) in nodes {
+        for a in addrs {
+            out.entry(*a).or_insert_with(|| labels.clone());
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// An ipcache prefix in the 16-byte address space.
@@ -125,6 +141,8 @@ pub struct PeerFacts<'a> {
     pub pod: Option<(&'a str, &'a Labels, &'a Labels)>,
     /// Canonical ipBlocks the address falls in.
     pub blocks: &'a BTreeSet<String>,
+    /// `Some` for another node's address, with the Node's labels.
+    pub node: Option<&'a Labels>,
 }
 
 /// Whether one peer of a rule in a policy of namespace `policy_ns` matches.
@@ -365,6 +383,7 @@ impl IdentityFacts {
                 .as_deref()
                 .map(|ns| (ns, &self.ns_labels, &self.key.labels)),
             blocks: &self.key.blocks,
+            node: self.key.node.then_some(&self.key.labels),
         }
     }
 
@@ -487,12 +506,13 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
 
     // 2b. Other nodes' addresses: the node identity, refined by the
     // ipBlocks they fall in (no pod or namespace selector matches it).
-    for addr in input.node_addresses {
+    for (addr, labels) in input.node_addresses {
         if owner.contains_key(addr) || input.host_addresses.contains(addr) {
             continue;
         }
         let key = IdentityKey {
             node: true,
+            labels: labels.clone(),
             blocks: block_index.of_addr(*addr),
             ..Default::default()
         };

@@ -253,6 +253,9 @@ enum SelKey {
     /// Every identity (an egress rule without peers that names ports: the
     /// names resolve on every destination).
     All,
+    /// Other nodes' addresses whose Node labels match (tier policies'
+    /// `nodes` peers).
+    Nodes(Selector),
 }
 
 #[derive(Debug)]
@@ -427,6 +430,11 @@ pub struct Engine {
     host: BTreeSet<IpAddr>,
     /// Other nodes' addresses, by node name.
     nodes: HashMap<String, BTreeSet<IpAddr>>,
+    /// Other nodes' labels (what `nodes` peers select), by node name.
+    node_labels: HashMap<String, Labels>,
+    /// The nodes that name each address (the first by name gives its
+    /// labels to the address's identity).
+    addr_nodes: HashMap<[u8; 16], BTreeSet<String>>,
     eps: BTreeMap<u32, EpState>,
     eps_by_ns: HashMap<String, BTreeSet<u32>>,
     eps_by_pod: HashMap<(String, String), BTreeSet<u32>>,
@@ -458,6 +466,7 @@ pub struct Engine {
     sel_by_block: HashMap<String, usize>,
     pod_sels_own: HashMap<String, BTreeSet<usize>>,
     pod_sels_matching: BTreeSet<usize>,
+    node_sels: BTreeSet<usize>,
     all_sel: Option<usize>,
     subjs: Slab<SubjSel>,
     subj_index: HashMap<(String, Selector), usize>,
@@ -512,6 +521,8 @@ impl Engine {
             node_mode,
             host: BTreeSet::new(),
             nodes: HashMap::default(),
+            node_labels: HashMap::default(),
+            addr_nodes: HashMap::default(),
             eps: BTreeMap::new(),
             eps_by_ns: HashMap::default(),
             eps_by_pod: HashMap::default(),
@@ -534,6 +545,7 @@ impl Engine {
             sel_by_block: HashMap::default(),
             pod_sels_own: HashMap::default(),
             pod_sels_matching: BTreeSet::new(),
+            node_sels: BTreeSet::new(),
             all_sel: None,
             subjs: Slab::default(),
             subj_index: HashMap::default(),
@@ -685,14 +697,16 @@ impl Engine {
         let mut sels = Vec::new();
         for rule in policy.ingress.iter().chain(&policy.egress) {
             for peer in &rule.peers {
-                if let crate::policy::tier::TierPeer::Peer(peer) = peer {
-                    let s = self.sel_ref(SelKey::Peer {
+                let key = match peer {
+                    crate::policy::tier::TierPeer::Peer(peer) => SelKey::Peer {
                         policy_ns: String::new(),
                         peer: peer.clone(),
-                    });
-                    self.sels[s].tier_users += 1;
-                    sels.push(s);
-                }
+                    },
+                    crate::policy::tier::TierPeer::Nodes(sel) => SelKey::Nodes(sel.clone()),
+                };
+                let s = self.sel_ref(key);
+                self.sels[s].tier_users += 1;
+                sels.push(s);
             }
         }
         self.tier_pols.insert(
@@ -762,31 +776,51 @@ impl Engine {
 
     /// Another node of the cluster and its addresses (they get the node
     /// identity unless a pod or this node has them).
-    pub fn upsert_node(&mut self, name: &str, addrs: &[IpAddr]) {
+    pub fn upsert_node(&mut self, name: &str, addrs: &[IpAddr], labels: &Labels) {
         let new: BTreeSet<IpAddr> = addrs.iter().copied().collect();
         let old = self.nodes.insert(name.to_owned(), new.clone());
         let old = old.unwrap_or_default();
+        let relabelled = self
+            .node_labels
+            .insert(name.to_owned(), labels.clone())
+            .as_ref()
+            != Some(labels);
         for a in old.difference(&new) {
-            self.node_addr(*a, -1);
+            self.node_addr(*a, name, -1);
         }
         for a in new.difference(&old) {
-            self.node_addr(*a, 1);
+            self.node_addr(*a, name, 1);
+        }
+        if relabelled {
+            for a in old.intersection(&new) {
+                self.recompute_ipcache(host_prefix(abi::addr16(*a)));
+            }
         }
     }
 
     pub fn remove_node(&mut self, name: &str) {
         for a in self.nodes.remove(name).unwrap_or_default() {
-            self.node_addr(a, -1);
+            self.node_addr(a, name, -1);
         }
+        self.node_labels.remove(name);
     }
 
-    fn node_addr(&mut self, addr: IpAddr, sign: i32) {
+    fn node_addr(&mut self, addr: IpAddr, name: &str, sign: i32) {
         let key = abi::addr16(addr);
+        let names = self.addr_nodes.entry(key).or_default();
+        if sign > 0 {
+            names.insert(name.to_owned());
+        } else {
+            names.remove(name);
+        }
+        if names.is_empty() {
+            self.addr_nodes.remove(&key);
+        }
         let a = self.addrs.entry(key).or_default();
         a.node = a.node.saturating_add_signed(sign);
-        if (sign > 0 && a.node == 1) || (sign < 0 && a.node == 0) {
-            self.recompute_ipcache(host_prefix(key));
-        }
+        // Also when another node still names it: the first node's labels
+        // may now be another's.
+        self.recompute_ipcache(host_prefix(key));
         self.tidy_addr(key);
     }
 
@@ -927,6 +961,7 @@ impl Engine {
                         .zip(id_ns_labels.as_ref())
                         .map(|(ns, nl)| (ns, nl, &key.labels)),
                     blocks: &key.blocks,
+                    node: key.node.then_some(&key.labels),
                 };
                 for dir in Direction::ALL {
                     for (tier, tier_no) in tiers::TIERS {
@@ -1023,14 +1058,14 @@ impl Engine {
     pub fn full_compile(&self) -> (compile::Compiled, IdentityTable) {
         let (namespaces, policies, endpoints) = self.compile_inputs();
         let host: Vec<IpAddr> = self.host.iter().copied().collect();
-        let nodes: Vec<IpAddr> = self
-            .nodes
-            .values()
-            .flatten()
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let mut names: Vec<&String> = self.nodes.keys().collect();
+        names.sort();
+        let nodes = compile::node_address_labels(names.into_iter().map(|n| {
+            (
+                &self.nodes[n],
+                self.node_labels.get(n).cloned().unwrap_or_default(),
+            )
+        }));
         let tier_policies: Vec<(u32, TierPolicy)> = self
             .tier_pols
             .iter()
@@ -1121,6 +1156,9 @@ impl Engine {
             out.extend(self.pod_sels_own.get(ns).into_iter().flatten());
             out.extend(self.pod_sels_matching.iter());
         }
+        if key.node {
+            out.extend(self.node_sels.iter());
+        }
         out.extend(self.all_sel);
         out
     }
@@ -1128,6 +1166,7 @@ impl Engine {
     fn sel_matches(&self, sel: usize, key: &IdentityKey) -> bool {
         match &self.sels[sel].key {
             SelKey::All => true,
+            SelKey::Nodes(s) => key.node && s.matches(&key.labels),
             SelKey::Peer { policy_ns, peer } => {
                 let ns_labels = key.namespace.as_deref().map(|ns| self.ns_labels(ns));
                 let facts = PeerFacts {
@@ -1137,6 +1176,7 @@ impl Engine {
                         .zip(ns_labels.as_ref())
                         .map(|(ns, nl)| (ns, nl, &key.labels)),
                     blocks: &key.blocks,
+                    node: key.node.then_some(&key.labels),
                 };
                 compile::peer_matches(peer, policy_ns, &facts)
             }
@@ -1222,6 +1262,10 @@ impl Engine {
                 self.all_sel = Some(s);
                 self.visible.iter().copied().collect()
             }
+            SelKey::Nodes(_) => {
+                self.node_sels.insert(s);
+                self.visible.iter().copied().collect()
+            }
             SelKey::Peer {
                 peer: Peer::IpBlock(b),
                 ..
@@ -1279,6 +1323,9 @@ impl Engine {
         self.sel_index.remove(&sel.key);
         match &sel.key {
             SelKey::All => self.all_sel = None,
+            SelKey::Nodes(_) => {
+                self.node_sels.remove(&s);
+            }
             SelKey::Peer {
                 peer: Peer::IpBlock(b),
                 ..
@@ -1944,8 +1991,16 @@ impl Engine {
             return;
         };
         let old = a.node_id;
+        let labels = self
+            .addr_nodes
+            .get(&addr)
+            .and_then(|n| n.first())
+            .and_then(|n| self.node_labels.get(n))
+            .cloned()
+            .unwrap_or_default();
         let want = (a.node > 0 && a.claimants.is_empty() && !a.host).then(|| IdentityKey {
             node: true,
+            labels,
             blocks: self.block_index.of_addr(abi::ip_from16(addr)),
             ..Default::default()
         });
@@ -2519,8 +2574,9 @@ mod tests {
         },
         RemoveEndpoint(u32),
         Host(Vec<IpAddr>),
-        /// Another node with these addresses (`None`: the Node is deleted).
-        Node(String, Option<Vec<IpAddr>>),
+        /// Another node with these addresses and role label (`None`: the
+        /// Node is deleted).
+        Node(String, Option<(Vec<IpAddr>, Option<String>)>),
         NodeMode(Mode),
         /// An ANP, BANP or CNP (its id, the object).
         Tier(u32, serde_json::Value),
@@ -2661,13 +2717,17 @@ mod tests {
             (selector(), selector())
                 .prop_map(|(n, p)| json!({"pods": {"namespaceSelector": n, "podSelector": p}})),
         ];
+        let nodes = prop_oneof![
+            Just(json!({"nodes": {}})),
+            Just(json!({"nodes": {"matchLabels": {"role": "infra"}}})),
+        ];
         let networks = prop_oneof![
             Just(json!({"networks": ["10.0.0.0/24"]})),
             Just(json!({"networks": ["0.0.0.0/0", "fd00::/64"]})),
             Just(json!({"networks": ["10.0.0.2/32"]})),
         ];
         if egress {
-            prop_oneof![3 => pods, 1 => networks].boxed()
+            prop_oneof![3 => pods, 1 => networks, 1 => nodes].boxed()
         } else {
             pods.boxed()
         }
@@ -2809,9 +2869,15 @@ mod tests {
             prop::collection::vec(addr(), 0..2).prop_map(Op::Host),
             (
                 prop_oneof![Just("n1".to_string()), Just("n2".to_string())],
-                prop::option::of(prop::collection::vec(addr(), 0..3))
+                prop::option::of((
+                    prop::collection::vec(addr(), 0..3),
+                    prop::option::of(prop_oneof![
+                        Just("infra".to_string()),
+                        Just("edge".to_string())
+                    ])
+                ))
             )
-                .prop_map(|(n, addrs)| Op::Node(n, addrs)),
+                .prop_map(|(n, node)| Op::Node(n, node)),
             prop_oneof![Just(Mode::Enforce), Just(Mode::Audit)].prop_map(Op::NodeMode),
         ]
     }
@@ -2878,7 +2944,9 @@ mod tests {
             }),
             Op::RemoveEndpoint(ep) => engine.remove_endpoint(ep),
             Op::Host(addrs) => engine.set_host_addresses(&addrs),
-            Op::Node(name, Some(addrs)) => engine.upsert_node(&name, &addrs),
+            Op::Node(name, Some((addrs, role))) => {
+                engine.upsert_node(&name, &addrs, &labels(&[("role", role.as_ref())]))
+            }
             Op::Node(name, None) => engine.remove_node(&name),
             Op::NodeMode(m) => engine.set_node_mode(m),
             Op::Tier(id, mut v) => {
@@ -3145,7 +3213,11 @@ mod tests {
             }
             fresh.set_host_addresses(&engine.host.iter().copied().collect::<Vec<_>>());
             for (name, addrs) in &engine.nodes {
-                fresh.upsert_node(name, &addrs.iter().copied().collect::<Vec<_>>());
+                fresh.upsert_node(
+                    name,
+                    &addrs.iter().copied().collect::<Vec<_>>(),
+                    &engine.node_labels[name],
+                );
             }
             for e in endpoints {
                 fresh.upsert_endpoint(engine.eps[&e.ep_id].input.clone());

@@ -88,6 +88,9 @@ pub struct Party {
     pub is_host: bool,
     /// The endpoint palisade enforces on, when the pod runs here.
     pub endpoint_id: Option<u32>,
+    /// Another node of the cluster: its Node's labels.
+    #[serde(skip)]
+    pub node_labels: Option<Labels>,
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +285,7 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                 }),
                 is_host: false,
                 endpoint_id: ep.map(|e| e.id),
+                node_labels: None,
             })
         }
         PartyRef::Address(ip) => {
@@ -292,6 +296,7 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                     address: Some(*ip),
                     is_host: false,
                     endpoint_id: Some(ep.id),
+                    node_labels: None,
                 });
             }
             // A pod on another node (cluster mode).
@@ -302,6 +307,7 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                     address: Some(*ip),
                     is_host: false,
                     endpoint_id: None,
+                    node_labels: None,
                 });
             }
             let is_host = state.host_addresses.contains(ip);
@@ -316,6 +322,7 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                 address: Some(*ip),
                 is_host,
                 endpoint_id: None,
+                node_labels: node.filter(|_| !is_host).map(|n| n.labels.clone()),
             })
         }
     }
@@ -422,6 +429,7 @@ fn side(
             .as_ref()
             .map(|p| (p.namespace.as_str(), &p.ns_labels, &p.labels)),
         blocks: &peer_blocks,
+        node: peer.node_labels.as_ref(),
     };
     // Named ports resolve on the destination.
     let empty = Vec::new();
@@ -894,6 +902,7 @@ spec:
             crate::store::RemoteNode {
                 name: "node-b".into(),
                 addresses: vec!["192.168.250.2".parse().unwrap()],
+                labels: Default::default(),
             },
         );
         let p = |s: &str| PartyRef::parse(s).unwrap();

@@ -396,7 +396,8 @@ impl Op<'_, '_> {
 
     fn put_remote_node(&mut self, node: &RemoteNode) -> Result<(), NodeError> {
         self.tx.put_remote_node(node)?;
-        self.engine.upsert_node(&node.name, &node.addresses);
+        self.engine
+            .upsert_node(&node.name, &node.addresses, &node.labels);
         self.inputs = true;
         Ok(())
     }
@@ -482,7 +483,7 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     // After the pods: an address a pod has never holds the node identity
     // in between.
     for n in state.nodes.values() {
-        e.upsert_node(&n.name, &n.addresses);
+        e.upsert_node(&n.name, &n.addresses, &n.labels);
     }
     let warnings = e.end_bulk().warnings;
     (e, warnings)
@@ -564,13 +565,20 @@ pub fn compile_state(state: &mut State) -> Compiled {
         }))
         .collect();
     let host = state.host_addresses.clone();
-    let nodes: Vec<IpAddr> = state
-        .nodes
-        .values()
-        .flat_map(|n| n.addresses.iter().copied())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let nodes = compile::node_address_labels(
+        state
+            .nodes
+            .values()
+            .map(|n| {
+                (
+                    n.addresses.iter().copied().collect::<BTreeSet<_>>(),
+                    n.labels.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(a, l)| (a, l.clone())),
+    );
     let tier_policies: Vec<(u32, TierPolicy)> = state
         .tier_policies
         .values()

@@ -214,6 +214,10 @@ impl RemotePod {
 pub struct RemoteNode {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// The Node object's labels (what `nodes` peers of tier policies
+    /// select).
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// An identity an OCI hook learnt for a network namespace before any

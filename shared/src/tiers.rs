@@ -68,12 +68,12 @@ pub fn selects(p: &TierPolicy, ns_labels: &Labels, labels: &Labels) -> bool {
     p.subject.namespaces.matches(ns_labels) && p.subject.pods.matches(labels)
 }
 
-/// Whether a rule peer matches a peer identity. `nodes` peers match nothing
-/// yet (node identities carry no labels); validation refuses them.
+/// Whether a rule peer matches a peer identity (`nodes` peers: another
+/// node's address, by its Node's labels).
 pub fn peer_matches_identity(peer: &TierPeer, facts: &PeerFacts<'_>) -> bool {
     match peer {
         TierPeer::Peer(p) => peer_matches(p, "", facts),
-        TierPeer::Nodes(_) => false,
+        TierPeer::Nodes(sel) => facts.node.is_some_and(|labels| sel.matches(labels)),
     }
 }
 

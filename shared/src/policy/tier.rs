@@ -504,12 +504,10 @@ fn peers(
                 pods,
             }));
         } else if let Some(nodes) = &p.nodes {
-            Selector::from_k8s(nodes, &format!("{here}.nodes"))?;
-            return Err(invalid(
+            out.push(TierPeer::Nodes(Selector::from_k8s(
+                nodes,
                 &format!("{here}.nodes"),
-                "nodes peers are not supported by palisade yet (node identities do not \
-                 carry node labels); use networks with the nodes' addresses",
-            ));
+            )?));
         } else if let Some(nets) = &p.networks {
             let npath = format!("{here}.networks");
             count(&npath, nets.len(), 1, MAX_NETWORKS)?;
@@ -960,7 +958,7 @@ spec:
     ports: [{portNumber: {port: 9090}}, {portRange: {protocol: UDP, start: 5000, end: 5010}}, {namedPort: web}]
   egress:
   - action: Allow
-    to: [{networks: [10.0.0.0/8, "fd00::/64"]}, {pods: {namespaceSelector: {}, podSelector: {}}}]
+    to: [{networks: [10.0.0.0/8, "fd00::/64"]}, {pods: {namespaceSelector: {}, podSelector: {}}}, {nodes: {matchLabels: {role: infra}}}]
 "#;
 
     #[test]
@@ -982,7 +980,8 @@ spec:
                 TierPort::Named("web".into()),
             ])
         );
-        assert_eq!(p.egress[0].peers.len(), 3, "two networks and a pods peer");
+        assert_eq!(p.egress[0].peers.len(), 4, "two networks, pods and nodes");
+        assert!(matches!(p.egress[0].peers[3], TierPeer::Nodes(_)));
         assert!(matches!(
             p.egress[0].peers[0],
             TierPeer::Peer(Peer::IpBlock(_))
@@ -1086,14 +1085,6 @@ spec:
                 ),
                 "spec.egress[0].ports",
                 "named ports",
-            ),
-            (
-                with(
-                    "{pods: {namespaceSelector: {}, podSelector: {}}}",
-                    "{nodes: {}}",
-                ),
-                "spec.egress[0].to[1].nodes",
-                "not supported",
             ),
             (
                 with(
