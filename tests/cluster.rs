@@ -591,6 +591,30 @@ spec:
         "NetworkPolicy decides for y/b; the baseline is not consulted",
     );
 
+    // A nodes peer: pods of x may not reach node-1 (by its Node's label);
+    // y is not the subject.
+    let node1 = testbed::cluster::node_address(1, false);
+    let ping = |p: &Pod| probe(&p.netns, node1, Proto::Icmp, 0, PROBE_TIMEOUT);
+    assert!(ping(&a) && ping(&b), "node-1 answers pings before the ANP");
+    c.apply_yaml(
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-node-1}
+spec:
+  tier: Admin
+  priority: 7
+  subject: {namespaces: {matchLabels: {team: blue}}}
+  egress:
+  - name: node-1
+    action: Deny
+    to: [{nodes: {matchLabels: {kubernetes.io/hostname: node-1}}}]
+"#,
+    );
+    c.settle();
+    assert!(!ping(&a), "x/a may not reach node-1");
+    assert!(ping(&b), "y/b still reaches node-1");
+
     // The CRDs go away: as in Kubernetes, no tier policy exists any more.
     c.api.set_crds_installed(false);
     for n in &c.nodes {
