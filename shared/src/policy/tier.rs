@@ -730,6 +730,106 @@ fn priority(p: Option<i64>, path: &str) -> Result<u32, ObjectError> {
     })
 }
 
+/// What the rules of both API versions have in common.
+trait WireRule {
+    fn name(&self) -> Option<&String>;
+    fn action(&self) -> &str;
+    fn from(&self) -> Option<&Vec<WirePeer>>;
+    fn to(&self) -> Option<&Vec<WirePeer>>;
+    /// The field the rule's ports are written in.
+    const PORTS_FIELD: &'static str;
+    /// The rule's ports (`None`: every protocol and port).
+    fn ports(&self, path: &str) -> Result<Option<Vec<TierPort>>, ObjectError>;
+}
+
+impl WireRule for AnpRule {
+    fn name(&self) -> Option<&String> {
+        self.name.as_ref()
+    }
+    fn action(&self) -> &str {
+        &self.action
+    }
+    fn from(&self) -> Option<&Vec<WirePeer>> {
+        self.from.as_ref()
+    }
+    fn to(&self) -> Option<&Vec<WirePeer>> {
+        self.to.as_ref()
+    }
+    const PORTS_FIELD: &'static str = "ports";
+    fn ports(&self, path: &str) -> Result<Option<Vec<TierPort>>, ObjectError> {
+        anp_ports(self.ports.as_ref(), path)
+    }
+}
+
+impl WireRule for CnpRule {
+    fn name(&self) -> Option<&String> {
+        self.name.as_ref()
+    }
+    fn action(&self) -> &str {
+        &self.action
+    }
+    fn from(&self) -> Option<&Vec<WirePeer>> {
+        self.from.as_ref()
+    }
+    fn to(&self) -> Option<&Vec<WirePeer>> {
+        self.to.as_ref()
+    }
+    const PORTS_FIELD: &'static str = "protocols";
+    fn ports(&self, path: &str) -> Result<Option<Vec<TierPort>>, ObjectError> {
+        cnp_protocols(self.protocols.as_ref(), path)
+    }
+}
+
+/// Both directions' rules of a spec, validated, in order. `v2`: the
+/// v1alpha2 schema (domainNames peers, optional namespaceSelector).
+fn rules<R: WireRule>(
+    ingress: Option<&Vec<R>>,
+    egress: Option<&Vec<R>>,
+    actions: &[(&str, Action)],
+    limits: &Limits,
+    v2: bool,
+) -> Result<(Vec<TierRule>, Vec<TierRule>), ObjectError> {
+    let mut dirs = [Vec::new(), Vec::new()];
+    for (d, (field, rules, egress)) in [("ingress", ingress, false), ("egress", egress, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let rules = rules.map(Vec::as_slice).unwrap_or_default();
+        count(&format!("spec.{field}"), rules.len(), 0, limits.rules)?;
+        for (i, r) in rules.iter().enumerate() {
+            let path = format!("spec.{field}[{i}]");
+            let (peer_field, list, wrong) = if egress {
+                ("to", r.to(), r.from().is_some().then_some("from"))
+            } else {
+                ("from", r.from(), r.to().is_some().then_some("to"))
+            };
+            if let Some(w) = wrong {
+                return Err(invalid(
+                    &format!("{path}.{w}"),
+                    format!("unknown field ({field} rules have {peer_field})"),
+                ));
+            }
+            let rule = TierRule {
+                name: rule_name(r.name(), &path)?,
+                action: action(r.action(), &path, actions)?,
+                peers: peers(
+                    list,
+                    &format!("{path}.{peer_field}"),
+                    egress,
+                    limits,
+                    v2,
+                    v2,
+                )?,
+                ports: r.ports(&format!("{path}.{}", R::PORTS_FIELD))?,
+            };
+            no_named_ports_without_pods(&rule, &path, R::PORTS_FIELD)?;
+            dirs[d].push(rule);
+        }
+    }
+    let [ingress, egress] = dirs;
+    Ok((ingress, egress))
+}
+
 /// Validate an AdminNetworkPolicy or BaselineAdminNetworkPolicy.
 pub fn validate_anp(
     mut obj: AnpObject,
@@ -771,52 +871,13 @@ pub fn validate_anp(
             ("Pass", Action::Pass),
         ]
     };
-    let mut dirs = [Vec::new(), Vec::new()];
-    for (d, (field, rules, egress)) in [
-        ("ingress", spec.ingress.as_ref(), false),
-        ("egress", spec.egress.as_ref(), true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let rules = rules.map(Vec::as_slice).unwrap_or_default();
-        count(
-            &format!("spec.{field}"),
-            rules.len(),
-            0,
-            V1ALPHA1_LIMITS.rules,
-        )?;
-        for (i, r) in rules.iter().enumerate() {
-            let path = format!("spec.{field}[{i}]");
-            let (peer_field, list, wrong) = if egress {
-                ("to", r.to.as_ref(), r.from.is_some().then_some("from"))
-            } else {
-                ("from", r.from.as_ref(), r.to.is_some().then_some("to"))
-            };
-            if let Some(w) = wrong {
-                return Err(invalid(
-                    &format!("{path}.{w}"),
-                    format!("unknown field ({field} rules have {peer_field})"),
-                ));
-            }
-            let rule = TierRule {
-                name: rule_name(r.name.as_ref(), &path)?,
-                action: action(&r.action, &path, actions)?,
-                peers: peers(
-                    list,
-                    &format!("{path}.{peer_field}"),
-                    egress,
-                    &V1ALPHA1_LIMITS,
-                    false,
-                    false,
-                )?,
-                ports: anp_ports(r.ports.as_ref(), &format!("{path}.ports"))?,
-            };
-            no_named_ports_without_pods(&rule, &path, "ports")?;
-            dirs[d].push(rule);
-        }
-    }
-    let [ingress, egress] = dirs;
+    let (ingress, egress) = rules(
+        spec.ingress.as_ref(),
+        spec.egress.as_ref(),
+        actions,
+        &V1ALPHA1_LIMITS,
+        false,
+    )?;
     let value = TierPolicy {
         kind,
         name,
@@ -860,52 +921,13 @@ pub fn validate_cnp(mut obj: CnpObject) -> Result<(CnpObject, TierPolicy), Objec
         ("Deny", Action::Deny),
         ("Pass", Action::Pass),
     ];
-    let mut dirs = [Vec::new(), Vec::new()];
-    for (d, (field, rules, egress)) in [
-        ("ingress", spec.ingress.as_ref(), false),
-        ("egress", spec.egress.as_ref(), true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let rules = rules.map(Vec::as_slice).unwrap_or_default();
-        count(
-            &format!("spec.{field}"),
-            rules.len(),
-            0,
-            V1ALPHA2_LIMITS.rules,
-        )?;
-        for (i, r) in rules.iter().enumerate() {
-            let path = format!("spec.{field}[{i}]");
-            let (peer_field, list, wrong) = if egress {
-                ("to", r.to.as_ref(), r.from.is_some().then_some("from"))
-            } else {
-                ("from", r.from.as_ref(), r.to.is_some().then_some("to"))
-            };
-            if let Some(w) = wrong {
-                return Err(invalid(
-                    &format!("{path}.{w}"),
-                    format!("unknown field ({field} rules have {peer_field})"),
-                ));
-            }
-            let rule = TierRule {
-                name: rule_name(r.name.as_ref(), &path)?,
-                action: action(&r.action, &path, actions)?,
-                peers: peers(
-                    list,
-                    &format!("{path}.{peer_field}"),
-                    egress,
-                    &V1ALPHA2_LIMITS,
-                    true,
-                    true,
-                )?,
-                ports: cnp_protocols(r.protocols.as_ref(), &format!("{path}.protocols"))?,
-            };
-            no_named_ports_without_pods(&rule, &path, "protocols")?;
-            dirs[d].push(rule);
-        }
-    }
-    let [ingress, egress] = dirs;
+    let (ingress, egress) = rules(
+        spec.ingress.as_ref(),
+        spec.egress.as_ref(),
+        actions,
+        &V1ALPHA2_LIMITS,
+        true,
+    )?;
     let value = TierPolicy {
         kind,
         name,

@@ -267,6 +267,57 @@ fn expect(d: &Datapath, frame: &[u8], want: Verdict, what: &str) {
     assert_eq!(got, want, "{what}: the benchmark would time the wrong path");
 }
 
+/// One table of cells by rule count at `e0` endpoints (ratios to 10
+/// rules), recording each figure; returns the largest deviation from 10
+/// rules. `label` names the rules in ratios, `measured` in the report.
+fn rules_table(
+    s: &mut String,
+    cells: &BTreeMap<usize, Cell>,
+    label: &str,
+    measured: &str,
+    e0: usize,
+    report: &mut Report,
+) -> Option<(f64, String)> {
+    let mut t = Table::new(&[
+        "rules",
+        "policy / ipcache entries",
+        "new flow ns",
+        "established ns",
+        "denied ns",
+        "new / est / denied vs 10 rules",
+        "reprogram ms",
+    ]);
+    let mut worst: Option<(f64, String)> = None;
+    let base = cells.get(&10);
+    for (&n, c) in cells {
+        let ratios = base.map_or_else(
+            || "—".into(),
+            |b| compare(c, b, &format!("{n} {label}"), &mut worst),
+        );
+        for (what, v) in [
+            ("new flow", &c.new_flow),
+            ("established", &c.established),
+            ("denied", &c.denied),
+        ] {
+            report.measured(
+                &format!("{what} ns, {n} {measured}, {e0} endpoints"),
+                v.median(),
+            );
+        }
+        t.row(vec![
+            n.to_string(),
+            format!("{} / {}", c.entries.0, c.entries.1),
+            c.new_flow.show(0),
+            c.established.show(0),
+            c.denied.show(0),
+            ratios,
+            c.program_ms.show(0),
+        ]);
+    }
+    s.push_str(&t.render());
+    worst
+}
+
 pub fn run(cfg: &Config, report: &mut Report) {
     let rule_counts: &[usize] = if cfg.short {
         &[0, 10, 1_000]
@@ -501,43 +552,14 @@ pub fn run(cfg: &Config, report: &mut Report) {
          client's rule is still one port: its new flows are found by the first lookup.\n",
         RANGE.0, RANGE.1
     );
-    let mut t = Table::new(&[
+    let worst_range = rules_table(
+        &mut s,
+        &range_cells,
         "rules",
-        "policy / ipcache entries",
-        "new flow ns",
-        "established ns",
-        "denied ns",
-        "new / est / denied vs 10 rules",
-        "reprogram ms",
-    ]);
-    let mut worst_range: Option<(f64, String)> = None;
-    let range_base = range_cells.get(&10);
-    for (&n, c) in &range_cells {
-        let ratios = range_base.map_or_else(
-            || "—".into(),
-            |b| compare(c, b, &format!("{n} rules"), &mut worst_range),
-        );
-        for (what, v) in [
-            ("new flow", &c.new_flow),
-            ("established", &c.established),
-            ("denied", &c.denied),
-        ] {
-            report.measured(
-                &format!("{what} ns, {n} port-range rules, {e0} endpoints"),
-                v.median(),
-            );
-        }
-        t.row(vec![
-            n.to_string(),
-            format!("{} / {}", c.entries.0, c.entries.1),
-            c.new_flow.show(0),
-            c.established.show(0),
-            c.denied.show(0),
-            ratios,
-            c.program_ms.show(0),
-        ]);
-    }
-    s.push_str(&t.render());
+        "port-range rules",
+        e0,
+        report,
+    );
     if let Some((dev, what)) = worst_range {
         report.target(
             &format!("Per-packet cost flat within 10% from 10 to {top} rules (port-range rules)"),
@@ -566,43 +588,14 @@ pub fn run(cfg: &Config, report: &mut Report) {
          and priorities into one answer per (endpoint, direction, peer identity, port), so \
          each tier is one search, whatever the number of rules and policies.\n"
     );
-    let mut t = Table::new(&[
-        "rules",
-        "policy / ipcache entries",
-        "new flow ns",
-        "established ns",
-        "denied ns",
-        "new / est / denied vs 10 rules",
-        "reprogram ms",
-    ]);
-    let mut worst_tier: Option<(f64, String)> = None;
-    let tier_base = tier_cells.get(&10);
-    for (&n, c) in &tier_cells {
-        let ratios = tier_base.map_or_else(
-            || "—".into(),
-            |b| compare(c, b, &format!("{n} tiered rules"), &mut worst_tier),
-        );
-        for (what, v) in [
-            ("new flow", &c.new_flow),
-            ("established", &c.established),
-            ("denied", &c.denied),
-        ] {
-            report.measured(
-                &format!("{what} ns, {n} tiered rules, {e0} endpoints"),
-                v.median(),
-            );
-        }
-        t.row(vec![
-            n.to_string(),
-            format!("{} / {}", c.entries.0, c.entries.1),
-            c.new_flow.show(0),
-            c.established.show(0),
-            c.denied.show(0),
-            ratios,
-            c.program_ms.show(0),
-        ]);
-    }
-    s.push_str(&t.render());
+    let worst_tier = rules_table(
+        &mut s,
+        &tier_cells,
+        "tiered rules",
+        "tiered rules",
+        e0,
+        report,
+    );
     if let Some((dev, what)) = worst_tier {
         let top = tier_counts.last().copied().unwrap_or(0);
         report.target(
