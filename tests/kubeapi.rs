@@ -582,7 +582,38 @@ async fn http_writes_create_replace_with_conflicts_and_delete() {
     );
     let groups = client.list_api_groups().await.expect("GET /apis");
     let names: Vec<&str> = groups.groups.iter().map(|g| g.name.as_str()).collect();
-    assert_eq!(names, ["networking.k8s.io", "discovery.k8s.io"]);
+    assert_eq!(
+        names,
+        [
+            "networking.k8s.io",
+            "discovery.k8s.io",
+            "policy.networking.k8s.io"
+        ]
+    );
+    // The custom resources' group has both versions, the newest preferred;
+    // without their CRDs it is not served at all.
+    let policy = &groups.groups[2];
+    let versions: Vec<&str> = policy.versions.iter().map(|v| v.version.as_str()).collect();
+    assert_eq!(versions, ["v1alpha2", "v1alpha1"]);
+    assert_eq!(
+        policy
+            .preferred_version
+            .as_ref()
+            .map(|v| v.version.as_str()),
+        Some("v1alpha2")
+    );
+    server.set_crds_installed(false);
+    let groups = client.list_api_groups().await.expect("GET /apis");
+    assert_eq!(groups.groups.len(), 2, "no policy group without its CRDs");
+    let missing = client
+        .list_api_group_resources("policy.networking.k8s.io/v1alpha1")
+        .await
+        .expect_err("not served");
+    assert!(
+        matches!(&missing, kube::Error::Api(s) if s.is_not_found()),
+        "{missing:?}"
+    );
+    server.set_crds_installed(true);
     let core = client
         .list_core_api_resources("v1")
         .await
