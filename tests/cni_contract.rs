@@ -655,7 +655,9 @@ fn fifty_concurrent_adds_and_dels_leave_no_pins_or_endpoints() {
     });
     assert_eq!(endpoint_count(&n), count);
     assert_eq!(n.pins().len(), 2 * count, "two pins per endpoint");
-    for c in calls.iter().take(3) {
+    // Every container passes CHECK, the bridge plugin's included: its check
+    // of the bridge address holds whatever order the veths were added in.
+    for c in &calls {
         n.chain
             .check(c)
             .unwrap_or_else(|e| panic!("CHECK {}: {e}", c.container_id));

@@ -217,6 +217,24 @@ fn start_server(netns: &Netns, ports: &[u16]) -> Child {
     child
 }
 
+/// Create the bridge the bridge plugin will find, with an address set by
+/// hand. A Linux bridge whose address was never set takes the lowest
+/// address of its ports, so it changes as veths come and go; the reference
+/// plugin's CHECK compares the bridge address in prevResult with the
+/// current one and would fail at random (seen with 50 concurrent ADDs). An
+/// address set by hand is kept by the kernel, as on a real node whose
+/// bridge has lived for a while.
+fn make_bridge_with_fixed_mac(netns: &Netns, prefix: &str) {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(prefix, &mut h);
+    let b = std::hash::Hasher::finish(&h).to_be_bytes();
+    let mac = format!("02:70:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+    let ns = netns.name.as_str();
+    sys::ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"]);
+    sys::ip(&["-n", ns, "link", "set", "cni0", "address", &mac]);
+    sys::ip(&["-n", ns, "link", "set", "cni0", "up"]);
+}
+
 impl Node {
     pub fn new(options: NodeOptions) -> Self {
         sys::require_root();
@@ -241,6 +259,9 @@ impl Node {
         netns.sysctl("net.ipv6.conf.all.forwarding", "1");
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0");
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        if options.primary == Primary::Bridge {
+            make_bridge_with_fixed_mac(&netns, &prefix);
+        }
 
         let mut ranges = vec![json!([{ "subnet": options.pod_subnet_v4 }])];
         if options.ipv6 {
