@@ -322,6 +322,11 @@ enum Resource {
     Baselineadminnetworkpolicies,
     #[value(alias = "clusternetworkpolicy", alias = "cnp")]
     Clusternetworkpolicies,
+    #[value(alias = "palisadenetworkpolicy", alias = "pnp")]
+    Palisadenetworkpolicies,
+    /// Addresses the DNS proxy learned for `toFQDNs` rules.
+    #[value(alias = "fqdn")]
+    Fqdns,
 }
 
 /// `flows --verdict`: the word flow records show, as the verdict to match.
@@ -481,6 +486,7 @@ fn print_changes(report: &ObjectsReport) -> Result<()> {
                 "baselineadminnetworkpolicy.policy.networking.k8s.io"
             }
             policy::Kind::ClusterNetworkPolicy => "clusternetworkpolicy.policy.networking.k8s.io",
+            policy::Kind::PalisadeNetworkPolicy => "palisadenetworkpolicy.palisade.io",
         };
         let name = if r.namespace.is_empty() {
             r.name.clone()
@@ -555,6 +561,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Resource::Clusternetworkpolicies => {
                     output::tier_policies(&state, TierKind::ClusterNetworkPolicy, *output)?
                 }
+                Resource::Palisadenetworkpolicies => {
+                    output::palisade_policies(&state, ns, *output)?
+                }
+                Resource::Fqdns => output::fqdns(&state, *output)?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -191,6 +191,98 @@ pub fn policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
 
 /// AdminNetworkPolicies, BaselineAdminNetworkPolicies or
 /// ClusterNetworkPolicies, in the order they are evaluated.
+/// `get palisadenetworkpolicies`.
+pub fn palisade_policies(state: &State, ns: Option<&str>, format: Format) -> Result<()> {
+    let selected: Vec<_> = state
+        .palisade_policies
+        .values()
+        .filter(|sp| ns.is_none_or(|n| sp.policy.base.namespace == n))
+        .collect();
+    if format != Format::Table {
+        let items = selected
+            .iter()
+            .map(|sp| serde_json::to_value(&sp.object))
+            .collect::<Result<Vec<_>, _>>()?;
+        return structured(&k8s_list(items), format);
+    }
+    let mut rows = Vec::new();
+    for sp in selected {
+        let p = &sp.policy.base;
+        let selected_eps = state
+            .endpoints
+            .values()
+            .filter(|e| p.selects(&e.namespace, &state.effective_labels(e)))
+            .count();
+        let fqdns: Vec<String> = sp
+            .policy
+            .fqdn_selectors()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let learned = state
+            .fqdns
+            .addresses(&sp.policy.fqdn_selectors().cloned().collect::<Vec<_>>());
+        rows.push(vec![
+            p.namespace.clone(),
+            p.name.clone(),
+            sp.id.to_string(),
+            p.pod_selector.describe(),
+            if fqdns.is_empty() {
+                "-".into()
+            } else {
+                fqdns.join(",")
+            },
+            learned.len().to_string(),
+            if sp.policy.dns.is_empty() {
+                "no"
+            } else {
+                "yes"
+            }
+            .into(),
+            selected_eps.to_string(),
+        ]);
+    }
+    table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "ID",
+            "POD-SELECTOR",
+            "FQDNS",
+            "ADDRESSES",
+            "DNS-RULES",
+            "ENDPOINTS",
+        ],
+        rows,
+    )
+}
+
+/// `get fqdns`: what the DNS proxy learned, and until when.
+pub fn fqdns(state: &State, format: Format) -> Result<()> {
+    let entries: Vec<palisade::fqdn::Learned> = state.fqdns.entries().collect();
+    if format != Format::Table {
+        return structured(&serde_json::json!({ "items": entries }), format);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let rows = entries
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                l.address.to_string(),
+                if l.expires >= now {
+                    format!("{}s", l.expires - now)
+                } else {
+                    "expired (in use)".into()
+                },
+            ]
+        })
+        .collect();
+    table(&["NAME", "ADDRESS", "EXPIRES-IN"], rows)
+}
+
 pub fn tier_policies(state: &State, kind: TierKind, format: Format) -> Result<()> {
     let mut selected: Vec<_> = state
         .tier_policies

@@ -574,7 +574,9 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
         egress: Vec<ResolvedRule<'a>>,
     }
     let mut sorted: Vec<&'a (u32, Policy)> = input.policies.iter().collect();
-    sorted.sort_by(|a, b| (&a.1.namespace, &a.1.name).cmp(&(&b.1.namespace, &b.1.name)));
+    sorted.sort_by(|a, b| {
+        (&a.1.namespace, &a.1.name, a.1.kind).cmp(&(&b.1.namespace, &b.1.name, b.1.kind))
+    });
     let resolved: Vec<PolicyRules<'a>> = sorted
         .iter()
         .map(|(id, p)| PolicyRules {

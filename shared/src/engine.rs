@@ -1448,7 +1448,7 @@ impl Engine {
             self.name_ref(n, 1);
         }
         self.pol_rank
-            .add(id, (policy.namespace.clone(), policy.name.clone()));
+            .add(id, (policy.namespace.clone(), policy.order_name()));
         let mode = effective_mode(
             policy.mode,
             self.namespaces.get(&policy.namespace).and_then(|n| n.mode),

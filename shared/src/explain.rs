@@ -449,7 +449,9 @@ fn side(
     let mut allowed_by = Vec::new();
     let mut enforced = false;
     let mut sorted: Vec<&(u32, Policy)> = policies.iter().collect();
-    sorted.sort_by(|a, b| (&a.1.namespace, &a.1.name).cmp(&(&b.1.namespace, &b.1.name)));
+    sorted.sort_by(|a, b| {
+        (&a.1.namespace, &a.1.name, a.1.kind).cmp(&(&b.1.namespace, &b.1.name, b.1.kind))
+    });
     for (_, p) in sorted {
         let isolates = match dir {
             Direction::Ingress => p.ingress_isolation,

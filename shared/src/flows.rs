@@ -35,6 +35,9 @@ pub struct FlowParty {
     pub identity: u32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// Names the DNS proxy saw resolve to the address (outside peers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }
 
 impl FlowParty {
@@ -48,6 +51,9 @@ impl FlowParty {
                     Some(n) => format!("{} (node {n})", self.address),
                     None => format!("{} (node)", self.address),
                 },
+                _ if !self.domains.is_empty() => {
+                    format!("{} ({})", self.address, self.domains.join(", "))
+                }
                 _ => self.address.to_string(),
             },
         }
@@ -179,6 +185,8 @@ pub struct Resolver {
     /// Policy number → (name, tier).
     policy_names: BTreeMap<u32, (String, &'static str)>,
     policies: Vec<(Policy, Mode)>,
+    /// Names learned for outside addresses.
+    fqdns: crate::fqdn::FqdnCache,
 }
 
 impl Resolver {
@@ -230,6 +238,12 @@ impl Resolver {
                 .policies
                 .iter()
                 .map(|(k, sp)| (sp.id, (k.clone(), "NetworkPolicy")))
+                .chain(
+                    state
+                        .palisade_policies
+                        .values()
+                        .map(|sp| (sp.id, (sp.policy.base.key(), "NetworkPolicy"))),
+                )
                 .chain(state.tier_policies.values().map(|t| {
                     (
                         t.id,
@@ -240,6 +254,7 @@ impl Resolver {
                     )
                 }))
                 .collect(),
+            fqdns: state.fqdns.clone(),
             policies: policies
                 .into_iter()
                 .map(|(_, p)| {
@@ -262,6 +277,7 @@ impl Resolver {
                 name: Some(name.clone()),
                 identity,
                 labels: labels.clone(),
+                domains: Vec::new(),
             };
         }
         let node = self.nodes.get(&addr);
@@ -281,6 +297,11 @@ impl Resolver {
             name: (kind == "node").then(|| node.cloned()).flatten(),
             identity,
             labels: Labels::new(),
+            domains: if matches!(kind, "world" | "cidr") {
+                self.fqdns.names_of(addr)
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -582,6 +603,7 @@ mod tests {
                 name: Some("a".into()),
                 identity: 256,
                 labels: Labels::new(),
+                domains: Vec::new(),
             },
             peer: FlowParty {
                 kind: "world".into(),
@@ -590,6 +612,7 @@ mod tests {
                 name: None,
                 identity: 2,
                 labels: Labels::new(),
+                domains: Vec::new(),
             },
             protocol: "TCP".into(),
             sport: 40000,

@@ -172,6 +172,7 @@ mod tests {
             name: name.map(Into::into),
             identity: 0,
             labels: Labels::new(),
+            domains: Vec::new(),
         }
     }
 

@@ -242,9 +242,12 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
     let mut outside: BTreeSet<IpAddr> = BTreeSet::new();
     let mut workloads: BTreeSet<Workload> = BTreeSet::new();
     for c in conns.keys() {
-        for s in [&c.client, &c.server] {
+        for (s, other) in [(&c.client, &c.server), (&c.server, &c.client)] {
             match s {
-                Side::Pod(w, _) => {
+                // A pod that only the node talks to (or only pods without
+                // labels) gets no rule from it: a policy would isolate it
+                // and allow nothing it was seen doing.
+                Side::Pod(w, _) if matches!(other, Side::Pod(..) | Side::Outside(_)) => {
                     workloads.insert(w.clone());
                 }
                 Side::Outside(a) => {
@@ -434,6 +437,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            domains: Vec::new(),
         }
     }
 
@@ -445,6 +449,7 @@ mod tests {
             name: None,
             identity: 2,
             labels: Labels::new(),
+            domains: Vec::new(),
         }
     }
 
@@ -518,6 +523,20 @@ mod tests {
                 123,
             ),
         ]
+    }
+
+    #[test]
+    fn a_pod_only_the_node_talks_to_gets_no_policy() {
+        let mut records = sample();
+        let idle = pod("data", "idle-1", "10.0.0.9", &[("app", "idle")]);
+        let node = FlowParty {
+            kind: "host".into(),
+            ..world("10.0.0.1")
+        };
+        records.push(flow(Direction::Ingress, idle, node, "TCP", 80));
+        let l = learn(&records, &Options::default());
+        assert_eq!(l.policies, 3, "{}", l.yaml);
+        assert!(!l.yaml.contains("idle"), "{}", l.yaml);
     }
 
     #[test]

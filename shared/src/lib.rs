@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod engine;
 pub mod explain;
 pub mod flows;
+pub mod fqdn;
 pub mod graph;
 pub mod identity;
 pub mod learn;

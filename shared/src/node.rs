@@ -30,15 +30,17 @@ use crate::{
     compile::{self, Compiled, EndpointView},
     dataplane::{Attachment, Dataplane, DataplaneError, SyncReport},
     engine::Engine,
+    fqdn,
     identity::IdentityTable,
     policy::{
         Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef,
+        palisade::{PalisadeNetworkPolicy, PalisadePolicy},
         tier::{TierKind, TierObject, TierPolicy},
         validate_namespace_object,
     },
     store::{
         Endpoint, PendingIdentity, RemoteNode, RemotePod, Source, State, Store, StoreError,
-        StoredNamespace, StoredPod, StoredPolicy, StoredTierPolicy, Txn,
+        StoredNamespace, StoredPalisadePolicy, StoredPod, StoredPolicy, StoredTierPolicy, Txn,
     },
 };
 
@@ -326,6 +328,93 @@ impl Op<'_, '_> {
         })
     }
 
+    /// Create or replace a PalisadeNetworkPolicy, keeping its number; its
+    /// `toFQDNs` rules allow the addresses learned so far.
+    fn upsert_palisade_policy(
+        &mut self,
+        object: &PalisadeNetworkPolicy,
+        value: &PalisadePolicy,
+    ) -> Result<Change, NodeError> {
+        let old = self
+            .tx
+            .palisade_policy(&value.base.namespace, &value.base.name)?;
+        if old.as_ref().is_some_and(|o| &o.object == object) {
+            return Ok(Change::Unchanged);
+        }
+        let id = match &old {
+            Some(o) => o.id,
+            None => self.tx.allocate_policy_id()?,
+        };
+        let stored = StoredPalisadePolicy {
+            id,
+            object: object.clone(),
+            policy: value.clone(),
+        };
+        let cache = self.tx.fqdns()?;
+        upsert(old.map(|o| o.object), &stored.object, || {
+            self.tx.put_palisade_policy(&stored)?;
+            self.engine
+                .upsert_policy(stored.id, fqdn::expand(&stored.policy, &cache));
+            self.inputs = true;
+            Ok(())
+        })
+    }
+
+    /// Delete a PalisadeNetworkPolicy if it exists; whether it did.
+    fn delete_palisade_policy(&mut self, namespace: &str, name: &str) -> Result<bool, NodeError> {
+        let Some(p) = self.tx.palisade_policy(namespace, name)? else {
+            return Ok(false);
+        };
+        self.tx.delete_palisade_policy(namespace, name)?;
+        self.engine.remove_policy(p.id);
+        self.inputs = true;
+        Ok(true)
+    }
+
+    /// Store the learned addresses that differ between `before` and
+    /// `after`, and rewrite the PalisadeNetworkPolicies whose `toFQDNs`
+    /// match a name in `changed`.
+    fn write_fqdns(
+        &mut self,
+        before: &fqdn::FqdnCache,
+        after: &fqdn::FqdnCache,
+        changed: &BTreeSet<String>,
+    ) -> Result<(), NodeError> {
+        let old: BTreeMap<(String, IpAddr), u64> = before
+            .entries()
+            .map(|l| ((l.name, l.address), l.expires))
+            .collect();
+        let new: BTreeMap<(String, IpAddr), u64> = after
+            .entries()
+            .map(|l| ((l.name, l.address), l.expires))
+            .collect();
+        for ((name, address), expires) in &new {
+            if old.get(&(name.clone(), *address)) != Some(expires) {
+                self.tx.put_fqdn(&fqdn::Learned {
+                    name: name.clone(),
+                    address: *address,
+                    expires: *expires,
+                })?;
+            }
+        }
+        for (name, address) in old.keys() {
+            if !new.contains_key(&(name.clone(), *address)) {
+                self.tx.delete_fqdn(name, *address)?;
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        for p in self.tx.palisade_policies()? {
+            if changed.iter().any(|n| fqdn::uses_name(&p.policy, n)) {
+                self.engine
+                    .upsert_policy(p.id, fqdn::expand(&p.policy, after));
+                self.inputs = true;
+            }
+        }
+        Ok(())
+    }
+
     fn put_endpoint(&mut self, ep: &Endpoint) -> Result<(), NodeError> {
         self.tx.put_endpoint(ep)?;
         self.engine.upsert_endpoint(ep.input());
@@ -460,6 +549,9 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     // ipBlock and named port that refines them already known.
     for p in state.policies.values() {
         e.upsert_policy(p.id, p.policy.clone());
+    }
+    for p in state.palisade_policies.values() {
+        e.upsert_policy(p.id, fqdn::expand(&p.policy, &state.fqdns));
     }
     for p in state.tier_policies.values() {
         e.upsert_tier_policy(p.id, p.policy.clone());
@@ -1189,6 +1281,7 @@ impl<D: Dataplane> Node<D> {
                         })?
                     }
                     Object::TierPolicy(t) => op.upsert_tier_policy(&t.object, &t.value)?,
+                    Object::PalisadePolicy(p) => op.upsert_palisade_policy(&p.object, &p.value)?,
                 };
                 changes.push((r, change));
             }
@@ -1199,6 +1292,50 @@ impl<D: Dataplane> Node<D> {
             sync: c.report,
             warnings: c.warnings,
         })
+    }
+
+    /// Record addresses the DNS proxy saw answered, and make the
+    /// `toFQDNs` rules whose names they match allow them. Returns when the
+    /// maps hold them (the proxy answers the pod only then). At most `cap`
+    /// addresses per name.
+    pub fn learn_fqdns(
+        &mut self,
+        learned: &[fqdn::Learned],
+        cap: usize,
+    ) -> Result<SyncReport, NodeError> {
+        let (_, c) = self.transact(Maps::Load, |op, _| {
+            let mut cache = op.tx.fqdns()?;
+            let before = cache.clone();
+            let mut changed_names = BTreeSet::new();
+            for l in learned {
+                if cache.learn(&l.name, l.address, l.expires, cap) {
+                    changed_names.insert(crate::policy::palisade::normalize(&l.name));
+                }
+            }
+            op.write_fqdns(&before, &cache, &changed_names)
+        })?;
+        Ok(c.report)
+    }
+
+    /// Forget learned addresses that expired before `now` (Unix seconds),
+    /// except those in `in_use` (an open connection still uses them).
+    /// How many were forgotten.
+    pub fn expire_fqdns(
+        &mut self,
+        now: u64,
+        in_use: &BTreeSet<IpAddr>,
+    ) -> Result<usize, NodeError> {
+        let (n, _) = self.transact(Maps::IfLoaded, |op, _| {
+            let mut cache = op.tx.fqdns()?;
+            let before = cache.clone();
+            let changed: BTreeSet<String> = cache.expire(now, in_use).into_iter().collect();
+            if changed.is_empty() {
+                return Ok(0);
+            }
+            op.write_fqdns(&before, &cache, &changed)?;
+            Ok(before.len() - cache.len())
+        })?;
+        Ok(n)
     }
 
     /// Apply a batch of events from the Kubernetes API (cluster mode; the
@@ -1323,6 +1460,9 @@ impl<D: Dataplane> Node<D> {
                         let kind = r.kind.tier_kind().expect("a tier kind");
                         op.delete_tier_policy(kind, &r.name)?
                     }
+                    Kind::PalisadeNetworkPolicy => {
+                        op.delete_palisade_policy(&r.namespace, &r.name)?
+                    }
                 };
                 if found {
                     report.deleted += 1;
@@ -1393,6 +1533,20 @@ impl<D: Dataplane> Node<D> {
                                 Change::Deleted,
                             ));
                         }
+                        for p in op.tx.palisade_policies()? {
+                            if p.policy.base.namespace != r.name {
+                                continue;
+                            }
+                            op.delete_palisade_policy(&r.name, &p.policy.base.name)?;
+                            changes.push((
+                                ObjectRef {
+                                    kind: Kind::PalisadeNetworkPolicy,
+                                    namespace: r.name.clone(),
+                                    name: p.policy.base.name.clone(),
+                                },
+                                Change::Deleted,
+                            ));
+                        }
                         op.delete_namespace(&r.name)?
                     }
                     Kind::Pod => op.delete_pod(&r.namespace, &r.name)?,
@@ -1409,6 +1563,9 @@ impl<D: Dataplane> Node<D> {
                     | Kind::ClusterNetworkPolicy => {
                         let kind = r.kind.tier_kind().expect("a tier kind");
                         op.delete_tier_policy(kind, &r.name)?
+                    }
+                    Kind::PalisadeNetworkPolicy => {
+                        op.delete_palisade_policy(&r.namespace, &r.name)?
                     }
                 };
                 changes.push((
@@ -2035,6 +2192,119 @@ spec:
         assert_eq!(ipcache_id(&n, "10.1.0.0"), None);
         let (_, warnings) = n.resync().unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    fn decide_egress(n: &Node<RecordingDataplane>, ep: u32, peer: &str, port: u16) -> bool {
+        let a = n
+            .dataplane
+            .lookup(&Lookup {
+                ep_id: ep,
+                direction: Direction::Egress,
+                peer: peer.parse().unwrap(),
+                protocol: PROTO_TCP,
+                port,
+            })
+            .unwrap();
+        !a.isolated || a.entry.is_some()
+    }
+
+    const FQDN_POLICY: &str = r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: web-out}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - toFQDNs: [{matchPattern: "*.example.test"}]
+    ports: [{port: 443}]
+"#;
+
+    #[test]
+    fn fqdn_rules_allow_learned_addresses_until_they_expire() {
+        let (_d, mut n) = node();
+        n.add_endpoint(new_ep("web", 10, &[("app", "web")], "10.0.0.2"))
+            .unwrap();
+        let r = n.apply(parse_documents(FQDN_POLICY, "t").unwrap()).unwrap();
+        assert_eq!(r.changes[0].1, Change::Created);
+        let ep = n
+            .store
+            .read()
+            .unwrap()
+            .endpoints
+            .values()
+            .next()
+            .unwrap()
+            .id;
+        assert!(
+            !decide_egress(&n, ep, "192.0.2.10", 443),
+            "nothing learned yet"
+        );
+
+        let learned = |name: &str, addr: &str, expires| fqdn::Learned {
+            name: name.into(),
+            address: addr.parse().unwrap(),
+            expires,
+        };
+        n.learn_fqdns(
+            &[
+                learned("api.example.test.", "192.0.2.10", 100),
+                learned("api.example.test", "2001:db8::10", 100),
+                learned("other.test", "192.0.2.11", 100),
+            ],
+            16,
+        )
+        .unwrap();
+        assert!(decide_egress(&n, ep, "192.0.2.10", 443));
+        assert!(decide_egress(&n, ep, "2001:db8::10", 443));
+        assert!(!decide_egress(&n, ep, "192.0.2.10", 80), "another port");
+        assert!(
+            !decide_egress(&n, ep, "192.0.2.11", 443),
+            "a name no rule matches"
+        );
+
+        // A fresh node (a restart) reads the learned addresses back.
+        let st = n.store.read().unwrap();
+        assert_eq!(st.fqdns.len(), 3);
+        let mut full = st.clone();
+        let compiled = compile_state(&mut full);
+        assert_eq!(
+            compiled.desired, n.dataplane.maps,
+            "the engine equals a full compile"
+        );
+
+        // In use: kept past its expiry; then forgotten.
+        let keep = BTreeSet::from(["192.0.2.10".parse().unwrap()]);
+        assert_eq!(n.expire_fqdns(200, &keep).unwrap(), 2);
+        assert!(decide_egress(&n, ep, "192.0.2.10", 443));
+        assert!(!decide_egress(&n, ep, "2001:db8::10", 443));
+        assert_eq!(n.expire_fqdns(200, &BTreeSet::new()).unwrap(), 1);
+        assert!(!decide_egress(&n, ep, "192.0.2.10", 443));
+
+        // The same name in both kinds: two policies.
+        let np = FQDN_POLICY
+            .replace("palisade.io/v1alpha1", "networking.k8s.io/v1")
+            .replace("PalisadeNetworkPolicy", "NetworkPolicy")
+            .replace(
+                "  - toFQDNs: [{matchPattern: \"*.example.test\"}]\n    ports",
+                "  - ports",
+            );
+        n.apply(parse_documents(&np, "t").unwrap()).unwrap();
+        assert!(
+            decide_egress(&n, ep, "192.0.2.99", 443),
+            "the NetworkPolicy allows 443 anywhere"
+        );
+        let r = n
+            .delete(vec![ObjectRef {
+                kind: Kind::PalisadeNetworkPolicy,
+                namespace: "default".into(),
+                name: "web-out".into(),
+            }])
+            .unwrap();
+        assert_eq!(r.changes[0].1, Change::Deleted);
+        let st = n.store.read().unwrap();
+        assert!(st.palisade_policies.is_empty());
+        assert_eq!(st.policies.len(), 1);
     }
 
     #[test]

@@ -39,10 +39,12 @@ use thiserror::Error;
 use crate::{
     dataplane::Attachment,
     engine::EndpointInput,
+    fqdn::{self, FqdnCache, Learned},
     identity::{IdentityKey, IdentityTable},
     policy::{
         Kind, Labels, Mode, NamespaceInfo, NamespaceMap, PodInfo, Policy, Valid, effective_labels,
         effective_mode,
+        palisade::{PalisadeNetworkPolicy, PalisadePolicy},
         tier::{TierKind, TierObject, TierPolicy},
     },
 };
@@ -247,6 +249,15 @@ pub struct StoredTierPolicy {
     pub policy: TierPolicy,
 }
 
+/// A stored PalisadeNetworkPolicy with its stable number (from the same
+/// counter as NetworkPolicies').
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPalisadePolicy {
+    pub id: u32,
+    pub object: PalisadeNetworkPolicy,
+    pub policy: PalisadePolicy,
+}
+
 /// A stored NetworkPolicy with its stable number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredPolicy {
@@ -268,6 +279,10 @@ pub struct State {
     pub policies: BTreeMap<String, StoredPolicy>,
     /// By `Kind/name`.
     pub tier_policies: BTreeMap<String, StoredTierPolicy>,
+    /// PalisadeNetworkPolicies, by `namespace/name`.
+    pub palisade_policies: BTreeMap<String, StoredPalisadePolicy>,
+    /// Addresses the DNS proxy learned (`toFQDNs` rules allow them).
+    pub fqdns: FqdnCache,
     /// By [`Endpoint::key`].
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Pods on other nodes, by `namespace/name` (cluster mode).
@@ -292,6 +307,8 @@ impl Default for State {
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
             tier_policies: BTreeMap::new(),
+            palisade_policies: BTreeMap::new(),
+            fqdns: FqdnCache::default(),
             endpoints: BTreeMap::new(),
             remote: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -318,7 +335,12 @@ impl State {
             .map(|e| e.namespace.clone())
             .chain(self.pods.values().map(|p| p.value.namespace.clone()))
             .chain(self.remote.values().map(|p| p.namespace.clone()))
-            .chain(self.policies.values().map(|p| p.policy.namespace.clone()));
+            .chain(self.policies.values().map(|p| p.policy.namespace.clone()))
+            .chain(
+                self.palisade_policies
+                    .values()
+                    .map(|p| p.policy.base.namespace.clone()),
+            );
         for ns in implicit {
             map.entry(ns.clone())
                 .or_insert_with(|| NamespaceInfo::new(&ns, None));
@@ -326,11 +348,18 @@ impl State {
         map
     }
 
-    /// Policies with their ids (validated when they were applied).
+    /// Policies with their ids (validated when they were applied):
+    /// NetworkPolicies, and PalisadeNetworkPolicies with their `toFQDNs`
+    /// rules expanded to the addresses learned so far.
     pub fn policies(&self) -> Vec<(u32, Policy)> {
         self.policies
             .values()
             .map(|sp| (sp.id, sp.policy.clone()))
+            .chain(
+                self.palisade_policies
+                    .values()
+                    .map(|sp| (sp.id, fqdn::expand(&sp.policy, &self.fqdns))),
+            )
             .collect()
     }
 
@@ -416,6 +445,12 @@ CREATE TABLE IF NOT EXISTS remote_nodes (name TEXT PRIMARY KEY, record TEXT NOT 
 CREATE TABLE IF NOT EXISTS tier_policies (
     kind TEXT NOT NULL, name TEXT NOT NULL, id INTEGER NOT NULL UNIQUE, record TEXT NOT NULL,
     PRIMARY KEY (kind, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS palisade_policies (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, id INTEGER NOT NULL UNIQUE, record TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fqdns (
+    name TEXT NOT NULL, address TEXT NOT NULL, expires INTEGER NOT NULL,
+    PRIMARY KEY (name, address)) WITHOUT ROWID;
 ";
 
 impl Store {
@@ -834,6 +869,28 @@ fn rows<T: DeserializeOwned>(
     Ok(out)
 }
 
+fn load_fqdns(conn: &Connection, path: &Path) -> Result<FqdnCache, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT name, address, expires FROM fqdns")
+        .map_err(db_err("read", path))?;
+    let mut rows = stmt.query([]).map_err(db_err("read", path))?;
+    let mut cache = FqdnCache::default();
+    while let Some(r) = rows.next().map_err(db_err("read", path))? {
+        let name: String = r.get(0).map_err(db_err("read", path))?;
+        let address: String = r.get(1).map_err(db_err("read", path))?;
+        let expires: i64 = r.get(2).map_err(db_err("read", path))?;
+        // A row that does not parse is skipped: it only ever allowed more.
+        if let Ok(address) = address.parse() {
+            cache.insert_entry(&Learned {
+                name,
+                address,
+                expires: u64::try_from(expires).unwrap_or(0),
+            });
+        }
+    }
+    Ok(cache)
+}
+
 /// Which Pod objects a read takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pods {
@@ -914,6 +971,15 @@ fn load_with(conn: &Connection, path: &Path, which: Pods) -> Result<State, Store
         )?
         .into_iter()
         .collect(),
+        palisade_policies: rows(
+            conn,
+            path,
+            "PalisadeNetworkPolicy",
+            "SELECT namespace || '/' || name, record FROM palisade_policies",
+        )?
+        .into_iter()
+        .collect(),
+        fqdns: load_fqdns(conn, path)?,
         endpoints: rows(conn, path, "endpoint", "SELECT key, record FROM endpoints")?
             .into_iter()
             .collect(),
@@ -1227,6 +1293,75 @@ impl Txn<'_> {
         )? > 0)
     }
 
+    pub fn palisade_policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<StoredPalisadePolicy>, StoreError> {
+        self.one(
+            "PalisadeNetworkPolicy",
+            "SELECT record FROM palisade_policies WHERE namespace = ?1 AND name = ?2",
+            [namespace, name],
+            &format!("{namespace}/{name}"),
+        )
+    }
+
+    pub fn palisade_policies(&self) -> Result<Vec<StoredPalisadePolicy>, StoreError> {
+        self.many(
+            "PalisadeNetworkPolicy",
+            "SELECT record FROM palisade_policies",
+            [],
+        )
+    }
+
+    pub fn put_palisade_policy(&mut self, p: &StoredPalisadePolicy) -> Result<(), StoreError> {
+        self.exec(
+            "write a PalisadeNetworkPolicy",
+            "INSERT OR REPLACE INTO palisade_policies (namespace, name, id, record) VALUES (?1, ?2, ?3, ?4)",
+            params![p.policy.base.namespace, p.policy.base.name, p.id, encode(p)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_palisade_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "delete a PalisadeNetworkPolicy",
+            "DELETE FROM palisade_policies WHERE namespace = ?1 AND name = ?2",
+            [namespace, name],
+        )? > 0)
+    }
+
+    // ----- learned addresses -----
+
+    pub fn fqdns(&self) -> Result<FqdnCache, StoreError> {
+        load_fqdns(&self.tx, &self.path)
+    }
+
+    pub fn put_fqdn(&mut self, l: &Learned) -> Result<(), StoreError> {
+        self.exec(
+            "record a learned address",
+            "INSERT OR REPLACE INTO fqdns (name, address, expires) VALUES (?1, ?2, ?3)",
+            params![
+                l.name,
+                l.address.to_string(),
+                i64::try_from(l.expires).unwrap_or(i64::MAX)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_fqdn(&mut self, name: &str, address: IpAddr) -> Result<bool, StoreError> {
+        Ok(self.exec(
+            "forget a learned address",
+            "DELETE FROM fqdns WHERE name = ?1 AND address = ?2",
+            params![name, address.to_string()],
+        )? > 0)
+    }
+
     // ----- endpoints -----
 
     pub fn endpoint(&self, key: &str) -> Result<Option<Endpoint>, StoreError> {
@@ -1292,6 +1427,7 @@ impl Txn<'_> {
             Kind::ClusterNetworkPolicy => {
                 "SELECT '', name FROM tier_policies WHERE kind = 'ClusterNetworkPolicy'"
             }
+            Kind::PalisadeNetworkPolicy => "SELECT namespace, name FROM palisade_policies",
         };
         let mut stmt = self
             .tx

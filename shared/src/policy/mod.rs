@@ -6,6 +6,7 @@
 //! validated with the API server's NetworkPolicy rules, then converted into
 //! [`Policy`], [`PodInfo`] and [`NamespaceInfo`].
 
+pub mod palisade;
 pub mod selector;
 pub mod tier;
 
@@ -28,6 +29,9 @@ use crate::abi::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 /// The label every namespace carries (Kubernetes sets it since 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// The kinds `apply` takes, for error messages.
+const KINDS: &str = "Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and PalisadeNetworkPolicy";
+
 /// Namespace of objects and endpoints that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -63,6 +67,7 @@ pub enum Kind {
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
     ClusterNetworkPolicy,
+    PalisadeNetworkPolicy,
 }
 
 impl Kind {
@@ -75,6 +80,7 @@ impl Kind {
             Self::AdminNetworkPolicy => "AdminNetworkPolicy",
             Self::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
             Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Self::PalisadeNetworkPolicy => palisade::KIND,
         }
     }
 
@@ -115,6 +121,7 @@ pub enum Object {
     NetworkPolicy(Box<Valid<NetworkPolicy, Policy>>),
     /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
     TierPolicy(Box<Valid<tier::TierObject, tier::TierPolicy>>),
+    PalisadePolicy(Box<Valid<palisade::PalisadeNetworkPolicy, palisade::PalisadePolicy>>),
 }
 
 /// Which object: kind, namespace (empty for Namespace) and name.
@@ -158,6 +165,11 @@ impl Object {
                 namespace: String::new(),
                 name: p.value.name.clone(),
             },
+            Object::PalisadePolicy(p) => ObjectRef {
+                kind: Kind::PalisadeNetworkPolicy,
+                namespace: p.value.base.namespace.clone(),
+                name: p.value.base.name.clone(),
+            },
         }
     }
 }
@@ -192,6 +204,7 @@ impl Object {
             Object::Pod(p) => serde_json::to_value(&p.object),
             Object::NetworkPolicy(p) => serde_json::to_value(&p.object),
             Object::TierPolicy(p) => serde_json::to_value(&p.object),
+            Object::PalisadePolicy(p) => serde_json::to_value(&p.object),
         }
     }
 }
@@ -269,13 +282,19 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
                 value,
             })));
         }
+        palisade::KIND => {
+            want_api(palisade::API_VERSION)?;
+            let (object, value) = palisade::validate(strict(value)?)?;
+            out.push(Object::PalisadePolicy(Box::new(Valid { object, value })));
+        }
         "List"
         | "NamespaceList"
         | "PodList"
         | "NetworkPolicyList"
         | "AdminNetworkPolicyList"
         | "BaselineAdminNetworkPolicyList"
-        | "ClusterNetworkPolicyList" => {
+        | "ClusterNetworkPolicyList"
+        | "PalisadeNetworkPolicyList" => {
             let items = obj
                 .get("items")
                 .and_then(|i| i.as_array())
@@ -289,15 +308,13 @@ fn decode_value(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), O
         "" => {
             return Err(ObjectError::invalid(
                 "kind",
-                "missing; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy",
+                format!("missing; palisade understands {KINDS}"),
             ));
         }
         other => {
             return Err(ObjectError::invalid(
                 "kind",
-                format!(
-                    "unsupported kind {other:?}; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy"
-                ),
+                format!("unsupported kind {other:?}; palisade understands {KINDS}"),
             ));
         }
     }
@@ -345,13 +362,17 @@ fn reference_of(value: &serde_json::Value, out: &mut Vec<ObjectRef>) -> Result<(
             (Kind::BaselineAdminNetworkPolicy, tier::API_V1ALPHA1, false)
         }
         "ClusterNetworkPolicy" => (Kind::ClusterNetworkPolicy, tier::API_V1ALPHA2, false),
-        "" => return Err(ObjectError::invalid("kind", "missing")),
+        palisade::KIND => (Kind::PalisadeNetworkPolicy, palisade::API_VERSION, true),
+        "" => {
+            return Err(ObjectError::invalid(
+                "kind",
+                format!("missing; palisade understands {KINDS}"),
+            ));
+        }
         other => {
             return Err(ObjectError::invalid(
                 "kind",
-                format!(
-                    "unsupported kind {other:?}; palisade understands Namespace, Pod, NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and ClusterNetworkPolicy"
-                ),
+                format!("unsupported kind {other:?}; palisade understands {KINDS}"),
             ));
         }
     };
@@ -418,11 +439,20 @@ fn strict<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ObjectErro
 }
 
 /// serde's paths mark `Option` layers with `?`; users never see those.
+/// List indices are written as `[i]`, as Kubernetes writes them.
 fn clean_path(p: &str) -> String {
-    p.split('.')
-        .filter(|seg| *seg != "?")
-        .collect::<Vec<_>>()
-        .join(".")
+    let mut out = String::new();
+    for seg in p.split('.').filter(|seg| *seg != "?") {
+        if !out.is_empty() && seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
 }
 
 fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
@@ -705,9 +735,32 @@ pub fn mode_annotation(
         .transpose()
 }
 
-/// A validated NetworkPolicy.
+/// Which kind of object a [`Policy`] came from (both are namespaced and
+/// read alike; the kind tells two of the same name apart).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub enum PolicyKind {
+    #[default]
+    NetworkPolicy,
+    PalisadeNetworkPolicy,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::PalisadeNetworkPolicy => palisade::KIND,
+        }
+    }
+}
+
+/// A validated NetworkPolicy (or the L3/L4 part of a
+/// PalisadeNetworkPolicy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
+    #[serde(default)]
+    pub kind: PolicyKind,
     pub namespace: String,
     pub name: String,
     /// The policy's own `palisade.io/mode` annotation, if any (the
@@ -914,6 +967,7 @@ impl Policy {
         }
 
         Ok(Self {
+            kind: PolicyKind::NetworkPolicy,
             namespace,
             name,
             mode,
@@ -925,8 +979,23 @@ impl Policy {
         })
     }
 
+    /// How flows and explain name the policy: `namespace/name` for a
+    /// NetworkPolicy, `PalisadeNetworkPolicy/namespace/name` otherwise.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        match self.kind {
+            PolicyKind::NetworkPolicy => format!("{}/{}", self.namespace, self.name),
+            kind => format!("{}/{}/{}", kind.as_str(), self.namespace, self.name),
+        }
+    }
+
+    /// The name policies are ordered by, after their namespace: a
+    /// PalisadeNetworkPolicy comes right after the NetworkPolicy of the
+    /// same name (no object name holds the separator).
+    pub fn order_name(&self) -> String {
+        match self.kind {
+            PolicyKind::NetworkPolicy => self.name.clone(),
+            PolicyKind::PalisadeNetworkPolicy => format!("{}\u{1}", self.name),
+        }
     }
 
     /// Whether this policy applies to a pod, i.e. selects it.

@@ -27,6 +27,14 @@ enum Requirement {
 }
 
 impl Selector {
+    /// A selector no labels match (an `In` with no values, which the API
+    /// refuses in objects, so it never comes from one).
+    pub fn nothing() -> Self {
+        Self {
+            requirements: vec![Requirement::In("palisade.io/nothing".into(), Vec::new())],
+        }
+    }
+
     /// Convert and validate a selector found at `path` (used in errors).
     pub fn from_k8s(sel: &metav1::LabelSelector, path: &str) -> Result<Self, ObjectError> {
         let mut requirements = Vec::new();
