@@ -128,4 +128,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_svc_flows SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_proxy_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_proxy SEC(".maps");
+
 #endif /* PALISADE_MAPS_H */

@@ -83,6 +83,7 @@
 #define PAL_DROP_UNSUPPORTED_L3	  (-5)
 #define PAL_DROP_REVOKED	  (-6)
 #define PAL_DROP_SPOOFED	  (-7)
+#define PAL_DROP_NO_PROXY	  (-8) /* redirected, but no proxy listens */
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
@@ -102,6 +103,9 @@
 #define PAL_EP_ADMIN_EGRESS	(1U << 9)
 #define PAL_EP_BASELINE_INGRESS (1U << 10)
 #define PAL_EP_BASELINE_EGRESS	(1U << 11)
+/* The endpoint's DNS (UDP and TCP port 53) goes to the node's DNS proxy
+ * (its policies name domains or limit what it may look up). */
+#define PAL_EP_DNS_PROXY (1U << 12)
 
 /* Global configuration flags (pal_config.flags): node <-> pod traffic is
  * never governed; flow events go to the ring buffer. */
@@ -257,6 +261,17 @@ struct pal_config {
 	__u32 events_per_sec; /* per CPU */
 	__u32 events_burst;
 	__u64 sync_token; /* written by user space after each complete sync */
+};
+
+/* pal_proxy: ARRAY of one element: where redirected connections go. A
+ * redirected packet gets `mark` (a policy routing rule sends marked
+ * packets to the node's `local` table) and is assigned to the proxy's
+ * socket on 127.0.0.1 or ::1. Zero until a proxy runs: redirected traffic
+ * is then dropped (fail closed). */
+struct pal_proxy_config {
+	__u32 mark;
+	__u16 dns_port;
+	__u16 pad;
 };
 
 /* pal_counters: PERCPU_HASH. */

@@ -241,6 +241,60 @@ static __always_inline int pal_arp_ok(struct __sk_buff *skb,
 	return pal_owns(ep, addr);
 }
 
+/* Whether an allowed packet leaving the container goes to the node's DNS
+ * proxy instead of the server it names. */
+static __always_inline int pal_is_dns_redirect(const struct pal_endpoint *ep,
+					       __u8 dir,
+					       const struct pal_pkt *p)
+{
+	return dir == PAL_DIR_EGRESS && (ep->flags & PAL_EP_DNS_PROXY) &&
+	       (p->t.protocol == IPPROTO_UDP || p->t.protocol == IPPROTO_TCP) &&
+	       p->t.dport == bpf_htons(53) && p->kind != PAL_PKT_FRAG_LATER;
+}
+
+/*
+ * Hand the packet to the DNS proxy: mark it so that the node routes it
+ * locally, and give a UDP datagram or a TCP SYN the proxy's socket (its
+ * address stays the server's: the proxy reads it as the original
+ * destination). Later packets of a TCP connection find the proxy's
+ * accepted socket by their addresses. 0, or -1 when no proxy listens.
+ */
+static __always_inline int pal_to_dns_proxy(struct __sk_buff *skb,
+					    const struct pal_pkt *p)
+{
+	struct bpf_sock_tuple tup = {};
+	struct pal_proxy_config *pc;
+	struct bpf_sock *sk;
+	__u32 zero = 0, len;
+	long err;
+
+	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
+	if (!pc || !pc->dns_port || !pc->mark)
+		return -1;
+	skb->mark |= pc->mark;
+	if (p->t.protocol == IPPROTO_TCP &&
+	    (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) != PAL_TCP_SYN)
+		return 0;
+	if (p->v6) {
+		tup.ipv6.daddr[3] = bpf_htonl(1);
+		tup.ipv6.dport = bpf_htons(pc->dns_port);
+		len = sizeof(tup.ipv6);
+	} else {
+		tup.ipv4.daddr = bpf_htonl(0x7f000001);
+		tup.ipv4.dport = bpf_htons(pc->dns_port);
+		len = sizeof(tup.ipv4);
+	}
+	if (p->t.protocol == IPPROTO_TCP)
+		sk = bpf_sk_lookup_tcp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	return err ? -1 : 0;
+}
+
 /*
  * A build tag: two builds of the same sources can differ in their code
  * (the live-upgrade test swaps one for the other under traffic). It costs
@@ -403,6 +457,11 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			ct->peer_id = d.peer_id;
 		}
 		pal_ct_touch(ct, res, p->tcp_flags, skb->len, now);
+		if (pal_is_dns_redirect(ep, dir, p) &&
+		    pal_to_dns_proxy(skb, p) < 0)
+			return pal_drop_by(skb, cfg, ep, dir, &p->t,
+					   PAL_DROP_NO_PROXY, ct->peer_id,
+					   ct->policy_id, now);
 		pal_count(ep->ep_id, dir, ct->verdict, PAL_REASON_ESTABLISHED,
 			  skb->len);
 		return PAL_PASS;
@@ -422,6 +481,9 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			return pal_drop_by(skb, cfg, ep, dir, &p->t, d.reason,
 					   d.peer_id, d.policy_id, now);
 	}
+	if (pal_is_dns_redirect(ep, dir, p) && pal_to_dns_proxy(skb, p) < 0)
+		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_NO_PROXY,
+				   d.peer_id, d.policy_id, now);
 	pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id, d.peer_id,
 		      cfg->epoch, skb->len, p->tcp_flags, ct_flags, now);
 	pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);

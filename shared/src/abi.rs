@@ -168,6 +168,8 @@ pub enum Reason {
     DropUnsupportedL3,
     DropRevoked,
     DropSpoofed,
+    /// Redirected to a proxy that does not run (fail closed).
+    DropNoProxy,
     /// A code this build has no name for; its text keeps the code.
     Unknown(i8),
     /// Text this build cannot read back (a flow log written by another
@@ -193,6 +195,7 @@ impl Reason {
             -5 => Self::DropUnsupportedL3,
             -6 => Self::DropRevoked,
             -7 => Self::DropSpoofed,
+            -8 => Self::DropNoProxy,
             other => Self::Unknown(other),
         }
     }
@@ -223,12 +226,13 @@ impl Reason {
             Self::DropUnsupportedL3 => "unsupported layer-3 protocol or IPv6 header chain",
             Self::DropRevoked => "flow no longer allowed after a policy change",
             Self::DropSpoofed => "sent from an address the container does not own",
+            Self::DropNoProxy => "for the DNS proxy, which does not run (fail closed)",
             Self::Unknown(_) | Self::Unrecognised => "unknown reason",
         }
     }
 
     /// Every reason with a code, for reading text back.
-    const KNOWN: [Self; 14] = [
+    const KNOWN: [Self; 15] = [
         Self::Policy,
         Self::NotIsolated,
         Self::Host,
@@ -243,6 +247,7 @@ impl Reason {
         Self::DropUnsupportedL3,
         Self::DropRevoked,
         Self::DropSpoofed,
+        Self::DropNoProxy,
     ];
 
     /// The reason a text of [`Reason`]'s `Display` stands for; text this
@@ -304,6 +309,8 @@ pub const EP_ADMIN_INGRESS: u32 = 1 << 8;
 pub const EP_ADMIN_EGRESS: u32 = 1 << 9;
 pub const EP_BASELINE_INGRESS: u32 = 1 << 10;
 pub const EP_BASELINE_EGRESS: u32 = 1 << 11;
+/// `PAL_EP_DNS_PROXY`: the endpoint's DNS goes to the node's DNS proxy.
+pub const EP_DNS_PROXY: u32 = 1 << 12;
 
 /// What an endpoint needs set for the datapath to look up a policy entry of
 /// this direction (`DIR_*`) and prefix length: (`PAL_EP_HAS_*` flags,
@@ -466,6 +473,15 @@ pub struct ConfigValue {
     pub sync_token: u64,
 }
 
+/// `struct pal_proxy_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct ProxyConfig {
+    pub mark: u32,
+    pub dns_port: u16,
+    pub pad: u16,
+}
+
 /// `struct pal_counter_key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(C)]
@@ -605,6 +621,8 @@ const _: () = assert!(size_of::<CtValue>() == 48);
 const _: () = assert!(offset_of!(CtValue, epoch) == 32);
 const _: () = assert!(offset_of!(CtValue, verdict) == 44);
 const _: () = assert!(size_of::<ConfigValue>() == 24);
+const _: () = assert!(size_of::<ProxyConfig>() == 8);
+const _: () = assert!(offset_of!(ProxyConfig, dns_port) == 4);
 const _: () = assert!(offset_of!(ConfigValue, sync_token) == 16);
 const _: () = assert!(size_of::<CounterKey>() == 8);
 const _: () = assert!(size_of::<CounterValue>() == 16);
@@ -627,6 +645,7 @@ const _: () = assert!(size_of::<SvcFlowValue>() == 8);
 // with explicit padding fields, so every bit pattern is valid and no byte is
 // uninitialised padding.
 unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for ProxyConfig {}
 unsafe impl aya::Pod for IpcacheAddr {}
 unsafe impl aya::Pod for IpcacheValue {}
 unsafe impl aya::Pod for PolicyKeyData {}

@@ -610,6 +610,9 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
                 continue;
             }
             let enforced = pr.policy.mode.unwrap_or_default() == Mode::Enforce;
+            if pr.policy.dns_proxy {
+                flags |= abi::EP_DNS_PROXY;
+            }
             if pr.policy.ingress_isolation {
                 flags |= abi::EP_ISOLATE_INGRESS;
                 enforced_in |= enforced;

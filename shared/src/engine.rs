@@ -192,6 +192,8 @@ struct EpOut {
     shapes: [u32; 2 * SHAPE_SLOTS],
     /// Admin and baseline entries, by direction then tier (admin first).
     tiers: [u32; 4],
+    /// Selecting policies that send the endpoint's DNS to the proxy.
+    dns: u32,
 }
 
 impl Default for EpOut {
@@ -201,6 +203,7 @@ impl Default for EpOut {
             enforcing: [0; 2],
             shapes: [0; 2 * SHAPE_SLOTS],
             tiers: [0; 4],
+            dns: 0,
         }
     }
 }
@@ -1415,6 +1418,9 @@ impl Engine {
                     out.enforcing[d] = out.enforcing[d].wrapping_add_signed(sign);
                 }
             }
+            if pol.policy.dns_proxy {
+                out.dns = out.dns.wrapping_add_signed(sign);
+            }
             self.dirty_ifindex.insert(e.input.ifindex);
         }
         for i in 0..self.pols[p].rules.len() {
@@ -2382,6 +2388,9 @@ impl Engine {
                 flags |= tiers::ep_flag(tier, (t / 2) as u8);
             }
         }
+        if out.dns > 0 {
+            flags |= abi::EP_DNS_PROXY;
+        }
         for (d, (isolate, audit)) in [
             (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),
             (abi::EP_ISOLATE_EGRESS, abi::EP_AUDIT_EGRESS),
@@ -2922,7 +2931,14 @@ mod tests {
                 v["metadata"]["name"] = json!(format!("pol{}", (id * 7) % 10));
                 // A policy keeps its namespace for life (its id is its name).
                 v["metadata"]["namespace"] = json!(if id % 3 == 0 { "a" } else { "b" });
-                engine.upsert_policy(id, policy(v));
+                let mut p = policy(v);
+                // Some send DNS to the proxy; some are the L3/L4 part of a
+                // PalisadeNetworkPolicy (ordered after NetworkPolicies).
+                p.dns_proxy = id % 2 == 0;
+                if id % 4 == 0 {
+                    p.kind = crate::policy::PolicyKind::PalisadeNetworkPolicy;
+                }
+                engine.upsert_policy(id, p);
             }
             Op::RemovePolicy(id) => engine.remove_policy(id),
             Op::Endpoint {

@@ -123,6 +123,12 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
     ),
     ("pal_config", MapType::Array, 4, size_of::<ConfigValue>()),
     (
+        "pal_proxy",
+        MapType::Array,
+        4,
+        size_of::<abi::ProxyConfig>(),
+    ),
+    (
         "pal_counters",
         MapType::PerCpuHash,
         size_of::<CounterKey>(),

@@ -773,6 +773,10 @@ pub struct Policy {
     pub egress_isolation: bool,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// The selected pods' DNS goes through the node's DNS proxy (a
+    /// PalisadeNetworkPolicy with `toFQDNs` or DNS rules).
+    #[serde(default)]
+    pub dns_proxy: bool,
 }
 
 /// One ingress or egress rule. Empty `peers` means every peer; empty
@@ -976,6 +980,7 @@ impl Policy {
             egress_isolation,
             ingress,
             egress,
+            dns_proxy: false,
         })
     }
 

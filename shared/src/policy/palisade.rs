@@ -445,14 +445,13 @@ pub fn validate(
         other => other,
     })?;
     base.kind = PolicyKind::PalisadeNetworkPolicy;
-    Ok((
-        obj,
-        PalisadePolicy {
-            base,
-            egress_fqdns,
-            dns,
-        },
-    ))
+    let mut policy = PalisadePolicy {
+        base,
+        egress_fqdns,
+        dns,
+    };
+    policy.base.dns_proxy = policy.uses_dns_proxy();
+    Ok((obj, policy))
 }
 
 #[cfg(test)]
