@@ -9,6 +9,7 @@ pub mod cniconf;
 pub mod compile;
 pub mod daemon;
 pub mod dataplane;
+pub mod dnsproxy;
 pub mod engine;
 pub mod explain;
 pub mod flows;
