@@ -14,6 +14,7 @@ PALISADE_PACKAGES=(
 	iperf3 ipset                          # benchmarks (bench/run)
 	rpm man-db                            # package tests (rpm -qpl, man -w)
 	bpftool                               # a foreign pinned map in cni_contract
+	unbound                               # the DNS server the DNS proxy tests ask
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

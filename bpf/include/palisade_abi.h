@@ -265,9 +265,9 @@ struct pal_config {
 
 /* pal_proxy: ARRAY of one element: where redirected connections go. A
  * redirected packet gets `mark` (a policy routing rule sends marked
- * packets to the node's `local` table) and is assigned to the proxy's
- * socket on 127.0.0.1 or ::1. Zero until a proxy runs: redirected traffic
- * is then dropped (fail closed). */
+ * packets to the node's `local` table) and destination port `dns_port`,
+ * where the proxy listens on every address. Zero until a proxy runs:
+ * redirected traffic is then dropped (fail closed). */
 struct pal_proxy_config {
 	__u32 mark;
 	__u16 dns_port;

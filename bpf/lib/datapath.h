@@ -252,47 +252,64 @@ static __always_inline int pal_is_dns_redirect(const struct pal_endpoint *ep,
 	       p->t.dport == bpf_htons(53) && p->kind != PAL_PKT_FRAG_LATER;
 }
 
+/* Rewrite a layer 4 port (offset 0: source, 2: destination) and fix the
+ * checksum. A UDP datagram over IPv4 without a checksum keeps none. */
+static __always_inline int pal_set_port(struct __sk_buff *skb,
+					const struct pal_pkt *p, __u32 which,
+					__be16 from, __be16 to)
+{
+	__u32 csum_off = p->l4_off + (p->t.protocol == IPPROTO_TCP ? 16 : 6);
+	__u64 flags = sizeof(to);
+
+	if (p->t.protocol == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_off, from, to, flags) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, p->l4_off + which, &to, sizeof(to), 0);
+}
+
 /*
- * Hand the packet to the DNS proxy: mark it so that the node routes it
- * locally, and give a UDP datagram or a TCP SYN the proxy's socket (its
- * address stays the server's: the proxy reads it as the original
- * destination). Later packets of a TCP connection find the proxy's
- * accepted socket by their addresses. 0, or -1 when no proxy listens.
+ * Hand the packet to the DNS proxy: mark it, so that the node routes it to
+ * itself (a policy rule sends marked packets to a table with `local
+ * 0.0.0.0/0` and `local ::/0`), and move it to the proxy's port. Its
+ * addresses stay: the proxy, listening on every address of that port,
+ * reads the server's address as the packet's destination. 0, or -1 when no
+ * proxy is set up.
  */
 static __always_inline int pal_to_dns_proxy(struct __sk_buff *skb,
 					    const struct pal_pkt *p)
 {
-	struct bpf_sock_tuple tup = {};
 	struct pal_proxy_config *pc;
-	struct bpf_sock *sk;
-	__u32 zero = 0, len;
-	long err;
+	__u32 zero = 0;
 
 	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
 	if (!pc || !pc->dns_port || !pc->mark)
 		return -1;
 	skb->mark |= pc->mark;
-	if (p->t.protocol == IPPROTO_TCP &&
-	    (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) != PAL_TCP_SYN)
-		return 0;
-	if (p->v6) {
-		tup.ipv6.daddr[3] = bpf_htonl(1);
-		tup.ipv6.dport = bpf_htons(pc->dns_port);
-		len = sizeof(tup.ipv6);
-	} else {
-		tup.ipv4.daddr = bpf_htonl(0x7f000001);
-		tup.ipv4.dport = bpf_htons(pc->dns_port);
-		len = sizeof(tup.ipv4);
-	}
-	if (p->t.protocol == IPPROTO_TCP)
-		sk = bpf_sk_lookup_tcp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
-	else
-		sk = bpf_sk_lookup_udp(skb, &tup, len, BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
-		return -1;
-	err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	return err ? -1 : 0;
+	return pal_set_port(skb, p, 2, p->t.dport, bpf_htons(pc->dns_port));
+}
+
+/*
+ * The proxy's answers leave the node from its port: give them back port 53
+ * before anything looks at them, so that they match the pod's flow. Only
+ * packets the node itself sends (they carry their socket) are touched.
+ */
+static __always_inline void pal_from_dns_proxy(struct __sk_buff *skb,
+					       const struct pal_endpoint *ep,
+					       struct pal_pkt *p)
+{
+	struct pal_proxy_config *pc;
+	__u32 zero = 0;
+
+	if (!(ep->flags & PAL_EP_DNS_PROXY) || !skb->sk ||
+	    (p->t.protocol != IPPROTO_UDP && p->t.protocol != IPPROTO_TCP) ||
+	    p->kind == PAL_PKT_FRAG_LATER)
+		return;
+	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
+	if (!pc || !pc->dns_port || p->t.sport != bpf_htons(pc->dns_port))
+		return;
+	if (pal_set_port(skb, p, 0, p->t.sport, bpf_htons(53)) == 0)
+		p->t.sport = bpf_htons(53);
 }
 
 /*
@@ -368,6 +385,9 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			  skb->len);
 		return PAL_PASS;
 	}
+
+	if (dir == PAL_DIR_INGRESS)
+		pal_from_dns_proxy(skb, ep, p);
 
 	if (p->kind == PAL_PKT_FRAG_LATER) {
 		struct pal_frag_key fk;

@@ -67,6 +67,7 @@ struct pal_pkt {
 	__u8 icmp_type;
 	__u8 v6;
 	__u8 pad;
+	__u32 l4_off; /* where the layer 4 header starts */
 };
 
 static __always_inline void pal_v4_mapped(__u8 *dst, __be32 addr)
@@ -178,6 +179,7 @@ static __always_inline int pal_parse_l4(struct __sk_buff *skb, __u32 l4off,
 {
 	__u8 proto = p->t.protocol;
 
+	p->l4_off = l4off;
 	if (proto == IPPROTO_TCP) {
 		__u8 hdr[14];
 

@@ -38,6 +38,8 @@ pub struct Options {
     pub server: Option<Arc<palisade::daemon::Server>>,
     /// Cluster mode's metrics.
     pub cluster: Option<Arc<crate::cluster::Metrics>>,
+    /// Queries the DNS proxy answered, to write into the flow log.
+    pub dns_records: Option<crate::dns::Records>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -284,7 +286,16 @@ pub fn run(opts: Options) -> Result<()> {
     loop {
         reader.wait(Duration::from_millis(200));
         let events = reader.drain();
-        if events.is_empty() {
+        let dns: Vec<palisade::dnsproxy::DnsRecord> = opts
+            .dns_records
+            .as_ref()
+            .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default();
+        if events.is_empty() && dns.is_empty() {
+            if last_flush.elapsed() > Duration::from_millis(500) {
+                log.flush()?;
+                last_flush = Instant::now();
+            }
             continue;
         }
         // Names and policies changed: read them again.
@@ -320,6 +331,12 @@ pub fn run(opts: Options) -> Result<()> {
                 ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
             ];
             *s.events.entry(labels).or_default() += 1;
+            if !log.append(&r).context("write the flow log")? {
+                s.log_dropped += 1;
+            }
+        }
+        for d in &dns {
+            let r = resolver.resolve_dns(d, std::time::SystemTime::now());
             if !log.append(&r).context("write the flow log")? {
                 s.log_dropped += 1;
             }

@@ -4,6 +4,7 @@
 
 mod agent;
 mod cluster;
+mod dns;
 mod observe;
 mod output;
 mod serve;
@@ -171,6 +172,32 @@ enum Command {
         /// hostname).
         #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
         node_name: Option<String>,
+        /// Port of the DNS proxy (UDP and TCP, every address), where
+        /// the datapath sends the DNS of pods whose PalisadeNetworkPolicies
+        /// name domains or limit lookups; 0 runs no proxy (their DNS then
+        /// fails, closed).
+        #[arg(long, default_value_t = 15053)]
+        dns_proxy_port: u16,
+        /// The packet mark (one bit) that routes redirected packets to the
+        /// local table; pick a bit no other component uses (kube-proxy
+        /// uses 0x4000 and 0x8000, Calico 0xffff0000, Cilium 0x0f00, the
+        /// CNI portmap plugin 0x2000).
+        #[arg(long, default_value = "0x1000", value_parser = parse_mark)]
+        proxy_mark: u32,
+        /// The routing table for marked packets (`local 0.0.0.0/0 dev lo`).
+        #[arg(long, default_value_t = 1053)]
+        proxy_table: u32,
+        /// Learned addresses are kept at least this many seconds, whatever
+        /// the answer's TTL ...
+        #[arg(long, default_value_t = 60)]
+        dns_min_ttl: u32,
+        /// ... plus this grace period (seconds); an address stays allowed
+        /// past it while a connection uses it.
+        #[arg(long, default_value_t = 30)]
+        dns_grace: u32,
+        /// At most this many learned addresses per name.
+        #[arg(long, default_value_t = 50)]
+        dns_max_addresses: usize,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -327,6 +354,21 @@ enum Resource {
     /// Addresses the DNS proxy learned for `toFQDNs` rules.
     #[value(alias = "fqdn")]
     Fqdns,
+}
+
+/// A packet mark: one bit, in hex (0x1000) or decimal.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a number; write a mark like 0x1000"))?;
+    if v.count_ones() != 1 {
+        return Err(format!(
+            "{s} is not a single bit; palisade needs one mark bit of its own, e.g. 0x1000"
+        ));
+    }
+    Ok(v)
 }
 
 /// `flows --verdict`: the word flow records show, as the verdict to match.
@@ -755,7 +797,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kubernetes,
             kubeconfig,
             node_name,
+            dns_proxy_port,
+            proxy_mark,
+            proxy_table,
+            dns_min_ttl,
+            dns_grace,
+            dns_max_addresses,
         } => {
+            let dns = (*dns_proxy_port != 0).then(|| palisade::dnsproxy::Options {
+                port: *dns_proxy_port,
+                mark: *proxy_mark,
+                table: *proxy_table,
+                min_ttl: *dns_min_ttl,
+                grace: *dns_grace,
+                max_per_name: (*dns_max_addresses).max(1),
+                ..Default::default()
+            });
             let cluster = if *kubernetes {
                 let node_name = match node_name {
                     Some(n) => n.clone(),
@@ -781,11 +838,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     log_files: *log_files,
                     server: None,
                     cluster: None,
+                    dns_records: None,
                 },
                 cli.socket
                     .clone()
                     .unwrap_or_else(|| palisade::daemon::default_socket(&cli.state_dir)),
                 cluster,
+                dns,
             )?;
             Ok(ExitCode::SUCCESS)
         }

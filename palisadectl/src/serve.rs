@@ -59,6 +59,7 @@ pub fn run(
     mut opts: agent::Options,
     socket: PathBuf,
     cluster: Option<crate::cluster::Options>,
+    dns: Option<palisade::dnsproxy::Options>,
 ) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
     let start = Instant::now();
@@ -102,6 +103,15 @@ pub fn run(
         None => server
             .leave_cluster()
             .context("record that this node is not in cluster mode")?,
+    }
+    if let Some(d) = dns {
+        let records = crate::dns::Records::default();
+        // Without the proxy, redirected DNS is dropped (fail closed) and
+        // everything else works: the daemon carries on.
+        match crate::dns::start(Arc::clone(&server), d, Arc::clone(&records)) {
+            Ok(()) => opts.dns_records = Some(records),
+            Err(e) => eprintln!("palisade daemon: no DNS proxy: {e:#}"),
+        }
     }
     opts.server = Some(server);
     agent::run(opts)

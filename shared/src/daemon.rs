@@ -788,6 +788,39 @@ impl Server {
         }
     }
 
+    /// Record addresses the DNS proxy learned; returns once the datapath
+    /// allows them.
+    pub fn learn_fqdns(
+        &self,
+        learned: &[crate::fqdn::Learned],
+        cap: usize,
+    ) -> Result<(), NodeError> {
+        self.node()?.learn_fqdns(learned, cap).map(|_| ())
+    }
+
+    /// Forget learned addresses that expired and that no tracked
+    /// connection uses.
+    pub fn expire_fqdns(&self, now: u64) -> Result<usize, NodeError> {
+        let in_use = crate::dataplane::kernel::conntrack_addresses(&self.bpf_root)?;
+        self.node()?.expire_fqdns(now, &in_use)
+    }
+
+    /// What each local endpoint whose DNS goes to the proxy may look up.
+    pub fn dns_view(&self) -> Result<crate::dnsproxy::DnsView, NodeError> {
+        let state = self.node()?.store.read()?;
+        Ok(crate::dnsproxy::dns_view(&state))
+    }
+
+    /// Tell the datapath where the DNS proxy listens (a zero port: it
+    /// does not; redirected DNS is then dropped).
+    pub fn set_proxy(&self, cfg: crate::abi::ProxyConfig) -> Result<(), NodeError> {
+        self.node()?.dataplane.prepare()?;
+        Ok(crate::dataplane::kernel::set_proxy_config(
+            &self.bpf_root,
+            cfg,
+        )?)
+    }
+
     /// Sweep orphaned link pins (periodically, and at start).
     pub fn sweep(&self) {
         match self.node() {

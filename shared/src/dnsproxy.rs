@@ -2,10 +2,12 @@
 //!
 //! Pods selected by a PalisadeNetworkPolicy with `toFQDNs` or DNS rules
 //! send their DNS (UDP and TCP port 53) here: the datapath marks it for
-//! local delivery and assigns it to the proxy's sockets on 127.0.0.1 and
-//! ::1 (see `pal_to_dns_proxy` in `bpf/lib/datapath.h`); the packet keeps
-//! the server's address, which the proxy reads back as the original
-//! destination. For each query the proxy
+//! local delivery and moves it to the proxy's port (see `pal_to_dns_proxy`
+//! in `bpf/lib/datapath.h`); the packet keeps the server's address, which
+//! the proxy, listening on every address of its port, reads back as the
+//! destination. (Assigning the packet to the proxy's socket at tc ingress
+//! does not survive a bridge between the veth and the node's stack, which
+//! the bridge plugin puts there.) For each query the proxy
 //!
 //! 1. answers REFUSED when the pod's DNS rules do not allow the name;
 //! 2. forwards it to the server the pod asked, from the node;
@@ -49,7 +51,7 @@ use crate::{
 /// Settings of the proxy.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Port on 127.0.0.1 and ::1 (UDP and TCP).
+    /// Port on every address (UDP and TCP, IPv4 and IPv6).
     pub port: u16,
     /// The skb mark that routes redirected packets to the local table.
     pub mark: u32,
@@ -370,9 +372,17 @@ impl<C: Control> Proxy<C> {
                 rec.answers = addrs.iter().map(|(_, a, _)| *a).collect();
                 rec.answers.sort();
                 rec.answers.dedup();
-                if !learned.is_empty()
-                    && let Err(e) = self.control.learn(&learned)
-                {
+                let control = Arc::clone(&self.control);
+                let written = if learned.is_empty() {
+                    Ok(())
+                } else {
+                    // The node's lock and the map writes block: off the
+                    // thread that serves the other queries.
+                    tokio::task::spawn_blocking(move || control.learn(&learned))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                };
+                if let Err(e) = written {
                     // The pod must not get an answer it cannot use.
                     tracing::warn!("DNS answer for {name}: addresses not written: {e}");
                     rec.verdict = "error".into();
@@ -453,8 +463,8 @@ impl<C: Control> Proxy<C> {
     /// Bind the sockets (UDP and TCP, IPv4 and IPv6). Fails when the port
     /// is taken.
     pub fn bind(&self) -> io::Result<Sockets> {
-        let v4: SocketAddr = (Ipv4Addr::LOCALHOST, self.opts.port).into();
-        let v6: SocketAddr = (Ipv6Addr::LOCALHOST, self.opts.port).into();
+        let v4: SocketAddr = (Ipv4Addr::UNSPECIFIED, self.opts.port).into();
+        let v6: SocketAddr = (Ipv6Addr::UNSPECIFIED, self.opts.port).into();
         Ok(Sockets {
             udp: vec![udp_listener(v4)?, udp_listener(v6)?],
             tcp: vec![tcp_listener(v4)?, tcp_listener(v6)?],
@@ -488,7 +498,10 @@ impl<C: Control> Proxy<C> {
                     recv_with_orig_dst(sock.as_raw_fd(), &mut buf)
                 })
                 .await?;
-            let Some(server) = server else { continue };
+            // The datapath moved the query to this port; it was for 53.
+            let Some(server) = server.map(|s| SocketAddr::new(s.ip(), DNS_PORT)) else {
+                continue;
+            };
             let query = buf[..n].to_vec();
             let me = Arc::clone(&self);
             tokio::spawn(async move {
@@ -522,8 +535,8 @@ impl<C: Control> Proxy<C> {
         client: SocketAddr,
     ) -> io::Result<()> {
         // The accepted socket's own address is the server's (the packet
-        // kept its destination).
-        let server = stream.local_addr()?;
+        // kept its destination address; the datapath moved the port).
+        let server = SocketAddr::new(stream.local_addr()?.ip(), DNS_PORT);
         let mut upstream = None;
         loop {
             let n = match tokio::time::timeout(Duration::from_secs(30), stream.read_u16()).await {
@@ -653,7 +666,7 @@ fn send_from(from: SocketAddr, to: SocketAddr, data: &[u8]) -> io::Result<()> {
 pub async fn ensure_routing(mark: u32, table: u32) -> io::Result<()> {
     use netlink_packet_route::{
         route::{RouteScope, RouteType},
-        rule::RuleAttribute,
+        rule::{RuleAction, RuleAttribute},
     };
     let (conn, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(conn);
@@ -675,6 +688,7 @@ pub async fn ensure_routing(mark: u32, table: u32) -> io::Result<()> {
             .add()
             .fw_mark(mark)
             .table_id(table)
+            .action(RuleAction::ToTable)
             .priority(90);
         let added = if v6 {
             let mut r = rule.v6();

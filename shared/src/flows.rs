@@ -92,6 +92,21 @@ pub struct FlowRecord {
     /// endpoint in this direction (no rule of theirs allows the flow).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<String>,
+    /// A DNS query the node's DNS proxy answered (kind `dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsInfo>,
+}
+
+/// The DNS part of a `dns` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsInfo {
+    pub name: String,
+    pub qtype: String,
+    /// The answer's response code (REFUSED when DNS rules denied the name).
+    pub rcode: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<IpAddr>,
 }
 
 impl FlowRecord {
@@ -141,7 +156,7 @@ pub struct Connection {
 pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
     let mut index: BTreeMap<(IpAddr, u16, IpAddr, u16, String), usize> = BTreeMap::new();
     let mut out: Vec<Connection> = Vec::new();
-    for r in records {
+    for r in records.iter().filter(|r| r.dns.is_none()) {
         let (c, s) = (r.client(), r.server());
         let key = (c.address, r.sport, s.address, r.dport, r.protocol.clone());
         match index.get(&key) {
@@ -265,6 +280,41 @@ impl Resolver {
         }
     }
 
+    /// A record of a query the DNS proxy answered.
+    pub fn resolve_dns(&self, r: &crate::dnsproxy::DnsRecord, time: SystemTime) -> FlowRecord {
+        let endpoint = self.party(r.client, 0, None);
+        let peer = self.party(r.server.ip(), 0, None);
+        let verdict = match r.verdict.as_str() {
+            "denied" => Verdict::Deny,
+            _ => Verdict::Allow,
+        };
+        FlowRecord {
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            kind: "dns".into(),
+            verdict,
+            reason: if verdict == Verdict::Deny {
+                Reason::DropPolicy
+            } else {
+                Reason::Policy
+            },
+            direction: Direction::Egress,
+            endpoint,
+            peer,
+            protocol: r.protocol.clone(),
+            sport: 0,
+            dport: r.server.port(),
+            policy: r.policy.clone(),
+            tier: None,
+            isolated_by: Vec::new(),
+            dns: Some(DnsInfo {
+                name: r.name.clone(),
+                qtype: r.qtype.clone(),
+                rcode: r.rcode.clone(),
+                answers: r.answers.clone(),
+            }),
+        }
+    }
+
     fn party(&self, addr: IpAddr, identity: u32, ep_id: Option<u32>) -> FlowParty {
         let ep = ep_id
             .or_else(|| self.by_address.get(&addr).copied())
@@ -371,6 +421,7 @@ impl Resolver {
             policy,
             tier,
             isolated_by,
+            dns: None,
         }
     }
 }
@@ -620,6 +671,7 @@ mod tests {
             policy: None,
             tier: None,
             isolated_by: vec![],
+            dns: None,
         }
     }
 

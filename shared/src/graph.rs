@@ -194,6 +194,7 @@ mod tests {
             policy: None,
             tier: None,
             isolated_by: vec![],
+            dns: None,
         };
         let records = vec![
             mk(Direction::Ingress, &web, &out, Verdict::Allow, 443),

@@ -474,6 +474,7 @@ mod tests {
             policy: None,
             tier: None,
             isolated_by: vec![],
+            dns: None,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod case;
 pub mod chain;
 pub mod cluster;
+pub mod dns;
 pub mod kubeapi;
 pub mod matrix;
 pub mod node;

@@ -60,6 +60,8 @@ pub struct NodeOptions {
     /// agent's first connection to the API server already has a route),
     /// then calls [`Node::start_daemon`].
     pub defer_daemon: bool,
+    /// More arguments for `palisadectl daemon`.
+    pub daemon_args: Vec<String>,
 }
 
 /// The plugin palisade chains after.
@@ -97,6 +99,7 @@ impl Default for NodeOptions {
             primary: Primary::Bridge,
             kube: None,
             defer_daemon: false,
+            daemon_args: Vec::new(),
         }
     }
 }
@@ -326,7 +329,7 @@ impl Node {
         node
     }
 
-    fn daemon_log(&self) -> PathBuf {
+    pub fn daemon_log(&self) -> PathBuf {
         self.dir.join("daemon.log")
     }
 
@@ -349,6 +352,7 @@ impl Node {
                 .arg("--node-name")
                 .arg(&k.node_name);
         }
+        cmd.args(&self.options.daemon_args);
         cmd.env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_LOG", "info")
             .env("PALISADE_BPF_ROOT", &self.bpf_root)

@@ -7,8 +7,9 @@
 //! `links/ep<id>-{from,to}-container`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -1131,10 +1132,9 @@ impl Dataplane for KernelDataplane {
             .map(|(p, v)| (IpcacheAddr { addr: p.addr }, v))
             .collect();
         let cur_eps = read_hash(&maps.endpoints, "pal_endpoints")?;
-        let cur_src: std::collections::BTreeSet<SrcguardKey> =
-            read_hash(&maps.srcguard, "pal_srcguard")?
-                .into_keys()
-                .collect();
+        let cur_src: BTreeSet<SrcguardKey> = read_hash(&maps.srcguard, "pal_srcguard")?
+            .into_keys()
+            .collect();
 
         // Order matters for packets in flight: allow entries and new
         // identities first, endpoints (isolation flags) next, removals last.
@@ -1637,4 +1637,67 @@ fn tcx_unsupported(e: &DataplaneError) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Every address a tracked connection uses (either side), from `pal_ct`
+/// under a bpf root; empty when no datapath is loaded there.
+pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+    let path = root.join("maps").join("pal_ct");
+    if !path.exists() {
+        return Ok(BTreeSet::new());
+    }
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
+        what: "map pal_ct".into(),
+        path: path.clone(),
+        source: e,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
+    let ct: HashMap<MapData, CtKey, CtValue> = Map::from_map_data(data)
+        .map_err(|e| open_err(boxed(e)))?
+        .try_into()
+        .map_err(DataplaneError::map("pal_ct"))?;
+    // Live as the datapath judges it (`pal_ct_expired`): a closed TCP
+    // connection, or one idle past its timeout, uses nothing.
+    const SEC: u64 = 1_000_000_000;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * SEC + t.tv_nsec() as u64)
+        .unwrap_or(u64::MAX);
+    let mut out = BTreeSet::new();
+    for (k, v) in ct.iter().filter_map(Result::ok) {
+        let (seen_reply, fin_fwd, rst, fin_rev) = (1u16, 2u16, 4u16, 8u16);
+        let timeout = if k.protocol == abi::PROTO_TCP {
+            let closed = v.flags & rst != 0 || v.flags & (fin_fwd | fin_rev) == (fin_fwd | fin_rev);
+            if closed {
+                continue;
+            } else if v.flags & seen_reply != 0 {
+                6 * 3600 * SEC
+            } else {
+                60 * SEC
+            }
+        } else {
+            60 * SEC
+        };
+        if now.saturating_sub(v.last_seen_ns) > timeout {
+            continue;
+        }
+        out.insert(abi::ip_from16(k.saddr));
+        out.insert(abi::ip_from16(k.daddr));
+    }
+    Ok(out)
+}
+
+/// Write `pal_proxy` under a bpf root (the datapath must be loaded).
+pub fn set_proxy_config(root: &Path, cfg: abi::ProxyConfig) -> Result<(), DataplaneError> {
+    let path = root.join("maps").join("pal_proxy");
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
+        what: "map pal_proxy".into(),
+        path: path.clone(),
+        source: e,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
+    let mut arr: Array<MapData, abi::ProxyConfig> = Map::from_map_data(data)
+        .map_err(|e| open_err(boxed(e)))?
+        .try_into()
+        .map_err(DataplaneError::map("pal_proxy"))?;
+    arr.set(0, cfg, 0).map_err(DataplaneError::map("pal_proxy"))
 }
