@@ -315,6 +315,41 @@ fn a_name_the_policy_allows_is_reachable_right_after_its_answer_and_nothing_else
         assert!(names.contains(&want), "{want} in {names:?}");
     }
     assert!(!names.contains(&"x.blocked.test"), "{names:?}");
+
+    // explain names the domain and the deciding rule; so do the flows.
+    let out = n.ctl(
+        &[
+            "explain", "--from", "app/web", "--to", API_V4, "--port", "80/TCP",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("api.example.test")
+            && text.contains("ALLOWED")
+            && text.contains("PalisadeNetworkPolicy/app/web-egress"),
+        "{text}"
+    );
+    wait_until("the DNS records in the flow log", n, || {
+        let out = n.ctl(&["flows", "-o", "json"], None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|f| {
+                f["kind"] == "dns"
+                    && f["dns"]["name"] == "x.blocked.test"
+                    && f["verdict"] == "denied"
+                    && f["dns"]["rcode"] == "Query Refused"
+            })
+            && text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|f| {
+                    f["kind"] == "flow"
+                        && f["peer"]["address"] == API_V4
+                        && f["peer"]["domains"][0] == "api.example.test"
+                })
+    });
 }
 
 #[test]

@@ -316,7 +316,11 @@ fn resolve(state: &State, r: &PartyRef) -> Result<Party, ExplainError> {
                 display: match node {
                     _ if is_host => format!("{ip} (this node)"),
                     Some(n) => format!("{ip} (node {})", n.name),
-                    None => ip.to_string(),
+                    // An outside address the DNS proxy saw answered.
+                    None => match state.fqdns.names_of(*ip) {
+                        names if names.is_empty() => ip.to_string(),
+                        names => format!("{ip} ({})", names.join(", ")),
+                    },
                 },
                 pod: None,
                 address: Some(*ip),

@@ -127,6 +127,21 @@ impl FlowRecord {
 
     /// `default deny (isolated by x/p)`, `x/allow-web`, or why it passed.
     pub fn decided_by(&self) -> String {
+        if let Some(d) = &self.dns {
+            let answers: Vec<String> = d.answers.iter().map(ToString::to_string).collect();
+            return format!(
+                "DNS {} {} -> {}{} ({})",
+                d.qtype,
+                d.name,
+                d.rcode,
+                if answers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", answers.join(","))
+                },
+                self.policy.as_deref().unwrap_or("the DNS proxy")
+            );
+        }
         if let Some(p) = &self.policy {
             return p.clone();
         }
