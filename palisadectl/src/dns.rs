@@ -3,6 +3,7 @@
 //! its thread, and the sweep that forgets expired addresses.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
     thread,
@@ -17,9 +18,11 @@ use palisade::{
     fqdn::Learned,
 };
 
-/// How long a computed view serves before the node is read again (a pod
-/// the view does not know makes it read again at once).
-const VIEW_FRESH: Duration = Duration::from_millis(500);
+/// How often the store's generation is checked (a change makes the view be
+/// computed again; a pod the view does not know makes it so at once).
+const VIEW_POLL: Duration = Duration::from_millis(100);
+/// Computed again at least this often anyway.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(10);
 /// How often expired addresses are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -32,33 +35,80 @@ struct NodeControl {
     view: Mutex<(Instant, Arc<DnsView>)>,
     max_per_name: usize,
     records: Records,
+    /// What was last written for each (name, address): its expiry.
+    written: Mutex<HashMap<(String, IpAddr), u64>>,
+    /// An expiry this much earlier than asked still stands (half the
+    /// grace period): a hot name is written again only now and then, not
+    /// at every answer.
+    slack: u64,
 }
 
 impl NodeControl {
-    fn view(&self, fresh: bool) -> Arc<DnsView> {
-        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if fresh || v.0.elapsed() > VIEW_FRESH {
-            match self.server.dns_view() {
-                Ok(view) => *v = (Instant::now(), Arc::new(view)),
-                Err(e) => tracing::warn!("DNS proxy: cannot read the node's policies: {e}"),
+    /// The view as last computed (the refresher keeps it current).
+    fn view(&self) -> Arc<DnsView> {
+        Arc::clone(&self.view.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
+
+    /// Compute the view again now.
+    fn refresh(&self) -> Arc<DnsView> {
+        match self.server.dns_view() {
+            Ok(view) => {
+                let view = Arc::new(view);
+                *self.view.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (Instant::now(), Arc::clone(&view));
+                view
+            }
+            Err(e) => {
+                tracing::warn!("DNS proxy: cannot read the node's policies: {e}");
+                self.view()
             }
         }
-        Arc::clone(&v.1)
     }
 }
 
 impl Control for NodeControl {
     fn names_for(&self, client: IpAddr) -> Option<(NamePolicy, String)> {
-        if let Some(c) = self.view(false).clients.get(&client) {
+        if let Some(c) = self.view().clients.get(&client) {
             return Some(c.clone());
         }
-        self.view(true).clients.get(&client).cloned()
+        // A pod the view does not know yet (just started): read again.
+        self.refresh().clients.get(&client).cloned()
+    }
+
+    fn fresh(&self, learned: &[Learned]) -> Vec<Learned> {
+        let w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        learned
+            .iter()
+            .filter(|l| {
+                w.get(&(l.name.clone(), l.address))
+                    .is_none_or(|e| e.saturating_add(self.slack) < l.expires)
+            })
+            .cloned()
+            .collect()
     }
 
     fn learn(&self, learned: &[Learned]) -> Result<(), String> {
+        let fresh = self.fresh(learned);
+        if fresh.is_empty() {
+            return Ok(());
+        }
         self.server
-            .learn_fqdns(learned, self.max_per_name)
-            .map_err(|e| e.to_string())
+            .learn_fqdns(&fresh, self.max_per_name)
+            .map_err(|e| e.to_string())?;
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() > 100_000 {
+            w.clear();
+        }
+        // Writing a name may have made room (the cap) by dropping others of
+        // its addresses: forget what was known of the names written.
+        let names: std::collections::BTreeSet<&str> =
+            fresh.iter().map(|l| l.name.as_str()).collect();
+        w.retain(|(n, _), _| !names.contains(n.as_str()));
+        drop(names);
+        for l in fresh {
+            w.insert((l.name, l.address), l.expires);
+        }
+        Ok(())
     }
 
     fn record(&self, record: DnsRecord) {
@@ -82,11 +132,13 @@ pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()>
         .context("route marked packets to the local table")?;
     let control = Arc::new(NodeControl {
         server: Arc::clone(&server),
-        view: Mutex::new((Instant::now() - VIEW_FRESH * 2, Arc::default())),
+        view: Mutex::new((Instant::now(), Arc::default())),
         max_per_name: opts.max_per_name,
         records,
+        written: Mutex::default(),
+        slack: u64::from(opts.grace / 2),
     });
-    let proxy = Proxy::new(control, opts.clone());
+    let proxy = Proxy::new(Arc::clone(&control), opts.clone());
     let sockets = {
         let _guard = rt.enter();
         proxy
@@ -112,6 +164,30 @@ pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()>
             }
         })
         .context("start the DNS proxy's thread")?;
+    {
+        // Policies, pods and labels change: compute the view again when
+        // the store's generation moves.
+        let control = Arc::clone(&control);
+        thread::Builder::new()
+            .name("dns-view".into())
+            .spawn(move || {
+                let mut seen = None;
+                loop {
+                    let g = control.server.store_generation();
+                    if seen != Some(g)
+                        || control
+                            .view
+                            .lock()
+                            .map_or(true, |v| v.0.elapsed() > VIEW_MAX_AGE)
+                    {
+                        seen = Some(g);
+                        control.refresh();
+                    }
+                    thread::sleep(VIEW_POLL);
+                }
+            })
+            .context("start the DNS view thread")?;
+    }
     thread::Builder::new()
         .name("dns-expiry".into())
         .spawn(move || {

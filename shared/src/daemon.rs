@@ -805,6 +805,12 @@ impl Server {
         self.node()?.expire_fqdns(now, &in_use)
     }
 
+    /// The store's generation (counts commits that changed what the
+    /// engine computes from), read without the node's lock.
+    pub fn store_generation(&self) -> u64 {
+        Store::new(&self.state_dir).generation().unwrap_or(0)
+    }
+
     /// What each local endpoint whose DNS goes to the proxy may look up.
     pub fn dns_view(&self) -> Result<crate::dnsproxy::DnsView, NodeError> {
         let state = self.node()?.store.read()?;

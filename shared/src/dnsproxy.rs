@@ -198,6 +198,11 @@ pub trait Control: Send + Sync + std::fmt::Debug + 'static {
     /// What the pod at `client` may look up, and the policy that says so;
     /// `None` for an address that is no endpoint whose DNS comes here.
     fn names_for(&self, client: IpAddr) -> Option<(NamePolicy, String)>;
+    /// Of these addresses, those the datapath does not hold long enough
+    /// yet (cheap, never blocks on the node).
+    fn fresh(&self, learned: &[Learned]) -> Vec<Learned> {
+        learned.to_vec()
+    }
     /// Write learned addresses into the datapath; returns once they are.
     fn learn(&self, learned: &[Learned]) -> Result<(), String>;
     /// Report one query.
@@ -237,6 +242,9 @@ fn error_response(query: &Message, code: ResponseCode) -> Vec<u8> {
     r.to_vec().unwrap_or_default()
 }
 
+/// One address of an answer: a name of the chain, the address, its TTL.
+pub type AnswerAddress = (String, IpAddr, u32);
+
 /// The addresses an answer gives for the question's name: A and AAAA
 /// records whose owner is the name or on its CNAME chain. Other records
 /// (answers for other names, glue) never count. Fails when the answer does
@@ -244,7 +252,7 @@ fn error_response(query: &Message, code: ResponseCode) -> Vec<u8> {
 pub fn read_answer(
     query: &Message,
     answer: &[u8],
-) -> Result<(Message, Vec<(String, IpAddr, u32)>), String> {
+) -> Result<(Message, Vec<AnswerAddress>), String> {
     let msg = Message::from_vec(answer).map_err(|e| format!("unreadable answer: {e}"))?;
     if msg.id() != query.id() || msg.message_type() != MessageType::Response {
         return Err("the answer's id or type does not match the query".into());
@@ -373,6 +381,7 @@ impl<C: Control> Proxy<C> {
                 rec.answers.sort();
                 rec.answers.dedup();
                 let control = Arc::clone(&self.control);
+                let learned = self.control.fresh(&learned);
                 let written = if learned.is_empty() {
                     Ok(())
                 } else {

@@ -107,6 +107,10 @@ pub struct DnsInfo {
     pub rcode: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub answers: Vec<IpAddr>,
+    /// Microseconds from the answer's arrival at the proxy to its
+    /// addresses being in the datapath.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath_micros: Option<u64>,
 }
 
 impl FlowRecord {
@@ -326,6 +330,7 @@ impl Resolver {
                 qtype: r.qtype.clone(),
                 rcode: r.rcode.clone(),
                 answers: r.answers.clone(),
+                datapath_micros: (!r.answers.is_empty()).then_some(r.learn_micros),
             }),
         }
     }

@@ -12,6 +12,7 @@ mod change;
 mod cluster;
 mod control;
 mod datapath;
+mod dns;
 mod stats;
 mod traffic;
 
@@ -30,6 +31,8 @@ enum Part {
     Change,
     /// Kubernetes cluster mode at cluster scale.
     Cluster,
+    /// DNS-aware egress: the DNS proxy's latency, answer to datapath.
+    Dns,
 }
 
 /// Measure palisade and write the report.
@@ -186,6 +189,7 @@ fn main() {
             Part::Services,
             Part::Control,
             Part::Cluster,
+            Part::Dns,
         ]
     } else {
         opts.only.clone()
@@ -200,6 +204,7 @@ fn main() {
             Part::Services => traffic::run_services(&cfg, &mut report),
             Part::Control => control::run(&cfg, &mut report),
             Part::Cluster => cluster::run(&cfg, &mut report),
+            Part::Dns => dns::run(&cfg, &mut report),
             Part::Change => {
                 let s = change::run(&cfg, &mut report);
                 report.section("Control plane", s);
