@@ -453,6 +453,98 @@ fn addresses_rotate_when_their_ttl_ends_and_a_restarted_proxy_keeps_them() {
     assert!(tcp80(&web, EDGE_V4));
 }
 
+/// A ClusterNetworkPolicy's `domainNames` (`*.` = one or more labels)
+/// accept what the names resolve to, before a Deny of everything else.
+#[test]
+fn cluster_network_policy_domain_names_accept_what_the_names_resolve_to() {
+    let b = bed();
+    let (n, web2) = (&b.n, n_pod(&b));
+    n.apply(
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: egress-allowlist}
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchLabels: {app: web2}}
+  egress:
+  - name: allowed-domains
+    action: Accept
+    to:
+    - domainNames: ["*.cdn.test", "other.example.test"]
+    protocols: [{tcp: {destinationPort: {number: 80}}}]
+  - name: dns
+    action: Accept
+    to: [{networks: [203.0.113.10/32]}]
+    protocols: [{udp: {destinationPort: {number: 53}}}]
+  - name: nothing-else
+    action: Deny
+    to: [{networks: [0.0.0.0/0, "::/0"]}]
+"#,
+    );
+    assert!(!tcp80(&web2, EDGE_V4), "nothing learned yet");
+    // www.example.test is a CNAME to edge.cdn.test: `*.cdn.test` names it.
+    let a = query(
+        &web2.netns,
+        server(false),
+        "www.example.test.",
+        RecordType::A,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(n)));
+    assert_eq!(a.addresses, vec![ip(EDGE_V4)]);
+    assert!(tcp80(&web2, EDGE_V4), "accepted right after the answer");
+    let a = query(
+        &web2.netns,
+        server(false),
+        "other.example.test.",
+        RecordType::A,
+        false,
+    )
+    .unwrap();
+    assert_eq!(a.addresses, vec![ip(OTHER_V4)]);
+    assert!(tcp80(&web2, OTHER_V4));
+    // Resolvable (no DNS rules), but no domain name of the policy: denied.
+    let a = query(
+        &web2.netns,
+        server(false),
+        "api.example.test.",
+        RecordType::A,
+        false,
+    )
+    .unwrap();
+    assert_eq!(a.addresses, vec![ip(API_V4)]);
+    assert!(
+        !tcp80(&web2, API_V4),
+        "denied by the Deny after the domainNames rule"
+    );
+    let out = n.ctl(
+        &[
+            "explain", "--from", "app/web2", "--to", OTHER_V4, "--port", "80/TCP",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("other.example.test")
+            && text.contains("ClusterNetworkPolicy/egress-allowlist"),
+        "{text}"
+    );
+}
+
+/// A third pod, labelled app=web2.
+fn n_pod(b: &Bed) -> std::sync::Arc<Pod> {
+    let p = b.n.add_pod("app", "web2", &[]);
+    b.n.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web2, namespace: app, labels: {app: web2}}\nspec: {containers: [{name: c}]}\n",
+    );
+    p
+}
+
 #[test]
 fn bad_policies_are_refused_with_the_field_to_fix() {
     let n = Node::new(NodeOptions::default());
@@ -474,4 +566,16 @@ fn bad_policies_are_refused_with_the_field_to_fix() {
     )
     .unwrap();
     assert_eq!(st["items"].as_array().unwrap().len(), 0, "nothing applied");
+    let out = n.ctl(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: c}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: r, action: Deny, to: [{domainNames: [a.example.test]}]}\n",
+        ),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.egress[0].action") && err.contains("Accept"),
+        "{err}"
+    );
 }

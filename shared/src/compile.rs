@@ -640,6 +640,9 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             .filter(|t| tiers::selects(t.policy, &ep_ns_labels, &ep.labels))
             .copied()
             .collect();
+        if pols.iter().any(|t| t.policy.uses_dns_proxy()) {
+            flags |= abi::EP_DNS_PROXY;
+        }
         if !pols.is_empty() {
             for (id, f) in &facts {
                 let peer = f.facts();

@@ -110,6 +110,7 @@ pub struct DnsView {
 /// L3/L4 rule for DNS allows every name, as everywhere else: the union).
 pub fn dns_view(state: &State) -> DnsView {
     let mut view = DnsView::default();
+    let namespaces = state.namespace_map();
     for ep in state.endpoints.values() {
         let labels = state.effective_labels(ep);
         let mut proxied = None;
@@ -135,6 +136,20 @@ pub fn dns_view(state: &State) -> DnsView {
                     }
                 }
             }
+        }
+        if proxied.is_none() {
+            let ns_labels = namespaces
+                .get(&ep.namespace)
+                .map(|n| n.labels.clone())
+                .unwrap_or_else(|| crate::policy::NamespaceInfo::new(&ep.namespace, None).labels);
+            proxied = state
+                .tier_policies
+                .values()
+                .find(|t| {
+                    t.policy.uses_dns_proxy()
+                        && crate::tiers::selects(&t.policy, &ns_labels, &labels)
+                })
+                .map(|t| format!("{}/{}", t.policy.kind.as_str(), t.policy.name));
         }
         let Some(by) = proxied else { continue };
         for sp in state.policies.values() {

@@ -194,6 +194,8 @@ struct EpOut {
     tiers: [u32; 4],
     /// Selecting policies that send the endpoint's DNS to the proxy.
     dns: u32,
+    /// A selecting tier policy names domains (its DNS goes to the proxy).
+    tier_dns: bool,
 }
 
 impl Default for EpOut {
@@ -204,6 +206,7 @@ impl Default for EpOut {
             shapes: [0; 2 * SHAPE_SLOTS],
             tiers: [0; 4],
             dns: 0,
+            tier_dns: false,
         }
     }
 }
@@ -487,6 +490,8 @@ pub struct Engine {
     tier_dirty_eps: BTreeSet<u32>,
     tier_dirty_ids: BTreeSet<u32>,
     tier_all: bool,
+    /// Endpoints whose DNS a tier policy sends to the proxy.
+    tier_dns_eps: usize,
 
     // Output.
     desired: Desired,
@@ -563,6 +568,7 @@ impl Engine {
             tier_dirty_eps: BTreeSet::new(),
             tier_dirty_ids: BTreeSet::new(),
             tier_all: false,
+            tier_dns_eps: 0,
             desired: Desired::default(),
             contrib: HashMap::default(),
             scratch_keys: Vec::new(),
@@ -885,6 +891,20 @@ impl Engine {
         let mut eps = std::mem::take(&mut self.tier_dirty_eps);
         let ids = std::mem::take(&mut self.tier_dirty_ids);
         if self.tier_pols.is_empty() && self.tier_cells.is_empty() {
+            if self.tier_dns_eps > 0 {
+                // The last tier policy naming domains went away.
+                let on: Vec<u32> = self
+                    .eps
+                    .iter()
+                    .filter(|(_, e)| e.out.as_ref().is_some_and(|o| o.tier_dns))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for ep in on {
+                    self.set_tier_dns(ep, false);
+                }
+                // (Endpoints removed while on were never counted down.)
+                self.tier_dns_eps = 0;
+            }
             return;
         }
         if all {
@@ -928,6 +948,23 @@ impl Engine {
         self.tier_pols = tier_pols;
     }
 
+    /// Record whether a tier policy sends the endpoint's DNS to the proxy.
+    fn set_tier_dns(&mut self, ep: u32, on: bool) {
+        let Some(e) = self.eps.get_mut(&ep) else {
+            return;
+        };
+        let out = e.out.get_or_insert_with(Box::default);
+        if out.tier_dns != on {
+            out.tier_dns = on;
+            if on {
+                self.tier_dns_eps += 1;
+            } else {
+                self.tier_dns_eps = self.tier_dns_eps.saturating_sub(1);
+            }
+            self.dirty_ifindex.insert(e.input.ifindex);
+        }
+    }
+
     /// Re-resolve an endpoint's cells: all of them, or those of `only`
     /// these peer identities.
     fn refresh_ep_cells(
@@ -938,6 +975,19 @@ impl Engine {
         tier_pols: &BTreeMap<u32, TierPolState>,
     ) {
         let mut fresh: BTreeMap<CellKey, Vec<(PolicyKey, PolicyValue)>> = BTreeMap::new();
+        if only.is_none() {
+            let dns = self
+                .eps
+                .get(&ep)
+                .filter(|e| !e.input.remote)
+                .is_some_and(|e| {
+                    let ns_labels = self.ns_labels(&e.input.namespace);
+                    refs.iter().any(|t| {
+                        t.policy.uses_dns_proxy() && tiers::selects(t.policy, &ns_labels, &e.labels)
+                    })
+                });
+            self.set_tier_dns(ep, dns);
+        }
         if let Some(e) = self.eps.get(&ep).filter(|e| !e.input.remote) {
             let ns_labels = self.ns_labels(&e.input.namespace);
             let pols: Vec<tiers::TierRef<'_>> = refs
@@ -2388,7 +2438,7 @@ impl Engine {
                 flags |= tiers::ep_flag(tier, (t / 2) as u8);
             }
         }
-        if out.dns > 0 {
+        if out.dns > 0 || out.tier_dns {
             flags |= abi::EP_DNS_PROXY;
         }
         for (d, (isolate, audit)) in [
@@ -2804,6 +2854,14 @@ mod tests {
     fn cnp_rule(mut r: serde_json::Value) -> serde_json::Value {
         if r["action"] == "Allow" {
             r["action"] = json!("Accept");
+            // An egress Accept with two peers names a domain instead of
+            // the second (nothing learned: it matches nothing, but sends
+            // the subjects' DNS to the proxy).
+            if let Some(to) = r.get_mut("to").and_then(|t| t.as_array_mut())
+                && to.len() == 2
+            {
+                to[1] = json!({"domainNames": ["a.example.test", "*.example.org"]});
+            }
         }
         if let Some(ports) = r.get("ports").cloned() {
             let protocols: Vec<serde_json::Value> = ports

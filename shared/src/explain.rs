@@ -623,15 +623,15 @@ pub fn explain(
         p.mode = Some(state.effective_mode(p, &namespaces));
     }
     let mut blocks = all_blocks(&policies);
-    for t in state.tier_policies.values() {
-        blocks.extend(tiers::blocks(&t.policy));
+    let expanded_tiers = state.tier_policies();
+    for (_, t) in &expanded_tiers {
+        blocks.extend(tiers::blocks(t));
     }
     blocks.sort();
     blocks.dedup();
-    let mut tier_pols: Vec<TierRef<'_>> = state
-        .tier_policies
-        .values()
-        .map(|t| TierRef::new(t.id, &t.policy, state.mode))
+    let mut tier_pols: Vec<TierRef<'_>> = expanded_tiers
+        .iter()
+        .map(|(id, t)| TierRef::new(*id, t, state.mode))
         .collect();
     tiers::sort(&mut tier_pols);
     let from = resolve(state, from)?;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{
     IpBlock, NamespaceScope, Peer, Policy, Selector,
     palisade::{FqdnSelector, PalisadePolicy, normalize},
+    tier::{TierPeer, TierPolicy},
 };
 
 /// The learned addresses: name → address → expiry (Unix seconds).
@@ -164,6 +165,31 @@ pub fn expand(p: &PalisadePolicy, cache: &FqdnCache) -> Policy {
 /// Whether a change of `name`'s addresses changes what `p` means.
 pub fn uses_name(p: &PalisadePolicy, name: &str) -> bool {
     p.fqdn_selectors().any(|s| s.matches(name))
+}
+
+/// A ClusterNetworkPolicy as it means now: each rule's `domainNames` add
+/// the learned addresses of their names to its peers (a rule with only
+/// domain names and nothing learned matches nothing).
+pub fn expand_tier(p: &TierPolicy, cache: &FqdnCache) -> TierPolicy {
+    let mut out = p.clone();
+    for rule in out.egress.iter_mut().filter(|r| !r.domains.is_empty()) {
+        rule.peers
+            .extend(cache.addresses(&rule.domains).into_iter().map(|a| {
+                TierPeer::Peer(Peer::IpBlock(IpBlock {
+                    cidr: IpNetwork::from(a),
+                    except: Vec::new(),
+                }))
+            }));
+    }
+    out
+}
+
+/// Whether a change of `name`'s addresses changes what `p` means.
+pub fn tier_uses_name(p: &TierPolicy, name: &str) -> bool {
+    p.egress
+        .iter()
+        .flat_map(|r| &r.domains)
+        .any(|s| s.matches(name))
 }
 
 #[cfg(test)]

@@ -290,7 +290,12 @@ impl Op<'_, '_> {
     }
     fn put_tier_policy(&mut self, p: &StoredTierPolicy) -> Result<(), NodeError> {
         self.tx.put_tier_policy(p)?;
-        self.engine.upsert_tier_policy(p.id, p.policy.clone());
+        let policy = if p.policy.uses_dns_proxy() {
+            fqdn::expand_tier(&p.policy, &self.tx.fqdns()?)
+        } else {
+            p.policy.clone()
+        };
+        self.engine.upsert_tier_policy(p.id, policy);
         self.inputs = true;
         Ok(())
     }
@@ -409,6 +414,13 @@ impl Op<'_, '_> {
             if changed.iter().any(|n| fqdn::uses_name(&p.policy, n)) {
                 self.engine
                     .upsert_policy(p.id, fqdn::expand(&p.policy, after));
+                self.inputs = true;
+            }
+        }
+        for t in self.tx.tier_policies()? {
+            if changed.iter().any(|n| fqdn::tier_uses_name(&t.policy, n)) {
+                self.engine
+                    .upsert_tier_policy(t.id, fqdn::expand_tier(&t.policy, after));
                 self.inputs = true;
             }
         }
@@ -553,8 +565,8 @@ pub fn build_engine(state: &State) -> (Engine, Vec<String>) {
     for p in state.palisade_policies.values() {
         e.upsert_policy(p.id, fqdn::expand(&p.policy, &state.fqdns));
     }
-    for p in state.tier_policies.values() {
-        e.upsert_tier_policy(p.id, p.policy.clone());
+    for (id, p) in state.tier_policies() {
+        e.upsert_tier_policy(id, p);
     }
     e.set_host_addresses(&state.host_addresses);
     // Endpoints with the same labels one after another: the policies and
@@ -672,12 +684,11 @@ pub fn compile_state(state: &mut State) -> Compiled {
             .map(|(a, l)| (a, l.clone())),
     );
     let tier_policies: Vec<(u32, TierPolicy)> = state
-        .tier_policies
-        .values()
-        .map(|t| {
-            let mut p = t.policy.clone();
+        .tier_policies()
+        .into_iter()
+        .map(|(id, mut p)| {
             p.mode = Some(p.mode.unwrap_or(state.mode));
-            (t.id, p)
+            (id, p)
         })
         .collect();
     let compiled = compile::compile(

@@ -363,6 +363,15 @@ impl State {
             .collect()
     }
 
+    /// Tier policies with their ids, `domainNames` expanded to the
+    /// addresses learned so far.
+    pub fn tier_policies(&self) -> Vec<(u32, TierPolicy)> {
+        self.tier_policies
+            .values()
+            .map(|t| (t.id, fqdn::expand_tier(&t.policy, &self.fqdns)))
+            .collect()
+    }
+
     /// A policy's effective mode: its own annotation, else its namespace's,
     /// else the node's default.
     pub fn effective_mode(&self, policy: &Policy, namespaces: &NamespaceMap) -> Mode {
@@ -1274,6 +1283,10 @@ impl Txn<'_> {
             [kind.as_str(), name],
             &format!("{}/{name}", kind.as_str()),
         )
+    }
+
+    pub fn tier_policies(&self) -> Result<Vec<StoredTierPolicy>, StoreError> {
+        self.many("tier policy", "SELECT record FROM tier_policies", [])
     }
 
     pub fn put_tier_policy(&mut self, p: &StoredTierPolicy) -> Result<(), StoreError> {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     IpBlock, Mode, NamespaceScope, ObjectError, Peer, Protocol, Selector, mode_annotation,
-    parse_cidr, selector, validate_port_name,
+    palisade::FqdnSelector, parse_cidr, selector, validate_port_name,
 };
 
 pub const API_V1ALPHA1: &str = "policy.networking.k8s.io/v1alpha1";
@@ -108,6 +108,10 @@ pub struct TierRule {
     pub action: Action,
     pub peers: Vec<TierPeer>,
     pub ports: Option<Vec<TierPort>>,
+    /// `domainNames` peers (egress, Accept only): the addresses the DNS
+    /// proxy learned for them become peers (see [`crate::fqdn`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<FqdnSelector>,
 }
 
 /// A validated ANP, BANP or CNP.
@@ -126,6 +130,12 @@ pub struct TierPolicy {
 }
 
 impl TierPolicy {
+    /// Whether the pods it selects send DNS through the node's DNS proxy
+    /// (a rule names domains).
+    pub fn uses_dns_proxy(&self) -> bool {
+        self.egress.iter().any(|r| !r.domains.is_empty())
+    }
+
     /// Precedence within a tier: priority, then kind, then name (the API
     /// leaves equal priorities undefined; palisade fixes this order).
     pub fn rank(&self) -> (u32, TierKind, &str) {
@@ -452,10 +462,11 @@ fn peers(
     limits: &Limits,
     allow_domain_names: bool,
     v2: bool,
-) -> Result<Vec<TierPeer>, ObjectError> {
+) -> Result<(Vec<TierPeer>, Vec<FqdnSelector>), ObjectError> {
     let list = list.ok_or_else(|| invalid(path, "required: the rule's peers"))?;
     count(path, list.len(), 1, limits.peers)?;
     let mut out = Vec::new();
+    let mut domains = Vec::new();
     for (i, p) in list.iter().enumerate() {
         let here = format!("{path}[{i}]");
         let mut fields = vec![
@@ -536,15 +547,57 @@ fn peers(
                     except: Vec::new(),
                 })));
             }
-        } else if p.domain_names.is_some() {
-            return Err(invalid(
-                &format!("{here}.domainNames"),
-                "domainNames peers are not supported by palisade yet (DNS-aware egress); \
-                 use networks with the addresses for now",
-            ));
+        } else if let Some(names) = &p.domain_names {
+            let dpath = format!("{here}.domainNames");
+            count(&dpath, names.len(), 1, MAX_NETWORKS)?;
+            for (j, n) in names.iter().enumerate() {
+                let d = domain_name(n, &format!("{dpath}[{j}]"))?;
+                if domains.contains(&d) {
+                    return Err(invalid(
+                        &format!("{dpath}[{j}]"),
+                        format!("{n:?} is listed twice"),
+                    ));
+                }
+                domains.push(d);
+            }
         }
     }
-    Ok(out)
+    Ok((out, domains))
+}
+
+/// A `DomainName`: a name of two or more labels, or `*.` and such a name,
+/// where `*` stands for one or more whole labels.
+fn domain_name(n: &str, path: &str) -> Result<FqdnSelector, ObjectError> {
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && l.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+    };
+    let (wild, rest) = match n.strip_prefix("*.") {
+        Some(r) => (true, r),
+        None => (false, n),
+    };
+    let rest = rest.strip_suffix('.').unwrap_or(rest);
+    let labels: Vec<&str> = rest.split('.').collect();
+    if n.len() > 253 || labels.len() < 2 || !labels.iter().all(|l| label_ok(l)) {
+        return Err(invalid(
+            path,
+            format!(
+                "{n:?} is not a domain name: two or more labels of letters, digits, '-' and '_' \
+                 (e.g. api.example.com), optionally after '*.' for its subdomains"
+            ),
+        ));
+    }
+    let name = rest.to_ascii_lowercase();
+    Ok(if wild {
+        FqdnSelector::Pattern(format!("**.{name}"))
+    } else {
+        FqdnSelector::Name(name)
+    })
 }
 
 fn port_number(n: i64, path: &str) -> Result<u16, ObjectError> {
@@ -809,19 +862,27 @@ fn rules<R: WireRule>(
                     format!("unknown field ({field} rules have {peer_field})"),
                 ));
             }
+            let (peers, domains) = peers(
+                list,
+                &format!("{path}.{peer_field}"),
+                egress,
+                limits,
+                v2,
+                v2,
+            )?;
             let rule = TierRule {
                 name: rule_name(r.name(), &path)?,
                 action: action(r.action(), &path, actions)?,
-                peers: peers(
-                    list,
-                    &format!("{path}.{peer_field}"),
-                    egress,
-                    limits,
-                    v2,
-                    v2,
-                )?,
+                peers,
                 ports: r.ports(&format!("{path}.{}", R::PORTS_FIELD))?,
+                domains,
             };
+            if !rule.domains.is_empty() && rule.action != Action::Allow {
+                return Err(invalid(
+                    &format!("{path}.action"),
+                    "domainNames may only be used with the Accept action",
+                ));
+            }
             no_named_ports_without_pods(&rule, &path, R::PORTS_FIELD)?;
             dirs[d].push(rule);
         }
@@ -939,6 +1000,43 @@ pub fn validate_cnp(mut obj: CnpObject) -> Result<(CnpObject, TierPolicy), Objec
         egress,
     };
     Ok((obj, value))
+}
+
+#[cfg(test)]
+mod domain_tests {
+    use super::*;
+
+    #[test]
+    fn domain_names_match_as_the_api_defines_them() {
+        let wild = domain_name("*.Kubernetes.io", "p").unwrap();
+        for (n, want) in [
+            ("www.kubernetes.io", true),
+            ("latest.blog.kubernetes.io.", true),
+            ("kubernetes.io", false),
+            ("wikipedia.org", false),
+        ] {
+            assert_eq!(wild.matches(n), want, "{n}");
+        }
+        let exact = domain_name("blog.kubernetes.io.", "p").unwrap();
+        assert!(exact.matches("blog.kubernetes.io"));
+        assert!(!exact.matches("www.kubernetes.io"));
+        for bad in [
+            "localhost",
+            "*kubernetes.io",
+            "a.*.io",
+            "-a.io",
+            "a..io",
+            "*.",
+            "a b.io",
+        ] {
+            let e = domain_name(bad, "spec.egress[0].to[0].domainNames[0]").unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("spec.egress[0].to[0].domainNames[0]"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1176,7 +1274,13 @@ spec:
             "ingress: []",
             "egress: [{action: Accept, to: [{domainNames: [example.com]}]}]",
         );
-        assert!(err(cnp(&domains)).contains("not supported by palisade yet"));
+        // Accepted (DNS-aware egress), but only with Accept.
+        assert_eq!(
+            cnp(&domains).unwrap().egress[0].domains,
+            vec![FqdnSelector::Name("example.com".into())]
+        );
+        let deny = domains.replace("action: Accept, to", "action: Deny, to");
+        assert!(err(cnp(&deny)).contains("only be used with the Accept action"));
     }
 }
 
