@@ -350,6 +350,19 @@ fn a_name_the_policy_allows_is_reachable_right_after_its_answer_and_nothing_else
                         && f["peer"]["domains"][0] == "api.example.test"
                 })
     });
+
+    // learn proposes toFQDNs for what web reached by name, not addresses.
+    let out = n.ctl(&["learn", "-n", "app"], None);
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", sys::describe(&out));
+    assert!(
+        yaml.contains("kind: PalisadeNetworkPolicy")
+            && yaml.contains("toFQDNs")
+            && yaml.contains("matchName: api.example.test")
+            && !yaml.contains(API_V4),
+        "{yaml}"
+    );
+    palisade::policy::parse_documents(&yaml, "learned").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
 }
 
 #[test]

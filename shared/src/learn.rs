@@ -57,6 +57,8 @@ pub struct Workload {
 enum PeerKey {
     Pods(Workload),
     Cidr(String),
+    /// Outside addresses the DNS proxy saw answered for these names.
+    Domains(Vec<String>),
 }
 
 /// One learned connection: who opened it, to whom, on what.
@@ -73,6 +75,8 @@ enum Side {
     Pod(Workload, String),
     Host,
     Outside(IpAddr),
+    /// An outside address with the names it was looked up by.
+    Domain(Vec<String>, IpAddr),
     Unlabelled(String),
 }
 
@@ -101,6 +105,7 @@ fn side(p: &FlowParty) -> Side {
             }
         }
         (_, _, "host") => Side::Host,
+        _ if !p.domains.is_empty() => Side::Domain(p.domains.clone(), p.address),
         _ => Side::Outside(p.address),
     }
 }
@@ -247,10 +252,12 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                 // A pod that only the node talks to (or only pods without
                 // labels) gets no rule from it: a policy would isolate it
                 // and allow nothing it was seen doing.
-                Side::Pod(w, _) if matches!(other, Side::Pod(..) | Side::Outside(_)) => {
+                Side::Pod(w, _)
+                    if matches!(other, Side::Pod(..) | Side::Outside(_) | Side::Domain(..)) =>
+                {
                     workloads.insert(w.clone());
                 }
-                Side::Outside(a) => {
+                Side::Outside(a) | Side::Domain(_, a) => {
                     outside.insert(*a);
                 }
                 _ => {}
@@ -258,10 +265,13 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         }
     }
     let cidrs = aggregate(&outside);
-    let peer_key = |s: &Side| -> Option<PeerKey> {
+    // A client is named by its address; a server looked up by name, by
+    // the name (egress to a domain becomes a toFQDNs rule).
+    let peer_key = |s: &Side, server: bool| -> Option<PeerKey> {
         match s {
             Side::Pod(w, _) => Some(PeerKey::Pods(w.clone())),
-            Side::Outside(a) => cidrs.get(a).map(|c| PeerKey::Cidr(c.clone())),
+            Side::Domain(names, _) if server => Some(PeerKey::Domains(names.clone())),
+            Side::Outside(a) | Side::Domain(_, a) => cidrs.get(a).map(|c| PeerKey::Cidr(c.clone())),
             Side::Host | Side::Unlabelled(_) => None,
         }
     };
@@ -284,7 +294,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         for (c, n) in &conns {
             if let Side::Pod(sw, _) = &c.server
                 && sw == w
-                && let Some(k) = peer_key(&c.client)
+                && let Some(k) = peer_key(&c.client, false)
             {
                 let e = ingress.entry(k).or_default();
                 e.0.insert((c.protocol.clone(), c.port));
@@ -292,7 +302,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
             }
             if let Side::Pod(cw, _) = &c.client
                 && cw == w
-                && let Some(k) = peer_key(&c.server)
+                && let Some(k) = peer_key(&c.server, true)
             {
                 let e = egress.entry(k).or_default();
                 e.0.insert((c.protocol.clone(), c.port));
@@ -309,6 +319,12 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                     "podSelector": {"matchLabels": labels_yaml(&pw.selector)}
                 }),
                 PeerKey::Cidr(c) => serde_json::json!({"ipBlock": {"cidr": c}}),
+                PeerKey::Domains(names) => serde_json::json!(
+                    names
+                        .iter()
+                        .map(|n| serde_json::json!({"matchName": n}))
+                        .collect::<Vec<_>>()
+                ),
             }
         };
         let describe = |k: &PeerKey| match k {
@@ -322,6 +338,7 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                 pw.namespace
             ),
             PeerKey::Cidr(c) => c.clone(),
+            PeerKey::Domains(names) => format!("domains {}", names.join(", ")),
         };
         let ports_json = |ports: &BTreeSet<(String, u16)>| -> Vec<serde_json::Value> {
             ports
@@ -335,7 +352,10 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
             |peers: &BTreeMap<_, (BTreeSet<(String, u16)>, usize)>, field: &str, section: &str| {
                 let mut out = Vec::new();
                 for (i, (k, (ports, n))) in peers.iter().enumerate() {
-                    let mut rule = serde_json::json!({ field: [peer_json(k)] });
+                    let mut rule = match k {
+                        PeerKey::Domains(_) => serde_json::json!({ "toFQDNs": peer_json(k) }),
+                        _ => serde_json::json!({ field: [peer_json(k)] }),
+                    };
                     let pj = ports_json(ports);
                     if !pj.is_empty() && pj.len() == ports.len() {
                         rule["ports"] = serde_json::json!(pj);
@@ -367,9 +387,20 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         if let Some(m) = opts.mode {
             meta["annotations"] = serde_json::json!({MODE_ANNOTATION: m.as_str()});
         }
+        // Egress by domain needs palisade's own kind (a NetworkPolicy with
+        // toFQDNs rules).
+        let by_name = egress.keys().any(|k| matches!(k, PeerKey::Domains(_)));
+        let (api, kind) = if by_name {
+            (
+                crate::policy::palisade::API_VERSION,
+                crate::policy::palisade::KIND,
+            )
+        } else {
+            ("networking.k8s.io/v1", "NetworkPolicy")
+        };
         let policy = serde_json::json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
+            "apiVersion": api,
+            "kind": kind,
             "metadata": meta,
             "spec": {
                 "podSelector": {"matchLabels": labels_yaml(&w.selector)},
@@ -524,6 +555,46 @@ mod tests {
                 123,
             ),
         ]
+    }
+
+    #[test]
+    fn egress_to_names_the_dns_proxy_saw_becomes_to_fqdns() {
+        let mut records = sample();
+        let web = pod("shop", "web-1", "10.0.0.2", &[("app", "web")]);
+        let api = FlowParty {
+            domains: vec!["api.example.com".into()],
+            ..world("198.51.100.20")
+        };
+        records.push(flow(Direction::Egress, web, api, "TCP", 443));
+        let l = learn(&records, &Options::default());
+        let objs =
+            parse_documents(&l.yaml, "learned").unwrap_or_else(|e| panic!("{e}\n{}", l.yaml));
+        let pnp = objs
+            .iter()
+            .find_map(|o| match o {
+                Object::PalisadePolicy(p) => Some(p.value.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no PalisadeNetworkPolicy:\n{}", l.yaml));
+        assert_eq!(pnp.base.name, "learned-web");
+        assert!(
+            pnp.egress_fqdns
+                .iter()
+                .flatten()
+                .any(|s| s.matches("api.example.com")),
+            "{}",
+            l.yaml
+        );
+        assert!(
+            !l.yaml.contains("198.51.100.20"),
+            "named, not by address:\n{}",
+            l.yaml
+        );
+        assert!(
+            l.report
+                .iter()
+                .any(|r| r.contains("domains api.example.com"))
+        );
     }
 
     #[test]
