@@ -30,6 +30,7 @@ const OTHER_V4: &str = "203.0.113.23";
 const DEEP_V4: &str = "203.0.113.24";
 const BLOCKED_V4: &str = "203.0.113.25";
 const ROTATED_V4: &str = "203.0.113.31";
+const KEEP_V4: &str = "203.0.113.26";
 /// big.example.test: more A records than fit in 512 bytes.
 const BIG: std::ops::Range<u8> = 100..140;
 
@@ -42,6 +43,7 @@ fn zone(api_v4: &str) -> Vec<String> {
         format!("other.example.test. 60 IN A {OTHER_V4}"),
         format!("x.y.deep.example.test. 60 IN A {DEEP_V4}"),
         format!("x.blocked.test. 60 IN A {BLOCKED_V4}"),
+        format!("keep.example.test. 2 IN A {KEEP_V4}"),
     ];
     for i in BIG {
         r.push(format!("big.example.test. 60 IN A 203.0.113.{i}"));
@@ -63,6 +65,7 @@ spec:
     - matchName: api.example.test
     - matchName: www.example.test
     - matchName: big.example.test
+    - matchName: keep.example.test
     - matchPattern: "**.deep.example.test"
     ports: [{port: 80}]
   - to:
@@ -97,10 +100,12 @@ fn bed() -> Bed {
         ..Default::default()
     });
     let world = &n.world.as_ref().unwrap().netns;
-    let mut extra: Vec<String> = [API_V4, EDGE_V4, OTHER_V4, DEEP_V4, BLOCKED_V4, ROTATED_V4]
-        .iter()
-        .map(|a| format!("{a}/32"))
-        .collect();
+    let mut extra: Vec<String> = [
+        API_V4, EDGE_V4, OTHER_V4, DEEP_V4, BLOCKED_V4, ROTATED_V4, KEEP_V4,
+    ]
+    .iter()
+    .map(|a| format!("{a}/32"))
+    .collect();
     extra.push(format!("{API_V6}/128"));
     extra.extend(BIG.map(|i| format!("203.0.113.{i}/32")));
     for a in &extra {
@@ -416,6 +421,46 @@ fn addresses_rotate_when_their_ttl_ends_and_a_restarted_proxy_keeps_them() {
                 && tcp80(&web, ROTATED_V4)
         }
     );
+
+    // An address whose time is up stays allowed while a connection uses it.
+    let a = query(
+        &web.netns,
+        server(false),
+        "keep.example.test.",
+        RecordType::A,
+        false,
+    )
+    .unwrap();
+    assert_eq!(a.addresses, vec![ip(KEEP_V4)]);
+    let mut held = sys::in_netns(&web.netns, || {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::new(ip(KEEP_V4), 80),
+            Duration::from_secs(5),
+        )
+    })
+    .expect("connect right after the answer");
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // TTL 2 s, minimum 1 s, grace 1 s, a sweep every 5 s: 12 s is past it.
+    std::thread::sleep(Duration::from_secs(12));
+    let fq = String::from_utf8_lossy(&n.ctl(&["get", "fqdns"], None).stdout).into_owned();
+    assert!(
+        fq.lines()
+            .any(|l| l.contains("keep.example.test") && l.contains("expired (in use)")),
+        "{fq}"
+    );
+    {
+        use std::io::{Read, Write};
+        held.write_all(b"still there\n").unwrap();
+        let mut buf = [0u8; 12];
+        held.read_exact(&mut buf)
+            .expect("the open connection still works");
+        assert_eq!(&buf, b"still there\n");
+    }
+    assert!(tcp80(&web, KEEP_V4), "kept while in use");
+    drop(held);
+    wait_until("the address going once its connection closed", n, || {
+        !tcp80(&web, KEEP_V4)
+    });
 
     // The daemon (with its proxy) killed: the pod's DNS fails, closed; the
     // pod that no such policy selects keeps resolving.
