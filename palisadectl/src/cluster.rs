@@ -91,10 +91,11 @@ enum Watch {
     AdminNetworkPolicies,
     BaselineAdminNetworkPolicies,
     ClusterNetworkPolicies,
+    PalisadeNetworkPolicies,
 }
 
 impl Watch {
-    const ALL: [Watch; 9] = [
+    const ALL: [Watch; 10] = [
         Watch::Namespaces,
         Watch::Pods,
         Watch::NetworkPolicies,
@@ -104,6 +105,7 @@ impl Watch {
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
+        Watch::PalisadeNetworkPolicies,
     ];
 
     /// The custom resource behind a tier policy watch (group, version,
@@ -116,6 +118,9 @@ impl Watch {
                 Some((group, "v1alpha1", "BaselineAdminNetworkPolicy"))
             }
             Watch::ClusterNetworkPolicies => Some((group, "v1alpha2", "ClusterNetworkPolicy")),
+            Watch::PalisadeNetworkPolicies => {
+                Some(("palisade.io", "v1alpha1", "PalisadeNetworkPolicy"))
+            }
             _ => None,
         }
     }
@@ -131,6 +136,7 @@ impl Watch {
             Watch::AdminNetworkPolicies => "adminnetworkpolicies",
             Watch::BaselineAdminNetworkPolicies => "baselineadminnetworkpolicies",
             Watch::ClusterNetworkPolicies => "clusternetworkpolicies",
+            Watch::PalisadeNetworkPolicies => "palisadenetworkpolicies",
         }
     }
 
@@ -145,6 +151,7 @@ impl Watch {
             Watch::AdminNetworkPolicies => Some(Kind::AdminNetworkPolicy),
             Watch::BaselineAdminNetworkPolicies => Some(Kind::BaselineAdminNetworkPolicy),
             Watch::ClusterNetworkPolicies => Some(Kind::ClusterNetworkPolicy),
+            Watch::PalisadeNetworkPolicies => Some(Kind::PalisadeNetworkPolicy),
             _ => None,
         }
     }
@@ -403,7 +410,8 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
                 .default_backoff()
                 .boxed();
             let convert = |o: &DynamicObject| -> Item {
-                let key = (String::new(), o.name_any());
+                // Cluster-scoped kinds have no namespace.
+                let key = (o.namespace().unwrap_or_default(), o.name_any());
                 let rv = o
                     .metadata
                     .resource_version
@@ -508,6 +516,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
+        Watch::PalisadeNetworkPolicies,
     ] {
         spawn_tier_watch(client.clone(), w, tx.clone());
     }
