@@ -91,11 +91,10 @@ enum Watch {
     AdminNetworkPolicies,
     BaselineAdminNetworkPolicies,
     ClusterNetworkPolicies,
-    PalisadeNetworkPolicies,
 }
 
 impl Watch {
-    const ALL: [Watch; 10] = [
+    const ALL: [Watch; 9] = [
         Watch::Namespaces,
         Watch::Pods,
         Watch::NetworkPolicies,
@@ -105,7 +104,6 @@ impl Watch {
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
-        Watch::PalisadeNetworkPolicies,
     ];
 
     /// The custom resource behind a tier policy watch (group, version,
@@ -118,9 +116,6 @@ impl Watch {
                 Some((group, "v1alpha1", "BaselineAdminNetworkPolicy"))
             }
             Watch::ClusterNetworkPolicies => Some((group, "v1alpha2", "ClusterNetworkPolicy")),
-            Watch::PalisadeNetworkPolicies => {
-                Some(("palisade.io", "v1alpha1", "PalisadeNetworkPolicy"))
-            }
             _ => None,
         }
     }
@@ -136,7 +131,6 @@ impl Watch {
             Watch::AdminNetworkPolicies => "adminnetworkpolicies",
             Watch::BaselineAdminNetworkPolicies => "baselineadminnetworkpolicies",
             Watch::ClusterNetworkPolicies => "clusternetworkpolicies",
-            Watch::PalisadeNetworkPolicies => "palisadenetworkpolicies",
         }
     }
 
@@ -151,7 +145,6 @@ impl Watch {
             Watch::AdminNetworkPolicies => Some(Kind::AdminNetworkPolicy),
             Watch::BaselineAdminNetworkPolicies => Some(Kind::BaselineAdminNetworkPolicy),
             Watch::ClusterNetworkPolicies => Some(Kind::ClusterNetworkPolicy),
-            Watch::PalisadeNetworkPolicies => Some(Kind::PalisadeNetworkPolicy),
             _ => None,
         }
     }
@@ -410,8 +403,7 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
                 .default_backoff()
                 .boxed();
             let convert = |o: &DynamicObject| -> Item {
-                // Cluster-scoped kinds have no namespace.
-                let key = (o.namespace().unwrap_or_default(), o.name_any());
+                let key = (String::new(), o.name_any());
                 let rv = o
                     .metadata
                     .resource_version
@@ -516,7 +508,6 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
-        Watch::PalisadeNetworkPolicies,
     ] {
         spawn_tier_watch(client.clone(), w, tx.clone());
     }
