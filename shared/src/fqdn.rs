@@ -86,16 +86,6 @@ impl FqdnCache {
         changed
     }
 
-    /// Forget one entry (the store's copy was removed).
-    pub fn forget(&mut self, name: &str, addr: IpAddr) {
-        if let Some(set) = self.names.get_mut(name) {
-            set.remove(&addr);
-            if set.is_empty() {
-                self.names.remove(name);
-            }
-        }
-    }
-
     /// The addresses of every name any of `sels` matches.
     pub fn addresses(&self, sels: &[FqdnSelector]) -> BTreeSet<IpAddr> {
         self.names
