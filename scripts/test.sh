@@ -32,7 +32,7 @@ cargo test -p palisade-tests --test observe
 step "DNS-aware egress: toFQDNs and DNS rules through the node's DNS proxy, against a real unbound"
 cargo test -p palisade-tests --test dns
 
-step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd (start-time overhead printed)"
+step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd, one DNS-aware egress case each (start-time overhead printed)"
 cargo test -p palisade-tests --test runtimes -- --nocapture 2>&1 | tee /tmp/palisade-runtimes.log
 grep 'median container start' /tmp/palisade-runtimes.log || true
 

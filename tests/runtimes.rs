@@ -2,7 +2,8 @@
 //! (`ctr run --cni` and `ctr run` with the hook) and dockerd 20.10 with the
 //! runtime wrapper, each in a hermetic node, containers from a
 //! busybox-static rootfs. One NetworkPolicy (the same YAML for all), real
-//! traffic both ways, cleanup checked, and the start-time overhead
+//! traffic both ways, one DNS-aware egress case (a real unbound outside,
+//! the daemon's DNS proxy), cleanup checked, and the start-time overhead
 //! palisade adds measured (median of several starts with and without).
 //!
 //! A runtime that cannot run here fails its test with the runtime's error;
@@ -13,13 +14,19 @@
     reason = "test helpers outside #[test] fns; a panic fails the test with its location"
 )]
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
+use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use testbed::{
     chain::Call,
+    dns::{Unbound, query},
     matrix::{Peer, probe_all},
-    node::{Node, NodeOptions},
+    node::{Node, NodeOptions, WORLD_V4},
     probe::{PROBE_TIMEOUT, Proto, probe},
     runtimes::{
         Backend, Containerd, Docker, Podman, RuncContainer, StartTimes, bridge_only_chain, wait_for,
@@ -43,8 +50,126 @@ spec:
 /// How many starts each timing takes (median reported).
 const STARTS: usize = 5;
 
+/// A node with an outside host (for the DNS case); the daemon only when
+/// `PALISADE_TEST_DAEMON=1` (the DNS case starts it for itself).
 fn node() -> Node {
-    Node::new(NodeOptions::default())
+    Node::new(NodeOptions {
+        world: true,
+        ..Default::default()
+    })
+}
+
+/// Addresses the DNS case's zone hands out (held by the outside host).
+const API_V4: &str = "203.0.113.21";
+const OTHER_V4: &str = "203.0.113.23";
+
+/// The DNS case: `client` (in `namespace`) may resolve `*.example.test`
+/// and reach api.example.test on TCP 80, and nothing else outside.
+const DNS_POLICY: &str = r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: client-egress, namespace: NS}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - toFQDNs: [{matchName: api.example.test}]
+    ports: [{port: 80}]
+  - to: [{ipBlock: {cidr: 203.0.113.10/32}}]
+    ports:
+    - port: 53
+      protocol: UDP
+      rules: {dns: [{matchPattern: "*.example.test"}]}
+"#;
+
+/// One DNS-aware egress case on this runtime path: a real unbound on the
+/// outside host serves example.test; the node daemon (started here unless
+/// it runs already) proxies the client's DNS once the policy selects it.
+/// The first connection right after the answer works, an address of a name
+/// no toFQDNs rule names stays denied, a name outside the DNS rules is
+/// REFUSED.
+fn check_dns(node: &Node, client: &Peer, namespace: &str) {
+    let world = &node
+        .world
+        .as_ref()
+        .expect("the node has an outside host")
+        .netns;
+    for a in [API_V4, OTHER_V4] {
+        testbed::sys::ip(&[
+            "-n",
+            &world.name,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "eth0",
+        ]);
+    }
+    let records = [
+        format!("api.example.test. 60 IN A {API_V4}"),
+        format!("other.example.test. 60 IN A {OTHER_V4}"),
+        "x.blocked.test. 60 IN A 203.0.113.25".to_owned(),
+    ];
+    let _dns = Unbound::start(
+        world,
+        &node.dir.join("unbound"),
+        &[WORLD_V4.parse().unwrap()],
+        &["example.test.", "blocked.test."],
+        &records,
+    );
+    let started = node.daemon_pid().is_none();
+    if started {
+        node.start_daemon();
+    }
+    let server = SocketAddr::new(WORLD_V4.parse().unwrap(), 53);
+    let tcp80 = |addr: &str| {
+        probe(
+            &client.netns,
+            addr.parse().unwrap(),
+            Proto::Tcp,
+            80,
+            PROBE_TIMEOUT,
+        )
+    };
+    let ask = |name: &str| {
+        query(&client.netns, server, name, RecordType::A, false).unwrap_or_else(|e| {
+            panic!(
+                "{} asks {name}: {e}\ndaemon log:\n{}",
+                client.name,
+                node.daemon_output()
+            )
+        })
+    };
+    assert!(
+        tcp80(OTHER_V4),
+        "the outside host is reachable before the policy"
+    );
+    let policy = DNS_POLICY.replace("namespace: NS", &format!("namespace: {namespace}"));
+    node.apply(&policy);
+    assert!(!tcp80(API_V4), "nothing learned yet: denied");
+    let a = ask("api.example.test.");
+    assert_eq!(a.rcode, "No Error", "{a:?}");
+    assert_eq!(a.addresses, vec![API_V4.parse::<IpAddr>().unwrap()]);
+    assert!(
+        tcp80(API_V4),
+        "connected right after the answer:\n{}",
+        node.daemon_output()
+    );
+    let a = ask("other.example.test.");
+    assert_eq!(a.addresses, vec![OTHER_V4.parse::<IpAddr>().unwrap()]);
+    assert!(!tcp80(OTHER_V4), "no toFQDNs rule names other.example.test");
+    let a = ask("x.blocked.test.");
+    assert_eq!(a.rcode, "Query Refused", "{a:?}");
+    let fq = node.ctl(&["get", "fqdns", "-o", "json"], None);
+    assert!(
+        String::from_utf8_lossy(&fq.stdout).contains(API_V4),
+        "get fqdns lists the learned address: {}",
+        describe(&fq)
+    );
+    node.delete(&policy);
+    if started {
+        node.kill_daemon();
+    }
 }
 
 /// The endpoint palisade registered under `name`, once it exists.
@@ -135,6 +260,7 @@ fn runc_with_the_hook_in_config_json() {
         assert_eq!(ep["containerId"], c.id);
     }
     check_policy(&n, &p(&web), &p(&client), &p(&other));
+    check_dns(&n, &p(&client), "shop");
     // SIGKILL and delete: poststop removes the endpoint.
     for c in [&web, &client, &other] {
         let out = c.delete(&n);
@@ -186,6 +312,7 @@ fn podman_cni_backend_is_protected_by_the_chained_plugin_and_the_hook_adds_ident
     let client = peer(&n, "client", pm.pid("client"));
     let other = peer(&n, "other", pm.pid("other"));
     check_policy(&n, &web, &client, &other);
+    check_dns(&n, &client, "shop");
     for name in ["web", "client", "other"] {
         pm.rm(name);
     }
@@ -230,6 +357,7 @@ fn podman_netavark_backend_is_protected_by_the_hook() {
     let client = peer(&n, "client", pm.pid("client"));
     let other = peer(&n, "other", pm.pid("other"));
     check_policy(&n, &web, &client, &other);
+    check_dns(&n, &client, "shop");
     for name in ["web", "client", "other"] {
         pm.rm(name);
     }
@@ -323,6 +451,7 @@ fn containerd_ctr_run_cni_uses_the_chained_plugin() {
     assert_eq!(m.get("other", "web"), Some(false), "{m}");
     assert_eq!(m.get("web", &client_name), Some(true), "{m}");
     assert_eq!(m.get("web", "other"), Some(true), "{m}");
+    check_dns(&n, &client, "default");
     for id in ["web", "other", "client"] {
         ctrd.rm(id, true);
     }
@@ -409,6 +538,7 @@ fn containerd_ctr_run_with_the_hook() {
     let client = peer(&n, "client", ctrd.pid("client"));
     let other = peer(&n, "other", ctrd.pid("other"));
     check_policy(&n, &web, &client, &other);
+    check_dns(&n, &client, "shop");
     for id in ["web", "client", "other"] {
         ctrd.rm(id, false);
     }
@@ -478,6 +608,7 @@ fn docker_with_the_runtime_wrapper_compose_style() {
     assert_eq!(m.get(&rename(&other), &rename(&web)), Some(false), "{m}");
     assert_eq!(m.get(&rename(&web), &rename(&client)), Some(true), "{m}");
     assert_eq!(m.get(&rename(&web), &rename(&other)), Some(true), "{m}");
+    check_dns(&n, &client, "shop");
 
     // Restarting dockerd (even killed hard) changes nothing for running
     // containers: enforcement lives in pinned kernel objects.
