@@ -6,10 +6,14 @@
 //! resourceVersion; bookmarks; a relist after 410 Gone or a lost watch;
 //! backoff while the API is away). Events go to one applier, which takes
 //! whatever has queued since its last batch and applies it in one
-//! transaction. A relist is buffered until it is complete and then applied
-//! as the whole truth for its kind (what is stored and not listed is
-//! deleted), so an outage or a 410 never empties or loosens the maps in
-//! between: enforcement stays as it was until the API answers again.
+//! transaction. A relist is the whole truth for its kind (what is stored
+//! and not listed is deleted once it is complete), so an outage or a 410
+//! never empties or loosens the maps in between: enforcement stays as it
+//! was until the API answers again. When watches relist together (after an
+//! outage, at the start), the applier holds their events until every one
+//! of them has listed and applies them as one change, so that no state
+//! mixing new objects of one kind with old ones of another (a relabelled
+//! pod against a replaced policy) reaches the datapath.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -43,7 +47,7 @@ use palisade::{
 };
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Cluster-mode settings.
 #[derive(Debug, Clone)]
@@ -192,6 +196,19 @@ const CRD_RECHECK: Duration = Duration::from_secs(10);
 /// Events waiting for the engine, at most (also the largest batch).
 const QUEUE: usize = 10_000;
 
+/// How long events are held while watches relist together, at most: a
+/// watch that cannot list by then is not waited for.
+const HOLD_MAX: Duration = Duration::from_secs(10);
+
+/// How many events are held while watches relist together, at most: a
+/// larger relist is applied in parts, each kind still whole (see
+/// [`Listing`]), so that memory stays bounded.
+const HOLD_LIMIT: usize = QUEUE;
+
+/// The applier's request to failed watches: list again now instead of
+/// after their backoff (a counter; each change is one request).
+type Kick = watch::Receiver<u64>;
+
 /// Start the agent on its own thread; it runs until the process ends.
 pub fn start(server: Arc<Server>, opts: Options) -> Result<Arc<Metrics>> {
     let metrics = Arc::new(Metrics::new());
@@ -309,16 +326,33 @@ fn spawn_watch<K>(
     convert: Convert<K>,
     side_of: SideOf<K>,
     tx: mpsc::Sender<Msg>,
+    mut kick: Kick,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     tokio::spawn(async move {
         let api: Api<K> = Api::all(client);
-        let mut stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        let start = || {
+            watcher(api.clone(), watcher::Config::default())
+                .default_backoff()
+                .boxed()
+        };
+        let mut stream = start();
+        let mut failed = false;
         loop {
-            let msg = match stream.try_next().await {
+            let next = tokio::select! {
+                next = stream.try_next() => next,
+                Ok(()) = kick.changed() => {
+                    if failed {
+                        // Other watches relist: list now, with them.
+                        stream = start();
+                        failed = false;
+                    }
+                    continue;
+                }
+            };
+            failed = next.is_err();
+            let msg = match next {
                 Ok(Some(ev)) => match ev {
                     watcher::Event::Init => Msg::ListStart(which),
                     watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert, side_of)),
@@ -353,7 +387,7 @@ async fn served(client: &Client, ar: &ApiResource) -> Result<bool, kube::Error> 
 /// installed, the kind has no objects (an empty list: any stored ones are
 /// deleted) and the agent looks again every [`CRD_RECHECK`]; a watch that
 /// finds the resource gone goes back to that.
-fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
+fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>, mut kick: Kick) {
     let Some((group, version, kind)) = which.crd() else {
         return;
     };
@@ -388,7 +422,12 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
                     if tx.send(Msg::Failed(which, e.to_string())).await.is_err() {
                         return;
                     }
-                    tokio::time::sleep(CRD_RECHECK).await;
+                    // Again after a while, or at once when other watches
+                    // relist.
+                    tokio::select! {
+                        () = tokio::time::sleep(CRD_RECHECK) => {}
+                        _ = kick.changed() => {}
+                    }
                     continue;
                 }
             }
@@ -399,9 +438,13 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
                 }
             }
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-            let mut stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let start = || {
+                watcher(api.clone(), watcher::Config::default())
+                    .default_backoff()
+                    .boxed()
+            };
+            let mut stream = start();
+            let mut failed = false;
             let convert = |o: &DynamicObject| -> Item {
                 let key = (String::new(), o.name_any());
                 let rv = o
@@ -431,7 +474,18 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>) {
                 }
             };
             loop {
-                let msg = match stream.try_next().await {
+                let next = tokio::select! {
+                    next = stream.try_next() => next,
+                    Ok(()) = kick.changed() => {
+                        if failed {
+                            stream = start();
+                            failed = false;
+                        }
+                        continue;
+                    }
+                };
+                failed = next.is_err();
+                let msg = match next {
                     Ok(Some(ev)) => match ev {
                         watcher::Event::Init => Msg::ListStart(which),
                         watcher::Event::InitApply(o) => Msg::Listed(which, convert(&o)),
@@ -469,12 +523,14 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
     // reading on, so a long list is never held whole (the next page is
     // fetched when there is room).
     let (tx, mut rx) = mpsc::channel(QUEUE);
+    let (kick, kicked) = watch::channel(0u64);
     spawn_watch::<Namespace>(
         client.clone(),
         Watch::Namespaces,
         |o| Some(ApiObject::namespace(o.clone())),
         |_| Side::None,
         tx.clone(),
+        kicked.clone(),
     );
     spawn_watch::<Pod>(
         client.clone(),
@@ -482,6 +538,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         |o| Some(ApiObject::pod(o)),
         |_| Side::None,
         tx.clone(),
+        kicked.clone(),
     );
     spawn_watch::<NetworkPolicy>(
         client.clone(),
@@ -489,6 +546,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         |o| Some(ApiObject::policy(o.clone())),
         |_| Side::None,
         tx.clone(),
+        kicked.clone(),
     );
     spawn_watch::<Node>(
         client.clone(),
@@ -496,6 +554,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         |n| Some(Ok(ApiObject::node(n))),
         |n| Side::Node(node_addresses(n)),
         tx.clone(),
+        kicked.clone(),
     );
     spawn_watch::<Service>(
         client.clone(),
@@ -503,15 +562,23 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         |_| None,
         |s| Side::Service(ServiceFrontends::of(s)),
         tx.clone(),
+        kicked.clone(),
     );
     for w in [
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
     ] {
-        spawn_tier_watch(client.clone(), w, tx.clone());
+        spawn_tier_watch(client.clone(), w, tx.clone(), kicked.clone());
     }
-    spawn_watch::<EndpointSlice>(client, Watch::EndpointSlices, |_| None, |_| Side::None, tx);
+    spawn_watch::<EndpointSlice>(
+        client,
+        Watch::EndpointSlices,
+        |_| None,
+        |_| Side::None,
+        tx,
+        kicked,
+    );
 
     // Service flows are judged after the node's DNAT by a netfilter
     // program in this (the node's) network namespace.
@@ -560,6 +627,9 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         node_addresses: Vec::new(),
         frontends_changed: false,
         hook_attached: hook_error.is_none(),
+        held: Vec::new(),
+        hold: None,
+        kick,
     };
     applier.status.node.clone_from(&applier.node);
     applier.status.api_server = url;
@@ -582,10 +652,55 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
     }
     applier.publish();
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, QUEUE).await > 0 {
-        applier.apply(std::mem::take(&mut batch)).await;
+    loop {
+        let received = match applier.hold.as_ref().map(|h| h.since + HOLD_MAX) {
+            Some(end) => tokio::select! {
+                n = rx.recv_many(&mut batch, QUEUE) => n,
+                () = tokio::time::sleep_until(end.into()) => {
+                    applier.release().await;
+                    continue;
+                }
+            },
+            None => rx.recv_many(&mut batch, QUEUE).await,
+        };
+        if received == 0 {
+            return Ok(());
+        }
+        applier.receive(std::mem::take(&mut batch)).await;
     }
-    Ok(())
+}
+
+/// Watches relisting together: their events are held until all of them
+/// have listed.
+#[derive(Debug)]
+struct Hold {
+    since: Instant,
+    /// Lists started and not complete.
+    open: BTreeSet<Watch>,
+    /// Watches that failed (or never listed) and are expected to list.
+    awaited: BTreeSet<Watch>,
+}
+
+impl Hold {
+    fn note(&mut self, msg: &Msg) {
+        match msg {
+            Msg::ListStart(w) => {
+                self.awaited.remove(w);
+                self.open.insert(*w);
+            }
+            Msg::ListDone(w) => {
+                self.open.remove(w);
+            }
+            Msg::Apply(w, ..) | Msg::Delete(w, ..) | Msg::NotServed(w, _) => {
+                self.awaited.remove(w);
+            }
+            Msg::Listed(..) | Msg::Failed(..) => {}
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        !(self.open.is_empty() && self.awaited.is_empty()) && self.since.elapsed() < HOLD_MAX
+    }
 }
 
 /// A list under way. Its objects go to the engine with the batch they
@@ -626,9 +741,84 @@ struct Applier {
     frontends_changed: bool,
     /// The Service hook is attached: frontends may be deferred to it.
     hook_attached: bool,
+    /// Events received and not applied yet (while `hold`).
+    held: Vec<Msg>,
+    hold: Option<Hold>,
+    kick: watch::Sender<u64>,
 }
 
 impl Applier {
+    /// Take events from the watches: applied at once, unless watches
+    /// relist (a list started): then held until every watch that failed
+    /// or never listed has listed too (those are asked to list now), at
+    /// most [`HOLD_MAX`] and [`HOLD_LIMIT`] events, and applied as one
+    /// change.
+    async fn receive(&mut self, msgs: Vec<Msg>) {
+        for msg in msgs {
+            match (&mut self.hold, &msg) {
+                (Some(h), _) => h.note(&msg),
+                (None, Msg::ListStart(w)) => {
+                    let awaited: BTreeSet<Watch> = Watch::ALL
+                        .into_iter()
+                        .filter(|x| {
+                            x != w
+                                && !self.not_served.contains(x)
+                                && (self.failing.contains(x) || !self.listed_once.contains(x))
+                        })
+                        .collect();
+                    let mut open: BTreeSet<Watch> = self.listing.keys().copied().collect();
+                    open.insert(*w);
+                    if !awaited.is_empty() {
+                        tracing::info!(
+                            "{} relist: holding events until {} have listed too",
+                            w.name(),
+                            awaited
+                                .iter()
+                                .map(|x| x.name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        self.kick.send_modify(|k| *k += 1);
+                    }
+                    self.hold = Some(Hold {
+                        since: Instant::now(),
+                        open,
+                        awaited,
+                    });
+                }
+                (None, _) => {}
+            }
+            self.held.push(msg);
+        }
+        let waiting = self.hold.as_ref().is_some_and(Hold::waiting);
+        if !waiting || self.held.len() >= HOLD_LIMIT {
+            self.release().await;
+        }
+    }
+
+    /// Apply what is held, and end the hold.
+    async fn release(&mut self) {
+        if let Some(h) = self.hold.take()
+            && !(h.open.is_empty() && h.awaited.is_empty())
+        {
+            tracing::warn!(
+                "applying {} held events before {} listed ({} s, at most {} events are held)",
+                self.held.len(),
+                h.open
+                    .union(&h.awaited)
+                    .map(|x| x.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                h.since.elapsed().as_secs(),
+                HOLD_LIMIT
+            );
+        }
+        let msgs = std::mem::take(&mut self.held);
+        if !msgs.is_empty() {
+            self.apply(msgs).await;
+        }
+    }
+
     async fn apply(&mut self, msgs: Vec<Msg>) {
         let mut upserts: BTreeMap<ObjectRef, ApiObject> = BTreeMap::new();
         let mut deletes: BTreeSet<ObjectRef> = BTreeSet::new();
