@@ -228,10 +228,34 @@ cnp = crd(
     [{"name": "Tier", "type": "string", "jsonPath": ".spec.tier"}, priority_col],
 )
 
+# palisade's own kind: a NetworkPolicy with DNS-aware egress (toFQDNs,
+# rules.dns). palisade validates it whole; the schema only keeps the shape.
+open_obj = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+pnp = crd(
+    "PalisadeNetworkPolicy",
+    "palisadenetworkpolicies",
+    "pnp",
+    "v1alpha1",
+    obj(
+        {
+            "podSelector": selector,
+            "policyTypes": arr({"type": "string", "enum": ["Ingress", "Egress"]}, None, 2),
+            "ingress": arr(open_obj),
+            "egress": arr(open_obj),
+        }
+    ),
+    [],
+)
+pnp["metadata"]["name"] = "palisadenetworkpolicies.palisade.io"
+pnp["spec"]["group"] = "palisade.io"
+pnp["spec"]["scope"] = "Namespaced"
+pnp["spec"]["versions"][0].pop("subresources", None)
+
 header = (
     "# CustomResourceDefinitions for the cluster-wide policy tiers palisade enforces:\n"
     "# AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)\n"
-    "# and ClusterNetworkPolicy (v1alpha2). Written by scripts/gen-policy-crds.py; do not edit.\n"
+    "# and ClusterNetworkPolicy (v1alpha2), and palisade's own PalisadeNetworkPolicy\n"
+    "# (palisade.io/v1alpha1, DNS-aware egress). Written by scripts/gen-policy-crds.py; do not edit.\n"
     "# Apply before (or after) palisade.yaml: the agent picks the kinds up within seconds\n"
     "# of their CRDs appearing. Clusters that already have the network-policy-api CRDs\n"
     "# installed do not need this file.\n"
@@ -252,4 +276,4 @@ except ImportError:
 
 with open("packaging/kubernetes/policy-crds.yaml", "w") as f:
     f.write(header)
-    f.write("---\n".join(dump(d) for d in [anp, banp, cnp]))
+    f.write("---\n".join(dump(d) for d in [anp, banp, cnp, pnp]))

@@ -615,6 +615,28 @@ spec:
     assert!(!ping(&a), "x/a may not reach node-1");
     assert!(ping(&b), "y/b still reaches node-1");
 
+    // palisade's own kind comes from the API too (its CRD is installed with
+    // the tiers'): x/d may send DNS only.
+    assert!(tcp(&d, &a, 80, false));
+    c.apply_yaml(
+        r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: d-dns-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: d}}
+  policyTypes: [Egress]
+  egress:
+  - ports: [{port: 53, protocol: UDP}]
+"#,
+    );
+    c.settle();
+    expect(
+        &c,
+        &[(&d, &a, false), (&a, &d, true)],
+        "the PalisadeNetworkPolicy from the API isolates x/d's egress",
+    );
+
     // The CRDs go away: as in Kubernetes, no tier policy exists any more.
     c.api.set_crds_installed(false);
     for n in &c.nodes {
@@ -633,6 +655,11 @@ spec:
     eventually("ANP gone: y/b reaches x/a", Duration::from_secs(30), || {
         tcp(&b, &a, 80, false)
     });
+    eventually(
+        "PalisadeNetworkPolicy gone: x/d reaches x/a",
+        Duration::from_secs(30),
+        || tcp(&d, &a, 80, false),
+    );
     // Back: the objects the API kept are enforced again, no restart.
     c.api.set_crds_installed(true);
     eventually(
@@ -653,7 +680,7 @@ spec:
     }
     expect(
         &c,
-        &[(&b, &a, false), (&d, &a, true)],
-        "after the CRDs came back",
+        &[(&b, &a, false), (&d, &a, false)],
+        "after the CRDs came back (x/d isolated by its PalisadeNetworkPolicy again)",
     );
 }

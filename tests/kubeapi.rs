@@ -587,7 +587,8 @@ async fn http_writes_create_replace_with_conflicts_and_delete() {
         [
             "networking.k8s.io",
             "discovery.k8s.io",
-            "policy.networking.k8s.io"
+            "policy.networking.k8s.io",
+            "palisade.io"
         ]
     );
     // The custom resources' group has both versions, the newest preferred;
@@ -604,7 +605,11 @@ async fn http_writes_create_replace_with_conflicts_and_delete() {
     );
     server.set_crds_installed(false);
     let groups = client.list_api_groups().await.expect("GET /apis");
-    assert_eq!(groups.groups.len(), 2, "no policy group without its CRDs");
+    assert_eq!(
+        groups.groups.len(),
+        2,
+        "no custom groups without their CRDs"
+    );
     let missing = client
         .list_api_group_resources("policy.networking.k8s.io/v1alpha1")
         .await

@@ -95,10 +95,11 @@ enum Watch {
     AdminNetworkPolicies,
     BaselineAdminNetworkPolicies,
     ClusterNetworkPolicies,
+    PalisadeNetworkPolicies,
 }
 
 impl Watch {
-    const ALL: [Watch; 9] = [
+    const ALL: [Watch; 10] = [
         Watch::Namespaces,
         Watch::Pods,
         Watch::NetworkPolicies,
@@ -108,6 +109,7 @@ impl Watch {
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
+        Watch::PalisadeNetworkPolicies,
     ];
 
     /// The custom resource behind a tier policy watch (group, version,
@@ -120,6 +122,9 @@ impl Watch {
                 Some((group, "v1alpha1", "BaselineAdminNetworkPolicy"))
             }
             Watch::ClusterNetworkPolicies => Some((group, "v1alpha2", "ClusterNetworkPolicy")),
+            Watch::PalisadeNetworkPolicies => {
+                Some(("palisade.io", "v1alpha1", "PalisadeNetworkPolicy"))
+            }
             _ => None,
         }
     }
@@ -135,6 +140,7 @@ impl Watch {
             Watch::AdminNetworkPolicies => "adminnetworkpolicies",
             Watch::BaselineAdminNetworkPolicies => "baselineadminnetworkpolicies",
             Watch::ClusterNetworkPolicies => "clusternetworkpolicies",
+            Watch::PalisadeNetworkPolicies => "palisadenetworkpolicies",
         }
     }
 
@@ -149,6 +155,7 @@ impl Watch {
             Watch::AdminNetworkPolicies => Some(Kind::AdminNetworkPolicy),
             Watch::BaselineAdminNetworkPolicies => Some(Kind::BaselineAdminNetworkPolicy),
             Watch::ClusterNetworkPolicies => Some(Kind::ClusterNetworkPolicy),
+            Watch::PalisadeNetworkPolicies => Some(Kind::PalisadeNetworkPolicy),
             _ => None,
         }
     }
@@ -446,7 +453,8 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>, mut kic
             let mut stream = start();
             let mut failed = false;
             let convert = |o: &DynamicObject| -> Item {
-                let key = (String::new(), o.name_any());
+                // Cluster-scoped kinds have no namespace.
+                let key = (o.namespace().unwrap_or_default(), o.name_any());
                 let rv = o
                     .metadata
                     .resource_version
@@ -568,6 +576,7 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
         Watch::AdminNetworkPolicies,
         Watch::BaselineAdminNetworkPolicies,
         Watch::ClusterNetworkPolicies,
+        Watch::PalisadeNetworkPolicies,
     ] {
         spawn_tier_watch(client.clone(), w, tx.clone(), kicked.clone());
     }

@@ -74,6 +74,12 @@ pub const WATCHED: &[Watched] = &[
         resource: "clusternetworkpolicies",
         kind: "ClusterNetworkPolicy",
     },
+    Watched {
+        group: "palisade.io",
+        version: "v1alpha1",
+        resource: "palisadenetworkpolicies",
+        kind: "PalisadeNetworkPolicy",
+    },
 ];
 
 /// The verbs the agent uses on every watched resource.
@@ -207,6 +213,14 @@ pub enum ApiObject {
     Node(RemoteNode),
     /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
     TierPolicy(Box<Valid<TierObject, TierPolicy>>),
+    PalisadePolicy(
+        Box<
+            Valid<
+                crate::policy::palisade::PalisadeNetworkPolicy,
+                crate::policy::palisade::PalisadePolicy,
+            >,
+        >,
+    ),
 }
 
 impl ApiObject {
@@ -242,14 +256,16 @@ impl ApiObject {
         )?)))
     }
 
-    /// A tier policy object as the API serves it (JSON with apiVersion and
-    /// kind); what only the server uses (managedFields) is dropped.
+    /// A custom resource (a tier policy or a PalisadeNetworkPolicy) as the
+    /// API serves it (JSON with apiVersion and kind); what only the server
+    /// uses (managedFields) is dropped.
     pub fn tier(mut value: serde_json::Value) -> Result<Self, ObjectError> {
         if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             meta.remove("managedFields");
         }
         match crate::policy::decode_object(value)? {
             Object::TierPolicy(t) => Ok(ApiObject::TierPolicy(t)),
+            Object::PalisadePolicy(p) => Ok(ApiObject::PalisadePolicy(p)),
             other => Err(ObjectError::invalid(
                 "kind",
                 format!(
@@ -279,6 +295,11 @@ impl ApiObject {
                 kind: t.value.kind.into(),
                 namespace: String::new(),
                 name: t.value.name.clone(),
+            },
+            ApiObject::PalisadePolicy(p) => ObjectRef {
+                kind: Kind::PalisadeNetworkPolicy,
+                namespace: p.value.base.namespace.clone(),
+                name: p.value.base.name.clone(),
             },
             ApiObject::Namespace(n) => ObjectRef {
                 kind: Kind::Namespace,

@@ -1419,6 +1419,9 @@ impl<D: Dataplane> Node<D> {
                     ApiObject::TierPolicy(t) => {
                         count(op.upsert_tier_policy(&t.object, &t.value)?);
                     }
+                    ApiObject::PalisadePolicy(p) => {
+                        count(op.upsert_palisade_policy(&p.object, &p.value)?);
+                    }
                     // This node's addresses are the host's.
                     ApiObject::Node(n) if n.name == this_node => {
                         op.delete_remote_node(&n.name)?;

@@ -502,8 +502,9 @@ fn cluster_role_grants_exactly_list_and_watch_on_the_watched_resources() {
 }
 
 /// `policy-crds.yaml` defines exactly the custom resources the agent
-/// watches (group, version, plural, kind), cluster-scoped, served and
-/// stored, with the schema limits palisade's validation also applies.
+/// watches (group, version, plural, kind): the tiers cluster-scoped,
+/// PalisadeNetworkPolicy namespaced, served and stored, with the schema
+/// limits palisade's validation also applies.
 #[test]
 fn the_policy_crds_define_exactly_the_custom_resources_the_agent_watches() {
     let docs = parse("policy-crds.yaml");
@@ -513,7 +514,13 @@ fn the_policy_crds_define_exactly_the_custom_resources_the_agent_watches() {
             panic!("{}: policy-crds.yaml holds only CRDs", d.origin);
         };
         let spec = &crd.spec;
-        assert_eq!(spec.scope, "Cluster", "{}: cluster-scoped", d.origin);
+        let ours = spec.group == "palisade.io";
+        assert_eq!(
+            spec.scope,
+            if ours { "Namespaced" } else { "Cluster" },
+            "{}: scope",
+            d.origin
+        );
         assert_eq!(
             crd.metadata.name.as_deref(),
             Some(format!("{}.{}", spec.names.plural, spec.group).as_str()),
@@ -542,6 +549,17 @@ fn the_policy_crds_define_exactly_the_custom_resources_the_agent_watches() {
                     d.origin
                 );
             }
+            defined.insert((
+                spec.group.clone(),
+                v.name.clone(),
+                spec.names.plural.clone(),
+                spec.names.kind.clone(),
+            ));
+            if ours {
+                // A NetworkPolicy's shape; palisade validates the rules.
+                assert!(props.contains_key("egress") && props.contains_key("podSelector"));
+                continue;
+            }
             let ingress = props["ingress"].items.as_ref().expect("ingress items");
             let ingress = match ingress {
                 k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => s,
@@ -561,17 +579,11 @@ fn the_policy_crds_define_exactly_the_custom_resources_the_agent_watches() {
                 _ => &["Accept", "Deny", "Pass"],
             };
             assert_eq!(actions, want, "{}: rule actions", d.origin);
-            defined.insert((
-                spec.group.clone(),
-                v.name.clone(),
-                spec.names.plural.clone(),
-                spec.names.kind.clone(),
-            ));
         }
     }
     let watched: BTreeSet<(String, String, String, String)> = WATCHED
         .iter()
-        .filter(|w| w.group == "policy.networking.k8s.io")
+        .filter(|w| w.group == "policy.networking.k8s.io" || w.group == "palisade.io")
         .map(|w| {
             (
                 w.group.to_owned(),

@@ -517,6 +517,7 @@ fn resource_of(value: &serde_json::Value) -> &'static str {
         Some("AdminNetworkPolicy") => "adminnetworkpolicies",
         Some("BaselineAdminNetworkPolicy") => "baselineadminnetworkpolicies",
         Some("ClusterNetworkPolicy") => "clusternetworkpolicies",
+        Some("PalisadeNetworkPolicy") => "palisadenetworkpolicies",
         other => panic!("the cluster test bed does not know kind {other:?}"),
     }
 }

@@ -96,7 +96,7 @@ const fn core(
 }
 
 /// Every resource served, at `/api/v1/...` or `/apis/{group}/{version}/...`.
-const RESOURCES: [ResourceType; 9] = [
+const RESOURCES: [ResourceType; 10] = [
     core("namespaces", "namespace", "Namespace", false),
     core("pods", "pod", "Pod", true),
     core("nodes", "node", "Node", false),
@@ -142,6 +142,17 @@ const RESOURCES: [ResourceType; 9] = [
         "clusternetworkpolicy",
         "ClusterNetworkPolicy",
     ),
+    // palisade's own kind (DNS-aware egress), a namespaced custom resource.
+    ResourceType {
+        group: "palisade.io",
+        version: "v1alpha1",
+        api_version: "palisade.io/v1alpha1",
+        plural: "palisadenetworkpolicies",
+        singular: "palisadenetworkpolicy",
+        kind: "PalisadeNetworkPolicy",
+        namespaced: true,
+        crd: true,
+    },
 ];
 
 /// Index into [`RESOURCES`].
