@@ -684,3 +684,111 @@ spec:
         "after the CRDs came back (x/d isolated by its PalisadeNetworkPolicy again)",
     );
 }
+
+/// DNS-aware egress in cluster mode: a PalisadeNetworkPolicy written to the
+/// API (`toFQDNs` and DNS rules) selects pods on two nodes; each node's DNS
+/// proxy (in its agent) learns the addresses of a real unbound on the
+/// outside host (behind node 0) for its own pods.
+#[test]
+fn a_palisade_network_policy_from_the_api_allows_a_domain_on_every_node() {
+    use hickory_proto::rr::RecordType;
+    use testbed::{
+        dns::{Unbound, query},
+        node::WORLD_V4,
+    };
+    const API: &str = "203.0.113.21";
+    const OTHER: &str = "203.0.113.23";
+    let c = Cluster::with_world(
+        2,
+        Topology::HostGw,
+        false,
+        serde_json::Map::new(),
+        Some(vec![80]),
+    );
+    let world = &c.nodes[0].world.as_ref().unwrap().netns;
+    for a in [API, OTHER] {
+        testbed::sys::ip(&[
+            "-n",
+            &world.name,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "eth0",
+        ]);
+    }
+    let _dns = Unbound::start(
+        world,
+        &c.dir().join("unbound"),
+        &[WORLD_V4.parse().unwrap()],
+        &["example.test.", "blocked.test."],
+        &[
+            format!("api.example.test. 60 IN A {API}"),
+            format!("other.example.test. 60 IN A {OTHER}"),
+            "x.blocked.test. 60 IN A 203.0.113.25".to_owned(),
+        ],
+    );
+    c.namespace("x", &[]);
+    let pods = [
+        c.add_pod(0, "x", "w0", &[("app", "web")], &[]),
+        c.add_pod(1, "x", "w1", &[("app", "web")], &[]),
+    ];
+    let to = |p: &Pod, addr: &str| {
+        probe(
+            &p.netns,
+            addr.parse().unwrap(),
+            Proto::Tcp,
+            80,
+            PROBE_TIMEOUT,
+        )
+    };
+    for p in &pods {
+        assert!(to(p, OTHER), "{}: the outside host is reachable", p.name);
+    }
+    c.apply_yaml(
+        r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: web-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - toFQDNs: [{matchName: api.example.test}]
+    ports: [{port: 80}]
+  - to: [{ipBlock: {cidr: 203.0.113.10/32}}]
+    ports:
+    - port: 53
+      protocol: UDP
+      rules: {dns: [{matchPattern: "*.example.test"}]}
+"#,
+    );
+    c.settle();
+    let server = std::net::SocketAddr::new(WORLD_V4.parse().unwrap(), 53);
+    for (i, p) in pods.iter().enumerate() {
+        let log = || c.nodes[i].daemon_output();
+        eventually(
+            "the policy from the API isolates the pod",
+            Duration::from_secs(30),
+            || !to(p, OTHER),
+        );
+        assert!(!to(p, API), "{}: nothing learned yet", p.name);
+        let ask = |name: &str| {
+            query(&p.netns, server, name, RecordType::A, false)
+                .unwrap_or_else(|e| panic!("{} asks {name}: {e}\n{}", p.name, log()))
+        };
+        let a = ask("api.example.test.");
+        assert_eq!(a.rcode, "No Error", "{a:?}");
+        assert_eq!(a.addresses, vec![API.parse::<std::net::IpAddr>().unwrap()]);
+        assert!(
+            to(p, API),
+            "{} (node {i}): connected right after the answer\n{}",
+            p.name,
+            log()
+        );
+        let a = ask("other.example.test.");
+        assert_eq!(a.addresses.len(), 1, "{a:?}");
+        assert!(!to(p, OTHER), "{}: no toFQDNs rule names it", p.name);
+        assert_eq!(ask("x.blocked.test.").rcode, "Query Refused");
+    }
+}
