@@ -16,7 +16,7 @@ use std::{
 use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use testbed::{
-    dns::{Unbound, query},
+    dns::{Unbound, query, query_with},
     node::{Node, NodeOptions, Pod, WORLD_V4, WORLD_V6},
     probe::{PROBE_TIMEOUT, Proto, probe},
     sys,
@@ -283,6 +283,21 @@ fn a_name_the_policy_allows_is_reachable_right_after_its_answer_and_nothing_else
     )
     .unwrap();
     assert!(a.truncated, "more than 512 bytes over UDP: {a:?}");
+    // With EDNS (1232 bytes offered), whole over UDP: the OPT record passes
+    // the proxy both ways, and the addresses are allowed.
+    let a = query_with(
+        &web.netns,
+        server(false),
+        "big.example.test.",
+        RecordType::A,
+        false,
+        Some(1232),
+    )
+    .unwrap_or_else(|e| panic!("with EDNS: {e}\n{}", daemon_log(n)));
+    assert!(!a.truncated, "fits the EDNS size: {a:?}");
+    assert!(a.message.extensions().is_some(), "OPT in the answer: {a:?}");
+    assert_eq!(a.addresses.len(), BIG.len(), "{a:?}");
+    assert!(tcp80(web, "203.0.113.139"));
     let a = query(
         &web.netns,
         server(false),
@@ -292,7 +307,7 @@ fn a_name_the_policy_allows_is_reachable_right_after_its_answer_and_nothing_else
     )
     .unwrap_or_else(|e| panic!("over TCP: {e}\n{}", daemon_log(n)));
     assert_eq!(a.addresses.len(), BIG.len(), "{a:?}");
-    assert!(tcp80(web, "203.0.113.139"));
+    assert!(tcp80(web, "203.0.113.100"));
 
     // A pod no such policy selects: its DNS is not redirected (the
     // proxy would refuse it) and nothing limits it.

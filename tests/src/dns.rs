@@ -10,7 +10,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, Query},
+    op::{Edns, Message, Query},
     rr::{Name, RData, RecordType},
 };
 
@@ -173,6 +173,19 @@ pub fn query(
     qtype: RecordType,
     tcp: bool,
 ) -> Result<Answer, String> {
+    query_with(netns, server, name, qtype, tcp, None)
+}
+
+/// Like [`query`], with an EDNS OPT record that offers `edns` bytes for
+/// answers over UDP (as resolvers since 2020 ask).
+pub fn query_with(
+    netns: &Path,
+    server: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    tcp: bool,
+    edns: Option<u16>,
+) -> Result<Answer, String> {
     let mut m = Message::new();
     m.set_id(rand_id())
         .set_recursion_desired(true)
@@ -180,6 +193,11 @@ pub fn query(
             Name::from_ascii(name).map_err(|e| e.to_string())?,
             qtype,
         ));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
     let bytes = m.to_vec().map_err(|e| e.to_string())?;
     let timeout = Duration::from_secs(3);
     let raw = in_netns(netns, || -> Result<Vec<u8>, String> {
