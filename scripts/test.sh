@@ -23,6 +23,10 @@ cargo build --workspace --all-targets
 step "unit tests (no root needed), incremental engine == full compile (property test)"
 PALISADE_PROPTEST_CASES="${PALISADE_PROPTEST_CASES:-1000}" cargo test --workspace --lib --bins
 
+step "fuzzed parsers, short run (CNI, CNI_ARGS, OCI, policies, conflists, flow logs; the plugin and hook binaries)"
+cargo test -p palisade-shared --test fuzz
+cargo test -p palisade-tests --test fuzz_bins
+
 step "BPF verdict tests, CNI contract tests, datapath tests"
 cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
 

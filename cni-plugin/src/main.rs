@@ -89,14 +89,22 @@ fn run() -> Result<Option<Value>, CniError> {
         return Ok(Some(cni::version_json()));
     }
 
-    let mut input = String::new();
-    io::stdin().read_to_string(&mut input).map_err(|e| {
+    let mut input = Vec::new();
+    io::stdin().read_to_end(&mut input).map_err(|e| {
         CniError::new(
             code::IO_FAILURE,
             format!("read the network configuration from stdin: {e}"),
         )
     })?;
-    let conf: NetConf = serde_json::from_str(&input).map_err(|e| {
+    // Stdin that is not UTF-8 is a decode error, even where the bad bytes
+    // are in a field palisade does not read (JSON is UTF-8, RFC 8259).
+    let input = std::str::from_utf8(&input).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            format!("the network configuration on stdin is not UTF-8: {e}"),
+        )
+    })?;
+    let conf: NetConf = serde_json::from_str(input).map_err(|e| {
         CniError::new(
             code::DECODE_FAILURE,
             format!("the network configuration on stdin is not valid JSON: {e}"),

@@ -589,13 +589,14 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Every record in the log, oldest first (malformed lines are skipped).
+/// Every record in the log, oldest first (malformed lines, including
+/// bytes that are not UTF-8, are skipped; the lines after them are read).
 pub fn read_log(dir: &Path) -> Vec<FlowRecord> {
     let mut out = Vec::new();
     for f in log_files(dir) {
         if let Ok(file) = File::open(&f) {
-            for line in BufReader::new(file).lines().map_while(Result::ok) {
-                if let Ok(r) = serde_json::from_str(&line) {
+            for line in BufReader::new(file).split(b'\n').map_while(Result::ok) {
+                if let Ok(r) = serde_json::from_slice(&line) {
                     out.push(r);
                 }
             }
@@ -641,13 +642,15 @@ impl Tail {
         }
         let mut out = Vec::new();
         let mut reader = BufReader::new(f);
-        let mut line = String::new();
-        while let Ok(n) = reader.read_line(&mut line) {
-            if n == 0 || !line.ends_with('\n') {
+        let mut line = Vec::new();
+        // Bytes, not text: a damaged line (not UTF-8) is skipped like any
+        // malformed one instead of stopping the tail there for good.
+        while let Ok(n) = reader.read_until(b'\n', &mut line) {
+            if n == 0 || line.last() != Some(&b'\n') {
                 break; // a partial line is read again next time
             }
             self.pos += n as u64;
-            if let Ok(r) = serde_json::from_str(line.trim_end()) {
+            if let Ok(r) = serde_json::from_slice(&line) {
                 out.push(r);
             }
             line.clear();
