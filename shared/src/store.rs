@@ -563,7 +563,10 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(db_err("begin a read", &path))?;
         let mut state = load_with(&tx, &path, which)?;
-        if get_meta(&tx, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
+        if another_boot(
+            get_meta(&tx, &path, "boot_id")?.as_deref(),
+            boot_id().as_deref(),
+        ) {
             // Not yet cleaned by a writer: none of these exist any more.
             state.endpoints.clear();
             state.host_addresses.clear();
@@ -585,7 +588,10 @@ impl Store {
                 .collect());
         }
         let conn = open_read_only(&path)?;
-        if get_meta(&conn, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
+        if another_boot(
+            get_meta(&conn, &path, "boot_id")?.as_deref(),
+            boot_id().as_deref(),
+        ) {
             return Ok(BTreeMap::new());
         }
         let mut stmt = match conn.prepare(
@@ -610,7 +616,10 @@ impl Store {
             return Ok(self.read()?.endpoints.remove(key));
         }
         let conn = open_read_only(&path)?;
-        if get_meta(&conn, &path, "boot_id")?.is_some_and(|b| b != boot_id()) {
+        if another_boot(
+            get_meta(&conn, &path, "boot_id")?.as_deref(),
+            boot_id().as_deref(),
+        ) {
             return Ok(None);
         }
         let text: Option<String> = conn
@@ -824,11 +833,22 @@ fn open_rw(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The kernel's boot id (changes at every boot).
-pub fn boot_id() -> String {
+/// The kernel's boot id (changes at every boot); `None` when it cannot be
+/// read.
+pub fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
         .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether records written at boot `stored` belong to another boot than
+/// `current`. Only two known, different ids say so: a boot id that cannot
+/// be read (a restricted /proc, a failing read) never makes the recorded
+/// endpoints look stale, since forgetting them would leave veths with
+/// programs that no record owns.
+fn another_boot(stored: Option<&str>, current: Option<&str>) -> bool {
+    matches!((stored, current), (Some(s), Some(c)) if s != c)
 }
 
 fn get_meta(conn: &Connection, path: &Path, key: &str) -> Result<Option<String>, StoreError> {
@@ -1116,12 +1136,17 @@ impl Txn<'_> {
     /// Endpoints, the node's addresses and pending identities do not
     /// survive a reboot (veths, links and pins do not).
     fn forget_other_boots(&mut self) -> Result<(), StoreError> {
-        let boot = boot_id();
+        let Some(boot) = boot_id() else {
+            tracing::warn!(
+                "the kernel's boot id cannot be read: the recorded endpoints are kept as they are"
+            );
+            return Ok(());
+        };
         let stored = self.meta("boot_id")?;
         if stored.as_deref() == Some(boot.as_str()) {
             return Ok(());
         }
-        if stored.is_some() {
+        if another_boot(stored.as_deref(), Some(&boot)) {
             self.exec(
                 "forget endpoints of another boot",
                 "DELETE FROM endpoints",
@@ -1708,7 +1733,8 @@ impl LegacyState {
                 Err(e) => tracing::warn!("migration: NetworkPolicy {key} left out: {e}"),
             }
         }
-        if self.boot_id == boot_id() {
+        let recorded = Some(self.boot_id.as_str()).filter(|b| !b.is_empty());
+        if !another_boot(recorded, boot_id().as_deref()) {
             for ep in self.endpoints.values() {
                 tx.put_endpoint(ep)?;
             }
@@ -1727,7 +1753,9 @@ impl LegacyState {
             &self.next_endpoint_id.max(1).to_string(),
         )?;
         tx.set_mode(self.mode)?;
-        tx.set_meta("boot_id", &boot_id())?;
+        if let Some(boot) = boot_id() {
+            tx.set_meta("boot_id", &boot)?;
+        }
         tx.bump_generation()?;
         Ok(())
     }
@@ -1789,7 +1817,18 @@ mod tests {
         assert!(store.read().unwrap().host_addresses.is_empty());
         let tx = store.write(Duration::from_secs(1)).unwrap();
         assert!(tx.host_addresses().unwrap().is_empty());
-        assert_eq!(tx.meta("boot_id").unwrap(), Some(boot_id()));
+        assert_eq!(tx.meta("boot_id").unwrap(), boot_id());
+    }
+
+    #[test]
+    fn only_two_known_different_boot_ids_make_records_stale() {
+        assert!(another_boot(Some("a"), Some("b")));
+        assert!(!another_boot(Some("a"), Some("a")));
+        // The current id unreadable: nothing is forgotten.
+        assert!(!another_boot(Some("a"), None));
+        // Never recorded (a new store): nothing to forget.
+        assert!(!another_boot(None, Some("b")));
+        assert!(!another_boot(None, None));
     }
 
     #[test]
@@ -1809,7 +1848,7 @@ mod tests {
         };
         let legacy = serde_json::json!({
             "version": 1,
-            "bootId": boot_id(),
+            "bootId": boot_id().unwrap(),
             "namespaces": {"shop": ns.object},
             "policies": {"shop/deny": {"id": 7, "object": np.object}},
             "nextPolicyId": 8,
