@@ -3,6 +3,7 @@
 # Debian packages palisade builds and tests with.
 PALISADE_PACKAGES=(
 	clang llvm libbpf-dev clang-format    # compiling and checking the eBPF C
+	libclang-dev                          # bindgen reads the datapath ABI header (build.rs)
 	libelf-dev zlib1g-dev pkg-config make # libbpf (built from the libbpf-sys crate) for the netfilter program
 	containernetworking-plugins           # the reference bridge/host-local plugins
 	iproute2                              # ip, tc

@@ -1,5 +1,7 @@
 //! Compiles the C programs in `bpf/` with clang into `OUT_DIR`; the library
-//! embeds the objects. No object file is checked in.
+//! embeds the objects. No object file is checked in. Also generates Rust
+//! declarations from `bpf/include/palisade_abi.h` (bindgen), against which
+//! `src/abi.rs` checks every struct and constant at compile time.
 
 use std::{
     env,
@@ -19,6 +21,8 @@ fn main() {
         rerun_for_dir(&bpf.join(dir));
     }
     println!("cargo:rerun-if-env-changed=PALISADE_CLANG");
+
+    abi_bindings(&bpf, &out);
 
     for prog in PROGRAMS {
         let src = bpf.join(format!("{prog}.c"));
@@ -63,4 +67,28 @@ fn rerun_for_dir(dir: &Path) {
         let path = entry.expect("directory entry").path();
         println!("cargo:rerun-if-changed={}", path.display());
     }
+}
+
+/// `abi_c.rs`: the ABI header's structs and `PAL_*` constants as bindgen
+/// reads them (through libclang, as the BPF compiler does).
+fn abi_bindings(bpf: &Path, out: &Path) {
+    let header = bpf.join("include/palisade_abi.h");
+    let bindings = bindgen::Builder::default()
+        .header(header.display().to_string())
+        .clang_arg(format!("-I/usr/include/{}-linux-gnu", multiarch()))
+        .allowlist_type("pal_.*")
+        .allowlist_var("PAL_.*")
+        .derive_default(true)
+        .layout_tests(false)
+        .generate()
+        .unwrap_or_else(|e| {
+            panic!(
+                "bindgen could not read {} ({e}); it needs libclang \
+                 (Debian: apt-get install libclang-dev)",
+                header.display()
+            )
+        });
+    bindings
+        .write_to_file(out.join("abi_c.rs"))
+        .expect("write abi_c.rs");
 }

@@ -2,8 +2,9 @@
 /*
  * The palisade datapath ABI: every map key and value, event, verdict and
  * drop reason shared between the tc programs and user space. Rust mirrors
- * each struct in shared/src/abi.rs with compile-time size and offset checks;
- * change both together.
+ * each struct in shared/src/abi.rs; the build reads this header with
+ * bindgen and fails when any struct's size, any field's offset or size, or
+ * any constant differs between the two. Change both together.
  *
  * Rules: fixed-width types only, explicit padding fields (always zero), no
  * bool. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d)
@@ -352,5 +353,54 @@ struct pal_svc_flow_value {
 	__u32 ifindex; /* key of pal_endpoints */
 	__u32 ep_id;   /* the endpoint then; another one there fails closed */
 };
+
+/* The sizes user space relies on: a change here must be deliberate (bump
+ * PAL_ABI_VERSION). shared/src/abi.rs is checked against this header,
+ * field by field, when it is built. */
+_Static_assert(sizeof(struct pal_endpoint) == 16,
+	       "struct pal_endpoint changed size");
+_Static_assert(sizeof(struct pal_ipcache_key) == 20,
+	       "struct pal_ipcache_key changed size");
+_Static_assert(sizeof(struct pal_ipcache_host_key) == 16,
+	       "struct pal_ipcache_host_key changed size");
+_Static_assert(sizeof(struct pal_ipcache_value) == 8,
+	       "struct pal_ipcache_value changed size");
+_Static_assert(sizeof(struct pal_policy_match) == 16,
+	       "struct pal_policy_match changed size");
+_Static_assert(sizeof(struct pal_policy_key) == 20,
+	       "struct pal_policy_key changed size");
+_Static_assert(sizeof(struct pal_policy_value) == 8,
+	       "struct pal_policy_value changed size");
+_Static_assert(sizeof(struct pal_ct_key) == 44,
+	       "struct pal_ct_key changed size");
+_Static_assert(sizeof(struct pal_ct_value) == 48,
+	       "struct pal_ct_value changed size");
+_Static_assert(sizeof(struct pal_srcguard_key) == 20,
+	       "struct pal_srcguard_key changed size");
+_Static_assert(sizeof(struct pal_frag_key) == 44,
+	       "struct pal_frag_key changed size");
+_Static_assert(sizeof(struct pal_frag_value) == 8,
+	       "struct pal_frag_value changed size");
+_Static_assert(sizeof(struct pal_config) == 24,
+	       "struct pal_config changed size");
+_Static_assert(sizeof(struct pal_proxy_config) == 8,
+	       "struct pal_proxy_config changed size");
+_Static_assert(sizeof(struct pal_counter_key) == 8,
+	       "struct pal_counter_key changed size");
+_Static_assert(sizeof(struct pal_counter_value) == 16,
+	       "struct pal_counter_value changed size");
+_Static_assert(sizeof(struct pal_event) == 80, "struct pal_event changed size");
+_Static_assert(sizeof(struct pal_ratelimit) == 16,
+	       "struct pal_ratelimit changed size");
+_Static_assert(sizeof(struct pal_svc_key) == 20,
+	       "struct pal_svc_key changed size");
+_Static_assert(sizeof(struct pal_svc_flow_key) == 40,
+	       "struct pal_svc_flow_key changed size");
+_Static_assert(sizeof(struct pal_svc_flow_value) == 8,
+	       "struct pal_svc_flow_value changed size");
+_Static_assert(__builtin_offsetof(struct pal_policy_key, m) == 4,
+	       "the LPM prefix length precedes the match");
+_Static_assert(__builtin_offsetof(struct pal_event, saddr) == 32,
+	       "struct pal_event changed layout");
 
 #endif /* PALISADE_ABI_H */
