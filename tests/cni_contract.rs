@@ -817,7 +817,8 @@ fn palisadectl_gc_forgets_endpoints_whose_container_is_gone() {
 #[test]
 fn a_pinned_map_of_an_incompatible_build_is_refused() {
     let n = node();
-    let maps = n.bpf_root.join("maps");
+    let maps = palisade::dataplane::maps_dir(&n.bpf_root);
+    assert!(maps.ends_with("maps-v1"), "{}", maps.display());
     std::fs::create_dir_all(&maps).unwrap();
     let pin = maps.join("pal_policy");
     let out = std::process::Command::new("bpftool")
@@ -865,4 +866,36 @@ fn a_pinned_map_of_an_incompatible_build_is_refused() {
         "the foreign map is left as it was"
     );
     assert_eq!(endpoint_count(&n), 0);
+}
+
+/// Releases before the ABI version was in the pin path kept ABI 1's maps in
+/// `maps/`: the next operation adopts them in place (renamed to `maps-v1`),
+/// so an upgrade keeps every entry and the connections conntrack follows.
+#[test]
+fn maps_pinned_where_earlier_releases_kept_them_are_adopted_in_place() {
+    let n = node();
+    let a = n.add_pod("x", "a", &[80]);
+    let b = n.add_pod("x", "b", &[80]);
+    let (v1, legacy) = (n.bpf_root.join("maps-v1"), n.bpf_root.join("maps"));
+    assert!(v1.is_dir() && !legacy.exists());
+    let id = |p: &std::path::Path| {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(p)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"].clone()
+    };
+    let ct = id(&v1.join("pal_ct"));
+    std::fs::rename(&v1, &legacy).unwrap();
+    assert!(reachable(&a, &b), "running programs hold their maps: unaffected");
+    // b isolated: the next write finds the maps where the old release put
+    // them, and enforces with the same maps.
+    n.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {}}\n  policyTypes: [Ingress]\n",
+    );
+    assert!(v1.is_dir() && !legacy.exists(), "moved to maps-v1");
+    assert_eq!(id(&v1.join("pal_ct")), ct, "the same conntrack map");
+    assert!(!reachable(&a, &b), "the policy is enforced");
+    assert!(!reachable(&b, &a), "x/a is isolated too");
 }

@@ -8,7 +8,7 @@ if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
 	mount -t bpf bpffs /sys/fs/bpf 2>/dev/null ||
 		echo "palisade: could not mount the BPF file system at /sys/fs/bpf; mount it before starting containers" >&2
 fi
-if [ "$1" -ge 2 ] && [ -d /sys/fs/bpf/palisade/maps ]; then
+if [ "$1" -ge 2 ] && [ -n "$(ls -d /sys/fs/bpf/palisade/maps* 2>/dev/null)" ]; then
 	/usr/bin/palisadectl upgrade ||
 		echo "palisade: some containers keep the previous eBPF programs (see above)" >&2
 fi

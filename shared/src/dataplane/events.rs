@@ -30,10 +30,10 @@ impl std::fmt::Debug for EventReader {
 }
 
 impl EventReader {
-    /// Open `<bpf root>/maps/pal_events`. Only one reader should drain it
+    /// Open `<bpf root>/maps-v1/pal_events`. Only one reader should drain it
     /// (the agent, or `palisadectl flows` when no agent runs).
     pub fn open(bpf_root: &Path) -> Result<Self, DataplaneError> {
-        let path = bpf_root.join("maps/pal_events");
+        let path = super::map_pin(bpf_root, "pal_events");
         let data = MapData::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
             what: "flow event ring buffer".into(),
             path: path.clone(),

@@ -291,7 +291,7 @@ impl KernelDataplane {
     }
 
     fn maps_dir(&self) -> PathBuf {
-        self.root.join("maps")
+        super::maps_dir(&self.root)
     }
 
     fn progs_dir(&self) -> PathBuf {
@@ -1642,7 +1642,7 @@ fn tcx_unsupported(e: &DataplaneError) -> bool {
 /// Every address a tracked connection uses (either side), from `pal_ct`
 /// under a bpf root; empty when no datapath is loaded there.
 pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneError> {
-    let path = root.join("maps").join("pal_ct");
+    let path = super::map_pin(root, "pal_ct");
     if !path.exists() {
         return Ok(BTreeSet::new());
     }
@@ -1688,7 +1688,7 @@ pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneErr
 
 /// Write `pal_proxy` under a bpf root (the datapath must be loaded).
 pub fn set_proxy_config(root: &Path, cfg: abi::ProxyConfig) -> Result<(), DataplaneError> {
-    let path = root.join("maps").join("pal_proxy");
+    let path = super::map_pin(root, "pal_proxy");
     let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
         what: "map pal_proxy".into(),
         path: path.clone(),

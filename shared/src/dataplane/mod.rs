@@ -9,7 +9,11 @@ pub mod fake;
 pub mod kernel;
 pub mod service;
 
-use std::{io, net::IpAddr, path::PathBuf};
+use std::{
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -22,6 +26,47 @@ use crate::{
 
 /// Default root of palisade's pins.
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/palisade";
+
+/// The pinned maps under a bpf root: a directory named after the ABI
+/// version (`maps-v1`), so that a build with another map layout never
+/// opens maps it would misread; it creates its own beside them.
+pub fn maps_dir(root: &Path) -> PathBuf {
+    let dir = root.join(format!("maps-v{}", abi::ABI_VERSION));
+    if abi::ABI_VERSION == 1 && !dir.exists() {
+        adopt_legacy_maps(root, &dir);
+    }
+    dir
+}
+
+/// Releases before the ABI version was in the path pinned ABI 1's maps in
+/// `maps`: the same layout, so the directory is renamed (bpffs renames
+/// pins in place; programs hold their maps by reference, so nothing that
+/// runs notices, and conntrack and every entry are kept).
+fn adopt_legacy_maps(root: &Path, dir: &Path) {
+    let legacy = root.join("maps");
+    if !legacy.is_dir() {
+        return;
+    }
+    match std::fs::rename(&legacy, dir) {
+        Ok(()) => tracing::info!(
+            "pinned maps moved from {} to {} (the ABI version is in the path now)",
+            legacy.display(),
+            dir.display()
+        ),
+        // Another process moved them first.
+        Err(_) if dir.exists() => {}
+        Err(e) => tracing::warn!(
+            "could not move the pinned maps from {} to {}: {e}",
+            legacy.display(),
+            dir.display()
+        ),
+    }
+}
+
+/// Where map `name` is pinned under a bpf root.
+pub fn map_pin(root: &Path, name: &str) -> PathBuf {
+    maps_dir(root).join(name)
+}
 
 /// How programs are attached to a veth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

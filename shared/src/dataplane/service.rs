@@ -226,9 +226,9 @@ impl ServiceHook {
             .map(|p| p.id())
     }
 
-    /// Open the object and load it with the pinned maps of `maps/`.
+    /// Open the object and load it with the pinned maps of `maps-v1/`.
     fn load(&self) -> Result<libbpf_rs::Object, DataplaneError> {
-        let maps_dir = self.root.join("maps");
+        let maps_dir = super::maps_dir(&self.root);
         let mut open = ObjectBuilder::default()
             .open_memory(SERVICE_OBJ)
             .map_err(|e| DataplaneError::Netfilter {
@@ -321,7 +321,7 @@ impl std::fmt::Debug for Frontends {
 impl Frontends {
     /// Open the pinned map of a bpf root.
     pub fn open(root: &Path) -> Result<Self, DataplaneError> {
-        let path = root.join("maps").join("pal_svc");
+        let path = super::map_pin(root, "pal_svc");
         let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
             what: "map pal_svc".into(),
             path: path.clone(),

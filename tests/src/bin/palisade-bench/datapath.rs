@@ -211,7 +211,7 @@ fn flush_ct(root: &Path) {
 /// Kernel memory charged to each pinned map (`memlock` in fdinfo).
 pub fn map_memory(root: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(root.join("maps")) else {
+    let Ok(entries) = std::fs::read_dir(palisade::dataplane::maps_dir(root)) else {
         return out;
     };
     for e in entries.flatten() {
