@@ -430,8 +430,9 @@ spec:
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no flow record of the denied backend {b2_addr} on node 0:\n{text}"
+            // A deadline for a loaded CI machine, not a measure.
+            start.elapsed() < Duration::from_secs(60),
+            "no flow record of the denied backend {b2_addr} on node 0 within 60 s:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
