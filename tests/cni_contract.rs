@@ -888,8 +888,11 @@ fn maps_pinned_where_earlier_releases_kept_them_are_adopted_in_place() {
     };
     let ct = id(&v1.join("pal_ct"));
     std::fs::rename(&v1, &legacy).unwrap();
-    assert!(reachable(&a, &b), "running programs hold their maps: unaffected");
-    // b isolated: the next write finds the maps where the old release put
+    assert!(
+        reachable(&a, &b),
+        "running programs hold their maps: unaffected"
+    );
+    // Both isolated: the next write finds the maps where the old release put
     // them, and enforces with the same maps.
     n.apply(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {}}\n  policyTypes: [Ingress]\n",
