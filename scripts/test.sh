@@ -30,6 +30,9 @@ cargo test -p palisade-tests --test fuzz_bins
 step "BPF verdict tests, CNI contract tests, datapath tests"
 cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contract --test datapath
 
+step "attacks from a container: another container's address, a changed own address, ARP claiming another's address"
+cargo test -p palisade-tests --test attack
+
 step "flows, audit mode, learning, traffic graph, agent"
 cargo test -p palisade-tests --test observe
 
