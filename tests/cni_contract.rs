@@ -902,3 +902,101 @@ fn maps_pinned_where_earlier_releases_kept_them_are_adopted_in_place() {
     assert!(!reachable(&a, &b), "the policy is enforced");
     assert!(!reachable(&b, &a), "x/a is isolated too");
 }
+
+/// The capacity of each map is a setting (conflist `mapSizes`), applied
+/// when the maps are created; a configuration that asks for other
+/// capacities later is refused with what to do, and so is a daemon started
+/// with others; a bad setting names what to fix.
+#[test]
+fn map_sizes_are_set_when_the_maps_are_created_and_a_change_is_refused() {
+    let n = node_with(&[(
+        "mapSizes",
+        json!({"conntrack": 4096, "policy": 8192, "eventBytes": 65536}),
+    )]);
+    let a = n.add_pod("x", "a", &[80]);
+    let max_entries = |map: &str| {
+        let pin = palisade::dataplane::map_pin(&n.bpf_root, map);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["max_entries"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(max_entries("pal_ct"), 4096);
+    assert_eq!(max_entries("pal_policy"), 8192);
+    assert_eq!(max_entries("pal_events"), 65536);
+    assert_eq!(max_entries("pal_endpoints"), 4096, "a default for the rest");
+
+    let call = Call {
+        container_id: "resized".into(),
+        netns: a.netns.display().to_string(),
+        ifname: "eth0".into(),
+        args: String::new(),
+    };
+    let r = n.chain.exec_palisade(
+        "ADD",
+        &[(
+            "mapSizes",
+            json!({"conntrack": 8192, "policy": 8192, "eventBytes": 65536}),
+        )],
+        Some(&a.result),
+        &call,
+    );
+    expect_code(r, 7, "4096 entries and this configuration asks for 8192");
+    let r = n.chain.exec_palisade(
+        "ADD",
+        &[(
+            "mapSizes",
+            json!({"conntrack": 8192, "policy": 8192, "eventBytes": 65536}),
+        )],
+        Some(&a.result),
+        &call,
+    );
+    expect_code(r, 7, "palisadectl reset --yes");
+    for (bad, words) in [
+        (
+            json!({"conntrak": 4096}),
+            "not a map size; the sizes are endpoints",
+        ),
+        (json!({"eventBytes": 10000}), "power of two"),
+        (json!({"policy": 0}), "mapSizes.policy: 0 is not between 1"),
+    ] {
+        let r = n
+            .chain
+            .exec_palisade("ADD", &[("mapSizes", bad)], Some(&a.result), &call);
+        expect_code(r, 7, words);
+    }
+    assert_eq!(
+        n.endpoints().len(),
+        1,
+        "nothing was added by the refused ADDs"
+    );
+
+    // A daemon asked for other capacities does not start on these maps.
+    let out = n
+        .netns
+        .command(n.bin_dir.join("palisadectl"))
+        .args([
+            "daemon",
+            "--map-size",
+            "conntrack=8192",
+            "--map-size",
+            "policy=8192",
+            "--map-size",
+            "eventBytes=65536",
+            "--dns-proxy-port",
+            "0",
+        ])
+        .env("PALISADE_STATE_DIR", &n.state_dir)
+        .env("PALISADE_BPF_ROOT", &n.bpf_root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("asks for 8192"),
+        "the daemon must refuse: {text}"
+    );
+}

@@ -3,7 +3,7 @@
 //! or clsact filters, and diff-syncs the maps.
 //!
 //! Layout under the root (default `/sys/fs/bpf/palisade`):
-//! `maps/<name>`, `progs/<object hash>/{from_container,to_container}`,
+//! `maps-v<ABI version>/<name>`, `progs/<object hash>/{from_container,to_container}`,
 //! `links/ep<id>-{from,to}-container`.
 
 use std::{
@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AttachMode, Attachment, CounterRow, Dataplane, DataplaneError, DataplaneStatus, Lookup,
-    LookupAnswer, MapFill, NlFilter, ProgramStatus, SyncReport,
+    LookupAnswer, MapFill, MapSizes, NlFilter, ProgramStatus, SyncReport,
 };
 use crate::{
     abi::{
@@ -209,6 +209,10 @@ pub struct KernelDataplane {
     mode: AttachMode,
     maps: Option<Maps>,
     objects: Option<Objects>,
+    /// Capacities for maps this creates; checked against pinned maps when
+    /// they were given explicitly.
+    sizes: MapSizes,
+    sizes_explicit: bool,
 }
 
 fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -229,7 +233,21 @@ impl KernelDataplane {
             mode,
             maps: None,
             objects: None,
+            sizes: MapSizes::default(),
+            sizes_explicit: false,
         }
+    }
+
+    /// Create maps with these capacities, and refuse pinned maps created
+    /// with others (a capacity is fixed when a map is created). Without
+    /// this, the defaults are used to create and pinned maps are taken as
+    /// they are.
+    pub fn with_sizes(mut self, sizes: Option<MapSizes>) -> Self {
+        if let Some(sizes) = sizes {
+            self.sizes = sizes;
+            self.sizes_explicit = true;
+        }
+        self
     }
 
     /// Load the programs from these clang-built objects instead of the ones
@@ -364,6 +382,9 @@ impl KernelDataplane {
     }
 
     fn check_pinned_maps(&self) -> Result<(), DataplaneError> {
+        if self.sizes_explicit {
+            super::check_map_sizes(&self.root, &self.sizes)?;
+        }
         for (name, kind, key, value) in MAPS {
             let path = self.maps_dir().join(name);
             if !path.exists() {
@@ -406,8 +427,12 @@ impl KernelDataplane {
             if pin.exists() {
                 continue;
             }
-            let mut bpf = EbpfLoader::new()
-                .default_map_pin_directory(self.maps_dir())
+            let mut loader = EbpfLoader::new();
+            loader.default_map_pin_directory(self.maps_dir());
+            for (map, _, entries) in self.sizes.iter() {
+                loader.map_max_entries(map, entries);
+            }
+            let mut bpf = loader
                 .load(self.object(&spec))
                 .map_err(|e| DataplaneError::Load {
                     object: spec.pin,
