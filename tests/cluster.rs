@@ -693,11 +693,9 @@ spec:
 fn a_palisade_network_policy_from_the_api_allows_a_domain_on_every_node() {
     use hickory_proto::rr::RecordType;
     use testbed::{
-        dns::{Unbound, query},
+        dns::{SMALL_API_V4 as API, SMALL_OTHER_V4 as OTHER, query, small_zone},
         node::WORLD_V4,
     };
-    const API: &str = "203.0.113.21";
-    const OTHER: &str = "203.0.113.23";
     let c = Cluster::with_world(
         2,
         Topology::HostGw,
@@ -706,28 +704,7 @@ fn a_palisade_network_policy_from_the_api_allows_a_domain_on_every_node() {
         Some(vec![80]),
     );
     let world = &c.nodes[0].world.as_ref().unwrap().netns;
-    for a in [API, OTHER] {
-        testbed::sys::ip(&[
-            "-n",
-            &world.name,
-            "addr",
-            "add",
-            &format!("{a}/32"),
-            "dev",
-            "eth0",
-        ]);
-    }
-    let _dns = Unbound::start(
-        world,
-        &c.dir().join("unbound"),
-        &[WORLD_V4.parse().unwrap()],
-        &["example.test.", "blocked.test."],
-        &[
-            format!("api.example.test. 60 IN A {API}"),
-            format!("other.example.test. 60 IN A {OTHER}"),
-            "x.blocked.test. 60 IN A 203.0.113.25".to_owned(),
-        ],
-    );
+    let _dns = small_zone(world, &c.dir().join("unbound"), WORLD_V4.parse().unwrap());
     c.namespace("x", &[]);
     let pods = [
         c.add_pod(0, "x", "w0", &[("app", "web")], &[]),

@@ -24,7 +24,7 @@ use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use testbed::{
     chain::Call,
-    dns::{Unbound, query},
+    dns::{SMALL_API_V4, SMALL_OTHER_V4, query, small_zone},
     matrix::{Peer, probe_all},
     node::{Node, NodeOptions, WORLD_V4},
     probe::{PROBE_TIMEOUT, Proto, probe},
@@ -60,8 +60,8 @@ fn node() -> Node {
 }
 
 /// Addresses the DNS case's zone hands out (held by the outside host).
-const API_V4: &str = "203.0.113.21";
-const OTHER_V4: &str = "203.0.113.23";
+const API_V4: &str = SMALL_API_V4;
+const OTHER_V4: &str = SMALL_OTHER_V4;
 
 /// The DNS case: `client` (in `namespace`) may resolve `*.example.test`
 /// and reach api.example.test on TCP 80, and nothing else outside.
@@ -94,29 +94,7 @@ fn check_dns(node: &Node, client: &Peer, namespace: &str) {
         .as_ref()
         .expect("the node has an outside host")
         .netns;
-    for a in [API_V4, OTHER_V4] {
-        testbed::sys::ip(&[
-            "-n",
-            &world.name,
-            "addr",
-            "add",
-            &format!("{a}/32"),
-            "dev",
-            "eth0",
-        ]);
-    }
-    let records = [
-        format!("api.example.test. 60 IN A {API_V4}"),
-        format!("other.example.test. 60 IN A {OTHER_V4}"),
-        "x.blocked.test. 60 IN A 203.0.113.25".to_owned(),
-    ];
-    let _dns = Unbound::start(
-        world,
-        &node.dir.join("unbound"),
-        &[WORLD_V4.parse().unwrap()],
-        &["example.test.", "blocked.test."],
-        &records,
-    );
+    let _dns = small_zone(world, &node.dir.join("unbound"), WORLD_V4.parse().unwrap());
     let started = node.daemon_pid().is_none();
     if started {
         node.start_daemon();

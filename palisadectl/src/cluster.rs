@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures::{StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -326,6 +326,56 @@ fn item<K: Resource>(obj: &K, convert: Convert<K>, side_of: SideOf<K>) -> Item {
     }
 }
 
+type WatchStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch that lists again at once, instead of after its backoff, when
+/// the applier asks (a kick) while its last attempt failed: other watches
+/// relist, and it should list with them.
+struct Restartable<K, F> {
+    start: F,
+    stream: WatchStream<K>,
+    failed: bool,
+}
+
+impl<K, F: Fn() -> WatchStream<K>> Restartable<K, F> {
+    fn new(start: F) -> Self {
+        let stream = start();
+        Self {
+            start,
+            stream,
+            failed: false,
+        }
+    }
+
+    async fn next(&mut self, kick: &mut Kick) -> Result<Option<watcher::Event<K>>, watcher::Error> {
+        loop {
+            tokio::select! {
+                next = self.stream.try_next() => {
+                    self.failed = next.is_err();
+                    return next;
+                }
+                Ok(()) = kick.changed() => {
+                    if self.failed {
+                        self.stream = (self.start)();
+                        self.failed = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The message for a watch event, objects converted by `convert`.
+fn msg_of<K>(which: Watch, ev: watcher::Event<K>, convert: impl Fn(&K) -> Item) -> Msg {
+    match ev {
+        watcher::Event::Init => Msg::ListStart(which),
+        watcher::Event::InitApply(o) => Msg::Listed(which, convert(&o)),
+        watcher::Event::InitDone => Msg::ListDone(which),
+        watcher::Event::Apply(o) => Msg::Apply(which, Instant::now(), convert(&o)),
+        watcher::Event::Delete(o) => Msg::Delete(which, Instant::now(), convert(&o)),
+    }
+}
+
 /// Watch one kind cluster-wide until the process ends.
 fn spawn_watch<K>(
     client: Client,
@@ -339,38 +389,14 @@ fn spawn_watch<K>(
 {
     tokio::spawn(async move {
         let api: Api<K> = Api::all(client);
-        let start = || {
+        let mut stream = Restartable::new(|| {
             watcher(api.clone(), watcher::Config::default())
                 .default_backoff()
                 .boxed()
-        };
-        let mut stream = start();
-        let mut failed = false;
+        });
         loop {
-            let next = tokio::select! {
-                next = stream.try_next() => next,
-                Ok(()) = kick.changed() => {
-                    if failed {
-                        // Other watches relist: list now, with them.
-                        stream = start();
-                        failed = false;
-                    }
-                    continue;
-                }
-            };
-            failed = next.is_err();
-            let msg = match next {
-                Ok(Some(ev)) => match ev {
-                    watcher::Event::Init => Msg::ListStart(which),
-                    watcher::Event::InitApply(o) => Msg::Listed(which, item(&o, convert, side_of)),
-                    watcher::Event::InitDone => Msg::ListDone(which),
-                    watcher::Event::Apply(o) => {
-                        Msg::Apply(which, Instant::now(), item(&o, convert, side_of))
-                    }
-                    watcher::Event::Delete(o) => {
-                        Msg::Delete(which, Instant::now(), item(&o, convert, side_of))
-                    }
-                },
+            let msg = match stream.next(&mut kick).await {
+                Ok(Some(ev)) => msg_of(which, ev, |o| item(o, convert, side_of)),
                 Ok(None) => return,
                 Err(e) => Msg::Failed(which, e.to_string()),
             };
@@ -445,13 +471,11 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>, mut kic
                 }
             }
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-            let start = || {
+            let mut stream = Restartable::new(|| {
                 watcher(api.clone(), watcher::Config::default())
                     .default_backoff()
                     .boxed()
-            };
-            let mut stream = start();
-            let mut failed = false;
+            });
             let convert = |o: &DynamicObject| -> Item {
                 // Cluster-scoped kinds have no namespace.
                 let key = (o.namespace().unwrap_or_default(), o.name_any());
@@ -482,27 +506,8 @@ fn spawn_tier_watch(client: Client, which: Watch, tx: mpsc::Sender<Msg>, mut kic
                 }
             };
             loop {
-                let next = tokio::select! {
-                    next = stream.try_next() => next,
-                    Ok(()) = kick.changed() => {
-                        if failed {
-                            stream = start();
-                            failed = false;
-                        }
-                        continue;
-                    }
-                };
-                failed = next.is_err();
-                let msg = match next {
-                    Ok(Some(ev)) => match ev {
-                        watcher::Event::Init => Msg::ListStart(which),
-                        watcher::Event::InitApply(o) => Msg::Listed(which, convert(&o)),
-                        watcher::Event::InitDone => Msg::ListDone(which),
-                        watcher::Event::Apply(o) => Msg::Apply(which, Instant::now(), convert(&o)),
-                        watcher::Event::Delete(o) => {
-                            Msg::Delete(which, Instant::now(), convert(&o))
-                        }
-                    },
+                let msg = match stream.next(&mut kick).await {
+                    Ok(Some(ev)) => msg_of(which, ev, convert),
                     Ok(None) => return,
                     // The CRD went away: look for it again.
                     Err(

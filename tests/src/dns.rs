@@ -155,6 +155,39 @@ impl Drop for Unbound {
     }
 }
 
+/// The small zone of the runtime and cluster DNS cases: api.example.test
+/// ([`SMALL_API_V4`]) and other.example.test ([`SMALL_OTHER_V4`]) in
+/// example.test, x.blocked.test in blocked.test; served by unbound on
+/// `server` in `world`, whose `eth0` gets the addresses (its probe server
+/// answers on them).
+pub const SMALL_API_V4: &str = "203.0.113.21";
+pub const SMALL_OTHER_V4: &str = "203.0.113.23";
+
+pub fn small_zone(world: &Netns, dir: &Path, server: IpAddr) -> Unbound {
+    for a in [SMALL_API_V4, SMALL_OTHER_V4] {
+        sys::ip(&[
+            "-n",
+            &world.name,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "eth0",
+        ]);
+    }
+    Unbound::start(
+        world,
+        dir,
+        &[server],
+        &["example.test.", "blocked.test."],
+        &[
+            format!("api.example.test. 60 IN A {SMALL_API_V4}"),
+            format!("other.example.test. 60 IN A {SMALL_OTHER_V4}"),
+            "x.blocked.test. 60 IN A 203.0.113.25".to_owned(),
+        ],
+    )
+}
+
 /// The answer to one query.
 #[derive(Debug, Clone)]
 pub struct Answer {
