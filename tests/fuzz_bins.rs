@@ -125,8 +125,6 @@ const KEYS: &[&str] = &[
     "podWaitSeconds",
     "kubernetes",
     "cni.dev/valid-attachments",
-    "mapSizes",
-    "conntrack",
 ];
 
 fn leaf() -> impl Strategy<Value = Value> {

@@ -2,8 +2,8 @@
 /*
  * Every map of the datapath. All are pinned by name, so both programs (and
  * every later load of them) share one instance per pin directory, and the
- * maps outlive the processes that created them. Sizes here are the
- * defaults (PAL_SIZE_*); user space may set others when it creates them.
+ * maps outlive the processes that created them. Sizes here are defaults;
+ * user space may override max_entries at load time.
  */
 #ifndef PALISADE_MAPS_H
 #define PALISADE_MAPS_H
@@ -15,7 +15,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PAL_SIZE_ENDPOINTS);
+	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct pal_endpoint);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -23,7 +23,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PAL_SIZE_SRCGUARD);
+	__uint(max_entries, 131072);
 	__type(key, struct pal_srcguard_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -32,7 +32,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, PAL_SIZE_IPCACHE);
+	__uint(max_entries, 262144);
 	__type(key, struct pal_ipcache_key);
 	__type(value, struct pal_ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
@@ -41,7 +41,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PAL_SIZE_IPCACHE_HOST);
+	__uint(max_entries, 262144);
 	__type(key, struct pal_ipcache_host_key);
 	__type(value, struct pal_ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -50,7 +50,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PAL_SIZE_POLICY);
+	__uint(max_entries, 1048576);
 	__type(key, struct pal_policy_key);
 	__type(value, struct pal_policy_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -59,7 +59,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PAL_SIZE_CT);
+	__uint(max_entries, 131072);
 	__type(key, struct pal_ct_key);
 	__type(value, struct pal_ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -67,7 +67,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PAL_SIZE_FRAG);
+	__uint(max_entries, 8192);
 	__type(key, struct pal_frag_key);
 	__type(value, struct pal_frag_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -83,7 +83,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, PAL_SIZE_COUNTERS);
+	__uint(max_entries, 16384);
 	__type(key, struct pal_counter_key);
 	__type(value, struct pal_counter_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -91,7 +91,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, PAL_SIZE_EVENTS); /* bytes */
+	__uint(max_entries, 1 << 20); /* bytes */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_events SEC(".maps");
 
@@ -113,7 +113,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PAL_SIZE_SVC);
+	__uint(max_entries, 65536);
 	__type(key, struct pal_svc_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -122,7 +122,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
+	__uint(max_entries, 65536);
 	__type(key, struct pal_svc_flow_key);
 	__type(value, struct pal_svc_flow_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

@@ -262,10 +262,6 @@ const CNI_KEYS: &[&str] = &[
     "socket",
     "podWaitSeconds",
     "kubernetes",
-    "mapSizes",
-    "conntrack",
-    "policy",
-    "eventBytes",
 ];
 
 fn cni_seeds() -> Vec<Value> {

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AttachMode, Attachment, CounterRow, Dataplane, DataplaneError, DataplaneStatus, Lookup,
-    LookupAnswer, MapFill, MapSizes, NlFilter, ProgramStatus, SyncReport,
+    LookupAnswer, MapFill, NlFilter, ProgramStatus, SyncReport,
 };
 use crate::{
     abi::{
@@ -209,10 +209,6 @@ pub struct KernelDataplane {
     mode: AttachMode,
     maps: Option<Maps>,
     objects: Option<Objects>,
-    /// Capacities for maps this creates; checked against pinned maps when
-    /// they were given explicitly.
-    sizes: MapSizes,
-    sizes_explicit: bool,
 }
 
 fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -233,21 +229,7 @@ impl KernelDataplane {
             mode,
             maps: None,
             objects: None,
-            sizes: MapSizes::default(),
-            sizes_explicit: false,
         }
-    }
-
-    /// Create maps with these capacities, and refuse pinned maps created
-    /// with others (a capacity is fixed when a map is created). Without
-    /// this, the defaults are used to create and pinned maps are taken as
-    /// they are.
-    pub fn with_sizes(mut self, sizes: Option<MapSizes>) -> Self {
-        if let Some(sizes) = sizes {
-            self.sizes = sizes;
-            self.sizes_explicit = true;
-        }
-        self
     }
 
     /// Load the programs from these clang-built objects instead of the ones
@@ -382,9 +364,6 @@ impl KernelDataplane {
     }
 
     fn check_pinned_maps(&self) -> Result<(), DataplaneError> {
-        if self.sizes_explicit {
-            super::check_map_sizes(&self.root, &self.sizes)?;
-        }
         for (name, kind, key, value) in MAPS {
             let path = self.maps_dir().join(name);
             if !path.exists() {
@@ -427,12 +406,8 @@ impl KernelDataplane {
             if pin.exists() {
                 continue;
             }
-            let mut loader = EbpfLoader::new();
-            loader.default_map_pin_directory(self.maps_dir());
-            for (map, _, entries) in self.sizes.iter() {
-                loader.map_max_entries(map, entries);
-            }
-            let mut bpf = loader
+            let mut bpf = EbpfLoader::new()
+                .default_map_pin_directory(self.maps_dir())
                 .load(self.object(&spec))
                 .map_err(|e| DataplaneError::Load {
                     object: spec.pin,

@@ -184,13 +184,7 @@ fn start_servers(procs: &mut Procs, pod: &BenchPod) {
 }
 
 fn build() -> Bed {
-    // Up to 10,000 rules: a large node's capacities.
-    let mut palisade = serde_json::Map::new();
-    palisade.insert("mapSizes".into(), testbed::node::large_map_sizes());
-    let node = Node::new(NodeOptions {
-        palisade,
-        ..NodeOptions::default()
-    });
+    let node = Node::new(NodeOptions::default());
     node.apply(
         r#"
 apiVersion: v1
