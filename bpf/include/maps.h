@@ -57,13 +57,36 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_policy SEC(".maps");
 
+/* The template of every endpoint's conntrack table (user space creates one
+ * per endpoint and direction with the endpoint's budget as max_entries). */
+struct pal_ct_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	/* Sizes, not types: the types would reach BTF only as forward
+	 * declarations here, which aya's loader cannot size. */
+	__uint(key_size, sizeof(struct pal_ct_key));
+	__uint(value_size, sizeof(struct pal_ct_value));
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the flows */
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct pal_ct_key);
-	__type(value, struct pal_ct_value);
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 131072); /* two per endpoint */
+	__type(key, __u32);	     /* PAL_CT_TABLE(ep_id, direction) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_ct SEC(".maps");
+	__array(values, struct pal_ct_table);
+} pal_ct_tables SEC(".maps");
+
+/* Per endpoint and direction: when its table was last swept of expired
+ * flows, and how many new flows its budget refused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u32); /* PAL_CT_TABLE(ep_id, direction) */
+	__type(value, struct pal_budget);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_budget SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

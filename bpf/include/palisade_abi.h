@@ -85,6 +85,7 @@
 #define PAL_DROP_REVOKED	  (-6)
 #define PAL_DROP_SPOOFED	  (-7)
 #define PAL_DROP_NO_PROXY	  (-8) /* redirected, but no proxy listens */
+#define PAL_DROP_BUDGET		  (-9) /* the endpoint's conntrack table is full */
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
@@ -188,10 +189,18 @@ struct pal_policy_value {
  * the rule that decided (verdict); reported if the flow ends up allowed. */
 #define PAL_POLICY_F_AUDIT (1U << 0)
 
-/* pal_ct: LRU_HASH. One entry per flow per endpoint, keyed by the
- * direction and tuple of the packet that opened it. The client's and the
- * server's endpoints each keep their own entry, so one side's decision never
- * lets the other side skip its own check. */
+/* Conntrack: one entry per flow per endpoint, keyed by the direction and
+ * tuple of the packet that opened it. The client's and the server's
+ * endpoints each keep their own entry, so one side's decision never lets the
+ * other side skip its own check.
+ *
+ * Every endpoint has two tables of its own (pal_ct_tables, a hash of maps
+ * keyed by PAL_CT_TABLE(ep_id, direction)): the flows it opened (egress)
+ * and the flows opened towards it (ingress). Each is a hash without
+ * preallocation whose max_entries is the endpoint's budget: a full table
+ * refuses new flows of that endpoint and direction (PAL_DROP_BUDGET), and
+ * nothing one endpoint does can evict another endpoint's flows. */
+#define PAL_CT_TABLE(ep_id, dir) (((__u32)(ep_id) << 1) | ((dir) & 1))
 struct pal_ct_key {
 	__u32 ep_id;
 	__u8 direction; /* direction of the opening packet */
@@ -228,6 +237,16 @@ struct pal_ct_value {
 	__u8 verdict;	 /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
 	__u8 pad;
 	__u16 flags; /* PAL_CT_* */
+};
+
+/* pal_budget: HASH, keyed by PAL_CT_TABLE(ep_id, direction). User space
+ * writes it with the table (capacity); the datapath keeps the rest. */
+struct pal_budget {
+	__u64 swept_ns; /* last sweep of expired flows from the full table */
+	__u64 refused;	/* new flows refused since the table was created */
+	__u64 last_refused_ns;
+	__u32 capacity; /* the table's max_entries */
+	__u32 pad;
 };
 
 /* pal_srcguard: HASH. The addresses each endpoint owns: a container may
@@ -375,6 +394,8 @@ _Static_assert(sizeof(struct pal_ct_key) == 44,
 	       "struct pal_ct_key changed size");
 _Static_assert(sizeof(struct pal_ct_value) == 48,
 	       "struct pal_ct_value changed size");
+_Static_assert(sizeof(struct pal_budget) == 32,
+	       "struct pal_budget changed size");
 _Static_assert(sizeof(struct pal_srcguard_key) == 20,
 	       "struct pal_srcguard_key changed size");
 _Static_assert(sizeof(struct pal_frag_key) == 44,

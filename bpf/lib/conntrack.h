@@ -1,10 +1,16 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * palisade's own connection tracking: one LRU entry per flow per endpoint,
- * keyed by the direction and tuple of the packet that opened the flow. A
- * packet matches its flow either forwards (same direction, same tuple) or as
- * a reply (opposite direction, reversed tuple): two hash lookups, whatever
+ * palisade's own connection tracking: one entry per flow per endpoint,
+ * keyed by the direction and tuple of the packet that opened the flow, in
+ * the endpoint's own table for that direction (pal_ct_tables). A packet
+ * matches its flow either forwards (same direction, same tuple) or as a
+ * reply (opposite direction, reversed tuple): two hash lookups, whatever
  * the number of flows.
+ *
+ * A table's capacity is the endpoint's budget. When it is full, expired
+ * flows are swept from it (at most once per PAL_CT_SWEEP_INTERVAL) and, if
+ * it is still full, the new flow is refused: a flood fills its own table
+ * and never touches another endpoint's.
  */
 #ifndef PALISADE_CONNTRACK_H
 #define PALISADE_CONNTRACK_H
@@ -18,6 +24,9 @@
 #define PAL_CT_TCP_OPENING     (60ULL * PAL_NSEC)
 #define PAL_CT_TCP_CLOSING     (10ULL * PAL_NSEC)
 #define PAL_CT_OTHER	       (60ULL * PAL_NSEC)
+
+/* A full table is swept of expired flows at most this often. */
+#define PAL_CT_SWEEP_INTERVAL (1ULL * PAL_NSEC)
 
 #define PAL_CT_NEW	   0
 #define PAL_CT_ESTABLISHED 1 /* same direction as the opening packet */
@@ -60,6 +69,32 @@ static __always_inline int pal_ct_expired(const struct pal_ct_value *v,
 	return now - v->last_seen_ns > timeout;
 }
 
+/* The endpoint's table of flows opened in direction dir (0: none). */
+static __always_inline void *pal_ct_table(__u32 ep_id, __u8 dir)
+{
+	__u32 k = PAL_CT_TABLE(ep_id, dir);
+
+	return bpf_map_lookup_elem(&pal_ct_tables, &k);
+}
+
+static __always_inline struct pal_ct_value *
+pal_ct_find(const struct pal_ct_key *key)
+{
+	void *table = pal_ct_table(key->ep_id, key->direction);
+
+	if (!table)
+		return 0;
+	return bpf_map_lookup_elem(table, key);
+}
+
+static __always_inline void pal_ct_delete(const struct pal_ct_key *key)
+{
+	void *table = pal_ct_table(key->ep_id, key->direction);
+
+	if (table)
+		bpf_map_delete_elem(table, key);
+}
+
 /*
  * Find the flow of a packet travelling in direction dir at endpoint ep_id.
  * On a hit, *key holds the entry's key and the entry is returned.
@@ -71,13 +106,13 @@ pal_ct_lookup(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u64 now,
 	struct pal_ct_value *v;
 
 	pal_ct_key_make(key, ep_id, dir, t, 0);
-	v = bpf_map_lookup_elem(&pal_ct, key);
+	v = pal_ct_find(key);
 	if (v && !pal_ct_expired(v, t->protocol, now)) {
 		*result = PAL_CT_ESTABLISHED;
 		return v;
 	}
 	pal_ct_key_make(key, ep_id, dir ^ 1, t, 1);
-	v = bpf_map_lookup_elem(&pal_ct, key);
+	v = pal_ct_find(key);
 	if (v && !pal_ct_expired(v, t->protocol, now)) {
 		*result = PAL_CT_REPLY;
 		return v;
@@ -102,14 +137,68 @@ static __always_inline void pal_ct_touch(struct pal_ct_value *v, int result,
 						   : PAL_CT_TCP_FIN_FWD;
 }
 
-static __always_inline void
+struct bpf_map;
+
+struct pal_ct_sweep {
+	__u64 now;
+	__u32 freed; /* a flag, not a count: the verifier's states converge */
+};
+
+/* bpf_for_each_map_elem callback: drop one expired flow. */
+static long pal_ct_sweep_one(struct bpf_map *table, struct pal_ct_key *key,
+			     struct pal_ct_value *v, struct pal_ct_sweep *ctx)
+{
+	if (pal_ct_expired(v, key->protocol, ctx->now) &&
+	    bpf_map_delete_elem(table, key) == 0)
+		ctx->freed = 1;
+	return 0;
+}
+
+/*
+ * The table of key's endpoint and direction is full: sweep it of expired
+ * flows, unless that was done less than PAL_CT_SWEEP_INTERVAL ago. Returns
+ * whether anything was freed; counts the refusal otherwise.
+ */
+static __always_inline int pal_ct_make_room(void *table, __u32 table_id,
+					    __u64 now)
+{
+	struct pal_ct_sweep ctx = { .now = now };
+	struct pal_budget fresh = {}, *b;
+
+	b = bpf_map_lookup_elem(&pal_budget, &table_id);
+	if (!b) {
+		bpf_map_update_elem(&pal_budget, &table_id, &fresh,
+				    BPF_NOEXIST);
+		b = bpf_map_lookup_elem(&pal_budget, &table_id);
+		if (!b)
+			return 0;
+	}
+	if (now - b->swept_ns >= PAL_CT_SWEEP_INTERVAL) {
+		b->swept_ns = now;
+		bpf_for_each_map_elem(table, pal_ct_sweep_one, &ctx, 0);
+		if (ctx.freed)
+			return 1;
+	}
+	__sync_fetch_and_add(&b->refused, 1);
+	b->last_refused_ns = now;
+	return 0;
+}
+
+/* Track a new flow. Returns 0, or -1 when the endpoint's budget for this
+ * direction is spent (or it has no table: fail closed). */
+static __always_inline int
 pal_ct_create(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u8 verdict,
 	      __u32 policy_id, __u32 peer_id, __u32 epoch, __u32 len,
 	      __u8 tcp_flags, __u16 flags, __u64 now)
 {
+	__u32 table_id = PAL_CT_TABLE(ep_id, dir);
 	struct pal_ct_key k = {};
 	struct pal_ct_value v = {};
+	void *table;
 
+	table = bpf_map_lookup_elem(&pal_ct_tables, &table_id);
+	if (!table)
+		return -1;
 	pal_ct_key_make(&k, ep_id, dir, t, 0);
 	v.created_ns = now;
 	v.last_seen_ns = now;
@@ -125,7 +214,11 @@ pal_ct_create(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u8 verdict,
 	if (tcp_flags & PAL_TCP_FIN)
 		v.flags |= PAL_CT_TCP_FIN_FWD;
 	/* BPF_ANY: a closed flow reopened with a new SYN replaces its entry. */
-	bpf_map_update_elem(&pal_ct, &k, &v, BPF_ANY);
+	if (bpf_map_update_elem(table, &k, &v, BPF_ANY) == 0)
+		return 0;
+	if (!pal_ct_make_room(table, table_id, now))
+		return -1;
+	return bpf_map_update_elem(table, &k, &v, BPF_ANY) == 0 ? 0 : -1;
 }
 
 #endif /* PALISADE_CONNTRACK_H */

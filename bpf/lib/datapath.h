@@ -466,7 +466,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			orig->protocol = ck->protocol;
 			pal_decide(ep, ck->direction, orig, cfg, &d);
 			if (d.verdict == PAL_VERDICT_DENY) {
-				bpf_map_delete_elem(&pal_ct, ck);
+				pal_ct_delete(ck);
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
 						   PAL_DROP_REVOKED, d.peer_id,
 						   d.policy_id, now);
@@ -504,8 +504,11 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	if (pal_is_dns_redirect(ep, dir, p) && pal_to_dns_proxy(skb, p) < 0)
 		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_NO_PROXY,
 				   d.peer_id, d.policy_id, now);
-	pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id, d.peer_id,
-		      cfg->epoch, skb->len, p->tcp_flags, ct_flags, now);
+	if (pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id,
+			  d.peer_id, cfg->epoch, skb->len, p->tcp_flags,
+			  ct_flags, now) < 0)
+		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_BUDGET,
+				   d.peer_id, d.policy_id, now);
 	pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
 	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, &p->t, PAL_EVENT_FLOW,
 		 d.verdict, d.reason, d.peer_id, d.policy_id, now);

@@ -172,6 +172,8 @@ pub enum Reason {
     DropSpoofed,
     /// Redirected to a proxy that does not run (fail closed).
     DropNoProxy,
+    /// A new flow beyond the endpoint's conntrack budget.
+    DropBudget,
     /// A code this build has no name for; its text keeps the code.
     Unknown(i8),
     /// Text this build cannot read back (a flow log written by another
@@ -198,6 +200,7 @@ impl Reason {
             -6 => Self::DropRevoked,
             -7 => Self::DropSpoofed,
             -8 => Self::DropNoProxy,
+            -9 => Self::DropBudget,
             other => Self::Unknown(other),
         }
     }
@@ -229,12 +232,15 @@ impl Reason {
             Self::DropRevoked => "flow no longer allowed after a policy change",
             Self::DropSpoofed => "sent from an address the container does not own",
             Self::DropNoProxy => "for the DNS proxy, which does not run (fail closed)",
+            Self::DropBudget => {
+                "budget exceeded: the endpoint's conntrack table for this direction is full"
+            }
             Self::Unknown(_) | Self::Unrecognised => "unknown reason",
         }
     }
 
     /// Every reason with a code, for reading text back.
-    const KNOWN: [Self; 15] = [
+    const KNOWN: [Self; 16] = [
         Self::Policy,
         Self::NotIsolated,
         Self::Host,
@@ -250,6 +256,7 @@ impl Reason {
         Self::DropRevoked,
         Self::DropSpoofed,
         Self::DropNoProxy,
+        Self::DropBudget,
     ];
 
     /// The reason a text of [`Reason`]'s `Display` stands for; text this
@@ -464,6 +471,25 @@ pub struct CtValue {
     pub flags: u16,
 }
 
+/// `struct pal_budget`: one endpoint's conntrack budget in one direction,
+/// as the datapath spends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct BudgetValue {
+    pub swept_ns: u64,
+    pub refused: u64,
+    pub last_refused_ns: u64,
+    /// The table's max_entries, written with it by user space.
+    pub capacity: u32,
+    pub pad: u32,
+}
+
+/// `PAL_CT_TABLE`: the key of an endpoint's conntrack table for flows
+/// opened in `direction`.
+pub const fn ct_table(ep_id: u32, direction: u8) -> u32 {
+    (ep_id << 1) | (direction as u32 & 1)
+}
+
 /// `struct pal_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
@@ -666,6 +692,10 @@ same_layout!(CtKey = c::pal_ct_key {
     ep_id = ep_id, direction = direction, protocol = protocol, pad = pad, saddr = saddr,
     daddr = daddr, sport_be = sport, dport_be = dport,
 });
+same_layout!(BudgetValue = c::pal_budget {
+    swept_ns = swept_ns, refused = refused, last_refused_ns = last_refused_ns,
+    capacity = capacity, pad = pad,
+});
 same_layout!(CtValue = c::pal_ct_value {
     created_ns = created_ns, last_seen_ns = last_seen_ns, packets = packets, bytes = bytes,
     epoch = epoch, policy_id = policy_id, peer_id = peer_id, verdict = verdict, pad = pad,
@@ -785,6 +815,7 @@ same_reason! {
     DropRevoked => c::PAL_DROP_REVOKED,
     DropSpoofed => c::PAL_DROP_SPOOFED,
     DropNoProxy => c::PAL_DROP_NO_PROXY,
+    DropBudget => c::PAL_DROP_BUDGET,
 }
 
 // SAFETY: all of these are `repr(C)` structs of integers and byte arrays
@@ -799,6 +830,7 @@ unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for BudgetValue {}
 unsafe impl aya::Pod for ConfigValue {}
 unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for CounterValue {}

@@ -16,7 +16,8 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuHashMap,
+        Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
+        PerCpuArray, PerCpuHashMap,
         lpm_trie::Key as LpmKey,
     },
     programs::{
@@ -110,12 +111,8 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
         size_of::<PolicyKey>(),
         size_of::<PolicyValue>(),
     ),
-    (
-        "pal_ct",
-        MapType::LruHash,
-        size_of::<CtKey>(),
-        size_of::<CtValue>(),
-    ),
+    ("pal_ct_tables", MapType::HashOfMaps, 4, 4),
+    ("pal_budget", MapType::Hash, 4, size_of::<abi::BudgetValue>()),
     (
         "pal_frag",
         MapType::LruHash,
@@ -178,6 +175,81 @@ type Ipcache = LpmTrie<MapData, IpcacheAddr, IpcacheValue>;
 type IpcacheHost = HashMap<MapData, IpcacheAddr, IpcacheValue>;
 type PolicyMap = HashMap<MapData, PolicyKey, PolicyValue>;
 type Srcguard = HashMap<MapData, SrcguardKey, u32>;
+/// One endpoint's flows opened in one direction (`struct pal_ct_table`).
+type CtTable = HashMap<MapData, CtKey, CtValue>;
+type CtTables = HashOfMaps<MapData, u32, CtTable>;
+
+/// Flows an endpoint may track in each direction unless configured
+/// otherwise: the capacity of each of its two conntrack tables.
+pub const CT_BUDGET_DEFAULT: u32 = 16384;
+
+/// `BPF_F_NO_PREALLOC`, as `struct pal_ct_table` has it (an inner map
+/// must match its template).
+const NO_PREALLOC: u32 = 1;
+
+/// Give endpoint `ep_id` its two conntrack tables of `budget` flows each,
+/// unless it has them (`have`: the tables there are). Returns how many were
+/// created.
+fn ensure_ct_tables(
+    tables: &mut CtTables,
+    spent: &mut HashMap<MapData, u32, abi::BudgetValue>,
+    have: &BTreeSet<u32>,
+    ep_id: u32,
+    budget: u32,
+) -> Result<u64, DataplaneError> {
+    let mut created = 0;
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let id = abi::ct_table(ep_id, dir as u8);
+        if have.contains(&id) {
+            continue;
+        }
+        let table =
+            CtTable::create(budget, NO_PREALLOC).map_err(DataplaneError::map("pal_ct_table"))?;
+        let record = abi::BudgetValue {
+            capacity: budget,
+            ..Default::default()
+        };
+        spent
+            .insert(id, record, 0)
+            .map_err(DataplaneError::map("pal_budget"))?;
+        // BPF_NOEXIST: another process may have given it one meanwhile.
+        match tables.insert(id, &table, 1) {
+            Ok(()) => created += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
+        }
+    }
+    Ok(created)
+}
+
+/// The keys of every conntrack table there is.
+fn ct_table_ids(tables: &CtTables) -> Result<BTreeSet<u32>, DataplaneError> {
+    tables
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(DataplaneError::map("pal_ct_tables"))
+}
+
+/// Drop endpoint `ep_id`'s conntrack tables (its flows go with them) and
+/// its budget record.
+fn remove_ct_tables(
+    tables: &mut CtTables,
+    budget: &mut HashMap<MapData, u32, abi::BudgetValue>,
+    ep_id: u32,
+) -> Result<(), DataplaneError> {
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let id = abi::ct_table(ep_id, dir as u8);
+        match tables.remove(&id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
+        }
+        match budget.remove(&id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DataplaneError::map("pal_budget")(e)),
+        }
+    }
+    Ok(())
+}
 
 /// The maps user space writes or reads.
 struct Maps {
@@ -191,6 +263,8 @@ struct Maps {
     config: Array<MapData, ConfigValue>,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     evstats: PerCpuArray<MapData, u64>,
+    ct_tables: CtTables,
+    budget: HashMap<MapData, u32, abi::BudgetValue>,
     /// The kernel's id of `pal_config` when these were opened: a pin that
     /// names another map means the datapath was removed and created again.
     config_id: u32,
@@ -209,6 +283,8 @@ pub struct KernelDataplane {
     mode: AttachMode,
     maps: Option<Maps>,
     objects: Option<Objects>,
+    /// Capacity of the conntrack tables this creates for endpoints.
+    ct_budget: u32,
 }
 
 fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -229,7 +305,17 @@ impl KernelDataplane {
             mode,
             maps: None,
             objects: None,
+            ct_budget: CT_BUDGET_DEFAULT,
         }
+    }
+
+    /// Give endpoints this creates conntrack tables of `budget` flows per
+    /// direction (instead of [`CT_BUDGET_DEFAULT`]).
+    pub fn with_ct_budget(mut self, budget: Option<u32>) -> Self {
+        if let Some(b) = budget {
+            self.ct_budget = b;
+        }
+        self
     }
 
     /// Load the programs from these clang-built objects instead of the ones
@@ -481,6 +567,8 @@ impl KernelDataplane {
             config: typed!("pal_config"),
             counters: typed!("pal_counters"),
             evstats: typed!("pal_evstats"),
+            ct_tables: typed!("pal_ct_tables"),
+            budget: typed!("pal_budget"),
             config_id: self.pinned_config_id().unwrap_or(0),
         })
     }
@@ -758,7 +846,7 @@ fn read_hash_batched<K: aya::Pod + Ord, V: aya::Pod>(
             }
             return Err(DataplaneError::Map {
                 map,
-                source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
                     call: "bpf_map_lookup_batch",
                     io_error: io::Error::from_raw_os_error(e),
                 })),
@@ -1111,6 +1199,7 @@ impl Dataplane for KernelDataplane {
 
     fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
+        let budget = self.ct_budget;
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
 
@@ -1174,6 +1263,17 @@ impl Dataplane for KernelDataplane {
                 .map_err(DataplaneError::map("pal_srcguard"))?;
             report.upserted += 1;
         }
+        // Every endpoint has its conntrack tables before it is registered.
+        let tables = ct_table_ids(&maps.ct_tables)?;
+        for v in desired.endpoints.values() {
+            ensure_ct_tables(
+                &mut maps.ct_tables,
+                &mut maps.budget,
+                &tables,
+                v.ep_id,
+                budget,
+            )?;
+        }
         for (k, v) in &desired.endpoints {
             if cur_eps.get(k) != Some(v) {
                 tracing::debug!("sync: endpoint {k} {v:?} was {:?}", cur_eps.get(k));
@@ -1197,6 +1297,15 @@ impl Dataplane for KernelDataplane {
                 .remove(k)
                 .map_err(DataplaneError::map("pal_srcguard"))?;
             report.deleted += 1;
+        }
+        let live: BTreeSet<u32> = desired.endpoints.values().map(|v| v.ep_id).collect();
+        let stale: BTreeSet<u32> = tables
+            .iter()
+            .map(|id| id >> 1)
+            .filter(|ep| !live.contains(ep))
+            .collect();
+        for ep in stale {
+            remove_ct_tables(&mut maps.ct_tables, &mut maps.budget, ep)?;
         }
         for p in cur_ipcache.keys().filter(|p| !want_ipcache.contains_key(p)) {
             maps.ipcache
@@ -1240,6 +1349,7 @@ impl Dataplane for KernelDataplane {
 
     fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
+        let budget = self.ct_budget;
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
         let ipcache_key = |p: &Prefix| LpmKey::new(p.len, IpcacheAddr { addr: p.addr });
@@ -1274,6 +1384,14 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
+        let mut tables = None;
+        for v in delta.endpoints.iter().filter_map(|(_, v)| v.as_ref()) {
+            let have = match &tables {
+                Some(t) => t,
+                None => tables.insert(ct_table_ids(&maps.ct_tables)?),
+            };
+            ensure_ct_tables(&mut maps.ct_tables, &mut maps.budget, have, v.ep_id, budget)?;
+        }
         for (k, v) in &delta.endpoints {
             if let Some(v) = v {
                 maps.endpoints
@@ -1283,13 +1401,26 @@ impl Dataplane for KernelDataplane {
             }
         }
         // Removing what is already gone is fine (a repaired map, a retry).
-        let gone = |r: Result<(), aya::maps::MapError>, map| match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        let gone = |r: Result<(), MapError>, map| match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(DataplaneError::map(map)(e)),
         };
+        let kept: BTreeSet<u32> = delta
+            .endpoints
+            .iter()
+            .filter_map(|(_, v)| v.map(|v| v.ep_id))
+            .collect();
         for (k, v) in &delta.endpoints {
             if v.is_none() {
+                let old = match maps.endpoints.get(k, 0) {
+                    Ok(old) => Some(old.ep_id),
+                    Err(MapError::KeyNotFound) => None,
+                    Err(e) => return Err(DataplaneError::map("pal_endpoints")(e)),
+                };
                 gone(maps.endpoints.remove(k), "pal_endpoints")?;
+                if let Some(ep) = old.filter(|ep| !kept.contains(ep)) {
+                    remove_ct_tables(&mut maps.ct_tables, &mut maps.budget, ep)?;
+                }
                 report.deleted += 1;
             }
         }
@@ -1367,7 +1498,7 @@ impl Dataplane for KernelDataplane {
         for k in keys {
             match maps.counters.remove(&k) {
                 Ok(()) => {}
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(DataplaneError::map("pal_counters")(e)),
             }
         }
@@ -1431,20 +1562,41 @@ impl Dataplane for KernelDataplane {
             })?;
             Ok(info.max_entries())
         };
-        let ct: HashMap<MapData, CtKey, CtValue> = self
-            .open_map("pal_ct")?
-            .try_into()
-            .map_err(DataplaneError::map("pal_ct"))?;
         let frag: HashMap<MapData, abi::FragKey, abi::FragValue> = self
             .open_map("pal_frag")?
             .try_into()
             .map_err(DataplaneError::map("pal_frag"))?;
+        let (mut flows, mut capacity) = (0u64, 0u64);
+        for (id, table) in ct_tables(&maps.ct_tables)? {
+            let n = table.keys().count() as u64;
+            let spent = match maps.budget.get(&id, 0) {
+                Ok(b) => b,
+                Err(MapError::KeyNotFound) => abi::BudgetValue::default(),
+                Err(e) => return Err(DataplaneError::map("pal_budget")(e)),
+            };
+            let budget = spent.capacity;
+            flows += n;
+            capacity += u64::from(budget);
+            st.budgets.push(super::BudgetFill {
+                ep_id: id >> 1,
+                direction: Direction::from_u8((id & 1) as u8).unwrap_or(Direction::Ingress),
+                flows: n,
+                budget,
+                refused: spent.refused,
+                last_refused_ns: spent.last_refused_ns,
+            });
+        }
+        st.maps.push(MapFill {
+            name: "pal_ct_tables (flows)".into(),
+            entries: flows,
+            max_entries: u32::try_from(capacity).unwrap_or(u32::MAX),
+        });
         for (name, entries) in [
             ("pal_endpoints", maps.endpoints.keys().count()),
             ("pal_ipcache", maps.ipcache.keys().count()),
             ("pal_ipcache_host", maps.ipcache_host.keys().count()),
             ("pal_policy", maps.policy.keys().count()),
-            ("pal_ct", ct.keys().count()),
+            ("pal_ct_tables", maps.ct_tables.keys().count()),
             ("pal_frag", frag.keys().count()),
             ("pal_counters", maps.counters.keys().count()),
         ] {
@@ -1499,14 +1651,14 @@ impl Dataplane for KernelDataplane {
         };
         let host = match maps.ipcache_host.get(&addr, 0) {
             Ok(v) => Some(v.identity),
-            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(MapError::KeyNotFound) => None,
             Err(e) => return Err(DataplaneError::map("pal_ipcache_host")(e)),
         };
         let peer_identity = match host {
             Some(id) => id,
             None => match maps.ipcache.get(&LpmKey::new(128, addr), 0) {
                 Ok(v) => v.identity,
-                Err(aya::maps::MapError::KeyNotFound) => ID_WORLD,
+                Err(MapError::KeyNotFound) => ID_WORLD,
                 Err(e) => return Err(DataplaneError::map("pal_ipcache")(e)),
             },
         };
@@ -1592,7 +1744,7 @@ impl Dataplane for KernelDataplane {
                 for (prefixlen, data) in tries {
                     match maps.policy.get(&PolicyKey { prefixlen, data }, 0) {
                         Ok(v) => return Some(v),
-                        Err(aya::maps::MapError::KeyNotFound) => {}
+                        Err(MapError::KeyNotFound) => {}
                         Err(e) => {
                             error.get_or_insert(DataplaneError::map("pal_policy")(e));
                             return None;
@@ -1639,23 +1791,66 @@ fn tcx_unsupported(e: &DataplaneError) -> bool {
     false
 }
 
-/// Every address a tracked connection uses (either side), from `pal_ct`
-/// under a bpf root; empty when no datapath is loaded there.
-pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneError> {
-    let path = super::map_pin(root, "pal_ct");
-    if !path.exists() {
-        return Ok(BTreeSet::new());
+/// Every conntrack table there is, by key (`PAL_CT_TABLE`).
+fn ct_tables(tables: &CtTables) -> Result<Vec<(u32, CtTable)>, DataplaneError> {
+    let mut out = Vec::new();
+    for id in ct_table_ids(tables)? {
+        match tables.get(&id, 0) {
+            Ok(t) => out.push((id, t)),
+            // Removed since the keys were read: an endpoint deleted.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
+        }
     }
+    Ok(out)
+}
+
+/// Forget every tracked flow of every endpoint under a bpf root (each next
+/// packet is decided afresh). Returns how many flows there were.
+pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
+    let path = super::map_pin(root, "pal_ct_tables");
     let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
-        what: "map pal_ct".into(),
+        what: "map pal_ct_tables".into(),
         path: path.clone(),
         source: e,
     };
     let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
-    let ct: HashMap<MapData, CtKey, CtValue> = Map::from_map_data(data)
+    let tables: CtTables = Map::from_map_data(data)
         .map_err(|e| open_err(boxed(e)))?
         .try_into()
-        .map_err(DataplaneError::map("pal_ct"))?;
+        .map_err(DataplaneError::map("pal_ct_tables"))?;
+    let mut n = 0;
+    for (_, mut table) in ct_tables(&tables)? {
+        let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            match table.remove(&k) {
+                Ok(()) => n += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(DataplaneError::map("pal_ct_table")(e)),
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Every address a tracked connection uses (either side), from every
+/// endpoint's conntrack tables under a bpf root; empty when no datapath is
+/// loaded there.
+pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+    let path = super::map_pin(root, "pal_ct_tables");
+    if !path.exists() {
+        return Ok(BTreeSet::new());
+    }
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
+        what: "map pal_ct_tables".into(),
+        path: path.clone(),
+        source: e,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
+    let tables: CtTables = Map::from_map_data(data)
+        .map_err(|e| open_err(boxed(e)))?
+        .try_into()
+        .map_err(DataplaneError::map("pal_ct_tables"))?;
     // Live as the datapath judges it (`pal_ct_expired`): a closed TCP
     // connection, or one idle past its timeout, uses nothing.
     const SEC: u64 = 1_000_000_000;
@@ -1663,7 +1858,11 @@ pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneErr
         .map(|t| t.tv_sec() as u64 * SEC + t.tv_nsec() as u64)
         .unwrap_or(u64::MAX);
     let mut out = BTreeSet::new();
-    for (k, v) in ct.iter().filter_map(Result::ok) {
+    let flows: Vec<(CtKey, CtValue)> = ct_tables(&tables)?
+        .iter()
+        .flat_map(|(_, t)| t.iter().filter_map(Result::ok).collect::<Vec<_>>())
+        .collect();
+    for (k, v) in flows {
         let (seen_reply, fin_fwd, rst, fin_rev) = (1u16, 2u16, 4u16, 8u16);
         let timeout = if k.protocol == abi::PROTO_TCP {
             let closed = v.flags & rst != 0 || v.flags & (fin_fwd | fin_rev) == (fin_fwd | fin_rev);

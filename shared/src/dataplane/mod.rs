@@ -286,6 +286,31 @@ pub struct DataplaneStatus {
     pub events_sent: u64,
     pub events_rate_limited: u64,
     pub events_ringbuf_full: u64,
+    /// Every endpoint's conntrack tables: how full, how much refused.
+    pub budgets: Vec<BudgetFill>,
+}
+
+/// One endpoint's conntrack table for the flows opened in one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetFill {
+    pub ep_id: u32,
+    pub direction: Direction,
+    /// Flows in the table (expired ones included until they are swept).
+    pub flows: u64,
+    /// The table's capacity: the endpoint's budget.
+    pub budget: u32,
+    /// New flows refused because the table was full.
+    pub refused: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last refusal (0: never).
+    pub last_refused_ns: u64,
+}
+
+impl BudgetFill {
+    /// At its limit: full now.
+    pub fn full(&self) -> bool {
+        self.flows >= u64::from(self.budget)
+    }
 }
 
 /// A policy question asked of the live maps.

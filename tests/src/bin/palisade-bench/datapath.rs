@@ -12,9 +12,9 @@ use std::{
     time::Instant,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::MapData;
 use palisade::{
-    abi::{CtKey, CtValue, Direction},
+    abi::Direction,
     compile::EndpointView,
 };
 use serde_json::json;
@@ -197,16 +197,9 @@ fn tcp(src: &str, sport: u16, flags: u8) -> Vec<u8> {
     )
 }
 
-/// Empty the conntrack table, so that "new flow" packets are new.
+/// Empty the conntrack tables, so that "new flow" packets are new.
 fn flush_ct(root: &Path) {
-    let data =
-        MapData::from_pin(palisade::dataplane::map_pin(root, "pal_ct")).expect("open pal_ct");
-    let mut ct: BpfHashMap<MapData, CtKey, CtValue> =
-        BpfHashMap::try_from(Map::LruHashMap(data)).expect("pal_ct is a hash map");
-    let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
-    for k in keys {
-        let _ = ct.remove(&k);
-    }
+    palisade::dataplane::kernel::conntrack_flush(root).expect("flush conntrack");
 }
 
 /// Kernel memory charged to each pinned map (`memlock` in fdinfo).
@@ -453,9 +446,16 @@ pub fn run(cfg: &Config, report: &mut Report) {
             }
         }
     }
-    let ct_capacity = aya::maps::MapInfo::from_pin(palisade::dataplane::map_pin(&root, "pal_ct"))
-        .map(|i| i.max_entries())
-        .ok();
+    let ct_budget = {
+        let mut dp = palisade::dataplane::kernel::KernelDataplane::new(
+            &root,
+            palisade::dataplane::AttachMode::Auto,
+        );
+        let _ = palisade::dataplane::Dataplane::open_existing(&mut dp);
+        palisade::dataplane::Dataplane::status(&dp)
+            .ok()
+            .and_then(|st| st.budgets.first().map(|b| b.budget))
+    };
     drop(d);
 
     let mut s = String::new();
@@ -654,21 +654,14 @@ pub fn run(cfg: &Config, report: &mut Report) {
         }
     }
     s.push_str(&mt.render());
-    let ct_bytes = cells
-        .values()
-        .next()
-        .and_then(|c| c.memory.get("pal_ct"))
-        .copied();
-    report.measured("conntrack capacity", ct_capacity.map(f64::from));
-    if let (Some(cap), Some(bytes)) = (ct_capacity, ct_bytes) {
+    report.measured("conntrack budget", ct_budget.map(f64::from));
+    if let Some(budget) = ct_budget {
         let _ = writeln!(
             s,
-            "\nConntrack capacity: {cap} flows per node (`pal_ct`, an LRU hash shared by all \
-             endpoints: when it is full the least recently used flow is evicted, and its next \
-             packet is decided by policy again), {} bytes a flow, {:.1} MiB in all, whatever \
-             the number of rules.",
-            bytes / u64::from(cap.max(1)),
-            bytes as f64 / 1048576.0
+            "\nConntrack: every endpoint has two tables of its own (flows it opened, flows \
+             opened towards it), {budget} flows each by default; memory follows the flows \
+             (no preallocation), and a full table refuses that endpoint's new flows in that \
+             direction without touching any other endpoint's (docs/HARDENING.md)."
         );
     }
     report.section("Datapath cost per packet", s);
