@@ -273,3 +273,223 @@ fn a_container_announcing_another_containers_address_over_arp_poisons_nothing() 
     };
     send_arp(&attacker, mine, own, gw);
 }
+
+/// Send `count` crafted IPv4 packets from `pod` to `dst` on a raw socket,
+/// each a new flow: UDP datagrams and TCP SYNs, source port and
+/// destination port varied. Returns how many the kernel took.
+fn flood(pod: &Pod, dst: Ipv4Addr, count: u32) -> u32 {
+    use testbed::pkt::{L4, ip_packet};
+    let IpAddr::V4(src) = pod.addr(false) else {
+        panic!()
+    };
+    in_netns(&pod.netns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::from(255))).unwrap();
+        let to: socket2::SockAddr = SocketAddr::new(IpAddr::V4(dst), 0).into();
+        let mut sent = 0;
+        for i in 0..count {
+            let sport = 1024 + (i % 64_000) as u16;
+            let dport = 1 + (i / 64_000) as u16;
+            let l4 = if i % 2 == 0 {
+                L4::Udp { sport, dport }
+            } else {
+                L4::Tcp {
+                    sport,
+                    dport,
+                    flags: 0x02,
+                }
+            };
+            let p = ip_packet(IpAddr::V4(src), IpAddr::V4(dst), &l4);
+            if s.send_to(&p, &to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+}
+
+/// An echo round trip on an open connection.
+fn echo(c: &mut std::net::TcpStream) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    if c.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(&*c).read_line(&mut line).is_ok() && line == "ping\n"
+}
+
+/// One endpoint's conntrack table for `direction` in `palisadectl status`.
+fn budget_of(n: &Node, pod: &str, direction: &str) -> serde_json::Value {
+    let out = n.ctl(&["status", "-o", "json"], None);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = st["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == pod)
+        .unwrap_or_else(|| panic!("{pod} in {st}"))["id"]
+        .clone();
+    st["datapath"]["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["epId"] == id && b["direction"] == direction)
+        .unwrap_or_else(|| panic!("{pod} {direction} budget in {st}"))
+        .clone()
+}
+
+/// Pods whose flow records name `pod` as the endpoint, allowed, to `port`.
+fn allowed_records(n: &Node, pod: &str, port: u16) -> usize {
+    let out = n.ctl(&["flows", "-o", "json", "--pod", pod], None);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "flow" && v["verdict"] == "allowed" && v["dport"] == port)
+        .count()
+}
+
+#[test]
+fn a_container_flooding_new_flows_breaks_no_other_containers_connections() {
+    let n = Node::new(NodeOptions {
+        daemon: true,
+        ..Default::default()
+    });
+    let server = n.add_pod("x", "server", &[80]);
+    let victim = n.add_pod("x", "victim", &[]);
+    let host = n.add_pod("x", "host", &[80]);
+    let client = n.add_pod("x", "client", &[]);
+    let flooder = n.add_pod("x", "flooder", &[]);
+    let sink = n.add_pod("x", "sink", &[]);
+    for (p, app) in [
+        (&server, "server"),
+        (&victim, "victim"),
+        (&host, "host"),
+        (&client, "client"),
+        (&flooder, "flooder"),
+        (&sink, "sink"),
+    ] {
+        n.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: x, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: c}}]}}\n",
+            p.name
+        ));
+    }
+    // The victim accepts nothing: the replies to its own connections pass
+    // only as long as its conntrack entries live. The host accepts TCP 80
+    // from the client only.
+    n.apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: victim-closed, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: victim}}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: host-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: host}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 80}]
+"#,
+    );
+    let to_server = SocketAddr::new(server.addr(false), 80);
+    let mut held: Vec<std::net::TcpStream> = in_netns(&victim.netns, || {
+        (0..100)
+            .map(|_| {
+                let c = std::net::TcpStream::connect_timeout(&to_server, Duration::from_secs(2))
+                    .unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                c
+            })
+            .collect()
+    });
+    assert!(
+        held.iter_mut().all(echo),
+        "100 connections open and echoing"
+    );
+    assert!(
+        !tcp80(&flooder, host.addr(false)),
+        "denied before the flood"
+    );
+
+    // Meanwhile: the victims' new allowed connections, over and over.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tries = |from: std::sync::Arc<Pod>, to: IpAddr| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if probe(&from.netns, to, Proto::Tcp, 80, Duration::from_secs(2)) {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+    };
+    let out_tries = tries(victim.clone(), server.addr(false));
+    let in_tries = tries(client.clone(), host.addr(false));
+
+    let IpAddr::V4(sink4) = sink.addr(false) else {
+        panic!()
+    };
+    let sent = flood(&flooder, sink4, 1_000_000);
+    assert_eq!(sent, 1_000_000, "the flood was sent");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (out_ok, out_failed) = out_tries.join().unwrap();
+    let (in_ok, in_failed) = in_tries.join().unwrap();
+
+    let spent = budget_of(&n, "flooder", "egress");
+    assert_eq!(
+        spent["flows"], spent["budget"],
+        "the flooder's table is full: {spent}"
+    );
+    assert!(
+        spent["refused"].as_u64().unwrap() > 900_000,
+        "its flood beyond the budget was refused: {spent}"
+    );
+    let text = String::from_utf8_lossy(&n.ctl(&["status"], None).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("x/flooder") && l.contains("by it (egress)") && l.contains("FULL")),
+        "status names the flooder at its limit:\n{text}"
+    );
+    for (i, c) in held.iter_mut().enumerate() {
+        assert!(
+            echo(c),
+            "the victim's held connection {i} survived the flood"
+        );
+    }
+    assert!(out_ok > 0 && in_ok > 0, "tried during the flood");
+    assert_eq!(
+        (out_failed, in_failed),
+        (0, 0),
+        "no new allowed connection failed during the flood ({out_ok} and {in_ok} succeeded)"
+    );
+    assert!(
+        tcp80(&victim, server.addr(false)),
+        "a new connection after it"
+    );
+    assert!(
+        tcp80(&client, host.addr(false)),
+        "a new inbound one after it"
+    );
+    assert!(!tcp80(&flooder, host.addr(false)), "denied stays denied");
+    assert!(
+        !tcp80(&sink, victim.addr(false)),
+        "the closed victim stays closed"
+    );
+    assert!(
+        !tcp80(&flooder, server.addr(false)),
+        "the flooder's own new flows are refused while its table is full"
+    );
+    testbed::runtimes::wait_for(
+        "the victims' flow records after the flood",
+        Duration::from_secs(60),
+        || allowed_records(&n, "x/victim", 80) > 100 && allowed_records(&n, "x/client", 80) > 0,
+    );
+}

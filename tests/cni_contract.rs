@@ -898,7 +898,11 @@ fn maps_pinned_where_earlier_releases_kept_them_are_adopted_in_place() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {}}\n  policyTypes: [Ingress]\n",
     );
     assert!(v1.is_dir() && !legacy.exists(), "moved to maps-v1");
-    assert_eq!(id(&v1.join("pal_ct_tables")), ct, "the same conntrack tables");
+    assert_eq!(
+        id(&v1.join("pal_ct_tables")),
+        ct,
+        "the same conntrack tables"
+    );
     assert!(!reachable(&a, &b), "the policy is enforced");
     assert!(!reachable(&b, &a), "x/a is isolated too");
 }

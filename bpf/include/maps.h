@@ -127,12 +127,12 @@ struct {
 } pal_evstats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32); /* ep_id (0: no endpoint) */
 	__type(value, struct pal_ratelimit);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_ratelimit SEC(".maps");
+} pal_ratelimit_ep SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

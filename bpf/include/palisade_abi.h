@@ -200,7 +200,7 @@ struct pal_policy_value {
  * preallocation whose max_entries is the endpoint's budget: a full table
  * refuses new flows of that endpoint and direction (PAL_DROP_BUDGET), and
  * nothing one endpoint does can evict another endpoint's flows. */
-#define PAL_CT_TABLE(ep_id, dir) (((__u32)(ep_id) << 1) | ((dir) & 1))
+#define PAL_CT_TABLE(ep_id, dir) (((__u32)(ep_id) << 1) | ((dir)&1))
 struct pal_ct_key {
 	__u32 ep_id;
 	__u8 direction; /* direction of the opening packet */
@@ -278,7 +278,7 @@ struct pal_frag_value {
 struct pal_config {
 	__u32 epoch; /* bumped by every sync; conntrack entries revalidate */
 	__u32 flags; /* PAL_CFG_* */
-	__u32 events_per_sec; /* per CPU */
+	__u32 events_per_sec; /* per endpoint and CPU */
 	__u32 events_burst;
 	__u64 sync_token; /* written by user space after each complete sync */
 };
@@ -338,7 +338,9 @@ struct pal_event {
 #define PAL_EVSTAT_RINGBUF_FULL 2
 #define PAL_EVSTAT_MAX		3
 
-/* pal_ratelimit: PERCPU_ARRAY with one element, a token bucket. */
+/* pal_ratelimit_ep: PERCPU_HASH keyed by ep_id, one token bucket per
+ * endpoint (and CPU): one endpoint's flood spends only its own events.
+ * (pal_ratelimit, one bucket for the node, is what earlier builds used.) */
 struct pal_ratelimit {
 	__u64 last_ns;
 	__u64 tokens;

@@ -162,7 +162,7 @@ static long pal_ct_sweep_one(struct bpf_map *table, struct pal_ct_key *key,
 static __always_inline int pal_ct_make_room(void *table, __u32 table_id,
 					    __u64 now)
 {
-	struct pal_ct_sweep ctx = { .now = now };
+	struct pal_ct_sweep ctx = {.now = now};
 	struct pal_budget fresh = {}, *b;
 
 	b = bpf_map_lookup_elem(&pal_budget, &table_id);
@@ -186,10 +186,11 @@ static __always_inline int pal_ct_make_room(void *table, __u32 table_id,
 
 /* Track a new flow. Returns 0, or -1 when the endpoint's budget for this
  * direction is spent (or it has no table: fail closed). */
-static __always_inline int
-pal_ct_create(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u8 verdict,
-	      __u32 policy_id, __u32 peer_id, __u32 epoch, __u32 len,
-	      __u8 tcp_flags, __u16 flags, __u64 now)
+static __always_inline int pal_ct_create(__u32 ep_id, __u8 dir,
+					 const struct pal_tuple *t,
+					 __u8 verdict, __u32 policy_id,
+					 __u32 peer_id, __u32 epoch, __u32 len,
+					 __u8 tcp_flags, __u16 flags, __u64 now)
 {
 	__u32 table_id = PAL_CT_TABLE(ep_id, dir);
 	struct pal_ct_key k = {};

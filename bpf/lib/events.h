@@ -40,14 +40,22 @@ static __always_inline void pal_evstat(__u32 idx)
 }
 
 /* Token bucket in nano-tokens: refills rate tokens a second up to burst. */
-static __always_inline int pal_rate_ok(const struct pal_config *cfg, __u64 now)
+/* A token bucket per endpoint: one endpoint's flood of events spends only
+ * its own tokens, never another endpoint's. */
+static __always_inline int pal_rate_ok(const struct pal_config *cfg,
+				       __u32 ep_id, __u64 now)
 {
-	__u32 zero = 0;
-	struct pal_ratelimit *rl = bpf_map_lookup_elem(&pal_ratelimit, &zero);
 	__u64 elapsed, cap = (__u64)cfg->events_burst * PAL_NSEC;
+	struct pal_ratelimit *rl, full = {.last_ns = now, .tokens = cap};
 
-	if (!rl)
-		return 0;
+	rl = bpf_map_lookup_elem(&pal_ratelimit_ep, &ep_id);
+	if (!rl) {
+		bpf_map_update_elem(&pal_ratelimit_ep, &ep_id, &full,
+				    BPF_NOEXIST);
+		rl = bpf_map_lookup_elem(&pal_ratelimit_ep, &ep_id);
+		if (!rl)
+			return 0;
+	}
 	elapsed = now - rl->last_ns;
 	if (elapsed > 10 * PAL_NSEC)
 		elapsed = 10 * PAL_NSEC; /* keeps elapsed * rate in range */
@@ -72,7 +80,7 @@ static __always_inline void pal_emit(__u32 ifindex, __u32 pkt_len,
 
 	if (!(cfg->flags & PAL_CFG_EVENTS))
 		return;
-	if (!pal_rate_ok(cfg, now)) {
+	if (!pal_rate_ok(cfg, ep ? ep->ep_id : 0, now)) {
 		pal_evstat(PAL_EVSTAT_RATE_LIMITED);
 		return;
 	}

@@ -708,6 +708,56 @@ pub fn status(
                 ]
             })
             .collect(),
+    )?;
+    budget_lines(&dpst.budgets, &endpoints)
+}
+
+/// Endpoints whose conntrack budget is spent or has refused flows.
+fn budget_lines(
+    budgets: &[palisade::dataplane::BudgetFill],
+    endpoints: &[EndpointStatus<'_>],
+) -> Result<()> {
+    let spent: Vec<_> = budgets
+        .iter()
+        .filter(|b| b.full() || b.refused > 0)
+        .collect();
+    if spent.is_empty() {
+        return emit("\nconntrack budgets: no endpoint is at its limit\n");
+    }
+    emit(
+        "\nconntrack budgets at their limit (new flows beyond them are dropped: \"budget exceeded\"):\n",
+    )?;
+    table(
+        &[
+            "ENDPOINT",
+            "NAME",
+            "FLOWS OPENED",
+            "TRACKED",
+            "BUDGET",
+            "REFUSED",
+            "STATE",
+        ],
+        spent
+            .iter()
+            .map(|b| {
+                let name = endpoints
+                    .iter()
+                    .find(|e| e.id == b.ep_id)
+                    .map_or_else(String::new, |e| format!("{}/{}", e.namespace, e.name));
+                vec![
+                    b.ep_id.to_string(),
+                    name,
+                    match b.direction {
+                        Direction::Egress => "by it (egress)".into(),
+                        Direction::Ingress => "towards it (ingress)".into(),
+                    },
+                    b.flows.to_string(),
+                    b.budget.to_string(),
+                    b.refused.to_string(),
+                    if b.full() { "FULL" } else { "refused earlier" }.to_owned(),
+                ]
+            })
+            .collect(),
     )
 }
 

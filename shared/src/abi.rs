@@ -930,8 +930,8 @@ mod tests {
             "\"no policy rule allows it\""
         );
         assert_eq!(
-            Reason::from_code(-9).to_string(),
-            "unknown reason (code -9)"
+            Reason::from_code(-10).to_string(),
+            "unknown reason (code -10)"
         );
     }
 

@@ -1736,6 +1736,10 @@ impl<D: Dataplane> Node<D> {
         let state = self.store.read()?;
         self.dataplane.prepare()?;
         let mut report = UpgradeReport::default();
+        // Flows an earlier build tracked move to the endpoints' own tables
+        // before its programs are replaced (and those it tracked meanwhile,
+        // after), so no established connection is cut by the upgrade.
+        self.dataplane.adopt_legacy_conntrack(false)?;
         for ep in state.endpoints.values() {
             if self
                 .dataplane
@@ -1751,6 +1755,8 @@ impl<D: Dataplane> Node<D> {
                 Err(e) => report.failed.push((ep.key(), e.to_string())),
             }
         }
+        self.dataplane
+            .adopt_legacy_conntrack(report.failed.is_empty())?;
         Ok(report)
     }
 

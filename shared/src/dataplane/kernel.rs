@@ -16,9 +16,8 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
-        PerCpuArray, PerCpuHashMap,
-        lpm_trie::Key as LpmKey,
+        Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+        PerCpuHashMap, lpm_trie::Key as LpmKey,
     },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -112,7 +111,12 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
         size_of::<PolicyValue>(),
     ),
     ("pal_ct_tables", MapType::HashOfMaps, 4, 4),
-    ("pal_budget", MapType::Hash, 4, size_of::<abi::BudgetValue>()),
+    (
+        "pal_budget",
+        MapType::Hash,
+        4,
+        size_of::<abi::BudgetValue>(),
+    ),
     (
         "pal_frag",
         MapType::LruHash,
@@ -141,7 +145,7 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
     ),
     ("pal_events", MapType::RingBuf, 0, 0),
     ("pal_evstats", MapType::PerCpuArray, 4, 8),
-    ("pal_ratelimit", MapType::PerCpuArray, 4, 16),
+    ("pal_ratelimit_ep", MapType::PerCpuHash, 4, 16),
 ];
 
 /// Flow events per second per CPU, and the burst, until configured.
@@ -230,25 +234,26 @@ fn ct_table_ids(tables: &CtTables) -> Result<BTreeSet<u32>, DataplaneError> {
         .map_err(DataplaneError::map("pal_ct_tables"))
 }
 
-/// Drop endpoint `ep_id`'s conntrack tables (its flows go with them) and
-/// its budget record.
-fn remove_ct_tables(
-    tables: &mut CtTables,
-    budget: &mut HashMap<MapData, u32, abi::BudgetValue>,
-    ep_id: u32,
-) -> Result<(), DataplaneError> {
+/// Drop what the datapath keeps for endpoint `ep_id` alone: its conntrack
+/// tables (its flows go with them), its budget records and its event
+/// token bucket.
+fn remove_endpoint_state(maps: &mut Maps, ep_id: u32) -> Result<(), DataplaneError> {
+    absent_ok(maps.ratelimit.remove(&ep_id), "pal_ratelimit_ep")?;
     for dir in [Direction::Ingress, Direction::Egress] {
         let id = abi::ct_table(ep_id, dir as u8);
-        match tables.remove(&id) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
-        }
-        match budget.remove(&id) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(DataplaneError::map("pal_budget")(e)),
-        }
+        absent_ok(maps.ct_tables.remove(&id), "pal_ct_tables")?;
+        absent_ok(maps.budget.remove(&id), "pal_budget")?;
     }
     Ok(())
+}
+
+/// A removal of what is not there (any more) is done.
+fn absent_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(DataplaneError::map(map)(e)),
+    }
 }
 
 /// The maps user space writes or reads.
@@ -265,6 +270,9 @@ struct Maps {
     evstats: PerCpuArray<MapData, u64>,
     ct_tables: CtTables,
     budget: HashMap<MapData, u32, abi::BudgetValue>,
+    /// `pal_ratelimit_ep`: each endpoint's event token bucket (last_ns,
+    /// tokens), per CPU.
+    ratelimit: PerCpuHashMap<MapData, u32, [u64; 2]>,
     /// The kernel's id of `pal_config` when these were opened: a pin that
     /// names another map means the datapath was removed and created again.
     config_id: u32,
@@ -569,6 +577,7 @@ impl KernelDataplane {
             evstats: typed!("pal_evstats"),
             ct_tables: typed!("pal_ct_tables"),
             budget: typed!("pal_budget"),
+            ratelimit: typed!("pal_ratelimit_ep"),
             config_id: self.pinned_config_id().unwrap_or(0),
         })
     }
@@ -1018,6 +1027,62 @@ impl Dataplane for KernelDataplane {
         }
     }
 
+    fn adopt_legacy_conntrack(&mut self, finished: bool) -> Result<u64, DataplaneError> {
+        self.prepare()?;
+        let legacy = self.maps_dir().join("pal_ct");
+        if !legacy.exists() {
+            return Ok(0);
+        }
+        let budget = self.ct_budget;
+        let old: HashMap<MapData, CtKey, CtValue> = {
+            let data = MapData::from_pin(&legacy).map_err(|e| DataplaneError::OpenPin {
+                what: "map pal_ct (an earlier build's conntrack)".into(),
+                path: legacy.clone(),
+                source: boxed(e),
+            })?;
+            HashMap::try_from(Map::LruHashMap(data)).map_err(DataplaneError::map("pal_ct"))?
+        };
+        let maps = self.maps_mut()?;
+        let have = ct_table_ids(&maps.ct_tables)?;
+        let eps = read_hash(&maps.endpoints, "pal_endpoints")?;
+        for v in eps.values() {
+            ensure_ct_tables(
+                &mut maps.ct_tables,
+                &mut maps.budget,
+                &have,
+                v.ep_id,
+                budget,
+            )?;
+        }
+        let mut tables: BTreeMap<u32, Option<CtTable>> = BTreeMap::new();
+        let mut copied = 0;
+        for (k, v) in old.iter().filter_map(Result::ok) {
+            let id = abi::ct_table(k.ep_id, k.direction);
+            let table = match tables.entry(id) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(maps.ct_tables.get(&id, 0).ok())
+                }
+            };
+            // Only for endpoints that are still there; a flow the new
+            // programs track already is newer than the copy.
+            if let Some(t) = table
+                && t.insert(k, v, 1).is_ok()
+            {
+                copied += 1;
+            }
+        }
+        if finished {
+            for name in ["pal_ct", "pal_ratelimit"] {
+                let pin = self.maps_dir().join(name);
+                if pin.exists() {
+                    fs::remove_file(&pin).map_err(fs_err("remove", &pin))?;
+                }
+            }
+        }
+        Ok(copied)
+    }
+
     fn upgrade(&mut self, att: &Attachment, ifname: &str) -> Result<bool, DataplaneError> {
         self.prepare()?;
         let ids = self.program_ids()?;
@@ -1305,7 +1370,7 @@ impl Dataplane for KernelDataplane {
             .filter(|ep| !live.contains(ep))
             .collect();
         for ep in stale {
-            remove_ct_tables(&mut maps.ct_tables, &mut maps.budget, ep)?;
+            remove_endpoint_state(maps, ep)?;
         }
         for p in cur_ipcache.keys().filter(|p| !want_ipcache.contains_key(p)) {
             maps.ipcache
@@ -1419,7 +1484,7 @@ impl Dataplane for KernelDataplane {
                 };
                 gone(maps.endpoints.remove(k), "pal_endpoints")?;
                 if let Some(ep) = old.filter(|ep| !kept.contains(ep)) {
-                    remove_ct_tables(&mut maps.ct_tables, &mut maps.budget, ep)?;
+                    remove_endpoint_state(maps, ep)?;
                 }
                 report.deleted += 1;
             }

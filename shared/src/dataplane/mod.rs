@@ -418,6 +418,15 @@ pub trait Dataplane {
         let _ = (att, ifname);
         Ok(false)
     }
+    /// Copy the flows an earlier build tracked in its one shared conntrack
+    /// table (`pal_ct`) into the endpoints' own tables, around an upgrade:
+    /// before the programs are swapped, and again after. `finished`: every
+    /// endpoint runs this build's programs now, so the earlier build's
+    /// shared maps are unpinned. Returns how many flows were copied.
+    fn adopt_legacy_conntrack(&mut self, finished: bool) -> Result<u64, DataplaneError> {
+        let _ = finished;
+        Ok(0)
+    }
     /// Remove the whole pinned datapath (once nothing is attached).
     fn destroy(&mut self) -> Result<(), DataplaneError> {
         Ok(())

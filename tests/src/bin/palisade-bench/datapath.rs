@@ -13,10 +13,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use palisade::{
-    abi::Direction,
-    compile::EndpointView,
-};
+use palisade::{abi::Direction, compile::EndpointView};
 use serde_json::json;
 use testbed::{
     bpfrun::{Datapath, TEST_IFINDEX, Verdict, endpoint},
