@@ -906,3 +906,143 @@ fn maps_pinned_where_earlier_releases_kept_them_are_adopted_in_place() {
     assert!(!reachable(&a, &b), "the policy is enforced");
     assert!(!reachable(&b, &a), "x/a is isolated too");
 }
+
+/// The capacity of each map is a setting (conflist `mapSizes`), applied
+/// when the maps are created; a configuration that asks for other
+/// capacities later is refused with what to do, and so is a daemon started
+/// with others; a bad setting names what to fix.
+#[test]
+fn map_sizes_are_set_when_the_maps_are_created_and_a_change_is_refused() {
+    let n = node_with(&[(
+        "mapSizes",
+        json!({"conntrack": 4096, "policy": 8192, "eventBytes": 65536}),
+    )]);
+    let a = n.add_pod("x", "a", &[80]);
+    let max_entries = |map: &str| {
+        let pin = palisade::dataplane::map_pin(&n.bpf_root, map);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["max_entries"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(max_entries("pal_policy"), 8192);
+    assert_eq!(max_entries("pal_events"), 65536);
+    assert_eq!(max_entries("pal_endpoints"), 4096, "a default for the rest");
+    assert_eq!(
+        max_entries("pal_ct_tables"),
+        8192,
+        "two tables per endpoint"
+    );
+    let st: Value = serde_json::from_slice(&n.ctl(&["status", "-o", "json"], None).stdout).unwrap();
+    let budgets = st["datapath"]["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 2, "{st}");
+    assert!(
+        budgets.iter().all(|b| b["budget"] == 4096),
+        "each conntrack table holds the configured budget: {st}"
+    );
+
+    let call = Call {
+        container_id: "resized".into(),
+        netns: a.netns.display().to_string(),
+        ifname: "eth0".into(),
+        args: String::new(),
+    };
+    let r = n.chain.exec_palisade(
+        "ADD",
+        &[(
+            "mapSizes",
+            json!({"conntrack": 4096, "policy": 16384, "eventBytes": 65536}),
+        )],
+        Some(&a.result),
+        &call,
+    );
+    expect_code(r, 7, "8192 entries and this configuration asks for 16384");
+    let r = n.chain.exec_palisade(
+        "ADD",
+        &[(
+            "mapSizes",
+            json!({"conntrack": 4096, "policy": 16384, "eventBytes": 65536}),
+        )],
+        Some(&a.result),
+        &call,
+    );
+    expect_code(r, 7, "palisadectl reset --yes");
+    for (bad, words) in [
+        (
+            json!({"conntrak": 4096}),
+            "not a map size; the sizes are endpoints",
+        ),
+        (json!({"eventBytes": 10000}), "power of two"),
+        (json!({"policy": 0}), "mapSizes.policy: 0 is not between 1"),
+    ] {
+        let r = n
+            .chain
+            .exec_palisade("ADD", &[("mapSizes", bad)], Some(&a.result), &call);
+        expect_code(r, 7, words);
+    }
+    assert_eq!(
+        n.endpoints().len(),
+        1,
+        "nothing was added by the refused ADDs"
+    );
+
+    // A daemon asked for other capacities does not start on these maps.
+    let out = n
+        .netns
+        .command(n.bin_dir.join("palisadectl"))
+        .args([
+            "daemon",
+            "--map-size",
+            "conntrack=4096",
+            "--map-size",
+            "policy=16384",
+            "--map-size",
+            "eventBytes=65536",
+            "--dns-proxy-port",
+            "0",
+        ])
+        .env("PALISADE_STATE_DIR", &n.state_dir)
+        .env("PALISADE_BPF_ROOT", &n.bpf_root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("asks for 16384"),
+        "the daemon must refuse: {text}"
+    );
+}
+
+#[test]
+fn maps_created_before_any_container_take_the_first_configured_sizes() {
+    // `palisadectl apply` before the first container creates the maps with
+    // the defaults (it has no size setting) ...
+    let n = node_with(&[("mapSizes", json!({"policy": 8192, "endpoints": 512}))]);
+    n.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {}}\n  policyTypes: [Ingress]\n",
+    );
+    let max_entries = |map: &str| {
+        let pin = palisade::dataplane::map_pin(&n.bpf_root, map);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["max_entries"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(max_entries("pal_policy"), 65536, "the defaults, at first");
+    // ... and the first ADD, configured, creates them again with its sizes
+    // (they hold no endpoint yet); the policy applied before is enforced.
+    let a = n.add_pod("x", "a", &[80]);
+    let b = n.add_pod("x", "b", &[80]);
+    assert_eq!(max_entries("pal_policy"), 8192);
+    assert_eq!(max_entries("pal_endpoints"), 512);
+    assert_eq!(max_entries("pal_ct_tables"), 1024);
+    assert!(!reachable(&a, &b), "the policy applied before is enforced");
+    assert!(!reachable(&b, &a));
+}

@@ -125,6 +125,8 @@ const KEYS: &[&str] = &[
     "podWaitSeconds",
     "kubernetes",
     "cni.dev/valid-attachments",
+    "mapSizes",
+    "conntrack",
 ];
 
 fn leaf() -> impl Strategy<Value = Value> {

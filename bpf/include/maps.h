@@ -2,8 +2,8 @@
 /*
  * Every map of the datapath. All are pinned by name, so both programs (and
  * every later load of them) share one instance per pin directory, and the
- * maps outlive the processes that created them. Sizes here are defaults;
- * user space may override max_entries at load time.
+ * maps outlive the processes that created them. Sizes here are the
+ * defaults (PAL_SIZE_*); user space may set others when it creates them.
  */
 #ifndef PALISADE_MAPS_H
 #define PALISADE_MAPS_H
@@ -15,7 +15,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, PAL_SIZE_ENDPOINTS);
 	__type(key, __u32);
 	__type(value, struct pal_endpoint);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -23,7 +23,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 131072);
+	__uint(max_entries, PAL_SIZE_SRCGUARD);
 	__type(key, struct pal_srcguard_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -32,7 +32,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 262144);
+	__uint(max_entries, PAL_SIZE_IPCACHE);
 	__type(key, struct pal_ipcache_key);
 	__type(value, struct pal_ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
@@ -41,7 +41,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, PAL_SIZE_IPCACHE_HOST);
 	__type(key, struct pal_ipcache_host_key);
 	__type(value, struct pal_ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -50,7 +50,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1048576);
+	__uint(max_entries, PAL_SIZE_POLICY);
 	__type(key, struct pal_policy_key);
 	__type(value, struct pal_policy_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -61,7 +61,7 @@ struct {
  * per endpoint and direction with the endpoint's budget as max_entries). */
 struct pal_ct_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, PAL_SIZE_CT);
 	/* Sizes, not types: the types would reach BTF only as forward
 	 * declarations here, which aya's loader cannot size. */
 	__uint(key_size, sizeof(struct pal_ct_key));
@@ -71,8 +71,8 @@ struct pal_ct_table {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
-	__uint(max_entries, 131072); /* two per endpoint */
-	__type(key, __u32);	     /* PAL_CT_TABLE(ep_id, direction) */
+	__uint(max_entries, 2 * PAL_SIZE_ENDPOINTS); /* two per endpoint */
+	__type(key, __u32); /* PAL_CT_TABLE(ep_id, direction) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct pal_ct_table);
 } pal_ct_tables SEC(".maps");
@@ -81,7 +81,7 @@ struct {
  * flows, and how many new flows its budget refused. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 131072);
+	__uint(max_entries, 2 * PAL_SIZE_ENDPOINTS);
 	__type(key, __u32); /* PAL_CT_TABLE(ep_id, direction) */
 	__type(value, struct pal_budget);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -90,7 +90,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, PAL_SIZE_FRAG);
 	__type(key, struct pal_frag_key);
 	__type(value, struct pal_frag_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -106,7 +106,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, PAL_SIZE_COUNTERS);
 	__type(key, struct pal_counter_key);
 	__type(value, struct pal_counter_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -114,7 +114,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20); /* bytes */
+	__uint(max_entries, PAL_SIZE_EVENTS); /* bytes */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_events SEC(".maps");
 
@@ -128,7 +128,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, PAL_SIZE_ENDPOINTS);
 	__type(key, __u32); /* ep_id (0: no endpoint) */
 	__type(value, struct pal_ratelimit);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -136,7 +136,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, PAL_SIZE_SVC);
 	__type(key, struct pal_svc_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
@@ -145,7 +145,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
 	__type(key, struct pal_svc_flow_key);
 	__type(value, struct pal_svc_flow_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

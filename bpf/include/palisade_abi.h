@@ -18,6 +18,21 @@
 /* Bump when a map's key or value layout changes. */
 #define PAL_ABI_VERSION 1
 
+/* Default capacities (max_entries) of the maps, for a small node; user
+ * space may set others when it creates the maps (conflist `mapSizes`,
+ * `palisadectl daemon --map-size`), and checks them against pinned maps. */
+#define PAL_SIZE_ENDPOINTS    4096
+#define PAL_SIZE_SRCGUARD     16384
+#define PAL_SIZE_IPCACHE      65536
+#define PAL_SIZE_IPCACHE_HOST 65536
+#define PAL_SIZE_POLICY	      65536
+#define PAL_SIZE_CT	      16384 /* flows per endpoint and direction */
+#define PAL_SIZE_FRAG	      2048
+#define PAL_SIZE_COUNTERS     4096
+#define PAL_SIZE_EVENTS	      (256 * 1024) /* bytes */
+#define PAL_SIZE_SVC	      4096
+#define PAL_SIZE_SVC_FLOWS    16384
+
 /* Direction, always from the container's point of view. */
 #define PAL_DIR_INGRESS 0 /* entering the container: host veth tc egress */
 #define PAL_DIR_EGRESS	1 /* leaving the container: host veth tc ingress */

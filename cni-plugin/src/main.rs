@@ -14,7 +14,7 @@ use std::{
 use palisade::{
     cni::{self, CniError, NetConf, PrevResult, code},
     daemon::{Control, NodeOps, Paths},
-    dataplane::{AttachMode, DEFAULT_BPF_ROOT},
+    dataplane::{AttachMode, DEFAULT_BPF_ROOT, MapSizes, check_map_sizes},
     netlink, netns,
     node::{AddOutcome, NewEndpoint, NodeError, stale_refs},
     policy::DEFAULT_NAMESPACE,
@@ -143,11 +143,28 @@ fn run() -> Result<Option<Value>, CniError> {
         .bpf_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT));
+    let map_sizes = conf
+        .map_sizes
+        .as_ref()
+        .map(|m| MapSizes::with(m.iter().map(|(k, v)| (k.as_str(), *v))))
+        .transpose()
+        .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
+    if let (Some(sizes), "ADD" | "CHECK") = (&map_sizes, command.as_str()) {
+        // Also when a daemon does the work: the maps must be what this
+        // network's configuration says.
+        // (Maps that hold nothing yet are created again with these.)
+        if let Err(e) = check_map_sizes(&bpf_root, sizes)
+            && !palisade::dataplane::kernel::datapath_unused(&bpf_root)
+        {
+            return Err(CniError::new(code::INVALID_CONFIG, e.to_string()));
+        }
+    }
     let mut node = Control::open(&Paths {
         state_dir,
         bpf_root,
         socket: conf.socket.clone(),
         attach_mode: mode,
+        map_sizes,
     })
     .map_err(|e| node_error(e, "reach the palisade daemon"))?;
 

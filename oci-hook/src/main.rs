@@ -173,6 +173,7 @@ fn hook(options: &HookOptions, stage: Option<&str>) -> ExitCode {
         bpf_root: options.bpf_root.clone(),
         socket: options.socket.clone(),
         attach_mode: mode,
+        map_sizes: None,
     }) {
         Ok(n) => n,
         Err(e) if options.fail_open => {

@@ -40,6 +40,8 @@ pub struct Options {
     pub cluster: Option<Arc<crate::cluster::Metrics>>,
     /// Queries the DNS proxy answered, to write into the flow log.
     pub dns_records: Option<crate::dns::Records>,
+    /// Map capacities given on the command line (`--map-size`).
+    pub map_sizes: Option<palisade::dataplane::MapSizes>,
 }
 
 type Labels = Vec<(String, String)>;

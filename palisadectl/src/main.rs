@@ -198,6 +198,13 @@ enum Command {
         /// At most this many learned addresses per name.
         #[arg(long, default_value_t = 50)]
         dns_max_addresses: usize,
+        /// A map's capacity, NAME=ENTRIES (repeat it): endpoints,
+        /// sourceAddresses, cidrs, addresses, policy, conntrack, fragments,
+        /// counters, eventBytes, services, serviceFlows. Used when the maps
+        /// are created; the daemon refuses to start on maps created with
+        /// other capacities.
+        #[arg(long = "map-size", value_name = "NAME=ENTRIES")]
+        map_sizes: Vec<String>,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -457,6 +464,7 @@ fn paths(cli: &Cli) -> Paths {
         bpf_root: cli.bpf_root.clone(),
         socket: cli.socket.clone(),
         attach_mode: AttachMode::Auto,
+        map_sizes: None,
     }
 }
 
@@ -803,7 +811,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dns_min_ttl,
             dns_grace,
             dns_max_addresses,
+            map_sizes,
         } => {
+            let map_sizes = if map_sizes.is_empty() {
+                None
+            } else {
+                Some(
+                    palisade::dataplane::MapSizes::parse_items(map_sizes)
+                        .map_err(anyhow::Error::msg)?,
+                )
+            };
             let dns = (*dns_proxy_port != 0).then(|| palisade::dnsproxy::Options {
                 port: *dns_proxy_port,
                 mark: *proxy_mark,
@@ -839,6 +856,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     server: None,
                     cluster: None,
                     dns_records: None,
+                    map_sizes,
                 },
                 cli.socket
                     .clone()

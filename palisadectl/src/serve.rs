@@ -63,8 +63,9 @@ pub fn run(
 ) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
     let start = Instant::now();
-    let (server, report) = Server::start(&opts.state_dir, &opts.bpf_root)
-        .context("start: build the engine from the store and reconcile the maps")?;
+    let (server, report) =
+        Server::start(&opts.state_dir, &opts.bpf_root, opts.map_sizes.clone())
+            .context("start: build the engine from the store and reconcile the maps")?;
     eprintln!(
         "palisade daemon: engine built and maps reconciled in {} ms ({} entries written, {} removed, epoch {})",
         start.elapsed().as_millis(),

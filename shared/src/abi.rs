@@ -52,6 +52,24 @@ impl fmt::Display for Direction {
     }
 }
 
+/// `PAL_SIZE_*`: every sized map's default capacity (max_entries; bytes for
+/// the event ring), with the name of its setting (conflist `mapSizes`,
+/// `palisadectl daemon --map-size`).
+pub const MAP_SIZE_DEFAULTS: [(&str, &str, u32); 11] = [
+    ("pal_endpoints", "endpoints", 4096),
+    ("pal_srcguard", "sourceAddresses", 16384),
+    ("pal_ipcache", "cidrs", 65536),
+    ("pal_ipcache_host", "addresses", 65536),
+    ("pal_policy", "policy", 65536),
+    // Not a pinned map: every endpoint's two conntrack tables (its budget).
+    ("pal_ct_table", "conntrack", 16384),
+    ("pal_frag", "fragments", 2048),
+    ("pal_counters", "counters", 4096),
+    ("pal_events", "eventBytes", 256 * 1024),
+    ("pal_svc", "services", 4096),
+    ("pal_svc_flows", "serviceFlows", 16384),
+];
+
 /// `PAL_ID_ANY`: policy-key wildcard for "any peer".
 pub const ID_ANY: u32 = 0;
 /// `PAL_ID_HOST`: the node itself.
@@ -744,6 +762,17 @@ macro_rules! same_value {
 
 same_value! {
     ABI_VERSION => c::PAL_ABI_VERSION,
+    MAP_SIZE_DEFAULTS[0].2 => c::PAL_SIZE_ENDPOINTS,
+    MAP_SIZE_DEFAULTS[1].2 => c::PAL_SIZE_SRCGUARD,
+    MAP_SIZE_DEFAULTS[2].2 => c::PAL_SIZE_IPCACHE,
+    MAP_SIZE_DEFAULTS[3].2 => c::PAL_SIZE_IPCACHE_HOST,
+    MAP_SIZE_DEFAULTS[4].2 => c::PAL_SIZE_POLICY,
+    MAP_SIZE_DEFAULTS[5].2 => c::PAL_SIZE_CT,
+    MAP_SIZE_DEFAULTS[6].2 => c::PAL_SIZE_FRAG,
+    MAP_SIZE_DEFAULTS[7].2 => c::PAL_SIZE_COUNTERS,
+    MAP_SIZE_DEFAULTS[8].2 => c::PAL_SIZE_EVENTS,
+    MAP_SIZE_DEFAULTS[9].2 => c::PAL_SIZE_SVC,
+    MAP_SIZE_DEFAULTS[10].2 => c::PAL_SIZE_SVC_FLOWS,
     Direction::Ingress => c::PAL_DIR_INGRESS,
     Direction::Egress => c::PAL_DIR_EGRESS,
     ID_ANY => c::PAL_ID_ANY,

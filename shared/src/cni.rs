@@ -133,6 +133,10 @@ pub struct NetConf {
     /// Cluster mode: how long ADD waits for the agent to have the pod's
     /// object from the API server before it fails (default 5).
     pub pod_wait_seconds: Option<f64>,
+    /// Capacities of the datapath's maps (setting name → entries; see
+    /// `MapSizes`), used when the maps are created; ADD refuses maps that
+    /// were created with others.
+    pub map_sizes: Option<BTreeMap<String, u64>>,
     /// This network belongs to a Kubernetes cluster whose agent runs
     /// palisade in cluster mode: ADD waits for Pod objects even before
     /// the agent has started (the DaemonSet installs the plugin with it).

@@ -316,6 +316,9 @@ pub struct Paths {
     /// The daemon's socket (default: in the state directory).
     pub socket: Option<PathBuf>,
     pub attach_mode: AttachMode,
+    /// Map capacities given by the configuration (conflist `mapSizes`):
+    /// used when the maps are created, checked against pinned ones.
+    pub map_sizes: Option<crate::dataplane::MapSizes>,
 }
 
 /// The node as a binary sees it: through the daemon when one runs, else
@@ -344,7 +347,8 @@ impl Control {
         Ok(Self {
             node: Node::new(
                 Store::new(&paths.state_dir),
-                KernelDataplane::new(&paths.bpf_root, paths.attach_mode),
+                KernelDataplane::new(&paths.bpf_root, paths.attach_mode)
+                    .with_sizes(paths.map_sizes.clone()),
             ),
             daemon,
             require,
@@ -527,15 +531,21 @@ pub struct Server {
     cluster: Mutex<Option<ClusterStatus>>,
     /// `pal_svc`, opened when cluster mode first writes it.
     frontends: Mutex<Option<Frontends>>,
+    /// Map capacities the daemon was given (`--map-size`).
+    map_sizes: Option<crate::dataplane::MapSizes>,
 }
 
 impl Server {
     /// Build the engine from the store and make the maps match it (the
     /// start of a daemon: nothing changes when they already match).
-    pub fn start(state_dir: &Path, bpf_root: &Path) -> Result<(Arc<Self>, SyncReport), NodeError> {
+    pub fn start(
+        state_dir: &Path,
+        bpf_root: &Path,
+        map_sizes: Option<crate::dataplane::MapSizes>,
+    ) -> Result<(Arc<Self>, SyncReport), NodeError> {
         let mut node = Node::new(
             Store::new(state_dir),
-            KernelDataplane::new(bpf_root, AttachMode::Auto),
+            KernelDataplane::new(bpf_root, AttachMode::Auto).with_sizes(map_sizes.clone()),
         );
         let report = node.start()?;
         Ok((
@@ -547,6 +557,7 @@ impl Server {
                 requests: AtomicU64::new(0),
                 cluster: Mutex::new(None),
                 frontends: Mutex::new(None),
+                map_sizes,
             }),
             report,
         ))
@@ -708,7 +719,7 @@ impl Server {
         let mut pool = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         match pool.iter().position(|d| d.mode() == mode) {
             Some(i) => pool.swap_remove(i),
-            None => KernelDataplane::new(&self.bpf_root, mode),
+            None => KernelDataplane::new(&self.bpf_root, mode).with_sizes(self.map_sizes.clone()),
         }
     }
 

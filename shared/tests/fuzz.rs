@@ -262,6 +262,10 @@ const CNI_KEYS: &[&str] = &[
     "socket",
     "podWaitSeconds",
     "kubernetes",
+    "mapSizes",
+    "conntrack",
+    "policy",
+    "eventBytes",
 ];
 
 fn cni_seeds() -> Vec<Value> {

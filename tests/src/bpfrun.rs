@@ -46,6 +46,11 @@ pub struct Datapath {
 
 impl Datapath {
     pub fn new() -> Self {
+        Self::with_sizes(None)
+    }
+
+    /// Like [`Datapath::new`], creating the maps with these capacities.
+    pub fn with_sizes(sizes: Option<palisade::dataplane::MapSizes>) -> Self {
         sys::require_root();
         sys::sweep_stale();
         let dir = PathBuf::from(crate::TEST_ROOT).join(sys::unique_prefix());
@@ -59,7 +64,8 @@ impl Datapath {
             None::<&str>,
         )
         .unwrap_or_else(|e| panic!("mount bpffs at {}: {e}", mount.display()));
-        let mut dp = KernelDataplane::new(mount.join("palisade"), AttachMode::Auto);
+        let mut dp =
+            KernelDataplane::new(mount.join("palisade"), AttachMode::Auto).with_sizes(sizes);
         dp.prepare()
             .unwrap_or_else(|e| panic!("load the datapath: {e:#?}"));
         let from = SchedClassifier::from_pin(dp.program_pin(&FROM_CONTAINER))

@@ -80,6 +80,37 @@ pub struct KubeNode {
     pub node_name: String,
 }
 
+/// Map capacities for a large node (those of releases before the defaults
+/// became a small node's), as a conflist's `mapSizes`: for benchmarks that
+/// fill a node with tens of thousands of endpoints or rules.
+pub fn large_map_sizes() -> Value {
+    serde_json::json!({
+        "endpoints": 65536,
+        "sourceAddresses": 131072,
+        "cidrs": 262144,
+        "addresses": 262144,
+        "policy": 1048576,
+        "conntrack": 131072,
+        "fragments": 8192,
+        "counters": 16384,
+        "eventBytes": 1048576,
+        "services": 65536,
+        "serviceFlows": 65536
+    })
+}
+
+/// The same as [`large_map_sizes`], for a dataplane created directly.
+pub fn large_map_sizes_typed() -> palisade::dataplane::MapSizes {
+    let v = large_map_sizes();
+    palisade::dataplane::MapSizes::with(
+        v.as_object()
+            .expect("object")
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_u64().expect("number"))),
+    )
+    .expect("valid sizes")
+}
+
 /// Whether tests run their nodes with the daemon (`PALISADE_TEST_DAEMON=1`).
 pub fn daemon_mode() -> bool {
     std::env::var("PALISADE_TEST_DAEMON").is_ok_and(|v| v == "1")
@@ -351,6 +382,18 @@ impl Node {
                 .arg(&k.kubeconfig)
                 .arg("--node-name")
                 .arg(&k.node_name);
+        }
+        // The daemon creates the maps with the capacities the conflist
+        // asks for, as an operator configures both alike.
+        if let Some(sizes) = self
+            .options
+            .palisade
+            .get("mapSizes")
+            .and_then(Value::as_object)
+        {
+            for (k, v) in sizes {
+                cmd.arg("--map-size").arg(format!("{k}={v}"));
+            }
         }
         cmd.args(&self.options.daemon_args);
         cmd.env("PALISADE_STATE_DIR", &self.state_dir)

@@ -266,6 +266,7 @@ fn enforce_at_start(w: &Wrapper, global: &[String], id: &str) -> Result<String> 
         bpf_root: w.bpf_root.clone(),
         socket: std::env::var_os("PALISADE_SOCKET").map(PathBuf::from),
         attach_mode: AttachMode::Auto,
+        map_sizes: None,
     })?;
     let report = oci::on_create(&mut node, &state, spec.as_ref())?;
     Ok(report.describe(id))

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AttachMode, Attachment, CounterRow, Dataplane, DataplaneError, DataplaneStatus, Lookup,
-    LookupAnswer, MapFill, NlFilter, ProgramStatus, SyncReport,
+    LookupAnswer, MapFill, MapSizes, NlFilter, ProgramStatus, SyncReport,
 };
 use crate::{
     abi::{
@@ -183,10 +183,6 @@ type Srcguard = HashMap<MapData, SrcguardKey, u32>;
 type CtTable = HashMap<MapData, CtKey, CtValue>;
 type CtTables = HashOfMaps<MapData, u32, CtTable>;
 
-/// Flows an endpoint may track in each direction unless configured
-/// otherwise: the capacity of each of its two conntrack tables.
-pub const CT_BUDGET_DEFAULT: u32 = 16384;
-
 /// `BPF_F_NO_PREALLOC`, as `struct pal_ct_table` has it (an inner map
 /// must match its template).
 const NO_PREALLOC: u32 = 1;
@@ -291,8 +287,10 @@ pub struct KernelDataplane {
     mode: AttachMode,
     maps: Option<Maps>,
     objects: Option<Objects>,
-    /// Capacity of the conntrack tables this creates for endpoints.
-    ct_budget: u32,
+    /// Capacities for maps this creates; checked against pinned maps when
+    /// they were given explicitly.
+    sizes: MapSizes,
+    sizes_explicit: bool,
 }
 
 fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -313,15 +311,19 @@ impl KernelDataplane {
             mode,
             maps: None,
             objects: None,
-            ct_budget: CT_BUDGET_DEFAULT,
+            sizes: MapSizes::default(),
+            sizes_explicit: false,
         }
     }
 
-    /// Give endpoints this creates conntrack tables of `budget` flows per
-    /// direction (instead of [`CT_BUDGET_DEFAULT`]).
-    pub fn with_ct_budget(mut self, budget: Option<u32>) -> Self {
-        if let Some(b) = budget {
-            self.ct_budget = b;
+    /// Create maps with these capacities, and refuse pinned maps created
+    /// with others (a capacity is fixed when a map is created). Without
+    /// this, the defaults are used to create and pinned maps are taken as
+    /// they are.
+    pub fn with_sizes(mut self, sizes: Option<MapSizes>) -> Self {
+        if let Some(sizes) = sizes {
+            self.sizes = sizes;
+            self.sizes_explicit = true;
         }
         self
     }
@@ -458,6 +460,30 @@ impl KernelDataplane {
     }
 
     fn check_pinned_maps(&self) -> Result<(), DataplaneError> {
+        if self.sizes_explicit
+            && let Err(e) = super::check_map_sizes(&self.root, &self.sizes)
+        {
+            if !datapath_unused(&self.root) {
+                return Err(e);
+            }
+            // Created by a process that had no size setting (`palisadectl
+            // apply` before the first container), holding no endpoint and
+            // no hook: created again with this configuration's capacities;
+            // the store fills them (a fresh map's sync token is 0).
+            tracing::info!(
+                "the pinned maps hold no endpoint and have other capacities than configured \
+                 ({e}); creating them again"
+            );
+            for dir in [self.maps_dir(), self.progs_dir()] {
+                if dir.exists() {
+                    fs::remove_dir_all(&dir).map_err(fs_err("remove", &dir))?;
+                }
+            }
+            fs::create_dir_all(self.maps_dir())
+                .map_err(fs_err("create directory", &self.maps_dir()))?;
+            fs::create_dir_all(self.progs_dir())
+                .map_err(fs_err("create directory", &self.progs_dir()))?;
+        }
         for (name, kind, key, value) in MAPS {
             let path = self.maps_dir().join(name);
             if !path.exists() {
@@ -500,8 +526,12 @@ impl KernelDataplane {
             if pin.exists() {
                 continue;
             }
-            let mut bpf = EbpfLoader::new()
-                .default_map_pin_directory(self.maps_dir())
+            let mut loader = EbpfLoader::new();
+            loader.default_map_pin_directory(self.maps_dir());
+            for (map, _, entries) in self.sizes.iter() {
+                loader.map_max_entries(map, entries);
+            }
+            let mut bpf = loader
                 .load(self.object(&spec))
                 .map_err(|e| DataplaneError::Load {
                     object: spec.pin,
@@ -1033,7 +1063,7 @@ impl Dataplane for KernelDataplane {
         if !legacy.exists() {
             return Ok(0);
         }
-        let budget = self.ct_budget;
+        let budget = self.sizes.conntrack_budget();
         let old: HashMap<MapData, CtKey, CtValue> = {
             let data = MapData::from_pin(&legacy).map_err(|e| DataplaneError::OpenPin {
                 what: "map pal_ct (an earlier build's conntrack)".into(),
@@ -1264,7 +1294,7 @@ impl Dataplane for KernelDataplane {
 
     fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
-        let budget = self.ct_budget;
+        let budget = self.sizes.conntrack_budget();
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
 
@@ -1414,7 +1444,7 @@ impl Dataplane for KernelDataplane {
 
     fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
-        let budget = self.ct_budget;
+        let budget = self.sizes.conntrack_budget();
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
         let ipcache_key = |p: &Prefix| LpmKey::new(p.len, IpcacheAddr { addr: p.addr });
@@ -1854,6 +1884,19 @@ fn tcx_unsupported(e: &DataplaneError) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Under bpf root `root`, no program is attached anywhere (no link pin:
+/// neither an endpoint's nor the Service hook) and no endpoint is
+/// registered: maps created with other capacities can be created again.
+pub fn datapath_unused(root: &Path) -> bool {
+    let no_links = fs::read_dir(root.join("links")).map_or(true, |mut d| d.next().is_none());
+    let no_endpoints = MapData::from_pin(super::map_pin(root, "pal_endpoints"))
+        .ok()
+        .and_then(|d| Map::from_map_data(d).ok())
+        .and_then(|m| Endpoints::try_from(m).ok())
+        .is_some_and(|eps| eps.keys().next().is_none());
+    no_links && no_endpoints
 }
 
 /// Every conntrack table there is, by key (`PAL_CT_TABLE`).

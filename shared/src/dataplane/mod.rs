@@ -63,6 +63,123 @@ fn adopt_legacy_maps(root: &Path, dir: &Path) {
     }
 }
 
+/// The capacities of the sized maps (max_entries; bytes for the event
+/// ring), fixed when the maps are created. Defaults: [`abi::MAP_SIZE_DEFAULTS`]
+/// (a small node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSizes {
+    entries: Vec<(&'static str, &'static str, u32)>,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            entries: abi::MAP_SIZE_DEFAULTS.to_vec(),
+        }
+    }
+}
+
+/// The largest capacity palisade accepts for one map.
+const MAX_MAP_SIZE: u64 = 1 << 26;
+
+impl MapSizes {
+    /// The defaults with `settings` (setting name → capacity) applied.
+    /// Err: what to fix, naming the setting.
+    pub fn with<'a>(settings: impl IntoIterator<Item = (&'a str, u64)>) -> Result<Self, String> {
+        let mut sizes = Self::default();
+        for (name, value) in settings {
+            let Some(slot) = sizes.entries.iter_mut().find(|e| e.1 == name) else {
+                return Err(format!(
+                    "mapSizes: {name:?} is not a map size; the sizes are {}",
+                    abi::MAP_SIZE_DEFAULTS
+                        .iter()
+                        .map(|e| e.1)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            if value == 0 || value > MAX_MAP_SIZE {
+                return Err(format!(
+                    "mapSizes.{name}: {value} is not between 1 and {MAX_MAP_SIZE}"
+                ));
+            }
+            if slot.0 == "pal_events" && (!value.is_power_of_two() || value < 4096) {
+                return Err(format!(
+                    "mapSizes.{name}: {value} bytes: the event ring's size must be a power of two \
+                     of at least 4096 (a page), e.g. 262144"
+                ));
+            }
+            slot.2 = u32::try_from(value)
+                .map_err(|_| format!("mapSizes.{name}: {value} is too large"))?;
+        }
+        Ok(sizes)
+    }
+
+    /// From `NAME=ENTRIES` items (`palisadectl daemon --map-size`).
+    pub fn parse_items(items: &[String]) -> Result<Self, String> {
+        let mut settings = Vec::new();
+        for item in items {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                format!("--map-size {item:?}: write NAME=ENTRIES, e.g. conntrack=262144")
+            })?;
+            let v: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("--map-size {item:?}: {v:?} is not a number"))?;
+            settings.push((k.trim().to_owned(), v));
+        }
+        Self::with(settings.iter().map(|(k, v)| (k.as_str(), *v)))
+    }
+
+    /// (map name, setting name, capacity) for every sized map.
+    /// Maps whose capacity follows the number of endpoints (one or two
+    /// entries for each) come with the `endpoints` setting.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &'static str, u32)> + '_ {
+        let endpoints = self.of("pal_endpoints").unwrap_or(1);
+        self.entries.iter().copied().chain([
+            ("pal_ct_tables", "endpoints", endpoints.saturating_mul(2)),
+            ("pal_budget", "endpoints", endpoints.saturating_mul(2)),
+            ("pal_ratelimit_ep", "endpoints", endpoints),
+        ])
+    }
+
+    /// The capacity of map `map`, when it is sized.
+    pub fn of(&self, map: &str) -> Option<u32> {
+        self.entries.iter().find(|e| e.0 == map).map(|e| e.2)
+    }
+
+    /// Flows each endpoint may track per direction (`conntrack`).
+    pub fn conntrack_budget(&self) -> u32 {
+        self.of("pal_ct_table")
+            .unwrap_or(abi::MAP_SIZE_DEFAULTS[5].2)
+    }
+}
+
+/// Check that the maps pinned under `root` (if any) have the capacities
+/// `sizes` asks for: a capacity is fixed once the maps exist.
+pub fn check_map_sizes(root: &Path, sizes: &MapSizes) -> Result<(), DataplaneError> {
+    for (map, setting, wanted) in sizes.iter() {
+        let path = map_pin(root, map);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
+            what: format!("map {map}"),
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        if info.max_entries() != wanted {
+            return Err(DataplaneError::Capacity {
+                path,
+                setting,
+                pinned: info.max_entries(),
+                wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Where map `name` is pinned under a bpf root.
 pub fn map_pin(root: &Path, name: &str) -> PathBuf {
     maps_dir(root).join(name)
@@ -192,6 +309,18 @@ pub enum DataplaneError {
          policies are kept)"
     )]
     Incompatible { path: PathBuf, detail: String },
+    #[error(
+        "map {path} was created with {pinned} entries and this configuration asks for {wanted} \
+         (mapSizes.{setting}): a map's capacity is fixed when it is created. Set {setting} back to \
+         {pinned}, or, to resize, run `palisadectl reset --yes` (detaches every endpoint and \
+         removes the maps; policies are kept) and start the containers again, or reboot"
+    )]
+    Capacity {
+        path: PathBuf,
+        setting: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
     #[error("attach tc {hook} to {ifname} (ifindex {ifindex})")]
     Attach {
         hook: &'static str,
@@ -437,4 +566,42 @@ pub trait Dataplane {
     fn counters(&self) -> Result<Vec<CounterRow>, DataplaneError>;
     /// Ask the live maps what they decide for a new flow.
     fn lookup(&self, q: &Lookup) -> Result<LookupAnswer, DataplaneError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_take_known_names_and_refuse_the_rest_naming_the_setting() {
+        let s =
+            MapSizes::parse_items(&["conntrack=4096".into(), " policy = 8192 ".into()]).unwrap();
+        assert_eq!(s.of("pal_ct"), Some(4096));
+        assert_eq!(s.of("pal_policy"), Some(8192));
+        assert_eq!(
+            s.of("pal_endpoints"),
+            Some(4096),
+            "the default for the rest"
+        );
+        assert_eq!(
+            MapSizes::default().of("pal_config"),
+            None,
+            "not a sized map"
+        );
+        for (bad, words) in [
+            (
+                "conntrak=1",
+                "not a map size; the sizes are endpoints, sourceAddresses",
+            ),
+            ("conntrack", "write NAME=ENTRIES"),
+            ("conntrack=x", "is not a number"),
+            ("policy=0", "not between 1 and"),
+            ("eventBytes=5000", "power of two"),
+            ("eventBytes=2048", "power of two"),
+        ] {
+            let e = MapSizes::parse_items(&[bad.into()]).unwrap_err();
+            assert!(e.contains(words), "{bad}: {e}");
+        }
+        assert!(MapSizes::parse_items(&["eventBytes=65536".into()]).is_ok());
+    }
 }

@@ -269,7 +269,17 @@ impl ServiceHook {
                 }
             }
             // Pinned by name in the C source: libbpf reuses the pin at this
-            // path (and pins a map that is missing there).
+            // path (and pins a map that is missing there). It reuses only a
+            // map of the object's capacity: take the pinned one's (set by
+            // whoever created the maps, see `MapSizes`).
+            if let Ok(handle) = MapHandle::from_pinned_path(&pin) {
+                map.set_max_entries(handle.max_entries()).map_err(|e| {
+                    DataplaneError::Netfilter {
+                        what: format!("size map {name} like its pin"),
+                        source: boxed(e),
+                    }
+                })?;
+            }
             map.set_pin_path(&pin).map_err(|e| DataplaneError::Pin {
                 what: format!("map {name}"),
                 path: pin.clone(),

@@ -133,6 +133,7 @@ fn measure(cfg: &Config, p: usize, e: usize) -> Cost {
     let mut cost = Cost::default();
     let node = Node::new(NodeOptions {
         daemon: true,
+        palisade: large(),
         ..NodeOptions::default()
     });
     seed_endpoints(&node, e);
@@ -491,3 +492,10 @@ pub const TCX_LIMIT: &str = "A TCX attach waits for an RCU grace period (`synchr
     included, so 20 containers at once queue 40 grace periods on RTNL whatever palisade does \
     outside it. clsact/cls_bpf filters attach without that wait: `\"attachMode\": \"netlink\"` \
     meets these targets (see \"CNI ADD and DEL latency\").";
+
+/// A large node's map capacities (tens of thousands of endpoints and rules).
+fn large() -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("mapSizes".into(), testbed::node::large_map_sizes());
+    m
+}

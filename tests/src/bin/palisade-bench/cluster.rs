@@ -188,7 +188,10 @@ struct Outcome {
 
 fn measure(s: Scale, stream_secs: u64) -> Outcome {
     let mut out = Outcome::default();
-    let c = Cluster::new(1, Topology::HostGw, false, serde_json::Map::new());
+    // 150,000 remote pods: a large node's capacities.
+    let mut palisade = serde_json::Map::new();
+    palisade.insert("mapSizes".into(), testbed::node::large_map_sizes());
+    let c = Cluster::new(1, Topology::HostGw, false, palisade);
     // The agent starts on a full API server, as on a new node.
     c.nodes[0].kill_daemon();
     let start = Instant::now();

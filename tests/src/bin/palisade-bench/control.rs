@@ -170,6 +170,7 @@ fn visibility(cfg: &Config, report: &mut Report) -> String {
     };
     let node = Node::new(NodeOptions {
         daemon: true,
+        palisade: large(),
         ..NodeOptions::default()
     });
     node.apply(
@@ -503,4 +504,11 @@ pub fn run(cfg: &Config, report: &mut Report) {
     s.push_str(&visibility(cfg, report));
     s.push_str(&cni_latency(cfg, report));
     report.section("Control plane", s);
+}
+
+/// A large node's map capacities (tens of thousands of endpoints and rules).
+fn large() -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("mapSizes".into(), testbed::node::large_map_sizes());
+    m
 }

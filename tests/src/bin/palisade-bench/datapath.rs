@@ -324,7 +324,8 @@ pub fn run(cfg: &Config, report: &mut Report) {
     let repeat: u32 = if cfg.short { 20_000 } else { 500_000 };
     let client = json!({"app": "client"});
 
-    let mut d = Datapath::new();
+    // Up to 10,000 endpoints and 100,000 rules: a large node's capacities.
+    let mut d = Datapath::with_sizes(Some(testbed::node::large_map_sizes_typed()));
     let root = d.dp.root().to_owned();
     let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
     let mut range_cells: BTreeMap<usize, Cell> = BTreeMap::new();
@@ -651,6 +652,55 @@ pub fn run(cfg: &Config, report: &mut Report) {
         }
     }
     s.push_str(&mt.render());
+
+    // Memory per capacity setting: the maps as each preset creates them,
+    // with 10 endpoints and no rules (what a node costs before it holds
+    // anything).
+    let _ = writeln!(
+        s,
+        "\nBy capacity setting (conflist `mapSizes`, `palisadectl daemon --map-size`): the \
+         pinned maps with 10 endpoints and no rules. \"small node\" is the default; \"large \
+         node\" is the sizes above (those of releases before the defaults became a small \
+         node's), which the rest of this section uses.\n"
+    );
+    let mut st = Table::new(&[
+        "setting",
+        "capacities",
+        "total MiB",
+        "pal_ct_tables KiB",
+        "pal_policy KiB",
+    ]);
+    for (label, sizes) in [
+        (
+            "small node (default)",
+            palisade::dataplane::MapSizes::default(),
+        ),
+        ("large node", testbed::node::large_map_sizes_typed()),
+    ] {
+        let caps = sizes
+            .iter()
+            .map(|(_, setting, n)| format!("{setting} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut dp = Datapath::with_sizes(Some(sizes));
+        dp.program("", &endpoints(10), &[]);
+        let mem = map_memory(dp.dp.root());
+        let total: u64 = mem.values().sum();
+        report.measured(
+            &format!("map memory, {label}, 10 endpoints, no rules"),
+            (total > 0).then_some(total as f64),
+        );
+        st.row(vec![
+            label.to_owned(),
+            caps,
+            format!("{:.1}", total as f64 / 1048576.0),
+            mem.get("pal_ct_tables")
+                .map_or("—".into(), |b| (b / 1024).to_string()),
+            mem.get("pal_policy")
+                .map_or("—".into(), |b| (b / 1024).to_string()),
+        ]);
+    }
+    s.push_str(&st.render());
     report.measured("conntrack budget", ct_budget.map(f64::from));
     if let Some(budget) = ct_budget {
         let _ = writeln!(

@@ -184,7 +184,13 @@ fn start_servers(procs: &mut Procs, pod: &BenchPod) {
 }
 
 fn build() -> Bed {
-    let node = Node::new(NodeOptions::default());
+    // Up to 10,000 rules: a large node's capacities.
+    let mut palisade = serde_json::Map::new();
+    palisade.insert("mapSizes".into(), testbed::node::large_map_sizes());
+    let node = Node::new(NodeOptions {
+        palisade,
+        ..NodeOptions::default()
+    });
     node.apply(
         r#"
 apiVersion: v1
