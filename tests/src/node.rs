@@ -90,7 +90,7 @@ pub fn large_map_sizes() -> Value {
         "cidrs": 262144,
         "addresses": 262144,
         "policy": 1048576,
-        "conntrack": 131072,
+        "conntrack": 16384,
         "fragments": 8192,
         "counters": 16384,
         "eventBytes": 1048576,

@@ -677,9 +677,10 @@ pub fn run(cfg: &Config, report: &mut Report) {
         ),
         ("large node", testbed::node::large_map_sizes_typed()),
     ] {
-        let caps = sizes
+        // Settings only: the maps sized by `endpoints` follow it.
+        let caps = palisade::abi::MAP_SIZE_DEFAULTS
             .iter()
-            .map(|(_, setting, n)| format!("{setting} {n}"))
+            .filter_map(|(map, setting, _)| Some(format!("{setting} {}", sizes.of(map)?)))
             .collect::<Vec<_>>()
             .join(", ");
         let mut dp = Datapath::with_sizes(Some(sizes));
