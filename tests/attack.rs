@@ -307,6 +307,49 @@ fn flood(pod: &Pod, dst: Ipv4Addr, count: u32) -> u32 {
     })
 }
 
+/// Send `count` first fragments of UDP datagrams (each a new datagram id,
+/// never completed) from `pod` to `dst` on a raw socket.
+fn fragment_flood(pod: &Pod, dst: Ipv4Addr, count: u32) -> u32 {
+    use testbed::pkt::{Frag, L4, ip_packet_frag};
+    let IpAddr::V4(src) = pod.addr(false) else {
+        panic!()
+    };
+    in_netns(&pod.netns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::from(255))).unwrap();
+        let to: socket2::SockAddr = SocketAddr::new(IpAddr::V4(dst), 0).into();
+        let mut sent = 0;
+        for i in 0..count {
+            let l4 = L4::Udp {
+                sport: 1024 + (i % 60_000) as u16,
+                dport: 53,
+            };
+            let frag = Frag {
+                id: i,
+                offset: 0,
+                more: true,
+            };
+            let p = ip_packet_frag(IpAddr::V4(src), IpAddr::V4(dst), &l4, Some(frag));
+            if s.send_to(&p, &to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+}
+
+/// A 4000-byte UDP datagram (three fragments each way) echoed by `to`.
+fn fragmented_echo(from: &Pod, to: SocketAddr) -> bool {
+    in_netns(&from.netns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let big = vec![0x5au8; 4000];
+        s.send_to(&big, to).unwrap();
+        let mut buf = vec![0u8; 8000];
+        matches!(s.recv_from(&mut buf), Ok((4000, _)))
+    })
+}
+
 /// An echo round trip on an open connection.
 fn echo(c: &mut std::net::TcpStream) -> bool {
     use std::io::{BufRead, BufReader, Write};
@@ -487,6 +530,40 @@ spec:
         !tcp80(&flooder, server.addr(false)),
         "the flooder's own new flows are refused while its table is full"
     );
+
+    // A fragment flood: first fragments of datagrams that never complete,
+    // each a new id, while the victim's fragmented datagrams (three
+    // fragments each way) are echoed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echoes = {
+        let (stop, victim) = (stop.clone(), victim.clone());
+        let to = SocketAddr::new(server.addr(false), 80);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if fragmented_echo(&victim, to) {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+    };
+    assert_eq!(fragment_flood(&flooder, sink4, 300_000), 300_000);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = echoes.join().unwrap();
+    assert!(ok > 0, "echoed during the fragment flood");
+    assert_eq!(
+        failed, 0,
+        "every fragmented datagram of the victim passed during the fragment flood ({ok} did)"
+    );
+    assert!(fragmented_echo(
+        &victim,
+        SocketAddr::new(server.addr(false), 80)
+    ));
+
     testbed::runtimes::wait_for(
         "the victims' flow records after the flood",
         Duration::from_secs(60),

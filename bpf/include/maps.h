@@ -88,13 +88,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_budget SEC(".maps");
 
-struct {
+/* The template of every endpoint's fragment table: an LRU of its own, so a
+ * fragment flood pushes out only the flooding endpoint's entries. */
+struct pal_frag_table {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, PAL_SIZE_FRAG);
-	__type(key, struct pal_frag_key);
-	__type(value, struct pal_frag_value);
+	__uint(key_size, sizeof(struct pal_frag_key));
+	__uint(value_size, sizeof(struct pal_frag_value));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 2 * PAL_SIZE_ENDPOINTS); /* two per endpoint */
+	__type(key, __u32); /* PAL_CT_TABLE(ep_id, direction) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_frag SEC(".maps");
+	__array(values, struct pal_frag_table);
+} pal_frag_tables SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

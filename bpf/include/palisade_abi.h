@@ -27,7 +27,7 @@
 #define PAL_SIZE_IPCACHE_HOST 65536
 #define PAL_SIZE_POLICY	      65536
 #define PAL_SIZE_CT	      16384 /* flows per endpoint and direction */
-#define PAL_SIZE_FRAG	      2048
+#define PAL_SIZE_FRAG	      256   /* per endpoint and direction */
 #define PAL_SIZE_COUNTERS     4096
 #define PAL_SIZE_EVENTS	      (256 * 1024) /* bytes */
 #define PAL_SIZE_SVC	      4096
@@ -271,8 +271,10 @@ struct pal_srcguard_key {
 	__u8 addr[16];
 };
 
-/* pal_frag: LRU_HASH. Ports of fragmented datagrams, recorded from the
- * first fragment so later fragments get the same verdict. */
+/* Fragment tables: ports of fragmented datagrams, recorded from the first
+ * fragment so later fragments get the same verdict. One LRU per endpoint
+ * and direction (pal_frag_tables, keyed like pal_ct_tables), of
+ * PAL_SIZE_FRAG entries by default. */
 struct pal_frag_key {
 	__u32 ep_id;
 	__u8 direction;

@@ -56,6 +56,14 @@ static __always_inline void pal_frag_key_make(struct pal_frag_key *k,
 	__builtin_memcpy(k->daddr, p->t.daddr, 16);
 }
 
+/* The endpoint's fragment table for direction dir (0: none). */
+static __always_inline void *pal_frag_table(__u32 ep_id, __u8 dir)
+{
+	__u32 k = PAL_CT_TABLE(ep_id, dir);
+
+	return bpf_map_lookup_elem(&pal_frag_tables, &k);
+}
+
 static __always_inline int
 pal_drop_by(struct __sk_buff *skb, const struct pal_config *cfg,
 	    const struct pal_endpoint *ep, __u8 dir, const struct pal_tuple *t,
@@ -390,25 +398,28 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		pal_from_dns_proxy(skb, ep, p);
 
 	if (p->kind == PAL_PKT_FRAG_LATER) {
-		struct pal_frag_key fk;
+		void *frags = pal_frag_table(ep->ep_id, dir);
 		struct pal_frag_value *fv;
+		struct pal_frag_key fk;
 
 		pal_frag_key_make(&fk, ep->ep_id, dir, p);
-		fv = bpf_map_lookup_elem(&pal_frag, &fk);
+		fv = frags ? bpf_map_lookup_elem(frags, &fk) : 0;
 		if (!fv)
 			return pal_drop(skb, cfg, ep, dir, &p->t,
 					PAL_DROP_FRAG_NO_HEAD, 0, now);
 		p->t.sport = fv->sport;
 		p->t.dport = fv->dport;
 	} else if (p->first_frag) {
-		struct pal_frag_key fk;
+		void *frags = pal_frag_table(ep->ep_id, dir);
 		struct pal_frag_value fv = {
 			.sport = p->t.sport,
 			.dport = p->t.dport,
 		};
+		struct pal_frag_key fk;
 
 		pal_frag_key_make(&fk, ep->ep_id, dir, p);
-		bpf_map_update_elem(&pal_frag, &fk, &fv, BPF_ANY);
+		if (frags)
+			bpf_map_update_elem(frags, &fk, &fv, BPF_ANY);
 	}
 
 	if (p->kind == PAL_PKT_ICMP_ERROR) {

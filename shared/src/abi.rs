@@ -63,7 +63,8 @@ pub const MAP_SIZE_DEFAULTS: [(&str, &str, u32); 11] = [
     ("pal_policy", "policy", 65536),
     // Not a pinned map: every endpoint's two conntrack tables (its budget).
     ("pal_ct_table", "conntrack", 16384),
-    ("pal_frag", "fragments", 2048),
+    // Not a pinned map: every endpoint's two fragment tables.
+    ("pal_frag_table", "fragments", 256),
     ("pal_counters", "counters", 4096),
     ("pal_events", "eventBytes", 256 * 1024),
     ("pal_svc", "services", 4096),

@@ -117,12 +117,7 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
         4,
         size_of::<abi::BudgetValue>(),
     ),
-    (
-        "pal_frag",
-        MapType::LruHash,
-        size_of::<abi::FragKey>(),
-        size_of::<abi::FragValue>(),
-    ),
+    ("pal_frag_tables", MapType::HashOfMaps, 4, 4),
     ("pal_config", MapType::Array, 4, size_of::<ConfigValue>()),
     (
         "pal_proxy",
@@ -187,47 +182,141 @@ type CtTables = HashOfMaps<MapData, u32, CtTable>;
 /// must match its template).
 const NO_PREALLOC: u32 = 1;
 
-/// Give endpoint `ep_id` its two conntrack tables of `budget` flows each,
-/// unless it has them (`have`: the tables there are). Returns how many were
-/// created.
-fn ensure_ct_tables(
-    tables: &mut CtTables,
-    spent: &mut HashMap<MapData, u32, abi::BudgetValue>,
-    have: &BTreeSet<u32>,
-    ep_id: u32,
-    budget: u32,
-) -> Result<u64, DataplaneError> {
-    let mut created = 0;
-    for dir in [Direction::Ingress, Direction::Egress] {
-        let id = abi::ct_table(ep_id, dir as u8);
-        if have.contains(&id) {
-            continue;
-        }
-        let table =
-            CtTable::create(budget, NO_PREALLOC).map_err(DataplaneError::map("pal_ct_table"))?;
-        let record = abi::BudgetValue {
-            capacity: budget,
-            ..Default::default()
-        };
-        spent
-            .insert(id, record, 0)
-            .map_err(DataplaneError::map("pal_budget"))?;
-        // BPF_NOEXIST: another process may have given it one meanwhile.
-        match tables.insert(id, &table, 1) {
-            Ok(()) => created += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
-        }
-    }
-    Ok(created)
+/// One endpoint's fragment table for one direction (`struct
+/// pal_frag_table`).
+type FragTable = HashMap<MapData, abi::FragKey, abi::FragValue>;
+type FragTables = HashOfMaps<MapData, u32, FragTable>;
+
+/// The per-endpoint tables there are: keys of `pal_ct_tables` and
+/// `pal_frag_tables`.
+struct Have {
+    ct: BTreeSet<u32>,
+    frag: BTreeSet<u32>,
 }
 
-/// The keys of every conntrack table there is.
-fn ct_table_ids(tables: &CtTables) -> Result<BTreeSet<u32>, DataplaneError> {
-    tables
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(DataplaneError::map("pal_ct_tables"))
+fn tables_have(maps: &Maps) -> Result<Have, DataplaneError> {
+    Ok(Have {
+        ct: maps
+            .ct_tables
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(DataplaneError::map("pal_ct_tables"))?,
+        frag: maps
+            .frag_tables
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(DataplaneError::map("pal_frag_tables"))?,
+    })
+}
+
+/// A map of `kind` made with BPF_MAP_CREATE (aya creates only plain
+/// hashes standalone; a fragment table is an LRU).
+fn create_map(
+    kind: u32,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+    flags: u32,
+    name: &str,
+) -> Result<MapData, DataplaneError> {
+    #[repr(C)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let attr = CreateAttr {
+        map_type: kind,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+        map_flags: flags,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    // SAFETY: `attr` is the leading part of bpf_attr for BPF_MAP_CREATE,
+    // passed with its exact size (the kernel zero-extends the rest); the
+    // returned descriptor is new and owned here.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const CreateAttr,
+            size_of::<CreateAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(DataplaneError::Other(format!(
+            "create map {name}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    MapData::from_fd(fd).map_err(DataplaneError::map(""))
+}
+
+/// `BPF_MAP_TYPE_LRU_HASH`.
+const LRU_HASH: u32 = 9;
+
+/// Give endpoint `ep_id` its conntrack tables (`conntrack` flows each) and
+/// fragment tables (`fragments` datagrams each), one per direction, unless
+/// it has them.
+fn ensure_tables(
+    maps: &mut Maps,
+    have: &Have,
+    ep_id: u32,
+    sizes: &MapSizes,
+) -> Result<(), DataplaneError> {
+    // BPF_NOEXIST: another process may have given it one meanwhile.
+    let taken = |e: &MapError| matches!(e, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST));
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let id = abi::ct_table(ep_id, dir as u8);
+        if !have.ct.contains(&id) {
+            let budget = sizes.conntrack_budget();
+            let table = CtTable::create(budget, NO_PREALLOC)
+                .map_err(DataplaneError::map("pal_ct_table"))?;
+            let record = abi::BudgetValue {
+                capacity: budget,
+                ..Default::default()
+            };
+            maps.budget
+                .insert(id, record, 0)
+                .map_err(DataplaneError::map("pal_budget"))?;
+            match maps.ct_tables.insert(id, &table, 1) {
+                Err(e) if !taken(&e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
+                _ => {}
+            }
+        }
+        if !have.frag.contains(&id) {
+            let data = create_map(
+                LRU_HASH,
+                size_of::<abi::FragKey>(),
+                size_of::<abi::FragValue>(),
+                sizes.fragment_budget(),
+                0,
+                "pal_frag_table",
+            )?;
+            let table = FragTable::try_from(Map::LruHashMap(data))
+                .map_err(DataplaneError::map("pal_frag_table"))?;
+            match maps.frag_tables.insert(id, &table, 1) {
+                Err(e) if !taken(&e) => return Err(DataplaneError::map("pal_frag_tables")(e)),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Drop what the datapath keeps for endpoint `ep_id` alone: its conntrack
@@ -238,6 +327,7 @@ fn remove_endpoint_state(maps: &mut Maps, ep_id: u32) -> Result<(), DataplaneErr
     for dir in [Direction::Ingress, Direction::Egress] {
         let id = abi::ct_table(ep_id, dir as u8);
         absent_ok(maps.ct_tables.remove(&id), "pal_ct_tables")?;
+        absent_ok(maps.frag_tables.remove(&id), "pal_frag_tables")?;
         absent_ok(maps.budget.remove(&id), "pal_budget")?;
     }
     Ok(())
@@ -265,6 +355,7 @@ struct Maps {
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     evstats: PerCpuArray<MapData, u64>,
     ct_tables: CtTables,
+    frag_tables: FragTables,
     budget: HashMap<MapData, u32, abi::BudgetValue>,
     /// `pal_ratelimit_ep`: each endpoint's event token bucket (last_ns,
     /// tokens), per CPU.
@@ -606,6 +697,7 @@ impl KernelDataplane {
             counters: typed!("pal_counters"),
             evstats: typed!("pal_evstats"),
             ct_tables: typed!("pal_ct_tables"),
+            frag_tables: typed!("pal_frag_tables"),
             budget: typed!("pal_budget"),
             ratelimit: typed!("pal_ratelimit_ep"),
             config_id: self.pinned_config_id().unwrap_or(0),
@@ -1063,7 +1155,7 @@ impl Dataplane for KernelDataplane {
         if !legacy.exists() {
             return Ok(0);
         }
-        let budget = self.sizes.conntrack_budget();
+        let sizes = self.sizes.clone();
         let old: HashMap<MapData, CtKey, CtValue> = {
             let data = MapData::from_pin(&legacy).map_err(|e| DataplaneError::OpenPin {
                 what: "map pal_ct (an earlier build's conntrack)".into(),
@@ -1073,16 +1165,10 @@ impl Dataplane for KernelDataplane {
             HashMap::try_from(Map::LruHashMap(data)).map_err(DataplaneError::map("pal_ct"))?
         };
         let maps = self.maps_mut()?;
-        let have = ct_table_ids(&maps.ct_tables)?;
+        let have = tables_have(maps)?;
         let eps = read_hash(&maps.endpoints, "pal_endpoints")?;
         for v in eps.values() {
-            ensure_ct_tables(
-                &mut maps.ct_tables,
-                &mut maps.budget,
-                &have,
-                v.ep_id,
-                budget,
-            )?;
+            ensure_tables(maps, &have, v.ep_id, &sizes)?;
         }
         let mut tables: BTreeMap<u32, Option<CtTable>> = BTreeMap::new();
         let mut copied = 0;
@@ -1294,7 +1380,7 @@ impl Dataplane for KernelDataplane {
 
     fn sync(&mut self, desired: &Desired) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
-        let budget = self.sizes.conntrack_budget();
+        let sizes = self.sizes.clone();
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
 
@@ -1358,16 +1444,10 @@ impl Dataplane for KernelDataplane {
                 .map_err(DataplaneError::map("pal_srcguard"))?;
             report.upserted += 1;
         }
-        // Every endpoint has its conntrack tables before it is registered.
-        let tables = ct_table_ids(&maps.ct_tables)?;
+        // Every endpoint has its tables before it is registered.
+        let have = tables_have(maps)?;
         for v in desired.endpoints.values() {
-            ensure_ct_tables(
-                &mut maps.ct_tables,
-                &mut maps.budget,
-                &tables,
-                v.ep_id,
-                budget,
-            )?;
+            ensure_tables(maps, &have, v.ep_id, &sizes)?;
         }
         for (k, v) in &desired.endpoints {
             if cur_eps.get(k) != Some(v) {
@@ -1394,8 +1474,10 @@ impl Dataplane for KernelDataplane {
             report.deleted += 1;
         }
         let live: BTreeSet<u32> = desired.endpoints.values().map(|v| v.ep_id).collect();
-        let stale: BTreeSet<u32> = tables
+        let stale: BTreeSet<u32> = have
+            .ct
             .iter()
+            .chain(&have.frag)
             .map(|id| id >> 1)
             .filter(|ep| !live.contains(ep))
             .collect();
@@ -1444,7 +1526,7 @@ impl Dataplane for KernelDataplane {
 
     fn apply(&mut self, delta: &Delta) -> Result<SyncReport, DataplaneError> {
         self.prepare()?;
-        let budget = self.sizes.conntrack_budget();
+        let sizes = self.sizes.clone();
         let maps = self.maps_mut()?;
         let mut report = SyncReport::default();
         let ipcache_key = |p: &Prefix| LpmKey::new(p.len, IpcacheAddr { addr: p.addr });
@@ -1479,13 +1561,13 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
-        let mut tables = None;
-        for v in delta.endpoints.iter().filter_map(|(_, v)| v.as_ref()) {
-            let have = match &tables {
-                Some(t) => t,
-                None => tables.insert(ct_table_ids(&maps.ct_tables)?),
+        let mut have = None;
+        for v in delta.endpoints.iter().filter_map(|(_, v)| *v) {
+            let h = match &have {
+                Some(h) => h,
+                None => have.insert(tables_have(maps)?),
             };
-            ensure_ct_tables(&mut maps.ct_tables, &mut maps.budget, have, v.ep_id, budget)?;
+            ensure_tables(maps, h, v.ep_id, &sizes)?;
         }
         for (k, v) in &delta.endpoints {
             if let Some(v) = v {
@@ -1657,10 +1739,6 @@ impl Dataplane for KernelDataplane {
             })?;
             Ok(info.max_entries())
         };
-        let frag: HashMap<MapData, abi::FragKey, abi::FragValue> = self
-            .open_map("pal_frag")?
-            .try_into()
-            .map_err(DataplaneError::map("pal_frag"))?;
         let (mut flows, mut capacity) = (0u64, 0u64);
         for (id, table) in ct_tables(&maps.ct_tables)? {
             let n = table.keys().count() as u64;
@@ -1692,7 +1770,7 @@ impl Dataplane for KernelDataplane {
             ("pal_ipcache_host", maps.ipcache_host.keys().count()),
             ("pal_policy", maps.policy.keys().count()),
             ("pal_ct_tables", maps.ct_tables.keys().count()),
-            ("pal_frag", frag.keys().count()),
+            ("pal_frag_tables", maps.frag_tables.keys().count()),
             ("pal_counters", maps.counters.keys().count()),
         ] {
             st.maps.push(MapFill {
@@ -1902,7 +1980,11 @@ pub fn datapath_unused(root: &Path) -> bool {
 /// Every conntrack table there is, by key (`PAL_CT_TABLE`).
 fn ct_tables(tables: &CtTables) -> Result<Vec<(u32, CtTable)>, DataplaneError> {
     let mut out = Vec::new();
-    for id in ct_table_ids(tables)? {
+    let ids: Vec<u32> = tables
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(DataplaneError::map("pal_ct_tables"))?;
+    for id in ids {
         match tables.get(&id, 0) {
             Ok(t) => out.push((id, t)),
             // Removed since the keys were read: an endpoint deleted.

@@ -138,6 +138,7 @@ impl MapSizes {
         let endpoints = self.of("pal_endpoints").unwrap_or(1);
         self.entries.iter().copied().chain([
             ("pal_ct_tables", "endpoints", endpoints.saturating_mul(2)),
+            ("pal_frag_tables", "endpoints", endpoints.saturating_mul(2)),
             ("pal_budget", "endpoints", endpoints.saturating_mul(2)),
             ("pal_ratelimit_ep", "endpoints", endpoints),
         ])
@@ -146,6 +147,13 @@ impl MapSizes {
     /// The capacity of map `map`, when it is sized.
     pub fn of(&self, map: &str) -> Option<u32> {
         self.entries.iter().find(|e| e.0 == map).map(|e| e.2)
+    }
+
+    /// Fragmented datagrams each endpoint may have in flight per direction
+    /// (`fragments`): the capacity of its fragment LRUs.
+    pub fn fragment_budget(&self) -> u32 {
+        self.of("pal_frag_table")
+            .unwrap_or(abi::MAP_SIZE_DEFAULTS[6].2)
     }
 
     /// Flows each endpoint may track per direction (`conntrack`).
@@ -576,7 +584,7 @@ mod tests {
     fn map_sizes_take_known_names_and_refuse_the_rest_naming_the_setting() {
         let s =
             MapSizes::parse_items(&["conntrack=4096".into(), " policy = 8192 ".into()]).unwrap();
-        assert_eq!(s.of("pal_ct"), Some(4096));
+        assert_eq!(s.conntrack_budget(), 4096);
         assert_eq!(s.of("pal_policy"), Some(8192));
         assert_eq!(
             s.of("pal_endpoints"),
