@@ -270,3 +270,73 @@ fn tcx_links_are_updated_under_traffic_without_a_gap() {
 fn clsact_filters_are_replaced_under_traffic_without_a_gap() {
     upgrade_under_traffic(Some("netlink"));
 }
+
+/// Hex bytes for bpftool.
+fn hex(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn upgrade_moves_an_earlier_builds_shared_conntrack_into_the_endpoints_tables() {
+    let node = Node::new(NodeOptions::default());
+    let a = node.add_pod("default", "a", &[80]);
+    let st: Value =
+        serde_json::from_slice(&node.ctl(&["status", "-o", "json"], None).stdout).unwrap();
+    let ep_id = st["endpoints"][0]["id"].as_u64().unwrap() as u32;
+    // The shared table an earlier build kept (`pal_ct`, an LRU), holding
+    // one flow of a's: opened by it (egress), TCP, to 10.99.0.1:80.
+    let legacy = palisade::dataplane::map_pin(&node.bpf_root, "pal_ct");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&legacy)
+        .args(["type", "lru_hash", "key", "44", "value", "48"])
+        .args(["entries", "1024", "name", "pal_ct"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", describe(&out));
+    let std::net::IpAddr::V4(own) = a.addr(false) else {
+        panic!()
+    };
+    let mapped = |v4: [u8; 4]| {
+        let mut m = [0u8; 16];
+        m[10] = 0xff;
+        m[11] = 0xff;
+        m[12..].copy_from_slice(&v4);
+        m
+    };
+    let mut key = Vec::new();
+    key.extend_from_slice(&ep_id.to_ne_bytes());
+    key.extend_from_slice(&[1, 6, 0, 0]); // egress, TCP, pad
+    key.extend_from_slice(&mapped(own.octets()));
+    key.extend_from_slice(&mapped([10, 99, 0, 1]));
+    key.extend_from_slice(&40000u16.to_be_bytes());
+    key.extend_from_slice(&80u16.to_be_bytes());
+    let mut value = vec![0u8; 48];
+    value[46] = 1; // PAL_CT_SEEN_REPLY
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&legacy)
+        .arg("key")
+        .args(["hex"])
+        .args(hex(&key))
+        .arg("value")
+        .args(["hex"])
+        .args(hex(&value))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", describe(&out));
+
+    let report = upgrade(&node, None);
+    assert_eq!(report["failed"], json!([]), "{report}");
+    assert!(!legacy.exists(), "the earlier build's table is unpinned");
+    let st: Value =
+        serde_json::from_slice(&node.ctl(&["status", "-o", "json"], None).stdout).unwrap();
+    let egress = st["datapath"]["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["epId"] == ep_id && b["direction"] == "egress")
+        .cloned()
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(egress["flows"], 1, "the flow moved to a's own table: {st}");
+}
