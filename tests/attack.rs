@@ -570,3 +570,92 @@ spec:
         || allowed_records(&n, "x/victim", 80) > 100 && allowed_records(&n, "x/client", 80) > 0,
     );
 }
+
+/// ICMP destination-unreachable errors (type 3) from `from` that reach a
+/// raw ICMP socket in `pod` while `send` runs.
+fn unreachables_seen(pod: &Pod, from: Ipv4Addr, send: impl FnOnce()) -> usize {
+    let s = in_netns(&pod.netns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::ICMPV4)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    });
+    send();
+    let mut seen = 0;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    while let Ok(n) = s.recv(&mut buf) {
+        // SAFETY: recv initialised the first n bytes.
+        let b: Vec<u8> = buf[..n]
+            .iter()
+            .map(|x| unsafe { x.assume_init() })
+            .collect();
+        let ihl = usize::from(b[0] & 0x0f) * 4;
+        if b[12..16] == from.octets() && b.get(ihl) == Some(&3) {
+            seen += 1;
+        }
+    }
+    seen
+}
+
+/// A "host unreachable" error about the TCP packet `quoted_src` →
+/// `quoted_dst` (as its sender sent it), sent by `pod` to `quoted_src`.
+fn send_unreachable(pod: &Pod, quoted_src: SocketAddr, quoted_dst: SocketAddr) {
+    use testbed::pkt::{L4, ip_packet};
+    let (SocketAddr::V4(qs), SocketAddr::V4(qd)) = (quoted_src, quoted_dst) else {
+        panic!()
+    };
+    let quoted = ip_packet(
+        IpAddr::V4(*qs.ip()),
+        IpAddr::V4(*qd.ip()),
+        &L4::Tcp {
+            sport: qs.port(),
+            dport: qd.port(),
+            flags: 0x18,
+        },
+    );
+    let IpAddr::V4(me) = pod.addr(false) else {
+        panic!()
+    };
+    let p = ip_packet(
+        IpAddr::V4(me),
+        IpAddr::V4(*qs.ip()),
+        &L4::Unreachable { inner: quoted },
+    );
+    in_netns(&pod.netns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::from(255))).unwrap();
+        let to: socket2::SockAddr = SocketAddr::new(IpAddr::V4(*qs.ip()), 0).into();
+        for _ in 0..3 {
+            s.send_to(&p, &to).unwrap();
+        }
+    });
+}
+
+#[test]
+fn an_icmp_error_forged_by_a_third_container_about_anothers_flow_is_not_related() {
+    let n = Node::new(NodeOptions::default());
+    let [victim, friend, attacker] = pods(&n);
+    // The victim (ingress: TCP 80 from the friend only) connects to the
+    // friend: the flow its error could be about.
+    let to_friend = SocketAddr::new(friend.addr(false), 80);
+    let conn = in_netns(&victim.netns, || {
+        std::net::TcpStream::connect_timeout(&to_friend, Duration::from_secs(2)).unwrap()
+    });
+    let local = conn.local_addr().unwrap();
+    let IpAddr::V4(f4) = friend.addr(false) else {
+        panic!()
+    };
+    let IpAddr::V4(a4) = attacker.addr(false) else {
+        panic!()
+    };
+    // From the flow's peer, the error is related and arrives.
+    let from_peer = unreachables_seen(&victim, f4, || {
+        send_unreachable(&friend, local, to_friend);
+    });
+    assert!(from_peer > 0, "an error from the flow's peer arrives");
+    // From a third container, quoting the same flow exactly, it does not.
+    let forged = unreachables_seen(&victim, a4, || {
+        send_unreachable(&attacker, local, to_friend);
+    });
+    assert_eq!(forged, 0, "an error forged by a third container is dropped");
+    drop(conn);
+}

@@ -123,6 +123,23 @@ static __always_inline int pal_addr_eq(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1];
 }
 
+/*
+ * Who may report an error about a flow to a container: its peer, or a
+ * router on the way (the node, the world: anything that is not a pod). A
+ * third pod that quotes the container's flow is forging the error: it is
+ * not related, and policy judges it as the plain ICMP it is.
+ */
+static __always_inline int pal_icmp_error_sender_ok(__u8 dir,
+						    const struct pal_pkt *p)
+{
+	__u32 id;
+
+	if (dir != PAL_DIR_INGRESS || pal_addr_eq(p->t.saddr, p->inner.daddr))
+		return 1;
+	id = pal_identity_of(p->t.saddr);
+	return id < PAL_ID_LOCAL_MIN || id >= PAL_ID_CIDR_MIN;
+}
+
 static __always_inline int pal_addr_unspecified(const __u8 *a)
 {
 	__u32 w[4];
@@ -428,7 +445,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		 * flow of this endpoint that current policy has confirmed. */
 		struct pal_ct_value *rel = 0;
 
-		if (p->inner_valid && pal_addr_eq(p->t.daddr, p->inner.saddr))
+		if (p->inner_valid && pal_addr_eq(p->t.daddr, p->inner.saddr) &&
+		    pal_icmp_error_sender_ok(dir, p))
 			rel = pal_ct_lookup(ep->ep_id, dir ^ 1, &p->inner, now,
 					    ck, &res);
 		if (rel && (rel->epoch == cfg->epoch ||
