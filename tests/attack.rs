@@ -222,11 +222,19 @@ fn send_arp(pod: &Pod, sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4
 }
 
 fn mac_of(pod: &Pod) -> [u8; 6] {
-    let text = in_netns(&pod.netns, || {
-        std::fs::read_to_string("/sys/class/net/eth0/address").unwrap()
-    });
+    // (Not /sys/class/net: sysfs shows the namespace that mounted it.)
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns_name(pod), "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let hex = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
     let mut m = [0u8; 6];
-    for (i, b) in text.trim().split(':').enumerate() {
+    for (i, b) in hex.split(':').enumerate() {
         m[i] = u8::from_str_radix(b, 16).unwrap();
     }
     m
@@ -658,4 +666,120 @@ fn an_icmp_error_forged_by_a_third_container_about_anothers_flow_is_not_related(
     });
     assert_eq!(forged, 0, "an error forged by a third container is dropped");
     drop(conn);
+}
+
+/// The name of the node's bridge.
+fn bridge(n: &Node) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &n.netns.name, "-o", "link", "show", "type", "bridge"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(1)
+        .map(|s| s.trim().to_owned())
+        .expect("the node has a bridge")
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Frames with destination `dst` that a packet socket on `pod`'s eth0 (in
+/// promiscuous mode) sees while `run` runs.
+fn frames_to(pod: &Pod, dst: [u8; 6], run: impl FnOnce()) -> usize {
+    ip_in(pod, &["link", "set", "eth0", "promisc", "on"]);
+    let fd = in_netns(&pod.netns, || {
+        // SAFETY: a raw packet socket for every protocol.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                i32::from((libc::ETH_P_ALL as u16).to_be()),
+            )
+        };
+        assert!(fd >= 0, "AF_PACKET socket");
+        fd
+    });
+    run();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut seen = 0;
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: reading into a buffer we own, with its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            break;
+        }
+        if n >= 6 && buf[..6] == dst {
+            seen += 1;
+        }
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    ip_in(pod, &["link", "set", "eth0", "promisc", "off"]);
+    seen
+}
+
+#[test]
+fn a_container_using_another_containers_mac_reaches_nothing_and_sees_nothing_of_it() {
+    let n = Node::new(NodeOptions::default());
+    let [victim, friend, attacker] = pods(&n);
+    let v = victim.addr(false);
+    assert!(tcp80(&friend, v));
+    assert!(tcp80(&attacker, friend.addr(false)), "an open pod, before");
+
+    // The attacker takes the victim's MAC.
+    let own = mac_of(&attacker);
+    let victims = mac_of(&victim);
+    ip_in(
+        &attacker,
+        &["link", "set", "eth0", "address", &mac_text(victims)],
+    );
+    assert!(
+        !tcp80(&attacker, friend.addr(false)),
+        "from another container's MAC, the attacker reaches nothing"
+    );
+    assert!(
+        tcp80(&friend, v),
+        "the victim's traffic still goes to the victim (the bridge learnt nothing from the attacker)"
+    );
+    ip_in(
+        &attacker,
+        &["link", "set", "eth0", "address", &mac_text(own)],
+    );
+    // (Its neighbour entries failed meanwhile: they are resolved again.)
+    ip_in(&attacker, &["neigh", "flush", "dev", "eth0"]);
+    testbed::runtimes::wait_for(
+        "the attacker's own MAC to work again",
+        Duration::from_secs(10),
+        || tcp80(&attacker, friend.addr(false)),
+    );
+
+    // A bridge that learns nothing floods every frame to every port: the
+    // frames for the victim are not delivered to the attacker.
+    let br = bridge(&n);
+    sys::ip(&[
+        "-n",
+        &n.netns.name,
+        "link",
+        "set",
+        &br,
+        "type",
+        "bridge",
+        "ageing_time",
+        "0",
+    ]);
+    let seen = frames_to(&attacker, victims, || {
+        for _ in 0..5 {
+            assert!(tcp80(&friend, v), "the victim's allowed traffic goes on");
+        }
+    });
+    assert_eq!(
+        seen, 0,
+        "the attacker's veth delivered none of the victim's frames"
+    );
 }

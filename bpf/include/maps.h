@@ -77,6 +77,15 @@ struct {
 	__array(values, struct pal_ct_table);
 } pal_ct_tables SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_SIZE_ENDPOINTS);
+	__type(key, __u32); /* host veth ifindex */
+	__type(value, struct pal_mac);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ep_mac SEC(".maps");
+
 /* Per endpoint and direction: when its table was last swept of expired
  * flows, and how many new flows its budget refused. */
 struct {

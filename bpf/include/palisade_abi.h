@@ -101,6 +101,7 @@
 #define PAL_DROP_SPOOFED	  (-7)
 #define PAL_DROP_NO_PROXY	  (-8) /* redirected, but no proxy listens */
 #define PAL_DROP_BUDGET		  (-9) /* the endpoint's conntrack table is full */
+#define PAL_DROP_MISADDRESSED	  (-10) /* unicast to another MAC */
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
@@ -252,6 +253,14 @@ struct pal_ct_value {
 	__u8 verdict;	 /* PAL_VERDICT_ALLOW or PAL_VERDICT_AUDIT */
 	__u8 pad;
 	__u16 flags; /* PAL_CT_* */
+};
+
+/* pal_ep_mac: HASH, host veth ifindex -> the container interface's MAC.
+ * Frames the container sends carry it as their source; unicast frames
+ * delivered to it carry it as their destination. No entry: not checked. */
+struct pal_mac {
+	__u8 addr[6];
+	__u16 pad;
 };
 
 /* pal_budget: HASH, keyed by PAL_CT_TABLE(ep_id, direction). User space
@@ -413,6 +422,7 @@ _Static_assert(sizeof(struct pal_ct_key) == 44,
 	       "struct pal_ct_key changed size");
 _Static_assert(sizeof(struct pal_ct_value) == 48,
 	       "struct pal_ct_value changed size");
+_Static_assert(sizeof(struct pal_mac) == 8, "struct pal_mac changed size");
 _Static_assert(sizeof(struct pal_budget) == 32,
 	       "struct pal_budget changed size");
 _Static_assert(sizeof(struct pal_srcguard_key) == 20,

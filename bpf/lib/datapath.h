@@ -246,6 +246,30 @@ static __always_inline int pal_infra_ok(const struct pal_pkt *p, __u8 dir)
 
 /* An ARP packet from the container must announce one of its addresses
  * (or 0.0.0.0, an address probe, RFC 5227). */
+/*
+ * The Ethernet addresses of a frame at a container's veth: leaving it, the
+ * source is the container's own MAC; entering it, a unicast destination is
+ * (multicast and broadcast pass). Returns 0 when they are not.
+ */
+static __always_inline int pal_mac_ok(struct __sk_buff *skb, __u32 ifindex,
+				      __u8 dir)
+{
+	struct pal_mac *own = bpf_map_lookup_elem(&pal_ep_mac, &ifindex);
+	__u8 eth[12];
+	const __u8 *mac;
+
+	if (!own)
+		return 1;
+	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)) < 0)
+		return 0;
+	mac = dir == PAL_DIR_EGRESS ? &eth[6] : &eth[0];
+	if (dir == PAL_DIR_INGRESS && (mac[0] & 1))
+		return 1;
+	return mac[0] == own->addr[0] && mac[1] == own->addr[1] &&
+	       mac[2] == own->addr[2] && mac[3] == own->addr[3] &&
+	       mac[4] == own->addr[4] && mac[5] == own->addr[5];
+}
+
 static __always_inline int pal_arp_ok(struct __sk_buff *skb,
 				      const struct pal_endpoint *ep)
 {
@@ -382,6 +406,12 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		/* Attached but not (or no longer) registered: fail closed. */
 		return pal_drop(skb, cfg, 0, dir, &p->t,
 				PAL_DROP_UNKNOWN_ENDPOINT, 0, now);
+
+	if (!pal_mac_ok(skb, ifindex, dir))
+		return pal_drop(skb, cfg, ep, dir, &p->t,
+				dir == PAL_DIR_EGRESS ? PAL_DROP_SPOOFED
+						      : PAL_DROP_MISADDRESSED,
+				0, now);
 
 	rc = pal_parse(skb, p);
 	if (rc == 1) {

@@ -327,6 +327,8 @@ fn add(conf: &NetConf, node: &mut Control) -> Result<Value, CniError> {
                 .ok()
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
             k8s,
+            mac: netns::container_mac(Path::new(&netns), &ifname)
+                .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?,
         })
         .map_err(|e| node_error(e, &format!("enforce policy on {namespace}/{name}")))
     };

@@ -193,6 +193,9 @@ pub enum Reason {
     DropNoProxy,
     /// A new flow beyond the endpoint's conntrack budget.
     DropBudget,
+    /// A unicast frame for another MAC, about to be delivered to the
+    /// container.
+    DropMisaddressed,
     /// A code this build has no name for; its text keeps the code.
     Unknown(i8),
     /// Text this build cannot read back (a flow log written by another
@@ -220,6 +223,7 @@ impl Reason {
             -7 => Self::DropSpoofed,
             -8 => Self::DropNoProxy,
             -9 => Self::DropBudget,
+            -10 => Self::DropMisaddressed,
             other => Self::Unknown(other),
         }
     }
@@ -251,6 +255,7 @@ impl Reason {
             Self::DropRevoked => "flow no longer allowed after a policy change",
             Self::DropSpoofed => "sent from an address the container does not own",
             Self::DropNoProxy => "for the DNS proxy, which does not run (fail closed)",
+            Self::DropMisaddressed => "a unicast frame addressed to another MAC (not delivered)",
             Self::DropBudget => {
                 "budget exceeded: the endpoint's conntrack table for this direction is full"
             }
@@ -259,7 +264,7 @@ impl Reason {
     }
 
     /// Every reason with a code, for reading text back.
-    const KNOWN: [Self; 16] = [
+    const KNOWN: [Self; 17] = [
         Self::Policy,
         Self::NotIsolated,
         Self::Host,
@@ -276,6 +281,7 @@ impl Reason {
         Self::DropSpoofed,
         Self::DropNoProxy,
         Self::DropBudget,
+        Self::DropMisaddressed,
     ];
 
     /// The reason a text of [`Reason`]'s `Display` stands for; text this
@@ -503,6 +509,14 @@ pub struct BudgetValue {
     pub pad: u32,
 }
 
+/// `struct pal_mac`: a container interface's MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct MacValue {
+    pub addr: [u8; 6],
+    pub pad: u16,
+}
+
 /// `PAL_CT_TABLE`: the key of an endpoint's conntrack table for flows
 /// opened in `direction`.
 pub const fn ct_table(ep_id: u32, direction: u8) -> u32 {
@@ -711,6 +725,7 @@ same_layout!(CtKey = c::pal_ct_key {
     ep_id = ep_id, direction = direction, protocol = protocol, pad = pad, saddr = saddr,
     daddr = daddr, sport_be = sport, dport_be = dport,
 });
+same_layout!(MacValue = c::pal_mac { addr = addr, pad = pad });
 same_layout!(BudgetValue = c::pal_budget {
     swept_ns = swept_ns, refused = refused, last_refused_ns = last_refused_ns,
     capacity = capacity, pad = pad,
@@ -846,6 +861,7 @@ same_reason! {
     DropSpoofed => c::PAL_DROP_SPOOFED,
     DropNoProxy => c::PAL_DROP_NO_PROXY,
     DropBudget => c::PAL_DROP_BUDGET,
+    DropMisaddressed => c::PAL_DROP_MISADDRESSED,
 }
 
 // SAFETY: all of these are `repr(C)` structs of integers and byte arrays
@@ -861,6 +877,7 @@ unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for BudgetValue {}
+unsafe impl aya::Pod for MacValue {}
 unsafe impl aya::Pod for ConfigValue {}
 unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for CounterValue {}
@@ -960,8 +977,8 @@ mod tests {
             "\"no policy rule allows it\""
         );
         assert_eq!(
-            Reason::from_code(-10).to_string(),
-            "unknown reason (code -10)"
+            Reason::from_code(-11).to_string(),
+            "unknown reason (code -11)"
         );
     }
 

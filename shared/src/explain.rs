@@ -731,6 +731,7 @@ mod tests {
                 host_ifindex: 10 + id,
                 addresses: vec![addr.parse().unwrap()],
                 k8s: false,
+                mac: None,
                 attachment: crate::dataplane::Attachment::Tcx {
                     from_container: "/x".into(),
                     to_container: "/y".into(),

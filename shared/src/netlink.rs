@@ -52,6 +52,8 @@ pub struct LinkFacts {
     pub peer_index: Option<u32>,
     pub kind: String,
     pub up: bool,
+    /// `IFLA_ADDRESS` of an Ethernet-like link.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A tc filter as the kernel lists it.
@@ -97,11 +99,13 @@ pub fn list_links() -> Result<Vec<LinkFacts>, NetlinkError> {
                 peer_index: None,
                 kind: String::new(),
                 up: msg.header.flags.contains(LinkFlags::Up),
+                mac: None,
             };
             for attr in &msg.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => facts.name = n.clone(),
                     LinkAttribute::Link(i) => facts.peer_index = Some(*i),
+                    LinkAttribute::Address(a) => facts.mac = <[u8; 6]>::try_from(&a[..]).ok(),
                     LinkAttribute::LinkInfo(infos) => {
                         for info in infos {
                             if let LinkInfo::Kind(kind) = info {

@@ -105,6 +105,18 @@ pub fn find_host_veth(
         })
 }
 
+/// The MAC address of interface `ifname` inside a container namespace.
+pub fn container_mac(netns: &Path, ifname: &str) -> Result<Option<[u8; 6]>, NetnsError> {
+    let links = netlink::in_netns(netns, netlink::list_links)??;
+    let link = links.iter().find(|l| l.name == ifname).ok_or_else(|| {
+        NetnsError::NoContainerInterface {
+            ifname: ifname.to_owned(),
+            netns: netns.display().to_string(),
+        }
+    })?;
+    Ok(link.mac)
+}
+
 /// Global addresses of an interface inside a container namespace.
 pub fn container_addresses(netns: &Path, ifname: &str) -> Result<Vec<IpAddr>, NetnsError> {
     let (links, addrs) = netlink::in_netns(netns, || -> Result<_, NetlinkError> {
@@ -155,6 +167,7 @@ mod tests {
             peer_index: None,
             kind: if veth { "veth".into() } else { "bridge".into() },
             up: true,
+            mac: None,
         }
     }
 

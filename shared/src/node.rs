@@ -127,6 +127,10 @@ pub struct NewEndpoint {
     /// The identity came from Kubernetes (the CRI's pod namespace and
     /// name): annotations may never override it.
     pub k8s: bool,
+    /// The container interface's MAC address: the only source address its
+    /// frames may carry, and the only unicast destination delivered to it.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
 }
 
 /// What [`Node::add_endpoint`] did.
@@ -858,6 +862,12 @@ impl<D: Dataplane> Node<D> {
             // The maps do not match the store (an interrupted write, a new
             // datapath, or one that was away): repair them from it first.
             let r = dataplane.sync(eng.desired())?;
+            if token == 0 {
+                // A new datapath: the endpoints' MAC addresses too.
+                for e in tx.load()?.endpoints.values() {
+                    dataplane.set_endpoint_mac(e.host_ifindex, e.mac)?;
+                }
+            }
             dataplane.set_sync_token(generation)?;
             tracing::info!(
                 "datapath repaired from the store (generation {generation}): {} written, {} removed",
@@ -1002,6 +1012,7 @@ impl<D: Dataplane> Node<D> {
                 host_ifindex: new.host_ifindex,
                 addresses: new.addresses.clone(),
                 k8s: new.k8s,
+                mac: new.mac,
                 attachment: Attachment::Pending,
                 created: now,
             };
@@ -1013,6 +1024,11 @@ impl<D: Dataplane> Node<D> {
         // Their veths are gone; their pins and filters go now.
         if let Err(e) = detach_endpoints(&mut self.dataplane, &stale) {
             tracing::warn!("stale endpoints: {e}");
+        }
+        if let Registered::New(ep) = &registered
+            && let Err(e) = self.dataplane.set_endpoint_mac(ep.host_ifindex, ep.mac)
+        {
+            tracing::warn!("endpoint {}: its MAC address is not checked ({e})", ep.id);
         }
         for w in &c.warnings {
             tracing::warn!("{w}");
@@ -1893,6 +1909,7 @@ mod tests {
             host_addresses: Some(vec!["10.0.0.1".parse().unwrap()]),
             netns_inode: None,
             k8s: false,
+            mac: None,
         }
     }
 

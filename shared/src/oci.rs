@@ -346,6 +346,7 @@ pub fn on_create(
             host_addresses: Some(host_addresses.clone()),
             netns_inode: None,
             k8s: who.k8s,
+            mac: netns::container_mac(&netns_path, &v.container_ifname)?,
         })?;
         match outcome {
             AddOutcome::Added(e) => report.added.push(e),

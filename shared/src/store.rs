@@ -151,6 +151,9 @@ pub struct Endpoint {
     /// override them.
     #[serde(default)]
     pub k8s: bool,
+    /// The container interface's MAC address, when known.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
     pub attachment: Attachment,
     /// Unix seconds.
     pub created: u64,

@@ -141,6 +141,7 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
     ("pal_events", MapType::RingBuf, 0, 0),
     ("pal_evstats", MapType::PerCpuArray, 4, 8),
     ("pal_ratelimit_ep", MapType::PerCpuHash, 4, 16),
+    ("pal_ep_mac", MapType::Hash, 4, size_of::<abi::MacValue>()),
 ];
 
 /// Flow events per second per CPU, and the burst, until configured.
@@ -357,6 +358,8 @@ struct Maps {
     ct_tables: CtTables,
     frag_tables: FragTables,
     budget: HashMap<MapData, u32, abi::BudgetValue>,
+    /// `pal_ep_mac`: host veth ifindex → the container's MAC.
+    ep_mac: HashMap<MapData, u32, abi::MacValue>,
     /// `pal_ratelimit_ep`: each endpoint's event token bucket (last_ns,
     /// tokens), per CPU.
     ratelimit: PerCpuHashMap<MapData, u32, [u64; 2]>,
@@ -700,6 +703,7 @@ impl KernelDataplane {
             frag_tables: typed!("pal_frag_tables"),
             budget: typed!("pal_budget"),
             ratelimit: typed!("pal_ratelimit_ep"),
+            ep_mac: typed!("pal_ep_mac"),
             config_id: self.pinned_config_id().unwrap_or(0),
         })
     }
@@ -1149,6 +1153,22 @@ impl Dataplane for KernelDataplane {
         }
     }
 
+    fn set_endpoint_mac(
+        &mut self,
+        ifindex: u32,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), DataplaneError> {
+        self.prepare()?;
+        let maps = self.maps_mut()?;
+        match mac {
+            Some(addr) => maps
+                .ep_mac
+                .insert(ifindex, abi::MacValue { addr, pad: 0 }, 0)
+                .map_err(DataplaneError::map("pal_ep_mac")),
+            None => absent_ok(maps.ep_mac.remove(&ifindex), "pal_ep_mac"),
+        }
+    }
+
     fn adopt_legacy_conntrack(&mut self, finished: bool) -> Result<u64, DataplaneError> {
         self.prepare()?;
         let legacy = self.maps_dir().join("pal_ct");
@@ -1465,6 +1485,7 @@ impl Dataplane for KernelDataplane {
             maps.endpoints
                 .remove(k)
                 .map_err(DataplaneError::map("pal_endpoints"))?;
+            absent_ok(maps.ep_mac.remove(k), "pal_ep_mac")?;
             report.deleted += 1;
         }
         for k in cur_src.difference(&desired.srcguard) {
@@ -1595,6 +1616,7 @@ impl Dataplane for KernelDataplane {
                     Err(e) => return Err(DataplaneError::map("pal_endpoints")(e)),
                 };
                 gone(maps.endpoints.remove(k), "pal_endpoints")?;
+                absent_ok(maps.ep_mac.remove(k), "pal_ep_mac")?;
                 if let Some(ep) = old.filter(|ep| !kept.contains(ep)) {
                     remove_endpoint_state(maps, ep)?;
                 }

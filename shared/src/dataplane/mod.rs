@@ -141,6 +141,7 @@ impl MapSizes {
             ("pal_frag_tables", "endpoints", endpoints.saturating_mul(2)),
             ("pal_budget", "endpoints", endpoints.saturating_mul(2)),
             ("pal_ratelimit_ep", "endpoints", endpoints),
+            ("pal_ep_mac", "endpoints", endpoints),
         ])
     }
 
@@ -554,6 +555,17 @@ pub trait Dataplane {
     fn upgrade(&mut self, att: &Attachment, ifname: &str) -> Result<bool, DataplaneError> {
         let _ = (att, ifname);
         Ok(false)
+    }
+    /// Record (or forget) the MAC address of the container behind host
+    /// veth `ifindex`: the datapath then drops frames it sends from
+    /// another MAC and unicast frames to another MAC delivered to it.
+    fn set_endpoint_mac(
+        &mut self,
+        ifindex: u32,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), DataplaneError> {
+        let _ = (ifindex, mac);
+        Ok(())
     }
     /// Copy the flows an earlier build tracked in its one shared conntrack
     /// table (`pal_ct`) into the endpoints' own tables, around an upgrade:

@@ -72,6 +72,7 @@ pub fn seed(node: &Node, eps: impl Iterator<Item = (String, String, Labels, IpAd
             host_ifindex: 1_000_000 + id,
             addresses: vec![addr],
             k8s: true,
+            mac: None,
             attachment: Attachment::Tcx {
                 from_container: node.dir.join(format!("nonexistent/{id}/from")),
                 to_container: node.dir.join(format!("nonexistent/{id}/to")),
