@@ -783,3 +783,44 @@ fn a_container_using_another_containers_mac_reaches_nothing_and_sees_nothing_of_
         "the attacker's veth delivered none of the victim's frames"
     );
 }
+
+#[test]
+fn a_container_advertising_another_containers_ipv6_address_poisons_nothing() {
+    let n = Node::new(NodeOptions {
+        ipv6: true,
+        ..Default::default()
+    });
+    let [victim, friend, attacker] = pods(&n);
+    let v6 = victim.addr(true);
+    let _ = probe(&n.netns.path, v6, Proto::Tcp, 80, PROBE_TIMEOUT);
+    let before = node_neigh(&n, v6).expect("the node has a neighbour entry for the victim");
+    let IpAddr::V6(target) = v6 else { panic!() };
+    let mine = mac_of(&attacker);
+    // Unsolicited neighbour advertisements, override flag set: "the
+    // victim's address is at my MAC", to all nodes.
+    let mut na = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    na.extend_from_slice(&target.octets());
+    na.extend_from_slice(&[2, 1]);
+    na.extend_from_slice(&mine);
+    in_netns(&attacker.netns, || {
+        let s = Socket::new(Domain::IPV6, Type::RAW, Some(socket2::Protocol::ICMPV6)).unwrap();
+        s.set_multicast_hops_v6(255).unwrap();
+        let ifindex = nix::net::if_::if_nametoindex("eth0").unwrap();
+        s.set_multicast_if_v6(ifindex).unwrap();
+        let all: std::net::SocketAddrV6 =
+            std::net::SocketAddrV6::new("ff02::1".parse().unwrap(), 0, 0, ifindex);
+        for _ in 0..5 {
+            s.send_to(&na, &all.into()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    assert_eq!(
+        node_neigh(&n, v6).as_deref(),
+        Some(before.as_str()),
+        "the node still sends the victim's IPv6 traffic to the victim"
+    );
+    assert!(
+        probe(&friend.netns, v6, Proto::Tcp, 80, PROBE_TIMEOUT),
+        "the victim's allowed IPv6 traffic goes on"
+    );
+}

@@ -290,6 +290,21 @@ static __always_inline int pal_arp_ok(struct __sk_buff *skb,
 	return pal_owns(ep, addr);
 }
 
+/* A neighbour advertisement a container sends speaks for one of its own
+ * addresses (the target), as an ARP reply must (pal_arp_ok). Link-local
+ * targets pass: palisade does not record them, and pod traffic is never
+ * addressed to them. */
+static __always_inline int pal_na_ok(struct __sk_buff *skb,
+				     const struct pal_endpoint *ep,
+				     const struct pal_pkt *p)
+{
+	__u8 target[16];
+
+	if (bpf_skb_load_bytes(skb, p->l4_off + 8, target, sizeof(target)) < 0)
+		return 0;
+	return pal_addr_v6_link_local(target) || pal_owns(ep, target);
+}
+
 /* Whether an allowed packet leaving the container goes to the node's DNS
  * proxy instead of the server it names. */
 static __always_inline int pal_is_dns_redirect(const struct pal_endpoint *ep,
@@ -431,6 +446,11 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	    !((pal_addr_unspecified(p->t.saddr) ||
 	       pal_addr_v6_link_local(p->t.saddr)) &&
 	      pal_infra_ok(p, dir)))
+		return pal_drop(skb, cfg, ep, dir, &p->t, PAL_DROP_SPOOFED, 0,
+				now);
+
+	if (dir == PAL_DIR_EGRESS && p->kind == PAL_PKT_ND &&
+	    p->icmp_type == 136 && !pal_na_ok(skb, ep, p))
 		return pal_drop(skb, cfg, ep, dir, &p->t, PAL_DROP_SPOOFED, 0,
 				now);
 
