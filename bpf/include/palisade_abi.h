@@ -26,8 +26,8 @@
 #define PAL_SIZE_IPCACHE      65536
 #define PAL_SIZE_IPCACHE_HOST 65536
 #define PAL_SIZE_POLICY	      65536
-#define PAL_SIZE_CT	      16384 /* flows per endpoint and direction */
-#define PAL_SIZE_FRAG	      256   /* per endpoint and direction */
+#define PAL_SIZE_CT	      8192 /* flows per endpoint and direction */
+#define PAL_SIZE_FRAG	      64   /* per endpoint and direction */
 #define PAL_SIZE_COUNTERS     4096
 #define PAL_SIZE_EVENTS	      (256 * 1024) /* bytes */
 #define PAL_SIZE_SVC	      4096

@@ -62,9 +62,9 @@ pub const MAP_SIZE_DEFAULTS: [(&str, &str, u32); 11] = [
     ("pal_ipcache_host", "addresses", 65536),
     ("pal_policy", "policy", 65536),
     // Not a pinned map: every endpoint's two conntrack tables (its budget).
-    ("pal_ct_table", "conntrack", 16384),
+    ("pal_ct_table", "conntrack", 8192),
     // Not a pinned map: every endpoint's two fragment tables.
-    ("pal_frag_table", "fragments", 256),
+    ("pal_frag_table", "fragments", 64),
     ("pal_counters", "counters", 4096),
     ("pal_events", "eventBytes", 256 * 1024),
     ("pal_svc", "services", 4096),

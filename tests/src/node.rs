@@ -90,8 +90,10 @@ pub fn large_map_sizes() -> Value {
         "cidrs": 262144,
         "addresses": 262144,
         "policy": 1048576,
-        "conntrack": 16384,
-        "fragments": 8192,
+        // Per endpoint and direction (memory: 16 bytes a flow of budget
+        // for the table's buckets, whatever it holds).
+        "conntrack": 2048,
+        "fragments": 64,
         "counters": 16384,
         "eventBytes": 1048576,
         "services": 65536,

@@ -210,17 +210,34 @@ pub fn map_memory(root: &Path) -> BTreeMap<String, u64> {
         let Ok(map) = MapData::from_pin(e.path()) else {
             continue;
         };
-        let fd = map.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
-        if let Some(bytes) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-        {
-            out.insert(name, bytes);
+        let Some(mut bytes) = memlock(&map) else {
+            continue;
+        };
+        // The endpoints' own tables hang off these, unpinned: counted with
+        // them.
+        if name == "pal_ct_tables" || name == "pal_frag_tables" {
+            let outer: aya::maps::HashOfMaps<MapData, u32, MapData> =
+                aya::maps::HashOfMaps::try_from(aya::maps::Map::HashOfMaps(map))
+                    .expect("a hash of maps");
+            let ids: Vec<u32> = outer.keys().filter_map(Result::ok).collect();
+            for id in ids {
+                if let Ok(inner) = outer.get(&id, 0) {
+                    bytes += memlock(&inner).unwrap_or(0);
+                }
+            }
         }
+        out.insert(name, bytes);
     }
     out
+}
+
+/// Kernel memory charged to one map (`memlock` in fdinfo).
+fn memlock(map: &MapData) -> Option<u64> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[derive(Default)]
