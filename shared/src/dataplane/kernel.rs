@@ -1190,22 +1190,26 @@ impl Dataplane for KernelDataplane {
         for v in eps.values() {
             ensure_tables(maps, &have, v.ep_id, &sizes)?;
         }
-        let mut tables: BTreeMap<u32, Option<CtTable>> = BTreeMap::new();
-        let mut copied = 0;
+        // By table, each opened once and closed before the next (a node
+        // may have more tables than a process may have descriptors).
+        let mut by_table: BTreeMap<u32, Vec<(CtKey, CtValue)>> = BTreeMap::new();
         for (k, v) in old.iter().filter_map(Result::ok) {
-            let id = abi::ct_table(k.ep_id, k.direction);
-            let table = match tables.entry(id) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(maps.ct_tables.get(&id, 0).ok())
-                }
-            };
+            by_table
+                .entry(abi::ct_table(k.ep_id, k.direction))
+                .or_default()
+                .push((k, v));
+        }
+        let mut copied = 0;
+        for (id, flows) in by_table {
             // Only for endpoints that are still there; a flow the new
             // programs track already is newer than the copy.
-            if let Some(t) = table
-                && t.insert(k, v, 1).is_ok()
-            {
-                copied += 1;
+            let Ok(mut table) = maps.ct_tables.get(&id, 0) else {
+                continue;
+            };
+            for (k, v) in flows {
+                if table.insert(k, v, 1).is_ok() {
+                    copied += 1;
+                }
             }
         }
         if finished {
@@ -1762,9 +1766,10 @@ impl Dataplane for KernelDataplane {
             Ok(info.max_entries())
         };
         let (mut flows, mut capacity) = (0u64, 0u64);
-        for (id, table) in ct_tables(&maps.ct_tables)? {
+        let (budget_map, budgets) = (&maps.budget, &mut st.budgets);
+        for_each_ct_table(&maps.ct_tables, |id, table| {
             let n = table.keys().count() as u64;
-            let spent = match maps.budget.get(&id, 0) {
+            let spent = match budget_map.get(&id, 0) {
                 Ok(b) => b,
                 Err(MapError::KeyNotFound) => abi::BudgetValue::default(),
                 Err(e) => return Err(DataplaneError::map("pal_budget")(e)),
@@ -1772,7 +1777,7 @@ impl Dataplane for KernelDataplane {
             let budget = spent.capacity;
             flows += n;
             capacity += u64::from(budget);
-            st.budgets.push(super::BudgetFill {
+            budgets.push(super::BudgetFill {
                 ep_id: id >> 1,
                 direction: Direction::from_u8((id & 1) as u8).unwrap_or(Direction::Ingress),
                 flows: n,
@@ -1780,7 +1785,8 @@ impl Dataplane for KernelDataplane {
                 refused: spent.refused,
                 last_refused_ns: spent.last_refused_ns,
             });
-        }
+            Ok(())
+        })?;
         st.maps.push(MapFill {
             name: "pal_ct_tables (flows)".into(),
             entries: flows,
@@ -1999,22 +2005,26 @@ pub fn datapath_unused(root: &Path) -> bool {
     no_links && no_endpoints
 }
 
-/// Every conntrack table there is, by key (`PAL_CT_TABLE`).
-fn ct_tables(tables: &CtTables) -> Result<Vec<(u32, CtTable)>, DataplaneError> {
-    let mut out = Vec::new();
+/// `f` on every conntrack table there is, with its key (`PAL_CT_TABLE`).
+fn for_each_ct_table(
+    tables: &CtTables,
+    mut f: impl FnMut(u32, CtTable) -> Result<(), DataplaneError>,
+) -> Result<(), DataplaneError> {
     let ids: Vec<u32> = tables
         .keys()
         .collect::<Result<_, _>>()
         .map_err(DataplaneError::map("pal_ct_tables"))?;
+    // One table open at a time: a node with thousands of endpoints has
+    // more tables than a process may have descriptors.
     for id in ids {
         match tables.get(&id, 0) {
-            Ok(t) => out.push((id, t)),
+            Ok(t) => f(id, t)?,
             // Removed since the keys were read: an endpoint deleted.
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Forget every tracked flow of every endpoint under a bpf root (each next
@@ -2032,7 +2042,7 @@ pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
         .try_into()
         .map_err(DataplaneError::map("pal_ct_tables"))?;
     let mut n = 0;
-    for (_, mut table) in ct_tables(&tables)? {
+    for_each_ct_table(&tables, |_, mut table| {
         let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
         for k in keys {
             match table.remove(&k) {
@@ -2041,7 +2051,8 @@ pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
                 Err(e) => return Err(DataplaneError::map("pal_ct_table")(e)),
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(n)
 }
 
@@ -2070,10 +2081,11 @@ pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneErr
         .map(|t| t.tv_sec() as u64 * SEC + t.tv_nsec() as u64)
         .unwrap_or(u64::MAX);
     let mut out = BTreeSet::new();
-    let flows: Vec<(CtKey, CtValue)> = ct_tables(&tables)?
-        .iter()
-        .flat_map(|(_, t)| t.iter().filter_map(Result::ok).collect::<Vec<_>>())
-        .collect();
+    let mut flows: Vec<(CtKey, CtValue)> = Vec::new();
+    for_each_ct_table(&tables, |_, t| {
+        flows.extend(t.iter().filter_map(Result::ok));
+        Ok(())
+    })?;
     for (k, v) in flows {
         let (seen_reply, fin_fwd, rst, fin_rev) = (1u16, 2u16, 4u16, 8u16);
         let timeout = if k.protocol == abi::PROTO_TCP {
