@@ -2027,9 +2027,8 @@ fn for_each_ct_table(
     Ok(())
 }
 
-/// Forget every tracked flow of every endpoint under a bpf root (each next
-/// packet is decided afresh). Returns how many flows there were.
-pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
+/// The pinned `pal_ct_tables` under a bpf root.
+fn open_ct_tables(root: &Path) -> Result<CtTables, DataplaneError> {
     let path = super::map_pin(root, "pal_ct_tables");
     let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
         what: "map pal_ct_tables".into(),
@@ -2037,10 +2036,16 @@ pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
         source: e,
     };
     let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
-    let tables: CtTables = Map::from_map_data(data)
+    Map::from_map_data(data)
         .map_err(|e| open_err(boxed(e)))?
         .try_into()
-        .map_err(DataplaneError::map("pal_ct_tables"))?;
+        .map_err(DataplaneError::map("pal_ct_tables"))
+}
+
+/// Forget every tracked flow of every endpoint under a bpf root (each next
+/// packet is decided afresh). Returns how many flows there were.
+pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
+    let tables = open_ct_tables(root)?;
     let mut n = 0;
     for_each_ct_table(&tables, |_, mut table| {
         let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
@@ -2060,20 +2065,10 @@ pub fn conntrack_flush(root: &Path) -> Result<u64, DataplaneError> {
 /// endpoint's conntrack tables under a bpf root; empty when no datapath is
 /// loaded there.
 pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneError> {
-    let path = super::map_pin(root, "pal_ct_tables");
-    if !path.exists() {
+    if !super::map_pin(root, "pal_ct_tables").exists() {
         return Ok(BTreeSet::new());
     }
-    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
-        what: "map pal_ct_tables".into(),
-        path: path.clone(),
-        source: e,
-    };
-    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
-    let tables: CtTables = Map::from_map_data(data)
-        .map_err(|e| open_err(boxed(e)))?
-        .try_into()
-        .map_err(DataplaneError::map("pal_ct_tables"))?;
+    let tables = open_ct_tables(root)?;
     // Live as the datapath judges it (`pal_ct_expired`): a closed TCP
     // connection, or one idle past its timeout, uses nothing.
     const SEC: u64 = 1_000_000_000;
