@@ -12,7 +12,7 @@
 )]
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -29,31 +29,6 @@ use testbed::{
     probe::{Proto, probe},
     sys::{self, describe, in_netns},
 };
-
-const BPF_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../bpf");
-
-/// Compile the programs with `-DPALISADE_BUILD_TAG=tag` (otherwise as the
-/// build script does) into a directory of their own.
-fn build_objects(node: &Node, tag: u32) -> PathBuf {
-    let dir = node.dir.join(format!("objects-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for prog in ["from_container", "to_container"] {
-        let out = Command::new("clang")
-            .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
-            .arg("-I/usr/include/x86_64-linux-gnu")
-            .arg(format!("-I{BPF_DIR}/include"))
-            .arg(format!("-I{BPF_DIR}"))
-            .arg(format!("-DPALISADE_BUILD_TAG={tag}"))
-            .arg("-c")
-            .arg(format!("{BPF_DIR}/{prog}.c"))
-            .arg("-o")
-            .arg(dir.join(format!("{prog}.o")))
-            .output()
-            .expect("run clang");
-        assert!(out.status.success(), "clang: {}", describe(&out));
-    }
-    dir
-}
 
 /// Program ids attached to a host veth, by hook (TCX and clsact alike).
 fn attached(node: &Node, veth: &str, tcx: bool) -> [Vec<u32>; 2] {
@@ -166,8 +141,8 @@ spec:
     ));
     let veths = node.host_veths();
     assert_eq!(veths.len(), 3);
-    let v1 = build_objects(&node, 1);
-    let v2 = build_objects(&node, 2);
+    let v1 = node.build_objects(1);
+    let v2 = node.build_objects(2);
 
     // Steady small requests: one long connection, and a new connection
     // each time (each one decided afresh by whichever programs run).

@@ -669,7 +669,10 @@ impl Server {
             } => json(self.add_endpoint(endpoint, attach_mode)),
             Request::RemoveEndpoints { endpoints } => {
                 let gone = self.node()?.unregister(&endpoints)?;
-                json(self.detach(gone))
+                let detached = self.detach(gone);
+                // See `Node::remove_container`.
+                self.node()?.sweep();
+                json(detached)
             }
             Request::RemoveContainer { container_id } => {
                 json(self.node()?.remove_container(&container_id))
@@ -700,6 +703,7 @@ impl Server {
         };
         let mut dp = self.dataplane(mode);
         let attached = dp.attach(ep.id, &ep.host_ifname, ep.host_ifindex);
+        crate::fault::point("add:attached");
         self.put_back(dp);
         self.node()?
             .complete_add(ep, attached)

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod dnsproxy;
 pub mod engine;
 pub mod explain;
+pub mod fault;
 pub mod flows;
 pub mod fqdn;
 pub mod graph;

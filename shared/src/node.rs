@@ -30,7 +30,7 @@ use crate::{
     compile::{self, Compiled, EndpointView},
     dataplane::{Attachment, Dataplane, DataplaneError, SyncReport},
     engine::Engine,
-    fqdn,
+    fault, fqdn,
     identity::IdentityTable,
     policy::{
         Kind, Labels, MODE_ANNOTATION, Mode, Object, ObjectRef,
@@ -748,6 +748,7 @@ pub fn detach_endpoints<D: Dataplane>(dp: &mut D, gone: &[Endpoint]) -> Result<(
     let loaded = datapath_for_cleanup(dp);
     let mut failed = Vec::new();
     for ep in gone {
+        fault::point("del:unregistered");
         let detached = match &ep.attachment {
             // Removed while (or after an ADD died while) attaching: its
             // TCX links, if any, are pinned where they always are.
@@ -757,6 +758,7 @@ pub fn detach_endpoints<D: Dataplane>(dp: &mut D, gone: &[Endpoint]) -> Result<(
         if let Err(e) = detached {
             failed.push(format!("endpoint {} ({}): {e}", ep.id, ep.host_ifname));
         }
+        fault::point("del:detached");
         if loaded && let Err(e) = dp.forget_endpoint(ep.id) {
             tracing::warn!("could not clear counters of endpoint {}: {e}", ep.id);
         }
@@ -830,6 +832,7 @@ impl<D: Dataplane> Node<D> {
             engine,
         } = self;
         let mut tx = store.write(*lock_timeout)?;
+        fault::point("commit:locked");
         // Loading the datapath happens under the lock: two processes must
         // not load and pin it at once.
         let loaded = match maps {
@@ -897,6 +900,7 @@ impl<D: Dataplane> Node<D> {
         if !inputs {
             if tx.changed() {
                 tx.commit()?;
+                fault::point("commit:store-committed");
             }
             *engine = Some((eng, generation));
             return Ok((value, Committed::default()));
@@ -921,8 +925,12 @@ impl<D: Dataplane> Node<D> {
             // other writer can find them matching a store they do not.
             let written = dataplane
                 .set_sync_token(0)
-                .and_then(|()| dataplane.apply(&changes.delta))
+                .and_then(|()| {
+                    fault::point("commit:maps-unmarked");
+                    dataplane.apply(&changes.delta)
+                })
                 .and_then(|r| dataplane.set_sync_token(next).map(|()| r));
+            fault::point("commit:maps-written");
             match written {
                 Ok(r) => report = r,
                 Err(e) => return Err(undo(dataplane, &changes.undo, generation, e.into())),
@@ -935,6 +943,7 @@ impl<D: Dataplane> Node<D> {
                 e.into()
             });
         }
+        fault::point("commit:store-committed");
         *engine = Some((eng, next));
         Ok((
             value,
@@ -1021,6 +1030,7 @@ impl<D: Dataplane> Node<D> {
             op.put_endpoint(&ep)?;
             Ok((Registered::New(ep), stale))
         })?;
+        fault::point("add:registered");
         // Their veths are gone; their pins and filters go now.
         if let Err(e) = detach_endpoints(&mut self.dataplane, &stale) {
             tracing::warn!("stale endpoints: {e}");
@@ -1107,6 +1117,7 @@ impl<D: Dataplane> Node<D> {
         let attached = self
             .dataplane
             .attach(ep.id, &ep.host_ifname, ep.host_ifindex);
+        fault::point("add:attached");
         self.complete_add(ep, attached).map(AddOutcome::Added)
     }
 
@@ -1183,6 +1194,9 @@ impl<D: Dataplane> Node<D> {
             Ok(gone)
         })?;
         detach_endpoints(&mut self.dataplane, &gone)?;
+        // A removal killed half-way leaves pins and counters behind; the
+        // retry that follows finds nothing to remove, so it sweeps.
+        self.sweep();
         Ok(gone)
     }
 
@@ -1209,6 +1223,8 @@ impl<D: Dataplane> Node<D> {
     pub fn remove_endpoints(&mut self, which: &[EndpointRef]) -> Result<Vec<Endpoint>, NodeError> {
         let gone = self.unregister(which)?;
         detach_endpoints(&mut self.dataplane, &gone)?;
+        // See `remove_container`.
+        self.sweep();
         Ok(gone)
     }
 
@@ -1219,11 +1235,11 @@ impl<D: Dataplane> Node<D> {
     ) -> Result<Vec<Endpoint>, NodeError> {
         let which = stale_refs(&self.store.read()?, stale);
         if which.is_empty() {
+            self.sweep();
             return Ok(Vec::new());
         }
-        let gone = self.remove_endpoints(&which)?;
-        self.sweep();
-        Ok(gone)
+        // Sweeps too.
+        self.remove_endpoints(&which)
     }
 
     /// Fail unless the endpoint is registered, in the maps and attached.
@@ -1711,7 +1727,8 @@ impl<D: Dataplane> Node<D> {
         self.engine.as_ref().map_or(0, |(_, g)| *g)
     }
 
-    /// Remove link pins no endpoint owns (left behind by a crash). Under
+    /// Remove link pins no endpoint owns, and the counters and event
+    /// buckets of endpoints that are gone (left behind by a crash). Under
     /// the lock: an ADD registers its endpoint before it pins its links, so
     /// every pin an ADD in flight makes is known here.
     pub fn sweep(&mut self) {
@@ -1725,8 +1742,8 @@ impl<D: Dataplane> Node<D> {
             .write(*lock_timeout)
             .map_err(NodeError::from)
             .and_then(|tx| {
-                let keep: Vec<PathBuf> = tx
-                    .endpoints()?
+                let endpoints = tx.endpoints()?;
+                let keep: Vec<PathBuf> = endpoints
                     .iter()
                     .flat_map(|e| match &e.attachment {
                         // An endpoint being attached owns its future pins.
@@ -1735,6 +1752,10 @@ impl<D: Dataplane> Node<D> {
                     })
                     .collect();
                 dataplane.sweep_links(&keep)?;
+                if datapath_for_cleanup(dataplane) {
+                    let live = endpoints.iter().map(|e| e.id).collect();
+                    dataplane.forget_unknown_endpoints(&live)?;
+                }
                 if tx.changed() {
                     tx.commit()?;
                 }
@@ -1756,6 +1777,7 @@ impl<D: Dataplane> Node<D> {
         // before its programs are replaced (and those it tracked meanwhile,
         // after), so no established connection is cut by the upgrade.
         self.dataplane.adopt_legacy_conntrack(false)?;
+        fault::point("upgrade:conntrack-copied");
         for ep in state.endpoints.values() {
             if self
                 .dataplane
@@ -1766,7 +1788,10 @@ impl<D: Dataplane> Node<D> {
                 continue;
             }
             match self.dataplane.upgrade(&ep.attachment, &ep.host_ifname) {
-                Ok(true) => report.upgraded.push(ep.key()),
+                Ok(true) => {
+                    fault::point("upgrade:endpoint-upgraded");
+                    report.upgraded.push(ep.key())
+                }
                 Ok(false) => report.current.push(ep.key()),
                 Err(e) => report.failed.push((ep.key(), e.to_string())),
             }

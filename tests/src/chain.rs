@@ -40,6 +40,8 @@ pub struct Failure {
     pub msg: String,
     pub stdout: String,
     pub stderr: String,
+    /// The signal that ended the plugin, if one did.
+    pub signal: Option<i32>,
 }
 
 impl std::fmt::Display for Failure {
@@ -58,6 +60,8 @@ pub struct Chain {
     pub conflist: Value,
     /// Extra environment for every plugin.
     pub env: Vec<(String, String)>,
+    /// More environment, changeable between calls (a test's fault points).
+    pub call_env: Mutex<Vec<(String, String)>>,
     host_netns: PathBuf,
     cni_path: Vec<PathBuf>,
     cache: Mutex<HashMap<(String, String), Value>>,
@@ -72,6 +76,7 @@ impl Chain {
         Self {
             conflist,
             env: Vec::new(),
+            call_env: Mutex::new(Vec::new()),
             host_netns: host_netns.to_owned(),
             cni_path,
             cache: Mutex::new(HashMap::new()),
@@ -145,6 +150,7 @@ impl Chain {
             cmd.env("PALISADE_LOG", level);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(self.call_env.lock().expect("lock").clone());
         let mut child = spawn_in(&self.host_netns, &mut cmd)
             .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
         let input = serde_json::to_vec(conf).expect("serialise conf");
@@ -180,6 +186,7 @@ impl Chain {
             msg,
             stdout,
             stderr,
+            signal: std::os::unix::process::ExitStatusExt::signal(&out.status),
         }))
     }
 

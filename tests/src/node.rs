@@ -206,6 +206,8 @@ pub struct Node {
     pub world: Option<World>,
     /// The node daemon, when the node runs one.
     daemon: Mutex<Option<Child>>,
+    /// More environment for the daemon's next start (a test's fault points).
+    pub daemon_env: Mutex<Vec<(String, String)>>,
 }
 
 /// Directory with the workspace's binaries (`palisade`, `palisadectl`, the
@@ -352,6 +354,7 @@ impl Node {
             running: Mutex::new(Vec::new()),
             world: None,
             daemon: Mutex::new(None),
+            daemon_env: Mutex::new(Vec::new()),
         };
         if options.world {
             node.world = Some(node.make_world());
@@ -398,6 +401,7 @@ impl Node {
             }
         }
         cmd.args(&self.options.daemon_args);
+        cmd.envs(self.daemon_env.lock().expect("lock").clone());
         cmd.env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_LOG", "info")
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
@@ -431,6 +435,25 @@ impl Node {
         if let Some(mut child) = self.daemon.lock().expect("lock").take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Wait up to `timeout` for the daemon to exit by itself; its exit
+    /// status, or `None` if it still runs (or never ran).
+    pub fn wait_daemon_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let mut slot = self.daemon.lock().expect("lock");
+            let status = slot.as_mut()?.try_wait().ok().flatten();
+            if let Some(status) = status {
+                *slot = None;
+                return Some(status);
+            }
+            drop(slot);
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -603,6 +626,7 @@ impl Node {
             .env("PALISADE_STATE_DIR", &self.state_dir)
             .env("PALISADE_BPF_ROOT", &self.bpf_root)
             .envs(self.chain.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.chain.call_env.lock().expect("lock").clone())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -644,6 +668,31 @@ impl Node {
             "palisadectl delete failed:\n{}\ninput:\n{yaml}",
             describe(&out)
         );
+    }
+
+    /// Compile the tc programs with `-DPALISADE_BUILD_TAG=tag` (otherwise
+    /// as the build script does) into a directory of this node's: a build
+    /// whose code differs, for `palisadectl upgrade --objects`.
+    pub fn build_objects(&self, tag: u32) -> PathBuf {
+        const BPF_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../bpf");
+        let dir = self.dir.join(format!("objects-{tag}"));
+        std::fs::create_dir_all(&dir).expect("objects dir");
+        for prog in ["from_container", "to_container"] {
+            let out = std::process::Command::new("clang")
+                .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+                .arg("-I/usr/include/x86_64-linux-gnu")
+                .arg(format!("-I{BPF_DIR}/include"))
+                .arg(format!("-I{BPF_DIR}"))
+                .arg(format!("-DPALISADE_BUILD_TAG={tag}"))
+                .arg("-c")
+                .arg(format!("{BPF_DIR}/{prog}.c"))
+                .arg("-o")
+                .arg(dir.join(format!("{prog}.o")))
+                .output()
+                .expect("run clang");
+            assert!(out.status.success(), "clang: {}", describe(&out));
+        }
+        dir
     }
 
     /// Files (recursively) under the pin root.

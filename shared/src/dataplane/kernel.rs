@@ -1091,6 +1091,7 @@ impl Dataplane for KernelDataplane {
         if mode == AttachMode::Tcx {
             match self.attach_tcx(ep_id, &FROM_CONTAINER, ifname, ifindex) {
                 Ok(from) => {
+                    crate::fault::point("attach:first-link");
                     let to = match self.attach_tcx(ep_id, &TO_CONTAINER, ifname, ifindex) {
                         Ok(p) => p,
                         Err(e) => {
@@ -1133,6 +1134,7 @@ impl Dataplane for KernelDataplane {
                 // Removing the pin drops the last reference to the link,
                 // which detaches it.
                 for pin in [from_container, to_container] {
+                    crate::fault::point("detach:link");
                     match fs::remove_file(pin) {
                         Ok(()) => {}
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1266,6 +1268,7 @@ impl Dataplane for KernelDataplane {
                     // keeps the link.
                     drop(prog.take_link(id));
                     changed = true;
+                    crate::fault::point("upgrade:program-swapped");
                 }
             }
             Attachment::Netlink {
@@ -1506,8 +1509,32 @@ impl Dataplane for KernelDataplane {
             .map(|id| id >> 1)
             .filter(|ep| !live.contains(ep))
             .collect();
+        // What an endpoint that is gone left behind (a process killed
+        // before it finished removing it): its tables, budget records,
+        // event bucket and MAC check.
+        report.deleted += stale.len();
         for ep in stale {
             remove_endpoint_state(maps, ep)?;
+        }
+        let orphan_macs: Vec<u32> = maps
+            .ep_mac
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !desired.endpoints.contains_key(k))
+            .collect();
+        for k in orphan_macs {
+            absent_ok(maps.ep_mac.remove(&k), "pal_ep_mac")?;
+            report.deleted += 1;
+        }
+        let orphan_buckets: Vec<u32> = maps
+            .ratelimit
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(k))
+            .collect();
+        for k in orphan_buckets {
+            absent_ok(maps.ratelimit.remove(&k), "pal_ratelimit_ep")?;
+            report.deleted += 1;
         }
         for p in cur_ipcache.keys().filter(|p| !want_ipcache.contains_key(p)) {
             maps.ipcache
@@ -1602,6 +1629,7 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
+        crate::fault::point("maps:upserted");
         // Removing what is already gone is fine (a repaired map, a retry).
         let gone = |r: Result<(), MapError>, map| match r {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -1706,6 +1734,33 @@ impl Dataplane for KernelDataplane {
             }
         }
         Ok(())
+    }
+
+    fn forget_unknown_endpoints(&mut self, live: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        self.prepare()?;
+        let maps = self.maps_mut()?;
+        // Endpoint 0 is no endpoint: packets on a veth palisade does not
+        // know (any more) are counted there.
+        let counters: Vec<CounterKey> = maps
+            .counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ep_id != 0 && !live.contains(&k.ep_id))
+            .collect();
+        let buckets: Vec<u32> = maps
+            .ratelimit
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(k))
+            .collect();
+        let n = counters.len() + buckets.len();
+        for k in counters {
+            absent_ok(maps.counters.remove(&k), "pal_counters")?;
+        }
+        for k in buckets {
+            absent_ok(maps.ratelimit.remove(&k), "pal_ratelimit_ep")?;
+        }
+        Ok(n)
     }
 
     fn link_pins(&self, ep_id: u32) -> Vec<PathBuf> {

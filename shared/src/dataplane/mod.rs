@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod service;
 
 use std::{
+    collections::BTreeSet,
     io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -542,6 +543,13 @@ pub trait Dataplane {
     fn set_sync_token(&mut self, token: u64) -> Result<(), DataplaneError>;
     /// Drop per-endpoint state (counters) of a removed endpoint.
     fn forget_endpoint(&mut self, ep_id: u32) -> Result<(), DataplaneError>;
+    /// Drop the counters and event token buckets of endpoints not in
+    /// `live` (left by a process killed between taking an endpoint out and
+    /// forgetting it). Returns how many entries went.
+    fn forget_unknown_endpoints(&mut self, live: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        let _ = live;
+        Ok(0)
+    }
     /// Remove link pins that no endpoint owns (left by a crash).
     fn sweep_links(&mut self, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DataplaneError>;
     /// Where an endpoint's links are pinned when attached with TCX.
