@@ -33,6 +33,9 @@ cargo test -p palisade-tests --no-fail-fast --test bpf_verdicts --test cni_contr
 step "attacks from a container: another container's address, a changed own address, ARP claiming another's address"
 cargo test -p palisade-tests --test attack
 
+step "crash consistency: ADD, DEL, apply, delete, upgrade and the daemon's commit killed at every step, then recovered"
+cargo test -p palisade-tests --test crash -- --test-threads 2
+
 step "flows, audit mode, learning, traffic graph, agent"
 cargo test -p palisade-tests --test observe
 

@@ -1530,7 +1530,7 @@ impl Dataplane for KernelDataplane {
             .ratelimit
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !live.contains(k))
+            .filter(|k| *k != 0 && !live.contains(k))
             .collect();
         for k in orphan_buckets {
             absent_ok(maps.ratelimit.remove(&k), "pal_ratelimit_ep")?;
@@ -1740,7 +1740,7 @@ impl Dataplane for KernelDataplane {
         self.prepare()?;
         let maps = self.maps_mut()?;
         // Endpoint 0 is no endpoint: packets on a veth palisade does not
-        // know (any more) are counted there.
+        // know (any more) are counted, and their events paced, there.
         let counters: Vec<CounterKey> = maps
             .counters
             .keys()
@@ -1751,7 +1751,7 @@ impl Dataplane for KernelDataplane {
             .ratelimit
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !live.contains(k))
+            .filter(|k| *k != 0 && !live.contains(k))
             .collect();
         let n = counters.len() + buckets.len();
         for k in counters {
