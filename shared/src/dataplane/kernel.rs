@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
@@ -271,65 +272,199 @@ fn create_map(
 /// `BPF_MAP_TYPE_LRU_HASH`.
 const LRU_HASH: u32 = 9;
 
-/// Give endpoint `ep_id` its conntrack tables (`conntrack` flows each) and
-/// fragment tables (`fragments` datagrams each), one per direction, unless
-/// it has them.
+/// `BPF_MAP_TYPE_HASH`.
+const HASH: u32 = 1;
+
+/// Endpoints whose tables are added to (or removed from) the outer maps in
+/// one batch. Every change of a map of maps made from user space waits for
+/// an RCU grace period (about 9 ms here); a batch waits once. A batch also
+/// bounds the descriptors open at once (four tables an endpoint).
+const TABLE_BATCH: usize = 256;
+
+/// `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` on an outer map (aya
+/// 0.14 has no batch calls). `fds`: the inner maps, for an update.
+fn outer_batch(outer: &MapData, keys: &[u32], fds: Option<&[u32]>) -> io::Result<()> {
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: fds.map_or(0, |f| f.as_ptr() as u64),
+        count: keys.len() as u32,
+        map_fd: outer.fd().as_fd().as_raw_fd() as u32,
+        // A batch takes no BPF_NOEXIST (only BPF_F_LOCK): it replaces. The
+        // callers hold the state lock and add only tables that were
+        // missing under it.
+        elem_flags: 0,
+        flags: 0,
+    };
+    let cmd = if fds.is_some() {
+        BPF_MAP_UPDATE_BATCH
+    } else {
+        BPF_MAP_DELETE_BATCH
+    };
+    // SAFETY: `attr` is the batch part of bpf_attr, passed with its exact
+    // size; `keys` (and `fds`, as long as `keys`) outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Put `tables` into outer map `outer` under `ids`, in one batch.
+fn insert_tables(
+    outer: &MapData,
+    ids: &[u32],
+    tables: &[MapData],
+    map: &'static str,
+) -> Result<(), DataplaneError> {
+    let fds: Vec<u32> = tables
+        .iter()
+        .map(|t| t.fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    let failed = |e: io::Error| DataplaneError::Other(format!("add tables to {map}: {e}"));
+    outer_batch(outer, ids, Some(&fds)).map_err(failed)
+}
+
+/// Take the tables under `ids` out of outer map `outer`, in one batch;
+/// those already gone are fine.
+fn remove_tables(outer: &MapData, ids: &[u32], map: &'static str) -> Result<(), DataplaneError> {
+    let failed = |e: io::Error| DataplaneError::Other(format!("remove tables from {map}: {e}"));
+    match outer_batch(outer, ids, None) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            for id in ids {
+                match outer_batch(outer, &[*id], None) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(failed(e)),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Give endpoints `ep_ids` their conntrack tables (`conntrack` flows each)
+/// and fragment tables (`fragments` datagrams each), one per direction,
+/// unless they have them.
 fn ensure_tables(
     maps: &mut Maps,
     have: &Have,
-    ep_id: u32,
+    ep_ids: &BTreeSet<u32>,
     sizes: &MapSizes,
 ) -> Result<(), DataplaneError> {
-    // BPF_NOEXIST: another process may have given it one meanwhile.
-    let taken = |e: &MapError| matches!(e, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST));
-    for dir in [Direction::Ingress, Direction::Egress] {
-        let id = abi::ct_table(ep_id, dir as u8);
-        if !have.ct.contains(&id) {
-            let budget = sizes.conntrack_budget();
-            let table = CtTable::create(budget, NO_PREALLOC)
-                .map_err(DataplaneError::map("pal_ct_table"))?;
+    let ids: Vec<u32> = ep_ids
+        .iter()
+        .flat_map(|ep| {
+            [Direction::Ingress, Direction::Egress].map(|dir| abi::ct_table(*ep, dir as u8))
+        })
+        .collect();
+    let budget = sizes.conntrack_budget();
+    for chunk in ids.chunks(TABLE_BATCH * 2) {
+        let new_ct: Vec<u32> = chunk
+            .iter()
+            .copied()
+            .filter(|id| !have.ct.contains(id))
+            .collect();
+        let mut tables = Vec::with_capacity(new_ct.len());
+        for id in &new_ct {
+            tables.push(create_map(
+                HASH,
+                size_of::<CtKey>(),
+                size_of::<CtValue>(),
+                budget,
+                NO_PREALLOC,
+                "pal_ct_table",
+            )?);
             let record = abi::BudgetValue {
                 capacity: budget,
                 ..Default::default()
             };
             maps.budget
-                .insert(id, record, 0)
+                .insert(*id, record, 0)
                 .map_err(DataplaneError::map("pal_budget"))?;
-            match maps.ct_tables.insert(id, &table, 1) {
-                Err(e) if !taken(&e) => return Err(DataplaneError::map("pal_ct_tables")(e)),
-                _ => {}
-            }
         }
-        if !have.frag.contains(&id) {
-            let data = create_map(
+        insert_tables(&maps.ct_outer, &new_ct, &tables, "pal_ct_tables")?;
+        drop(tables);
+
+        let new_frag: Vec<u32> = chunk
+            .iter()
+            .copied()
+            .filter(|id| !have.frag.contains(id))
+            .collect();
+        let mut tables = Vec::with_capacity(new_frag.len());
+        for _ in &new_frag {
+            tables.push(create_map(
                 LRU_HASH,
                 size_of::<abi::FragKey>(),
                 size_of::<abi::FragValue>(),
                 sizes.fragment_budget(),
                 0,
                 "pal_frag_table",
-            )?;
-            let table = FragTable::try_from(Map::LruHashMap(data))
-                .map_err(DataplaneError::map("pal_frag_table"))?;
-            match maps.frag_tables.insert(id, &table, 1) {
-                Err(e) if !taken(&e) => return Err(DataplaneError::map("pal_frag_tables")(e)),
-                _ => {}
-            }
+            )?);
         }
+        insert_tables(&maps.frag_outer, &new_frag, &tables, "pal_frag_tables")?;
     }
     Ok(())
 }
 
-/// Drop what the datapath keeps for endpoint `ep_id` alone: its conntrack
-/// tables (its flows go with them), its budget records and its event
-/// token bucket.
-fn remove_endpoint_state(maps: &mut Maps, ep_id: u32) -> Result<(), DataplaneError> {
-    absent_ok(maps.ratelimit.remove(&ep_id), "pal_ratelimit_ep")?;
-    for dir in [Direction::Ingress, Direction::Egress] {
-        let id = abi::ct_table(ep_id, dir as u8);
-        absent_ok(maps.ct_tables.remove(&id), "pal_ct_tables")?;
-        absent_ok(maps.frag_tables.remove(&id), "pal_frag_tables")?;
-        absent_ok(maps.budget.remove(&id), "pal_budget")?;
+/// Drop what the datapath keeps for endpoints `ep_ids` alone: their
+/// conntrack and fragment tables (their flows go with them), budget
+/// records and event token buckets.
+fn remove_endpoint_state(maps: &mut Maps, ep_ids: &BTreeSet<u32>) -> Result<(), DataplaneError> {
+    if ep_ids.is_empty() {
+        return Ok(());
+    }
+    let have = tables_have(maps)?;
+    let ids: Vec<u32> = ep_ids
+        .iter()
+        .flat_map(|ep| {
+            [Direction::Ingress, Direction::Egress].map(|dir| abi::ct_table(*ep, dir as u8))
+        })
+        .collect();
+    for ep in ep_ids {
+        absent_ok(maps.ratelimit.remove(ep), "pal_ratelimit_ep")?;
+    }
+    for id in &ids {
+        absent_ok(maps.budget.remove(id), "pal_budget")?;
+    }
+    for chunk in ids.chunks(TABLE_BATCH * 2) {
+        let ct: Vec<u32> = chunk
+            .iter()
+            .copied()
+            .filter(|i| have.ct.contains(i))
+            .collect();
+        remove_tables(&maps.ct_outer, &ct, "pal_ct_tables")?;
+        let frag: Vec<u32> = chunk
+            .iter()
+            .copied()
+            .filter(|i| have.frag.contains(i))
+            .collect();
+        remove_tables(&maps.frag_outer, &frag, "pal_frag_tables")?;
     }
     Ok(())
 }
@@ -357,6 +492,9 @@ struct Maps {
     evstats: PerCpuArray<MapData, u64>,
     ct_tables: CtTables,
     frag_tables: FragTables,
+    /// The same two outer maps, for batch calls.
+    ct_outer: MapData,
+    frag_outer: MapData,
     budget: HashMap<MapData, u32, abi::BudgetValue>,
     /// `pal_ep_mac`: host veth ifindex → the container's MAC.
     ep_mac: HashMap<MapData, u32, abi::MacValue>,
@@ -664,13 +802,18 @@ impl KernelDataplane {
         Ok(())
     }
 
+    fn open_map_data(&self, name: &str) -> Result<MapData, DataplaneError> {
+        let path = self.maps_dir().join(name);
+        MapData::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
+            what: format!("map {name}"),
+            path,
+            source: boxed(e),
+        })
+    }
+
     fn open_map(&self, name: &str) -> Result<Map, DataplaneError> {
         let path = self.maps_dir().join(name);
-        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::OpenPin {
-            what: format!("map {name}"),
-            path: path.clone(),
-            source: boxed(e),
-        })?;
+        let data = self.open_map_data(name)?;
         Map::from_map_data(data).map_err(|e| DataplaneError::OpenPin {
             what: format!("map {name}"),
             path,
@@ -701,6 +844,8 @@ impl KernelDataplane {
             evstats: typed!("pal_evstats"),
             ct_tables: typed!("pal_ct_tables"),
             frag_tables: typed!("pal_frag_tables"),
+            ct_outer: self.open_map_data("pal_ct_tables")?,
+            frag_outer: self.open_map_data("pal_frag_tables")?,
             budget: typed!("pal_budget"),
             ratelimit: typed!("pal_ratelimit_ep"),
             ep_mac: typed!("pal_ep_mac"),
@@ -1189,9 +1334,8 @@ impl Dataplane for KernelDataplane {
         let maps = self.maps_mut()?;
         let have = tables_have(maps)?;
         let eps = read_hash(&maps.endpoints, "pal_endpoints")?;
-        for v in eps.values() {
-            ensure_tables(maps, &have, v.ep_id, &sizes)?;
-        }
+        let ids = eps.values().map(|v| v.ep_id).collect();
+        ensure_tables(maps, &have, &ids, &sizes)?;
         // By table, each opened once and closed before the next (a node
         // may have more tables than a process may have descriptors).
         let mut by_table: BTreeMap<u32, Vec<(CtKey, CtValue)>> = BTreeMap::new();
@@ -1473,9 +1617,8 @@ impl Dataplane for KernelDataplane {
         }
         // Every endpoint has its tables before it is registered.
         let have = tables_have(maps)?;
-        for v in desired.endpoints.values() {
-            ensure_tables(maps, &have, v.ep_id, &sizes)?;
-        }
+        let ids = desired.endpoints.values().map(|v| v.ep_id).collect();
+        ensure_tables(maps, &have, &ids, &sizes)?;
         for (k, v) in &desired.endpoints {
             if cur_eps.get(k) != Some(v) {
                 tracing::debug!("sync: endpoint {k} {v:?} was {:?}", cur_eps.get(k));
@@ -1513,9 +1656,7 @@ impl Dataplane for KernelDataplane {
         // before it finished removing it): its tables, budget records,
         // event bucket and MAC check.
         report.deleted += stale.len();
-        for ep in stale {
-            remove_endpoint_state(maps, ep)?;
-        }
+        remove_endpoint_state(maps, &stale)?;
         let orphan_macs: Vec<u32> = maps
             .ep_mac
             .keys()
@@ -1613,13 +1754,14 @@ impl Dataplane for KernelDataplane {
                 report.upserted += 1;
             }
         }
-        let mut have = None;
-        for v in delta.endpoints.iter().filter_map(|(_, v)| *v) {
-            let h = match &have {
-                Some(h) => h,
-                None => have.insert(tables_have(maps)?),
-            };
-            ensure_tables(maps, h, v.ep_id, &sizes)?;
+        let added: BTreeSet<u32> = delta
+            .endpoints
+            .iter()
+            .filter_map(|(_, v)| v.map(|v| v.ep_id))
+            .collect();
+        if !added.is_empty() {
+            let have = tables_have(maps)?;
+            ensure_tables(maps, &have, &added, &sizes)?;
         }
         for (k, v) in &delta.endpoints {
             if let Some(v) = v {
@@ -1635,11 +1777,8 @@ impl Dataplane for KernelDataplane {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(DataplaneError::map(map)(e)),
         };
-        let kept: BTreeSet<u32> = delta
-            .endpoints
-            .iter()
-            .filter_map(|(_, v)| v.map(|v| v.ep_id))
-            .collect();
+        let kept = added;
+        let mut removed = BTreeSet::new();
         for (k, v) in &delta.endpoints {
             if v.is_none() {
                 let old = match maps.endpoints.get(k, 0) {
@@ -1649,12 +1788,11 @@ impl Dataplane for KernelDataplane {
                 };
                 gone(maps.endpoints.remove(k), "pal_endpoints")?;
                 absent_ok(maps.ep_mac.remove(k), "pal_ep_mac")?;
-                if let Some(ep) = old.filter(|ep| !kept.contains(ep)) {
-                    remove_endpoint_state(maps, ep)?;
-                }
+                removed.extend(old.filter(|ep| !kept.contains(ep)));
                 report.deleted += 1;
             }
         }
+        remove_endpoint_state(maps, &removed)?;
         for (k, add) in &delta.srcguard {
             if !*add {
                 gone(maps.srcguard.remove(k), "pal_srcguard")?;
