@@ -284,19 +284,6 @@ const TABLE_BATCH: usize = 256;
 /// `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` on an outer map (aya
 /// 0.14 has no batch calls). `fds`: the inner maps, for an update.
 fn outer_batch(outer: &MapData, keys: &[u32], fds: Option<&[u32]>) -> io::Result<()> {
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
     if keys.is_empty() {
         return Ok(());
     }
@@ -1068,16 +1055,17 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` from `enum bpf_cmd`.
+/// `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH` and
+/// `BPF_MAP_DELETE_BATCH` from `enum bpf_cmd`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `None`: the kernel cannot read this map in batches.
 fn read_hash_batched<K: aya::Pod + Ord, V: aya::Pod>(
     hash: &HashMap<MapData, K, V>,
     map: &'static str,
 ) -> Result<Option<BTreeMap<K, V>>, DataplaneError> {
-    use std::os::fd::{AsFd, AsRawFd};
-
     use aya::maps::IterableMap;
 
     const CHUNK: usize = 4096;
