@@ -141,6 +141,15 @@ impl Bed {
         read_trace(&trace, 0)
     }
 
+    /// Run `op` (a palisadectl command) with `PALISADE_FAULT=step`; it must
+    /// die there.
+    fn kill_at(&self, step: &str, what: &str, op: impl FnOnce() -> Output) {
+        self.set_env(&[("PALISADE_FAULT", step)]);
+        let out = op();
+        self.set_env(&[]);
+        assert_killed(out.status, step, what);
+    }
+
     fn palisadectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
         self.node.ctl(args, stdin)
     }
@@ -427,10 +436,7 @@ fn apply_and_delete_killed_at_every_step_are_whole_after_the_retry() {
     assert_steps(&deleted, &commit, "delete");
 
     for step in &applied {
-        bed.set_env(&[("PALISADE_FAULT", step)]);
-        let out = apply(EXTRA);
-        bed.set_env(&[]);
-        assert_killed(out.status, step, "apply");
+        bed.kill_at(step, "apply", || apply(EXTRA));
         let out = apply(EXTRA);
         assert!(out.status.success(), "apply again: {}", describe(&out));
         bed.assert_settled(
@@ -442,10 +448,7 @@ fn apply_and_delete_killed_at_every_step_are_whole_after_the_retry() {
     }
     assert!(apply(EXTRA).status.success());
     for step in &deleted {
-        bed.set_env(&[("PALISADE_FAULT", step)]);
-        let out = delete(EXTRA);
-        bed.set_env(&[]);
-        assert_killed(out.status, step, "delete");
+        bed.kill_at(step, "delete", || delete(EXTRA));
         let out = delete(EXTRA);
         assert!(out.status.success(), "delete again: {}", describe(&out));
         bed.assert_settled(
@@ -492,10 +495,7 @@ fn an_upgrade_killed_at_every_step_leaves_every_endpoint_enforcing_and_finishes_
     );
     for step in &steps {
         finished(&upgrade(Some(objects)), "to the other programs");
-        bed.set_env(&[("PALISADE_FAULT", step)]);
-        let out = upgrade(None);
-        bed.set_env(&[]);
-        assert_killed(out.status, step, "upgrade");
+        bed.kill_at(step, "upgrade", || upgrade(None));
         // Half-way: every endpoint enforces, with the old or the new
         // programs.
         bed.assert_settled(3, Some(false), &format!("upgrade killed at {step}"));
