@@ -77,16 +77,7 @@ static __always_inline void *pal_ct_table(__u32 ep_id, __u8 dir)
 	return bpf_map_lookup_elem(&pal_ct_tables, &k);
 }
 
-static __always_inline struct pal_ct_value *
-pal_ct_find(const struct pal_ct_key *key)
-{
-	void *table = pal_ct_table(key->ep_id, key->direction);
-
-	if (!table)
-		return 0;
-	return bpf_map_lookup_elem(table, key);
-}
-
+/* Forget the flow whose key is key (its policy no longer allows it). */
 static __always_inline void pal_ct_delete(const struct pal_ct_key *key)
 {
 	void *table = pal_ct_table(key->ep_id, key->direction);
@@ -96,28 +87,38 @@ static __always_inline void pal_ct_delete(const struct pal_ct_key *key)
 }
 
 /*
- * Find the flow of a packet travelling in direction dir at endpoint ep_id.
- * On a hit, *key holds the entry's key and the entry is returned.
+ * Find the flow of a packet travelling in direction dir at endpoint ep_id:
+ * in fwd, the endpoint's table of flows opened in direction dir (0: none),
+ * or as a reply in its table for the other direction. On a hit, *key holds
+ * the entry's key and the entry is returned. A bare TCP SYN opens a
+ * connection and is never a reply: its reply lookup is skipped.
  */
 static __always_inline struct pal_ct_value *
-pal_ct_lookup(__u32 ep_id, __u8 dir, const struct pal_tuple *t, __u64 now,
-	      struct pal_ct_key *key, int *result)
+pal_ct_lookup(void *fwd, __u32 ep_id, __u8 dir, const struct pal_tuple *t,
+	      __u8 tcp_flags, __u64 now, struct pal_ct_key *key, int *result)
 {
 	struct pal_ct_value *v;
+	void *rev;
 
+	*result = PAL_CT_NEW;
 	pal_ct_key_make(key, ep_id, dir, t, 0);
-	v = pal_ct_find(key);
+	v = fwd ? bpf_map_lookup_elem(fwd, key) : 0;
 	if (v && !pal_ct_expired(v, t->protocol, now)) {
 		*result = PAL_CT_ESTABLISHED;
 		return v;
 	}
+	if (t->protocol == IPPROTO_TCP &&
+	    (tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) == PAL_TCP_SYN)
+		return 0;
+	rev = pal_ct_table(ep_id, dir ^ 1);
+	if (!rev)
+		return 0;
 	pal_ct_key_make(key, ep_id, dir ^ 1, t, 1);
-	v = pal_ct_find(key);
+	v = bpf_map_lookup_elem(rev, key);
 	if (v && !pal_ct_expired(v, t->protocol, now)) {
 		*result = PAL_CT_REPLY;
 		return v;
 	}
-	*result = PAL_CT_NEW;
 	return 0;
 }
 
@@ -184,9 +185,10 @@ static __always_inline int pal_ct_make_room(void *table, __u32 table_id,
 	return 0;
 }
 
-/* Track a new flow. Returns 0, or -1 when the endpoint's budget for this
- * direction is spent (or it has no table: fail closed). */
-static __always_inline int pal_ct_create(__u32 ep_id, __u8 dir,
+/* Track a new flow in table, the endpoint's table for direction dir.
+ * Returns 0, or -1 when the endpoint's budget for this direction is spent
+ * (or it has no table: fail closed). */
+static __always_inline int pal_ct_create(void *table, __u32 ep_id, __u8 dir,
 					 const struct pal_tuple *t,
 					 __u8 verdict, __u32 policy_id,
 					 __u32 peer_id, __u32 epoch, __u32 len,
@@ -195,9 +197,7 @@ static __always_inline int pal_ct_create(__u32 ep_id, __u8 dir,
 	__u32 table_id = PAL_CT_TABLE(ep_id, dir);
 	struct pal_ct_key k = {};
 	struct pal_ct_value v = {};
-	void *table;
 
-	table = bpf_map_lookup_elem(&pal_ct_tables, &table_id);
 	if (!table)
 		return -1;
 	pal_ct_key_make(&k, ep_id, dir, t, 0);

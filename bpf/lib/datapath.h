@@ -399,6 +399,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	struct pal_endpoint *ep;
 	struct pal_config *cfg;
 	struct pal_ct_value *ct;
+	void *ct_fwd;
 	struct pal_scratch *sc;
 	struct pal_ct_key *ck;
 	struct pal_pkt *p;
@@ -497,8 +498,9 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 
 		if (p->inner_valid && pal_addr_eq(p->t.daddr, p->inner.saddr) &&
 		    pal_icmp_error_sender_ok(dir, p))
-			rel = pal_ct_lookup(ep->ep_id, dir ^ 1, &p->inner, now,
-					    ck, &res);
+			rel = pal_ct_lookup(pal_ct_table(ep->ep_id, dir ^ 1),
+					    ep->ep_id, dir ^ 1, &p->inner, 0,
+					    now, ck, &res);
 		if (rel && (rel->epoch == cfg->epoch ||
 			    (rel->flags & PAL_CT_SERVICE))) {
 			pal_count(ep->ep_id, dir, PAL_VERDICT_ALLOW,
@@ -514,7 +516,11 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		return PAL_PASS;
 	}
 
-	ct = pal_ct_lookup(ep->ep_id, dir, &p->t, now, ck, &res);
+	/* The endpoint's table of flows opened in this packet's direction:
+	 * where it is found, or tracked if it is new. */
+	ct_fwd = pal_ct_table(ep->ep_id, dir);
+	ct = pal_ct_lookup(ct_fwd, ep->ep_id, dir, &p->t, p->tcp_flags, now, ck,
+			   &res);
 	/* A bare SYN opens a connection: it is never a reply (that would let
 	 * a reversed tuple ride on someone else's flow), and on a closed flow
 	 * it starts a new one. Either way it is decided afresh. */
@@ -583,7 +589,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	if (pal_is_dns_redirect(ep, dir, p) && pal_to_dns_proxy(skb, p) < 0)
 		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_NO_PROXY,
 				   d.peer_id, d.policy_id, now);
-	if (pal_ct_create(ep->ep_id, dir, &p->t, d.verdict, d.policy_id,
+	if (pal_ct_create(ct_fwd, ep->ep_id, dir, &p->t, d.verdict, d.policy_id,
 			  d.peer_id, cfg->epoch, skb->len, p->tcp_flags,
 			  ct_flags, now) < 0)
 		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_BUDGET,
