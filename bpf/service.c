@@ -13,7 +13,10 @@
  * the endpoint, takes the backend from the conntrack entry's reply tuple and
  * decides exactly as the veth program would for a flow to that backend. A
  * denied packet is dropped before its conntrack entry is confirmed, so a
- * retransmission is balanced and judged again. Everything else (packets of
+ * retransmission is balanced and judged again. An allowed flow's backend is
+ * remembered (pal_svc_backends): once the flow is established this program
+ * never sees it again, so the veth program decides it again there when
+ * policy changes. Everything else (packets of
  * established connections, flows not DNATed, flows nobody deferred) is
  * accepted after reading one field of the skb.
  *
@@ -96,6 +99,7 @@ int pal_service(struct bpf_nf_ctx *ctx)
 	struct pal_nf_tuple orig, reply;
 	struct pal_svc_flow_key fk = {};
 	struct pal_svc_flow_value *fv;
+	struct pal_svc_backend b = {};
 	struct pal_decision d = {};
 	struct pal_endpoint *ep;
 	struct pal_config *cfg;
@@ -151,6 +155,18 @@ int pal_service(struct bpf_nf_ctx *ctx)
 		return NF_DROP;
 	}
 	pal_decide(ep, PAL_DIR_EGRESS, &t, cfg, &d);
+	if (d.verdict != PAL_VERDICT_DENY) {
+		/* Remembered for the veth program, which decides the flow
+		 * again on it when policy changes; a flow that could not be
+		 * remembered could not be revoked: refused (fail closed), its
+		 * next packet tries again. */
+		__builtin_memcpy(b.addr, t.daddr, 16);
+		b.port = t.dport;
+		if (bpf_map_update_elem(&pal_svc_backends, &fk, &b, BPF_ANY)) {
+			d.verdict = PAL_VERDICT_DENY;
+			d.reason = PAL_DROP_BUDGET;
+		}
+	}
 	if (d.verdict == PAL_VERDICT_DENY) {
 		pal_count(ep->ep_id, PAL_DIR_EGRESS, PAL_VERDICT_DENY, d.reason,
 			  len);

@@ -12,13 +12,18 @@
     reason = "test helpers outside #[test] fns; a panic fails the test with its location"
 )]
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use testbed::{
     cluster::{Cluster, Topology, node_address},
     node::{Node, Pod},
     probe::{PROBE_TIMEOUT, Proto, probe, who},
-    sys,
+    sys::{self, command_in, in_netns},
 };
 
 const CLUSTER_V4: &str = "10.96.0.10";
@@ -274,6 +279,68 @@ fn expect_only(
     }
 }
 
+/// One line through an open connection and its echo back.
+fn echoes(stream: &mut TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
+    let mut buf = [0u8; 16];
+    stream.write_all(b"ping\n").is_ok()
+        && matches!(stream.read(&mut buf), Ok(n) if &buf[..n] == b"ping\n")
+}
+
+/// Whether `backend` holds an established TCP connection from `client`
+/// (its sockets, as `ss` lists them in its namespace).
+fn holds(backend: &Pod, client: SocketAddr) -> bool {
+    let out = command_in(&backend.netns, "ss")
+        .args(["-tnH", "state", "established"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ss: {}", sys::describe(&out));
+    let ip = client.ip().to_string();
+    let port = format!(":{}", client.port());
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        l.split_whitespace()
+            .last()
+            .is_some_and(|peer| peer.ends_with(&port) && peer.contains(&ip))
+    })
+}
+
+/// Connections from `from` through `target:port`, each echoing a line,
+/// opened until each of `backends` holds one (40 at most): with the backend
+/// each reached.
+fn hold_connections(
+    from: &Pod,
+    target: IpAddr,
+    port: u16,
+    backends: &[&Pod],
+    v6: bool,
+) -> Vec<(IpAddr, TcpStream)> {
+    let mut held: Vec<(IpAddr, TcpStream)> = Vec::new();
+    for _ in 0..40 {
+        let mut stream = in_netns(&from.netns, || {
+            TcpStream::connect_timeout(&SocketAddr::new(target, port), Duration::from_secs(3))
+        })
+        .unwrap_or_else(|e| panic!("{} -> {target}:{port}: {e}", from.key()));
+        assert!(
+            echoes(&mut stream),
+            "{} -> {target}:{port}: no echo on a new connection",
+            from.key()
+        );
+        let local = stream.local_addr().unwrap();
+        let backend = backends
+            .iter()
+            .find(|b| holds(b, local))
+            .unwrap_or_else(|| panic!("no backend holds the connection from {local}"));
+        held.push((backend.addr(v6), stream));
+        if backends
+            .iter()
+            .all(|b| held.iter().any(|(a, _)| *a == b.addr(v6)))
+        {
+            break;
+        }
+    }
+    held
+}
+
 fn services_judged_on_backend(topology: Topology, mode: Mode, ipv6: bool) {
     let c = Cluster::new(2, topology, ipv6, serde_json::Map::new());
     c.namespace("x", &[("team", "x")]);
@@ -304,9 +371,30 @@ fn services_judged_on_backend(topology: Topology, mode: Mode, ipv6: bool) {
         );
     }
 
+    // Connections opened through the Service while nothing isolated the
+    // client, to both backends, held open across the policy below.
+    let held: Vec<(bool, Vec<(IpAddr, TcpStream)>)> = families
+        .iter()
+        .map(|&v6| (v6, hold_connections(&client, vip(v6), 80, &[&b1, &b2], v6)))
+        .collect();
+
     // The client may only reach tier one: b1 on its own node.
     c.apply_policy(CLIENT_TO_TIER_ONE);
     c.settle();
+    // An established connection to a backend policy denies now is cut;
+    // one to the allowed backend goes on.
+    for (v6, conns) in held {
+        for (backend, mut stream) in conns {
+            let allowed = backend == b1.addr(v6);
+            assert_eq!(
+                echoes(&mut stream),
+                allowed,
+                "a connection opened through {}:80 before the policy, to backend {backend}, must {} now",
+                vip(v6),
+                if allowed { "go on" } else { "be cut (revoked)" }
+            );
+        }
+    }
     for &v6 in families {
         let fam = if v6 { "IPv6" } else { "IPv4" };
         assert!(

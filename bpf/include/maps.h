@@ -170,6 +170,14 @@ struct {
 } pal_svc_flows SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
+	__type(key, struct pal_svc_flow_key);
+	__type(value, struct pal_svc_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_svc_backends SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);

@@ -401,6 +401,18 @@ struct pal_svc_flow_value {
 	__u32 ep_id;   /* the endpoint then; another one there fails closed */
 };
 
+/* pal_svc_backends: LRU_HASH, keyed like pal_svc_flows. The backend a
+ * deferred flow was DNATed to, written by pal_service when it allows the
+ * flow: the node's conntrack never shows pal_service an established flow
+ * again, so when policy changes the veth program decides the flow again on
+ * this backend (and cuts it if it is denied now). Sized like
+ * pal_svc_flows (setting serviceFlows). */
+struct pal_svc_backend {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;
+};
+
 /* The sizes user space relies on: a change here must be deliberate (bump
  * PAL_ABI_VERSION). shared/src/abi.rs is checked against this header,
  * field by field, when it is built. */
@@ -448,6 +460,8 @@ _Static_assert(sizeof(struct pal_svc_flow_key) == 40,
 	       "struct pal_svc_flow_key changed size");
 _Static_assert(sizeof(struct pal_svc_flow_value) == 8,
 	       "struct pal_svc_flow_value changed size");
+_Static_assert(sizeof(struct pal_svc_backend) == 20,
+	       "struct pal_svc_backend changed size");
 _Static_assert(__builtin_offsetof(struct pal_policy_key, m) == 4,
 	       "the LPM prefix length precedes the match");
 _Static_assert(__builtin_offsetof(struct pal_event, saddr) == 32,

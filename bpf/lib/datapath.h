@@ -123,6 +123,48 @@ static __always_inline int pal_addr_eq(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1];
 }
 
+/* The tuple of the packet that opened ck's flow, in t (returned). */
+static __always_inline struct pal_tuple *
+pal_ct_tuple(const struct pal_ct_key *ck, struct pal_tuple *t)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	__builtin_memcpy(t->saddr, ck->saddr, 16);
+	__builtin_memcpy(t->daddr, ck->daddr, 16);
+	t->sport = ck->sport;
+	t->dport = ck->dport;
+	t->protocol = ck->protocol;
+	return t;
+}
+
+/*
+ * A flow to a Service (t: as the client sent it, to the frontend), decided
+ * on the backend pal_service allowed it to: whether policy denies it now
+ * (d says why; t is left holding the flow to the backend). A flow
+ * pal_service has not allowed has no backend: not denied here, pal_service
+ * judges it when the node's conntrack sees it open.
+ */
+static __always_inline int pal_svc_denied_now(const struct pal_endpoint *ep,
+					      struct pal_tuple *t,
+					      const struct pal_config *cfg,
+					      struct pal_decision *d)
+{
+	struct pal_svc_flow_key k = {};
+	struct pal_svc_backend *b;
+
+	__builtin_memcpy(k.saddr, t->saddr, 16);
+	__builtin_memcpy(k.daddr, t->daddr, 16);
+	k.sport = t->sport;
+	k.dport = t->dport;
+	k.protocol = t->protocol;
+	b = bpf_map_lookup_elem(&pal_svc_backends, &k);
+	if (!b)
+		return 0;
+	__builtin_memcpy(t->daddr, b->addr, 16);
+	t->dport = b->port;
+	pal_decide(ep, PAL_DIR_EGRESS, t, cfg, d);
+	return d->verdict == PAL_VERDICT_DENY;
+}
+
 /*
  * Who may report an error about a flow to a container: its peer, or a
  * router on the way (the node, the world: anything that is not a pod). A
@@ -537,19 +579,23 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			if (res == PAL_CT_ESTABLISHED &&
 			    !(ct->flags & PAL_CT_SEEN_REPLY))
 				pal_svc_defer(ep, ifindex, &p->t);
+			/* Policy changed since: decided again on the backend
+			 * pal_service allowed it to (none yet: pal_service
+			 * judges its next packet). */
+			if (ct->epoch != cfg->epoch &&
+			    pal_svc_denied_now(ep, pal_ct_tuple(ck, &sc->orig),
+					       cfg, &d)) {
+				pal_ct_delete(ck);
+				return pal_drop_by(skb, cfg, ep, dir, &p->t,
+						   PAL_DROP_REVOKED, d.peer_id,
+						   d.policy_id, now);
+			}
 			ct->epoch = cfg->epoch;
 		} else if (ct->epoch != cfg->epoch) {
 			/* Policy or identities changed since this flow was
 			 * decided: decide it again as it was opened. */
-			struct pal_tuple *orig = &sc->orig;
-
-			__builtin_memset(orig, 0, sizeof(*orig));
-			__builtin_memcpy(orig->saddr, ck->saddr, 16);
-			__builtin_memcpy(orig->daddr, ck->daddr, 16);
-			orig->sport = ck->sport;
-			orig->dport = ck->dport;
-			orig->protocol = ck->protocol;
-			pal_decide(ep, ck->direction, orig, cfg, &d);
+			pal_decide(ep, ck->direction,
+				   pal_ct_tuple(ck, &sc->orig), cfg, &d);
 			if (d.verdict == PAL_VERDICT_DENY) {
 				pal_ct_delete(ck);
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
@@ -574,7 +620,20 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 
 	if (dir == PAL_DIR_EGRESS && pal_svc_frontend(&p->t)) {
 		/* To a Service: the backend is chosen by the node's DNAT after
-		 * this hook, so pal_service judges the flow there. */
+		 * this hook, so pal_service judges the flow there. A packet
+		 * that does not open a connection may belong to one the
+		 * node's conntrack holds (one this table forgot or revoked),
+		 * which pal_service does not see again: it is decided on the
+		 * backend pal_service allowed it to, if any. */
+		if (!(p->t.protocol == IPPROTO_TCP &&
+		      (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) ==
+			      PAL_TCP_SYN)) {
+			__builtin_memcpy(&sc->orig, &p->t, sizeof(sc->orig));
+			if (pal_svc_denied_now(ep, &sc->orig, cfg, &d))
+				return pal_drop_by(skb, cfg, ep, dir, &p->t,
+						   PAL_DROP_REVOKED, d.peer_id,
+						   d.policy_id, now);
+		}
 		pal_svc_defer(ep, ifindex, &p->t);
 		d.verdict = PAL_VERDICT_ALLOW;
 		d.reason = PAL_REASON_SERVICE;

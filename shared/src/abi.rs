@@ -664,6 +664,15 @@ pub struct SvcFlowValue {
     pub ep_id: u32,
 }
 
+/// `struct pal_svc_backend`: the backend pal_service allowed a flow to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct SvcBackend {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub pad: u16,
+}
+
 // Layouts must match the C structs byte for byte.
 /// The C declarations of `bpf/include/palisade_abi.h` as bindgen reads
 /// them (build.rs): the one definition everything here is checked against.
@@ -762,6 +771,7 @@ same_layout!(SvcFlowKey = c::pal_svc_flow_key {
     pad = pad,
 });
 same_layout!(SvcFlowValue = c::pal_svc_flow_value { ifindex = ifindex, ep_id = ep_id });
+same_layout!(SvcBackend = c::pal_svc_backend { addr = addr, port_be = port, pad = pad });
 
 /// Every constant has the header's value (a difference fails the build).
 macro_rules! same_value {
@@ -888,6 +898,7 @@ unsafe impl aya::Pod for FragValue {}
 unsafe impl aya::Pod for SvcKey {}
 unsafe impl aya::Pod for SvcFlowKey {}
 unsafe impl aya::Pod for SvcFlowValue {}
+unsafe impl aya::Pod for SvcBackend {}
 
 impl Event {
     /// Decode an event from the ring buffer's bytes.
