@@ -271,8 +271,14 @@ impl ServiceHook {
             // Pinned by name in the C source: libbpf reuses the pin at this
             // path (and pins a map that is missing there). It reuses only a
             // map of the object's capacity: take the pinned one's (set by
-            // whoever created the maps, see `MapSizes`).
-            if let Ok(handle) = MapHandle::from_pinned_path(&pin) {
+            // whoever created the maps, see `MapSizes`). A map that maps
+            // pinned by an earlier build lack (the Service flows' backends)
+            // is sized like the map whose setting it shares.
+            let sized_like = match name.as_str() {
+                "pal_svc_backends" if !pin.exists() => maps_dir.join("pal_svc_flows"),
+                _ => pin.clone(),
+            };
+            if let Ok(handle) = MapHandle::from_pinned_path(&sized_like) {
                 map.set_max_entries(handle.max_entries()).map_err(|e| {
                     DataplaneError::Netfilter {
                         what: format!("size map {name} like its pin"),
