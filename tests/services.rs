@@ -338,6 +338,15 @@ fn hold_connections(
             break;
         }
     }
+    for b in backends {
+        assert!(
+            held.iter().any(|(a, _)| *a == b.addr(v6)),
+            "none of {} connections from {} through {target}:{port} reached backend {}",
+            held.len(),
+            from.key(),
+            b.addr(v6)
+        );
+    }
     held
 }
 
