@@ -5,6 +5,7 @@
 mod agent;
 mod cluster;
 mod dns;
+mod etcd;
 mod observe;
 mod output;
 mod serve;
@@ -54,6 +55,8 @@ struct Cli {
     /// directory). Without a daemon there, commands do the work themselves.
     #[arg(long, global = true, env = "PALISADE_SOCKET")]
     socket: Option<PathBuf>,
+    #[command(flatten)]
+    datastore: etcd::Flags,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,9 +171,10 @@ enum Command {
         /// The kubeconfig to use in cluster mode.
         #[arg(long, requires = "kubernetes")]
         kubeconfig: Option<PathBuf>,
-        /// This node's name in the cluster (default: $NODE_NAME, else the
+        /// This node's name in the cluster, or this host's among the hosts
+        /// sharing an etcd datastore (default: $NODE_NAME, else the
         /// hostname).
-        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Port of the DNS proxy (UDP and TCP, every address), where
         /// the datapath sends the DNS of pods whose PalisadeNetworkPolicies
@@ -558,7 +562,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Parsed and validated where the work is done (by the daemon
             // when it runs).
             let sources = read_sources(files)?;
-            let report = control(&cli)?.apply_sources(sources).context("apply")?;
+            let report = match cli.datastore.settings()? {
+                Some(settings) => {
+                    let objects = policy::parse_sources(&sources)?;
+                    ObjectsReport {
+                        changes: etcd::block_on(async {
+                            etcd::Datastore::connect(&settings)
+                                .await?
+                                .apply(objects)
+                                .await
+                        })?
+                        .context("apply")?,
+                        ..Default::default()
+                    }
+                }
+                None => control(&cli)?.apply_sources(sources).context("apply")?,
+            };
             if report.changes.is_empty() {
                 bail!("no objects found in {}", files.join(", "));
             }
@@ -570,7 +589,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ignore_not_found,
         } => {
             let refs = read_references(files)?;
-            let mut report = control(&cli)?.delete(refs).context("delete")?;
+            let mut report = match cli.datastore.settings()? {
+                Some(settings) => ObjectsReport {
+                    changes: etcd::block_on(async {
+                        etcd::Datastore::connect(&settings)
+                            .await?
+                            .delete(refs)
+                            .await
+                    })?
+                    .context("delete")?,
+                    ..Default::default()
+                },
+                None => control(&cli)?.delete(refs).context("delete")?,
+            };
             let missing: Vec<String> = report
                 .changes
                 .iter()
@@ -592,9 +623,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             namespace,
             output,
         } => {
-            let state = Store::new(&cli.state_dir)
+            let mut state = Store::new(&cli.state_dir)
                 .read()
                 .context("read palisade's state")?;
+            // Objects come from the datastore when there is one; endpoints,
+            // identities and learned names are this host's.
+            let objects = !matches!(
+                resource,
+                Resource::Endpoints | Resource::Identities | Resource::Fqdns
+            );
+            if objects && let Some(settings) = cli.datastore.settings()? {
+                let listing = etcd::block_on(async {
+                    etcd::Datastore::connect(&settings).await?.list().await
+                })?
+                .context("get")?;
+                for bad in &listing.invalid {
+                    eprintln!("warning: skipped {bad}");
+                }
+                state = etcd::state_with(state, listing);
+            }
             let ns = namespace.as_deref();
             match resource {
                 Resource::Endpoints => output::endpoints(&state, ns, *output)?,
@@ -830,20 +877,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_per_name: (*dns_max_addresses).max(1),
                 ..Default::default()
             });
-            let cluster = if *kubernetes {
-                let node_name = match node_name {
+            let datastore = cli.datastore.settings()?;
+            if *kubernetes && datastore.is_some() {
+                bail!(
+                    "--kubernetes and an etcd datastore exclude each other: in a Kubernetes \
+                     cluster the objects come from the API server"
+                );
+            }
+            let this_node = || -> Result<String> {
+                Ok(match node_name {
                     Some(n) => n.clone(),
                     None => nix::unistd::gethostname()
                         .context("find this node's name (set --node-name or NODE_NAME)")?
                         .to_string_lossy()
                         .into_owned(),
-                };
+                })
+            };
+            let cluster = if *kubernetes {
                 Some(cluster::Options {
                     kubeconfig: kubeconfig.clone(),
-                    node_name,
+                    node_name: this_node()?,
                 })
             } else {
                 None
+            };
+            let etcd = match datastore {
+                Some(settings) => Some(etcd::DaemonOptions {
+                    settings,
+                    node_name: this_node()?,
+                }),
+                None => None,
             };
             serve::run(
                 agent::Options {
@@ -862,6 +925,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .clone()
                     .unwrap_or_else(|| palisade::daemon::default_socket(&cli.state_dir)),
                 cluster,
+                etcd,
                 dns,
             )?;
             Ok(ExitCode::SUCCESS)

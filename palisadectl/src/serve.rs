@@ -59,6 +59,7 @@ pub fn run(
     mut opts: agent::Options,
     socket: PathBuf,
     cluster: Option<crate::cluster::Options>,
+    etcd: Option<crate::etcd::DaemonOptions>,
     dns: Option<palisade::dnsproxy::Options>,
 ) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
@@ -94,14 +95,22 @@ pub fn run(
             }
         });
     }
-    match cluster {
-        Some(c) => {
+    match (cluster, etcd) {
+        (Some(c), _) => {
             opts.cluster = Some(
                 crate::cluster::start(Arc::clone(&server), c)
                     .context("start Kubernetes cluster mode")?,
             );
         }
-        None => server
+        (None, Some(e)) => {
+            eprintln!(
+                "palisade daemon: objects from {} (host {})",
+                e.settings.describe(),
+                e.node_name
+            );
+            crate::etcd::start(Arc::clone(&server), e).context("start the etcd datastore")?;
+        }
+        (None, None) => server
             .leave_cluster()
             .context("record that this node is not in cluster mode")?,
     }

@@ -1535,13 +1535,15 @@ impl<D: Dataplane> Node<D> {
         Ok(())
     }
 
-    /// Refuse what the API server owns in cluster mode.
+    /// Refuse what the API server (or the etcd datastore) owns.
     fn refuse_in_cluster(tx: &Txn<'_>, what: &str) -> Result<(), NodeError> {
         match tx.setting(CLUSTER_NODE_SETTING)? {
             Some(node) => Err(NodeError::Invalid(format!(
-                "this node ({node}) runs in Kubernetes cluster mode: Namespaces, Pods and \
-                 NetworkPolicies come from the API server, so {what} them with kubectl \
-                 (e.g. `kubectl {what} -f FILE`); palisade-only settings such as \
+                "this node ({node}) takes Namespaces, Pods and policies from a shared \
+                 datastore, so {what} them there: with kubectl in Kubernetes cluster mode \
+                 (`kubectl {what} -f FILE`), or with palisadectl and the etcd settings on hosts \
+                 that share etcd (`palisadectl --etcd-endpoints URL ... {what} -f FILE`, or \
+                 /etc/palisade/datastore.yaml); palisade-only settings such as \
                  `palisadectl mode` stay local"
             ))),
             None => Ok(()),

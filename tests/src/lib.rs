@@ -6,6 +6,7 @@ pub mod case;
 pub mod chain;
 pub mod cluster;
 pub mod dns;
+pub mod etcd;
 pub mod kubeapi;
 pub mod matrix;
 pub mod node;

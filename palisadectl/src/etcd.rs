@@ -1,0 +1,873 @@
+//! The etcd datastore: one set of objects for many hosts without
+//! Kubernetes (`--etcd-endpoints`, or `/etc/palisade/datastore.yaml`).
+//!
+//! With it, `palisadectl apply`, `delete` and `get` read and write the
+//! objects in etcd instead of this host's store, and every host's daemon
+//! lists and watches them and applies each change to its own engine, as
+//! cluster mode does with the Kubernetes API.
+//!
+//! Keys: `PREFIX/objects/KIND/NAME` for cluster-scoped kinds (Namespace and
+//! the tiers) and `PREFIX/objects/KIND/NAMESPACE/NAME` for the others. A
+//! value is the object as written, JSON, without
+//! `metadata.resourceVersion`: an object's resourceVersion is the mod
+//! revision of its key. An apply that names a resourceVersion is refused
+//! unless the object is still at that revision (a stale update is refused,
+//! not lost); an apply without one replaces what is there, as `kubectl
+//! apply` does.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::PathBuf,
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use palisade::{
+    cluster::{ApiChanges, ApiObject, Placement},
+    daemon::Server,
+    node::Change,
+    policy::{self, Kind, Object, ObjectRef},
+    store::{State, StoredPalisadePolicy, StoredPolicy, StoredTierPolicy},
+};
+use serde::Deserialize;
+
+/// Read when no `--datastore-config` is given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/palisade/datastore.yaml";
+/// Where palisade's keys live unless the settings say otherwise.
+pub const DEFAULT_PREFIX: &str = "/palisade";
+/// etcd's default `--max-txn-ops`: the most compares, or writes, one
+/// transaction may hold.
+const TXN_OPS: usize = 128;
+/// Every kind the datastore holds.
+pub const KINDS: &[Kind] = &[
+    Kind::Namespace,
+    Kind::Pod,
+    Kind::NetworkPolicy,
+    Kind::AdminNetworkPolicy,
+    Kind::BaselineAdminNetworkPolicy,
+    Kind::ClusterNetworkPolicy,
+    Kind::PalisadeNetworkPolicy,
+];
+/// Kinds that live in a namespace (deleted with it).
+const NAMESPACED: &[Kind] = &[Kind::Pod, Kind::NetworkPolicy, Kind::PalisadeNetworkPolicy];
+
+/// The datastore options every command takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Flags {
+    /// Datastore settings (YAML: `etcd:` with endpoints, caFile, certFile,
+    /// keyFile, prefix). Default: /etc/palisade/datastore.yaml when it
+    /// exists; without settings, objects stay on this host.
+    #[arg(long, global = true, env = "PALISADE_DATASTORE_CONFIG")]
+    pub datastore_config: Option<PathBuf>,
+    /// etcd members, comma-separated (https://10.0.0.1:2379,...): objects
+    /// are read and written there, for every host.
+    #[arg(
+        long,
+        global = true,
+        env = "PALISADE_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, global = true, env = "PALISADE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to etcd.
+    #[arg(long, global = true, env = "PALISADE_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, global = true, env = "PALISADE_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// Key prefix of palisade's objects in etcd (default /palisade).
+    #[arg(long, global = true, env = "PALISADE_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConfigFile {
+    etcd: EtcdFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EtcdFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    prefix: Option<String>,
+}
+
+/// Where the datastore is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub prefix: String,
+}
+
+impl Flags {
+    /// The datastore settings: the file, then the flags over it. None
+    /// when there are none (objects stay on this host).
+    pub fn settings(&self) -> Result<Option<Settings>> {
+        let (path, explicit) = match &self.datastore_config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let mut file = EtcdFile::default();
+        let mut from_file = false;
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let parsed: ConfigFile = serde_yaml::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: not valid datastore settings (expected `etcd:` with endpoints, \
+                         caFile, certFile, keyFile and prefix)",
+                        path.display()
+                    )
+                })?;
+                file = parsed.etcd;
+                from_file = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        }
+        if !self.etcd_endpoints.is_empty() {
+            file.endpoints = self.etcd_endpoints.clone();
+        }
+        let ca = self.etcd_ca.clone().or(file.ca_file);
+        let cert = self.etcd_cert.clone().or(file.cert_file);
+        let key = self.etcd_key.clone().or(file.key_file);
+        let prefix = self.etcd_prefix.clone().or(file.prefix);
+        let endpoints: Vec<String> = file
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            if from_file {
+                bail!(
+                    "{}: etcd.endpoints is empty; list the etcd members (https://HOST:2379)",
+                    path.display()
+                );
+            }
+            if ca.is_some() || cert.is_some() || key.is_some() || prefix.is_some() {
+                bail!(
+                    "--etcd-ca, --etcd-cert, --etcd-key and --etcd-prefix need the members too \
+                     (--etcd-endpoints or a datastore settings file)"
+                );
+            }
+            return Ok(None);
+        }
+        let settings = Settings {
+            endpoints,
+            ca,
+            cert,
+            key,
+            prefix: prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+        };
+        settings.validate()?;
+        Ok(Some(settings))
+    }
+}
+
+impl Settings {
+    fn validate(&self) -> Result<()> {
+        for e in &self.endpoints {
+            let rest = e
+                .strip_prefix("https://")
+                .or_else(|| e.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    anyhow!("etcd endpoint {e:?}: write it as https://HOST:PORT (or http://)")
+                })?;
+            let port = rest.rsplit_once(':').map(|(_, p)| p.trim_end_matches('/'));
+            if rest.is_empty() || port.is_none_or(|p| p.parse::<u16>().is_err()) {
+                bail!("etcd endpoint {e:?}: write it as https://HOST:PORT");
+            }
+        }
+        let tls = self.endpoints.iter().any(|e| e.starts_with("https://"));
+        let plain = self.endpoints.iter().any(|e| e.starts_with("http://"));
+        if tls && plain {
+            bail!("etcd endpoints mix https:// and http://: use one scheme for every member");
+        }
+        if tls && self.ca.is_none() {
+            bail!(
+                "https etcd endpoints need the CA that signed the members' certificates \
+                 (--etcd-ca or etcd.caFile)"
+            );
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            bail!(
+                "a client certificate needs its key and a key its certificate \
+                 (--etcd-cert and --etcd-key, or etcd.certFile and etcd.keyFile)"
+            );
+        }
+        if !tls && (self.ca.is_some() || self.cert.is_some()) {
+            bail!("TLS files are given but the etcd endpoints are http://: use https://");
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 || self.prefix.ends_with('/') {
+            bail!(
+                "etcd prefix {:?}: write it as /NAME (a leading slash, none at the end)",
+                self.prefix
+            );
+        }
+        Ok(())
+    }
+
+    /// Where this is, for messages.
+    pub fn describe(&self) -> String {
+        format!("etcd at {}", self.endpoints.join(","))
+    }
+}
+
+fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("read the {what} {}", path.display()))
+}
+
+/// A connection to the datastore.
+#[derive(Clone)]
+pub struct Datastore {
+    client: Client,
+    prefix: String,
+    what: String,
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datastore")
+            .field("prefix", &self.prefix)
+            .field("what", &self.what)
+            .finish()
+    }
+}
+
+/// What a list found: the objects (their resourceVersion set), the store's revision when it was read
+/// (a watch goes on from the next one), and keys whose value is not a valid
+/// object (skipped, with why).
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub objects: Vec<Object>,
+    pub revision: i64,
+    pub invalid: Vec<String>,
+}
+
+/// One object to write.
+struct Write {
+    reference: ObjectRef,
+    key: String,
+    value: Vec<u8>,
+    /// The resourceVersion the writer read, if it named one.
+    expect: Option<i64>,
+}
+
+impl Datastore {
+    pub async fn connect(s: &Settings) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(ca) = &s.ca {
+            let mut tls =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(ca, "etcd CA")?));
+            if let (Some(cert), Some(key)) = (&s.cert, &s.key) {
+                tls = tls.identity(Identity::from_pem(
+                    read_pem(cert, "etcd client certificate")?,
+                    read_pem(key, "etcd client key")?,
+                ));
+            }
+            opts = opts.with_tls(tls);
+        }
+        let client = Client::connect(&s.endpoints, Some(opts))
+            .await
+            .with_context(|| format!("connect to {}", s.describe()))?;
+        Ok(Datastore {
+            client,
+            prefix: s.prefix.clone(),
+            what: s.describe(),
+        })
+    }
+
+    fn objects_prefix(&self) -> String {
+        format!("{}/objects/", self.prefix)
+    }
+
+    fn kind_prefix(&self, kind: Kind) -> String {
+        format!("{}{}/", self.objects_prefix(), kind.as_str())
+    }
+
+    fn key(&self, r: &ObjectRef) -> String {
+        if r.namespace.is_empty() {
+            format!("{}{}", self.kind_prefix(r.kind), r.name)
+        } else {
+            format!("{}{}/{}", self.kind_prefix(r.kind), r.namespace, r.name)
+        }
+    }
+
+    /// The object a key names (None: not one of palisade's object keys).
+    fn reference(&self, key: &str) -> Option<ObjectRef> {
+        let rest = key.strip_prefix(&self.objects_prefix())?;
+        let (kind, rest) = rest.split_once('/')?;
+        let kind = *KINDS.iter().find(|k| k.as_str() == kind)?;
+        let (namespace, name) = if NAMESPACED.contains(&kind) {
+            rest.split_once('/')?
+        } else {
+            ("", rest)
+        };
+        if name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some(ObjectRef {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    fn failed(&self, what: &str) -> String {
+        format!("{what} in {} (is etcd up and reachable?)", self.what)
+    }
+
+    /// The mod revision of each key that exists.
+    async fn revisions(&mut self, keys: &[String]) -> Result<BTreeMap<String, i64>> {
+        let mut out = BTreeMap::new();
+        for chunk in keys.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::get(k.as_str(), Some(GetOptions::new().with_keys_only())))
+                .collect();
+            let resp = self
+                .client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .with_context(|| self.failed("read objects"))?;
+            for op in resp.op_responses() {
+                if let etcd_client::TxnOpResponse::Get(g) = op {
+                    for kv in g.kvs() {
+                        out.insert(
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.mod_revision(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create or replace objects. Either every object is written or, when
+    /// one names a resourceVersion that is no longer current, none is.
+    pub async fn apply(&mut self, objects: Vec<Object>) -> Result<Vec<(ObjectRef, Change)>> {
+        let mut writes = Vec::with_capacity(objects.len());
+        let mut seen = BTreeSet::new();
+        for o in objects {
+            let reference = o.reference();
+            if !seen.insert(reference.clone()) {
+                bail!("{reference} appears twice; apply each object once");
+            }
+            let mut json = o.to_json().with_context(|| format!("encode {reference}"))?;
+            let expect = take_resource_version(&mut json)
+                .with_context(|| format!("{reference}: metadata.resourceVersion"))?;
+            let value = serde_json::to_vec(&json).with_context(|| format!("encode {reference}"))?;
+            writes.push(Write {
+                key: self.key(&reference),
+                reference,
+                value,
+                expect,
+            });
+        }
+        // Another writer may change an object between the read and the
+        // write; the write then fails as a whole and is planned again.
+        for _attempt in 0..5 {
+            let keys: Vec<String> = writes.iter().map(|w| w.key.clone()).collect();
+            let current = self.values(&keys).await?;
+            for w in &writes {
+                let Some(expect) = w.expect else { continue };
+                match current.get(&w.key) {
+                    Some((rev, _)) if *rev == expect => {}
+                    Some((rev, _)) => bail!(
+                        "{} was changed after resourceVersion {expect} (it is at {rev} now): \
+                         nothing was applied; get it again, or leave resourceVersion out to \
+                         replace it",
+                        w.reference
+                    ),
+                    None => bail!(
+                        "{} does not exist any more (resourceVersion {expect} was given): \
+                         nothing was applied; leave resourceVersion out to create it again",
+                        w.reference
+                    ),
+                }
+            }
+            let mut changes = Vec::with_capacity(writes.len());
+            let mut compares = Vec::new();
+            let mut puts = Vec::new();
+            for w in &writes {
+                let (rev, change) = match current.get(&w.key) {
+                    None => (0, Change::Created),
+                    Some((rev, old)) if *old == w.value => (*rev, Change::Unchanged),
+                    Some((rev, _)) => (*rev, Change::Configured),
+                };
+                changes.push((w.reference.clone(), change));
+                compares.push(Compare::mod_revision(w.key.as_str(), CompareOp::Equal, rev));
+                if change != Change::Unchanged {
+                    puts.push(TxnOp::put(w.key.as_str(), w.value.clone(), None));
+                }
+            }
+            if compares.len() > TXN_OPS {
+                bail!(
+                    "{} objects in one apply: the etcd datastore writes at most {TXN_OPS} \
+                     objects in one transaction (etcd's --max-txn-ops); apply them in smaller \
+                     files",
+                    compares.len()
+                );
+            }
+            if puts.is_empty() {
+                return Ok(changes);
+            }
+            let resp = self
+                .client
+                .txn(Txn::new().when(compares).and_then(puts))
+                .await
+                .with_context(|| self.failed("write objects"))?;
+            if resp.succeeded() {
+                return Ok(changes);
+            }
+        }
+        bail!(
+            "the objects kept changing while they were applied (another writer?): nothing was \
+             applied; try again"
+        )
+    }
+
+    /// Each existing key's mod revision and value.
+    async fn values(&mut self, keys: &[String]) -> Result<BTreeMap<String, (i64, Vec<u8>)>> {
+        let mut out = BTreeMap::new();
+        for chunk in keys.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+            let resp = self
+                .client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .with_context(|| self.failed("read objects"))?;
+            for op in resp.op_responses() {
+                if let etcd_client::TxnOpResponse::Get(g) = op {
+                    for kv in g.kvs() {
+                        out.insert(
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            (kv.mod_revision(), kv.value().to_vec()),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete objects; deleting a Namespace deletes the objects in it, as
+    /// Kubernetes does.
+    pub async fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<Vec<(ObjectRef, Change)>> {
+        let keys: Vec<String> = refs.iter().map(|r| self.key(r)).collect();
+        let exists = self.revisions(&keys).await?;
+        let mut out = Vec::with_capacity(refs.len());
+        for (r, key) in refs.into_iter().zip(keys) {
+            if !exists.contains_key(&key) {
+                out.push((r, Change::NotFound));
+                continue;
+            }
+            let mut ops = vec![TxnOp::delete(key.as_str(), None)];
+            if r.kind == Kind::Namespace {
+                for kind in NAMESPACED {
+                    let prefix = format!("{}{}/", self.kind_prefix(*kind), r.name);
+                    ops.push(TxnOp::delete(
+                        prefix.as_str(),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ));
+                }
+            }
+            self.client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .with_context(|| self.failed(&format!("delete {r}")))?;
+            out.push((r, Change::Deleted));
+        }
+        Ok(out)
+    }
+
+    /// Every object of the datastore, at one revision.
+    pub async fn list(&mut self) -> Result<Listing> {
+        let prefix = self.objects_prefix();
+        let resp = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .with_context(|| self.failed("list objects"))?;
+        let mut listing = Listing {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Default::default()
+        };
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match self.decode(&key, kv.value(), kv.mod_revision()) {
+                Ok(Some(o)) => listing.objects.push(o),
+                Ok(None) => {}
+                Err(e) => listing.invalid.push(format!("{key}: {e:#}")),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// The object stored under key (None: not an object key of palisade's).
+    fn decode(&self, key: &str, value: &[u8], revision: i64) -> Result<Option<Object>> {
+        let Some(reference) = self.reference(key) else {
+            return Ok(None);
+        };
+        let mut json: serde_json::Value =
+            serde_json::from_slice(value).context("not a JSON object")?;
+        let meta = json
+            .get_mut("metadata")
+            .and_then(|m| m.as_object_mut())
+            .ok_or_else(|| anyhow!("no metadata"))?;
+        meta.insert(
+            "resourceVersion".into(),
+            serde_json::Value::String(revision.to_string()),
+        );
+        let object = policy::decode_object(json)?;
+        if object.reference() != reference {
+            bail!("holds {}, not what its key names", object.reference());
+        }
+        Ok(Some(object))
+    }
+}
+
+/// Remove `metadata.resourceVersion` from an object; its value, if any.
+fn take_resource_version(json: &mut serde_json::Value) -> Result<Option<i64>> {
+    let Some(meta) = json.get_mut("metadata").and_then(|m| m.as_object_mut()) else {
+        return Ok(None);
+    };
+    match meta.remove("resourceVersion") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s.is_empty() => Ok(None),
+        Some(serde_json::Value::String(s)) => match s.parse::<i64>() {
+            Ok(v) if v > 0 => Ok(Some(v)),
+            _ => bail!(
+                "{s:?} is not a resourceVersion of this datastore (a positive number, as \
+                 `palisadectl get -o yaml` shows it)"
+            ),
+        },
+        Some(other) => bail!("{other} is not a resourceVersion (a string such as \"42\")"),
+    }
+}
+
+/// A current-thread runtime for one command.
+pub fn block_on<F: Future>(f: F) -> Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the etcd client")?
+        .block_on(f))
+}
+
+/// This host's state for display, with the objects replaced by the
+/// datastore's (numbers taken from this host's store where it has the
+/// object, else 0: not enforced here yet).
+pub fn state_with(mut state: State, listing: Listing) -> State {
+    let mut namespaces = BTreeMap::new();
+    let mut pods = BTreeMap::new();
+    let mut policies = BTreeMap::new();
+    let mut tiers = BTreeMap::new();
+    let mut pnps = BTreeMap::new();
+    for object in listing.objects {
+        match object {
+            Object::Namespace(n) => {
+                namespaces.insert(n.value.name.clone(), *n);
+            }
+            Object::Pod(p) => {
+                pods.insert(format!("{}/{}", p.value.namespace, p.value.name), *p);
+            }
+            Object::NetworkPolicy(p) => {
+                let key = format!("{}/{}", p.value.namespace, p.value.name);
+                let id = state.policies.get(&key).map_or(0, |o| o.id);
+                policies.insert(
+                    key,
+                    StoredPolicy {
+                        id,
+                        object: p.object,
+                        policy: p.value,
+                    },
+                );
+            }
+            Object::TierPolicy(t) => {
+                let key = format!("{}/{}", Kind::from(t.value.kind).as_str(), t.value.name);
+                let id = state.tier_policies.get(&key).map_or(0, |o| o.id);
+                tiers.insert(
+                    key,
+                    StoredTierPolicy {
+                        id,
+                        object: t.object,
+                        policy: t.value,
+                    },
+                );
+            }
+            Object::PalisadePolicy(p) => {
+                let key = format!("{}/{}", p.value.base.namespace, p.value.base.name);
+                let id = state.palisade_policies.get(&key).map_or(0, |o| o.id);
+                pnps.insert(
+                    key,
+                    StoredPalisadePolicy {
+                        id,
+                        object: p.object,
+                        policy: p.value,
+                    },
+                );
+            }
+        }
+    }
+    state.namespaces = namespaces;
+    state.pods = pods;
+    state.policies = policies;
+    state.tier_policies = tiers;
+    state.palisade_policies = pnps;
+    state
+}
+
+// ----- the daemon: list, watch, apply ----------------------------------------
+
+/// The daemon's datastore settings.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub settings: Settings,
+    /// This host's name.
+    pub node_name: String,
+}
+
+/// Keep this host's engine equal to the datastore's objects, in a thread
+/// of its own, for as long as the process runs. While etcd cannot be
+/// reached, the host keeps enforcing what it last applied.
+pub fn start(server: Arc<Server>, opts: DaemonOptions) -> Result<()> {
+    thread::Builder::new()
+        .name("etcd".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("palisade daemon: cannot start the etcd client: {e}");
+                    std::process::exit(1);
+                }
+            };
+            rt.block_on(sync_forever(server, opts));
+        })
+        .context("start the etcd thread")?;
+    Ok(())
+}
+
+async fn sync_forever(server: Arc<Server>, opts: DaemonOptions) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut listed = false;
+        if let Err(e) = sync(&server, &opts, &mut listed).await {
+            tracing::warn!(
+                "etcd datastore: {e:#}; this host keeps enforcing what it last applied, \
+                 trying again in {} ms",
+                backoff.as_millis()
+            );
+        }
+        if listed {
+            backoff = Duration::from_millis(500);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// List everything and apply it as the whole truth, then apply each watch
+/// event, until the connection or the watch fails.
+async fn sync(server: &Server, opts: &DaemonOptions, listed: &mut bool) -> Result<()> {
+    let mut ds = Datastore::connect(&opts.settings).await?;
+    let listing = ds.list().await?;
+    for bad in &listing.invalid {
+        tracing::warn!("etcd datastore: skipped {bad}");
+    }
+    let revision = listing.revision;
+    let changes = ApiChanges {
+        upserts: listing.objects.into_iter().map(api_object).collect(),
+        complete: KINDS.to_vec(),
+        ..Default::default()
+    };
+    let report = server
+        .apply_api(&opts.node_name, &changes)
+        .context("apply the datastore's objects")?;
+    tracing::info!(
+        "etcd datastore: listed {} objects at revision {revision} ({} created, {} changed, {} deleted here)",
+        changes.upserts.len(),
+        report.created,
+        report.changed,
+        report.deleted
+    );
+    *listed = true;
+    let prefix = ds.objects_prefix();
+    let (_watcher, mut stream) = ds
+        .client
+        .watch(
+            prefix.as_str(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await
+        .with_context(|| ds.failed("watch objects"))?
+        .split();
+    loop {
+        let Some(resp) = stream
+            .message()
+            .await
+            .with_context(|| ds.failed("watch objects"))?
+        else {
+            bail!("the watch ended; listing again");
+        };
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                bail!(
+                    "the watch fell behind a compaction (revision {}); listing again",
+                    resp.compact_revision()
+                );
+            }
+            bail!(
+                "the watch was canceled ({}); listing again",
+                resp.cancel_reason()
+            );
+        }
+        let mut changes = ApiChanges::default();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match ev.event_type() {
+                EventType::Put => match ds.decode(&key, kv.value(), kv.mod_revision()) {
+                    Ok(Some(o)) => changes.upserts.push(api_object(o)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // What cannot be enforced is not half-enforced: the
+                        // object is taken away here, as if deleted.
+                        tracing::warn!("etcd datastore: skipped {key}: {e:#}");
+                        if let Some(r) = ds.reference(&key) {
+                            changes.deletes.push(r);
+                        }
+                    }
+                },
+                EventType::Delete => {
+                    if let Some(r) = ds.reference(&key) {
+                        changes.deletes.push(r);
+                    }
+                }
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        server
+            .apply_api(&opts.node_name, &changes)
+            .context("apply a datastore change")?;
+    }
+}
+
+fn api_object(o: Object) -> ApiObject {
+    match o {
+        Object::Namespace(n) => ApiObject::Namespace(n),
+        Object::Pod(p) => {
+            let placement = Placement::of(&p.object);
+            ApiObject::Pod(p, placement)
+        }
+        Object::NetworkPolicy(p) => ApiObject::NetworkPolicy(p),
+        Object::TierPolicy(t) => ApiObject::TierPolicy(t),
+        Object::PalisadePolicy(p) => ApiObject::PalisadePolicy(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(endpoints: &[&str]) -> Flags {
+        Flags {
+            datastore_config: Some(PathBuf::from("/nonexistent/palisade-datastore.yaml")),
+            etcd_endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let e = flags(&[]).settings().unwrap_err();
+        assert!(
+            format!("{e:#}").contains("palisade-datastore.yaml"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let base = Flags {
+            datastore_config: None,
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut Flags)| {
+            let mut b = base.clone();
+            f(&mut b);
+            b.settings().map_err(|e| format!("{e:#}"))
+        };
+        // No endpoints, nothing else: no datastore (unless the default
+        // file exists on this machine, which the tests do not create).
+        if !std::path::Path::new(DEFAULT_CONFIG).exists() {
+            assert_eq!(with(&|_| {}), Ok(None));
+        }
+        let e = with(&|f| f.etcd_endpoints = vec!["10.0.0.1:2379".into()]).unwrap_err();
+        assert!(e.contains("https://HOST:PORT"), "{e}");
+        let e = with(&|f| f.etcd_endpoints = vec!["https://10.0.0.1:2379".into()]).unwrap_err();
+        assert!(e.contains("--etcd-ca"), "{e}");
+        let e = with(&|f| {
+            f.etcd_endpoints = vec!["https://10.0.0.1:2379".into()];
+            f.etcd_ca = Some("ca.pem".into());
+            f.etcd_cert = Some("c.pem".into());
+        })
+        .unwrap_err();
+        assert!(e.contains("--etcd-key"), "{e}");
+        let e = with(&|f| {
+            f.etcd_endpoints = vec!["http://10.0.0.1:2379".into()];
+            f.etcd_prefix = Some("palisade/".into());
+        })
+        .unwrap_err();
+        assert!(e.contains("prefix"), "{e}");
+        let ok = with(&|f| {
+            f.etcd_endpoints = vec!["https://10.0.0.1:2379".into(), "https://h2:2379".into()];
+            f.etcd_ca = Some("ca.pem".into());
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.prefix, DEFAULT_PREFIX);
+        assert_eq!(ok.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn resource_versions() {
+        let mut v = serde_json::json!({"metadata": {"name": "a", "resourceVersion": "42"}});
+        assert_eq!(take_resource_version(&mut v).unwrap(), Some(42));
+        assert!(v["metadata"].get("resourceVersion").is_none());
+        let mut v = serde_json::json!({"metadata": {"name": "a"}});
+        assert_eq!(take_resource_version(&mut v).unwrap(), None);
+        let mut v = serde_json::json!({"metadata": {"resourceVersion": "abc"}});
+        assert!(take_resource_version(&mut v).is_err());
+    }
+}

@@ -1,0 +1,270 @@
+//! The etcd datastore (hosts without Kubernetes), against a real etcd with
+//! TLS and client certificates: `palisadectl apply/get/delete` write and
+//! read the objects there, the host's daemon lists and watches them and
+//! enforces every change, a stale update is refused, a client without a
+//! trusted certificate is refused, and an etcd outage changes no verdict
+//! (writes fail with a clear message) until etcd is back.
+
+use std::{
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use testbed::{
+    etcd::{Etcd, Pki},
+    node::{Node, NodeOptions, Pod},
+    probe::{PROBE_TIMEOUT, Proto, probe},
+    runtimes::wait_for,
+    sys::{self, describe},
+};
+
+/// Generous for a loaded 2-core machine: a verdict follows a write within
+/// this long.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: shop}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: shop, labels: {app: other}}
+spec: {containers: [{name: c}]}
+"#;
+
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 80}]
+"#;
+
+/// palisadectl in the node's namespace with `env`, as a user on any host
+/// (its own empty state directory: what it shows comes from etcd).
+fn ctl(node: &Node, env: &[(String, String)], args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = std::process::Command::new(node.bin_dir.join("palisadectl"));
+    cmd.args(args)
+        .env("PALISADE_STATE_DIR", node.dir.join("user-state"))
+        .env("PALISADE_BPF_ROOT", node.dir.join("user-bpf"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sys::spawn_in(&node.netns.path, &mut cmd).expect("spawn palisadectl");
+    if let Some(s) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(s.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait palisadectl")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}:\n{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tcp(from: &Pod, to: &Pod) -> bool {
+    probe(&from.netns, to.addr(false), Proto::Tcp, 80, PROBE_TIMEOUT)
+}
+
+/// Wait until `from` → `to` on TCP 80 is `allowed`, and check it stays so.
+fn converge(from: &Pod, to: &Pod, allowed: bool, what: &str) {
+    wait_for(what, CONVERGE, || tcp(from, to) == allowed);
+    assert_eq!(tcp(from, to), allowed, "{what} (again)");
+}
+
+/// A node whose daemon starts once etcd runs, and the certificates.
+fn host() -> (Node, Pki) {
+    let node = Node::new(NodeOptions {
+        daemon: true,
+        defer_daemon: true,
+        ..NodeOptions::default()
+    });
+    let pki = Pki::new(&node.dir.join("pki"));
+    (node, pki)
+}
+
+#[test]
+fn objects_in_etcd_are_enforced_by_the_host_daemon_and_outages_change_no_verdict() {
+    let (node, pki) = host();
+    let mut etcd = Etcd::start(&node.netns.path, &node.dir, &pki);
+    let env = etcd.client_env();
+    *node.daemon_env.lock().expect("lock") = env.clone();
+    node.start_daemon();
+
+    ok(
+        ctl(&node, &env, &["apply", "-f", "-"], Some(PODS)),
+        "apply pods to etcd",
+    );
+    let server = node.add_pod("shop", "server", &[80]);
+    let client = node.add_pod("shop", "client", &[]);
+    let other = node.add_pod("shop", "other", &[]);
+    converge(&client, &server, true, "client -> server before any policy");
+    converge(&other, &server, true, "other -> server before any policy");
+
+    // A policy written to etcd by a user is enforced by the host's daemon.
+    let out = ok(
+        ctl(&node, &env, &["apply", "-f", "-"], Some(POLICY)),
+        "apply policy",
+    );
+    assert!(
+        out.contains("networkpolicy.networking.k8s.io/shop/server created"),
+        "{out}"
+    );
+    converge(
+        &other,
+        &server,
+        false,
+        "other -> server denied by the policy from etcd",
+    );
+    converge(
+        &client,
+        &server,
+        true,
+        "client -> server allowed by the policy from etcd",
+    );
+    // The host's own store has it (the daemon synced it) ...
+    let local = ok(node.ctl(&["get", "policies"], None), "local get policies");
+    assert!(local.contains("server"), "{local}");
+    // ... and a local write is refused: the objects belong to the datastore.
+    let refused = node.ctl(&["apply", "-f", "-"], Some(POLICY));
+    assert!(!refused.status.success(), "{}", describe(&refused));
+
+    // get shows what etcd holds, with its resourceVersion.
+    let yaml = ok(
+        ctl(
+            &node,
+            &env,
+            &["get", "policies", "-n", "shop", "-o", "yaml"],
+            None,
+        ),
+        "get -o yaml",
+    );
+    assert!(yaml.contains("resourceVersion"), "{yaml}");
+    // An update from what was read succeeds once; the same stale read
+    // again is refused, and nothing is lost.
+    let widened = yaml.replace("app: client", "app: other");
+    assert_ne!(widened, yaml);
+    ok(
+        ctl(&node, &env, &["apply", "-f", "-"], Some(&widened)),
+        "update at the resourceVersion read",
+    );
+    let stale = ctl(&node, &env, &["apply", "-f", "-"], Some(&widened));
+    assert!(!stale.status.success(), "{}", describe(&stale));
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(err.contains("was changed after resourceVersion"), "{err}");
+    converge(
+        &other,
+        &server,
+        true,
+        "other -> server allowed after the update",
+    );
+    converge(
+        &client,
+        &server,
+        false,
+        "client -> server denied after the update",
+    );
+
+    // A client without a certificate, or with one from another CA, is
+    // refused by etcd: nothing is written.
+    let no_cert: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "PALISADE_ETCD_CERT" && k != "PALISADE_ETCD_KEY")
+        .cloned()
+        .collect();
+    let out = ctl(&node, &no_cert, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "no client certificate: {}",
+        describe(&out)
+    );
+    let stranger: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "PALISADE_ETCD_CERT" => (k.clone(), pki.cert("stranger").display().to_string()),
+            "PALISADE_ETCD_KEY" => (k.clone(), pki.key("stranger").display().to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    let out = ctl(&node, &stranger, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "untrusted certificate: {}",
+        describe(&out)
+    );
+    converge(&other, &server, true, "the refused writes changed nothing");
+    converge(
+        &client,
+        &server,
+        false,
+        "the refused writes changed nothing",
+    );
+
+    // etcd down: enforcement stays, writes fail saying why.
+    etcd.kill();
+    let out = ctl(&node, &env, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "a write with etcd down: {}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is etcd up and reachable?"), "{err}");
+    for _ in 0..5 {
+        assert!(tcp(&other, &server), "other -> server while etcd is down");
+        assert!(
+            !tcp(&client, &server),
+            "client -> server while etcd is down"
+        );
+    }
+    assert!(node.daemon_alive(), "the daemon survives the outage");
+
+    // etcd back: the daemon lists again and follows new writes.
+    etcd.restart();
+    ok(
+        ctl(&node, &env, &["apply", "-f", "-"], Some(POLICY)),
+        "apply after etcd came back",
+    );
+    converge(&client, &server, true, "client -> server after the resync");
+    converge(&other, &server, false, "other -> server after the resync");
+
+    // A policy deleted in etcd stops being enforced.
+    let out = ok(
+        ctl(&node, &env, &["delete", "-f", "-"], Some(POLICY)),
+        "delete",
+    );
+    assert!(out.contains("deleted"), "{out}");
+    converge(&other, &server, true, "other -> server after the delete");
+    let out = ctl(&node, &env, &["delete", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "deleting it again: {}",
+        describe(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
