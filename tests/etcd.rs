@@ -11,7 +11,7 @@ use std::{
 };
 
 use testbed::{
-    etcd::{Etcd, Pki},
+    etcd::{Etcd, Hosts, Pki},
     node::{Node, NodeOptions, Pod},
     probe::{PROBE_TIMEOUT, Proto, probe},
     runtimes::wait_for,
@@ -111,7 +111,7 @@ fn host() -> (Node, Pki) {
 #[test]
 fn objects_in_etcd_are_enforced_by_the_host_daemon_and_outages_change_no_verdict() {
     let (node, pki) = host();
-    let mut etcd = Etcd::start(&node.netns.path, &node.dir, &pki);
+    let mut etcd = Etcd::start(&node.netns.path, &node.dir, &pki, &["127.0.0.1"]);
     let env = etcd.client_env();
     *node.daemon_env.lock().expect("lock") = env.clone();
     node.start_daemon();
@@ -226,7 +226,7 @@ fn objects_in_etcd_are_enforced_by_the_host_daemon_and_outages_change_no_verdict
     );
 
     // etcd down: enforcement stays, writes fail saying why.
-    etcd.kill();
+    etcd.kill_all();
     let out = ctl(&node, &env, &["apply", "-f", "-"], Some(POLICY));
     assert!(
         !out.status.success(),
@@ -245,7 +245,7 @@ fn objects_in_etcd_are_enforced_by_the_host_daemon_and_outages_change_no_verdict
     assert!(node.daemon_alive(), "the daemon survives the outage");
 
     // etcd back: the daemon lists again and follows new writes.
-    etcd.restart();
+    etcd.restart_all();
     ok(
         ctl(&node, &env, &["apply", "-f", "-"], Some(POLICY)),
         "apply after etcd came back",
@@ -267,4 +267,155 @@ fn objects_in_etcd_are_enforced_by_the_host_daemon_and_outages_change_no_verdict
         describe(&out)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+/// Keys under a prefix, as etcd lists them.
+fn keys(etcd: &Etcd, netns: &std::path::Path, prefix: &str) -> String {
+    let mut cmd = etcd.etcdctl(
+        &etcd.endpoints(),
+        &["get", "--prefix", "--keys-only", prefix],
+    );
+    let out = sys::spawn_in(netns, cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+        .and_then(|c| c.wait_with_output())
+        .expect("etcdctl get");
+    assert!(out.status.success(), "etcdctl get: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
+    // A short lease: a host that stops is forgotten by the others soon.
+    let mut hosts = Hosts::new(3, &["--etcd-lease-ttl", "4"]);
+    let Hosts {
+        nodes,
+        etcd,
+        fabric,
+        ..
+    } = &mut hosts;
+    let env = etcd.client_env();
+    ok(
+        ctl(&nodes[0], &env, &["apply", "-f", "-"], Some(PODS)),
+        "apply pods",
+    );
+    let server = nodes[0].add_pod("shop", "server", &[80]);
+    let client = nodes[1].add_pod("shop", "client", &[]);
+    let other = nodes[2].add_pod("shop", "other", &[]);
+    converge(
+        &client,
+        &server,
+        true,
+        "client (host-1) -> server (host-0), no policy",
+    );
+    converge(
+        &other,
+        &server,
+        true,
+        "other (host-2) -> server (host-0), no policy",
+    );
+
+    // Every host publishes its containers.
+    wait_for("every host's containers in etcd", CONVERGE, || {
+        let k = keys(etcd, &fabric.path, "/palisade/endpoints/");
+        [
+            "host-0/shop/server",
+            "host-1/shop/client",
+            "host-2/shop/other",
+        ]
+        .iter()
+        .all(|want| k.contains(want))
+    });
+
+    // A policy applied on host-2 is enforced on host-0, for peers on
+    // host-1 and host-2 (selected by labels across hosts).
+    ok(
+        ctl(&nodes[2], &env, &["apply", "-f", "-"], Some(POLICY)),
+        "apply policy",
+    );
+    converge(
+        &other,
+        &server,
+        false,
+        "other -> server denied (policy from host-2)",
+    );
+    converge(
+        &client,
+        &server,
+        true,
+        "client -> server allowed (labels from host-1)",
+    );
+
+    // One member down: reads, writes and watches go on.
+    etcd.kill(0);
+    let widened = POLICY.replace("app: client", "app: other");
+    ok(
+        ctl(&nodes[1], &env, &["apply", "-f", "-"], Some(&widened)),
+        "apply with one member down",
+    );
+    converge(
+        &other,
+        &server,
+        true,
+        "other -> server allowed, one member down",
+    );
+    converge(
+        &client,
+        &server,
+        false,
+        "client -> server denied, one member down",
+    );
+
+    // Every member down: writes are refused, every host keeps enforcing
+    // (longer than the lease: nothing expires while etcd is away).
+    etcd.kill_all();
+    let out = ctl(&nodes[0], &env, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "a write with etcd down: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is etcd up and reachable?"),
+        "{}",
+        describe(&out)
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        assert!(tcp(&other, &server), "other -> server while etcd is down");
+        assert!(
+            !tcp(&client, &server),
+            "client -> server while etcd is down"
+        );
+    }
+
+    // Back: every host lists again and follows new writes.
+    etcd.restart_all();
+    ok(
+        ctl(&nodes[0], &env, &["apply", "-f", "-"], Some(POLICY)),
+        "apply after etcd came back",
+    );
+    converge(&client, &server, true, "client -> server after the resync");
+    converge(&other, &server, false, "other -> server after the resync");
+
+    // host-1 stops (its daemon killed: nothing keeps its lease): host-0
+    // forgets its container once the lease expires, and the policy's
+    // peer is gone there. Back, it publishes again.
+    nodes[1].kill_daemon();
+    converge(
+        &client,
+        &server,
+        false,
+        "client -> server denied once host-1's containers expired",
+    );
+    assert!(
+        !keys(etcd, &fabric.path, "/palisade/endpoints/host-1/").contains("client"),
+        "host-1's containers expired in etcd"
+    );
+    nodes[1].start_daemon();
+    converge(
+        &client,
+        &server,
+        true,
+        "client -> server after host-1 came back",
+    );
+    converge(&other, &server, false, "other -> server still denied");
 }

@@ -6,6 +6,15 @@
 //! lists and watches them and applies each change to its own engine, as
 //! cluster mode does with the Kubernetes API.
 //!
+//! Each host's daemon also publishes the containers it enforces on, as Pod
+//! objects under `PREFIX/endpoints/HOST/NAMESPACE/NAME`, attached to a lease
+//! of the host's that it keeps alive: the other hosts give their addresses
+//! the identity of their namespace and labels, so selectors match
+//! containers on every host. A host that stops (or loses etcd for longer
+//! than the lease) has its containers expire on the others. Identities are
+//! not shared: each host numbers them itself from the shared labels (they
+//! never leave the host; packets carry none).
+//!
 //! Keys: `PREFIX/objects/KIND/NAME` for cluster-scoped kinds (Namespace and
 //! the tiers) and `PREFIX/objects/KIND/NAMESPACE/NAME` for the others. A
 //! value is the object as written, JSON, without
@@ -21,20 +30,21 @@ use std::{
     path::PathBuf,
     sync::Arc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
+use k8s_openapi::api::core::v1::Pod;
 use palisade::{
     cluster::{ApiChanges, ApiObject, Placement},
     daemon::Server,
     node::Change,
     policy::{self, Kind, Object, ObjectRef},
-    store::{State, StoredPalisadePolicy, StoredPolicy, StoredTierPolicy},
+    store::{State, Store, StoredPalisadePolicy, StoredPolicy, StoredTierPolicy},
 };
 use serde::Deserialize;
 
@@ -251,13 +261,11 @@ impl std::fmt::Debug for Datastore {
     }
 }
 
-/// What a list found: the objects (their resourceVersion set), the store's revision when it was read
-/// (a watch goes on from the next one), and keys whose value is not a valid
-/// object (skipped, with why).
+/// What a list found: the objects (their resourceVersion set), and keys
+/// whose value is not a valid object (skipped, with why).
 #[derive(Debug, Default)]
 pub struct Listing {
     pub objects: Vec<Object>,
-    pub revision: i64,
     pub invalid: Vec<String>,
 }
 
@@ -273,7 +281,7 @@ struct Write {
 impl Datastore {
     pub async fn connect(s: &Settings) -> Result<Self> {
         let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some(ca) = &s.ca {
@@ -287,18 +295,63 @@ impl Datastore {
             }
             opts = opts.with_tls(tls);
         }
-        let client = Client::connect(&s.endpoints, Some(opts))
-            .await
-            .with_context(|| format!("connect to {}", s.describe()))?;
-        Ok(Datastore {
-            client,
-            prefix: s.prefix.clone(),
-            what: s.describe(),
-        })
+        // The first member that answers (a request to a balanced channel
+        // fails when it lands on a member that is down).
+        let mut failures = Vec::new();
+        for endpoint in &s.endpoints {
+            let answered = async {
+                let mut client = Client::connect([endpoint], Some(opts.clone())).await?;
+                client.status().await?;
+                Ok::<_, etcd_client::Error>(client)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), answered).await {
+                Ok(Ok(client)) => {
+                    return Ok(Datastore {
+                        client,
+                        prefix: s.prefix.clone(),
+                        what: format!("etcd at {endpoint}"),
+                    });
+                }
+                Ok(Err(e)) => failures.push(format!("{endpoint}: {e}")),
+                Err(_) => failures.push(format!("{endpoint}: no answer within 5 s")),
+            }
+        }
+        Err(anyhow!(Unreachable(failures.join("; "))))
     }
 
     fn objects_prefix(&self) -> String {
         format!("{}/objects/", self.prefix)
+    }
+
+    fn endpoints_prefix(&self) -> String {
+        format!("{}/endpoints/", self.prefix)
+    }
+
+    /// The host, namespace and name an endpoint key names.
+    fn endpoint_key<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str, &'k str)> {
+        let rest = key.strip_prefix(&self.endpoints_prefix())?;
+        let mut parts = rest.split('/');
+        let (host, namespace, name) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || host.is_empty() || namespace.is_empty() || name.is_empty() {
+            return None;
+        }
+        Some((host, namespace, name))
+    }
+
+    /// A container another host published, as the Pod it stands for there
+    /// (None: not an endpoint key).
+    fn decode_endpoint(&self, key: &str, value: &[u8]) -> Result<Option<(String, ApiObject)>> {
+        let Some((host, namespace, name)) = self.endpoint_key(key) else {
+            return Ok(None);
+        };
+        let pod: Pod = serde_json::from_slice(value).context("not a Pod object")?;
+        if pod.metadata.namespace.as_deref() != Some(namespace)
+            || pod.metadata.name.as_deref() != Some(remote_name(name, host).as_str())
+            || pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(host)
+        {
+            bail!("holds a Pod whose namespace, name or node is not what its key names");
+        }
+        Ok(Some((host.to_owned(), ApiObject::pod(&pod)?)))
     }
 
     fn kind_prefix(&self, kind: Kind) -> String {
@@ -510,10 +563,7 @@ impl Datastore {
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .with_context(|| self.failed("list objects"))?;
-        let mut listing = Listing {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            ..Default::default()
-        };
+        let mut listing = Listing::default();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             match self.decode(&key, kv.value(), kv.mod_revision()) {
@@ -523,6 +573,57 @@ impl Datastore {
             }
         }
         Ok(listing)
+    }
+
+    /// Every object and every published endpoint of hosts other than
+    /// `this_host`, at one revision, as the engine's inputs.
+    async fn list_all(&mut self, this_host: &str) -> Result<(Vec<ApiObject>, i64, Vec<String>)> {
+        let prefix = format!("{}/", self.prefix);
+        let resp = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .with_context(|| self.failed("list objects"))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (mut objects, mut invalid) = (Vec::new(), Vec::new());
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match self.entry(&key, kv.value(), kv.mod_revision(), this_host) {
+                Ok(Some(o)) => objects.push(o),
+                Ok(None) => {}
+                Err(e) => invalid.push(format!("{key}: {e:#}")),
+            }
+        }
+        Ok((objects, revision, invalid))
+    }
+
+    /// What a key holds for the engine: an object, another host's
+    /// endpoint, or nothing (this host's own endpoints, other keys).
+    fn entry(
+        &self,
+        key: &str,
+        value: &[u8],
+        revision: i64,
+        this_host: &str,
+    ) -> Result<Option<ApiObject>> {
+        if key.starts_with(&self.endpoints_prefix()) {
+            return Ok(self
+                .decode_endpoint(key, value)?
+                .and_then(|(host, o)| (host != this_host).then_some(o)));
+        }
+        Ok(self.decode(key, value, revision)?.map(api_object))
+    }
+
+    /// What a deleted key took away from the engine.
+    fn gone(&self, key: &str, this_host: &str) -> Option<ObjectRef> {
+        if let Some((host, namespace, name)) = self.endpoint_key(key) {
+            return (host != this_host).then(|| ObjectRef {
+                kind: Kind::Pod,
+                namespace: namespace.to_owned(),
+                name: remote_name(name, host),
+            });
+        }
+        self.reference(key)
     }
 
     /// The object stored under key (None: not an object key of palisade's).
@@ -564,6 +665,60 @@ fn take_resource_version(json: &mut serde_json::Value) -> Result<Option<i64>> {
             ),
         },
         Some(other) => bail!("{other} is not a resourceVersion (a string such as \"42\")"),
+    }
+}
+
+/// No member of the datastore answered.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no etcd member answers (is etcd up and reachable?): {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether an error may pass by itself: no member answered, a member went
+/// away, or the cluster was electing a leader.
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if c.is::<Unreachable>() {
+            return true;
+        }
+        match c.downcast_ref::<etcd_client::Error>() {
+            Some(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
+            // UNAVAILABLE (14), DEADLINE_EXCEEDED (4).
+            Some(etcd_client::Error::GRpcStatus(s)) => matches!(i32::from(s.code()), 4 | 14),
+            _ => false,
+        }
+    })
+}
+
+/// Connect and run `op`, again while it fails in a way that passes by
+/// itself (a member down, a leader election), for up to 15 s.
+pub async fn with_retry<T, F, Fut>(settings: &Settings, mut op: F) -> Result<T>
+where
+    F: FnMut(Datastore) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let result = match Datastore::connect(settings).await {
+            Ok(ds) => op(ds).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if transient(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -639,19 +794,24 @@ pub fn state_with(mut state: State, listing: Listing) -> State {
     state
 }
 
-// ----- the daemon: list, watch, apply ----------------------------------------
+// ----- the daemon: list, watch, apply; publish this host's endpoints ---------
 
 /// The daemon's datastore settings.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
     pub settings: Settings,
-    /// This host's name.
+    /// This host's name (its endpoints are published under it).
     pub node_name: String,
+    /// This host's state directory (its endpoints).
+    pub state_dir: PathBuf,
+    /// Seconds this host's published endpoints outlive its last keepalive.
+    pub lease_ttl: i64,
 }
 
-/// Keep this host's engine equal to the datastore's objects, in a thread
-/// of its own, for as long as the process runs. While etcd cannot be
-/// reached, the host keeps enforcing what it last applied.
+/// Keep this host's engine equal to the datastore's objects and the other
+/// hosts' endpoints, and publish this host's endpoints, in a thread of its
+/// own, for as long as the process runs. While etcd cannot be reached,
+/// the host keeps enforcing what it last applied.
 pub fn start(server: Arc<Server>, opts: DaemonOptions) -> Result<()> {
     thread::Builder::new()
         .name("etcd".into())
@@ -666,28 +826,37 @@ pub fn start(server: Arc<Server>, opts: DaemonOptions) -> Result<()> {
                     std::process::exit(1);
                 }
             };
-            rt.block_on(sync_forever(server, opts));
+            rt.block_on(async {
+                tokio::join!(sync_forever(&server, &opts), publish_forever(&opts));
+            });
         })
         .context("start the etcd thread")?;
     Ok(())
 }
 
-async fn sync_forever(server: Arc<Server>, opts: DaemonOptions) {
+/// The wait before the next attempt: short again once an attempt got
+/// going, else doubled up to 10 s.
+fn next_backoff(backoff: Duration, got_going: bool) -> Duration {
+    if got_going {
+        Duration::from_millis(500)
+    } else {
+        (backoff * 2).min(Duration::from_secs(10))
+    }
+}
+
+async fn sync_forever(server: &Server, opts: &DaemonOptions) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut listed = false;
-        if let Err(e) = sync(&server, &opts, &mut listed).await {
+        if let Err(e) = sync(server, opts, &mut listed).await {
             tracing::warn!(
                 "etcd datastore: {e:#}; this host keeps enforcing what it last applied, \
                  trying again in {} ms",
                 backoff.as_millis()
             );
         }
-        if listed {
-            backoff = Duration::from_millis(500);
-        }
+        backoff = next_backoff(backoff, listed);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -695,28 +864,29 @@ async fn sync_forever(server: Arc<Server>, opts: DaemonOptions) {
 /// event, until the connection or the watch fails.
 async fn sync(server: &Server, opts: &DaemonOptions, listed: &mut bool) -> Result<()> {
     let mut ds = Datastore::connect(&opts.settings).await?;
-    let listing = ds.list().await?;
-    for bad in &listing.invalid {
+    let host = opts.node_name.as_str();
+    let (upserts, revision, invalid) = ds.list_all(host).await?;
+    for bad in &invalid {
         tracing::warn!("etcd datastore: skipped {bad}");
     }
-    let revision = listing.revision;
     let changes = ApiChanges {
-        upserts: listing.objects.into_iter().map(api_object).collect(),
+        upserts,
         complete: KINDS.to_vec(),
         ..Default::default()
     };
     let report = server
-        .apply_api(&opts.node_name, &changes)
+        .apply_api(host, &changes)
         .context("apply the datastore's objects")?;
     tracing::info!(
-        "etcd datastore: listed {} objects at revision {revision} ({} created, {} changed, {} deleted here)",
+        "etcd datastore: listed {} objects and endpoints at revision {revision} ({} created, \
+         {} changed, {} deleted here)",
         changes.upserts.len(),
         report.created,
         report.changed,
         report.deleted
     );
     *listed = true;
-    let prefix = ds.objects_prefix();
+    let prefix = format!("{}/", ds.prefix);
     let (_watcher, mut stream) = ds
         .client
         .watch(
@@ -755,31 +925,204 @@ async fn sync(server: &Server, opts: &DaemonOptions, listed: &mut bool) -> Resul
             let Some(kv) = ev.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             match ev.event_type() {
-                EventType::Put => match ds.decode(&key, kv.value(), kv.mod_revision()) {
-                    Ok(Some(o)) => changes.upserts.push(api_object(o)),
+                EventType::Put => match ds.entry(&key, kv.value(), kv.mod_revision(), host) {
+                    Ok(Some(o)) => changes.upserts.push(o),
                     Ok(None) => {}
                     Err(e) => {
                         // What cannot be enforced is not half-enforced: the
                         // object is taken away here, as if deleted.
                         tracing::warn!("etcd datastore: skipped {key}: {e:#}");
-                        if let Some(r) = ds.reference(&key) {
-                            changes.deletes.push(r);
-                        }
+                        changes.deletes.extend(ds.gone(&key, host));
                     }
                 },
-                EventType::Delete => {
-                    if let Some(r) = ds.reference(&key) {
-                        changes.deletes.push(r);
-                    }
-                }
+                EventType::Delete => changes.deletes.extend(ds.gone(&key, host)),
             }
         }
         if changes.is_empty() {
             continue;
         }
         server
-            .apply_api(&opts.node_name, &changes)
+            .apply_api(host, &changes)
             .context("apply a datastore change")?;
+    }
+}
+
+/// The name under which other hosts know a container of `host`: its own
+/// name and the host's, as a DNS subdomain (a Pod name), so that
+/// containers of the same name on two hosts stay apart.
+fn remote_name(name: &str, host: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+            .to_owned()
+    };
+    let mut out = format!("{}.{}", clean(name), clean(host));
+    out.truncate(253);
+    out.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+/// What this host publishes: one Pod per (namespace, name) of its
+/// endpoints, with their addresses, effective labels and named ports, by
+/// key.
+fn records(state: &State, ds: &Datastore, host: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut pods: BTreeMap<(String, String), (BTreeSet<std::net::IpAddr>, policy::Labels)> =
+        BTreeMap::new();
+    for ep in state.endpoints.values() {
+        if ep.namespace.is_empty() || ep.name.is_empty() || ep.name.contains('/') {
+            continue;
+        }
+        let e = pods
+            .entry((ep.namespace.clone(), ep.name.clone()))
+            .or_insert_with(|| (BTreeSet::new(), state.effective_labels(ep)));
+        e.0.extend(ep.addresses.iter().copied());
+    }
+    let mut out = BTreeMap::new();
+    for ((namespace, name), (addresses, labels)) in pods {
+        let containers = state
+            .pods
+            .get(&format!("{namespace}/{name}"))
+            .and_then(|p| p.object.spec.as_ref())
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| serde_json::json!({"name": c.name, "ports": c.ports}))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| vec![serde_json::json!({"name": "c"})]);
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": remote_name(&name, host),
+                "namespace": namespace,
+                "labels": labels,
+            },
+            "spec": {"nodeName": host, "containers": containers},
+            "status": {
+                "phase": "Running",
+                "podIPs": addresses.iter().map(|a| serde_json::json!({"ip": a.to_string()})).collect::<Vec<_>>(),
+            },
+        });
+        let key = format!("{}{host}/{namespace}/{name}", ds.endpoints_prefix());
+        out.insert(key, serde_json::to_vec(&pod).unwrap_or_default());
+    }
+    out
+}
+
+async fn publish_forever(opts: &DaemonOptions) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut published = false;
+        if let Err(e) = publish(opts, &mut published).await {
+            tracing::warn!(
+                "etcd datastore: publishing this host's endpoints: {e:#}; trying again in {} ms",
+                backoff.as_millis()
+            );
+        }
+        backoff = next_backoff(backoff, published);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Publish this host's endpoints under a new lease and keep them equal to
+/// the store's, until the connection fails or the lease is lost.
+async fn publish(opts: &DaemonOptions, published: &mut bool) -> Result<()> {
+    let mut ds = Datastore::connect(&opts.settings).await?;
+    let host = opts.node_name.as_str();
+    let store = Store::new(&opts.state_dir);
+    let lease = ds
+        .client
+        .lease_grant(opts.lease_ttl, None)
+        .await
+        .with_context(|| ds.failed("grant this host's lease"))?
+        .id();
+    let (mut keeper, mut alive) = ds
+        .client
+        .lease_keep_alive(lease)
+        .await
+        .with_context(|| ds.failed("keep this host's lease alive"))?;
+    // What an earlier run of this host left: replaced (same key, new
+    // lease) or deleted, never deleted first (no flapping elsewhere).
+    let mine = format!("{}{host}/", ds.endpoints_prefix());
+    let left = ds
+        .client
+        .get(
+            mine.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .with_context(|| ds.failed("list this host's endpoints"))?;
+    let mut stale: BTreeSet<String> = left
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    let mut current: Option<BTreeMap<String, Vec<u8>>> = None;
+    let mut seen = None;
+    let every = Duration::from_secs((opts.lease_ttl.max(3) / 3) as u64);
+    let mut last_alive = Instant::now();
+    loop {
+        let generation = store.generation().context("read this host's store")?;
+        if seen != Some(generation) {
+            let state = store.read().context("read this host's endpoints")?;
+            let desired = records(&state, &ds, host);
+            drop(state);
+            for (key, value) in &desired {
+                if current.as_ref().and_then(|c| c.get(key)) != Some(value) {
+                    ds.client
+                        .put(
+                            key.as_str(),
+                            value.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                        .with_context(|| ds.failed("publish an endpoint"))?;
+                }
+            }
+            let old: Vec<String> = current
+                .iter()
+                .flat_map(|c| c.keys().cloned())
+                .chain(stale.iter().cloned())
+                .filter(|k| !desired.contains_key(k))
+                .collect();
+            for key in old {
+                ds.client
+                    .delete(key.as_str(), None)
+                    .await
+                    .with_context(|| ds.failed("withdraw an endpoint"))?;
+            }
+            stale.clear();
+            current = Some(desired);
+            seen = Some(generation);
+            *published = true;
+        }
+        if last_alive.elapsed() >= every {
+            keeper
+                .keep_alive()
+                .await
+                .with_context(|| ds.failed("keep this host's lease alive"))?;
+            match alive
+                .message()
+                .await
+                .with_context(|| ds.failed("keep this host's lease alive"))?
+            {
+                Some(r) if r.ttl() > 0 => {}
+                _ => bail!("this host's lease expired; publishing its endpoints again"),
+            }
+            last_alive = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -858,6 +1201,14 @@ mod tests {
         .unwrap();
         assert_eq!(ok.prefix, DEFAULT_PREFIX);
         assert_eq!(ok.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn remote_names_are_pod_names_apart_per_host() {
+        assert_eq!(remote_name("web", "host-1"), "web.host-1");
+        assert_eq!(remote_name("my_app", "Host_A"), "my-app.host-a");
+        assert_ne!(remote_name("web", "a"), remote_name("web", "b"));
+        assert!(remote_name(&"x".repeat(300), "h").len() <= 253);
     }
 
     #[test]

@@ -209,6 +209,10 @@ enum Command {
         /// other capacities.
         #[arg(long = "map-size", value_name = "NAME=ENTRIES")]
         map_sizes: Vec<String>,
+        /// With an etcd datastore: seconds this host's containers stay
+        /// known to the other hosts after its daemon last reached etcd.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(2..=3600))]
+        etcd_lease_ttl: i64,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -566,12 +570,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(settings) => {
                     let objects = policy::parse_sources(&sources)?;
                     ObjectsReport {
-                        changes: etcd::block_on(async {
-                            etcd::Datastore::connect(&settings)
-                                .await?
-                                .apply(objects)
-                                .await
-                        })?
+                        changes: etcd::block_on(etcd::with_retry(&settings, |mut ds| {
+                            let objects = objects.clone();
+                            async move { ds.apply(objects).await }
+                        }))?
                         .context("apply")?,
                         ..Default::default()
                     }
@@ -591,12 +593,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let refs = read_references(files)?;
             let mut report = match cli.datastore.settings()? {
                 Some(settings) => ObjectsReport {
-                    changes: etcd::block_on(async {
-                        etcd::Datastore::connect(&settings)
-                            .await?
-                            .delete(refs)
-                            .await
-                    })?
+                    changes: etcd::block_on(etcd::with_retry(&settings, |mut ds| {
+                        let refs = refs.clone();
+                        async move { ds.delete(refs).await }
+                    }))?
                     .context("delete")?,
                     ..Default::default()
                 },
@@ -633,9 +633,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Resource::Endpoints | Resource::Identities | Resource::Fqdns
             );
             if objects && let Some(settings) = cli.datastore.settings()? {
-                let listing = etcd::block_on(async {
-                    etcd::Datastore::connect(&settings).await?.list().await
-                })?
+                let listing = etcd::block_on(etcd::with_retry(&settings, |mut ds| async move {
+                    ds.list().await
+                }))?
                 .context("get")?;
                 for bad in &listing.invalid {
                     eprintln!("warning: skipped {bad}");
@@ -859,6 +859,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dns_grace,
             dns_max_addresses,
             map_sizes,
+            etcd_lease_ttl,
         } => {
             let map_sizes = if map_sizes.is_empty() {
                 None
@@ -905,6 +906,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(settings) => Some(etcd::DaemonOptions {
                     settings,
                     node_name: this_node()?,
+                    state_dir: cli.state_dir.clone(),
+                    lease_ttl: *etcd_lease_ttl,
                 }),
                 None => None,
             };

@@ -88,11 +88,13 @@ pub fn node_address(i: usize, v6: bool) -> IpAddr {
     a.parse().expect("node address")
 }
 
-fn subnet_v4(i: usize) -> String {
+/// Node i's IPv4 pod subnet.
+pub fn subnet_v4(i: usize) -> String {
     format!("10.100.{i}.0/24")
 }
 
-fn subnet_v6(i: usize) -> String {
+/// Node i's IPv6 pod subnet.
+pub fn subnet_v6(i: usize) -> String {
     // Laid out like the IPv4 subnets (10.100.i.0/24): one /112 holds every
     // node's pods, as 10.100.0.0/16 does, so cases' ipBlocks read the same.
     format!("{}/120", net6(i))
@@ -627,8 +629,9 @@ fn pod_object(
     }
 }
 
-/// Join a node to the fabric with its own link.
-fn wire(fabric: &Netns, node: &Node, i: usize) {
+/// Join a node to the fabric (a namespace with bridge `br0`) with its own
+/// link; its fabric address is 192.168.250.(i+1).
+pub fn wire(fabric: &Netns, node: &Node, i: usize) {
     let n = &node.netns.name;
     let peer = format!("n{i}");
     sys::ip(&[
@@ -670,7 +673,7 @@ fn wire(fabric: &Netns, node: &Node, i: usize) {
 }
 
 /// Routes from node `i` to every other node's pods.
-fn route(node: &Node, i: usize, n: usize, topology: Topology, ipv6: bool) {
+pub fn route(node: &Node, i: usize, n: usize, topology: Topology, ipv6: bool) {
     let ns = &node.netns.name;
     if topology == Topology::Vxlan {
         sys::ip(&[

@@ -1,7 +1,8 @@
 //! A real etcd (Debian's etcd-server) for the datastore tests, with its own
 //! certificate authority made with openssl: TLS and client certificates
-//! as the documented setup has them. It runs inside a network namespace
-//! the test created, on that namespace's loopback address.
+//! as the documented setup has them. Members run inside network namespaces
+//! the tests created: one on a host namespace's loopback address, or three
+//! in the fabric that joins several hosts.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::sys::{self, describe};
+use crate::{
+    cluster::{Topology, route, subnet_v4, subnet_v6, wire},
+    node::{Node, NodeOptions, Primary},
+    sys::{self, Netns, describe},
+};
 
 /// A certificate authority and the certificates the tests use.
 #[derive(Debug, Clone)]
@@ -18,7 +23,8 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// CA `ca`, a server certificate for 127.0.0.1 (`server`), a client
+    /// CA `ca`, a server certificate for 127.0.0.1 and the fabric's member
+    /// addresses (`server`), a client
     /// certificate it signed (`client`), and a client certificate from
     /// another CA (`stranger`).
     pub fn new(dir: &Path) -> Self {
@@ -28,10 +34,17 @@ impl Pki {
         };
         pki.ca("ca");
         pki.ca("other-ca");
+        let sans: Vec<String> = std::iter::once("127.0.0.1")
+            .chain(FABRIC_MEMBERS)
+            .map(|a| format!("IP:{a}"))
+            .collect();
         pki.leaf(
             "ca",
             "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            &format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth",
+                sans.join(",")
+            ),
         );
         pki.leaf("ca", "client", "extendedKeyUsage=clientAuth");
         pki.leaf("other-ca", "stranger", "extendedKeyUsage=clientAuth");
@@ -112,58 +125,85 @@ impl Pki {
     }
 }
 
-/// One etcd member serving clients on https://127.0.0.1:2379 in a network
-/// namespace, requiring client certificates signed by the test CA.
+/// The etcd members' addresses in a multi-host test bed's fabric.
+pub const FABRIC_MEMBERS: [&str; 3] = ["192.168.250.251", "192.168.250.252", "192.168.250.253"];
+
+/// An etcd cluster (one member per address, all in one network
+/// namespace), serving clients on https://ADDRESS:2379 and requiring
+/// client certificates signed by the test CA. Dropping it kills every
+/// member.
 #[derive(Debug)]
 pub struct Etcd {
     netns: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
+    dir: PathBuf,
+    addresses: Vec<String>,
     pki: Pki,
-    child: Option<Child>,
+    members: Vec<Option<Child>>,
 }
 
-pub const ENDPOINT: &str = "https://127.0.0.1:2379";
-
 impl Etcd {
-    /// Start etcd in `netns`, keeping its data and log under `dir`.
-    pub fn start(netns: &Path, dir: &Path, pki: &Pki) -> Self {
+    /// Start one member per address in `netns`, keeping data and logs
+    /// under `dir`; waits until every member answers.
+    pub fn start(netns: &Path, dir: &Path, pki: &Pki, addresses: &[&str]) -> Self {
         let mut e = Etcd {
             netns: netns.to_owned(),
-            data: dir.join("etcd-data"),
-            log: dir.join("etcd.log"),
+            dir: dir.to_owned(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
             pki: pki.clone(),
-            child: None,
+            members: addresses.iter().map(|_| None).collect(),
         };
-        e.restart();
+        // Members join each other: start them all, then wait.
+        for i in 0..addresses.len() {
+            e.spawn(i);
+        }
+        for i in 0..addresses.len() {
+            e.wait_healthy(i);
+        }
         e
     }
 
-    /// (Re)start the member on its data directory; waits until it answers.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "etcd runs already");
+    fn member_url(&self, i: usize, port: u16) -> String {
+        let scheme = if port == 2379 { "https" } else { "http" };
+        format!("{scheme}://{}:{port}", self.addresses[i])
+    }
+
+    /// The client URLs of every member, comma-separated.
+    pub fn endpoints(&self) -> String {
+        (0..self.addresses.len())
+            .map(|i| self.member_url(i, 2379))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "etcd member {i} runs already");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)
+            .open(self.dir.join(format!("etcd-{i}.log")))
             .expect("etcd log");
+        let initial: Vec<String> = (0..self.addresses.len())
+            .map(|j| format!("m{j}={}", self.member_url(j, 2380)))
+            .collect();
         let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "m0", "--data-dir"])
-            .arg(&self.data)
-            .args([
-                "--listen-client-urls",
-                ENDPOINT,
-                "--advertise-client-urls",
-                ENDPOINT,
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "m0=http://127.0.0.1:2380",
-                "--client-cert-auth",
-                "--trusted-ca-file",
-            ])
+        cmd.arg("--name")
+            .arg(format!("m{i}"))
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("etcd-data-{i}")))
+            .arg("--listen-client-urls")
+            .arg(self.member_url(i, 2379))
+            .arg("--advertise-client-urls")
+            .arg(self.member_url(i, 2379))
+            .arg("--listen-peer-urls")
+            .arg(self.member_url(i, 2380))
+            .arg("--initial-advertise-peer-urls")
+            .arg(self.member_url(i, 2380))
+            .arg("--initial-cluster")
+            .arg(initial.join(","))
+            .arg("--initial-cluster-token")
+            .arg(self.dir.display().to_string())
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
             .arg(self.pki.cert("ca"))
             .arg("--cert-file")
             .arg(self.pki.cert("server"))
@@ -172,33 +212,55 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let child = sys::spawn_in(&self.netns, &mut cmd).expect("spawn etcd");
-        self.child = Some(child);
+        self.members[i] = Some(sys::spawn_in(&self.netns, &mut cmd).expect("spawn etcd"));
+    }
+
+    fn wait_healthy(&self, i: usize) {
         let start = Instant::now();
-        while !self.healthy() {
+        while !self.healthy(i) {
             assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "etcd did not answer within 60 s:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
+                start.elapsed() < Duration::from_secs(90),
+                "etcd member {i} did not answer within 90 s:\n{}",
+                std::fs::read_to_string(self.dir.join(format!("etcd-{i}.log"))).unwrap_or_default()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// `etcdctl endpoint health` with the client certificate.
-    pub fn healthy(&self) -> bool {
-        let mut cmd = self.etcdctl(&["endpoint", "health"]);
+    /// (Re)start member `i` on its data directory; waits until it answers
+    /// (a member of a cluster answers once a quorum is up).
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_healthy(i);
+    }
+
+    /// Restart every member that is down; waits until all answer.
+    pub fn restart_all(&mut self) {
+        let down: Vec<usize> = (0..self.members.len())
+            .filter(|i| self.members[*i].is_none())
+            .collect();
+        for &i in &down {
+            self.spawn(i);
+        }
+        for &i in &down {
+            self.wait_healthy(i);
+        }
+    }
+
+    /// `etcdctl endpoint health` on member `i`, as the trusted client.
+    pub fn healthy(&self, i: usize) -> bool {
+        let mut cmd = self.etcdctl(&self.member_url(i, 2379), &["endpoint", "health"]);
         sys::spawn_in(&self.netns, cmd.stdout(Stdio::null()).stderr(Stdio::null()))
             .and_then(|c| c.wait_with_output())
             .is_ok_and(|o| o.status.success())
     }
 
-    /// etcdctl against this member, as the trusted client.
-    pub fn etcdctl(&self, args: &[&str]) -> Command {
+    /// etcdctl against `endpoints`, as the trusted client.
+    pub fn etcdctl(&self, endpoints: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(ENDPOINT)
+            .arg(endpoints)
             .arg("--cacert")
             .arg(self.pki.cert("ca"))
             .arg("--cert")
@@ -209,19 +271,26 @@ impl Etcd {
         cmd
     }
 
-    /// Kill the member (SIGKILL); its data stays for a restart.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    /// Kill member `i` (SIGKILL); its data stays for a restart.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// The environment that points palisadectl at this member as the
+    /// Kill every member.
+    pub fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    /// The environment that points palisadectl at the cluster as the
     /// trusted client.
     pub fn client_env(&self) -> Vec<(String, String)> {
         vec![
-            ("PALISADE_ETCD_ENDPOINTS".into(), ENDPOINT.into()),
+            ("PALISADE_ETCD_ENDPOINTS".into(), self.endpoints()),
             (
                 "PALISADE_ETCD_CA".into(),
                 self.pki.cert("ca").display().to_string(),
@@ -240,6 +309,69 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.kill();
+        self.kill_all();
+    }
+}
+
+/// Hosts without Kubernetes sharing an etcd cluster: host namespaces
+/// (each a test [`Node`] with its own pod subnet and daemon) joined like
+/// Flannel's VXLAN backend through a fabric namespace, where the three
+/// etcd members listen. Nothing touches the machine's own interfaces.
+/// Dropping it stops the daemons, then etcd, then removes the fabric.
+#[derive(Debug)]
+pub struct Hosts {
+    pub nodes: Vec<Node>,
+    pub etcd: Etcd,
+    pub fabric: Netns,
+    pub pki: Pki,
+}
+
+impl Hosts {
+    /// `n` hosts named `host-0`…; every daemon gets `daemon_args` too.
+    pub fn new(n: usize, daemon_args: &[&str]) -> Self {
+        sys::require_root();
+        sys::sweep_stale();
+        let prefix = sys::unique_prefix();
+        let fabric = Netns::new(&format!("{prefix}f"));
+        let f = fabric.name.as_str();
+        sys::ip(&["-n", f, "link", "add", "br0", "type", "bridge"]);
+        sys::ip(&["-n", f, "link", "set", "br0", "up"]);
+        for a in FABRIC_MEMBERS {
+            sys::ip(&["-n", f, "addr", "add", &format!("{a}/24"), "dev", "br0"]);
+        }
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let node = Node::new(NodeOptions {
+                pod_subnet_v4: subnet_v4(i),
+                pod_subnet_v6: subnet_v6(i),
+                primary: Primary::Bridge,
+                daemon: true,
+                defer_daemon: true,
+                daemon_args: daemon_args
+                    .iter()
+                    .map(|a| a.to_string())
+                    .chain(["--node-name".to_owned(), format!("host-{i}")])
+                    .collect(),
+                ..Default::default()
+            });
+            wire(&fabric, &node, i);
+            nodes.push(node);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            route(node, i, n, Topology::Vxlan, false);
+        }
+        let pki = Pki::new(&nodes[0].dir.join("pki"));
+        let etcd = Etcd::start(&fabric.path, &nodes[0].dir, &pki, &FABRIC_MEMBERS);
+        let env = etcd.client_env();
+        for node in &nodes {
+            *node.daemon_env.lock().expect("lock") = env.clone();
+            node.start_daemon();
+        }
+        Hosts {
+            nodes,
+            etcd,
+            fabric,
+            pki,
+        }
     }
 }
