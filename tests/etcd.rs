@@ -41,6 +41,11 @@ apiVersion: v1
 kind: Pod
 metadata: {name: other, namespace: shop, labels: {app: other}}
 spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: shop, labels: {app: server}}
+spec: {containers: [{name: c}]}
 "#;
 
 const POLICY: &str = r#"
@@ -292,7 +297,9 @@ fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
         fabric,
         ..
     } = &mut hosts;
-    let env = etcd.client_env();
+    // Users write objects as palisade-admin (etcd's auth is on: each
+    // host's daemon may write only its own endpoints).
+    let env = etcd.env_as("palisade-admin");
     ok(
         ctl(&nodes[0], &env, &["apply", "-f", "-"], Some(PODS)),
         "apply pods",
@@ -324,6 +331,37 @@ fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
         .iter()
         .all(|want| k.contains(want))
     });
+
+    // A host's certificate may not write objects, nor another host's
+    // endpoints.
+    let host1 = etcd.env_as("host-1");
+    let out = ctl(&nodes[1], &host1, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        !out.status.success(),
+        "host-1 writing a policy: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("etcd refused this client"),
+        "{}",
+        describe(&out)
+    );
+    let mut forge = etcd.etcdctl_as(
+        "host-1",
+        &etcd.endpoints(),
+        &["put", "/palisade/endpoints/host-0/shop/fake", "{}"],
+    );
+    let out = sys::spawn_in(
+        &fabric.path,
+        forge.stdout(Stdio::piped()).stderr(Stdio::piped()),
+    )
+    .and_then(|c| c.wait_with_output())
+    .expect("etcdctl put");
+    assert!(
+        !out.status.success(),
+        "host-1 writing host-0's endpoints: {}",
+        describe(&out)
+    );
 
     // A policy applied on host-2 is enforced on host-0, for peers on
     // host-1 and host-2 (selected by labels across hosts).
@@ -386,6 +424,20 @@ fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
             "client -> server while etcd is down"
         );
     }
+    // A container started meanwhile is enforced with what the host knows.
+    let late = nodes[0].add_pod("shop", "late", &[80]);
+    converge(
+        &other,
+        &late,
+        true,
+        "other -> a server started while etcd is down",
+    );
+    converge(
+        &client,
+        &late,
+        false,
+        "client -> a server started while etcd is down",
+    );
 
     // Back: every host lists again and follows new writes.
     etcd.restart_all();

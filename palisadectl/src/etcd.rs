@@ -387,7 +387,7 @@ impl Datastore {
     }
 
     fn failed(&self, what: &str) -> String {
-        format!("{what} in {} (is etcd up and reachable?)", self.what)
+        format!("{what} in {}", self.what)
     }
 
     /// The mod revision of each key that exists.
@@ -700,6 +700,16 @@ fn transient(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether etcd refused the request (PERMISSION_DENIED, UNAUTHENTICATED).
+fn denied(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<etcd_client::Error>(),
+            Some(etcd_client::Error::GRpcStatus(s)) if matches!(i32::from(s.code()), 7 | 16)
+        )
+    })
+}
+
 /// Connect and run `op`, again while it fails in a way that passes by
 /// itself (a member down, a leader election), for up to 15 s.
 pub async fn with_retry<T, F, Fut>(settings: &Settings, mut op: F) -> Result<T>
@@ -716,6 +726,15 @@ where
         match result {
             Err(e) if transient(&e) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) if denied(&e) => {
+                return Err(e.context(
+                    "etcd refused this client: the user its certificate names lacks a role \
+                     that allows this (docs/ETCD.md, \"Roles\")",
+                ));
+            }
+            Err(e) if transient(&e) => {
+                return Err(e.context("etcd did not answer (is etcd up and reachable?)"));
             }
             other => return other,
         }

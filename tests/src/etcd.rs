@@ -24,9 +24,9 @@ pub struct Pki {
 
 impl Pki {
     /// CA `ca`, a server certificate for 127.0.0.1 and the fabric's member
-    /// addresses (`server`), a client
-    /// certificate it signed (`client`), and a client certificate from
-    /// another CA (`stranger`).
+    /// addresses (`server`), client certificates it signed (`client`, and
+    /// the users of etcd's auth: `root`, `palisade-admin`, `host-0`…`host-2`),
+    /// and a client certificate from another CA (`stranger`).
     pub fn new(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let pki = Pki {
@@ -46,7 +46,17 @@ impl Pki {
                 sans.join(",")
             ),
         );
-        pki.leaf("ca", "client", "extendedKeyUsage=clientAuth");
+        // With etcd's auth on, a client certificate's CN is its etcd user.
+        for user in [
+            "client",
+            "root",
+            "palisade-admin",
+            "host-0",
+            "host-1",
+            "host-2",
+        ] {
+            pki.leaf("ca", user, "extendedKeyUsage=clientAuth");
+        }
         pki.leaf("other-ca", "stranger", "extendedKeyUsage=clientAuth");
         pki
     }
@@ -247,7 +257,8 @@ impl Etcd {
         }
     }
 
-    /// `etcdctl endpoint health` on member `i`, as the trusted client.
+    /// `etcdctl endpoint health` on member `i` (as root: with auth on, the
+    /// health check reads a key).
     pub fn healthy(&self, i: usize) -> bool {
         let mut cmd = self.etcdctl(&self.member_url(i, 2379), &["endpoint", "health"]);
         sys::spawn_in(&self.netns, cmd.stdout(Stdio::null()).stderr(Stdio::null()))
@@ -255,8 +266,14 @@ impl Etcd {
             .is_ok_and(|o| o.status.success())
     }
 
-    /// etcdctl against `endpoints`, as the trusted client.
+    /// etcdctl against `endpoints`, as root (with auth on, root may do
+    /// anything; without it, any trusted certificate may).
     pub fn etcdctl(&self, endpoints: &str, args: &[&str]) -> Command {
+        self.etcdctl_as("root", endpoints, args)
+    }
+
+    /// etcdctl against `endpoints` with `user`'s certificate.
+    pub fn etcdctl_as(&self, user: &str, endpoints: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
@@ -264,9 +281,9 @@ impl Etcd {
             .arg("--cacert")
             .arg(self.pki.cert("ca"))
             .arg("--cert")
-            .arg(self.pki.cert("client"))
+            .arg(self.pki.cert(user))
             .arg("--key")
-            .arg(self.pki.key("client"))
+            .arg(self.pki.key(user))
             .args(args);
         cmd
     }
@@ -287,8 +304,14 @@ impl Etcd {
     }
 
     /// The environment that points palisadectl at the cluster as the
-    /// trusted client.
+    /// trusted client (user `client`, when auth is on).
     pub fn client_env(&self) -> Vec<(String, String)> {
+        self.env_as("client")
+    }
+
+    /// The environment that points palisadectl at the cluster with
+    /// `user`'s certificate.
+    pub fn env_as(&self, user: &str) -> Vec<(String, String)> {
         vec![
             ("PALISADE_ETCD_ENDPOINTS".into(), self.endpoints()),
             (
@@ -297,13 +320,74 @@ impl Etcd {
             ),
             (
                 "PALISADE_ETCD_CERT".into(),
-                self.pki.cert("client").display().to_string(),
+                self.pki.cert(user).display().to_string(),
             ),
             (
                 "PALISADE_ETCD_KEY".into(),
-                self.pki.key("client").display().to_string(),
+                self.pki.key(user).display().to_string(),
             ),
         ]
+    }
+
+    /// Turn etcd's auth on with the roles docs/ETCD.md describes: user
+    /// `palisade-admin` may write the objects, each `host-i` (of `hosts`)
+    /// only its own endpoints; every one of them reads everything.
+    pub fn enable_auth(&self, hosts: usize) {
+        let run = |args: &[&str]| {
+            let mut cmd = Command::new("etcdctl");
+            cmd.env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(self.endpoints())
+                .arg("--cacert")
+                .arg(self.pki.cert("ca"))
+                .arg("--cert")
+                .arg(self.pki.cert("root"))
+                .arg("--key")
+                .arg(self.pki.key("root"))
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let out = sys::spawn_in(&self.netns, &mut cmd)
+                .and_then(|c| c.wait_with_output())
+                .expect("run etcdctl");
+            assert!(out.status.success(), "etcdctl {args:?}: {}", describe(&out));
+        };
+        run(&["user", "add", "root", "--no-password"]);
+        run(&["user", "grant-role", "root", "root"]);
+        let mut users = vec![(
+            "palisade-admin".to_owned(),
+            "palisade-admin".to_owned(),
+            "/palisade/objects/".to_owned(),
+        )];
+        for i in 0..hosts {
+            users.push((
+                format!("host-{i}"),
+                format!("palisade-host-host-{i}"),
+                format!("/palisade/endpoints/host-{i}/"),
+            ));
+        }
+        for (user, role, writes) in &users {
+            run(&["role", "add", role]);
+            run(&[
+                "role",
+                "grant-permission",
+                role,
+                "--prefix=true",
+                "read",
+                "/palisade/",
+            ]);
+            run(&[
+                "role",
+                "grant-permission",
+                role,
+                "--prefix=true",
+                "readwrite",
+                writes,
+            ]);
+            run(&["user", "add", user, "--no-password"]);
+            run(&["user", "grant-role", user, role]);
+        }
+        run(&["auth", "enable"]);
     }
 }
 
@@ -362,9 +446,11 @@ impl Hosts {
         }
         let pki = Pki::new(&nodes[0].dir.join("pki"));
         let etcd = Etcd::start(&fabric.path, &nodes[0].dir, &pki, &FABRIC_MEMBERS);
-        let env = etcd.client_env();
-        for node in &nodes {
-            *node.daemon_env.lock().expect("lock") = env.clone();
+        // Each host's daemon as its own etcd user: it may write its own
+        // endpoints and nothing else.
+        etcd.enable_auth(n);
+        for (i, node) in nodes.iter().enumerate() {
+            *node.daemon_env.lock().expect("lock") = etcd.env_as(&format!("host-{i}"));
             node.start_daemon();
         }
         Hosts {
