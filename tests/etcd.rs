@@ -11,7 +11,7 @@ use std::{
 };
 
 use testbed::{
-    etcd::{Etcd, Hosts, Pki},
+    etcd::{Etcd, Hosts, Pki, ctl},
     node::{Node, NodeOptions, Pod},
     probe::{PROBE_TIMEOUT, Proto, probe},
     runtimes::wait_for,
@@ -58,34 +58,6 @@ spec:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{port: 80}]
 "#;
-
-/// palisadectl in the node's namespace with `env`, as a user on any host
-/// (its own empty state directory: what it shows comes from etcd).
-fn ctl(node: &Node, env: &[(String, String)], args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = std::process::Command::new(node.bin_dir.join("palisadectl"));
-    cmd.args(args)
-        .env("PALISADE_STATE_DIR", node.dir.join("user-state"))
-        .env("PALISADE_BPF_ROOT", node.dir.join("user-bpf"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = sys::spawn_in(&node.netns.path, &mut cmd).expect("spawn palisadectl");
-    if let Some(s) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(s.as_bytes())
-            .expect("write stdin");
-    }
-    child.wait_with_output().expect("wait palisadectl")
-}
 
 fn ok(out: Output, what: &str) -> String {
     assert!(out.status.success(), "{what}:\n{}", describe(&out));

@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -460,4 +460,32 @@ impl Hosts {
             pki,
         }
     }
+}
+
+/// palisadectl in `node`'s namespace with `env`, as a user on that host
+/// (its own empty state directory: what it shows comes from etcd).
+pub fn ctl(node: &Node, env: &[(String, String)], args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(node.bin_dir.join("palisadectl"));
+    cmd.args(args)
+        .env("PALISADE_STATE_DIR", node.dir.join("user-state"))
+        .env("PALISADE_BPF_ROOT", node.dir.join("user-bpf"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sys::spawn_in(&node.netns.path, &mut cmd).expect("spawn palisadectl");
+    if let Some(s) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(s.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait palisadectl")
 }

@@ -13,6 +13,7 @@ mod cluster;
 mod control;
 mod datapath;
 mod dns;
+mod etcd;
 mod stats;
 mod traffic;
 
@@ -33,6 +34,8 @@ enum Part {
     Cluster,
     /// DNS-aware egress: the DNS proxy's latency, answer to datapath.
     Dns,
+    /// Hosts without Kubernetes sharing etcd: apply to every host's verdict.
+    Etcd,
 }
 
 /// Measure palisade and write the report.
@@ -190,6 +193,7 @@ fn main() {
             Part::Control,
             Part::Cluster,
             Part::Dns,
+            Part::Etcd,
         ]
     } else {
         opts.only.clone()
@@ -205,6 +209,7 @@ fn main() {
             Part::Control => control::run(&cfg, &mut report),
             Part::Cluster => cluster::run(&cfg, &mut report),
             Part::Dns => dns::run(&cfg, &mut report),
+            Part::Etcd => etcd::run(&cfg, &mut report),
             Part::Change => {
                 let s = change::run(&cfg, &mut report);
                 report.section("Control plane", s);
