@@ -49,7 +49,7 @@ grep 'median container start' /tmp/palisade-runtimes.log || true
 step "node daemon: socket, kill -9 and restart under traffic, daemonless writes beside it"
 cargo test -p palisade-tests --test daemon
 
-step "hosts without Kubernetes sharing a real etcd (TLS, client certificates, roles): objects, endpoints across 3 hosts, member and cluster outages, a host stopping"
+step "hosts without Kubernetes sharing a real etcd (TLS, client certificates, roles): objects, endpoints across 3 hosts, member and cluster outages, a host stopping, Docker + Podman + runc on three hosts"
 cargo test -p palisade-tests --test etcd
 
 step "NetworkPolicy conformance (Kubernetes e2e cases and recipes) and the tiers (network-policy-api conformance), without the daemon"

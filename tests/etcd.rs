@@ -443,3 +443,108 @@ fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
     );
     converge(&other, &server, false, "other -> server still denied");
 }
+
+/// The address of the container `name` enforced on `node`.
+fn address_of(node: &Node, name: &str) -> std::net::IpAddr {
+    let eps = node.endpoints();
+    let ep = eps
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name}: {eps:?}"));
+    ep["addresses"][0]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("address of {name}: {ep}"))
+}
+
+/// Route `subnet` (a runtime's own network on host `on`) from every other
+/// host through host `on`'s VXLAN endpoint, as Flannel routes a host's
+/// subnet.
+fn route_subnet(hosts: &Hosts, on: usize, subnet: &str) {
+    for (_, n) in hosts.nodes.iter().enumerate().filter(|(i, _)| *i != on) {
+        sys::ip(&[
+            "-n",
+            &n.netns.name,
+            "route",
+            "add",
+            subnet,
+            "via",
+            &format!("10.100.{on}.0"),
+            "dev",
+            "flannel.1",
+            "onlink",
+        ]);
+    }
+}
+
+#[test]
+fn docker_podman_and_runc_containers_on_three_hosts_share_one_policy() {
+    use testbed::runtimes::{Backend, Docker, Podman, RuncContainer};
+    let hosts = Hosts::new(3, &[]);
+    let env = hosts.etcd.env_as("palisade-admin");
+    // Docker on host-0 (its own network 10.103.0.0/24, the palisade-runc
+    // wrapper), Podman on host-1 (CNI backend, 10.101.0.0/24, the chained
+    // plugin and the hook), runc on host-2 (the node's bridge, the hook).
+    route_subnet(&hosts, 0, "10.103.0.0/24");
+    route_subnet(&hosts, 1, "10.101.0.0/24");
+    let mut docker = Docker::new(&hosts.nodes[0], true, "pal", "10.103.0.0/24");
+    docker.run("web", &[("palisade.io/namespace", "shop"), ("app", "web")]);
+    let podman = Podman::new(&hosts.nodes[1], Backend::Cni, true, "cni");
+    podman.run(
+        "client",
+        &[
+            ("palisade.io/namespace", "shop"),
+            ("palisade.io/name", "client"),
+            ("palisade.io/labels", "app=client"),
+        ],
+    );
+    let (other, _) = RuncContainer::start(
+        &hosts.nodes[2],
+        "other",
+        true,
+        &[
+            ("palisade.io/namespace", "shop"),
+            ("palisade.io/name", "other"),
+            ("palisade.io/labels", "app=other"),
+        ],
+    );
+    let web = address_of(&hosts.nodes[0], "web");
+    let client_ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", podman.pid("client")));
+    let reach = |from: &std::path::Path| probe(from, web, Proto::Tcp, 80, PROBE_TIMEOUT);
+    wait_for(
+        "client (Podman, host-1) -> web (Docker, host-0)",
+        CONVERGE,
+        || reach(&client_ns),
+    );
+    wait_for(
+        "other (runc, host-2) -> web (Docker, host-0)",
+        CONVERGE,
+        || reach(&other.netns.path),
+    );
+
+    let policy = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 80}]
+"#;
+    ok(
+        ctl(&hosts.nodes[2], &env, &["apply", "-f", "-"], Some(policy)),
+        "apply",
+    );
+    wait_for("other (runc) denied by the policy", CONVERGE, || {
+        !reach(&other.netns.path)
+    });
+    wait_for("client (Podman) still allowed", CONVERGE, || {
+        reach(&client_ns)
+    });
+    assert!(reach(&client_ns), "client -> web (again)");
+    assert!(!reach(&other.netns.path), "other -> web (again)");
+    drop(other);
+    drop(podman);
+    docker.stop(false);
+}
