@@ -411,8 +411,22 @@ fn three_hosts_share_policies_and_containers_through_a_three_member_etcd() {
         "client -> a server started while etcd is down",
     );
 
-    // Back: every host lists again and follows new writes.
+    // Back: every host lists again (a resync that changes no verdict),
+    // then follows new writes.
+    let lists = |n: &Node| n.daemon_output().matches("etcd datastore: listed").count();
+    let before: Vec<usize> = nodes.iter().map(lists).collect();
     etcd.restart_all();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while nodes.iter().zip(&before).any(|(n, b)| lists(n) <= *b) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every host lists etcd again within {CONVERGE:?}"
+        );
+        assert!(tcp(&other, &server), "other -> server during the resync");
+        assert!(!tcp(&client, &server), "client -> server during the resync");
+    }
+    assert!(tcp(&other, &server), "other -> server after the resync");
+    assert!(!tcp(&client, &server), "client -> server after the resync");
     ok(
         ctl(&nodes[0], &env, &["apply", "-f", "-"], Some(POLICY)),
         "apply after etcd came back",
