@@ -390,33 +390,6 @@ impl Datastore {
         format!("{what} in {}", self.what)
     }
 
-    /// The mod revision of each key that exists.
-    async fn revisions(&mut self, keys: &[String]) -> Result<BTreeMap<String, i64>> {
-        let mut out = BTreeMap::new();
-        for chunk in keys.chunks(TXN_OPS) {
-            let ops: Vec<TxnOp> = chunk
-                .iter()
-                .map(|k| TxnOp::get(k.as_str(), Some(GetOptions::new().with_keys_only())))
-                .collect();
-            let resp = self
-                .client
-                .txn(Txn::new().and_then(ops))
-                .await
-                .with_context(|| self.failed("read objects"))?;
-            for op in resp.op_responses() {
-                if let etcd_client::TxnOpResponse::Get(g) = op {
-                    for kv in g.kvs() {
-                        out.insert(
-                            String::from_utf8_lossy(kv.key()).into_owned(),
-                            kv.mod_revision(),
-                        );
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Create or replace objects. Either every object is written or, when
     /// one names a resourceVersion that is no longer current, none is.
     pub async fn apply(&mut self, objects: Vec<Object>) -> Result<Vec<(ObjectRef, Change)>> {
@@ -529,7 +502,7 @@ impl Datastore {
     /// Kubernetes does.
     pub async fn delete(&mut self, refs: Vec<ObjectRef>) -> Result<Vec<(ObjectRef, Change)>> {
         let keys: Vec<String> = refs.iter().map(|r| self.key(r)).collect();
-        let exists = self.revisions(&keys).await?;
+        let exists = self.values(&keys).await?;
         let mut out = Vec::with_capacity(refs.len());
         for (r, key) in refs.into_iter().zip(keys) {
             if !exists.contains_key(&key) {
