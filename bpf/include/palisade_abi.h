@@ -204,6 +204,9 @@ struct pal_policy_value {
 /* Admin and baseline entries: an audited Deny of policy_id matched before
  * the rule that decided (verdict); reported if the flow ends up allowed. */
 #define PAL_POLICY_F_AUDIT (1U << 0)
+/* NetworkPolicy entries: every rule that allows the traffic carries HTTP
+ * rules, so its connections go through the node's L7 proxy. */
+#define PAL_POLICY_F_L7 (1U << 1)
 
 /* Conntrack: one entry per flow per endpoint, keyed by the direction and
  * tuple of the packet that opened it. The client's and the server's
@@ -237,6 +240,12 @@ struct pal_ct_key {
  * by pal_service after DNAT, so the entry is not revalidated against the
  * frontend address. */
 #define PAL_CT_SERVICE (1U << 4)
+/* The flow goes through the node's L7 proxy: packets the node did not send
+ * are steered to it (pal_to_l7_proxy), both ways. Set on a flow an L7 entry
+ * allowed, and on a flow the proxy itself opened towards a local endpoint
+ * (sent by the node from an address that is not the node's), whose
+ * answers must reach the proxy rather than the address it borrowed. */
+#define PAL_CT_L7 (1U << 5)
 #define PAL_CT_TCP_CLOSED(f)                                                   \
 	(((f)&PAL_CT_TCP_RST) ||                                               \
 	 ((f) & (PAL_CT_TCP_FIN_FWD | PAL_CT_TCP_FIN_REV)) ==                  \
@@ -317,7 +326,7 @@ struct pal_config {
 struct pal_proxy_config {
 	__u32 mark;
 	__u16 dns_port;
-	__u16 pad;
+	__u16 http_port; /* the L7 proxy's transparent listener (0: none) */
 };
 
 /* pal_counters: PERCPU_HASH. */

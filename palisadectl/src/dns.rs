@@ -149,7 +149,7 @@ pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()>
         .set_proxy(ProxyConfig {
             mark: opts.mark,
             dns_port: opts.port,
-            pad: 0,
+            http_port: 0,
         })
         .context("tell the datapath where the DNS proxy listens")?;
     eprintln!(

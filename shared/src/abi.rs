@@ -455,6 +455,9 @@ pub struct PolicyKeyData {
 /// `PAL_POLICY_F_AUDIT`: on an admin or baseline entry, an audited Deny of
 /// the policy in `policy_id` matched before the rule that decided.
 pub const POLICY_F_AUDIT: u8 = 1 << 0;
+/// `PAL_POLICY_F_L7`: on a NetworkPolicy entry, every rule that allows the
+/// traffic carries HTTP rules (its connections go through the L7 proxy).
+pub const POLICY_F_L7: u8 = 1 << 1;
 
 /// `struct pal_policy_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -540,7 +543,8 @@ pub struct ConfigValue {
 pub struct ProxyConfig {
     pub mark: u32,
     pub dns_port: u16,
-    pub pad: u16,
+    /// The L7 proxy's listener port (0: none; L7 connections are dropped).
+    pub http_port: u16,
 }
 
 /// `struct pal_counter_key`.
@@ -748,7 +752,7 @@ same_layout!(ConfigValue = c::pal_config {
     epoch = epoch, flags = flags, events_per_sec = events_per_sec,
     events_burst = events_burst, sync_token = sync_token,
 });
-same_layout!(ProxyConfig = c::pal_proxy_config { mark = mark, dns_port = dns_port, pad = pad });
+same_layout!(ProxyConfig = c::pal_proxy_config { mark = mark, dns_port = dns_port, http_port = http_port });
 same_layout!(CounterKey = c::pal_counter_key {
     ep_id = ep_id, direction = direction, verdict = verdict, reason = reason, pad = pad,
 });
@@ -834,6 +838,7 @@ same_value! {
     POLICY_PREFIX_ANY_PORT => c::PAL_POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_FULL => c::PAL_POLICY_PREFIX_FULL,
     POLICY_F_AUDIT => c::PAL_POLICY_F_AUDIT,
+    POLICY_F_L7 => c::PAL_POLICY_F_L7,
     EVENT_FLOW => c::PAL_EVENT_FLOW,
     EVENT_DROP => c::PAL_EVENT_DROP,
     EVSTAT_SENT => c::PAL_EVSTAT_SENT,

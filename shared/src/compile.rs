@@ -678,7 +678,79 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
             },
         );
     }
+    l7_cover_pass(&mut out.desired.policy);
     out
+}
+
+/// The keys of entries that, for the traffic of the NetworkPolicy entry
+/// `key`, the datapath finds before it or instead of it: the same peer's
+/// shorter shapes, and the "any peer" entries (after the exact peer's).
+pub(crate) fn covering_keys(key: &PolicyKey) -> Vec<PolicyKey> {
+    let d = key.data;
+    let port = u16::from_be(d.dport_be);
+    let mut out = Vec::new();
+    let mut peers = vec![d.peer_id];
+    if d.peer_id != ID_ANY {
+        peers.push(ID_ANY);
+    }
+    for peer in peers {
+        let with = |prefixlen: u32, protocol: u8, port: u16| PolicyKey {
+            prefixlen,
+            data: PolicyKeyData {
+                peer_id: peer,
+                protocol,
+                dport_be: port.to_be(),
+                ..d
+            },
+        };
+        if peer != d.peer_id && key.prefixlen == POLICY_PREFIX_FULL {
+            out.push(with(POLICY_PREFIX_FULL, d.protocol, port));
+        }
+        let own_bits = key.prefixlen.saturating_sub(POLICY_PREFIX_ANY_PORT);
+        for bits in 1..=15u32 {
+            if peer == d.peer_id && bits >= own_bits {
+                continue;
+            }
+            let mask = 0xffffu16 << (16 - bits);
+            out.push(with(POLICY_PREFIX_ANY_PORT + bits, d.protocol, port & mask));
+        }
+        if !(peer == d.peer_id && key.prefixlen <= POLICY_PREFIX_ANY_PORT) {
+            out.push(with(POLICY_PREFIX_ANY_PORT, d.protocol, 0));
+        }
+        if !(peer == d.peer_id && key.prefixlen <= POLICY_PREFIX_ANY_PROTO) {
+            out.push(with(POLICY_PREFIX_ANY_PROTO, 0, 0));
+        }
+    }
+    out
+}
+
+/// The flag an L7 entry keeps: none when an entry without HTTP rules also
+/// allows its traffic (an L3/L4 rule allows every request), which the
+/// datapath may find first.
+pub(crate) fn l7_flag_of(policy: &BTreeMap<PolicyKey, PolicyValue>, key: &PolicyKey) -> u8 {
+    let plain_covers = covering_keys(key).iter().any(|k| {
+        policy
+            .get(k)
+            .is_some_and(|v| v.flags & abi::POLICY_F_L7 == 0)
+    });
+    if plain_covers { 0 } else { abi::POLICY_F_L7 }
+}
+
+fn l7_cover_pass(policy: &mut BTreeMap<PolicyKey, PolicyValue>) {
+    let l7: Vec<PolicyKey> = policy
+        .iter()
+        .filter(|(k, v)| k.data.tier == TIER_NETPOL && v.flags & abi::POLICY_F_L7 != 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let cleared: Vec<PolicyKey> = l7
+        .into_iter()
+        .filter(|k| l7_flag_of(policy, k) == 0)
+        .collect();
+    for k in cleared {
+        if let Some(v) = policy.get_mut(&k) {
+            v.flags &= !abi::POLICY_F_L7;
+        }
+    }
 }
 
 fn resolve_rule<'r>(
@@ -723,13 +795,13 @@ fn emit(
     facts: &BTreeMap<u32, IdentityFacts>,
 ) -> (u32, u32) {
     let mut shapes = (0, 0);
-    let value = PolicyValue {
-        policy_id: rule.policy_id,
-        verdict: Verdict::Allow as u8,
-        flags: 0,
-        pad: 0,
-    };
-    let mut put = |peer: u32, proto: u8, port: u16, prefixlen: u32| {
+    let mut put = |peer: u32, proto: u8, port: u16, prefixlen: u32, l7: bool| {
+        let value = PolicyValue {
+            policy_id: rule.policy_id,
+            verdict: Verdict::Allow as u8,
+            flags: if l7 { abi::POLICY_F_L7 } else { 0 },
+            pad: 0,
+        };
         let key = PolicyKey {
             prefixlen,
             data: PolicyKeyData {
@@ -744,8 +816,11 @@ fn emit(
             },
         };
         // Policies are visited in name order: the first one that allows a
-        // key is the one events and explain report.
-        map.entry(key).or_insert(value);
+        // key is the one events and explain report. The entry goes through
+        // the L7 proxy only if every rule producing it has HTTP rules.
+        map.entry(key)
+            .and_modify(|v| v.flags &= value.flags)
+            .or_insert(value);
         let (f, lens) = abi::ep_shape(dir as u8, prefixlen);
         shapes.0 |= f;
         shapes.1 |= lens;
@@ -756,22 +831,23 @@ fn emit(
     };
     if rule.ports.is_empty() {
         for &peer in &peers {
-            put(peer, 0, 0, POLICY_PREFIX_ANY_PROTO);
+            put(peer, 0, 0, POLICY_PREFIX_ANY_PROTO, false);
         }
         return shapes;
     }
     for port in rule.ports {
         let proto = port.protocol.number();
+        let l7 = !port.http.is_empty();
         match &port.port {
             PortMatch::All => {
                 for &peer in &peers {
-                    put(peer, proto, 0, POLICY_PREFIX_ANY_PORT);
+                    put(peer, proto, 0, POLICY_PREFIX_ANY_PORT, l7);
                 }
             }
             PortMatch::Range(a, b) => {
                 for (start, bits) in port_prefixes(*a, *b) {
                     for &peer in &peers {
-                        put(peer, proto, start, POLICY_PREFIX_ANY_PORT + bits);
+                        put(peer, proto, start, POLICY_PREFIX_ANY_PORT + bits, l7);
                     }
                 }
             }
@@ -784,7 +860,7 @@ fn emit(
                         .filter(|np| &np.name == name && np.protocol == port.protocol)
                     {
                         for &peer in &peers {
-                            put(peer, proto, np.port, POLICY_PREFIX_FULL);
+                            put(peer, proto, np.port, POLICY_PREFIX_FULL, l7);
                         }
                     }
                 }
@@ -800,7 +876,7 @@ fn emit(
                             .get(&peer)
                             .and_then(|f| f.named_port(name, port.protocol))
                         {
-                            put(peer, proto, num, POLICY_PREFIX_FULL);
+                            put(peer, proto, num, POLICY_PREFIX_FULL, l7);
                         }
                     }
                 }
@@ -825,6 +901,7 @@ mod tests {
             .enumerate()
             .map(|(i, o)| match o {
                 Object::NetworkPolicy(np) => (i as u32 + 1, np.value),
+                Object::PalisadePolicy(p) => (i as u32 + 1, p.value.base),
                 other => panic!("not a policy: {other:?}"),
             })
             .collect()
@@ -917,6 +994,56 @@ mod tests {
             .max_by_key(|(p, _)| p.len)
             .map(|(_, v)| v.identity)
             .unwrap_or(ID_WORLD)
+    }
+
+    /// The L7 flag of the one NetworkPolicy entry for `ep`'s ingress from
+    /// `peer` on TCP `port` (None: no such entry).
+    fn l7_entry(c: &Compiled, ep: &EndpointView, peer_id: u32, port: u16) -> Option<bool> {
+        c.desired
+            .policy
+            .iter()
+            .find(|(k, _)| {
+                k.data.ep_id == ep.ep_id
+                    && k.data.direction == Direction::Ingress as u8
+                    && k.data.peer_id == peer_id
+                    && k.prefixlen == POLICY_PREFIX_FULL
+                    && u16::from_be(k.data.dport_be) == port
+            })
+            .map(|(_, v)| v.flags & abi::POLICY_F_L7 != 0)
+    }
+
+    #[test]
+    fn l7_entries_are_flagged_unless_a_rule_without_http_rules_also_allows() {
+        let server = ep(1, "default", "api", &[("app", "api")], "10.0.0.10");
+        let client = ep(2, "default", "web", &[("app", "web")], "10.0.0.11");
+        let l7 = "apiVersion: palisade.io/v1alpha1\nkind: PalisadeNetworkPolicy\nmetadata: {name: l7}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 80, rules: {http: [{method: GET}]}}, {port: 81}]\n";
+        let (c, _) = run(&policies(l7), &[server.clone(), client.clone()]);
+        let web = lpm_identity(&c, "10.0.0.11".parse().unwrap());
+        assert_eq!(l7_entry(&c, &server, web, 80), Some(true));
+        assert_eq!(l7_entry(&c, &server, web, 81), Some(false));
+
+        // The same port allowed without HTTP rules by another policy, for
+        // the same peer: every request is allowed, no proxy.
+        let plain_same = format!(
+            "{l7}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: plain}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n    ports: [{{port: 80}}]\n"
+        );
+        let (c, _) = run(&policies(&plain_same), &[server.clone(), client.clone()]);
+        assert_eq!(l7_entry(&c, &server, web, 80), Some(false));
+
+        // A wider rule (every peer, ports 1-1023) the datapath would find
+        // after the exact peer's entry: the flag goes too.
+        let plain_wide = format!(
+            "{l7}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: plain}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n  - ports: [{{port: 1, endPort: 1023}}]\n"
+        );
+        let (c, _) = run(&policies(&plain_wide), &[server.clone(), client.clone()]);
+        assert_eq!(l7_entry(&c, &server, web, 80), Some(false));
+
+        // A plain rule for another port leaves it.
+        let plain_other = format!(
+            "{l7}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: plain}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n  - ports: [{{port: 8080}}]\n"
+        );
+        let (c, _) = run(&policies(&plain_other), &[server.clone(), client]);
+        assert_eq!(l7_entry(&c, &server, web, 80), Some(true));
     }
 
     #[test]

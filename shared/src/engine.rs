@@ -31,7 +31,9 @@ use crate::{
         POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PolicyKey,
         PolicyKeyData, PolicyValue, SrcguardKey, TIER_NETPOL, Verdict,
     },
-    compile::{self, BlockIndex, Desired, EndpointView, PeerFacts, Prefix, port_prefixes},
+    compile::{
+        self, BlockIndex, Desired, EndpointView, PeerFacts, Prefix, l7_flag_of, port_prefixes,
+    },
     identity::{IdentityKey, IdentityTable},
     policy::{
         IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
@@ -396,6 +398,9 @@ impl Ranks {
 struct Contribs {
     reported: u32,
     by_id: Vec<(u32, u32)>,
+    /// Contributions from port entries without HTTP rules: while there are
+    /// any, the entry is not an L7 one.
+    plain: u32,
 }
 
 /// Old values of every map entry changed since the last `finish`.
@@ -498,7 +503,12 @@ pub struct Engine {
     /// Policy entry → the policies that produce it.
     contrib: HashMap<PolicyKey, Contribs>,
     /// Reused buffers (the hot paths allocate nothing per entry).
-    scratch_keys: Vec<PolicyKey>,
+    scratch_keys: Vec<(PolicyKey, bool)>,
+    /// Per endpoint, its NetworkPolicy entries that only HTTP rules produce
+    /// (whether they keep the L7 flag depends on the entries covering
+    /// them, settled at `finish`), and the endpoints to settle.
+    l7_keys: HashMap<u32, BTreeSet<PolicyKey>>,
+    l7_dirty: BTreeSet<u32>,
     scratch_ids: Vec<u32>,
     journal: Journal,
     dirty_ifindex: BTreeSet<u32>,
@@ -572,6 +582,8 @@ impl Engine {
             desired: Desired::default(),
             contrib: HashMap::default(),
             scratch_keys: Vec::new(),
+            l7_keys: HashMap::default(),
+            l7_dirty: BTreeSet::new(),
             scratch_ids: Vec::new(),
             journal: Journal {
                 enabled: true,
@@ -849,6 +861,7 @@ impl Engine {
     /// Everything that changed since the last call.
     pub fn finish(&mut self) -> Changes {
         self.refresh_tiers();
+        self.settle_l7();
         for ifindex in std::mem::take(&mut self.dirty_ifindex) {
             let value = self
                 .ifindex_claims
@@ -2223,33 +2236,36 @@ impl Engine {
         keys.clear();
         self.rule_keys(r, ep, peer, &mut keys);
         let pid = self.rules[r].policy_id;
-        for k in &keys {
-            self.contribute(*k, pid, sign);
+        for (k, l7) in &keys {
+            self.contribute(*k, pid, sign, *l7);
         }
         self.scratch_keys = keys;
     }
 
     /// The entries one rule gives one subject endpoint for one peer (or for
     /// any peer).
-    fn rule_keys(&self, r: usize, ep: u32, peer: PeerRef, out: &mut Vec<PolicyKey>) {
+    fn rule_keys(&self, r: usize, ep: u32, peer: PeerRef, out: &mut Vec<(PolicyKey, bool)>) {
         let rule = &self.rules[r];
         let Some(e) = self.eps.get(&ep) else {
             return;
         };
-        let mut put = |peer_id: u32, proto: u8, port: u16, prefixlen: u32| {
-            out.push(PolicyKey {
-                prefixlen,
-                data: PolicyKeyData {
-                    ep_id: ep,
-                    direction: rule.dir as u8,
-                    tier: TIER_NETPOL,
-                    pad1: 0,
-                    peer_id,
-                    pad2: 0,
-                    protocol: proto,
-                    dport_be: port.to_be(),
+        let mut put = |peer_id: u32, proto: u8, port: u16, prefixlen: u32, l7: bool| {
+            out.push((
+                PolicyKey {
+                    prefixlen,
+                    data: PolicyKeyData {
+                        ep_id: ep,
+                        direction: rule.dir as u8,
+                        tier: TIER_NETPOL,
+                        pad1: 0,
+                        peer_id,
+                        pad2: 0,
+                        protocol: proto,
+                        dport_be: port.to_be(),
+                    },
                 },
-            });
+                l7,
+            ));
         };
         // Rules without peers give "any peer" entries, except for named
         // egress ports, which resolve on each destination identity.
@@ -2259,17 +2275,18 @@ impl Engine {
         };
         if rule.ports.is_empty() {
             if numbered {
-                put(peer_id, 0, 0, POLICY_PREFIX_ANY_PROTO);
+                put(peer_id, 0, 0, POLICY_PREFIX_ANY_PROTO, false);
             }
             return;
         }
         for port in &rule.ports {
             let proto = port.protocol.number();
+            let l7 = !port.http.is_empty();
             match &port.port {
-                PortMatch::All if numbered => put(peer_id, proto, 0, POLICY_PREFIX_ANY_PORT),
+                PortMatch::All if numbered => put(peer_id, proto, 0, POLICY_PREFIX_ANY_PORT, l7),
                 PortMatch::Range(a, b) if numbered => {
                     for (start, bits) in port_prefixes(*a, *b) {
-                        put(peer_id, proto, start, POLICY_PREFIX_ANY_PORT + bits);
+                        put(peer_id, proto, start, POLICY_PREFIX_ANY_PORT + bits, l7);
                     }
                 }
                 PortMatch::Named(name) if rule.dir == Direction::Ingress && numbered => {
@@ -2278,7 +2295,7 @@ impl Engine {
                         .iter()
                         .filter(|np| &np.name == name && np.protocol == port.protocol)
                     {
-                        put(peer_id, proto, np.port, POLICY_PREFIX_FULL);
+                        put(peer_id, proto, np.port, POLICY_PREFIX_FULL, l7);
                     }
                 }
                 PortMatch::Named(name) if rule.dir == Direction::Egress => {
@@ -2288,7 +2305,7 @@ impl Engine {
                             .key_of(id)
                             .and_then(|k| k.named_port(name, port.protocol))
                     {
-                        put(id, proto, num, POLICY_PREFIX_FULL);
+                        put(id, proto, num, POLICY_PREFIX_FULL, l7);
                     }
                 }
                 _ => {}
@@ -2297,57 +2314,103 @@ impl Engine {
     }
 
     /// One rule starts (`sign` 1) or stops producing an entry.
-    fn contribute(&mut self, key: PolicyKey, pid: u32, sign: i32) {
+    fn contribute(&mut self, key: PolicyKey, pid: u32, sign: i32, l7: bool) {
         let ranks = &self.pol_rank;
         let c = self.contrib.entry(key).or_default();
         let pos = c.by_id.binary_search_by_key(&pid, |x| x.0);
-        let reported = if sign > 0 {
+        if sign < 0 && pos.is_err() {
+            return;
+        }
+        let was_plain = c.plain > 0;
+        if !l7 {
+            c.plain = c.plain.wrapping_add_signed(sign);
+        }
+        let flag_changed = was_plain != (c.plain > 0);
+        if sign > 0 {
             match pos {
-                Ok(i) => {
-                    c.by_id[i].1 += 1;
-                    return;
+                Ok(i) => c.by_id[i].1 += 1,
+                Err(i) => {
+                    c.by_id.insert(i, (pid, 1));
+                    if c.by_id.len() == 1 || ranks.get(pid) < ranks.get(c.reported) {
+                        c.reported = pid;
+                    }
                 }
-                Err(i) => c.by_id.insert(i, (pid, 1)),
             }
-            if c.by_id.len() > 1 && ranks.get(pid) >= ranks.get(c.reported) {
-                return;
-            }
-            c.reported = pid;
-            Some(pid)
         } else {
             let Ok(i) = pos else {
                 return;
             };
             c.by_id[i].1 -= 1;
-            if c.by_id[i].1 > 0 {
-                return;
-            }
-            c.by_id.remove(i);
-            if !c.by_id.is_empty() && pid != c.reported {
-                return;
-            }
-            // The reported policy left: the first by name of the rest.
-            let next = c.by_id.iter().map(|x| x.0).min_by_key(|id| ranks.get(*id));
-            match next {
-                Some(n) => {
-                    c.reported = n;
-                    Some(n)
-                }
-                None => {
+            if c.by_id[i].1 == 0 {
+                c.by_id.remove(i);
+                if c.by_id.is_empty() {
                     self.contrib.remove(&key);
-                    None
+                    self.set_policy(key, None);
+                    self.set_l7_raw(key, false);
+                    return;
+                }
+                if pid == c.reported {
+                    // The reported policy left: the first by name of the rest.
+                    if let Some(n) = c.by_id.iter().map(|x| x.0).min_by_key(|id| ranks.get(*id)) {
+                        c.reported = n;
+                    }
                 }
             }
+        }
+        let (reported, raw_l7) = (c.reported, c.plain == 0);
+        let flags = match self.desired.policy.get(&key) {
+            // A settled flag stays until `finish` settles it again.
+            Some(v) if !flag_changed => v.flags,
+            _ if raw_l7 => abi::POLICY_F_L7,
+            _ => 0,
         };
         self.set_policy(
             key,
-            reported.map(|policy_id| PolicyValue {
-                policy_id,
+            Some(PolicyValue {
+                policy_id: reported,
                 verdict: Verdict::Allow as u8,
-                flags: 0,
+                flags,
                 pad: 0,
             }),
         );
+        self.set_l7_raw(key, raw_l7);
+    }
+
+    /// Record whether `key` is produced only by port entries with HTTP
+    /// rules (its L7 flag is settled at `finish`).
+    fn set_l7_raw(&mut self, key: PolicyKey, l7: bool) {
+        let ep = key.data.ep_id;
+        if l7 {
+            self.l7_keys.entry(ep).or_default().insert(key);
+        } else if let Some(set) = self.l7_keys.get_mut(&ep) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.l7_keys.remove(&ep);
+            }
+        }
+    }
+
+    /// Settle the L7 flags of the endpoints whose entries changed: an L7
+    /// entry loses its flag while an entry without HTTP rules covers it.
+    fn settle_l7(&mut self) {
+        for ep in std::mem::take(&mut self.l7_dirty) {
+            let Some(keys) = self.l7_keys.get(&ep) else {
+                continue;
+            };
+            let mut updates = Vec::new();
+            for key in keys {
+                let flag = l7_flag_of(&self.desired.policy, key);
+                if let Some(v) = self.desired.policy.get(key)
+                    && v.flags & abi::POLICY_F_L7 != flag
+                {
+                    updates.push((*key, PolicyValue { flags: flag, ..*v }));
+                }
+            }
+            for (key, value) in updates {
+                self.set_policy(key, Some(value));
+            }
+        }
+        self.l7_dirty.clear();
     }
 
     fn set_policy(&mut self, key: PolicyKey, value: Option<PolicyValue>) {
@@ -2360,6 +2423,9 @@ impl Engine {
         }
         if self.journal.enabled {
             self.journal.policy.entry(key).or_insert(old);
+        }
+        if key.data.tier == TIER_NETPOL {
+            self.l7_dirty.insert(key.data.ep_id);
         }
         if old.is_some() != value.is_some() {
             let ep = key.data.ep_id;
@@ -2610,6 +2676,7 @@ mod tests {
             .remove(0)
         {
             Object::NetworkPolicy(np) => np.value,
+            Object::PalisadePolicy(p) => p.value.base,
             other => panic!("not a policy: {other:?}"),
         }
     }
@@ -2708,6 +2775,9 @@ mod tests {
             Just(json!({"port": "http"})),
             Just(json!({"port": "dns", "protocol": "UDP"})),
             Just(json!({"protocol": "SCTP"})),
+            // HTTP rules: the policy becomes a PalisadeNetworkPolicy.
+            Just(json!({"port": 80, "rules": {"http": [{"method": "GET"}]}})),
+            Just(json!({"port": "http", "rules": {"http": [{}]}})),
         ]
     }
 
@@ -2751,10 +2821,14 @@ mod tests {
                 if let Some(m) = mode {
                     meta["annotations"] = json!({"palisade.io/mode": m.as_str()});
                 }
+                let (api, kind) = if spec.to_string().contains("\"rules\"") {
+                    ("palisade.io/v1alpha1", "PalisadeNetworkPolicy")
+                } else {
+                    ("networking.k8s.io/v1", "NetworkPolicy")
+                };
                 (
                     ns,
-                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                            "metadata": meta, "spec": spec}),
+                    json!({"apiVersion": api, "kind": kind, "metadata": meta, "spec": spec}),
                 )
             })
     }

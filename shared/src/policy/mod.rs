@@ -842,6 +842,36 @@ impl fmt::Display for IpBlock {
 pub struct PortRule {
     pub protocol: Protocol,
     pub port: PortMatch,
+    /// HTTP rules (a PalisadeNetworkPolicy's `rules.http`): connections
+    /// this entry alone allows go through the node's L7 proxy, which lets
+    /// through the requests one of them matches. Empty: every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRule>,
+}
+
+/// One HTTP rule, as CiliumNetworkPolicy's `rules.http[]`: every field it
+/// sets must match. `method`, `path` and `host` are regular expressions
+/// matched against the whole value; `headers` must be present (with the
+/// value, when one is given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HttpRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A header that must be present: by name (any case), and with exactly
+/// `value` when one is given.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -1133,7 +1163,11 @@ fn convert_port(p: &NetworkPolicyPort, path: &str) -> Result<PortRule, ObjectErr
             }
         }
     };
-    Ok(PortRule { protocol, port })
+    Ok(PortRule {
+        protocol,
+        port,
+        http: Vec::new(),
+    })
 }
 
 /// Labels by namespace name, for every namespace mentioned by objects or
@@ -1263,23 +1297,28 @@ spec:
             vec![
                 PortRule {
                     protocol: Protocol::Tcp,
-                    port: PortMatch::Range(80, 80)
+                    port: PortMatch::Range(80, 80),
+                    http: Vec::new(),
                 },
                 PortRule {
                     protocol: Protocol::Udp,
-                    port: PortMatch::Range(1000, 2000)
+                    port: PortMatch::Range(1000, 2000),
+                    http: Vec::new(),
                 },
                 PortRule {
                     protocol: Protocol::Tcp,
-                    port: PortMatch::Named("http".into())
+                    port: PortMatch::Named("http".into()),
+                    http: Vec::new(),
                 },
                 PortRule {
                     protocol: Protocol::Sctp,
-                    port: PortMatch::All
+                    port: PortMatch::All,
+                    http: Vec::new(),
                 },
                 PortRule {
                     protocol: Protocol::Tcp,
-                    port: PortMatch::Range(8080, 8080)
+                    port: PortMatch::Range(8080, 8080),
+                    http: Vec::new(),
                 },
             ]
         );

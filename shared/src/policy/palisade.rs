@@ -19,7 +19,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ObjectError, Policy, PolicyKind, PortMatch, Protocol};
+use super::{HeaderMatch, HttpRule, ObjectError, Policy, PolicyKind, PortMatch, Protocol};
 
 pub const API_VERSION: &str = "palisade.io/v1alpha1";
 pub const KIND: &str = "PalisadeNetworkPolicy";
@@ -96,9 +96,40 @@ pub struct WirePort {
 pub struct WireRules {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Vec<WireFqdn>>,
-    /// HTTP rules (the L7 issue); refused with a clear error until then.
+    /// HTTP rules: the connections go through the node's L7 proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<serde_json::Value>,
+    pub http: Option<Vec<WireHttpRule>>,
+}
+
+/// CiliumNetworkPolicy's PortRuleHTTP.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireHttpRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `Name` (present) or `Name: value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_matches: Option<Vec<WireHeaderMatch>>,
+}
+
+/// CiliumNetworkPolicy's HeaderMatch; `secret` and `mismatch` are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireHeaderMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch: Option<String>,
 }
 
 /// `matchName` or `matchPattern`, as in Cilium's FQDNSelector.
@@ -300,6 +331,159 @@ fn fqdn(w: &WireFqdn, path: &str) -> Result<FqdnSelector, ObjectError> {
     })
 }
 
+/// Limits on one port's HTTP rules (keeps a policy's cost bounded).
+const MAX_HTTP_RULES: usize = 256;
+const MAX_REGEX_LEN: usize = 1024;
+
+/// A regular expression matched against a whole value, compiled as the
+/// proxy compiles it.
+pub fn whole_match_regex(re: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .build()
+}
+
+fn http_regex(value: &Option<String>, path: &str) -> Result<Option<String>, ObjectError> {
+    let Some(re) = value else { return Ok(None) };
+    if re.is_empty() {
+        return Err(invalid(
+            path,
+            "empty: give a regular expression, or leave the field out to match every value",
+        ));
+    }
+    if re.len() > MAX_REGEX_LEN {
+        return Err(invalid(
+            path,
+            format!("{} characters; at most {MAX_REGEX_LEN}", re.len()),
+        ));
+    }
+    if let Err(e) = whole_match_regex(re) {
+        let detail = e.to_string();
+        let last = detail.lines().last().unwrap_or("").trim().to_string();
+        return Err(invalid(
+            path,
+            format!("{re:?} is not a valid regular expression: {last}"),
+        ));
+    }
+    Ok(Some(re.clone()))
+}
+
+fn header_name(name: &str, path: &str) -> Result<String, ObjectError> {
+    let name = name.trim();
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(invalid(
+            path,
+            format!("{name:?} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"),
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// The HTTP rules of one port entry (empty when it has none).
+fn http_rules(p: &WirePort, ppath: &str) -> Result<Vec<HttpRule>, ObjectError> {
+    let Some(list) = p.rules.as_ref().and_then(|r| r.http.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let hpath = format!("{ppath}.rules.http");
+    if list.is_empty() {
+        return Err(invalid(
+            &hpath,
+            "empty: list at least one HTTP rule ({} allows every request), or leave rules out",
+        ));
+    }
+    if list.len() > MAX_HTTP_RULES {
+        return Err(invalid(
+            &hpath,
+            format!(
+                "{} rules; a port may list at most {MAX_HTTP_RULES}",
+                list.len()
+            ),
+        ));
+    }
+    let port = super::convert_port(&plain_port(p), ppath)?;
+    if port.protocol != Protocol::Tcp {
+        return Err(invalid(
+            &format!("{ppath}.protocol"),
+            "HTTP rules apply to TCP ports; set protocol: TCP (or leave it out)",
+        ));
+    }
+    match port.port {
+        PortMatch::Range(a, b) if a == b => {}
+        PortMatch::Named(_) => {}
+        PortMatch::All => {
+            return Err(invalid(
+                &format!("{ppath}.port"),
+                "HTTP rules need the port the HTTP server listens on: set port",
+            ));
+        }
+        PortMatch::Range(..) => {
+            return Err(invalid(
+                &format!("{ppath}.endPort"),
+                "HTTP rules apply to one port: remove endPort (write one entry per port)",
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for (k, w) in list.iter().enumerate() {
+        let rpath = format!("{hpath}[{k}]");
+        let mut rule = HttpRule {
+            method: http_regex(&w.method, &format!("{rpath}.method"))?,
+            path: http_regex(&w.path, &format!("{rpath}.path"))?,
+            host: http_regex(&w.host, &format!("{rpath}.host"))?,
+            headers: Vec::new(),
+        };
+        for (h, text) in w.headers.iter().flatten().enumerate() {
+            let path = format!("{rpath}.headers[{h}]");
+            let (name, value) = match text.split_once(':') {
+                Some((n, v)) => (n, Some(v.trim().to_string())),
+                None => (text.as_str(), None),
+            };
+            rule.headers.push(HeaderMatch {
+                name: header_name(name, &path)?,
+                value,
+            });
+        }
+        for (h, m) in w.header_matches.iter().flatten().enumerate() {
+            let path = format!("{rpath}.headerMatches[{h}]");
+            if m.secret.is_some() {
+                return Err(invalid(
+                    &format!("{path}.secret"),
+                    "header values from secrets are not supported: give value",
+                ));
+            }
+            if m.mismatch.is_some() {
+                return Err(invalid(
+                    &format!("{path}.mismatch"),
+                    "mismatch actions are not supported: a request whose header does not match is denied",
+                ));
+            }
+            let Some(name) = &m.name else {
+                return Err(invalid(
+                    &format!("{path}.name"),
+                    "missing: name the header to match",
+                ));
+            };
+            rule.headers.push(HeaderMatch {
+                name: header_name(name, &format!("{path}.name"))?,
+                value: m.value.clone(),
+            });
+        }
+        out.push(rule);
+    }
+    Ok(out)
+}
+
+/// Give each port entry of `rules` its HTTP rules (`http[i][j]` for port
+/// `j` of rule `i`; the conversion keeps rules and ports in order).
+fn attach_http(rules: &mut [super::Rule], http: Vec<Vec<Vec<HttpRule>>>) {
+    for (rule, per_port) in rules.iter_mut().zip(http) {
+        for (port, h) in rule.ports.iter_mut().zip(per_port) {
+            port.http = h;
+        }
+    }
+}
+
 fn plain_port(p: &WirePort) -> NetworkPolicyPort {
     NetworkPolicyPort {
         protocol: p.protocol.clone(),
@@ -315,18 +499,28 @@ pub fn validate(
 ) -> Result<(PalisadeNetworkPolicy, PalisadePolicy), ObjectError> {
     super::default_namespace(&mut obj.metadata);
     let spec = &obj.spec;
-    // HTTP rules are the L7 issue's; refuse them by name, and refuse rules
-    // on ingress (DNS rules are about what a pod may resolve).
+    // DNS rules are about what a pod may resolve: egress only. HTTP rules
+    // go on either side.
+    let mut ingress_http = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        let mut per_port = Vec::new();
         for (j, p) in r.ports.iter().flatten().enumerate() {
-            if p.rules.is_some() {
+            let ppath = format!("spec.ingress[{i}].ports[{j}]");
+            let Some(rules) = &p.rules else {
+                per_port.push(Vec::new());
+                continue;
+            };
+            if rules.dns.is_some() {
                 return Err(invalid(
-                    &format!("spec.ingress[{i}].ports[{j}].rules"),
-                    "L7 rules on ingress are not supported yet; DNS rules belong on egress ports 53",
+                    &format!("{ppath}.rules.dns"),
+                    "DNS rules limit what the selected pods look up: put them on an egress port 53",
                 ));
             }
+            per_port.push(http_rules(p, &ppath)?);
         }
+        ingress_http.push(per_port);
     }
+    let mut egress_http = Vec::new();
     let mut egress_fqdns = Vec::new();
     let mut dns = Vec::new();
     let mut fqdn_count = 0;
@@ -351,15 +545,30 @@ pub fn validate(
             }
             fqdn_count += names.len();
         }
+        let mut per_port = Vec::new();
         for (j, p) in r.ports.iter().flatten().enumerate() {
             let ppath = format!("{path}.ports[{j}]");
-            let Some(rules) = &p.rules else { continue };
+            let Some(rules) = &p.rules else {
+                per_port.push(Vec::new());
+                continue;
+            };
             if rules.http.is_some() {
-                return Err(invalid(
-                    &format!("{ppath}.rules.http"),
-                    "HTTP rules are not supported yet; only rules.dns is",
-                ));
+                if rules.dns.is_some() {
+                    return Err(invalid(
+                        &format!("{ppath}.rules"),
+                        "give either rules.dns or rules.http, not both (DNS rules are for port 53)",
+                    ));
+                }
+                if r.to_fqdns.is_some() {
+                    return Err(invalid(
+                        &format!("{ppath}.rules.http"),
+                        "HTTP rules on a toFQDNs rule are not supported yet: write the HTTP rules on a rule with to",
+                    ));
+                }
+                per_port.push(http_rules(p, &ppath)?);
+                continue;
             }
+            per_port.push(Vec::new());
             let Some(list) = &rules.dns else {
                 return Err(invalid(
                     &format!("{ppath}.rules"),
@@ -397,6 +606,7 @@ pub fn validate(
             });
         }
         egress_fqdns.push(names);
+        egress_http.push(per_port);
     }
     if fqdn_count > MAX_FQDNS {
         return Err(invalid(
@@ -445,6 +655,8 @@ pub fn validate(
         other => other,
     })?;
     base.kind = PolicyKind::PalisadeNetworkPolicy;
+    attach_http(&mut base.ingress, ingress_http);
+    attach_http(&mut base.egress, egress_http);
     let mut policy = PalisadePolicy {
         base,
         egress_fqdns,
@@ -464,6 +676,35 @@ mod tests {
         } else {
             FqdnSelector::Name(s.into())
         }
+    }
+
+    #[test]
+    fn http_rules_are_kept_on_their_port_entries() {
+        let p = parse(&format!(
+            "{HEAD}spec:\n  ingress:\n  - ports:\n    - port: 80\n      rules:\n        http:\n        - method: GET\n          path: /books/.*\n          headers: ['X-Team: blue', X-Trace]\n          headerMatches: [{{name: X-Env, value: prod}}]\n    - port: 81\n"
+        ))
+        .unwrap();
+        let ports = &p.base.ingress[0].ports;
+        assert_eq!(ports.len(), 2);
+        assert!(ports[1].http.is_empty());
+        let h = &ports[0].http[0];
+        assert_eq!(h.method.as_deref(), Some("GET"));
+        assert_eq!(h.path.as_deref(), Some("/books/.*"));
+        let headers: Vec<(&str, Option<&str>)> = h
+            .headers
+            .iter()
+            .map(|m| (m.name.as_str(), m.value.as_deref()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("x-team", Some("blue")),
+                ("x-trace", None),
+                ("x-env", Some("prod"))
+            ]
+        );
+        assert!(whole_match_regex("/books/.*").unwrap().is_match("/books/1"));
+        assert!(!whole_match_regex("/books").unwrap().is_match("/books/1"));
     }
 
     #[test]
@@ -580,13 +821,68 @@ mod tests {
                 "names",
             ),
             (
-                "  egress:\n  - ports: [{port: 80, rules: {http: [{method: GET}]}}]\n",
+                "  ingress:\n  - ports: [{port: 80, rules: {http: [{path: '/api/(v1'}]}}]\n",
+                "spec.ingress[0].ports[0].rules.http[0].path",
+                "not a valid regular expression",
+            ),
+            (
+                "  egress:\n  - ports: [{port: 80, rules: {http: [{method: ''}]}}]\n",
+                "spec.egress[0].ports[0].rules.http[0].method",
+                "empty",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, rules: {http: []}}]\n",
+                "spec.ingress[0].ports[0].rules.http",
+                "at least one HTTP rule",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, protocol: UDP, rules: {http: [{}]}}]\n",
+                "spec.ingress[0].ports[0].protocol",
+                "TCP",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, endPort: 90, rules: {http: [{}]}}]\n",
+                "spec.ingress[0].ports[0].endPort",
+                "one port",
+            ),
+            (
+                "  ingress:\n  - ports: [{protocol: TCP, rules: {http: [{}]}}]\n",
+                "spec.ingress[0].ports[0].port",
+                "set port",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, rules: {http: [{headers: ['X Bad: 1']}]}}]\n",
+                "spec.ingress[0].ports[0].rules.http[0].headers[0]",
+                "not an HTTP header name",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, rules: {http: [{headerMatches: [{name: a, secret: {name: s}}]}]}}]\n",
+                "spec.ingress[0].ports[0].rules.http[0].headerMatches[0].secret",
+                "not supported",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, rules: {http: [{headerMatches: [{name: a, mismatch: LOG}]}]}}]\n",
+                "spec.ingress[0].ports[0].rules.http[0].headerMatches[0].mismatch",
+                "not supported",
+            ),
+            (
+                "  ingress:\n  - ports: [{port: 80, rules: {http: [{verb: GET}]}}]\n",
+                "spec.ingress[0].ports[0].rules.http[0].verb",
+                "unknown field",
+            ),
+            (
+                "  egress:\n  - toFQDNs: [{matchName: a.com}]\n    ports: [{port: 80, rules: {http: [{}]}}]\n",
                 "spec.egress[0].ports[0].rules.http",
-                "not supported yet",
+                "toFQDNs",
+            ),
+            (
+                "  egress:\n  - ports: [{port: 53, rules: {dns: [{matchPattern: '*'}], http: [{}]}}]\n",
+                "spec.egress[0].ports[0].rules",
+                "not both",
             ),
             (
                 "  ingress:\n  - ports: [{port: 53, rules: {dns: [{matchPattern: '*'}]}}]\n",
-                "spec.ingress[0].ports[0].rules",
+                "spec.ingress[0].ports[0].rules.dns",
                 "egress",
             ),
             (
