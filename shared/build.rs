@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-const PROGRAMS: &[&str] = &["from_container", "to_container", "service"];
+const PROGRAMS: &[&str] = &["from_container", "to_container", "service", "l7_steer"];
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

@@ -177,12 +177,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_svc_backends SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pal_proxy_config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_proxy SEC(".maps");
+#include "proxy_map.h"
 
 #endif /* PALISADE_MAPS_H */

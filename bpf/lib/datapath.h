@@ -24,6 +24,8 @@
  * for TCX both hand the packet to the next program, or let it pass when
  * there is none, so palisade composes with other tc programs. */
 #define PAL_PASS TC_ACT_UNSPEC
+/* lo has this index in every network namespace. */
+#define PAL_LOOPBACK_IFINDEX 1
 #define PAL_DROP TC_ACT_SHOT
 
 /* The parsed packet and conntrack key live in a per-CPU scratch area, not
@@ -419,6 +421,35 @@ static __always_inline void pal_from_dns_proxy(struct __sk_buff *skb,
 }
 
 /*
+ * Hand a packet of an L7 flow to the node's L7 proxy: mark it (the mark
+ * routes it to the node's local table) and move it to the ingress of lo,
+ * where pal_l7_steer gives it to the proxy's socket. Its addresses and
+ * ports stay, so the proxy reads the connection's real destination, and
+ * its answers carry the server's address. -1 when no proxy is set up.
+ */
+static __always_inline int pal_to_l7_proxy(struct __sk_buff *skb)
+{
+	struct pal_proxy_config *pc;
+	__u32 zero = 0;
+
+	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
+	if (!pc || !pc->http_port || !pc->mark)
+		return -1;
+	skb->mark |= pc->mark;
+	return bpf_redirect(PAL_LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
+/* Whether a packet of an L7 flow goes to the proxy: everything a container
+ * sends (it may still carry the container's socket here), and what is sent
+ * to it unless the node sent it (the proxy's own packets carry their
+ * socket; forwarded ones carry none). */
+static __always_inline int pal_l7_steered(const struct __sk_buff *skb,
+					  __u8 dir)
+{
+	return dir == PAL_DIR_EGRESS || !skb->sk;
+}
+
+/*
  * A build tag: two builds of the same sources can differ in their code
  * (the live-upgrade test swaps one for the other under traffic). It costs
  * one register move.
@@ -602,12 +633,34 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 						   PAL_DROP_REVOKED, d.peer_id,
 						   d.policy_id, now);
 			}
+			/* Now allowed through the L7 proxy only: a connection
+			 * cannot move there while open, so it is cut (the
+			 * client's next one goes through the proxy). */
+			if (d.l7 && !(ct->flags & PAL_CT_L7)) {
+				pal_ct_delete(ck);
+				return pal_drop_by(skb, cfg, ep, dir, &p->t,
+						   PAL_DROP_REVOKED, d.peer_id,
+						   d.policy_id, now);
+			}
 			ct->epoch = cfg->epoch;
 			ct->verdict = d.verdict;
 			ct->policy_id = d.policy_id;
 			ct->peer_id = d.peer_id;
 		}
 		pal_ct_touch(ct, res, p->tcp_flags, skb->len, now);
+		/* Packets the node sends to the container (the proxy's own)
+		 * go on; the others of an L7 flow, both ways, go to the
+		 * proxy. */
+		if ((ct->flags & PAL_CT_L7) && pal_l7_steered(skb, dir)) {
+			rc = pal_to_l7_proxy(skb);
+			if (rc < 0)
+				return pal_drop_by(skb, cfg, ep, dir, &p->t,
+						   PAL_DROP_NO_PROXY, ct->peer_id,
+						   ct->policy_id, now);
+			pal_count(ep->ep_id, dir, ct->verdict,
+				  PAL_REASON_ESTABLISHED, skb->len);
+			return rc;
+		}
 		if (pal_is_dns_redirect(ep, dir, p) &&
 		    pal_to_dns_proxy(skb, p) < 0)
 			return pal_drop_by(skb, cfg, ep, dir, &p->t,
@@ -648,6 +701,22 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	if (pal_is_dns_redirect(ep, dir, p) && pal_to_dns_proxy(skb, p) < 0)
 		return pal_drop_by(skb, cfg, ep, dir, &p->t, PAL_DROP_NO_PROXY,
 				   d.peer_id, d.policy_id, now);
+	/* An L7 flow; or one the L7 proxy opens to this endpoint from the
+	 * address of the client it speaks for (the node sends it, from an
+	 * address that is not the node's): its answers go to the proxy. */
+	if (p->t.protocol == IPPROTO_TCP &&
+	    (d.l7 || (dir == PAL_DIR_INGRESS && skb->sk &&
+		      d.peer_id != PAL_ID_HOST)))
+		ct_flags |= PAL_CT_L7;
+	if ((ct_flags & PAL_CT_L7) && pal_l7_steered(skb, dir)) {
+		rc = pal_to_l7_proxy(skb);
+		if (rc < 0)
+			return pal_drop_by(skb, cfg, ep, dir, &p->t,
+					   PAL_DROP_NO_PROXY, d.peer_id,
+					   d.policy_id, now);
+	} else {
+		rc = PAL_PASS;
+	}
 	if (pal_ct_create(ct_fwd, ep->ep_id, dir, &p->t, d.verdict, d.policy_id,
 			  d.peer_id, cfg->epoch, skb->len, p->tcp_flags,
 			  ct_flags, now) < 0)
@@ -656,7 +725,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	pal_count(ep->ep_id, dir, d.verdict, d.reason, skb->len);
 	pal_emit(skb->ifindex, skb->len, cfg, ep, dir, &p->t, PAL_EVENT_FLOW,
 		 d.verdict, d.reason, d.peer_id, d.policy_id, now);
-	return PAL_PASS;
+	return rc;
 }
 
 #endif /* PALISADE_DATAPATH_H */

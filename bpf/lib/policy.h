@@ -19,6 +19,7 @@ struct pal_decision {
 	__u32 policy_id;
 	__u8 verdict;
 	__s8 reason;
+	__u8 l7; /* allowed by L7 rules only: through the node's L7 proxy */
 };
 
 static __always_inline __u32 pal_identity_of(const __u8 *addr)
@@ -202,6 +203,7 @@ static __always_inline void pal_decide_tiers(const struct pal_endpoint *ep,
 		d->verdict = PAL_VERDICT_ALLOW;
 		d->reason = PAL_REASON_POLICY;
 		d->policy_id = v.policy_id;
+		d->l7 = (v.flags & PAL_POLICY_F_L7) != 0;
 		return;
 	}
 
@@ -229,6 +231,7 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 
 	d->peer_id = pal_identity_of(peer);
 	d->policy_id = 0;
+	d->l7 = 0;
 
 	if (d->peer_id == PAL_ID_HOST && (cfg->flags & PAL_CFG_ALLOW_HOST)) {
 		d->verdict = PAL_VERDICT_ALLOW;

@@ -146,10 +146,10 @@ pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()>
             .with_context(|| format!("bind the DNS proxy on port {}", opts.port))?
     };
     server
-        .set_proxy(ProxyConfig {
+        .update_proxy(|cfg| ProxyConfig {
             mark: opts.mark,
             dns_port: opts.port,
-            http_port: 0,
+            ..cfg
         })
         .context("tell the datapath where the DNS proxy listens")?;
     eprintln!(

@@ -6,6 +6,7 @@ mod agent;
 mod cluster;
 mod dns;
 mod etcd;
+mod l7;
 mod observe;
 mod output;
 mod serve;
@@ -182,6 +183,12 @@ enum Command {
         /// fails, closed).
         #[arg(long, default_value_t = 15053)]
         dns_proxy_port: u16,
+        /// Port of the L7 proxy (TCP, every address), where the datapath
+        /// steers the connections that only PalisadeNetworkPolicy HTTP
+        /// rules allow; 0 runs no proxy (those connections then fail,
+        /// closed).
+        #[arg(long, default_value_t = 15080)]
+        l7_proxy_port: u16,
         /// The packet mark (one bit) that routes redirected packets to the
         /// local table; pick a bit no other component uses (kube-proxy
         /// uses 0x4000 and 0x8000, Calico 0xffff0000, Cilium 0x0f00, the
@@ -853,6 +860,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kubeconfig,
             node_name,
             dns_proxy_port,
+            l7_proxy_port,
             proxy_mark,
             proxy_table,
             dns_min_ttl,
@@ -877,6 +885,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 grace: *dns_grace,
                 max_per_name: (*dns_max_addresses).max(1),
                 ..Default::default()
+            });
+            let l7 = (*l7_proxy_port != 0).then(|| l7::Options {
+                port: *l7_proxy_port,
+                mark: *proxy_mark,
+                table: *proxy_table,
             });
             let datastore = cli.datastore.settings()?;
             if *kubernetes && datastore.is_some() {
@@ -930,6 +943,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cluster,
                 etcd,
                 dns,
+                l7,
             )?;
             Ok(ExitCode::SUCCESS)
         }

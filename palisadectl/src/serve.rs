@@ -61,6 +61,7 @@ pub fn run(
     cluster: Option<crate::cluster::Options>,
     etcd: Option<crate::etcd::DaemonOptions>,
     dns: Option<palisade::dnsproxy::Options>,
+    l7: Option<crate::l7::Options>,
 ) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
     let start = Instant::now();
@@ -113,6 +114,12 @@ pub fn run(
         (None, None) => server
             .leave_cluster()
             .context("record that this node is not in cluster mode")?,
+    }
+    if let Some(o) = l7 {
+        // Without the proxy, L7 connections are dropped (fail closed).
+        if let Err(e) = crate::l7::start(Arc::clone(&server), o) {
+            eprintln!("palisade daemon: no L7 proxy: {e:#}");
+        }
     }
     if let Some(d) = dns {
         let records = crate::dns::Records::default();

@@ -21,8 +21,8 @@ use crate::{
     },
     identity::{IdentityKey, IdentityTable},
     policy::{
-        IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope, Peer,
-        Policy, PortMatch, PortRule, Protocol, Rule, tier::TierPolicy,
+        HttpRule, IpBlock, Labels, Mode, NamedPort, NamespaceInfo, NamespaceMap, NamespaceScope,
+        Peer, Policy, PortMatch, PortRule, Protocol, Rule, tier::TierPolicy,
     },
     tiers,
 };
@@ -185,6 +185,41 @@ pub fn ports_match(rule: &Rule, proto: u8, port: u16, dest_ports: &[NamedPort]) 
         }
     }
     None
+}
+
+/// The HTTP rules a rule's matching port entries carry for (protocol,
+/// port): `None` when no entry matches, an empty list when one without
+/// HTTP rules does (every request is allowed), else all of their rules.
+pub fn http_rules_of<'r>(
+    rule: &'r Rule,
+    proto: u8,
+    port: u16,
+    dest_ports: &[NamedPort],
+) -> Option<Vec<&'r HttpRule>> {
+    if rule.ports.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out: Option<Vec<&HttpRule>> = None;
+    for p in &rule.ports {
+        if p.protocol.number() != proto {
+            continue;
+        }
+        let hit = match &p.port {
+            PortMatch::All => true,
+            PortMatch::Range(a, b) => (*a..=*b).contains(&port),
+            PortMatch::Named(n) => dest_ports
+                .iter()
+                .any(|np| &np.name == n && np.protocol == p.protocol && np.port == port),
+        };
+        if !hit {
+            continue;
+        }
+        if p.http.is_empty() {
+            return Some(Vec::new());
+        }
+        out.get_or_insert_with(Vec::new).extend(&p.http);
+    }
+    out
 }
 
 /// Split an inclusive port range into (first port, prefix bits) pairs of

@@ -832,14 +832,35 @@ impl Server {
         Ok(crate::dnsproxy::dns_view(&state))
     }
 
-    /// Tell the datapath where the DNS proxy listens (a zero port: it
-    /// does not; redirected DNS is then dropped).
-    pub fn set_proxy(&self, cfg: crate::abi::ProxyConfig) -> Result<(), NodeError> {
+    /// Change where the node's proxies listen (a zero port: that proxy
+    /// does not; what the datapath steers to it is then dropped).
+    pub fn update_proxy(
+        &self,
+        f: impl FnOnce(crate::abi::ProxyConfig) -> crate::abi::ProxyConfig,
+    ) -> Result<(), NodeError> {
         self.node()?.dataplane.prepare()?;
-        Ok(crate::dataplane::kernel::set_proxy_config(
+        Ok(crate::dataplane::kernel::update_proxy_config(
             &self.bpf_root,
-            cfg,
+            f,
         )?)
+    }
+
+    /// Attach the L7 steering program to lo, in this thread's network
+    /// namespace (the node's); returns whether anything changed.
+    pub fn ensure_l7_steer(&self) -> Result<bool, NodeError> {
+        self.node()?.dataplane.prepare()?;
+        Ok(crate::dataplane::kernel::ensure_l7_steer(&self.bpf_root)?)
+    }
+
+    /// The HTTP rules the L7 proxy applies to a connection.
+    pub fn l7_connection(
+        &self,
+        client: std::net::IpAddr,
+        server: std::net::IpAddr,
+        port: u16,
+    ) -> Result<crate::l7::Connection, NodeError> {
+        let state = self.node()?.store.read()?;
+        Ok(crate::l7::connection(&state, client, server, port))
     }
 
     /// Sweep orphaned link pins (periodically, and at start).

@@ -10,9 +10,9 @@ use thiserror::Error;
 
 use crate::{
     abi::{Direction, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, proto_name},
-    compile::{PeerFacts, peer_matches, ports_match},
+    compile::{PeerFacts, http_rules_of, peer_matches, ports_match},
     policy::{
-        IpBlock, Labels, NamedPort, NamespaceInfo, Peer, Policy,
+        HttpRule, IpBlock, Labels, NamedPort, NamespaceInfo, Peer, Policy,
         tier::{Action, Tier, TierPort, TierRule},
     },
     store::{Endpoint, State},
@@ -151,6 +151,11 @@ pub struct Side {
     /// Allowed only because the isolating policies are in audit mode.
     pub audit: bool,
     pub reason: String,
+    /// Allowed by NetworkPolicy rules that all carry HTTP rules: the
+    /// connection goes through the node's L7 proxy, which allows the
+    /// requests one of these (policy, rule) match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<(String, HttpRule)>>,
 }
 
 /// The whole answer.
@@ -451,6 +456,8 @@ fn side(
     );
     let mut isolated_by = Vec::new();
     let mut allowed_by = Vec::new();
+    let mut http: Option<Vec<(String, HttpRule)>> = None;
+    let mut plain = false;
     let mut enforced = false;
     let mut sorted: Vec<&(u32, Policy)> = policies.iter().collect();
     sorted.sort_by(|a, b| {
@@ -484,6 +491,12 @@ fn side(
                     rule: format!("{}[{i}]", dir.as_str()),
                     ports,
                 });
+                match http_rules_of(r, proto, port, dest_ports) {
+                    Some(rules) if !rules.is_empty() => http
+                        .get_or_insert_with(Vec::new)
+                        .extend(rules.into_iter().map(|h| (p.key(), h.clone()))),
+                    _ => plain = true,
+                }
             }
         }
     }
@@ -597,6 +610,23 @@ fn side(
         && !isolated_by.is_empty()
         && !enforced
         && !peer.is_host;
+    // Through the L7 proxy: NetworkPolicy decided (no tier rule did, the
+    // node is not the peer), and every rule that allows carries HTTP rules.
+    let by_netpol = allowed
+        && !peer.is_host
+        && admin.is_none_or(|a| a == Action::Pass)
+        && !isolated_by.is_empty()
+        && !allowed_by.is_empty();
+    let http = if by_netpol && !plain { http } else { None };
+    let reason = match &http {
+        Some(rules) => format!(
+            "{reason}; only HTTP rules allow it, so it goes through the node's L7 proxy, which lets \
+             through the requests one of {} HTTP {} matches",
+            rules.len(),
+            if rules.len() == 1 { "rule" } else { "rules" }
+        ),
+        None => reason,
+    };
     Side {
         direction: dir,
         subject: subject_name,
@@ -606,6 +636,7 @@ fn side(
         allowed_by,
         allowed,
         reason,
+        http,
     }
 }
 

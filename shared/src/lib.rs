@@ -17,6 +17,7 @@ pub mod flows;
 pub mod fqdn;
 pub mod graph;
 pub mod identity;
+pub mod l7;
 pub mod learn;
 pub mod netlink;
 pub mod netns;

@@ -7,6 +7,7 @@ pub mod chain;
 pub mod cluster;
 pub mod dns;
 pub mod etcd;
+pub mod http;
 pub mod kubeapi;
 pub mod matrix;
 pub mod node;

@@ -165,6 +165,7 @@ fn hash_objects(from: &[u8], to: &[u8]) -> String {
     h.update(from);
     h.update(to);
     h.update(super::service::object());
+    h.update(L7_STEER_OBJ);
     let digest = h.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
@@ -1909,8 +1910,11 @@ impl Dataplane for KernelDataplane {
         };
         for e in entries.flatten() {
             let p = e.path();
-            // The Service hooks (service::ServiceHook) are not endpoints'.
-            if e.file_name().to_string_lossy().starts_with("service-") {
+            // The Service hooks (service::ServiceHook) and the node's own
+            // links (the L7 steering on lo) are not endpoints'.
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("service-") || name.starts_with("node-") {
                 continue;
             }
             if !keep.contains(&p) {
@@ -2289,6 +2293,114 @@ pub fn conntrack_addresses(root: &Path) -> Result<BTreeSet<IpAddr>, DataplaneErr
         out.insert(abi::ip_from16(k.daddr));
     }
     Ok(out)
+}
+
+/// Change `pal_proxy` under a bpf root (the datapath must be loaded): `f`
+/// gets the current configuration and returns the new one.
+pub fn update_proxy_config(
+    root: &Path,
+    f: impl FnOnce(abi::ProxyConfig) -> abi::ProxyConfig,
+) -> Result<(), DataplaneError> {
+    let path = super::map_pin(root, "pal_proxy");
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
+        what: "map pal_proxy".into(),
+        path: path.clone(),
+        source: e,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
+    let mut arr: Array<MapData, abi::ProxyConfig> = Map::from_map_data(data)
+        .map_err(|e| open_err(boxed(e)))?
+        .try_into()
+        .map_err(DataplaneError::map("pal_proxy"))?;
+    let now = arr.get(&0, 0).map_err(DataplaneError::map("pal_proxy"))?;
+    arr.set(0, f(now), 0)
+        .map_err(DataplaneError::map("pal_proxy"))
+}
+
+/// The L7 steering program on lo: its object, function and pins.
+static L7_STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l7_steer.o"));
+const L7_STEER_FUNCTION: &str = "pal_l7_steer";
+
+/// Attach this build's L7 steering program to tc ingress of `lo` in the
+/// calling thread's network namespace (the node's), pinned so that it
+/// stays while no daemon runs: packets the datapath steers to a proxy that
+/// is gone are then dropped there. A link of another build is replaced,
+/// the new one attached first. Returns whether anything changed.
+pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
+    let dp = KernelDataplane::new(root, AttachMode::Auto);
+    let prog_pin = dp.progs_dir().join("l7_steer");
+    // One link pin per build: `node-lo-l7-steer-<build>`.
+    let prefix = "node-lo-l7-steer-";
+    let link_pin = dp.links_dir().join(format!("{prefix}{}", dp.hash()));
+    if link_pin.exists() {
+        return Ok(false);
+    }
+    fs::create_dir_all(dp.links_dir()).map_err(fs_err("create", &dp.links_dir()))?;
+    if !prog_pin.exists() {
+        fs::create_dir_all(dp.progs_dir()).map_err(fs_err("create", &dp.progs_dir()))?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(dp.maps_dir());
+        let mut bpf = loader
+            .load(L7_STEER_OBJ)
+            .map_err(|e| DataplaneError::Load {
+                object: "l7_steer",
+                source: Box::new(e),
+            })?;
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(L7_STEER_FUNCTION)
+            .ok_or_else(|| {
+                DataplaneError::Other(format!("program {L7_STEER_FUNCTION} missing from object"))
+            })?
+            .try_into()
+            .map_err(|e: ProgramError| DataplaneError::Verify {
+                program: L7_STEER_FUNCTION,
+                source: Box::new(e),
+            })?;
+        prog.load().map_err(|e| DataplaneError::Verify {
+            program: L7_STEER_FUNCTION,
+            source: Box::new(e),
+        })?;
+        prog.pin(&prog_pin).map_err(|e| DataplaneError::Pin {
+            what: format!("program {L7_STEER_FUNCTION}"),
+            path: prog_pin.clone(),
+            source: boxed(e),
+        })?;
+    }
+    let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+        hook: "ingress",
+        ifname: "lo".into(),
+        ifindex: 1,
+        source: e,
+    };
+    let mut prog = SchedClassifier::from_pin(&prog_pin).map_err(|e| DataplaneError::OpenPin {
+        what: format!("program {L7_STEER_FUNCTION}"),
+        path: prog_pin.clone(),
+        source: boxed(e),
+    })?;
+    let id = prog
+        .attach_with_options(
+            "lo",
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .map_err(|e| attach_err(boxed(e)))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
+    let fd: FdLink = link.try_into().map_err(|e| attach_err(boxed(e)))?;
+    fd.pin(&link_pin).map_err(|e| DataplaneError::Pin {
+        what: "tc ingress link of lo".into(),
+        path: link_pin.clone(),
+        source: boxed(e),
+    })?;
+    // Other builds' links go once this one is in place.
+    if let Ok(entries) = fs::read_dir(dp.links_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with(prefix) && e.path() != link_pin {
+                fs::remove_file(e.path()).map_err(fs_err("remove", &e.path()))?;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Write `pal_proxy` under a bpf root (the datapath must be loaded).

@@ -45,6 +45,7 @@ fn ports(arg: Option<&String>) -> Vec<u16> {
 fn usage() -> ! {
     eprintln!(
         "usage: palisade-probe serve --ports 80,81\n       \
+         palisade-probe http --ports 80,8080\n       \
          palisade-probe rr --to ADDR:PORT --count N [--size BYTES] [--timeout-ms MS] [--interval-us US] [--connect-each]"
     );
     std::process::exit(2);
@@ -61,7 +62,97 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args),
         Some("rr") => rr(&args),
+        Some("http") => http(&args),
         _ => usage(),
+    }
+}
+
+/// `palisade-probe http --ports 80,8080`: a small HTTP/1.1 server (IPv4
+/// and IPv6, keep-alive, pipelining) whose every answer is `200` with the
+/// body `METHOD PATH from CLIENT-ADDRESS` and the request's `x-*` headers
+/// echoed back. Prints `ready` once bound.
+fn http(args: &[String]) {
+    let ports = ports(flag(args, "--ports"));
+    for port in ports {
+        let s = dual_stack(Type::STREAM, Protocol::TCP, port)
+            .unwrap_or_else(|e| panic!("bind {port}: {e}"));
+        s.listen(128)
+            .unwrap_or_else(|e| panic!("listen {port}: {e}"));
+        let listener: TcpListener = s.into();
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                thread::spawn(move || http_conn(conn));
+            }
+        });
+    }
+    println!("ready");
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn http_conn(conn: TcpStream) {
+    use std::io::BufRead;
+    let peer = conn
+        .peer_addr()
+        .map(|a| match a {
+            SocketAddr::V6(v6) => v6
+                .ip()
+                .to_ipv4_mapped()
+                .map_or_else(|| v6.ip().to_string(), |v4| v4.to_string()),
+            SocketAddr::V4(v4) => v4.ip().to_string(),
+        })
+        .unwrap_or_default();
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut r = std::io::BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let (method, path) = (method.to_owned(), path.to_owned());
+        let mut length = 0usize;
+        let mut close = false;
+        let mut echo = String::new();
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = h.split_once(':') {
+                let name = name.trim().to_ascii_lowercase();
+                let value = value.trim();
+                if name == "content-length" {
+                    length = value.parse().unwrap_or(0);
+                } else if name == "connection" && value.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if name.starts_with("x-") {
+                    echo += &format!("{name}: {value}\r\n");
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer = format!("{method} {path} from {peer}\n");
+        let msg = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{echo}\r\n{answer}",
+            answer.len()
+        );
+        if out.write_all(msg.as_bytes()).is_err() || close {
+            return;
+        }
     }
 }
 

@@ -1,0 +1,336 @@
+//! The L7 proxy inside `palisadectl daemon`: the datapath steers the
+//! connections of L7 flows to its transparent listener (through lo, see
+//! bpf/l7_steer.c); it judges every request against the HTTP rules that
+//! govern the connection and forwards the allowed ones to the server the
+//! client asked for, from the client's own address and port.
+//!
+//! What the server sees: the client's address and port, as without the
+//! proxy (the upstream socket binds them, IP_TRANSPARENT), so its own
+//! ingress policy judges the real client. Denied requests get `403` with
+//! the deciding policies in `x-palisade-policy`, and never reach it.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    client::conn::http1::SendRequest,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use palisade::{
+    abi::ProxyConfig,
+    daemon::Server,
+    dnsproxy,
+    l7::{self, Connection, Verdict},
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The proxy's settings (`palisadectl daemon`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The transparent listener's port, on every address.
+    pub port: u16,
+    /// The mark (and table) that route steered packets to the node.
+    pub mark: u32,
+    pub table: u32,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The rules of each connection, as last computed; forgotten when the
+/// store's generation moves.
+struct Rules {
+    server: Arc<Server>,
+    cache: Mutex<(u64, HashMap<(IpAddr, IpAddr, u16), Arc<Connection>>)>,
+}
+
+impl Rules {
+    fn get(&self, client: IpAddr, server: IpAddr, port: u16) -> Arc<Connection> {
+        let generation = self.server.store_generation();
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if c.0 != generation {
+                *c = (generation, HashMap::new());
+            }
+            if let Some(conn) = c.1.get(&(client, server, port)) {
+                return Arc::clone(conn);
+            }
+        }
+        let conn = Arc::new(match self.server.l7_connection(client, server, port) {
+            Ok(c) => c,
+            Err(e) => {
+                // Fail closed: a side with no rule allows nothing.
+                tracing::warn!("L7 proxy: cannot read the node's policies: {e}");
+                Connection {
+                    client: client.to_string(),
+                    server: server.to_string(),
+                    sides: vec![l7::SideRules {
+                        direction: palisade::abi::Direction::Ingress,
+                        subject: server.to_string(),
+                        matchers: Vec::new(),
+                    }],
+                }
+            }
+        });
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.0 == generation && c.1.len() < 100_000 {
+            c.1.insert((client, server, port), Arc::clone(&conn));
+        }
+        conn
+    }
+}
+
+/// An IPv4 address as the dual-stack listener reports it (`::ffff:a.b.c.d`)
+/// back to IPv4.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
+/// The transparent listener: every address, IPv4 and IPv6.
+fn bind(port: u16) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent_v6(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Connect to `server` from `client` (the client's own address and port).
+async fn connect_as(client: SocketAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = if server.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if server.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&client.into())?;
+    let std: std::net::TcpStream = s.into();
+    TcpSocket::from_std_stream(std).connect(server).await
+}
+
+fn text(status: StatusCode, body: String, policy: Option<String>) -> Response<Body> {
+    let mut r = Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8");
+    if let Some(p) = policy {
+        r = r.header("x-palisade-policy", p);
+    }
+    r.body(
+        Full::new(Bytes::from(body))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    )
+    .expect("a valid response")
+}
+
+fn denial(req: &Request<Incoming>, v: &Verdict) -> Response<Body> {
+    let policies = v.policies.join(", ");
+    text(
+        StatusCode::FORBIDDEN,
+        format!(
+            "Forbidden by palisade: no HTTP rule of {} allows {} {}\n",
+            if policies.is_empty() {
+                "the policies (unavailable)"
+            } else {
+                &policies
+            },
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        ),
+        Some(policies),
+    )
+}
+
+/// One client connection: each request judged on its own; the upstream
+/// connection opened at the first allowed one.
+async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
+    let (Ok(client), Ok(target)) = (stream.peer_addr(), stream.local_addr()) else {
+        return;
+    };
+    let (client, target) = (unmap(client), unmap(target));
+    let conn = {
+        let rules = Arc::clone(&rules);
+        match tokio::task::spawn_blocking(move || {
+            rules.get(client.ip(), target.ip(), target.port())
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(_) => return,
+        }
+    };
+    let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let conn = Arc::clone(&conn);
+        let upstream = Arc::clone(&upstream);
+        async move {
+            let host = req
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()));
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+            let verdict = {
+                let headers = req.headers();
+                let header = |name: &str| -> Vec<&str> {
+                    headers
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect()
+                };
+                conn.judge(
+                    &l7::Request {
+                        method: req.method().as_str(),
+                        path: &path,
+                        host: host.as_deref(),
+                    },
+                    &header,
+                )
+            };
+            if !verdict.allowed {
+                tracing::info!(
+                    "L7 proxy: denied {} {} from {} to {} ({})",
+                    req.method(),
+                    path,
+                    conn.client,
+                    conn.server,
+                    verdict.policies.join(", ")
+                );
+                return Ok::<_, hyper::Error>(denial(&req, &verdict));
+            }
+            let mut guard = upstream.lock().await;
+            if guard.as_ref().is_none_or(|s| s.is_closed()) {
+                let io = match connect_as(client, target).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Ok(text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("palisade L7 proxy: cannot reach {target}: {e}\n"),
+                            None,
+                        ));
+                    }
+                };
+                let (sender, connection) =
+                    match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            return Ok(text(
+                                StatusCode::BAD_GATEWAY,
+                                format!("palisade L7 proxy: {target}: {e}\n"),
+                                None,
+                            ));
+                        }
+                    };
+                tokio::spawn(async move {
+                    let _ended = connection.await;
+                });
+                *guard = Some(sender);
+            }
+            let sender = guard.as_mut().expect("connected above");
+            match sender.send_request(req).await {
+                Ok(resp) => Ok(resp.map(BodyExt::boxed)),
+                Err(e) => Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("palisade L7 proxy: {target}: {e}\n"),
+                    None,
+                )),
+            }
+        }
+    });
+    let _done = hyper::server::conn::http1::Builder::new()
+        .pipeline_flush(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn serve(listener: TcpListener, rules: Arc<Rules>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, Arc::clone(&rules)));
+            }
+            Err(e) => {
+                tracing::warn!("L7 proxy: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Start the proxy on its own threads. Fails when the listener cannot be
+/// bound, the routing or the steering program cannot be set up; the
+/// datapath then keeps dropping L7 connections (fail closed).
+pub fn start(server: Arc<Server>, opts: Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("l7-proxy")
+        .enable_all()
+        .build()
+        .context("start the L7 proxy's runtime")?;
+    rt.block_on(dnsproxy::ensure_routing(opts.mark, opts.table))
+        .context("route marked packets to the local table")?;
+    server
+        .ensure_l7_steer()
+        .context("attach the L7 steering program to lo")?;
+    // A routed node (Calico's, ptp) looks up a socket for every TCP
+    // packet it forwards ("early demux"); one found (the proxy's, for the
+    // tuple it took over) makes the stack drop the packet instead of
+    // forwarding it to the container's veth, where palisade steers it.
+    std::fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0")
+        .context("turn off TCP early demux (net.ipv4.tcp_early_demux)")?;
+    let listener = {
+        let _guard = rt.enter();
+        bind(opts.port).with_context(|| format!("bind the L7 proxy on port {}", opts.port))?
+    };
+    server
+        .update_proxy(|cfg| ProxyConfig {
+            mark: opts.mark,
+            http_port: opts.port,
+            ..cfg
+        })
+        .context("tell the datapath where the L7 proxy listens")?;
+    eprintln!(
+        "palisade daemon: L7 proxy on port {0} (mark {1:#x}, table {2})",
+        opts.port, opts.mark, opts.table
+    );
+    let rules = Arc::new(Rules {
+        server,
+        cache: Mutex::new((u64::MAX, HashMap::new())),
+    });
+    thread::Builder::new()
+        .name("l7-proxy".into())
+        .spawn(move || rt.block_on(serve(listener, rules)))
+        .context("start the L7 proxy's thread")?;
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! L7 (HTTP) policy with real traffic: a PalisadeNetworkPolicy's
+//! `rules.http` on a pod's ingress or egress steers the connections only
+//! those rules allow to the node's L7 proxy (in the daemon), which lets
+//! through the requests a rule matches and answers the others `403`.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use testbed::{
+    http::{HttpServer, Reply, Req, exchange},
+    node::{Node, NodeOptions, Pod, Primary},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+const API_POLICY: &str = r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: api-http, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports:
+    - port: 80
+      rules:
+        http:
+        - method: GET
+          path: "/books(/.*)?"
+        - method: POST
+          path: /books
+          headers: ["X-Team: blue"]
+    - port: 8080
+"#;
+
+const WEB_EGRESS: &str = r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: web-out, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: api}}}]
+    ports:
+    - port: 80
+      rules:
+        http: [{method: GET}]
+    - port: 8080
+"#;
+
+fn pod_object(name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
+    )
+}
+
+struct Bed {
+    n: Node,
+    api: Arc<Pod>,
+    web: Arc<Pod>,
+    other: Arc<Pod>,
+    _http: HttpServer,
+}
+
+fn bed(primary: Primary) -> Bed {
+    let n = Node::new(NodeOptions {
+        ipv6: true,
+        daemon: true,
+        primary,
+        ..Default::default()
+    });
+    let api = n.add_pod("app", "api", &[]);
+    let web = n.add_pod("app", "web", &[]);
+    let other = n.add_pod("app", "other", &[]);
+    let http = HttpServer::start(&api.netns, &[80, 8080]);
+    for (name, app) in [("api", "api"), ("web", "web"), ("other", "other")] {
+        n.apply(&pod_object(name, app));
+    }
+    n.apply(API_POLICY);
+    Bed {
+        n,
+        api,
+        web,
+        other,
+        _http: http,
+    }
+}
+
+fn daemon_log(n: &Node) -> String {
+    if let Ok(secs) = std::env::var("PAL_L7_DEBUG_SLEEP") {
+        eprintln!("DEBUG: node netns {}", n.netns.name);
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap()));
+    }
+    std::fs::read_to_string(n.daemon_log()).unwrap_or_default()
+}
+
+fn send(from: &Pod, to: IpAddr, port: u16, reqs: &[Req]) -> std::io::Result<Vec<Reply>> {
+    exchange(&from.netns, to, port, reqs, TIMEOUT)
+}
+
+fn statuses(r: &std::io::Result<Vec<Reply>>) -> Option<Vec<u16>> {
+    r.as_ref()
+        .ok()
+        .map(|v| v.iter().map(|x| x.status).collect())
+}
+
+/// Wait (generously: a loaded CI machine) until the requests get these
+/// statuses; the replies.
+fn wait_for(
+    n: &Node,
+    what: &str,
+    from: &Pod,
+    to: IpAddr,
+    port: u16,
+    reqs: &[Req],
+    want: &[u16],
+) -> Vec<Reply> {
+    let deadline = Instant::now()
+        + Duration::from_secs(if std::env::var("PAL_L7_DEBUG_SLEEP").is_ok() {
+            5
+        } else {
+            60
+        });
+    let mut last;
+    loop {
+        let r = send(from, to, port, reqs);
+        if statuses(&r).as_deref() == Some(want) {
+            return r.unwrap();
+        }
+        last = format!(
+            "{:?}",
+            r.map(|v| v
+                .iter()
+                .map(|x| (x.status, x.body.clone()))
+                .collect::<Vec<_>>())
+        );
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: wanted {want:?}, last got {last} (60 s); daemon log:\n{}",
+                daemon_log(n)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn http_rules_on_ingress_allow_matching_requests_and_deny_the_others_with_403() {
+    let b = bed(Primary::Bridge);
+    let (n, api, web) = (&b.n, &b.api, &b.web);
+    for v6 in [false, true] {
+        let to = api.addr(v6);
+        let ok = wait_for(
+            n,
+            "GET /books/1",
+            web,
+            to,
+            80,
+            &[Req::new("GET", "/books/1")],
+            &[200],
+        );
+        // The server sees the client itself, not the node or the proxy.
+        assert_eq!(
+            ok[0].body.trim(),
+            format!("GET /books/1 from {}", web.addr(v6)),
+            "the server must see the client's own address"
+        );
+        let denied = send(web, to, 80, &[Req::new("DELETE", "/books/1")]).unwrap();
+        assert_eq!(denied[0].status, 403, "{:?}", denied[0]);
+        assert!(
+            denied[0]
+                .header("x-palisade-policy")
+                .is_some_and(|p| p.contains("api-http")),
+            "the deciding policy is named: {:?}",
+            denied[0]
+        );
+    }
+    let to = api.addr(false);
+    // Keep-alive: each request on one connection is judged on its own.
+    let seq = send(
+        web,
+        to,
+        80,
+        &[
+            Req::new("GET", "/books/1"),
+            Req::new("DELETE", "/books/1"),
+            Req::new("GET", "/books"),
+            Req::new("GET", "/admin"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        seq.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [200, 403, 200, 403]
+    );
+    // Headers: present with the value the rule gives.
+    let posts = send(
+        web,
+        to,
+        80,
+        &[
+            Req::new("POST", "/books"),
+            Req::new("POST", "/books").header("X-Team", "red"),
+            Req::new("POST", "/books").header("X-Team", "blue"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        posts.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [403, 403, 200]
+    );
+    // Port 8080 has no HTTP rules: every request passes, directly.
+    let plain = send(web, to, 8080, &[Req::new("DELETE", "/anything")]).unwrap();
+    assert_eq!(plain[0].status, 200);
+    // A pod no rule allows cannot connect at all (L3/L4).
+    assert!(
+        send(&b.other, to, 80, &[Req::new("GET", "/books/1")]).is_err(),
+        "other must not reach api:80"
+    );
+
+    // An egress policy on the client adds its own HTTP rules: both sides
+    // must allow.
+    n.apply(WEB_EGRESS);
+    wait_for(
+        n,
+        "POST denied by the client's egress rules",
+        web,
+        to,
+        80,
+        &[Req::new("POST", "/books").header("X-Team", "blue")],
+        &[403],
+    );
+    let both = send(web, to, 80, &[Req::new("GET", "/books/1")]).unwrap();
+    assert_eq!(both[0].status, 200);
+    n.delete(WEB_EGRESS);
+
+    // The proxy gone (the daemon killed): L7 connections fail, closed;
+    // the other port is untouched. Back when it restarts.
+    n.kill_daemon();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while send(web, to, 80, &[Req::new("GET", "/books/1")]).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "requests still pass with the daemon killed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        statuses(&send(web, to, 8080, &[Req::new("GET", "/")])),
+        Some(vec![200])
+    );
+    n.start_daemon();
+    wait_for(
+        n,
+        "GET after the restart",
+        web,
+        to,
+        80,
+        &[Req::new("GET", "/books/1")],
+        &[200],
+    );
+    let denied = send(web, to, 80, &[Req::new("DELETE", "/books/1")]).unwrap();
+    assert_eq!(denied[0].status, 403);
+}
+
+#[test]
+fn http_rules_hold_behind_a_routed_primary_plugin() {
+    let b = bed(Primary::Ptp);
+    let (n, api, web) = (&b.n, &b.api, &b.web);
+    let to = api.addr(false);
+    wait_for(
+        n,
+        "GET /books/1",
+        web,
+        to,
+        80,
+        &[Req::new("GET", "/books/1")],
+        &[200],
+    );
+    let denied = send(web, to, 80, &[Req::new("DELETE", "/books/1")]).unwrap();
+    assert_eq!(denied[0].status, 403);
+}
