@@ -15,7 +15,7 @@ use std::{
 };
 
 use testbed::{
-    http::{HttpServer, Reply, Req, exchange},
+    http::{HttpServer, Reply, Req, exchange, h2_exchange, raw_exchange, upgrade_echo},
     node::{Node, NodeOptions, Pod, Primary},
 };
 
@@ -40,6 +40,13 @@ spec:
           path: /books
           headers: ["X-Team: blue"]
     - port: 8080
+    - port: 50051
+      rules:
+        http:
+        - method: POST
+          path: /bookstore\.Books/GetBook
+        - method: GET
+          path: "/books(/.*)?"
 "#;
 
 const WEB_EGRESS: &str = r#"
@@ -82,7 +89,7 @@ fn bed(primary: Primary) -> Bed {
     let api = n.add_pod("app", "api", &[]);
     let web = n.add_pod("app", "web", &[]);
     let other = n.add_pod("app", "other", &[]);
-    let http = HttpServer::start(&api.netns, &[80, 8080]);
+    let http = HttpServer::start(&api.netns, &[80, 8080, 50051]);
     for (name, app) in [("api", "api"), ("web", "web"), ("other", "other")] {
         n.apply(&pod_object(name, app));
     }
@@ -289,4 +296,81 @@ fn http_rules_hold_behind_a_routed_primary_plugin() {
     );
     let denied = send(web, to, 80, &[Req::new("DELETE", "/books/1")]).unwrap();
     assert_eq!(denied[0].status, 403);
+}
+
+#[test]
+fn grpc_and_http2_calls_are_judged_one_by_one_and_upgrades_pass_when_allowed() {
+    let b = bed(Primary::Bridge);
+    let (n, api, web) = (&b.n, &b.api, &b.web);
+    let to = api.addr(false);
+    wait_for(
+        n,
+        "GET /books/1",
+        web,
+        to,
+        80,
+        &[Req::new("GET", "/books/1")],
+        &[200],
+    );
+    for v6 in [false, true] {
+        let to = api.addr(v6);
+        // One HTTP/2 connection: gRPC calls and plain requests, each
+        // judged on its own.
+        let calls = h2_exchange(
+            &web.netns,
+            to,
+            50051,
+            &[
+                ("/bookstore.Books/GetBook", true),
+                ("/bookstore.Books/DeleteBook", true),
+                ("/books/1", false),
+                ("/admin", false),
+                ("/bookstore.Books/GetBook", true),
+            ],
+            TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("HTTP/2 exchange: {e}\n{}", daemon_log(n)));
+        let got: Vec<(u16, u32)> = calls.iter().map(|(s, g)| (*s, g.status)).collect();
+        assert_eq!(
+            got,
+            [
+                (200, 0),
+                (200, 7),
+                (200, u32::MAX),
+                (403, u32::MAX),
+                (200, 0)
+            ],
+            "{calls:?}"
+        );
+        // The allowed call reached the server and came back whole.
+        assert_eq!(calls[0].1.body, [0, 0, 0, 0, 3, 0x0a, 0x01, 0x78]);
+        // The denied one: PERMISSION_DENIED naming the policy, and nothing
+        // from the server.
+        assert!(
+            calls[1]
+                .1
+                .policy
+                .as_deref()
+                .is_some_and(|p| p.contains("api-http")),
+            "{:?}",
+            calls[1]
+        );
+        assert!(calls[1].1.body.is_empty());
+    }
+    // A WebSocket upgrade on an allowed path is joined through; on a
+    // denied one it is answered 403.
+    let (status, echoed) = upgrade_echo(&web.netns, to, 80, "/books/live", TIMEOUT).unwrap();
+    assert_eq!(status, 101);
+    assert_eq!(
+        echoed.as_deref(),
+        Some("ping over the upgraded connection\n")
+    );
+    let (status, echoed) = upgrade_echo(&web.netns, to, 80, "/admin/live", TIMEOUT).unwrap();
+    assert_eq!((status, echoed), (403, None));
+    // Bytes that are not HTTP: the connection is closed, and nothing
+    // reaches the server (it would answer).
+    let raw = raw_exchange(&web.netns, to, 80, b"hello, not http\r\n\r\n", TIMEOUT)
+        .expect("the proxy must close the connection");
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(!raw.contains(" from "), "the server answered: {raw}");
 }

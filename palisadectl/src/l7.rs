@@ -22,10 +22,12 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    client::conn::http1::SendRequest,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use palisade::{
     abi::ProxyConfig,
     daemon::Server,
@@ -149,25 +151,149 @@ fn text(status: StatusCode, body: String, policy: Option<String>) -> Response<Bo
     .expect("a valid response")
 }
 
+/// Whether the request is gRPC (its denial is a gRPC status, not a page).
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
 fn denial(req: &Request<Incoming>, v: &Verdict) -> Response<Body> {
     let policies = v.policies.join(", ");
+    let what = format!(
+        "no HTTP rule of {} allows {} {}",
+        if policies.is_empty() {
+            "the policies (unavailable)"
+        } else {
+            &policies
+        },
+        req.method(),
+        req.uri().path_and_query().map_or("/", |p| p.as_str())
+    );
+    if is_grpc(req) {
+        // A trailers-only answer: PERMISSION_DENIED.
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "7")
+            .header("grpc-message", format!("denied by palisade: {what}"))
+            .header("x-palisade-policy", policies)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never: Infallible| match never {})
+                    .boxed(),
+            )
+            .expect("a valid response");
+    }
     text(
         StatusCode::FORBIDDEN,
-        format!(
-            "Forbidden by palisade: no HTTP rule of {} allows {} {}\n",
-            if policies.is_empty() {
-                "the policies (unavailable)"
-            } else {
-                &policies
-            },
-            req.method(),
-            req.uri().path_and_query().map_or("/", |p| p.as_str())
-        ),
+        format!("Forbidden by palisade: {what}\n"),
         Some(policies),
     )
 }
 
-/// One client connection: each request judged on its own; the upstream
+/// The connection to the server, opened at the first allowed request in
+/// the client's HTTP version.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    fn usable(&self) -> bool {
+        match self {
+            Self::H1(s) => !s.is_closed(),
+            Self::H2(s) => !s.is_closed(),
+        }
+    }
+}
+
+async fn open_upstream(
+    client: SocketAddr,
+    target: SocketAddr,
+    h2: bool,
+) -> Result<Upstream, String> {
+    let io = connect_as(client, target)
+        .await
+        .map_err(|e| format!("cannot reach {target}: {e}"))?;
+    let io = TokioIo::new(io);
+    if h2 {
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| format!("{target}: {e}"))?;
+        tokio::spawn(async move {
+            let _ended = connection.await;
+        });
+        Ok(Upstream::H2(sender))
+    } else {
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("{target}: {e}"))?;
+        tokio::spawn(async move {
+            let _ended = connection.with_upgrades().await;
+        });
+        Ok(Upstream::H1(sender))
+    }
+}
+
+/// Forward an allowed request over the connection's upstream (opening it
+/// first if needed).
+async fn forward(
+    mut req: Request<Incoming>,
+    upstream: &tokio::sync::Mutex<Option<Upstream>>,
+    client: SocketAddr,
+    target: SocketAddr,
+) -> Response<Body> {
+    let h2 = req.version() == hyper::Version::HTTP_2;
+    let bad_gateway = |e: String| {
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("palisade L7 proxy: {e}\n"),
+            None,
+        )
+    };
+    let mut guard = upstream.lock().await;
+    if guard.as_ref().is_none_or(|u| !u.usable()) {
+        match open_upstream(client, target, h2).await {
+            Ok(u) => *guard = Some(u),
+            Err(e) => return bad_gateway(e),
+        }
+    }
+    // An allowed upgrade (WebSocket): once the server agrees, the two
+    // connections are joined and bytes flow as they are.
+    let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+    let client_side = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let sent = match guard.as_mut().expect("opened above") {
+        Upstream::H2(s) => {
+            // Streams go concurrently: the lock is not held while waiting.
+            let mut s = s.clone();
+            drop(guard);
+            s.send_request(req).await
+        }
+        Upstream::H1(s) => s.send_request(req).await,
+    };
+    match sent {
+        Ok(mut resp) => {
+            if let Some(client_side) = client_side
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let server_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(s)) = (client_side.await, server_side.await) {
+                        let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                        let _copied = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                });
+            }
+            resp.map(BodyExt::boxed)
+        }
+        Err(e) => bad_gateway(format!("{target}: {e}")),
+    }
+}
+
+/// One client connection (HTTP/1.1, or HTTP/2 with prior knowledge as
+/// gRPC speaks it): each request judged on its own; the upstream
 /// connection opened at the first allowed one.
 async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
     let (Ok(client), Ok(target)) = (stream.peer_addr(), stream.local_addr()) else {
@@ -185,7 +311,7 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
             Err(_) => return,
         }
     };
-    let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+    let upstream: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = Arc::clone(&conn);
         let upstream = Arc::clone(&upstream);
@@ -227,50 +353,16 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
                     conn.server,
                     verdict.policies.join(", ")
                 );
-                return Ok::<_, hyper::Error>(denial(&req, &verdict));
+                return Ok::<_, Infallible>(denial(&req, &verdict));
             }
-            let mut guard = upstream.lock().await;
-            if guard.as_ref().is_none_or(|s| s.is_closed()) {
-                let io = match connect_as(client, target).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Ok(text(
-                            StatusCode::BAD_GATEWAY,
-                            format!("palisade L7 proxy: cannot reach {target}: {e}\n"),
-                            None,
-                        ));
-                    }
-                };
-                let (sender, connection) =
-                    match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            return Ok(text(
-                                StatusCode::BAD_GATEWAY,
-                                format!("palisade L7 proxy: {target}: {e}\n"),
-                                None,
-                            ));
-                        }
-                    };
-                tokio::spawn(async move {
-                    let _ended = connection.await;
-                });
-                *guard = Some(sender);
-            }
-            let sender = guard.as_mut().expect("connected above");
-            match sender.send_request(req).await {
-                Ok(resp) => Ok(resp.map(BodyExt::boxed)),
-                Err(e) => Ok(text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("palisade L7 proxy: {target}: {e}\n"),
-                    None,
-                )),
-            }
+            Ok(forward(req, &upstream, client, target).await)
         }
     });
-    let _done = hyper::server::conn::http1::Builder::new()
-        .pipeline_flush(true)
-        .serve_connection(TokioIo::new(stream), service)
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().pipeline_flush(true);
+    // Bytes that are not HTTP end the connection.
+    let _done = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
 }
 

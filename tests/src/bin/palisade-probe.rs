@@ -67,93 +67,128 @@ fn main() {
     }
 }
 
-/// `palisade-probe http --ports 80,8080`: a small HTTP/1.1 server (IPv4
-/// and IPv6, keep-alive, pipelining) whose every answer is `200` with the
-/// body `METHOD PATH from CLIENT-ADDRESS` and the request's `x-*` headers
-/// echoed back. Prints `ready` once bound.
+/// `palisade-probe http --ports 80,8080`: a small HTTP server (IPv4 and
+/// IPv6; HTTP/1.1 with keep-alive and pipelining, HTTP/2 with prior
+/// knowledge) whose every answer is `200` with the body `METHOD PATH from
+/// CLIENT-ADDRESS` and the request's `x-*` headers echoed back. A gRPC
+/// call (`content-type: application/grpc`) is answered as gRPC: its
+/// message echoed back, status OK in the trailers. An upgrade request
+/// (WebSocket) is accepted and the connection then echoes bytes. Prints
+/// `ready` once bound.
 fn http(args: &[String]) {
     let ports = ports(flag(args, "--ports"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let mut listeners = Vec::new();
     for port in ports {
         let s = dual_stack(Type::STREAM, Protocol::TCP, port)
             .unwrap_or_else(|e| panic!("bind {port}: {e}"));
         s.listen(128)
             .unwrap_or_else(|e| panic!("listen {port}: {e}"));
-        let listener: TcpListener = s.into();
-        thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                thread::spawn(move || http_conn(conn));
-            }
-        });
+        s.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+        listeners.push(TcpListener::from(s));
     }
-    println!("ready");
-    loop {
-        thread::sleep(Duration::from_secs(3600));
-    }
+    rt.block_on(async move {
+        for l in listeners {
+            let l = tokio::net::TcpListener::from_std(l).unwrap_or_else(|e| panic!("{e}"));
+            tokio::spawn(async move {
+                while let Ok((conn, peer)) = l.accept().await {
+                    tokio::spawn(http_conn(conn, peer));
+                }
+            });
+        }
+        println!("ready");
+        std::future::pending::<()>().await;
+    });
 }
 
-fn http_conn(conn: TcpStream) {
-    use std::io::BufRead;
-    let peer = conn
-        .peer_addr()
-        .map(|a| match a {
-            SocketAddr::V6(v6) => v6
-                .ip()
-                .to_ipv4_mapped()
-                .map_or_else(|| v6.ip().to_string(), |v4| v4.to_string()),
-            SocketAddr::V4(v4) => v4.ip().to_string(),
-        })
-        .unwrap_or_default();
-    let Ok(mut out) = conn.try_clone() else {
-        return;
+type ProbeBody = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Error>;
+
+async fn http_conn(conn: tokio::net::TcpStream, peer: SocketAddr) {
+    use http_body_util::BodyExt;
+    let peer = match peer {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or_else(|| v6.ip().to_string(), |v4| v4.to_string()),
+        SocketAddr::V4(v4) => v4.ip().to_string(),
     };
-    let mut r = std::io::BufReader::new(conn);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-            return;
-        };
-        let (method, path) = (method.to_owned(), path.to_owned());
-        let mut length = 0usize;
-        let mut close = false;
-        let mut echo = String::new();
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = h.split_once(':') {
-                let name = name.trim().to_ascii_lowercase();
-                let value = value.trim();
-                if name == "content-length" {
-                    length = value.parse().unwrap_or(0);
-                } else if name == "connection" && value.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if name.starts_with("x-") {
-                    echo += &format!("{name}: {value}\r\n");
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let peer = peer.clone();
+            async move {
+                let grpc = req
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/grpc"));
+                let full = |b: hyper::body::Bytes| -> ProbeBody {
+                    http_body_util::Full::new(b)
+                        .map_err(|never: std::convert::Infallible| match never {})
+                        .boxed()
+                };
+                if req.headers().contains_key("upgrade") {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = on.await {
+                            let mut io = hyper_util::rt::TokioIo::new(up);
+                            let (mut r, mut w) = tokio::io::split(&mut io);
+                            let _copied = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    return Ok::<_, hyper::Error>(
+                        hyper::Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "websocket")
+                            .body(full(hyper::body::Bytes::new()))
+                            .expect("response"),
+                    );
                 }
+                let mut echo = Vec::new();
+                for (name, value) in req.headers() {
+                    if name.as_str().starts_with("x-") {
+                        echo.push((name.clone(), value.clone()));
+                    }
+                }
+                let line = format!(
+                    "{} {} from {peer}\n",
+                    req.method(),
+                    req.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
+                let body = req.into_body().collect().await?.to_bytes();
+                if grpc {
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    let frames = vec![
+                        Ok(hyper::body::Frame::data(body)),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    let stream = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                    return Ok(hyper::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/grpc")
+                        .header("x-served-by", line.trim())
+                        .body(stream.boxed())
+                        .expect("response"));
+                }
+                let mut resp = hyper::Response::builder()
+                    .status(200)
+                    .header("content-type", "text/plain");
+                for (n, v) in echo {
+                    resp = resp.header(n, v);
+                }
+                Ok(resp.body(full(line.into())).expect("response"))
             }
-        }
-        let mut body = vec![0u8; length];
-        if r.read_exact(&mut body).is_err() {
-            return;
-        }
-        let answer = format!("{method} {path} from {peer}\n");
-        let msg = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{echo}\r\n{answer}",
-            answer.len()
-        );
-        if out.write_all(msg.as_bytes()).is_err() || close {
-            return;
-        }
-    }
+        });
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let _done = builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(conn), service)
+        .await;
 }
 
 /// One request/response over `conn` (connecting first if there is none).
