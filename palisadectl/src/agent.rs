@@ -40,6 +40,8 @@ pub struct Options {
     pub cluster: Option<Arc<crate::cluster::Metrics>>,
     /// Queries the DNS proxy answered, to write into the flow log.
     pub dns_records: Option<crate::dns::Records>,
+    /// Requests the L7 proxy judged, to write into the flow log.
+    pub http_records: Option<crate::l7::Records>,
     /// Map capacities given on the command line (`--map-size`).
     pub map_sizes: Option<palisade::dataplane::MapSizes>,
 }
@@ -50,6 +52,8 @@ type Labels = Vec<(String, String)>;
 #[derive(Debug, Default)]
 struct Stats {
     events: BTreeMap<Labels, u64>,
+    /// HTTP requests the L7 proxy judged, by the same labels.
+    http: BTreeMap<Labels, u64>,
     log_dropped: u64,
 }
 
@@ -135,6 +139,7 @@ fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
     }
 
     let flows = Family::<Labels, Counter>::default();
+    let http = Family::<Labels, Counter>::default();
     let dropped = Counter::<u64>::default();
     {
         let s = stats
@@ -143,12 +148,20 @@ fn metrics(opts: &Options, stats: &Mutex<Stats>) -> Result<String> {
         for (l, n) in &s.events {
             flows.get_or_create(l).inc_by(*n);
         }
+        for (l, n) in &s.http {
+            http.get_or_create(l).inc_by(*n);
+        }
         dropped.inc_by(s.log_dropped);
     }
     reg.register(
         "palisade_flows",
         "Flow events the agent logged, by namespace, pod, direction, verdict and deciding policy",
         flows,
+    );
+    reg.register(
+        "palisade_http_requests",
+        "HTTP requests the L7 proxy judged, by namespace, pod (whose rules decided), direction, verdict and deciding policy",
+        http,
     );
     reg.register(
         "palisade_flow_log_dropped",
@@ -293,7 +306,12 @@ pub fn run(opts: Options) -> Result<()> {
             .as_ref()
             .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|p| p.into_inner())))
             .unwrap_or_default();
-        if events.is_empty() && dns.is_empty() {
+        let http: Vec<palisade::l7::HttpRecord> = opts
+            .http_records
+            .as_ref()
+            .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default();
+        if events.is_empty() && dns.is_empty() && http.is_empty() {
             if last_flush.elapsed() > Duration::from_millis(500) {
                 log.flush()?;
                 last_flush = Instant::now();
@@ -339,6 +357,26 @@ pub fn run(opts: Options) -> Result<()> {
         }
         for d in &dns {
             let r = resolver.resolve_dns(d, std::time::SystemTime::now());
+            if !log.append(&r).context("write the flow log")? {
+                s.log_dropped += 1;
+            }
+        }
+        for h in &http {
+            let r = resolver.resolve_http(h, std::time::SystemTime::now());
+            let labels = vec![
+                (
+                    "namespace".to_owned(),
+                    r.endpoint.namespace.clone().unwrap_or_default(),
+                ),
+                (
+                    "pod".to_owned(),
+                    r.endpoint.name.clone().unwrap_or_default(),
+                ),
+                ("direction".to_owned(), r.direction.as_str().to_owned()),
+                ("verdict".to_owned(), r.verdict.as_str().to_owned()),
+                ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
+            ];
+            *s.http.entry(labels).or_default() += 1;
             if !log.append(&r).context("write the flow log")? {
                 s.log_dropped += 1;
             }

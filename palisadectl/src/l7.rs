@@ -32,7 +32,7 @@ use palisade::{
     abi::ProxyConfig,
     daemon::Server,
     dnsproxy,
-    l7::{self, Connection, Verdict},
+    l7::{self, Connection, HttpRecord, Verdict},
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -48,6 +48,17 @@ pub struct Options {
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Requests the proxy judged, for the agent to write into the flow log.
+pub type Records = Arc<Mutex<Vec<HttpRecord>>>;
+
+fn record(records: &Records, r: HttpRecord) {
+    let mut v = records.lock().unwrap_or_else(|p| p.into_inner());
+    // The agent drains it; a stalled agent must not grow it forever.
+    if v.len() < 100_000 {
+        v.push(r);
+    }
+}
 
 /// The rules of each connection, as last computed; forgotten when the
 /// store's generation moves.
@@ -80,6 +91,7 @@ impl Rules {
                         direction: palisade::abi::Direction::Ingress,
                         subject: server.to_string(),
                         matchers: Vec::new(),
+                        audit: false,
                     }],
                 }
             }
@@ -295,7 +307,7 @@ async fn forward(
 /// One client connection (HTTP/1.1, or HTTP/2 with prior knowledge as
 /// gRPC speaks it): each request judged on its own; the upstream
 /// connection opened at the first allowed one.
-async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
+async fn serve_connection(stream: TcpStream, rules: Arc<Rules>, records: Records) {
     let (Ok(client), Ok(target)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
@@ -315,7 +327,9 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = Arc::clone(&conn);
         let upstream = Arc::clone(&upstream);
+        let records = Arc::clone(&records);
         async move {
+            let start = std::time::Instant::now();
             let host = req
                 .headers()
                 .get(hyper::header::HOST)
@@ -344,18 +358,41 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
                     &header,
                 )
             };
-            if !verdict.allowed {
+            let method = req.method().to_string();
+            let resp = if verdict.allowed {
+                forward(req, &upstream, client, target).await
+            } else {
                 tracing::info!(
-                    "L7 proxy: denied {} {} from {} to {} ({})",
-                    req.method(),
-                    path,
+                    "L7 proxy: denied {method} {path} from {} to {} ({})",
                     conn.client,
                     conn.server,
                     verdict.policies.join(", ")
                 );
-                return Ok::<_, Infallible>(denial(&req, &verdict));
-            }
-            Ok(forward(req, &upstream, client, target).await)
+                denial(&req, &verdict)
+            };
+            record(
+                &records,
+                HttpRecord {
+                    client,
+                    server: target,
+                    direction: verdict
+                        .direction
+                        .unwrap_or(palisade::abi::Direction::Ingress),
+                    method,
+                    host,
+                    path,
+                    status: resp.status().as_u16(),
+                    grpc_status: resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                    verdict: verdict.as_str().to_owned(),
+                    policy: (!verdict.policies.is_empty()).then(|| verdict.policies.join(", ")),
+                    latency_micros: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                },
+            );
+            Ok::<_, Infallible>(resp)
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -366,11 +403,15 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>) {
         .await;
 }
 
-async fn serve(listener: TcpListener, rules: Arc<Rules>) {
+async fn serve(listener: TcpListener, rules: Arc<Rules>, records: Records) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, Arc::clone(&rules)));
+                tokio::spawn(serve_connection(
+                    stream,
+                    Arc::clone(&rules),
+                    Arc::clone(&records),
+                ));
             }
             Err(e) => {
                 tracing::warn!("L7 proxy: accept: {e}");
@@ -383,7 +424,7 @@ async fn serve(listener: TcpListener, rules: Arc<Rules>) {
 /// Start the proxy on its own threads. Fails when the listener cannot be
 /// bound, the routing or the steering program cannot be set up; the
 /// datapath then keeps dropping L7 connections (fail closed).
-pub fn start(server: Arc<Server>, opts: Options) -> Result<()> {
+pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("l7-proxy")
@@ -422,7 +463,7 @@ pub fn start(server: Arc<Server>, opts: Options) -> Result<()> {
     });
     thread::Builder::new()
         .name("l7-proxy".into())
-        .spawn(move || rt.block_on(serve(listener, rules)))
+        .spawn(move || rt.block_on(serve(listener, rules, records)))
         .context("start the L7 proxy's thread")?;
     Ok(())
 }

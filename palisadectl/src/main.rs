@@ -105,6 +105,14 @@ enum Command {
         /// Destination port and protocol: 80/TCP, 53/UDP, 9000/SCTP, or icmp.
         #[arg(long)]
         port: String,
+        /// Also judge one HTTP request against the HTTP rules
+        /// (PalisadeNetworkPolicy `rules.http`): METHOD PATH, e.g.
+        /// `--http DELETE /books/1`.
+        #[arg(long, num_args = 2, value_names = ["METHOD", "PATH"])]
+        http: Option<Vec<String>>,
+        /// With --http: a request header, NAME:VALUE (repeat it).
+        #[arg(long = "header", value_name = "NAME:VALUE", requires = "http")]
+        headers: Vec<String>,
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -692,6 +700,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             from,
             to,
             port,
+            http,
+            headers,
             output,
         } => {
             let state = Store::new(&cli.state_dir)
@@ -742,7 +752,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     });
                 }
             }
-            output::explanation(&e, &datapath, &state, *output)?;
+            let http = match http.as_deref() {
+                Some([method, path]) => {
+                    let mut hs = Vec::new();
+                    for h in headers {
+                        let Some((n, v)) = h.split_once(':') else {
+                            bail!("--header {h:?}: write NAME:VALUE (e.g. X-Team:blue)");
+                        };
+                        hs.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                    }
+                    let conn = palisade::l7::from_explanation(&e, false);
+                    let header = |name: &str| -> Vec<&str> {
+                        hs.iter()
+                            .filter(|(n, _)| n == name)
+                            .map(|(_, v)| v.as_str())
+                            .collect()
+                    };
+                    let verdict = conn.judge(
+                        &palisade::l7::Request {
+                            method,
+                            path,
+                            host: None,
+                        },
+                        &header,
+                    );
+                    Some(output::HttpAnswer {
+                        method: method.clone(),
+                        path: path.clone(),
+                        governed: !conn.sides.is_empty(),
+                        verdict,
+                    })
+                }
+                _ => None,
+            };
+            output::explanation(&e, &datapath, http.as_ref(), &state, *output)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::InstallCni {
@@ -935,6 +978,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     server: None,
                     cluster: None,
                     dns_records: None,
+                    http_records: None,
                     map_sizes,
                 },
                 cli.socket

@@ -773,19 +773,78 @@ pub struct DatapathAnswer {
     pub agrees: bool,
 }
 
+/// `explain --http`: one request judged against the HTTP rules.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub method: String,
+    pub path: String,
+    /// Some side's rules are HTTP rules only (the connection goes
+    /// through the L7 proxy).
+    pub governed: bool,
+    pub verdict: palisade::l7::Verdict,
+}
+
 pub fn explanation(
     e: &Explanation,
     datapath: &[DatapathAnswer],
+    http: Option<&HttpAnswer>,
     state: &State,
     format: Format,
 ) -> Result<()> {
+    let http_allowed = http.is_none_or(|h| h.verdict.allowed);
     if format != Format::Table {
         let mut v = serde_json::to_value(e)?;
-        v["verdict"] = json!(if e.allowed { "allowed" } else { "denied" });
+        v["verdict"] = json!(if e.allowed && http_allowed {
+            "allowed"
+        } else {
+            "denied"
+        });
         v["datapath"] = serde_json::to_value(datapath)?;
+        if let Some(h) = http {
+            v["http"] = json!({
+                "method": h.method,
+                "path": h.path,
+                "throughL7Proxy": h.governed,
+                "verdict": h.verdict.as_str(),
+                "policies": h.verdict.policies,
+                "direction": h.verdict.direction.map(|d| d.as_str()),
+            });
+        }
         return structured(&v, format);
     }
     let mut out = e.to_string();
+    if let Some(h) = http {
+        let line = if !e.allowed {
+            format!(
+                "HTTP {} {}: never reaches HTTP rules (the connection is denied)\n",
+                h.method, h.path
+            )
+        } else if !h.governed {
+            format!(
+                "HTTP {} {}: allowed (no side allows this connection by HTTP rules only: every request passes)\n",
+                h.method, h.path
+            )
+        } else {
+            format!(
+                "HTTP {} {}: {} ({} {})\n",
+                h.method,
+                h.path,
+                match h.verdict.as_str() {
+                    "denied" => "DENIED with 403 by the node's L7 proxy",
+                    "audit" =>
+                        "AUDIT: no HTTP rule matches; passed, as its policies are in audit mode",
+                    _ => "allowed by the node's L7 proxy",
+                },
+                if h.verdict.allowed && !h.verdict.audit {
+                    "rule of"
+                } else {
+                    "no rule of"
+                },
+                h.verdict.policies.join(", ")
+            )
+        };
+        out.push_str(&line);
+    }
     for d in datapath {
         let policy = d.policy_id.and_then(|id| {
             state

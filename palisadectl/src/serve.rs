@@ -116,9 +116,11 @@ pub fn run(
             .context("record that this node is not in cluster mode")?,
     }
     if let Some(o) = l7 {
+        let records = crate::l7::Records::default();
         // Without the proxy, L7 connections are dropped (fail closed).
-        if let Err(e) = crate::l7::start(Arc::clone(&server), o) {
-            eprintln!("palisade daemon: no L7 proxy: {e:#}");
+        match crate::l7::start(Arc::clone(&server), o, Arc::clone(&records)) {
+            Ok(()) => opts.http_records = Some(records),
+            Err(e) => eprintln!("palisade daemon: no L7 proxy: {e:#}"),
         }
     }
     if let Some(d) = dns {

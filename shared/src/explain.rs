@@ -156,6 +156,10 @@ pub struct Side {
     /// requests one of these (policy, rule) match.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<Vec<(String, HttpRule)>>,
+    /// Only audit-mode policies isolate the subject on this side: the L7
+    /// proxy passes requests no HTTP rule allows, reported as audit.
+    #[serde(skip)]
+    pub http_audit: bool,
 }
 
 /// The whole answer.
@@ -636,6 +640,7 @@ fn side(
         allowed_by,
         allowed,
         reason,
+        http_audit: http.is_some() && !enforced,
         http,
     }
 }

@@ -95,6 +95,28 @@ pub struct FlowRecord {
     /// A DNS query the node's DNS proxy answered (kind `dns`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsInfo>,
+    /// An HTTP request the node's L7 proxy judged (kind `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpInfo>,
+}
+
+/// The HTTP part of an `http` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpInfo {
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The path with its query.
+    pub path: String,
+    /// The answer's status (403 for a denied request; 200 for a denied
+    /// gRPC call, whose `grpcStatus` is 7).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// Microseconds from the request's arrival at the proxy to its
+    /// answer's headers.
+    pub latency_micros: u64,
 }
 
 /// The DNS part of a `dns` record.
@@ -146,6 +168,18 @@ impl FlowRecord {
                 self.policy.as_deref().unwrap_or("the DNS proxy")
             );
         }
+        if let Some(h) = &self.http {
+            return format!(
+                "HTTP {} {} -> {}{} ({})",
+                h.method,
+                h.path,
+                h.status,
+                h.grpc_status
+                    .map(|g| format!(" grpc-status {g}"))
+                    .unwrap_or_default(),
+                self.policy.as_deref().unwrap_or("the L7 proxy")
+            );
+        }
         if let Some(p) = &self.policy {
             return p.clone();
         }
@@ -175,7 +209,10 @@ pub struct Connection {
 pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
     let mut index: BTreeMap<(IpAddr, u16, IpAddr, u16, String), usize> = BTreeMap::new();
     let mut out: Vec<Connection> = Vec::new();
-    for r in records.iter().filter(|r| r.dns.is_none()) {
+    for r in records
+        .iter()
+        .filter(|r| r.dns.is_none() && r.http.is_none())
+    {
         let (c, s) = (r.client(), r.server());
         let key = (c.address, r.sport, s.address, r.dport, r.protocol.clone());
         match index.get(&key) {
@@ -299,6 +336,48 @@ impl Resolver {
         }
     }
 
+    /// A record of a request the L7 proxy judged, seen at the endpoint
+    /// whose rules decided (the server's for ingress rules).
+    pub fn resolve_http(&self, r: &crate::l7::HttpRecord, time: SystemTime) -> FlowRecord {
+        let (at, other) = match r.direction {
+            Direction::Egress => (r.client, r.server),
+            Direction::Ingress => (r.server, r.client),
+        };
+        let verdict = match r.verdict.as_str() {
+            "denied" => Verdict::Deny,
+            "audit" => Verdict::Audit,
+            _ => Verdict::Allow,
+        };
+        FlowRecord {
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            kind: "http".into(),
+            verdict,
+            reason: if verdict == Verdict::Allow {
+                Reason::Policy
+            } else {
+                Reason::DropPolicy
+            },
+            direction: r.direction,
+            endpoint: self.party(at.ip(), 0, None),
+            peer: self.party(other.ip(), 0, None),
+            protocol: "TCP".into(),
+            sport: r.client.port(),
+            dport: r.server.port(),
+            policy: r.policy.clone(),
+            tier: None,
+            isolated_by: Vec::new(),
+            dns: None,
+            http: Some(HttpInfo {
+                method: r.method.clone(),
+                host: r.host.clone(),
+                path: r.path.clone(),
+                status: r.status,
+                grpc_status: r.grpc_status,
+                latency_micros: r.latency_micros,
+            }),
+        }
+    }
+
     /// A record of a query the DNS proxy answered.
     pub fn resolve_dns(&self, r: &crate::dnsproxy::DnsRecord, time: SystemTime) -> FlowRecord {
         let endpoint = self.party(r.client, 0, None);
@@ -332,6 +411,7 @@ impl Resolver {
                 answers: r.answers.clone(),
                 datapath_micros: (!r.answers.is_empty()).then_some(r.learn_micros),
             }),
+            http: None,
         }
     }
 
@@ -442,6 +522,7 @@ impl Resolver {
             tier,
             isolated_by,
             dns: None,
+            http: None,
         }
     }
 }
@@ -695,6 +776,7 @@ mod tests {
             tier: None,
             isolated_by: vec![],
             dns: None,
+            http: None,
         }
     }
 

@@ -195,6 +195,7 @@ mod tests {
             tier: None,
             isolated_by: vec![],
             dns: None,
+            http: None,
         };
         let records = vec![
             mk(Direction::Ingress, &web, &out, Verdict::Allow, 443),

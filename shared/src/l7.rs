@@ -108,6 +108,9 @@ pub struct SideRules {
     /// `namespace/name` of the pod whose policy it is.
     pub subject: String,
     pub matchers: Vec<Matcher>,
+    /// Only audit-mode policies isolate the subject on this side: a
+    /// request no rule matches passes, reported as `audit`.
+    pub audit: bool,
 }
 
 impl SideRules {
@@ -147,28 +150,84 @@ pub struct Connection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub allowed: bool,
+    /// Allowed only because the side that would deny it is in audit mode.
+    pub audit: bool,
     /// The deciding policies: the matching rules' when allowed, the
-    /// governing side's when denied.
+    /// denying side's when denied (or audited).
     pub policies: Vec<String>,
+    /// The side whose rules decided: the denying one, else the last.
+    pub direction: Option<Direction>,
+}
+
+impl Verdict {
+    /// `allowed`, `denied` or `audit`.
+    pub fn as_str(&self) -> &'static str {
+        match (self.allowed, self.audit) {
+            (false, _) => "denied",
+            (true, true) => "audit",
+            (true, false) => "allowed",
+        }
+    }
+}
+
+/// One request the proxy judged, for the flow log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpRecord {
+    pub client: std::net::SocketAddr,
+    pub server: std::net::SocketAddr,
+    /// The side whose rules decided.
+    pub direction: Direction,
+    pub method: String,
+    pub host: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    /// `allowed`, `denied` or `audit`.
+    pub verdict: String,
+    pub policy: Option<String>,
+    pub latency_micros: u64,
 }
 
 impl Connection {
     pub fn judge<'h>(&self, req: &Request<'_>, header: &dyn Fn(&str) -> Vec<&'h str>) -> Verdict {
         let mut policies = Vec::new();
+        let mut audit: Option<(Vec<String>, Direction)> = None;
+        let mut direction = None;
         for side in &self.sides {
+            direction = Some(side.direction);
             match side.allows(req, header) {
                 Some(p) => policies.push(p.to_owned()),
+                None if side.audit => {
+                    audit.get_or_insert_with(|| {
+                        (
+                            side.policies().into_iter().map(str::to_owned).collect(),
+                            side.direction,
+                        )
+                    });
+                }
                 None => {
                     return Verdict {
                         allowed: false,
+                        audit: false,
                         policies: side.policies().into_iter().map(str::to_owned).collect(),
+                        direction: Some(side.direction),
                     };
                 }
             }
         }
-        Verdict {
-            allowed: true,
-            policies,
+        match audit {
+            Some((policies, dir)) => Verdict {
+                allowed: true,
+                audit: true,
+                policies,
+                direction: Some(dir),
+            },
+            None => Verdict {
+                allowed: true,
+                audit: false,
+                policies,
+                direction,
+            },
         }
     }
 }
@@ -182,7 +241,7 @@ pub fn connection(state: &State, client: IpAddr, server: IpAddr, port: u16) -> C
         PROTO_TCP,
         port,
     ) {
-        Ok(e) => from_explanation(&e),
+        Ok(e) => from_explanation(&e, true),
         Err(_) => Connection {
             client: client.to_string(),
             server: server.to_string(),
@@ -191,11 +250,20 @@ pub fn connection(state: &State, client: IpAddr, server: IpAddr, port: u16) -> C
     }
 }
 
-fn from_explanation(e: &Explanation) -> Connection {
+/// The HTTP rules an explanation's sides carry: of the sides this node
+/// enforces (`local_only`, as the proxy judges), or of both (what policy
+/// says, as `explain --http` answers).
+pub fn from_explanation(e: &Explanation, local_only: bool) -> Connection {
     let mut sides = Vec::new();
     let local = [
-        (e.egress.as_ref(), e.from.endpoint_id.is_some()),
-        (e.ingress.as_ref(), e.to.endpoint_id.is_some()),
+        (
+            e.egress.as_ref(),
+            !local_only || e.from.endpoint_id.is_some(),
+        ),
+        (
+            e.ingress.as_ref(),
+            !local_only || e.to.endpoint_id.is_some(),
+        ),
     ];
     for (side, here) in local {
         let Some(side) = side else { continue };
@@ -206,6 +274,7 @@ fn from_explanation(e: &Explanation) -> Connection {
             direction: side.direction,
             subject: side.subject.clone(),
             matchers: rules.iter().map(|(p, r)| Matcher::new(p, r)).collect(),
+            audit: side.http_audit,
         });
     }
     Connection {
@@ -293,6 +362,7 @@ mod tests {
             direction: dir,
             subject: "a/b".into(),
             matchers: vec![Matcher::new(policy, &rule(Some(method), None, None))],
+            audit: false,
         };
         let c = Connection {
             client: "a/web".into(),
@@ -306,10 +376,18 @@ mod tests {
         let post = c.judge(&req("POST", "/", None), &none);
         assert!(!post.allowed);
         assert_eq!(post.policies, ["PNP/a/in"]);
+        assert_eq!(post.direction, Some(Direction::Ingress));
         assert!(
             Connection::default()
                 .judge(&req("DELETE", "/", None), &none)
                 .allowed
         );
+        // A side isolated only by audit-mode policies passes what it would
+        // deny, reported as audit.
+        let mut audited = c.clone();
+        audited.sides[1].audit = true;
+        let v = audited.judge(&req("POST", "/", None), &none);
+        assert_eq!((v.allowed, v.as_str()), (true, "audit"));
+        assert_eq!(v.policies, ["PNP/a/in"]);
     }
 }

@@ -506,6 +506,7 @@ mod tests {
             tier: None,
             isolated_by: vec![],
             dns: None,
+            http: None,
         }
     }
 
