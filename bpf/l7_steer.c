@@ -101,7 +101,8 @@ int pal_l7_steer(struct __sk_buff *skb)
 		bpf_skb_change_type(skb, 0);
 	sk = pal_l7_socket(skb, &t, len, pc->http_port, th->syn && !th->ack);
 	if (!sk)
-		/* No proxy (or the connection is not one of its own): closed. */
+		/* No proxy (or the connection is not one of its own): closed.
+		 */
 		return TC_ACT_SHOT;
 	rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);

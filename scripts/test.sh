@@ -42,6 +42,9 @@ cargo test -p palisade-tests --test observe
 step "DNS-aware egress: toFQDNs and DNS rules through the node's DNS proxy, against a real unbound"
 cargo test -p palisade-tests --test dns
 
+step "L7: HTTP/1.1, HTTP/2 and gRPC rules through the node's L7 proxy (bridge and routed, IPv4 and IPv6, proxy killed and back)"
+cargo test -p palisade-tests --test l7
+
 step "runtimes: runc, Podman (CNI, netavark), containerd, dockerd, one DNS-aware egress case each (start-time overhead printed)"
 cargo test -p palisade-tests --test runtimes -- --nocapture 2>&1 | tee /tmp/palisade-runtimes.log
 grep 'median container start' /tmp/palisade-runtimes.log || true

@@ -24,9 +24,10 @@
  * for TCX both hand the packet to the next program, or let it pass when
  * there is none, so palisade composes with other tc programs. */
 #define PAL_PASS TC_ACT_UNSPEC
+#define PAL_DROP TC_ACT_SHOT
+
 /* lo has this index in every network namespace. */
 #define PAL_LOOPBACK_IFINDEX 1
-#define PAL_DROP TC_ACT_SHOT
 
 /* The parsed packet and conntrack key live in a per-CPU scratch area, not
  * on the stack: everything inlined into one program must fit the
@@ -443,8 +444,7 @@ static __always_inline int pal_to_l7_proxy(struct __sk_buff *skb)
  * sends (it may still carry the container's socket here), and what is sent
  * to it unless the node sent it (the proxy's own packets carry their
  * socket; forwarded ones carry none). */
-static __always_inline int pal_l7_steered(const struct __sk_buff *skb,
-					  __u8 dir)
+static __always_inline int pal_l7_steered(const struct __sk_buff *skb, __u8 dir)
 {
 	return dir == PAL_DIR_EGRESS || !skb->sk;
 }
@@ -655,8 +655,9 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			rc = pal_to_l7_proxy(skb);
 			if (rc < 0)
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
-						   PAL_DROP_NO_PROXY, ct->peer_id,
-						   ct->policy_id, now);
+						   PAL_DROP_NO_PROXY,
+						   ct->peer_id, ct->policy_id,
+						   now);
 			pal_count(ep->ep_id, dir, ct->verdict,
 				  PAL_REASON_ESTABLISHED, skb->len);
 			return rc;
@@ -705,8 +706,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	 * address of the client it speaks for (the node sends it, from an
 	 * address that is not the node's): its answers go to the proxy. */
 	if (p->t.protocol == IPPROTO_TCP &&
-	    (d.l7 || (dir == PAL_DIR_INGRESS && skb->sk &&
-		      d.peer_id != PAL_ID_HOST)))
+	    (d.l7 ||
+	     (dir == PAL_DIR_INGRESS && skb->sk && d.peer_id != PAL_ID_HOST)))
 		ct_flags |= PAL_CT_L7;
 	if ((ct_flags & PAL_CT_L7) && pal_l7_steered(skb, dir)) {
 		rc = pal_to_l7_proxy(skb);

@@ -64,8 +64,12 @@ fn record(records: &Records, r: HttpRecord) {
 /// store's generation moves.
 struct Rules {
     server: Arc<Server>,
-    cache: Mutex<(u64, HashMap<(IpAddr, IpAddr, u16), Arc<Connection>>)>,
+    /// The store generation the cache was filled at, and the rules of each
+    /// (client, server, port).
+    cache: Mutex<(u64, ConnectionCache)>,
 }
+
+type ConnectionCache = HashMap<(IpAddr, IpAddr, u16), Arc<Connection>>;
 
 impl Rules {
     fn get(&self, client: IpAddr, server: IpAddr, port: u16) -> Arc<Connection> {

@@ -929,7 +929,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_per_name: (*dns_max_addresses).max(1),
                 ..Default::default()
             });
-            let l7 = (*l7_proxy_port != 0).then(|| l7::Options {
+            let l7 = (*l7_proxy_port != 0).then_some(l7::Options {
                 port: *l7_proxy_port,
                 mark: *proxy_mark,
                 table: *proxy_table,

@@ -374,6 +374,11 @@ impl Node {
     pub fn start_daemon(&self) {
         let mut slot = self.daemon.lock().expect("lock");
         assert!(slot.is_none(), "the node's daemon runs already");
+        // The last line of the daemon's start (its agent): counted before,
+        // waited for after, so that a test's next step never overlaps the
+        // start (the proxies' setup, the first commits).
+        const STARTED: &str = "palisade agent: flow log in";
+        let starts_before = self.daemon_output().matches(STARTED).count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -423,6 +428,20 @@ impl Node {
                 start.elapsed() < Duration::from_secs(60),
                 "palisadectl daemon did not answer on {} within 60 s:\n{}",
                 socket.display(),
+                self.daemon_output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        while self.daemon_output().matches(STARTED).count() <= starts_before {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "palisadectl daemon exited ({status}) before it finished starting:\n{}",
+                    self.daemon_output()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "palisadectl daemon did not finish starting within 60 s:\n{}",
                 self.daemon_output()
             );
             std::thread::sleep(Duration::from_millis(20));

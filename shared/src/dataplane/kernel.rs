@@ -1910,11 +1910,8 @@ impl Dataplane for KernelDataplane {
         };
         for e in entries.flatten() {
             let p = e.path();
-            // The Service hooks (service::ServiceHook) and the node's own
-            // links (the L7 steering on lo) are not endpoints'.
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("service-") || name.starts_with("node-") {
+            // The Service hooks (service::ServiceHook) are not endpoints'.
+            if e.file_name().to_string_lossy().starts_with("service-") {
                 continue;
             }
             if !keep.contains(&p) {
@@ -2329,13 +2326,15 @@ const L7_STEER_FUNCTION: &str = "pal_l7_steer";
 pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
     let dp = KernelDataplane::new(root, AttachMode::Auto);
     let prog_pin = dp.progs_dir().join("l7_steer");
-    // One link pin per build: `node-lo-l7-steer-<build>`.
-    let prefix = "node-lo-l7-steer-";
-    let link_pin = dp.links_dir().join(format!("{prefix}{}", dp.hash()));
+    // One link pin per build, `node/lo-l7-steer-<build>` (not among the
+    // endpoints' links).
+    let prefix = "lo-l7-steer-";
+    let node_dir = dp.root.join("node");
+    let link_pin = node_dir.join(format!("{prefix}{}", dp.hash()));
     if link_pin.exists() {
         return Ok(false);
     }
-    fs::create_dir_all(dp.links_dir()).map_err(fs_err("create", &dp.links_dir()))?;
+    fs::create_dir_all(&node_dir).map_err(fs_err("create", &node_dir))?;
     if !prog_pin.exists() {
         fs::create_dir_all(dp.progs_dir()).map_err(fs_err("create", &dp.progs_dir()))?;
         let mut loader = EbpfLoader::new();
@@ -2392,7 +2391,7 @@ pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
         source: boxed(e),
     })?;
     // Other builds' links go once this one is in place.
-    if let Ok(entries) = fs::read_dir(dp.links_dir()) {
+    if let Ok(entries) = fs::read_dir(&node_dir) {
         for e in entries.flatten() {
             let name = e.file_name();
             if name.to_string_lossy().starts_with(prefix) && e.path() != link_pin {

@@ -7,6 +7,7 @@
 use std::{path::Path, process::ExitCode};
 
 use testbed::{
+    http::{HttpServer, Req, exchange},
     matrix::{Peer, probe_all},
     node::{Node, NodeOptions},
     probe::Proto,
@@ -32,9 +33,15 @@ fn main() -> ExitCode {
         std::fs::read_to_string(conf.join("bookstore.yaml")).expect("conf/examples/bookstore.yaml");
     let policy_yaml =
         std::fs::read_to_string(conf.join("api-allow.yaml")).expect("conf/examples/api-allow.yaml");
+    let http_yaml =
+        std::fs::read_to_string(conf.join("api-http.yaml")).expect("conf/examples/api-http.yaml");
 
     section("sandbox");
-    let node = Node::new(NodeOptions::default());
+    // The node daemon runs too: its L7 proxy judges HTTP requests.
+    let node = Node::new(NodeOptions {
+        daemon: true,
+        ..NodeOptions::default()
+    });
     println!(
         "node namespace {} with bridge cni0 (10.100.0.0/24); CNI chain: bridge + host-local, then palisade",
         node.netns.name
@@ -95,19 +102,83 @@ fn main() -> ExitCode {
         )
     );
 
-    let ok = after.get("coffeeshop", "bookstore-api") == Some(false)
+    section(
+        "L7: palisadectl delete networkpolicy api-allow; palisadectl apply -f conf/examples/api-http.yaml",
+    );
+    let http_server = HttpServer::start(&pods[0].netns, &[8080]);
+    ctl(&node, &["delete", "networkpolicy", "api-allow"], None);
+    print!("{http_yaml}");
+    print!("{}", ctl(&node, &["apply", "-f", "-"], Some(&http_yaml)));
+    let api = pods[0].addr(false);
+    let mut l7_ok = true;
+    for (method, path, want) in [("GET", "/books/1", 200), ("DELETE", "/books/1", 403)] {
+        let got = exchange(
+            &pods[1].netns,
+            api,
+            8080,
+            &[Req::new(method, path)],
+            std::time::Duration::from_secs(5),
+        );
+        match got {
+            Ok(r) => {
+                println!(
+                    "bookstore-frontend: {method} http://bookstore-api:8080{path} -> {} {}{}",
+                    r[0].status,
+                    r[0].body.trim(),
+                    r[0].header("x-palisade-policy")
+                        .map(|p| format!(" [x-palisade-policy: {p}]"))
+                        .unwrap_or_default()
+                );
+                l7_ok &= r[0].status == want;
+            }
+            Err(e) => {
+                println!("bookstore-frontend: {method} {path} -> {e}");
+                l7_ok = false;
+            }
+        }
+    }
+    section(
+        "palisadectl explain --from bookstore-frontend --to bookstore-api --port 8080/TCP --http DELETE /books/1",
+    );
+    print!(
+        "{}",
+        ctl(
+            &node,
+            &[
+                "explain",
+                "--from",
+                "bookstore-frontend",
+                "--to",
+                "bookstore-api",
+                "--port",
+                "8080/TCP",
+                "--http",
+                "DELETE",
+                "/books/1"
+            ],
+            None
+        )
+    );
+
+    let ok = l7_ok
+        && after.get("coffeeshop", "bookstore-api") == Some(false)
         && after.get("bookstore-frontend", "bookstore-api") == Some(true)
         && after.get("bookstore-api", "coffeeshop") == Some(true)
         && before.cells.values().all(|v| *v);
     section("cleanup");
+    drop(http_server);
     drop(pods);
     drop(node);
     println!("sandbox removed (namespaces, veths, pins, state)");
     if ok {
-        println!("\ndemo OK: only the bookstore reaches its API once api-allow is applied");
+        println!(
+            "\ndemo OK: only the bookstore reaches its API once api-allow is applied, and with api-http the frontend may GET books but not DELETE them"
+        );
         ExitCode::SUCCESS
     } else {
-        eprintln!("\ndemo FAILED: the matrices above are not what api-allow means");
+        eprintln!(
+            "\ndemo FAILED: the matrices or the HTTP answers above are not what api-allow and api-http mean"
+        );
         ExitCode::FAILURE
     }
 }
