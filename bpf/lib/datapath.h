@@ -440,13 +440,29 @@ static __always_inline int pal_to_l7_proxy(struct __sk_buff *skb)
 	return bpf_redirect(PAL_LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
+#define PAL_AF_INET  2
+#define PAL_AF_INET6 10
+
+/* Sent to the container by the node itself: the packet carries the node's
+ * socket that sent it (forwarded packets carry none; a kernel's test run
+ * gives every packet a socket without a port). */
+static __always_inline int pal_sent_by_node(const struct __sk_buff *skb,
+					    const struct pal_pkt *p)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	return sk &&
+	       (sk->family == PAL_AF_INET || sk->family == PAL_AF_INET6) &&
+	       sk->src_port == bpf_ntohs(p->t.sport);
+}
+
 /* Whether a packet of an L7 flow goes to the proxy: everything a container
  * sends (it may still carry the container's socket here), and what is sent
- * to it unless the node sent it (the proxy's own packets carry their
- * socket; forwarded ones carry none). */
-static __always_inline int pal_l7_steered(const struct __sk_buff *skb, __u8 dir)
+ * to it unless the node sent it (the proxy's own packets). */
+static __always_inline int pal_l7_steered(const struct __sk_buff *skb,
+					  const struct pal_pkt *p, __u8 dir)
 {
-	return dir == PAL_DIR_EGRESS || !skb->sk;
+	return dir == PAL_DIR_EGRESS || !pal_sent_by_node(skb, p);
 }
 
 /*
@@ -651,7 +667,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		/* Packets the node sends to the container (the proxy's own)
 		 * go on; the others of an L7 flow, both ways, go to the
 		 * proxy. */
-		if ((ct->flags & PAL_CT_L7) && pal_l7_steered(skb, dir)) {
+		if ((ct->flags & PAL_CT_L7) && pal_l7_steered(skb, p, dir)) {
 			rc = pal_to_l7_proxy(skb);
 			if (rc < 0)
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
@@ -706,10 +722,10 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 	 * address of the client it speaks for (the node sends it, from an
 	 * address that is not the node's): its answers go to the proxy. */
 	if (p->t.protocol == IPPROTO_TCP &&
-	    (d.l7 ||
-	     (dir == PAL_DIR_INGRESS && skb->sk && d.peer_id != PAL_ID_HOST)))
+	    (d.l7 || (dir == PAL_DIR_INGRESS && pal_sent_by_node(skb, p) &&
+		      d.peer_id != PAL_ID_HOST)))
 		ct_flags |= PAL_CT_L7;
-	if ((ct_flags & PAL_CT_L7) && pal_l7_steered(skb, dir)) {
+	if ((ct_flags & PAL_CT_L7) && pal_l7_steered(skb, p, dir)) {
 		rc = pal_to_l7_proxy(skb);
 		if (rc < 0)
 			return pal_drop_by(skb, cfg, ep, dir, &p->t,
