@@ -326,6 +326,23 @@ fn http_rules_on_ingress_allow_matching_requests_and_deny_the_others_with_403() 
         String::from_utf8_lossy(&n.ctl(&["flows", "--pod", "app/api"], None).stdout).into_owned();
     assert!(text.contains("HTTP DELETE /books/1 -> 403"), "{text}");
 
+    // learn proposes HTTP rules from the requests that went through:
+    // the book ids grouped, the denied DELETE not proposed.
+    let out = n.ctl(&["learn", "--namespace", "app", "--mode", "audit"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let learned = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        learned.contains("kind: PalisadeNetworkPolicy")
+            && learned.contains("path: /books/[^/]+")
+            && learned.contains("method: GET")
+            && !learned.contains("method: DELETE"),
+        "{learned}"
+    );
+
     // explain --http gives the proxy's answer for one request.
     let explain = |method: &str, path: &str| -> serde_json::Value {
         let out = n.ctl(

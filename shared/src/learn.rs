@@ -5,6 +5,12 @@
 //! (IPv6) when several addresses share one; exact ports; DNS egress kept.
 //! The output is sorted and carries no timestamps or counts, so learning
 //! again later shows only what changed; counts go to the report.
+//!
+//! HTTP requests the node's L7 proxy judged (records of kind `http`)
+//! become HTTP rules on the server's ingress port entries (then a
+//! PalisadeNetworkPolicy): one rule per method and path shape, path
+//! segments that vary like identifiers (numbers, UUIDs, long hex or
+//! mixed strings) becoming `[^/]+`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -156,6 +162,37 @@ fn aggregate(addrs: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, String> {
     out
 }
 
+/// Per (peer, port): the HTTP rules (method, path regex) with how many
+/// requests each covers.
+type HttpRules = BTreeMap<(PeerKey, u16), BTreeMap<(String, String), usize>>;
+
+/// A path's shape as a regular expression: literal segments escaped,
+/// segments that vary like identifiers as `[^/]+`.
+fn path_shape(path: &str) -> String {
+    let looks_like_id = |seg: &str| {
+        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+        let hex = seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        !seg.is_empty()
+            && (seg.bytes().all(|b| b.is_ascii_digit())
+                || (hex && seg.len() >= 8 && digits > 0)
+                || (seg.len() >= 16
+                    && digits > 0
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')))
+    };
+    path.split('/')
+        .map(|seg| {
+            if looks_like_id(seg) {
+                "[^/]+".to_owned()
+            } else {
+                regex::escape(seg)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn slug(w: &Workload) -> String {
     let raw: Vec<String> = w.selector.values().cloned().collect();
     let mut s: String = raw
@@ -244,6 +281,41 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
     }
     let conns: BTreeMap<Conn, usize> = seen.into_iter().map(|(c, s)| (c, s.len())).collect();
 
+    // HTTP requests, by the connection they went over (server side):
+    // (method, path shape) -> count, and whether any had a query.
+    let mut http: BTreeMap<Conn, BTreeMap<(String, String), usize>> = BTreeMap::new();
+    let mut queries: BTreeSet<(Conn, String, String)> = BTreeSet::new();
+    for r in records {
+        let Some(h) = &r.http else { continue };
+        let counts = match r.verdict {
+            Verdict::Allow | Verdict::Audit => true,
+            Verdict::Deny => opts.include_denied,
+            _ => false,
+        };
+        if !counts {
+            continue;
+        }
+        let c = Conn {
+            client: side(r.client()),
+            server: side(r.server()),
+            protocol: r.protocol.clone(),
+            port: r.dport,
+        };
+        let (path, query) = match h.path.split_once('?') {
+            Some((p, _)) => (p, true),
+            None => (h.path.as_str(), false),
+        };
+        let shape = path_shape(path);
+        if query {
+            queries.insert((c.clone(), h.method.clone(), shape.clone()));
+        }
+        *http
+            .entry(c)
+            .or_default()
+            .entry((h.method.clone(), shape))
+            .or_default() += 1;
+    }
+
     let mut outside: BTreeSet<IpAddr> = BTreeSet::new();
     let mut workloads: BTreeSet<Workload> = BTreeSet::new();
     for c in conns.keys() {
@@ -290,12 +362,27 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         let name = slug(w);
         // peer -> (ports, flow count)
         let mut ingress: BTreeMap<PeerKey, (BTreeSet<(String, u16)>, usize)> = BTreeMap::new();
+        // (peer, port) -> HTTP rules (method, path regex) and request counts
+        let mut ingress_http: HttpRules = BTreeMap::new();
         let mut egress: BTreeMap<PeerKey, (BTreeSet<(String, u16)>, usize)> = BTreeMap::new();
         for (c, n) in &conns {
             if let Side::Pod(sw, _) = &c.server
                 && sw == w
                 && let Some(k) = peer_key(&c.client, false)
             {
+                if let Some(reqs) = http.get(c) {
+                    let e = ingress_http.entry((k.clone(), c.port)).or_default();
+                    for ((method, shape), count) in reqs {
+                        let any_query =
+                            queries.contains(&(c.clone(), method.clone(), shape.clone()));
+                        let path = if any_query {
+                            format!("{shape}(\\?.*)?")
+                        } else {
+                            shape.clone()
+                        };
+                        *e.entry((method.clone(), path)).or_default() += count;
+                    }
+                }
                 let e = ingress.entry(k).or_default();
                 e.0.insert((c.protocol.clone(), c.port));
                 e.1 += n;
@@ -340,28 +427,58 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
             PeerKey::Cidr(c) => c.clone(),
             PeerKey::Domains(names) => format!("domains {}", names.join(", ")),
         };
-        let ports_json = |ports: &BTreeSet<(String, u16)>| -> Vec<serde_json::Value> {
+        let ports_json = |k: &PeerKey,
+                          ports: &BTreeSet<(String, u16)>,
+                          http: Option<&HttpRules>|
+         -> Vec<serde_json::Value> {
             ports
                 .iter()
                 .filter(|(p, _)| matches!(p.as_str(), "TCP" | "UDP" | "SCTP"))
-                .map(|(p, n)| serde_json::json!({"protocol": p, "port": n}))
+                .map(|(p, n)| {
+                    let mut entry = serde_json::json!({"protocol": p, "port": n});
+                    if let Some(reqs) = http
+                        .and_then(|h| h.get(&(k.clone(), *n)))
+                        .filter(|_| p == "TCP")
+                    {
+                        entry["rules"] = serde_json::json!({"http": reqs
+                            .keys()
+                            .map(|(m, path)| serde_json::json!({"method": m, "path": path}))
+                            .collect::<Vec<_>>()});
+                    }
+                    entry
+                })
                 .collect()
         };
         // One rule per peer: "from" peers for ingress, "to" peers for egress.
-        let mut rules =
-            |peers: &BTreeMap<_, (BTreeSet<(String, u16)>, usize)>, field: &str, section: &str| {
-                let mut out = Vec::new();
-                for (i, (k, (ports, n))) in peers.iter().enumerate() {
-                    let mut rule = match k {
-                        PeerKey::Domains(_) => serde_json::json!({ "toFQDNs": peer_json(k) }),
-                        _ => serde_json::json!({ field: [peer_json(k)] }),
-                    };
-                    let pj = ports_json(ports);
-                    if !pj.is_empty() && pj.len() == ports.len() {
-                        rule["ports"] = serde_json::json!(pj);
+        let mut rules = |peers: &BTreeMap<_, (BTreeSet<(String, u16)>, usize)>,
+                         http: Option<&HttpRules>,
+                         field: &str,
+                         section: &str| {
+            let mut out = Vec::new();
+            for (i, (k, (ports, n))) in peers.iter().enumerate() {
+                let mut rule = match k {
+                    PeerKey::Domains(_) => serde_json::json!({ "toFQDNs": peer_json(k) }),
+                    _ => serde_json::json!({ field: [peer_json(k)] }),
+                };
+                let pj = ports_json(k, ports, http);
+                if !pj.is_empty() && pj.len() == ports.len() {
+                    rule["ports"] = serde_json::json!(pj);
+                }
+                for ((hk, port), reqs) in http.into_iter().flatten() {
+                    if hk != k {
+                        continue;
                     }
-                    out.push(rule);
                     report.push(format!(
+                        "{}/{name} {section}[{i}]: HTTP on {port}/TCP: {}",
+                        w.namespace,
+                        reqs.iter()
+                            .map(|((m, p), c)| format!("{m} {p} ({c} request(s))"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                out.push(rule);
+                report.push(format!(
                     "{}/{name} {section}[{i}]: {field} {} on {} covers {n} observed connection(s)",
                     w.namespace,
                     describe(k),
@@ -371,11 +488,11 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ));
-                }
-                out
-            };
-        let ingress_rules = rules(&ingress, "from", "ingress");
-        let mut egress_rules = rules(&egress, "to", "egress");
+            }
+            out
+        };
+        let ingress_rules = rules(&ingress, Some(&ingress_http), "from", "ingress");
+        let mut egress_rules = rules(&egress, None, "to", "egress");
         // Name resolution keeps working wherever the resolver is.
         egress_rules.push(serde_json::json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}));
         report.push(format!(
@@ -387,10 +504,9 @@ pub fn learn(records: &[FlowRecord], opts: &Options) -> Learned {
         if let Some(m) = opts.mode {
             meta["annotations"] = serde_json::json!({MODE_ANNOTATION: m.as_str()});
         }
-        // Egress by domain needs palisade's own kind (a NetworkPolicy with
-        // toFQDNs rules).
+        // Egress by domain and HTTP rules need palisade's own kind.
         let by_name = egress.keys().any(|k| matches!(k, PeerKey::Domains(_)));
-        let (api, kind) = if by_name {
+        let (api, kind) = if by_name || !ingress_http.is_empty() {
             (
                 crate::policy::palisade::API_VERSION,
                 crate::policy::palisade::KIND,
@@ -508,6 +624,98 @@ mod tests {
             dns: None,
             http: None,
         }
+    }
+
+    fn http_record(client: FlowParty, server: FlowParty, method: &str, path: &str) -> FlowRecord {
+        let mut r = flow(Direction::Ingress, server, client, "TCP", 80);
+        r.kind = "http".into();
+        r.http = Some(crate::flows::HttpInfo {
+            method: method.into(),
+            host: None,
+            path: path.into(),
+            status: 200,
+            grpc_status: None,
+            latency_micros: 100,
+        });
+        r
+    }
+
+    #[test]
+    fn observed_http_requests_become_http_rules_with_ids_grouped() {
+        let web = pod("shop", "web-1", "10.0.0.2", &[("app", "web")]);
+        let api = pod("shop", "api-1", "10.0.0.3", &[("app", "api")]);
+        let mut records = vec![
+            flow(Direction::Ingress, api.clone(), web.clone(), "TCP", 80),
+            flow(Direction::Ingress, api.clone(), web.clone(), "TCP", 81),
+        ];
+        for path in ["/books/1", "/books/27", "/books/9f8e7d6c5b4a3f2e", "/books"] {
+            records.push(http_record(web.clone(), api.clone(), "GET", path));
+        }
+        records.push(http_record(web.clone(), api.clone(), "GET", "/search?q=x"));
+        records.push(http_record(
+            web.clone(),
+            api.clone(),
+            "POST",
+            "/books/550e8400-e29b-41d4-a716-446655440000/reviews",
+        ));
+        let l = learn(&records, &Options::default());
+        let docs = parse_documents(&l.yaml, "learned").unwrap();
+        let api_policy = docs
+            .iter()
+            .find_map(|d| match d {
+                Object::PalisadePolicy(p) if p.value.base.name == "learned-api" => {
+                    Some(p.value.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no PalisadeNetworkPolicy for api:\n{}", l.yaml));
+        let ports = &api_policy.base.ingress[0].ports;
+        let p80 = ports
+            .iter()
+            .find(|p| p.port == crate::policy::PortMatch::Range(80, 80))
+            .unwrap();
+        let rules: Vec<(String, String)> = p80
+            .http
+            .iter()
+            .map(|h| (h.method.clone().unwrap(), h.path.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("GET".to_string(), "/books".to_string()),
+                ("GET".to_string(), "/books/[^/]+".to_string()),
+                ("GET".to_string(), "/search(\\?.*)?".to_string()),
+                ("POST".to_string(), "/books/[^/]+/reviews".to_string()),
+            ]
+        );
+        // Port 81 saw no HTTP: it stays an L3/L4 entry.
+        let p81 = ports
+            .iter()
+            .find(|p| p.port == crate::policy::PortMatch::Range(81, 81))
+            .unwrap();
+        assert!(p81.http.is_empty());
+        assert!(
+            l.report.iter().any(|r| r.contains("HTTP on 80/TCP")),
+            "{:?}",
+            l.report
+        );
+        // The learned rules allow what was seen and nothing else.
+        let m = |method: &str, path: &str| {
+            p80.http.iter().any(|h| {
+                crate::l7::Matcher::new("p", h).matches(
+                    &crate::l7::Request {
+                        method,
+                        path,
+                        host: None,
+                    },
+                    &|_| Vec::new(),
+                )
+            })
+        };
+        assert!(m("GET", "/books/12345"));
+        assert!(m("GET", "/search?q=y"));
+        assert!(!m("DELETE", "/books/1"));
+        assert!(!m("GET", "/admin"));
     }
 
     fn sample() -> Vec<FlowRecord> {
