@@ -103,10 +103,10 @@ fn main() -> ExitCode {
     );
 
     section(
-        "L7: palisadectl delete networkpolicy api-allow; palisadectl apply -f conf/examples/api-http.yaml",
+        "L7: palisadectl delete -f conf/examples/api-allow.yaml; palisadectl apply -f conf/examples/api-http.yaml",
     );
     let http_server = HttpServer::start(&pods[0].netns, &[8080]);
-    ctl(&node, &["delete", "networkpolicy", "api-allow"], None);
+    ctl(&node, &["delete", "-f", "-"], Some(&policy_yaml));
     print!("{http_yaml}");
     print!("{}", ctl(&node, &["apply", "-f", "-"], Some(&http_yaml)));
     let api = pods[0].addr(false);
