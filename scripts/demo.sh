@@ -2,7 +2,9 @@
 # palisade's demo on a built-in sandbox: builds, installs missing packages,
 # creates a sandbox node namespace with a bridge network and three labelled
 # containers, prints the connectivity matrix, applies the api-allow
-# NetworkPolicy, prints the matrix again, and cleans up.
+# NetworkPolicy, prints the matrix again, then shows the api-http
+# PalisadeNetworkPolicy's HTTP rules at work (GET allowed, DELETE denied),
+# and cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
