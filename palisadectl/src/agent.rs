@@ -48,6 +48,24 @@ pub struct Options {
 
 type Labels = Vec<(String, String)>;
 
+/// A record's metric labels: who saw it, which way, the verdict and the
+/// deciding policy.
+fn metric_labels(r: &palisade::flows::FlowRecord) -> Labels {
+    vec![
+        (
+            "namespace".to_owned(),
+            r.endpoint.namespace.clone().unwrap_or_default(),
+        ),
+        (
+            "pod".to_owned(),
+            r.endpoint.name.clone().unwrap_or_default(),
+        ),
+        ("direction".to_owned(), r.direction.as_str().to_owned()),
+        ("verdict".to_owned(), r.verdict.as_str().to_owned()),
+        ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
+    ]
+}
+
 /// What the agent counted itself (flow events by who and why).
 #[derive(Debug, Default)]
 struct Stats {
@@ -337,20 +355,7 @@ pub fn run(opts: Options) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("agent statistics lock poisoned"))?;
         for e in &events {
             let r = resolver.resolve(e, reader.wall_time(e.ts_ns));
-            let labels = vec![
-                (
-                    "namespace".to_owned(),
-                    r.endpoint.namespace.clone().unwrap_or_default(),
-                ),
-                (
-                    "pod".to_owned(),
-                    r.endpoint.name.clone().unwrap_or_default(),
-                ),
-                ("direction".to_owned(), r.direction.as_str().to_owned()),
-                ("verdict".to_owned(), r.verdict.as_str().to_owned()),
-                ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
-            ];
-            *s.events.entry(labels).or_default() += 1;
+            *s.events.entry(metric_labels(&r)).or_default() += 1;
             if !log.append(&r).context("write the flow log")? {
                 s.log_dropped += 1;
             }
@@ -363,20 +368,7 @@ pub fn run(opts: Options) -> Result<()> {
         }
         for h in &http {
             let r = resolver.resolve_http(h, std::time::SystemTime::now());
-            let labels = vec![
-                (
-                    "namespace".to_owned(),
-                    r.endpoint.namespace.clone().unwrap_or_default(),
-                ),
-                (
-                    "pod".to_owned(),
-                    r.endpoint.name.clone().unwrap_or_default(),
-                ),
-                ("direction".to_owned(), r.direction.as_str().to_owned()),
-                ("verdict".to_owned(), r.verdict.as_str().to_owned()),
-                ("policy".to_owned(), r.policy.clone().unwrap_or_default()),
-            ];
-            *s.http.entry(labels).or_default() += 1;
+            *s.http.entry(metric_labels(&r)).or_default() += 1;
             if !log.append(&r).context("write the flow log")? {
                 s.log_dropped += 1;
             }

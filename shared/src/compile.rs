@@ -169,22 +169,23 @@ pub fn ports_match(rule: &Rule, proto: u8, port: u16, dest_ports: &[NamedPort]) 
     if rule.ports.is_empty() {
         return Some("all ports and protocols".into());
     }
-    for p in &rule.ports {
-        if p.protocol.number() != proto {
-            continue;
-        }
-        let hit = match &p.port {
+    rule.ports
+        .iter()
+        .find(|p| port_entry_hits(p, proto, port, dest_ports))
+        .map(ToString::to_string)
+}
+
+/// Whether one port entry lets (protocol, port) through to a destination
+/// whose named ports are `dest_ports`.
+fn port_entry_hits(p: &PortRule, proto: u8, port: u16, dest_ports: &[NamedPort]) -> bool {
+    p.protocol.number() == proto
+        && match &p.port {
             PortMatch::All => true,
             PortMatch::Range(a, b) => (*a..=*b).contains(&port),
             PortMatch::Named(n) => dest_ports
                 .iter()
                 .any(|np| &np.name == n && np.protocol == p.protocol && np.port == port),
-        };
-        if hit {
-            return Some(p.to_string());
         }
-    }
-    None
 }
 
 /// The HTTP rules a rule's matching port entries carry for (protocol,
@@ -201,17 +202,7 @@ pub fn http_rules_of<'r>(
     }
     let mut out: Option<Vec<&HttpRule>> = None;
     for p in &rule.ports {
-        if p.protocol.number() != proto {
-            continue;
-        }
-        let hit = match &p.port {
-            PortMatch::All => true,
-            PortMatch::Range(a, b) => (*a..=*b).contains(&port),
-            PortMatch::Named(n) => dest_ports
-                .iter()
-                .any(|np| &np.name == n && np.protocol == p.protocol && np.port == port),
-        };
-        if !hit {
+        if !port_entry_hits(p, proto, port, dest_ports) {
             continue;
         }
         if p.http.is_empty() {
@@ -1045,6 +1036,164 @@ mod tests {
                     && u16::from_be(k.data.dport_be) == port
             })
             .map(|(_, v)| v.flags & abi::POLICY_F_L7 != 0)
+    }
+
+    /// The entry the datapath finds for `ep`'s ingress from `peer_id` on
+    /// TCP `port`: the exact peer's shapes, longest first, then any peer's.
+    fn datapath_entry(c: &Compiled, ep: u32, peer_id: u32, port: u16) -> Option<PolicyValue> {
+        for pid in [peer_id, ID_ANY] {
+            let key = |prefixlen: u32, protocol: u8, p: u16| PolicyKey {
+                prefixlen,
+                data: PolicyKeyData {
+                    ep_id: ep,
+                    direction: Direction::Ingress as u8,
+                    tier: TIER_NETPOL,
+                    pad1: 0,
+                    peer_id: pid,
+                    pad2: 0,
+                    protocol,
+                    dport_be: p.to_be(),
+                },
+            };
+            let mut shapes = vec![key(POLICY_PREFIX_FULL, abi::PROTO_TCP, port)];
+            for bits in (1..16u32).rev() {
+                let mask = u16::MAX << (16 - bits);
+                shapes.push(key(
+                    POLICY_PREFIX_ANY_PORT + bits,
+                    abi::PROTO_TCP,
+                    port & mask,
+                ));
+            }
+            shapes.push(key(POLICY_PREFIX_ANY_PORT, abi::PROTO_TCP, 0));
+            shapes.push(key(POLICY_PREFIX_ANY_PROTO, 0, 0));
+            if let Some(v) = shapes.iter().find_map(|k| c.desired.policy.get(k)) {
+                return Some(*v);
+            }
+        }
+        None
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PALISADE_PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+            .. proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Whatever the mix of rules with and without HTTP rules (any
+        /// peer, one peer; one port, a named port, a range, every port,
+        /// every protocol), the entry the datapath finds for a connection
+        /// is an L7 one exactly when every rule allowing it has HTTP rules.
+        #[test]
+        fn the_entry_the_datapath_finds_is_l7_exactly_when_only_http_rules_allow(
+            pols in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    proptest::collection::vec(
+                        (0usize..3, proptest::collection::vec(0usize..8, 0..3)),
+                        1..3,
+                    ),
+                ),
+                1..4,
+            )
+        ) {
+            const PEERS: [&str; 3] = [
+                "",
+                "from: [{podSelector: {matchLabels: {app: web}}}]",
+                "from: [{podSelector: {matchLabels: {app: other}}}]",
+            ];
+            // (YAML, carries HTTP rules)
+            const PORTS: [(&str, bool); 8] = [
+                ("{port: 80, rules: {http: [{method: GET}]}}", true),
+                ("{port: 80}", false),
+                ("{port: http, rules: {http: [{path: /x}]}}", true),
+                ("{port: http}", false),
+                ("{port: 70, endPort: 90}", false),
+                ("{protocol: TCP}", false),
+                ("{port: 81, rules: {http: [{}]}}", true),
+                ("{port: 81}", false),
+            ];
+            let mut yaml = String::new();
+            for (i, (palisade, rules)) in pols.iter().enumerate() {
+                let (api, kind) = if *palisade {
+                    ("palisade.io/v1alpha1", "PalisadeNetworkPolicy")
+                } else {
+                    ("networking.k8s.io/v1", "NetworkPolicy")
+                };
+                yaml += &format!("---\napiVersion: {api}\nkind: {kind}\nmetadata: {{name: p{i}}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n");
+                for (peer, ports) in rules {
+                    let ports: Vec<&str> = ports
+                        .iter()
+                        .map(|&p| PORTS[p])
+                        .filter(|(_, http)| *palisade || !http)
+                        .map(|(y, _)| y)
+                        .collect();
+                    let mut rule = String::from("  - {");
+                    rule += PEERS[*peer];
+                    if !ports.is_empty() {
+                        if *peer != 0 {
+                            rule += ", ";
+                        }
+                        rule += &format!("ports: [{}]", ports.join(", "));
+                    }
+                    rule += "}\n";
+                    yaml += &rule;
+                }
+            }
+            let pols = policies(&yaml);
+            let mut server = ep(1, "default", "api", &[("app", "api")], "10.0.0.10");
+            server.ports = vec![NamedPort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }];
+            let web = ep(2, "default", "web", &[("app", "web")], "10.0.0.11");
+            let other = ep(3, "default", "other", &[("app", "other")], "10.0.0.12");
+            let (c, _) = run(&pols, &[server.clone(), web.clone(), other.clone()]);
+            let no_labels = Labels::new();
+            for client in [&web, &other] {
+                let peer_id = lpm_identity(&c, client.addresses[0]);
+                let blocks = BTreeSet::new();
+                let facts = PeerFacts {
+                    pod: Some(("default", &no_labels, &client.labels)),
+                    blocks: &blocks,
+                    node: None,
+                };
+                for port in [80u16, 81, 85] {
+                    // What the rules say: none allows; one without HTTP
+                    // rules allows (every request); only HTTP rules.
+                    let mut allowed = false;
+                    let mut plain = false;
+                    for (_, p) in &pols {
+                        for r in &p.ingress {
+                            if !r.peers.is_empty()
+                                && !r.peers.iter().any(|x| peer_matches(x, &p.namespace, &facts))
+                            {
+                                continue;
+                            }
+                            match http_rules_of(r, abi::PROTO_TCP, port, &server.ports) {
+                                None => {}
+                                Some(h) if h.is_empty() => {
+                                    allowed = true;
+                                    plain = true;
+                                }
+                                Some(_) => allowed = true,
+                            }
+                        }
+                    }
+                    let found = datapath_entry(&c, server.ep_id, peer_id, port);
+                    proptest::prop_assert_eq!(
+                        found.is_some(), allowed,
+                        "{} -> api:{}\n{}", client.name, port, yaml
+                    );
+                    if let Some(v) = found {
+                        proptest::prop_assert_eq!(
+                            v.flags & abi::POLICY_F_L7 != 0, !plain,
+                            "{} -> api:{} L7 flag\n{}", client.name, port, yaml
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

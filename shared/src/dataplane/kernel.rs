@@ -2401,19 +2401,3 @@ pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
     }
     Ok(true)
 }
-
-/// Write `pal_proxy` under a bpf root (the datapath must be loaded).
-pub fn set_proxy_config(root: &Path, cfg: abi::ProxyConfig) -> Result<(), DataplaneError> {
-    let path = super::map_pin(root, "pal_proxy");
-    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
-        what: "map pal_proxy".into(),
-        path: path.clone(),
-        source: e,
-    };
-    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
-    let mut arr: Array<MapData, abi::ProxyConfig> = Map::from_map_data(data)
-        .map_err(|e| open_err(boxed(e)))?
-        .try_into()
-        .map_err(DataplaneError::map("pal_proxy"))?;
-    arr.set(0, cfg, 0).map_err(DataplaneError::map("pal_proxy"))
-}
