@@ -1055,16 +1055,12 @@ mod tests {
                     dport_be: p.to_be(),
                 },
             };
-            let mut shapes = vec![key(POLICY_PREFIX_FULL, abi::PROTO_TCP, port)];
+            let mut shapes = vec![key(POLICY_PREFIX_FULL, PROTO_TCP, port)];
             for bits in (1..16u32).rev() {
                 let mask = u16::MAX << (16 - bits);
-                shapes.push(key(
-                    POLICY_PREFIX_ANY_PORT + bits,
-                    abi::PROTO_TCP,
-                    port & mask,
-                ));
+                shapes.push(key(POLICY_PREFIX_ANY_PORT + bits, PROTO_TCP, port & mask));
             }
-            shapes.push(key(POLICY_PREFIX_ANY_PORT, abi::PROTO_TCP, 0));
+            shapes.push(key(POLICY_PREFIX_ANY_PORT, PROTO_TCP, 0));
             shapes.push(key(POLICY_PREFIX_ANY_PROTO, 0, 0));
             if let Some(v) = shapes.iter().find_map(|k| c.desired.policy.get(k)) {
                 return Some(*v);
@@ -1170,7 +1166,7 @@ mod tests {
                             {
                                 continue;
                             }
-                            match http_rules_of(r, abi::PROTO_TCP, port, &server.ports) {
+                            match http_rules_of(r, PROTO_TCP, port, &server.ports) {
                                 None => {}
                                 Some(h) if h.is_empty() => {
                                     allowed = true;
