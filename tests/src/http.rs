@@ -120,7 +120,8 @@ pub fn exchange(
     })
 }
 
-fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
+/// Read one HTTP/1.1 answer (with a content-length body).
+pub fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {

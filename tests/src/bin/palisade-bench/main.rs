@@ -14,6 +14,7 @@ mod control;
 mod datapath;
 mod dns;
 mod etcd;
+mod l7;
 mod stats;
 mod traffic;
 
@@ -36,6 +37,8 @@ enum Part {
     Dns,
     /// Hosts without Kubernetes sharing etcd: apply to every host's verdict.
     Etcd,
+    /// L7: HTTP and gRPC through the node's proxy vs direct.
+    L7,
 }
 
 /// Measure palisade and write the report.
@@ -194,6 +197,7 @@ fn main() {
             Part::Cluster,
             Part::Dns,
             Part::Etcd,
+            Part::L7,
         ]
     } else {
         opts.only.clone()
@@ -210,6 +214,7 @@ fn main() {
             Part::Cluster => cluster::run(&cfg, &mut report),
             Part::Dns => dns::run(&cfg, &mut report),
             Part::Etcd => etcd::run(&cfg, &mut report),
+            Part::L7 => l7::run(&cfg, &mut report),
             Part::Change => {
                 let s = change::run(&cfg, &mut report);
                 report.section("Control plane", s);
