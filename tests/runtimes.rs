@@ -3,7 +3,8 @@
 //! runtime wrapper, each in a hermetic node, containers from a
 //! busybox-static rootfs. One NetworkPolicy (the same YAML for all), real
 //! traffic both ways, one DNS-aware egress case (a real unbound outside,
-//! the daemon's DNS proxy), cleanup checked, and the start-time overhead
+//! the daemon's DNS proxy), one L7 case (HTTP rules through the daemon's
+//! proxy), cleanup checked, and the start-time overhead
 //! palisade adds measured (median of several starts with and without).
 //!
 //! A runtime that cannot run here fails its test with the runtime's error;
@@ -25,6 +26,7 @@ use serde_json::Value;
 use testbed::{
     chain::Call,
     dns::{SMALL_API_V4, SMALL_OTHER_V4, query, small_zone},
+    http::{HttpServer, Req, exchange},
     matrix::{Peer, probe_all},
     node::{Node, NodeOptions, WORLD_V4},
     probe::{PROBE_TIMEOUT, Proto, probe},
@@ -150,6 +152,69 @@ fn check_dns(node: &Node, client: &Peer, namespace: &str) {
     }
 }
 
+/// The L7 case: `web` (in `namespace`) serves HTTP on 8080, where a
+/// PalisadeNetworkPolicy lets `client` (any namespace) read books (GET) and
+/// nothing else;
+/// the node daemon's L7 proxy (started here unless it runs already) judges
+/// each request.
+const L7_POLICY: &str = r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: web-http, namespace: NS}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}]
+    ports:
+    - port: 8080
+      rules:
+        http: [{method: GET, path: "/books(/.*)?"}]
+"#;
+
+fn check_l7(node: &Node, web: &Peer, client: &Peer, other: &Peer, namespace: &str) {
+    let started = node.daemon_pid().is_none();
+    if started {
+        node.start_daemon();
+    }
+    let _http = HttpServer::start(&web.netns, &[8080]);
+    let policy = L7_POLICY.replace("namespace: NS", &format!("namespace: {namespace}"));
+    node.apply(&policy);
+    let send = |from: &Peer, method: &str| {
+        exchange(
+            &from.netns,
+            web.addr,
+            8080,
+            &[Req::new(method, "/books/1")],
+            Duration::from_secs(5),
+        )
+    };
+    let mut got = None;
+    wait_for("GET through the L7 proxy", Duration::from_secs(60), || {
+        got = send(client, "GET").ok().map(|r| r[0].status);
+        got == Some(200)
+    });
+    let denied = send(client, "DELETE").unwrap_or_else(|e| {
+        panic!(
+            "{} DELETE: {e}
+daemon log:
+{}",
+            client.name,
+            node.daemon_output()
+        )
+    });
+    assert_eq!(denied[0].status, 403, "{:?}", denied[0]);
+    assert!(
+        send(other, "GET").is_err(),
+        "{} is not allowed on 8080 at all",
+        other.name
+    );
+    node.delete(&policy);
+    if started {
+        node.kill_daemon();
+    }
+}
+
 /// The endpoint palisade registered under `name`, once it exists.
 fn endpoint(node: &Node, name: &str) -> Value {
     let mut found = None;
@@ -239,6 +304,7 @@ fn runc_with_the_hook_in_config_json() {
     }
     check_policy(&n, &p(&web), &p(&client), &p(&other));
     check_dns(&n, &p(&client), "shop");
+    check_l7(&n, &p(&web), &p(&client), &p(&other), "shop");
     // SIGKILL and delete: poststop removes the endpoint.
     for c in [&web, &client, &other] {
         let out = c.delete(&n);
@@ -291,6 +357,7 @@ fn podman_cni_backend_is_protected_by_the_chained_plugin_and_the_hook_adds_ident
     let other = peer(&n, "other", pm.pid("other"));
     check_policy(&n, &web, &client, &other);
     check_dns(&n, &client, "shop");
+    check_l7(&n, &web, &client, &other, "shop");
     for name in ["web", "client", "other"] {
         pm.rm(name);
     }
@@ -336,6 +403,7 @@ fn podman_netavark_backend_is_protected_by_the_hook() {
     let other = peer(&n, "other", pm.pid("other"));
     check_policy(&n, &web, &client, &other);
     check_dns(&n, &client, "shop");
+    check_l7(&n, &web, &client, &other, "shop");
     for name in ["web", "client", "other"] {
         pm.rm(name);
     }
@@ -430,6 +498,7 @@ fn containerd_ctr_run_cni_uses_the_chained_plugin() {
     assert_eq!(m.get("web", &client_name), Some(true), "{m}");
     assert_eq!(m.get("web", "other"), Some(true), "{m}");
     check_dns(&n, &client, "default");
+    check_l7(&n, &web, &client, &other, "shop");
     for id in ["web", "other", "client"] {
         ctrd.rm(id, true);
     }
@@ -517,6 +586,7 @@ fn containerd_ctr_run_with_the_hook() {
     let other = peer(&n, "other", ctrd.pid("other"));
     check_policy(&n, &web, &client, &other);
     check_dns(&n, &client, "shop");
+    check_l7(&n, &web, &client, &other, "shop");
     for id in ["web", "client", "other"] {
         ctrd.rm(id, false);
     }
@@ -587,6 +657,7 @@ fn docker_with_the_runtime_wrapper_compose_style() {
     assert_eq!(m.get(&rename(&web), &rename(&client)), Some(true), "{m}");
     assert_eq!(m.get(&rename(&web), &rename(&other)), Some(true), "{m}");
     check_dns(&n, &client, "shop");
+    check_l7(&n, &web, &client, &other, "shop");
 
     // Restarting dockerd (even killed hard) changes nothing for running
     // containers: enforcement lives in pinned kernel objects.
