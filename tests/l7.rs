@@ -343,6 +343,13 @@ fn http_rules_on_ingress_allow_matching_requests_and_deny_the_others_with_403() 
         "{learned}"
     );
 
+    // status shows where the datapath sends L7 connections.
+    let st = String::from_utf8_lossy(&n.ctl(&["status"], None).stdout).into_owned();
+    assert!(
+        st.contains("L7 port 15080") && !st.contains("not this build's"),
+        "{st}"
+    );
+
     // explain --http gives the proxy's answer for one request.
     let explain = |method: &str, path: &str| -> serde_json::Value {
         let out = n.ctl(

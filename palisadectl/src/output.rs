@@ -649,13 +649,29 @@ pub fn status(
             state.endpoints.len()
         ));
     };
+    let px = &dpst.proxies;
+    let port = |p: u16| {
+        if p == 0 {
+            "none (redirected traffic is dropped)".to_owned()
+        } else {
+            format!("port {p}")
+        }
+    };
     emit(&format!(
-        "{daemon_line}datapath: loaded under {}, policy epoch {}\nflow events: {} sent, {} rate-limited, {} lost (ring buffer full)\n\n",
+        "{daemon_line}datapath: loaded under {}, policy epoch {}\nflow events: {} sent, {} rate-limited, {} lost (ring buffer full)\nproxies (mark {:#x}): DNS {}, L7 {}{}\n\n",
         dpst.bpf_root.display(),
         dpst.epoch,
         dpst.events_sent,
         dpst.events_rate_limited,
-        dpst.events_ringbuf_full
+        dpst.events_ringbuf_full,
+        px.mark,
+        port(px.dns_port),
+        port(px.http_port),
+        if px.http_port != 0 && !px.l7_steering {
+            " (the steering program on lo is not this build's: start the daemon)"
+        } else {
+            ""
+        }
     ))?;
     table(
         &["PROGRAM", "ID", "TAG"],

@@ -2010,6 +2010,22 @@ impl Dataplane for KernelDataplane {
         st.events_sent = sum(abi::EVSTAT_SENT)?;
         st.events_rate_limited = sum(abi::EVSTAT_RATE_LIMITED)?;
         st.events_ringbuf_full = sum(abi::EVSTAT_RINGBUF_FULL)?;
+        if let Ok(data) = MapData::from_pin(super::map_pin(&self.root, "pal_proxy"))
+            && let Ok(map) = Map::from_map_data(data)
+            && let Ok(arr) = Array::<MapData, abi::ProxyConfig>::try_from(map)
+            && let Ok(cfg) = arr.get(&0, 0)
+        {
+            st.proxies = super::ProxyStatus {
+                mark: cfg.mark,
+                dns_port: cfg.dns_port,
+                http_port: cfg.http_port,
+                l7_steering: self
+                    .root
+                    .join("node")
+                    .join(format!("lo-l7-steer-{}", self.hash()))
+                    .exists(),
+            };
+        }
         Ok(st)
     }
 

@@ -430,6 +430,20 @@ pub struct DataplaneStatus {
     pub events_ringbuf_full: u64,
     /// Every endpoint's conntrack tables: how full, how much refused.
     pub budgets: Vec<BudgetFill>,
+    /// Where the datapath sends what goes to the node's proxies.
+    pub proxies: ProxyStatus,
+}
+
+/// The node's proxies as the datapath knows them (`pal_proxy`; 0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub mark: u32,
+    pub dns_port: u16,
+    pub http_port: u16,
+    /// The L7 steering program is attached to `lo` (a link of this build
+    /// is pinned).
+    pub l7_steering: bool,
 }
 
 /// One endpoint's conntrack table for the flows opened in one direction.
