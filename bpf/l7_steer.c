@@ -5,8 +5,9 @@
  * L7 proxy's socket: the connection's own socket once the proxy has one,
  * else (a connection opening) the proxy's transparent listener. The mark
  * routes the packet to the node's local table, so the stack then delivers
- * it to that socket whatever its destination address. Unmarked packets
- * are not looked at.
+ * it to that socket whatever its destination address. A connection the
+ * node's DNAT sent to a Service backend gets its original addresses back
+ * (pal_restore_frontend). Unmarked packets are not looked at.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -46,17 +47,89 @@ pal_l7_socket(struct __sk_buff *skb, struct bpf_sock_tuple *t, __u32 len,
 	return bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
 }
 
+#define PAL_IP4_CSUM  (ETH_HLEN + 10)
+#define PAL_IP4_ADDRS (ETH_HLEN + 12)
+#define PAL_IP6_ADDRS (ETH_HLEN + 8)
+#define PAL_TCP_CSUM  16
+
+/*
+ * A connection the node's DNAT sent to a Service backend: give the packet
+ * the addresses and ports its client sent it with (pal_svc_frontends), so
+ * the node's conntrack finds the connection's entry and translates it again
+ * on the way to the proxy. 0 when there is nothing to restore; -1 when the
+ * packet could not be rewritten.
+ */
+static __always_inline int pal_restore_frontend(struct __sk_buff *skb,
+						struct bpf_sock_tuple *t,
+						__u32 len, __u32 l4)
+{
+	struct pal_svc_flow_key k = {}, *o;
+	__u32 csum = l4 + PAL_TCP_CSUM;
+	__be16 ports[2];
+
+	k.protocol = IPPROTO_TCP;
+	if (len == sizeof(t->ipv4)) {
+		k.saddr[10] = k.saddr[11] = 0xff;
+		k.daddr[10] = k.daddr[11] = 0xff;
+		__builtin_memcpy(&k.saddr[12], &t->ipv4.saddr, 4);
+		__builtin_memcpy(&k.daddr[12], &t->ipv4.daddr, 4);
+		k.sport = t->ipv4.sport;
+		k.dport = t->ipv4.dport;
+	} else {
+		__builtin_memcpy(k.saddr, t->ipv6.saddr, 16);
+		__builtin_memcpy(k.daddr, t->ipv6.daddr, 16);
+		k.sport = t->ipv6.sport;
+		k.dport = t->ipv6.dport;
+	}
+	o = bpf_map_lookup_elem(&pal_svc_frontends, &k);
+	if (!o)
+		return 0;
+	if (len == sizeof(t->ipv4)) {
+		__be32 addrs[2];
+
+		__builtin_memcpy(&addrs[0], &o->saddr[12], 4);
+		__builtin_memcpy(&addrs[1], &o->daddr[12], 4);
+		if (bpf_l4_csum_replace(skb, csum, t->ipv4.saddr, addrs[0],
+					BPF_F_PSEUDO_HDR | 4) ||
+		    bpf_l4_csum_replace(skb, csum, t->ipv4.daddr, addrs[1],
+					BPF_F_PSEUDO_HDR | 4) ||
+		    bpf_l3_csum_replace(skb, PAL_IP4_CSUM, t->ipv4.saddr,
+					addrs[0], 4) ||
+		    bpf_l3_csum_replace(skb, PAL_IP4_CSUM, t->ipv4.daddr,
+					addrs[1], 4) ||
+		    bpf_skb_store_bytes(skb, PAL_IP4_ADDRS, addrs,
+					sizeof(addrs), 0))
+			return -1;
+	} else {
+		__s64 diff = bpf_csum_diff((__be32 *)t->ipv6.saddr, 32,
+					   (__be32 *)o->saddr, 32, 0);
+
+		if (diff < 0 ||
+		    bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR) ||
+		    bpf_skb_store_bytes(skb, PAL_IP6_ADDRS, o->saddr, 32, 0))
+			return -1;
+	}
+	ports[0] = o->sport;
+	ports[1] = o->dport;
+	if (bpf_l4_csum_replace(skb, csum, k.sport, ports[0], 2) ||
+	    bpf_l4_csum_replace(skb, csum, k.dport, ports[1], 2) ||
+	    bpf_skb_store_bytes(skb, l4, ports, sizeof(ports), 0))
+		return -1;
+	return 0;
+}
+
 SEC("classifier")
 int pal_l7_steer(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct bpf_sock_tuple t = {};
+	struct bpf_sock_tuple t = {}, orig;
 	struct pal_proxy_config *pc;
 	struct tcphdr *th;
 	struct bpf_sock *sk;
-	__u32 zero = 0, len;
+	__u32 zero = 0, len, l4;
+	int syn;
 	long rc;
 
 	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
@@ -99,14 +172,20 @@ int pal_l7_steer(struct __sk_buff *skb)
 	 * container's or the gateway's, which would make it another host's. */
 	if (skb->pkt_type != 0 /* PACKET_HOST */)
 		bpf_skb_change_type(skb, 0);
-	sk = pal_l7_socket(skb, &t, len, pc->http_port, th->syn && !th->ack);
+	l4 = (__u32)((void *)th - data);
+	syn = th->syn && !th->ack;
+	/* Kept: the socket lookup for a SYN overwrites the destination. */
+	__builtin_memcpy(&orig, &t, sizeof(orig));
+	sk = pal_l7_socket(skb, &t, len, pc->http_port, syn);
 	if (!sk)
 		/* No proxy (or the connection is not one of its own): closed.
 		 */
 		return TC_ACT_SHOT;
 	rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	return rc == 0 ? TC_ACT_OK : TC_ACT_SHOT;
+	if (rc != 0 || pal_restore_frontend(skb, &orig, len, l4) < 0)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -18,7 +18,9 @@
  * never sees it again, so the veth program decides it again there when
  * policy changes. Everything else (packets of
  * established connections, flows not DNATed, flows nobody deferred) is
- * accepted after reading one field of the skb.
+ * accepted after reading one field of the skb. Every new DNATed TCP
+ * connection is also remembered in pal_svc_frontends, for the L7 steering
+ * program on lo (bpf/include/proxy_map.h).
  *
  * Loaded with libbpf (aya 0.14 cannot load netfilter programs); it shares
  * the pinned maps of the veth programs.
@@ -129,6 +131,19 @@ int pal_service(struct bpf_nf_ctx *ctx)
 	fk.sport = orig.src_port;
 	fk.dport = orig.dst_port;
 	fk.protocol = orig.protonum;
+	if (orig.protonum == IPPROTO_TCP) {
+		/* Remembered by the connection as it reaches the backend (the
+		 * reply tuple reversed: after the DNAT and any SNAT), in case
+		 * the backend's HTTP rules send it to the L7 proxy. */
+		struct pal_svc_flow_key bk = {};
+
+		pal_nf_addr(bk.saddr, reply.dst_addr, reply.l3num);
+		pal_nf_addr(bk.daddr, reply.src_addr, reply.l3num);
+		bk.sport = reply.dst_port;
+		bk.dport = reply.src_port;
+		bk.protocol = IPPROTO_TCP;
+		bpf_map_update_elem(&pal_svc_frontends, &bk, &fk, BPF_ANY);
+	}
 	fv = bpf_map_lookup_elem(&pal_svc_flows, &fk);
 	if (!fv)
 		return NF_ACCEPT;

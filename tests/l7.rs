@@ -15,6 +15,7 @@ use std::{
 };
 
 use testbed::{
+    cluster::{Cluster, Topology},
     http::{HttpServer, Reply, Req, exchange, h2_exchange, raw_exchange, upgrade_echo},
     node::{Node, NodeOptions, Pod, Primary},
 };
@@ -496,4 +497,134 @@ fn grpc_and_http2_calls_are_judged_one_by_one_and_upgrades_pass_when_allowed() {
         .expect("the proxy must close the connection");
     let raw = String::from_utf8_lossy(&raw);
     assert!(!raw.contains(" from "), "the server answered: {raw}");
+}
+
+const CLUSTER_VIP: [&str; 2] = ["10.96.0.20", "fd00:96::20"];
+
+/// Cluster mode: the policy comes from the API server; the senders sit on
+/// the server's node and on another one, and also go through a Service
+/// (kube-proxy's DNAT, written here as kube-proxy writes it, on every
+/// node) whose backend has HTTP rules.
+#[test]
+fn http_rules_hold_for_senders_on_other_nodes_and_through_a_service() {
+    let c = Cluster::new(2, Topology::Vxlan, true, serde_json::Map::new());
+    c.namespace("app", &[]);
+    let api = c.add_pod(0, "app", "api", &[("app", "api")], &[]);
+    let near = c.add_pod(0, "app", "near", &[("app", "web")], &[]);
+    let far = c.add_pod(1, "app", "far", &[("app", "web")], &[]);
+    let stranger = c.add_pod(1, "app", "stranger", &[("app", "other")], &[]);
+    let _http = HttpServer::start(&api.netns, &[80]);
+    c.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: app}}\n\
+         spec:\n  selector: {{app: api}}\n  clusterIP: {v4}\n  clusterIPs: [{v4}, '{v6}']\n  \
+         ports:\n  - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n",
+        v4 = CLUSTER_VIP[0],
+        v6 = CLUSTER_VIP[1],
+    ));
+    c.apply_yaml(
+        r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: api-http, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports:
+    - port: 80
+      rules:
+        http: [{method: GET, path: "/books(/.*)?"}]
+"#,
+    );
+    c.settle();
+    c.wait_service_frontends(2);
+    for node in &c.nodes {
+        node.netns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
+        node.netns
+            .sysctl("net.bridge.bridge-nf-call-ip6tables", "1");
+        for v6 in [false, true] {
+            let (tool, len) = if v6 {
+                ("ip6tables", 128)
+            } else {
+                ("iptables", 32)
+            };
+            let ipt = |args: &[&str]| {
+                let out = node
+                    .netns
+                    .command(tool)
+                    .args(["-w", "-t", "nat"])
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{tool} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            let to = if v6 {
+                format!("[{}]:80", api.addr(true))
+            } else {
+                format!("{}:80", api.addr(false))
+            };
+            let vip = format!("{}/{len}", CLUSTER_VIP[usize::from(v6)]);
+            ipt(&["-N", "KUBE-SERVICES"]);
+            ipt(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
+            ipt(&[
+                "-A",
+                "KUBE-SERVICES",
+                "-d",
+                &vip,
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ]);
+        }
+    }
+
+    let server = &c.nodes[0];
+    for v6 in [false, true] {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        let vip: IpAddr = CLUSTER_VIP[usize::from(v6)].parse().unwrap();
+        for (from, to, how) in [
+            (&far, api.addr(v6), "from another node"),
+            (&near, vip, "through the Service, from the backend's node"),
+            (&far, vip, "through the Service, from another node"),
+        ] {
+            let what = format!("{fam} {how}: {} GET /books/1", from.name);
+            let ok = wait_for(
+                server,
+                &what,
+                from,
+                to,
+                80,
+                &[Req::new("GET", "/books/1"), Req::new("DELETE", "/books/1")],
+                &[200, 403],
+            );
+            assert_eq!(
+                ok[0].body.trim(),
+                format!("GET /books/1 from {}", from.addr(v6)),
+                "{what}: the server must see the client's own address"
+            );
+            assert!(
+                ok[1]
+                    .header("x-palisade-policy")
+                    .is_some_and(|p| p.contains("api-http")),
+                "{what}: the 403 names the policy: {:?}",
+                ok[1]
+            );
+        }
+        for to in [api.addr(v6), vip] {
+            assert!(
+                send(&stranger, to, 80, &[Req::new("GET", "/books/1")]).is_err(),
+                "{fam}: a pod no rule admits must not connect to {to}:80"
+            );
+        }
+    }
 }

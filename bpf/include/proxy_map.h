@@ -19,4 +19,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_proxy SEC(".maps");
 
+/*
+ * pal_svc_frontends: LRU_HASH, sized by the setting serviceFlows. For each
+ * TCP connection the node's DNAT sent to a Service backend (written by
+ * pal_service), keyed by the connection as it reaches the backend, the
+ * connection as its client sent it (to the frontend, before any SNAT).
+ * When such a connection goes to the L7 proxy, pal_l7_steer gives its
+ * packets their original addresses back before the node's conntrack sees
+ * them again: conntrack then finds the connection's own entry and applies
+ * its NAT again, where it would otherwise track a second entry for the
+ * translated addresses, which clashes with the first and is dropped.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
+	__type(key, struct pal_svc_flow_key);
+	__type(value, struct pal_svc_flow_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_svc_frontends SEC(".maps");
+
 #endif /* PALISADE_PROXY_MAP_H */

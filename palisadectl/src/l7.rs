@@ -2,11 +2,11 @@
 //! connections of L7 flows to its transparent listener (through lo, see
 //! bpf/l7_steer.c); it judges every request against the HTTP rules that
 //! govern the connection and forwards the allowed ones to the server the
-//! client asked for, from the client's own address and port.
+//! client asked for, from the client's own address.
 //!
-//! What the server sees: the client's address and port, as without the
-//! proxy (the upstream socket binds them, IP_TRANSPARENT), so its own
-//! ingress policy judges the real client. Denied requests get `403` with
+//! What the server sees: the client's address, as without the proxy (the
+//! upstream socket binds it, IP_TRANSPARENT), with a port the kernel picks;
+//! so its own ingress policy judges the real client. Denied requests get `403` with
 //! the deciding policies in `x-palisade-policy`, and never reach it.
 
 use std::{
@@ -132,7 +132,11 @@ fn bind(port: u16) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Connect to `server` from `client` (the client's own address and port).
+/// Connect to `server` from the client's own address, on a port the kernel
+/// picks: the client's port is the proxy's accepted connection, and a
+/// second connection on the same four addresses and ports would share the
+/// node's conntrack entry with it (two sequence spaces in one entry, and a
+/// clash with a Service's DNAT).
 async fn connect_as(client: SocketAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
     let domain = if server.is_ipv4() {
         Domain::IPV4
@@ -145,9 +149,9 @@ async fn connect_as(client: SocketAddr, server: SocketAddr) -> std::io::Result<T
     } else {
         s.set_ip_transparent_v6(true)?;
     }
-    s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
-    s.bind(&client.into())?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&SocketAddr::new(client.ip(), 0).into())?;
     let std: std::net::TcpStream = s.into();
     TcpSocket::from_std_stream(std).connect(server).await
 }
@@ -312,6 +316,8 @@ async fn forward(
 /// gRPC speaks it): each request judged on its own; the upstream
 /// connection opened at the first allowed one.
 async fn serve_connection(stream: TcpStream, rules: Arc<Rules>, records: Records) {
+    // Answers (a gRPC frame, a 403) go out as they are written.
+    let _ = stream.set_nodelay(true);
     let (Ok(client), Ok(target)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };

@@ -145,6 +145,12 @@ const MAPS: &[(&str, MapType, usize, usize)] = &[
         size_of::<abi::SvcFlowKey>(),
         size_of::<abi::SvcBackend>(),
     ),
+    (
+        "pal_svc_frontends",
+        MapType::LruHash,
+        size_of::<abi::SvcFlowKey>(),
+        size_of::<abi::SvcFlowKey>(),
+    ),
     ("pal_events", MapType::RingBuf, 0, 0),
     ("pal_evstats", MapType::PerCpuArray, 4, 8),
     ("pal_ratelimit_ep", MapType::PerCpuHash, 4, 16),

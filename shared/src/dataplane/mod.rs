@@ -135,12 +135,13 @@ impl MapSizes {
     /// (map name, setting name, capacity) for every sized map.
     /// Maps whose capacity follows the number of endpoints (one or two
     /// entries for each) come with the `endpoints` setting; the Service
-    /// flows' backends with `serviceFlows`.
+    /// flows' backends and frontends with `serviceFlows`.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &'static str, u32)> + '_ {
         let endpoints = self.of("pal_endpoints").unwrap_or(1);
         let service_flows = self.of("pal_svc_flows").unwrap_or(1);
         self.entries.iter().copied().chain([
             ("pal_svc_backends", "serviceFlows", service_flows),
+            ("pal_svc_frontends", "serviceFlows", service_flows),
             ("pal_ct_tables", "endpoints", endpoints.saturating_mul(2)),
             ("pal_frag_tables", "endpoints", endpoints.saturating_mul(2)),
             ("pal_budget", "endpoints", endpoints.saturating_mul(2)),

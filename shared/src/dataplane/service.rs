@@ -272,10 +272,12 @@ impl ServiceHook {
             // path (and pins a map that is missing there). It reuses only a
             // map of the object's capacity: take the pinned one's (set by
             // whoever created the maps, see `MapSizes`). A map that maps
-            // pinned by an earlier build lack (the Service flows' backends)
-            // is sized like the map whose setting it shares.
+            // pinned by an earlier build lack (the Service flows' backends
+            // and frontends) is sized like the map whose setting it shares.
             let sized_like = match name.as_str() {
-                "pal_svc_backends" if !pin.exists() => maps_dir.join("pal_svc_flows"),
+                "pal_svc_backends" | "pal_svc_frontends" if !pin.exists() => {
+                    maps_dir.join("pal_svc_flows")
+                }
                 _ => pin.clone(),
             };
             if let Ok(handle) = MapHandle::from_pinned_path(&sized_like) {
