@@ -169,7 +169,7 @@ int pal_service(struct bpf_nf_ctx *ctx)
 			  PAL_DROP_UNKNOWN_ENDPOINT, len);
 		return NF_DROP;
 	}
-	pal_decide(ep, PAL_DIR_EGRESS, &t, cfg, &d);
+	pal_decide_svc_backend(ep, &t, cfg, &d);
 	if (d.verdict != PAL_VERDICT_DENY) {
 		/* Remembered for the veth program, which decides the flow
 		 * again on it when policy changes; a flow that could not be

@@ -627,4 +627,64 @@ spec:
             );
         }
     }
+
+    // The clients' own egress HTTP rules: directly to the pod they hold;
+    // through the Service the client's veth sees only the frontend and
+    // cannot steer the connection, so it is refused (fail closed), with a
+    // flow record that says why.
+    c.apply_yaml(
+        r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: web-out, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: api}}}]
+    ports:
+    - port: 80
+      rules:
+        http: [{method: GET}]
+"#,
+    );
+    c.settle();
+    for v6 in [false, true] {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        let vip: IpAddr = CLUSTER_VIP[usize::from(v6)].parse().unwrap();
+        for from in [&near, &far] {
+            wait_for(
+                server,
+                &format!("{fam}: {} with egress HTTP rules, directly", from.name),
+                from,
+                api.addr(v6),
+                80,
+                &[Req::new("GET", "/books/1"), Req::new("DELETE", "/books/1")],
+                &[200, 403],
+            );
+            assert!(
+                send(from, vip, 80, &[Req::new("GET", "/books/1")]).is_err(),
+                "{fam}: {} has egress HTTP rules: its connection through the Service must be refused",
+                from.name
+            );
+        }
+    }
+    for (node, from) in [(&c.nodes[0], &near), (&c.nodes[1], &far)] {
+        let out = node.ctl(&["flows", "-o", "json"], None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                    v["kind"] == "drop"
+                        && v["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("the L7 proxy cannot judge it"))
+                        && v["endpoint"]["name"] == from.name.as_str()
+                })
+            }),
+            "{}: no drop record of {}'s connection through the Service:\n{text}",
+            node.prefix,
+            from.name
+        );
+    }
 }

@@ -102,6 +102,7 @@
 #define PAL_DROP_NO_PROXY	  (-8) /* redirected, but no proxy listens */
 #define PAL_DROP_BUDGET		  (-9) /* the endpoint's conntrack table is full */
 #define PAL_DROP_MISADDRESSED	  (-10) /* unicast to another MAC */
+#define PAL_DROP_L7_SERVICE	  (-11) /* HTTP rules only, via a Service */
 
 /* Endpoint flags (pal_endpoint.flags). */
 #define PAL_EP_ISOLATE_INGRESS (1U << 0)
@@ -246,6 +247,11 @@ struct pal_ct_key {
  * (sent by the node from an address that is not the node's), whose
  * answers must reach the proxy rather than the address it borrowed. */
 #define PAL_CT_L7 (1U << 5)
+/* With PAL_CT_L7: the answers of a connection the L7 proxy opened from the
+ * endpoint's address to a server elsewhere (for the endpoint's egress HTTP
+ * rules). The proxy judged that connection; policy does not decide these
+ * packets again at the endpoint. */
+#define PAL_CT_L7_UPSTREAM (1U << 6)
 #define PAL_CT_TCP_CLOSED(f)                                                   \
 	(((f)&PAL_CT_TCP_RST) ||                                               \
 	 ((f) & (PAL_CT_TCP_FIN_FWD | PAL_CT_TCP_FIN_REV)) ==                  \

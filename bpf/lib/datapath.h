@@ -164,7 +164,7 @@ static __always_inline int pal_svc_denied_now(const struct pal_endpoint *ep,
 		return 0;
 	__builtin_memcpy(t->daddr, b->addr, 16);
 	t->dport = b->port;
-	pal_decide(ep, PAL_DIR_EGRESS, t, cfg, d);
+	pal_decide_svc_backend(ep, t, cfg, d);
 	return d->verdict == PAL_VERDICT_DENY;
 }
 
@@ -456,6 +456,42 @@ static __always_inline int pal_sent_by_node(const struct __sk_buff *skb,
 	       sk->src_port == bpf_ntohs(p->t.sport);
 }
 
+/*
+ * A packet to a container that answers a connection the node's L7 proxy
+ * opened from the container's address (to a server on another node or
+ * outside, for the container's egress HTTP rules): the node holds an
+ * established socket for it. Looked up only for TCP packets that open no
+ * connection and that the container's table does not know.
+ */
+static __always_inline int pal_to_proxy_upstream(struct __sk_buff *skb,
+						 const struct pal_pkt *p)
+{
+	struct bpf_sock_tuple st = {};
+	struct bpf_sock *sk;
+	__u32 len;
+	int found;
+
+	if (p->v6) {
+		__builtin_memcpy(st.ipv6.saddr, p->t.saddr, 16);
+		__builtin_memcpy(st.ipv6.daddr, p->t.daddr, 16);
+		st.ipv6.sport = p->t.sport;
+		st.ipv6.dport = p->t.dport;
+		len = sizeof(st.ipv6);
+	} else {
+		__builtin_memcpy(&st.ipv4.saddr, &p->t.saddr[12], 4);
+		__builtin_memcpy(&st.ipv4.daddr, &p->t.daddr[12], 4);
+		st.ipv4.sport = p->t.sport;
+		st.ipv4.dport = p->t.dport;
+		len = sizeof(st.ipv4);
+	}
+	sk = bpf_skc_lookup_tcp(skb, &st, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	found = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return found;
+}
+
 /* Whether a packet of an L7 flow goes to the proxy: everything a container
  * sends (it may still carry the container's socket here), and what is sent
  * to it unless the node sent it (the proxy's own packets). */
@@ -638,6 +674,11 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 						   d.policy_id, now);
 			}
 			ct->epoch = cfg->epoch;
+		} else if (ct->epoch != cfg->epoch &&
+			   (ct->flags & PAL_CT_L7_UPSTREAM)) {
+			/* The proxy's own connection: nothing to decide here.
+			 */
+			ct->epoch = cfg->epoch;
 		} else if (ct->epoch != cfg->epoch) {
 			/* Policy or identities changed since this flow was
 			 * decided: decide it again as it was opened. */
@@ -709,6 +750,16 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		d.reason = PAL_REASON_SERVICE;
 		d.peer_id = pal_identity_of(p->t.daddr);
 		ct_flags = PAL_CT_SERVICE;
+	} else if (dir == PAL_DIR_INGRESS && p->t.protocol == IPPROTO_TCP &&
+		   (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) !=
+			   PAL_TCP_SYN &&
+		   !pal_sent_by_node(skb, p) && pal_to_proxy_upstream(skb, p)) {
+		/* The server's answer to the L7 proxy, which judged the
+		 * connection: tracked, and steered to the proxy below. */
+		d.verdict = PAL_VERDICT_ALLOW;
+		d.reason = PAL_REASON_ESTABLISHED;
+		d.peer_id = pal_identity_of(p->t.saddr);
+		ct_flags = PAL_CT_L7 | PAL_CT_L7_UPSTREAM;
 	} else {
 		pal_decide(ep, dir, &p->t, cfg, &d);
 		if (d.verdict == PAL_VERDICT_DENY)

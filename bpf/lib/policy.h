@@ -246,4 +246,21 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 	}
 }
 
+/*
+ * The egress decision of a flow to a Service, on the backend the node's
+ * DNAT chose (t: the flow to that backend). A flow only HTTP rules allow
+ * cannot be judged by the L7 proxy: the client's veth saw a frontend, not
+ * the backend, and did not steer it, so it is refused (fail closed).
+ */
+static __always_inline void
+pal_decide_svc_backend(const struct pal_endpoint *ep, const struct pal_tuple *t,
+		       const struct pal_config *cfg, struct pal_decision *d)
+{
+	pal_decide(ep, PAL_DIR_EGRESS, t, cfg, d);
+	if (d->verdict != PAL_VERDICT_DENY && d->l7) {
+		d->verdict = PAL_VERDICT_DENY;
+		d->reason = PAL_DROP_L7_SERVICE;
+	}
+}
+
 #endif /* PALISADE_POLICY_H */

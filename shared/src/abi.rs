@@ -196,6 +196,9 @@ pub enum Reason {
     /// A unicast frame for another MAC, about to be delivered to the
     /// container.
     DropMisaddressed,
+    /// To a Service, on a backend only HTTP rules allow the client to
+    /// reach: the L7 proxy cannot judge it there (fail closed).
+    DropL7Service,
     /// A code this build has no name for; its text keeps the code.
     Unknown(i8),
     /// Text this build cannot read back (a flow log written by another
@@ -224,6 +227,7 @@ impl Reason {
             -8 => Self::DropNoProxy,
             -9 => Self::DropBudget,
             -10 => Self::DropMisaddressed,
+            -11 => Self::DropL7Service,
             other => Self::Unknown(other),
         }
     }
@@ -254,7 +258,10 @@ impl Reason {
             Self::DropUnsupportedL3 => "unsupported layer-3 protocol or IPv6 header chain",
             Self::DropRevoked => "flow no longer allowed after a policy change",
             Self::DropSpoofed => "sent from an address the container does not own",
-            Self::DropNoProxy => "for the DNS proxy, which does not run (fail closed)",
+            Self::DropNoProxy => "for a proxy (DNS or L7) that does not run (fail closed)",
+            Self::DropL7Service => {
+                "through a Service to a backend only HTTP rules allow: the L7 proxy cannot judge it (fail closed)"
+            }
             Self::DropMisaddressed => "a unicast frame addressed to another MAC (not delivered)",
             Self::DropBudget => {
                 "budget exceeded: the endpoint's conntrack table for this direction is full"
@@ -264,7 +271,7 @@ impl Reason {
     }
 
     /// Every reason with a code, for reading text back.
-    const KNOWN: [Self; 17] = [
+    const KNOWN: [Self; 18] = [
         Self::Policy,
         Self::NotIsolated,
         Self::Host,
@@ -282,6 +289,7 @@ impl Reason {
         Self::DropNoProxy,
         Self::DropBudget,
         Self::DropMisaddressed,
+        Self::DropL7Service,
     ];
 
     /// The reason a text of [`Reason`]'s `Display` stands for; text this
@@ -293,6 +301,10 @@ impl Reason {
             .and_then(|c| c.parse().ok())
         {
             return Self::Unknown(code);
+        }
+        // Written by builds before the L7 proxy shared this reason.
+        if text == "for the DNS proxy, which does not run (fail closed)" {
+            return Self::DropNoProxy;
         }
         Self::KNOWN
             .into_iter()
@@ -877,6 +889,7 @@ same_reason! {
     DropNoProxy => c::PAL_DROP_NO_PROXY,
     DropBudget => c::PAL_DROP_BUDGET,
     DropMisaddressed => c::PAL_DROP_MISADDRESSED,
+    DropL7Service => c::PAL_DROP_L7_SERVICE,
 }
 
 // SAFETY: all of these are `repr(C)` structs of integers and byte arrays
