@@ -1006,8 +1006,13 @@ mod tests {
             "\"no policy rule allows it\""
         );
         assert_eq!(
-            Reason::from_code(-11).to_string(),
-            "unknown reason (code -11)"
+            Reason::from_code(-12).to_string(),
+            "unknown reason (code -12)"
+        );
+        // The text builds before the L7 proxy wrote for its reason.
+        assert_eq!(
+            Reason::from_text("for the DNS proxy, which does not run (fail closed)"),
+            Reason::DropNoProxy
         );
     }
 
