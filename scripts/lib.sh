@@ -16,7 +16,7 @@ PALISADE_PACKAGES=(
 	rpm man-db                            # package tests (rpm -qpl, man -w)
 	bpftool                               # a foreign pinned map in cni_contract
 	unbound                               # the DNS server the DNS proxy tests ask
-	protobuf-compiler                     # protoc: the etcd client's gRPC code (etcd-client's build.rs)
+	protobuf-compiler libprotobuf-dev     # protoc and its well-known types (descriptor.proto): the etcd client's gRPC code (etcd-client's build.rs)
 	etcd-server etcd-client openssl       # the etcd datastore tests (a real etcd cluster, TLS certificates)
 )
 
