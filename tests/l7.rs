@@ -9,15 +9,19 @@
 )]
 
 use std::{
-    net::IpAddr,
+    io::{BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use socket2::{Domain, Socket, Type};
 use testbed::{
     cluster::{Cluster, Topology},
-    http::{HttpServer, Reply, Req, exchange, h2_exchange, raw_exchange, upgrade_echo},
+    http::{HttpServer, Reply, Req, exchange, h2_exchange, raw_exchange, read_reply, upgrade_echo},
     node::{Node, NodeOptions, Pod, Primary},
+    sys::in_netns,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,12 +126,56 @@ fn statuses(r: &std::io::Result<Vec<Reply>>) -> Option<Vec<u16>> {
         .map(|v| v.iter().map(|x| x.status).collect())
 }
 
+/// `GET /books/1` with `connection: close` from source port `from_port`,
+/// read to the end: the other side closes first.
+fn get_closing_from_port(
+    netns: &Path,
+    to: IpAddr,
+    port: u16,
+    from_port: u16,
+) -> std::io::Result<Reply> {
+    in_netns(netns, move || {
+        let (domain, any): (Domain, IpAddr) = if to.is_ipv6() {
+            (Domain::IPV6, Ipv6Addr::UNSPECIFIED.into())
+        } else {
+            (Domain::IPV4, Ipv4Addr::UNSPECIFIED.into())
+        };
+        let s = Socket::new(domain, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(any, from_port).into())?;
+        s.connect_timeout(&SocketAddr::new(to, port).into(), TIMEOUT)?;
+        let stream: TcpStream = s.into();
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        (&stream).write_all(
+            b"GET /books/1 HTTP/1.1\r\nhost: api\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )?;
+        let mut r = BufReader::new(&stream);
+        let reply = read_reply(&mut r)?;
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest)?;
+        Ok(reply)
+    })
+}
+
 /// Wait (generously: a loaded CI machine) until the requests get these
 /// statuses; the replies.
 fn wait_for(
     n: &Node,
     what: &str,
     from: &Pod,
+    to: IpAddr,
+    port: u16,
+    reqs: &[Req],
+    want: &[u16],
+) -> Vec<Reply> {
+    wait_for_from(n, what, &from.netns, to, port, reqs, want)
+}
+
+/// [`wait_for`] from any namespace (a host outside the cluster).
+fn wait_for_from(
+    n: &Node,
+    what: &str,
+    from: &Path,
     to: IpAddr,
     port: u16,
     reqs: &[Req],
@@ -141,7 +189,7 @@ fn wait_for(
         });
     let mut last;
     loop {
-        let r = send(from, to, port, reqs);
+        let r = exchange(from, to, port, reqs, TIMEOUT);
         if statuses(&r).as_deref() == Some(want) {
             return r.unwrap();
         }
@@ -192,6 +240,21 @@ fn http_rules_on_ingress_allow_matching_requests_and_deny_the_others_with_403() 
             "the deciding policy is named: {:?}",
             denied[0]
         );
+        // A client that reuses its source port at once, as a busy one does:
+        // the proxy closed the previous connection first, so that
+        // connection's tuple is in TIME_WAIT on the node (the proxy's side);
+        // each new one must still reach the proxy.
+        let from_port = if v6 { 40_123 } else { 40_124 };
+        for i in 0..3 {
+            let r = get_closing_from_port(&web.netns, to, 80, from_port);
+            assert!(
+                matches!(&r, Ok(reply) if reply.status == 200),
+                "connection {i} from port {from_port} to {to}:80 (the one before it in \
+                 TIME_WAIT at the proxy): {r:?}; daemon log:\n{}",
+                daemon_log(n)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let to = api.addr(false);
     // Keep-alive: each request on one connection is judged on its own.
@@ -507,8 +570,17 @@ const CLUSTER_VIP: [&str; 2] = ["10.96.0.20", "fd00:96::20"];
 /// node) whose backend has HTTP rules.
 #[test]
 fn http_rules_hold_for_senders_on_other_nodes_and_through_a_service() {
-    let c = Cluster::new(2, Topology::Vxlan, true, serde_json::Map::new());
+    // A host outside the cluster ("world"), routed through node 0.
+    let c = Cluster::with_world(
+        2,
+        Topology::Vxlan,
+        true,
+        serde_json::Map::new(),
+        Some(vec![81]),
+    );
     c.namespace("app", &[]);
+    let world = c.nodes[0].world.as_ref().expect("the outside host");
+    let world_addr = |v6| c.nodes[0].world_addr(v6);
     let api = c.add_pod(0, "app", "api", &[("app", "api")], &[]);
     let near = c.add_pod(0, "app", "near", &[("app", "web")], &[]);
     let far = c.add_pod(1, "app", "far", &[("app", "web")], &[]);
@@ -521,22 +593,27 @@ fn http_rules_hold_for_senders_on_other_nodes_and_through_a_service() {
         v4 = CLUSTER_VIP[0],
         v6 = CLUSTER_VIP[1],
     ));
-    c.apply_yaml(
+    c.apply_yaml(&format!(
         r#"
 apiVersion: palisade.io/v1alpha1
 kind: PalisadeNetworkPolicy
-metadata: {name: api-http, namespace: app}
+metadata: {{name: api-http, namespace: app}}
 spec:
-  podSelector: {matchLabels: {app: api}}
+  podSelector: {{matchLabels: {{app: api}}}}
   policyTypes: [Ingress]
   ingress:
-  - from: [{podSelector: {matchLabels: {app: web}}}]
+  - from:
+    - podSelector: {{matchLabels: {{app: web}}}}
+    - ipBlock: {{cidr: {}/32}}
+    - ipBlock: {{cidr: "{}/128"}}
     ports:
     - port: 80
       rules:
-        http: [{method: GET, path: "/books(/.*)?"}]
+        http: [{{method: GET, path: "/books(/.*)?"}}]
 "#,
-    );
+        world_addr(false),
+        world_addr(true),
+    ));
     c.settle();
     c.wait_service_frontends(2);
     for node in &c.nodes {
@@ -592,16 +669,28 @@ spec:
     for v6 in [false, true] {
         let fam = if v6 { "IPv6" } else { "IPv4" };
         let vip: IpAddr = CLUSTER_VIP[usize::from(v6)].parse().unwrap();
+        let (near_c, far_c) = (
+            (near.netns.as_path(), near.addr(v6), near.name.as_str()),
+            (far.netns.as_path(), far.addr(v6), far.name.as_str()),
+        );
+        let world_c = (world.netns.path.as_path(), world_addr(v6), "world");
         for (from, to, how) in [
-            (&far, api.addr(v6), "from another node"),
-            (&near, vip, "through the Service, from the backend's node"),
-            (&far, vip, "through the Service, from another node"),
+            (far_c, api.addr(v6), "from another node"),
+            (near_c, vip, "through the Service, from the backend's node"),
+            (far_c, vip, "through the Service, from another node"),
+            (world_c, api.addr(v6), "from outside the cluster"),
+            (
+                world_c,
+                vip,
+                "through the Service, from outside the cluster",
+            ),
         ] {
-            let what = format!("{fam} {how}: {} GET /books/1", from.name);
-            let ok = wait_for(
+            let (netns, source, name) = from;
+            let what = format!("{fam} {how}: {name} GET /books/1");
+            let ok = wait_for_from(
                 server,
                 &what,
-                from,
+                netns,
                 to,
                 80,
                 &[Req::new("GET", "/books/1"), Req::new("DELETE", "/books/1")],
@@ -609,7 +698,7 @@ spec:
             );
             assert_eq!(
                 ok[0].body.trim(),
-                format!("GET /books/1 from {}", from.addr(v6)),
+                format!("GET /books/1 from {source}"),
                 "{what}: the server must see the client's own address"
             );
             assert!(
