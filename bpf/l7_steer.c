@@ -21,6 +21,33 @@
 
 #include "proxy_map.h"
 
+/*
+ * A connection that opens with the tuple of an earlier proxied connection
+ * still in TIME_WAIT at the proxy (a client reusing its source port within
+ * the minute, as a busy client does): the kernel must retire that socket
+ * and give the SYN to a listener, which its TIME_WAIT code looks up
+ * normally, and no listener has the tuple's address and port. The SYN is
+ * given to the TIME_WAIT socket and its tuple noted here; pal_l7_lookup,
+ * run by that listener lookup, answers it with the proxy's listener
+ * (pal_l7_listener, set by the proxy). Entries live from a SYN to its
+ * lookup, microseconds: the table is small and fixed.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct pal_svc_flow_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_l7_tw SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_l7_listener SEC(".maps");
+
 /* The proxy listens on every address, IPv4 and IPv6 (one dual-stack
  * socket). */
 static __always_inline struct bpf_sock *
@@ -47,6 +74,27 @@ pal_l7_socket(struct __sk_buff *skb, struct bpf_sock_tuple *t, __u32 len,
 	return bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
 }
 
+/* The connection as pal_svc_flow_key (IPv4 as v4-mapped IPv6). */
+static __always_inline void pal_tuple_key(struct pal_svc_flow_key *k,
+					  const struct bpf_sock_tuple *t,
+					  __u32 len)
+{
+	k->protocol = IPPROTO_TCP;
+	if (len == sizeof(t->ipv4)) {
+		k->saddr[10] = k->saddr[11] = 0xff;
+		k->daddr[10] = k->daddr[11] = 0xff;
+		__builtin_memcpy(&k->saddr[12], &t->ipv4.saddr, 4);
+		__builtin_memcpy(&k->daddr[12], &t->ipv4.daddr, 4);
+		k->sport = t->ipv4.sport;
+		k->dport = t->ipv4.dport;
+	} else {
+		__builtin_memcpy(k->saddr, t->ipv6.saddr, 16);
+		__builtin_memcpy(k->daddr, t->ipv6.daddr, 16);
+		k->sport = t->ipv6.sport;
+		k->dport = t->ipv6.dport;
+	}
+}
+
 #define PAL_IP4_CSUM  (ETH_HLEN + 10)
 #define PAL_IP4_ADDRS (ETH_HLEN + 12)
 #define PAL_IP6_ADDRS (ETH_HLEN + 8)
@@ -67,20 +115,7 @@ static __always_inline int pal_restore_frontend(struct __sk_buff *skb,
 	__u32 csum = l4 + PAL_TCP_CSUM;
 	__be16 ports[2];
 
-	k.protocol = IPPROTO_TCP;
-	if (len == sizeof(t->ipv4)) {
-		k.saddr[10] = k.saddr[11] = 0xff;
-		k.daddr[10] = k.daddr[11] = 0xff;
-		__builtin_memcpy(&k.saddr[12], &t->ipv4.saddr, 4);
-		__builtin_memcpy(&k.daddr[12], &t->ipv4.daddr, 4);
-		k.sport = t->ipv4.sport;
-		k.dport = t->ipv4.dport;
-	} else {
-		__builtin_memcpy(k.saddr, t->ipv6.saddr, 16);
-		__builtin_memcpy(k.daddr, t->ipv6.daddr, 16);
-		k.sport = t->ipv6.sport;
-		k.dport = t->ipv6.dport;
-	}
+	pal_tuple_key(&k, t, len);
 	o = bpf_map_lookup_elem(&pal_svc_frontends, &k);
 	if (!o)
 		return 0;
@@ -181,11 +216,70 @@ int pal_l7_steer(struct __sk_buff *skb)
 		/* No proxy (or the connection is not one of its own): closed.
 		 */
 		return TC_ACT_SHOT;
+	if (syn && sk->state == BPF_TCP_TIME_WAIT) {
+		struct pal_svc_flow_key k = {};
+		__u8 one = 1;
+
+		pal_tuple_key(&k, &orig, len);
+		bpf_map_update_elem(&pal_l7_tw, &k, &one, BPF_ANY);
+	}
 	rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (rc != 0 || pal_restore_frontend(skb, &orig, len, l4) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
+}
+
+/*
+ * Run by the node's socket lookups (attached to its network namespace):
+ * answers the listener lookup of a SYN that met a TIME_WAIT socket of the
+ * proxy (pal_l7_tw) with the proxy's listener. Every other lookup goes on
+ * as usual.
+ */
+SEC("sk_lookup")
+int pal_l7_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct pal_svc_flow_key k = {};
+	struct bpf_sock *sk;
+	__u32 zero = 0;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	k.protocol = IPPROTO_TCP;
+	if (ctx->family == 2 /* AF_INET */) {
+		__u32 a;
+
+		k.saddr[10] = k.saddr[11] = 0xff;
+		k.daddr[10] = k.daddr[11] = 0xff;
+		a = ctx->remote_ip4;
+		__builtin_memcpy(&k.saddr[12], &a, 4);
+		a = ctx->local_ip4;
+		__builtin_memcpy(&k.daddr[12], &a, 4);
+	} else {
+		__u32 a[4];
+
+		a[0] = ctx->remote_ip6[0];
+		a[1] = ctx->remote_ip6[1];
+		a[2] = ctx->remote_ip6[2];
+		a[3] = ctx->remote_ip6[3];
+		__builtin_memcpy(k.saddr, a, 16);
+		a[0] = ctx->local_ip6[0];
+		a[1] = ctx->local_ip6[1];
+		a[2] = ctx->local_ip6[2];
+		a[3] = ctx->local_ip6[3];
+		__builtin_memcpy(k.daddr, a, 16);
+	}
+	k.sport = ctx->remote_port;
+	k.dport = bpf_htons((__u16)ctx->local_port);
+	if (!bpf_map_lookup_elem(&pal_l7_tw, &k))
+		return SK_PASS;
+	bpf_map_delete_elem(&pal_l7_tw, &k);
+	sk = bpf_map_lookup_elem(&pal_l7_listener, &zero);
+	if (!sk)
+		return SK_PASS;
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

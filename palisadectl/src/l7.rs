@@ -151,6 +151,12 @@ async fn connect_as(client: SocketAddr, server: SocketAddr) -> std::io::Result<T
     }
     s.set_nonblocking(true)?;
     s.set_tcp_nodelay(true)?;
+    // The port is picked at connect, unique for the four addresses and
+    // ports, not at bind, where it must be free for the client's address
+    // alone: there the proxy's closed upstream connections in TIME_WAIT
+    // would take every port of a busy client within the minute, and its
+    // next connections would fail.
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
     s.bind(&SocketAddr::new(client.ip(), 0).into())?;
     let std: std::net::TcpStream = s.into();
     TcpSocket::from_std_stream(std).connect(server).await
@@ -456,6 +462,9 @@ pub fn start(server: Arc<Server>, opts: Options, records: Records) -> Result<()>
         let _guard = rt.enter();
         bind(opts.port).with_context(|| format!("bind the L7 proxy on port {}", opts.port))?
     };
+    server
+        .set_l7_listener(&listener)
+        .context("give the L7 steering programs the proxy's listener")?;
     server
         .update_proxy(|cfg| ProxyConfig {
             mark: opts.mark,

@@ -852,6 +852,14 @@ impl Server {
         Ok(crate::dataplane::kernel::ensure_l7_steer(&self.bpf_root)?)
     }
 
+    /// Give the L7 steering programs the proxy's listener.
+    pub fn set_l7_listener(&self, listener: &impl std::os::fd::AsRawFd) -> Result<(), NodeError> {
+        Ok(crate::dataplane::kernel::set_l7_listener(
+            &self.bpf_root,
+            listener,
+        )?)
+    }
+
     /// The HTTP rules the L7 proxy applies to a connection.
     pub fn l7_connection(
         &self,

@@ -18,10 +18,10 @@ use aya::{
     EbpfLoader,
     maps::{
         Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
-        PerCpuHashMap, lpm_trie::Key as LpmKey,
+        PerCpuHashMap, SockMap, lpm_trie::Key as LpmKey,
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
@@ -2336,28 +2336,34 @@ pub fn update_proxy_config(
         .map_err(DataplaneError::map("pal_proxy"))
 }
 
-/// The L7 steering program on lo: its object, function and pins.
+/// The L7 steering programs: their object and functions.
 static L7_STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l7_steer.o"));
 const L7_STEER_FUNCTION: &str = "pal_l7_steer";
+const L7_LOOKUP_FUNCTION: &str = "pal_l7_lookup";
 
-/// Attach this build's L7 steering program to tc ingress of `lo` in the
-/// calling thread's network namespace (the node's), pinned so that it
-/// stays while no daemon runs: packets the datapath steers to a proxy that
-/// is gone are then dropped there. A link of another build is replaced,
-/// the new one attached first. Returns whether anything changed.
+/// Attach this build's L7 steering programs in the calling thread's network
+/// namespace (the node's): `pal_l7_steer` to tc ingress of `lo`, and
+/// `pal_l7_lookup` to the namespace's socket lookups (it hands the SYN of a
+/// connection whose tuple is still in TIME_WAIT at the proxy to the proxy's
+/// listener). Both are pinned so that they stay while no daemon runs:
+/// packets the datapath steers to a proxy that is gone are then dropped.
+/// Links of another build are replaced, the new ones attached first.
+/// Returns whether anything changed.
 pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
     let dp = KernelDataplane::new(root, AttachMode::Auto);
-    let prog_pin = dp.progs_dir().join("l7_steer");
-    // One link pin per build, `node/lo-l7-steer-<build>` (not among the
-    // endpoints' links).
-    let prefix = "lo-l7-steer-";
+    let steer_pin = dp.progs_dir().join("l7_steer");
+    let lookup_pin = dp.progs_dir().join("l7_lookup");
+    // One link pin per build and hook, `node/lo-l7-steer-<build>` and
+    // `node/l7-lookup-<build>` (not among the endpoints' links).
+    let prefixes = ["lo-l7-steer-", "l7-lookup-"];
     let node_dir = dp.root.join("node");
-    let link_pin = node_dir.join(format!("{prefix}{}", dp.hash()));
-    if link_pin.exists() {
+    let steer_link = node_dir.join(format!("{}{}", prefixes[0], dp.hash()));
+    let lookup_link = node_dir.join(format!("{}{}", prefixes[1], dp.hash()));
+    if steer_link.exists() && lookup_link.exists() {
         return Ok(false);
     }
     fs::create_dir_all(&node_dir).map_err(fs_err("create", &node_dir))?;
-    if !prog_pin.exists() {
+    if !steer_pin.exists() || !lookup_pin.exists() {
         fs::create_dir_all(dp.progs_dir()).map_err(fs_err("create", &dp.progs_dir()))?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(dp.maps_dir());
@@ -2367,59 +2373,125 @@ pub fn ensure_l7_steer(root: &Path) -> Result<bool, DataplaneError> {
                 object: "l7_steer",
                 source: Box::new(e),
             })?;
-        let prog: &mut SchedClassifier = bpf
-            .program_mut(L7_STEER_FUNCTION)
-            .ok_or_else(|| {
-                DataplaneError::Other(format!("program {L7_STEER_FUNCTION} missing from object"))
-            })?
-            .try_into()
-            .map_err(|e: ProgramError| DataplaneError::Verify {
-                program: L7_STEER_FUNCTION,
+        let verify = |program: &'static str| {
+            move |e: ProgramError| DataplaneError::Verify {
+                program,
                 source: Box::new(e),
+            }
+        };
+        let missing = |f: &str| DataplaneError::Other(format!("program {f} missing from object"));
+        let pin_err = |f: &str, path: &Path| {
+            let (what, path) = (format!("program {f}"), path.to_path_buf());
+            move |e| DataplaneError::Pin {
+                what,
+                path,
+                source: boxed(e),
+            }
+        };
+        {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(L7_STEER_FUNCTION)
+                .ok_or_else(|| missing(L7_STEER_FUNCTION))?
+                .try_into()
+                .map_err(verify(L7_STEER_FUNCTION))?;
+            prog.load().map_err(verify(L7_STEER_FUNCTION))?;
+            if steer_pin.exists() {
+                fs::remove_file(&steer_pin).map_err(fs_err("remove", &steer_pin))?;
+            }
+            prog.pin(&steer_pin)
+                .map_err(pin_err(L7_STEER_FUNCTION, &steer_pin))?;
+        }
+        let prog: &mut SkLookup = bpf
+            .program_mut(L7_LOOKUP_FUNCTION)
+            .ok_or_else(|| missing(L7_LOOKUP_FUNCTION))?
+            .try_into()
+            .map_err(verify(L7_LOOKUP_FUNCTION))?;
+        prog.load().map_err(verify(L7_LOOKUP_FUNCTION))?;
+        if lookup_pin.exists() {
+            fs::remove_file(&lookup_pin).map_err(fs_err("remove", &lookup_pin))?;
+        }
+        prog.pin(&lookup_pin)
+            .map_err(pin_err(L7_LOOKUP_FUNCTION, &lookup_pin))?;
+    }
+    if !steer_link.exists() {
+        let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+            hook: "ingress",
+            ifname: "lo".into(),
+            ifindex: 1,
+            source: e,
+        };
+        let mut prog =
+            SchedClassifier::from_pin(&steer_pin).map_err(|e| DataplaneError::OpenPin {
+                what: format!("program {L7_STEER_FUNCTION}"),
+                path: steer_pin.clone(),
+                source: boxed(e),
             })?;
-        prog.load().map_err(|e| DataplaneError::Verify {
-            program: L7_STEER_FUNCTION,
-            source: Box::new(e),
-        })?;
-        prog.pin(&prog_pin).map_err(|e| DataplaneError::Pin {
-            what: format!("program {L7_STEER_FUNCTION}"),
-            path: prog_pin.clone(),
+        let id = prog
+            .attach_with_options(
+                "lo",
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| attach_err(boxed(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
+        let fd: FdLink = link.try_into().map_err(|e| attach_err(boxed(e)))?;
+        fd.pin(&steer_link).map_err(|e| DataplaneError::Pin {
+            what: "tc ingress link of lo".into(),
+            path: steer_link.clone(),
             source: boxed(e),
         })?;
     }
-    let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
-        hook: "ingress",
-        ifname: "lo".into(),
-        ifindex: 1,
-        source: e,
-    };
-    let mut prog = SchedClassifier::from_pin(&prog_pin).map_err(|e| DataplaneError::OpenPin {
-        what: format!("program {L7_STEER_FUNCTION}"),
-        path: prog_pin.clone(),
-        source: boxed(e),
-    })?;
-    let id = prog
-        .attach_with_options(
-            "lo",
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::first()),
-        )
-        .map_err(|e| attach_err(boxed(e)))?;
-    let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
-    let fd: FdLink = link.try_into().map_err(|e| attach_err(boxed(e)))?;
-    fd.pin(&link_pin).map_err(|e| DataplaneError::Pin {
-        what: "tc ingress link of lo".into(),
-        path: link_pin.clone(),
-        source: boxed(e),
-    })?;
-    // Other builds' links go once this one is in place.
+    if !lookup_link.exists() {
+        let attach_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+            hook: "sk_lookup",
+            ifname: "the node's network namespace".into(),
+            ifindex: 0,
+            source: e,
+        };
+        let mut prog = SkLookup::from_pin(&lookup_pin).map_err(|e| DataplaneError::OpenPin {
+            what: format!("program {L7_LOOKUP_FUNCTION}"),
+            path: lookup_pin.clone(),
+            source: boxed(e),
+        })?;
+        let netns = fs::File::open("/proc/thread-self/ns/net")
+            .map_err(fs_err("open", Path::new("/proc/thread-self/ns/net")))?;
+        let id = prog.attach(&netns).map_err(|e| attach_err(boxed(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(boxed(e)))?;
+        let fd: FdLink = link.into();
+        fd.pin(&lookup_link).map_err(|e| DataplaneError::Pin {
+            what: "sk_lookup link of the node's network namespace".into(),
+            path: lookup_link.clone(),
+            source: boxed(e),
+        })?;
+    }
+    // Other builds' links go once this one's are in place.
     if let Ok(entries) = fs::read_dir(&node_dir) {
         for e in entries.flatten() {
             let name = e.file_name();
-            if name.to_string_lossy().starts_with(prefix) && e.path() != link_pin {
+            let name = name.to_string_lossy();
+            let ours = e.path() == steer_link || e.path() == lookup_link;
+            if !ours && prefixes.iter().any(|p| name.starts_with(p)) {
                 fs::remove_file(e.path()).map_err(fs_err("remove", &e.path()))?;
             }
         }
     }
     Ok(true)
+}
+
+/// Give the L7 steering programs the proxy's listener (`pal_l7_listener`;
+/// the kernel drops it when the socket closes).
+pub fn set_l7_listener(root: &Path, listener: &impl AsRawFd) -> Result<(), DataplaneError> {
+    let path = super::map_pin(root, "pal_l7_listener");
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::OpenPin {
+        what: "map pal_l7_listener".into(),
+        path: path.clone(),
+        source: e,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| open_err(boxed(e)))?;
+    let mut map: SockMap<MapData> = Map::from_map_data(data)
+        .map_err(|e| open_err(boxed(e)))?
+        .try_into()
+        .map_err(DataplaneError::map("pal_l7_listener"))?;
+    map.set(0, listener, 0)
+        .map_err(DataplaneError::map("pal_l7_listener"))
 }
