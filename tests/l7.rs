@@ -721,22 +721,7 @@ spec:
     // through the Service the client's veth sees only the frontend and
     // cannot steer the connection, so it is refused (fail closed), with a
     // flow record that says why.
-    c.apply_yaml(
-        r#"
-apiVersion: palisade.io/v1alpha1
-kind: PalisadeNetworkPolicy
-metadata: {name: web-out, namespace: app}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {app: api}}}]
-    ports:
-    - port: 80
-      rules:
-        http: [{method: GET}]
-"#,
-    );
+    c.apply_yaml(WEB_EGRESS);
     c.settle();
     for v6 in [false, true] {
         let fam = if v6 { "IPv6" } else { "IPv4" };
