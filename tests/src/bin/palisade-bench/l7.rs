@@ -138,10 +138,25 @@ fn h1_lane(to: SocketAddr, gap: Duration, n: usize, close: bool) -> (Vec<f64>, u
     (lat, failed)
 }
 
-async fn grpc_call(
-    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
-    to: SocketAddr,
-) -> Option<()> {
+type GrpcSender = hyper::client::conn::http2::SendRequest<http_body_util::Full<hyper::body::Bytes>>;
+
+/// One HTTP/2 connection to `to` (its driver spawned on the runtime).
+async fn grpc_connect(to: SocketAddr) -> Option<GrpcSender> {
+    let stream = tokio::net::TcpStream::connect(to).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(async move {
+        let _ended = conn.await;
+    });
+    Some(sender)
+}
+
+async fn grpc_call(sender: &mut GrpcSender, to: SocketAddr) -> Option<()> {
     use http_body_util::BodyExt;
     let msg = hyper::body::Bytes::from_static(&[0, 0, 0, 0, 3, 0x0a, 0x01, 0x78]);
     let req = hyper::Request::post(format!("http://{to}/bookstore.Books/GetBook"))
@@ -167,21 +182,9 @@ fn grpc_lane(to: SocketAddr, gap: Duration, n: usize) -> (Vec<f64>, usize) {
         return (Vec::new(), n);
     };
     rt.block_on(async move {
-        let Ok(stream) = tokio::net::TcpStream::connect(to).await else {
+        let Some(mut sender) = grpc_connect(to).await else {
             return (Vec::new(), n);
         };
-        let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        else {
-            return (Vec::new(), n);
-        };
-        tokio::spawn(async move {
-            let _ended = conn.await;
-        });
         let mut lat = Vec::with_capacity(n);
         let mut failed = 0;
         let start = tokio::time::Instant::now();
@@ -241,21 +244,9 @@ fn grpc_until(to: SocketAddr, deadline: Instant, max: usize) -> (usize, usize) {
         return (0, 0);
     };
     rt.block_on(async move {
-        let Ok(stream) = tokio::net::TcpStream::connect(to).await else {
+        let Some(mut sender) = grpc_connect(to).await else {
             return (0, 0);
         };
-        let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        else {
-            return (0, 0);
-        };
-        tokio::spawn(async move {
-            let _ended = conn.await;
-        });
         let mut ok = 0;
         let mut failed = 0;
         for _ in 0..max {
