@@ -7,7 +7,9 @@
  * routes the packet to the node's local table, so the stack then delivers
  * it to that socket whatever its destination address. A connection the
  * node's DNAT sent to a Service backend gets its original addresses back
- * (pal_restore_frontend). Unmarked packets are not looked at.
+ * (pal_restore_frontend). A client's connection to a Service frontend is
+ * DNATed after this program: its socket is found by the backend
+ * (pal_svc_backends). Unmarked packets are not looked at.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -48,32 +50,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_l7_listener SEC(".maps");
 
-/* The proxy listens on every address, IPv4 and IPv6 (one dual-stack
- * socket). */
-static __always_inline struct bpf_sock *
-pal_l7_socket(struct __sk_buff *skb, struct bpf_sock_tuple *t, __u32 len,
-	      __u16 listen_port, int syn)
-{
-	struct bpf_sock *sk;
-
-	sk = bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
-	if (sk) {
-		if (sk->state != BPF_TCP_LISTEN)
-			return sk;
-		bpf_sk_release(sk);
-	}
-	if (!syn)
-		return 0;
-	if (len == sizeof(t->ipv4)) {
-		t->ipv4.daddr = 0;
-		t->ipv4.dport = bpf_htons(listen_port);
-	} else {
-		__builtin_memset(t->ipv6.daddr, 0, sizeof(t->ipv6.daddr));
-		t->ipv6.dport = bpf_htons(listen_port);
-	}
-	return bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
-}
-
 /* The connection as pal_svc_flow_key (IPv4 as v4-mapped IPv6). */
 static __always_inline void pal_tuple_key(struct pal_svc_flow_key *k,
 					  const struct bpf_sock_tuple *t,
@@ -93,6 +69,55 @@ static __always_inline void pal_tuple_key(struct pal_svc_flow_key *k,
 		k->sport = t->ipv6.sport;
 		k->dport = t->ipv6.dport;
 	}
+}
+
+/* The proxy listens on every address, IPv4 and IPv6 (one dual-stack
+ * socket). */
+static __always_inline struct bpf_sock *
+pal_l7_socket(struct __sk_buff *skb, struct bpf_sock_tuple *t, __u32 len,
+	      __u16 listen_port, int syn)
+{
+	struct bpf_sock *sk;
+
+	struct pal_svc_flow_key k = {};
+	struct pal_svc_backend *b;
+
+	sk = bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN)
+			return sk;
+		bpf_sk_release(sk);
+	}
+	if (!syn) {
+		/* A connection to a Service the client's veth steered here:
+		 * the node's DNAT (after this program) gave the proxy's socket
+		 * the backend's address and port, which pal_service noted. */
+		pal_tuple_key(&k, t, len);
+		b = bpf_map_lookup_elem(&pal_svc_backends, &k);
+		if (!b)
+			return 0;
+		if (len == sizeof(t->ipv4)) {
+			__builtin_memcpy(&t->ipv4.daddr, &b->addr[12], 4);
+			t->ipv4.dport = b->port;
+		} else {
+			__builtin_memcpy(t->ipv6.daddr, b->addr, 16);
+			t->ipv6.dport = b->port;
+		}
+		sk = bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
+		if (sk && sk->state == BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			return 0;
+		}
+		return sk;
+	}
+	if (len == sizeof(t->ipv4)) {
+		t->ipv4.daddr = 0;
+		t->ipv4.dport = bpf_htons(listen_port);
+	} else {
+		__builtin_memset(t->ipv6.daddr, 0, sizeof(t->ipv6.daddr));
+		t->ipv6.dport = bpf_htons(listen_port);
+	}
+	return bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
 }
 
 #define PAL_IP4_CSUM  (ETH_HLEN + 10)

@@ -22,6 +22,14 @@
  * connection is also remembered in pal_svc_frontends, for the L7 steering
  * program on lo (bpf/include/proxy_map.h).
  *
+ * Also attached at LOCAL_IN (after the DNAT too): a client with egress HTTP
+ * rules has its connections to frontends steered to the node's L7 proxy,
+ * so they are DNATed on lo and delivered locally; they are judged here the
+ * same way, HTTP rules allowed (the proxy judges the requests), and the
+ * backend remembered in pal_svc_backends tells pal_l7_steer which of the
+ * proxy's sockets holds the connection. A Service whose backend is the
+ * node itself is judged here too.
+ *
  * Loaded with libbpf (aya 0.14 cannot load netfilter programs); it shares
  * the pinned maps of the veth programs.
  */
@@ -46,9 +54,14 @@
 struct sk_buff {
 	unsigned long _nfct;
 	unsigned int len;
+	__u32 mark;
 } __attribute__((preserve_access_index));
 
-struct nf_hook_state;
+struct nf_hook_state {
+	__u8 hook;
+} __attribute__((preserve_access_index));
+
+#define PAL_NF_INET_LOCAL_IN 1
 
 /* The context of a netfilter program (include/net/netfilter/nf_bpf_link.h). */
 struct bpf_nf_ctx {
@@ -92,6 +105,33 @@ static __always_inline void pal_nf_addr(__u8 *dst, const __u32 *a, __u16 l3num)
 		__builtin_memcpy(dst, a, 16);
 }
 
+/*
+ * A connection the client's veth sent to the node's L7 proxy (marked, see
+ * pal_to_l7_proxy): it reaches the proxy's listener through LOCAL_IN after
+ * the node's DNAT, and the proxy judges its requests on the backend.
+ */
+static __always_inline int pal_proxied(const struct bpf_nf_ctx *ctx,
+				       int local_in)
+{
+	struct pal_proxy_config *pc;
+	__u32 zero = 0, mark;
+
+	pc = bpf_map_lookup_elem(&pal_proxy, &zero);
+	if (!local_in || !pc || !pc->mark || !pc->http_port ||
+	    bpf_core_read(&mark, sizeof(mark), &ctx->skb->mark))
+		return 0;
+	return (mark & pc->mark) != 0;
+}
+
+static __always_inline int pal_nf_addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 x[2], y[2];
+
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1];
+}
+
 SEC("netfilter")
 int pal_service(struct bpf_nf_ctx *ctx)
 {
@@ -108,6 +148,8 @@ int pal_service(struct bpf_nf_ctx *ctx)
 	struct pal_tuple t = {};
 	unsigned long status;
 	__u32 len, zero = 0;
+	int local_in;
+	__u8 hook;
 	__u64 now;
 
 	/* Untracked, or not the opening of a connection. */
@@ -162,6 +204,20 @@ int pal_service(struct bpf_nf_ctx *ctx)
 	t.dport = reply.src_port;
 	t.protocol = fk.protocol;
 
+	/* At LOCAL_IN, a connection allowed at FORWARD already (to a backend
+	 * on this node whose HTTP rules then sent it to the proxy) is not
+	 * judged twice. */
+	local_in = !bpf_core_read(&hook, sizeof(hook), &ctx->state->hook) &&
+		   hook == PAL_NF_INET_LOCAL_IN;
+	if (local_in) {
+		struct pal_svc_backend *seen;
+
+		seen = bpf_map_lookup_elem(&pal_svc_backends, &fk);
+		if (seen && seen->port == t.dport &&
+		    pal_nf_addr_eq(seen->addr, t.daddr))
+			return NF_ACCEPT;
+	}
+
 	ep = bpf_map_lookup_elem(&pal_endpoints, &fv->ifindex);
 	if (!ep || ep->ep_id != fv->ep_id) {
 		/* The endpoint went away between its veth and here. */
@@ -169,7 +225,7 @@ int pal_service(struct bpf_nf_ctx *ctx)
 			  PAL_DROP_UNKNOWN_ENDPOINT, len);
 		return NF_DROP;
 	}
-	pal_decide_svc_backend(ep, &t, cfg, &d);
+	pal_decide_svc_backend(ep, &t, cfg, &d, pal_proxied(ctx, local_in));
 	if (d.verdict != PAL_VERDICT_DENY) {
 		/* Remembered for the veth program, which decides the flow
 		 * again on it when policy changes; a flow that could not be

@@ -21,6 +21,7 @@ use testbed::{
     cluster::{Cluster, Topology},
     http::{HttpServer, Reply, Req, exchange, h2_exchange, raw_exchange, read_reply, upgrade_echo},
     node::{Node, NodeOptions, Pod, Primary},
+    probe::who,
     sys::in_netns,
 };
 
@@ -68,6 +69,7 @@ spec:
       rules:
         http: [{method: GET}]
     - port: 8080
+    - port: 9000
 "#;
 
 fn pod_object(name: &str, app: &str) -> String {
@@ -581,7 +583,9 @@ fn http_rules_hold_for_senders_on_other_nodes_and_through_a_service() {
     c.namespace("app", &[]);
     let world = c.nodes[0].world.as_ref().expect("the outside host");
     let world_addr = |v6| c.nodes[0].world_addr(v6);
-    let api = c.add_pod(0, "app", "api", &[("app", "api")], &[]);
+    // 80: HTTP (with HTTP rules); 9000: the probe server, a protocol
+    // that is not HTTP (plain L3/L4 rules).
+    let api = c.add_pod(0, "app", "api", &[("app", "api")], &[9000]);
     let near = c.add_pod(0, "app", "near", &[("app", "web")], &[]);
     let far = c.add_pod(1, "app", "far", &[("app", "web")], &[]);
     let stranger = c.add_pod(1, "app", "stranger", &[("app", "other")], &[]);
@@ -589,7 +593,8 @@ fn http_rules_hold_for_senders_on_other_nodes_and_through_a_service() {
     c.apply_yaml(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: app}}\n\
          spec:\n  selector: {{app: api}}\n  clusterIP: {v4}\n  clusterIPs: [{v4}, '{v6}']\n  \
-         ports:\n  - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n",
+         ports:\n  - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n  \
+         - {{name: probe, port: 9000, targetPort: 9000, protocol: TCP}}\n",
         v4 = CLUSTER_VIP[0],
         v6 = CLUSTER_VIP[1],
     ));
@@ -610,6 +615,7 @@ spec:
     - port: 80
       rules:
         http: [{{method: GET, path: "/books(/.*)?"}}]
+    - port: 9000
 "#,
         world_addr(false),
         world_addr(true),
@@ -640,28 +646,30 @@ spec:
                     String::from_utf8_lossy(&out.stderr)
                 );
             };
-            let to = if v6 {
-                format!("[{}]:80", api.addr(true))
-            } else {
-                format!("{}:80", api.addr(false))
-            };
             let vip = format!("{}/{len}", CLUSTER_VIP[usize::from(v6)]);
             ipt(&["-N", "KUBE-SERVICES"]);
             ipt(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
-            ipt(&[
-                "-A",
-                "KUBE-SERVICES",
-                "-d",
-                &vip,
-                "-p",
-                "tcp",
-                "--dport",
-                "80",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to,
-            ]);
+            for port in ["80", "9000"] {
+                let to = if v6 {
+                    format!("[{}]:{port}", api.addr(true))
+                } else {
+                    format!("{}:{port}", api.addr(false))
+                };
+                ipt(&[
+                    "-A",
+                    "KUBE-SERVICES",
+                    "-d",
+                    &vip,
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    port,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to,
+                ]);
+            }
         }
     }
 
@@ -717,48 +725,95 @@ spec:
         }
     }
 
-    // The clients' own egress HTTP rules: directly to the pod they hold;
-    // through the Service the client's veth sees only the frontend and
-    // cannot steer the connection, so it is refused (fail closed), with a
-    // flow record that says why.
+    // The clients' own egress HTTP rules, directly to the pod and through
+    // the Service: the client's veth sends its connections to frontends to
+    // its node's L7 proxy, the node's DNAT picks the backend there, and the
+    // proxy judges each request against the client's rules for that
+    // backend (and, when the backend is on this node, the backend's too).
+    // The Service's other port (not HTTP, plain rules) is relayed as bytes.
     c.apply_yaml(WEB_EGRESS);
     c.settle();
     for v6 in [false, true] {
         let fam = if v6 { "IPv6" } else { "IPv4" };
         let vip: IpAddr = CLUSTER_VIP[usize::from(v6)].parse().unwrap();
-        for from in [&near, &far] {
-            wait_for(
-                server,
-                &format!("{fam}: {} with egress HTTP rules, directly", from.name),
-                from,
-                api.addr(v6),
-                80,
-                &[Req::new("GET", "/books/1"), Req::new("DELETE", "/books/1")],
-                &[200, 403],
-            );
+        for (from, node) in [(&near, &c.nodes[0]), (&far, &c.nodes[1])] {
+            for (to, how) in [(api.addr(v6), "directly"), (vip, "through the Service")] {
+                let what = format!("{fam}: {} with egress HTTP rules, {how}", from.name);
+                let ok = wait_for(
+                    node,
+                    &what,
+                    from,
+                    to,
+                    80,
+                    &[
+                        Req::new("GET", "/books/1"),
+                        Req::new("DELETE", "/books/1"),
+                        Req::new("GET", "/books/2"),
+                    ],
+                    &[200, 403, 200],
+                );
+                assert_eq!(
+                    ok[0].body.trim(),
+                    format!("GET /books/1 from {}", from.addr(v6)),
+                    "{what}: the server must see the client's own address"
+                );
+                assert!(
+                    ok[1]
+                        .header("x-palisade-policy")
+                        .is_some_and(|p| p.contains("web-out")),
+                    "{what}: the 403 names the client's policy: {:?}",
+                    ok[1]
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let reached = who(&from.netns, vip, 9000, TIMEOUT);
+                if reached == Some(api.addr(v6)) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{fam}: {} through the Service to port 9000 (not HTTP): reached {reached:?}, \
+                     wanted {} (60 s); daemon log:\n{}",
+                    from.name,
+                    api.addr(v6),
+                    daemon_log(node)
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        assert!(
+            send(&stranger, vip, 80, &[Req::new("GET", "/books/1")]).is_err(),
+            "{fam}: a pod no rule admits must still not connect through the Service"
+        );
+    }
+    // The denied request is recorded on the client's node, at the client,
+    // with the client's policy.
+    for (node, from) in [(&c.nodes[0], &near), (&c.nodes[1], &far)] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = node.ctl(&["flows", "-o", "json"], None);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let found = text.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                    v["kind"] == "http"
+                        && v["direction"] == "egress"
+                        && v["endpoint"]["name"] == from.name.as_str()
+                        && v["http"]["method"] == "DELETE"
+                        && v["http"]["status"] == 403
+                        && v["policy"].as_str().is_some_and(|p| p.contains("web-out"))
+                })
+            });
+            if found {
+                break;
+            }
             assert!(
-                send(from, vip, 80, &[Req::new("GET", "/books/1")]).is_err(),
-                "{fam}: {} has egress HTTP rules: its connection through the Service must be refused",
+                Instant::now() < deadline,
+                "{}: no record of {}'s denied DELETE:\n{text}",
+                node.prefix,
                 from.name
             );
+            std::thread::sleep(Duration::from_millis(500));
         }
-    }
-    for (node, from) in [(&c.nodes[0], &near), (&c.nodes[1], &far)] {
-        let out = node.ctl(&["flows", "-o", "json"], None);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.lines().any(|l| {
-                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
-                    v["kind"] == "drop"
-                        && v["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.contains("the L7 proxy cannot judge it"))
-                        && v["endpoint"]["name"] == from.name.as_str()
-                })
-            }),
-            "{}: no drop record of {}'s connection through the Service:\n{text}",
-            node.prefix,
-            from.name
-        );
     }
 }

@@ -169,14 +169,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_svc_flows SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
-	__type(key, struct pal_svc_flow_key);
-	__type(value, struct pal_svc_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pal_svc_backends SEC(".maps");
-
 #include "proxy_map.h"
 
 #endif /* PALISADE_MAPS_H */

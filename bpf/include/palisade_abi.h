@@ -125,6 +125,11 @@
 /* The endpoint's DNS (UDP and TCP port 53) goes to the node's DNS proxy
  * (its policies name domains or limit what it may look up). */
 #define PAL_EP_DNS_PROXY (1U << 12)
+/* The endpoint has egress entries only HTTP rules allow: its new TCP
+ * connections to a Service frontend go to the node's L7 proxy (the backend,
+ * and so whether HTTP rules govern the connection, is chosen after the veth
+ * program; the proxy relays as bytes those no HTTP rule governs). */
+#define PAL_EP_L7_EGRESS (1U << 13)
 
 /* Global configuration flags (pal_config.flags): node <-> pod traffic is
  * never governed; flow events go to the ring buffer. */

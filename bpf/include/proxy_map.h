@@ -38,4 +38,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_svc_frontends SEC(".maps");
 
+/*
+ * pal_svc_backends: LRU_HASH, sized by the setting serviceFlows. For each
+ * flow to a Service that pal_service allowed, keyed by the flow as its
+ * client sent it, the backend the node's DNAT chose: the veth program
+ * decides the flow on it again when policy changes, and pal_l7_steer finds
+ * with it the proxy's socket of a connection the client's veth steered to
+ * the L7 proxy (that socket has the backend's address and port).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_SIZE_SVC_FLOWS);
+	__type(key, struct pal_svc_flow_key);
+	__type(value, struct pal_svc_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_svc_backends SEC(".maps");
+
 #endif /* PALISADE_PROXY_MAP_H */

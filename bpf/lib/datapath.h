@@ -149,7 +149,8 @@ pal_ct_tuple(const struct pal_ct_key *ck, struct pal_tuple *t)
 static __always_inline int pal_svc_denied_now(const struct pal_endpoint *ep,
 					      struct pal_tuple *t,
 					      const struct pal_config *cfg,
-					      struct pal_decision *d)
+					      struct pal_decision *d,
+					      int proxied)
 {
 	struct pal_svc_flow_key k = {};
 	struct pal_svc_backend *b;
@@ -164,7 +165,7 @@ static __always_inline int pal_svc_denied_now(const struct pal_endpoint *ep,
 		return 0;
 	__builtin_memcpy(t->daddr, b->addr, 16);
 	t->dport = b->port;
-	pal_decide_svc_backend(ep, t, cfg, d);
+	pal_decide_svc_backend(ep, t, cfg, d, proxied);
 	return d->verdict == PAL_VERDICT_DENY;
 }
 
@@ -667,7 +668,8 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 			 * judges its next packet). */
 			if (ct->epoch != cfg->epoch &&
 			    pal_svc_denied_now(ep, pal_ct_tuple(ck, &sc->orig),
-					       cfg, &d)) {
+					       cfg, &d,
+					       ct->flags & PAL_CT_L7)) {
 				pal_ct_delete(ck);
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
 						   PAL_DROP_REVOKED, d.peer_id,
@@ -707,8 +709,12 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		pal_ct_touch(ct, res, p->tcp_flags, skb->len, now);
 		/* Packets the node sends to the container (the proxy's own)
 		 * go on; the others of an L7 flow, both ways, go to the
-		 * proxy. */
-		if ((ct->flags & PAL_CT_L7) && pal_l7_steered(skb, p, dir)) {
+		 * proxy. A Service flow's answers can only come from the
+		 * proxy, which took the connection at its first packet (with
+		 * the frontend's address and port, which its socket lacks). */
+		if ((ct->flags & PAL_CT_L7) &&
+		    !(dir == PAL_DIR_INGRESS && (ct->flags & PAL_CT_SERVICE)) &&
+		    pal_l7_steered(skb, p, dir)) {
 			rc = pal_to_l7_proxy(skb);
 			if (rc < 0)
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
@@ -740,7 +746,7 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		      (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) ==
 			      PAL_TCP_SYN)) {
 			__builtin_memcpy(&sc->orig, &p->t, sizeof(sc->orig));
-			if (pal_svc_denied_now(ep, &sc->orig, cfg, &d))
+			if (pal_svc_denied_now(ep, &sc->orig, cfg, &d, 0))
 				return pal_drop_by(skb, cfg, ep, dir, &p->t,
 						   PAL_DROP_REVOKED, d.peer_id,
 						   d.policy_id, now);
@@ -750,6 +756,13 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 dir)
 		d.reason = PAL_REASON_SERVICE;
 		d.peer_id = pal_identity_of(p->t.daddr);
 		ct_flags = PAL_CT_SERVICE;
+		/* The endpoint's egress HTTP rules may govern the backend the
+		 * DNAT picks: the connection goes to the L7 proxy, where the
+		 * node's DNAT happens (on lo) and pal_service judges it on
+		 * that backend (at LOCAL_IN). */
+		if ((ep->flags & PAL_EP_L7_EGRESS) &&
+		    p->t.protocol == IPPROTO_TCP)
+			ct_flags |= PAL_CT_L7;
 	} else if (dir == PAL_DIR_INGRESS && p->t.protocol == IPPROTO_TCP &&
 		   (p->tcp_flags & (PAL_TCP_SYN | PAL_TCP_ACK)) !=
 			   PAL_TCP_SYN &&

@@ -249,15 +249,17 @@ static __always_inline void pal_decide(const struct pal_endpoint *ep, __u8 dir,
 /*
  * The egress decision of a flow to a Service, on the backend the node's
  * DNAT chose (t: the flow to that backend). A flow only HTTP rules allow
- * cannot be judged by the L7 proxy: the client's veth saw a frontend, not
- * the backend, and did not steer it, so it is refused (fail closed).
+ * is allowed when it goes through the L7 proxy (proxied: the client's veth
+ * steered it there, PAL_EP_L7_EGRESS); any other is refused (fail closed),
+ * as nothing would judge its requests.
  */
 static __always_inline void
 pal_decide_svc_backend(const struct pal_endpoint *ep, const struct pal_tuple *t,
-		       const struct pal_config *cfg, struct pal_decision *d)
+		       const struct pal_config *cfg, struct pal_decision *d,
+		       int proxied)
 {
 	pal_decide(ep, PAL_DIR_EGRESS, t, cfg, d);
-	if (d->verdict != PAL_VERDICT_DENY && d->l7) {
+	if (d->verdict != PAL_VERDICT_DENY && d->l7 && !proxied) {
 		d->verdict = PAL_VERDICT_DENY;
 		d->reason = PAL_DROP_L7_SERVICE;
 	}

@@ -653,8 +653,8 @@ async fn run(server: Arc<Server>, opts: Options, metrics: Arc<Metrics>) -> Resul
             .iter()
             .map(|h| {
                 format!(
-                    "{} (netfilter FORWARD, priority {}, link {})",
-                    h.family, h.priority, h.link_id
+                    "{} (netfilter {}, priority {}, link {})",
+                    h.family, h.hook, h.priority, h.link_id
                 )
             })
             .collect::<Vec<_>>()

@@ -318,6 +318,21 @@ async fn forward(
     }
 }
 
+/// Join the client's connection to one opened to `target` from the
+/// client's address; closed (reset) when that cannot be opened.
+async fn relay(mut stream: TcpStream, client: SocketAddr, target: SocketAddr) {
+    match connect_as(client, target).await {
+        Ok(mut upstream) => {
+            let _copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        }
+        Err(e) => {
+            tracing::debug!("L7 proxy: relay from {client} to {target}: {e}");
+            // A reset, as the server would give (linger 0 does not block).
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+}
+
 /// One client connection (HTTP/1.1, or HTTP/2 with prior knowledge as
 /// gRPC speaks it): each request judged on its own; the upstream
 /// connection opened at the first allowed one.
@@ -339,6 +354,14 @@ async fn serve_connection(stream: TcpStream, rules: Arc<Rules>, records: Records
             Err(_) => return,
         }
     };
+    if conn.sides.is_empty() {
+        // No HTTP rule governs the connection (a client's connection to a
+        // Service whose backend its HTTP rules do not cover, or rules
+        // gone since the datapath steered it): relayed as bytes, whatever
+        // the protocol.
+        relay(stream, client, target).await;
+        return;
+    }
     let upstream: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = Arc::clone(&conn);

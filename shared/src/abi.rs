@@ -357,6 +357,9 @@ pub const EP_BASELINE_INGRESS: u32 = 1 << 10;
 pub const EP_BASELINE_EGRESS: u32 = 1 << 11;
 /// `PAL_EP_DNS_PROXY`: the endpoint's DNS goes to the node's DNS proxy.
 pub const EP_DNS_PROXY: u32 = 1 << 12;
+/// `PAL_EP_L7_EGRESS`: the endpoint has egress entries only HTTP rules
+/// allow; its TCP connections to Service frontends go to the L7 proxy.
+pub const EP_L7_EGRESS: u32 = 1 << 13;
 
 /// What an endpoint needs set for the datapath to look up a policy entry of
 /// this direction (`DIR_*`) and prefix length: (`PAL_EP_HAS_*` flags,
@@ -844,6 +847,7 @@ same_value! {
     EP_BASELINE_INGRESS => c::PAL_EP_BASELINE_INGRESS,
     EP_BASELINE_EGRESS => c::PAL_EP_BASELINE_EGRESS,
     EP_DNS_PROXY => c::PAL_EP_DNS_PROXY,
+    EP_L7_EGRESS => c::PAL_EP_L7_EGRESS,
     CFG_ALLOW_HOST => c::PAL_CFG_ALLOW_HOST,
     CFG_EVENTS => c::PAL_CFG_EVENTS,
     POLICY_PREFIX_ANY_PROTO => c::PAL_POLICY_PREFIX_ANY_PROTO,

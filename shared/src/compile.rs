@@ -705,7 +705,31 @@ pub fn compile<'a>(input: &Input<'a>, ids: &mut IdentityTable) -> Compiled {
         );
     }
     l7_cover_pass(&mut out.desired.policy);
+    l7_egress_flags(&mut out.desired);
     out
+}
+
+/// `EP_L7_EGRESS` on the endpoints that keep an egress entry only HTTP
+/// rules allow (after [`l7_cover_pass`]).
+fn l7_egress_flags(desired: &mut Desired) {
+    let eps: BTreeSet<u32> = desired
+        .policy
+        .iter()
+        .filter(|(k, v)| is_l7_egress(k, v))
+        .map(|(k, _)| k.data.ep_id)
+        .collect();
+    for v in desired.endpoints.values_mut() {
+        if eps.contains(&v.ep_id) {
+            v.flags |= abi::EP_L7_EGRESS;
+        }
+    }
+}
+
+/// A NetworkPolicy-tier egress entry with the L7 flag.
+pub(crate) fn is_l7_egress(k: &PolicyKey, v: &PolicyValue) -> bool {
+    k.data.tier == TIER_NETPOL
+        && k.data.direction == Direction::Egress as u8
+        && v.flags & abi::POLICY_F_L7 != 0
 }
 
 /// The keys of entries that, for the traffic of the NetworkPolicy entry

@@ -32,7 +32,8 @@ use crate::{
         PolicyKeyData, PolicyValue, SrcguardKey, TIER_NETPOL, Verdict,
     },
     compile::{
-        self, BlockIndex, Desired, EndpointView, PeerFacts, Prefix, l7_flag_of, port_prefixes,
+        self, BlockIndex, Desired, EndpointView, PeerFacts, Prefix, is_l7_egress, l7_flag_of,
+        port_prefixes,
     },
     identity::{IdentityKey, IdentityTable},
     policy::{
@@ -198,6 +199,8 @@ struct EpOut {
     dns: u32,
     /// A selecting tier policy names domains (its DNS goes to the proxy).
     tier_dns: bool,
+    /// NetworkPolicy egress entries with the L7 flag (`EP_L7_EGRESS`).
+    l7_egress: u32,
 }
 
 impl Default for EpOut {
@@ -209,6 +212,7 @@ impl Default for EpOut {
             tiers: [0; 4],
             dns: 0,
             tier_dns: false,
+            l7_egress: 0,
         }
     }
 }
@@ -2427,6 +2431,15 @@ impl Engine {
         if key.data.tier == TIER_NETPOL {
             self.l7_dirty.insert(key.data.ep_id);
         }
+        let l7 = |v: &Option<PolicyValue>| v.as_ref().is_some_and(|v| is_l7_egress(&key, v));
+        let (was_l7, is_l7) = (l7(&old), l7(&value));
+        if was_l7 != is_l7
+            && let Some(e) = self.eps.get_mut(&key.data.ep_id)
+        {
+            let c = &mut e.out.get_or_insert_with(Box::default).l7_egress;
+            *c = if is_l7 { *c + 1 } else { *c - 1 };
+            self.dirty_ifindex.insert(e.input.ifindex);
+        }
         if old.is_some() != value.is_some() {
             let ep = key.data.ep_id;
             if let Some(e) = self.eps.get_mut(&ep) {
@@ -2506,6 +2519,9 @@ impl Engine {
         }
         if out.dns > 0 || out.tier_dns {
             flags |= abi::EP_DNS_PROXY;
+        }
+        if out.l7_egress > 0 {
+            flags |= abi::EP_L7_EGRESS;
         }
         for (d, (isolate, audit)) in [
             (abi::EP_ISOLATE_INGRESS, abi::EP_AUDIT_INGRESS),

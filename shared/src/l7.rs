@@ -242,10 +242,16 @@ pub fn connection(state: &State, client: IpAddr, server: IpAddr, port: u16) -> C
         port,
     ) {
         Ok(e) => from_explanation(&e, true),
+        // Fail closed: a side with no rule allows nothing.
         Err(_) => Connection {
             client: client.to_string(),
             server: server.to_string(),
-            sides: Vec::new(),
+            sides: vec![SideRules {
+                direction: Direction::Ingress,
+                subject: server.to_string(),
+                matchers: Vec::new(),
+                audit: false,
+            }],
         },
     }
 }

@@ -6,13 +6,16 @@
 //!   addresses with each NodePort). A new egress flow to one passes the
 //!   veth program undecided, which records which endpoint opened it.
 //! - [`ServiceHook`]: `pal_service` (bpf/service.c), a netfilter program
-//!   at `NF_INET_FORWARD` for IPv4 and IPv6, after every DNAT, which
-//!   decides those flows on the backend the DNAT chose. aya 0.14 cannot
+//!   at `NF_INET_FORWARD` and `NF_INET_LOCAL_IN` for IPv4 and IPv6, after
+//!   every DNAT, which decides those flows on the backend the DNAT chose
+//!   (LOCAL_IN: a backend that is the node itself, and the connections of
+//!   clients with egress HTTP rules, steered to the L7 proxy). aya 0.14 cannot
 //!   load netfilter programs, so libbpf (libbpf-rs) loads this one, reusing
 //!   the maps aya created.
 //!
 //! Pins under the bpf root: `progs/<hash>/service` (the program) and
-//! `links/service-v4`, `links/service-v6` (the hooks). A hook lives as long
+//! `links/service-v4`, `links/service-v6`, `links/service-in-v4`,
+//! `links/service-in-v6` (the hooks). A hook lives as long
 //! as its pin, so enforcement does not depend on the daemon.
 
 use std::{
@@ -23,8 +26,8 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use libbpf_rs::{
-    Link, MapCore, MapHandle, NF_INET_FORWARD, NFPROTO_IPV4, NFPROTO_IPV6, NetfilterOpts,
-    ObjectBuilder, ProgramHandle, query::LinkTypeInfo,
+    Link, MapCore, MapHandle, NF_INET_FORWARD, NF_INET_LOCAL_IN, NFPROTO_IPV4, NFPROTO_IPV6,
+    NetfilterOpts, ObjectBuilder, ProgramHandle, query::LinkTypeInfo,
 };
 
 use super::DataplaneError;
@@ -37,13 +40,19 @@ pub fn object() -> &'static [u8] {
     SERVICE_OBJ
 }
 
-/// Priorities at FORWARD: the hook moves between the two on an upgrade (a
+/// Priorities at each hook: the hook moves between the two on an upgrade (a
 /// netfilter link cannot be updated in place, and two links cannot share a
 /// priority), so the new program is in place before the old one leaves.
-/// Both run before the filter table (priority 0).
+/// Both run before the filter table (priority 0), after PREROUTING's DNAT.
 const PRIORITIES: [i32; 2] = [-120, -119];
 
-const FAMILIES: [(i32, &str); 2] = [(NFPROTO_IPV4, "service-v4"), (NFPROTO_IPV6, "service-v6")];
+/// The hooks: family, netfilter hook, its name, the link pin's name.
+const HOOKS: [(i32, i32, &str, &str); 4] = [
+    (NFPROTO_IPV4, NF_INET_FORWARD, "FORWARD", "service-v4"),
+    (NFPROTO_IPV6, NF_INET_FORWARD, "FORWARD", "service-v6"),
+    (NFPROTO_IPV4, NF_INET_LOCAL_IN, "LOCAL_IN", "service-in-v4"),
+    (NFPROTO_IPV6, NF_INET_LOCAL_IN, "LOCAL_IN", "service-in-v6"),
+];
 
 fn boxed<E: std::error::Error + Send + Sync + 'static>(
     e: E,
@@ -77,7 +86,10 @@ pub enum HookChange {
 /// A hook as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookInfo {
+    /// The link pin's name (`service-v4`, ...).
     pub family: &'static str,
+    /// `FORWARD` or `LOCAL_IN`.
+    pub hook: &'static str,
     pub link_id: u32,
     pub program_id: u32,
     pub priority: i32,
@@ -100,7 +112,7 @@ impl ServiceHook {
     /// The hooks now in place (none when not attached).
     pub fn info(&self) -> Result<Vec<HookInfo>, DataplaneError> {
         let mut out = Vec::new();
-        for (_, name) in FAMILIES {
+        for (_, _, hook, name) in HOOKS {
             let pin = self.link_pin(name);
             if !pin.exists() {
                 continue;
@@ -126,6 +138,7 @@ impl ServiceHook {
             };
             out.push(HookInfo {
                 family: name,
+                hook,
                 link_id: info.id,
                 program_id: info.prog_id,
                 priority,
@@ -142,7 +155,7 @@ impl ServiceHook {
     pub fn ensure(&self) -> Result<HookChange, DataplaneError> {
         let current = self.info()?;
         if let Some(id) = self.pinned_program_id()
-            && current.len() == FAMILIES.len()
+            && current.len() == HOOKS.len()
             && current.iter().all(|h| h.program_id == id)
         {
             return Ok(HookChange::Unchanged);
@@ -158,16 +171,16 @@ impl ServiceHook {
             .find(|p| !used.contains(p))
             .unwrap_or(PRIORITIES[0]);
         let mut attached = Vec::new();
-        for (family, name) in FAMILIES {
+        for (family, hooknum, hook, name) in HOOKS {
             let link = program
                 .attach_netfilter_with_opts(NetfilterOpts {
                     protocol_family: family,
-                    hooknum: NF_INET_FORWARD,
+                    hooknum,
                     priority,
                     ..Default::default()
                 })
                 .map_err(|e| DataplaneError::Netfilter {
-                    what: format!("attach it at FORWARD ({name}, priority {priority})"),
+                    what: format!("attach it at {hook} ({name}, priority {priority})"),
                     source: boxed(e),
                 })?;
             attached.push((name, link));
@@ -300,9 +313,9 @@ impl ServiceHook {
         })
     }
 
-    /// Remove both hooks (their pins) and the program's pin.
+    /// Remove the hooks (their pins) and the program's pin.
     pub fn remove(&self) -> Result<(), DataplaneError> {
-        for (_, name) in FAMILIES {
+        for (_, _, _, name) in HOOKS {
             let pin = self.link_pin(name);
             match fs::remove_file(&pin) {
                 Ok(()) => {}
