@@ -17,6 +17,7 @@ use hickory_proto::rr::RecordType;
 use serde_json::Value;
 use testbed::{
     dns::{Unbound, query, query_with},
+    http::{HttpServer, Req, exchange},
     node::{Node, NodeOptions, Pod, WORLD_V4, WORLD_V6},
     probe::{PROBE_TIMEOUT, Proto, probe},
     sys,
@@ -31,6 +32,9 @@ const DEEP_V4: &str = "203.0.113.24";
 const BLOCKED_V4: &str = "203.0.113.25";
 const ROTATED_V4: &str = "203.0.113.31";
 const KEEP_V4: &str = "203.0.113.26";
+/// shop.example.test: an HTTP server outside, with HTTP rules on its name.
+const SHOP_V4: &str = "203.0.113.40";
+const SHOP_V6: &str = "2001:db8:cafe::40";
 /// big.example.test: more A records than fit in 512 bytes.
 const BIG: std::ops::Range<u8> = 100..140;
 
@@ -44,6 +48,8 @@ fn zone(api_v4: &str) -> Vec<String> {
         format!("x.y.deep.example.test. 60 IN A {DEEP_V4}"),
         format!("x.blocked.test. 60 IN A {BLOCKED_V4}"),
         format!("keep.example.test. 2 IN A {KEEP_V4}"),
+        format!("shop.example.test. 60 IN A {SHOP_V4}"),
+        format!("shop.example.test. 60 IN AAAA {SHOP_V6}"),
     ];
     for i in BIG {
         r.push(format!("big.example.test. 60 IN A 203.0.113.{i}"));
@@ -106,7 +112,9 @@ fn bed() -> Bed {
     .iter()
     .map(|a| format!("{a}/32"))
     .collect();
+    extra.push(format!("{SHOP_V4}/32"));
     extra.push(format!("{API_V6}/128"));
+    extra.push(format!("{SHOP_V6}/128"));
     extra.extend(BIG.map(|i| format!("203.0.113.{i}/32")));
     for a in &extra {
         let mut args = vec!["-n", &world.name, "addr", "add", a, "dev", "eth0"];
@@ -610,6 +618,94 @@ spec:
 }
 
 /// A third pod, labelled app=web2.
+#[test]
+fn http_rules_on_a_to_fqdns_rule_judge_each_request_to_the_learned_addresses() {
+    let b = bed();
+    let (n, web) = (&b.n, &b.web);
+    let world = &n.world.as_ref().unwrap().netns;
+    let _http = HttpServer::start(&world.path, &[8080]);
+    n.apply(
+        r#"
+apiVersion: palisade.io/v1alpha1
+kind: PalisadeNetworkPolicy
+metadata: {name: shop-http, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - toFQDNs: [{matchName: shop.example.test}]
+    ports:
+    - port: 8080
+      rules:
+        http:
+        - method: GET
+          path: "/books(/.*)?"
+          host: 'shop\.example\.test(:8080)?'
+"#,
+    );
+    let reqs = |host: &str| {
+        [
+            Req::new("GET", "/books/1").header("host", host),
+            Req::new("DELETE", "/books/1").header("host", host),
+            Req::new("GET", "/books/1").header("host", "other.example.test"),
+        ]
+    };
+    for (qtype, addr, v6) in [
+        (RecordType::A, SHOP_V4, false),
+        (RecordType::AAAA, SHOP_V6, true),
+    ] {
+        // Nothing learned: no connection.
+        assert!(
+            exchange(
+                &web.netns,
+                ip(addr),
+                8080,
+                &reqs("shop.example.test")[..1],
+                PROBE_TIMEOUT
+            )
+            .is_err(),
+            "{addr}: nothing learned yet, the connection must be refused"
+        );
+        let a = query(&web.netns, server(v6), "shop.example.test.", qtype, false)
+            .unwrap_or_else(|e| panic!("{qtype} shop.example.test: {e}\n{}", daemon_log(n)));
+        assert_eq!(a.addresses, vec![ip(addr)]);
+        wait_until(
+            &format!("{addr}: GET 200, DELETE 403, another host 403"),
+            n,
+            || {
+                let r = exchange(
+                    &web.netns,
+                    ip(addr),
+                    8080,
+                    &reqs("shop.example.test"),
+                    PROBE_TIMEOUT,
+                );
+                let Ok(r) = r else { return false };
+                let ok = r.iter().map(|x| x.status).collect::<Vec<_>>() == [200, 403, 403];
+                if ok {
+                    assert_eq!(
+                        r[0].body.trim(),
+                        format!("GET /books/1 from {}", web.addr(v6)),
+                        "the server sees the pod's own address"
+                    );
+                    assert!(
+                        r[1].header("x-palisade-policy")
+                            .is_some_and(|p| p.contains("shop-http")),
+                        "the 403 names the policy: {:?}",
+                        r[1]
+                    );
+                }
+                ok
+            },
+        );
+    }
+    // A port of the learned address the rule does not name stays closed.
+    assert!(
+        !probe(&web.netns, ip(SHOP_V4), Proto::Tcp, 8081, PROBE_TIMEOUT),
+        "port 8081 of shop.example.test is not allowed"
+    );
+}
+
 fn n_pod(b: &Bed) -> std::sync::Arc<Pod> {
     let p = b.n.add_pod("app", "web2", &[]);
     b.n.apply(

@@ -108,7 +108,16 @@ pub fn exchange(
         };
         let mut replies = Vec::new();
         for q in &reqs {
-            let mut msg = format!("{} {} HTTP/1.1\r\nhost: {host}\r\n", q.method, q.path);
+            // The address as the host, unless the request names one.
+            let mut msg = if q
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+            {
+                format!("{} {} HTTP/1.1\r\n", q.method, q.path)
+            } else {
+                format!("{} {} HTTP/1.1\r\nhost: {host}\r\n", q.method, q.path)
+            };
             for (n, v) in &q.headers {
                 msg += &format!("{n}: {v}\r\n");
             }

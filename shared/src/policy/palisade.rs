@@ -559,12 +559,6 @@ pub fn validate(
                         "give either rules.dns or rules.http, not both (DNS rules are for port 53)",
                     ));
                 }
-                if r.to_fqdns.is_some() {
-                    return Err(invalid(
-                        &format!("{ppath}.rules.http"),
-                        "HTTP rules on a toFQDNs rule are not supported yet: write the HTTP rules on a rule with to",
-                    ));
-                }
                 per_port.push(http_rules(p, &ppath)?);
                 continue;
             }
@@ -676,6 +670,25 @@ mod tests {
         } else {
             FqdnSelector::Name(s.into())
         }
+    }
+
+    #[test]
+    fn http_rules_on_a_to_fqdns_rule_stay_with_the_learned_addresses() {
+        let p = parse(&format!(
+            "{HEAD}spec:\n  egress:\n  - toFQDNs: [{{matchName: shop.example.test}}]\n    ports: [{{port: 8080, rules: {{http: [{{method: GET}}]}}}}]\n"
+        ))
+        .unwrap();
+        assert_eq!(p.base.egress[0].ports[0].http.len(), 1);
+        let mut cache = crate::fqdn::FqdnCache::default();
+        cache.learn(
+            "shop.example.test",
+            "203.0.113.40".parse().unwrap(),
+            u64::MAX,
+            8,
+        );
+        let expanded = crate::fqdn::expand(&p, &cache);
+        assert_eq!(expanded.egress[0].peers.len(), 1);
+        assert_eq!(expanded.egress[0].ports[0].http.len(), 1);
     }
 
     #[test]
@@ -869,11 +882,6 @@ mod tests {
                 "  ingress:\n  - ports: [{port: 80, rules: {http: [{verb: GET}]}}]\n",
                 "spec.ingress[0].ports[0].rules.http[0].verb",
                 "unknown field",
-            ),
-            (
-                "  egress:\n  - toFQDNs: [{matchName: a.com}]\n    ports: [{port: 80, rules: {http: [{}]}}]\n",
-                "spec.egress[0].ports[0].rules.http",
-                "toFQDNs",
             ),
             (
                 "  egress:\n  - ports: [{port: 53, rules: {dns: [{matchPattern: '*'}], http: [{}]}}]\n",
