@@ -77,10 +77,9 @@ static __always_inline struct bpf_sock *
 pal_l7_socket(struct __sk_buff *skb, struct bpf_sock_tuple *t, __u32 len,
 	      __u16 listen_port, int syn)
 {
-	struct bpf_sock *sk;
-
 	struct pal_svc_flow_key k = {};
 	struct pal_svc_backend *b;
+	struct bpf_sock *sk;
 
 	sk = bpf_skc_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
