@@ -86,18 +86,8 @@ impl Rules {
         let conn = Arc::new(match self.server.l7_connection(client, server, port) {
             Ok(c) => c,
             Err(e) => {
-                // Fail closed: a side with no rule allows nothing.
                 tracing::warn!("L7 proxy: cannot read the node's policies: {e}");
-                Connection {
-                    client: client.to_string(),
-                    server: server.to_string(),
-                    sides: vec![l7::SideRules {
-                        direction: palisade::abi::Direction::Ingress,
-                        subject: server.to_string(),
-                        matchers: Vec::new(),
-                        audit: false,
-                    }],
-                }
+                Connection::deny_all(client, server)
             }
         });
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -189,6 +189,21 @@ pub struct HttpRecord {
 }
 
 impl Connection {
+    /// What the proxy judges with when the rules cannot be read (fail
+    /// closed): one side with no rule, which allows nothing.
+    pub fn deny_all(client: IpAddr, server: IpAddr) -> Self {
+        Self {
+            client: client.to_string(),
+            server: server.to_string(),
+            sides: vec![SideRules {
+                direction: Direction::Ingress,
+                subject: server.to_string(),
+                matchers: Vec::new(),
+                audit: false,
+            }],
+        }
+    }
+
     pub fn judge<'h>(&self, req: &Request<'_>, header: &dyn Fn(&str) -> Vec<&'h str>) -> Verdict {
         let mut policies = Vec::new();
         let mut audit: Option<(Vec<String>, Direction)> = None;
@@ -242,17 +257,7 @@ pub fn connection(state: &State, client: IpAddr, server: IpAddr, port: u16) -> C
         port,
     ) {
         Ok(e) => from_explanation(&e, true),
-        // Fail closed: a side with no rule allows nothing.
-        Err(_) => Connection {
-            client: client.to_string(),
-            server: server.to_string(),
-            sides: vec![SideRules {
-                direction: Direction::Ingress,
-                subject: server.to_string(),
-                matchers: Vec::new(),
-                audit: false,
-            }],
-        },
+        Err(_) => Connection::deny_all(client, server),
     }
 }
 
