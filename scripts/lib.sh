@@ -12,6 +12,7 @@ PALISADE_PACKAGES=(
 	nftables                              # kube-proxy's nftables mode in tests (nft)
 	busybox-static                        # container root filesystems (no registry images)
 	graphviz                              # palisadectl graph (layout and rendering)
+	chromium chromium-driver              # the web console's browser tests (headless, WebDriver)
 	iperf3 ipset                          # benchmarks (bench/run)
 	rpm man-db                            # package tests (rpm -qpl, man -w)
 	bpftool                               # a foreign pinned map in cni_contract

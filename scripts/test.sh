@@ -39,6 +39,9 @@ cargo test -p palisade-tests --test crash -- --test-threads 2
 step "flows, audit mode, learning, traffic graph, agent"
 cargo test -p palisade-tests --test observe
 
+step "web console in a real browser (headless chromium through chromedriver): live map, explain, filters, learn -> audit -> enforce, policies; screenshots in target/console-screenshots"
+cargo test -p palisade-tests --test console
+
 step "DNS-aware egress: toFQDNs and DNS rules through the node's DNS proxy, against a real unbound"
 cargo test -p palisade-tests --test dns
 

@@ -44,6 +44,8 @@ pub struct Options {
     pub http_records: Option<crate::l7::Records>,
     /// Map capacities given on the command line (`--map-size`).
     pub map_sizes: Option<palisade::dataplane::MapSizes>,
+    /// The web console's records, fed as the log is written.
+    pub console: Option<Arc<crate::console::Feed>>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -353,11 +355,15 @@ pub fn run(opts: Options) -> Result<()> {
         let mut s = stats
             .lock()
             .map_err(|_| anyhow::anyhow!("agent statistics lock poisoned"))?;
+        let mut fed = Vec::new();
         for e in &events {
             let r = resolver.resolve(e, reader.wall_time(e.ts_ns));
             *s.events.entry(metric_labels(&r)).or_default() += 1;
             if !log.append(&r).context("write the flow log")? {
                 s.log_dropped += 1;
+            }
+            if opts.console.is_some() {
+                fed.push(r);
             }
         }
         for d in &dns {
@@ -374,6 +380,9 @@ pub fn run(opts: Options) -> Result<()> {
             }
         }
         drop(s);
+        if let Some(feed) = &opts.console {
+            feed.push(fed);
+        }
         if last_flush.elapsed() > Duration::from_millis(500) {
             log.flush()?;
             last_flush = Instant::now();

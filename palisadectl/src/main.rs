@@ -4,6 +4,7 @@
 
 mod agent;
 mod cluster;
+mod console;
 mod dns;
 mod etcd;
 mod l7;
@@ -120,6 +121,9 @@ enum Command {
     Sync,
     /// Remove endpoints whose host veth no longer exists (run on the node).
     Gc,
+    /// Print the web console's URL, with its token (the daemon serves the
+    /// console when started with --console-listen).
+    Console,
     /// Show flows: new connections and drops, with who and which policy.
     Flows {
         /// Keep printing new flows.
@@ -228,6 +232,19 @@ enum Command {
         /// known to the other hosts after its daemon last reached etcd.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(2..=3600))]
         etcd_lease_ttl: i64,
+        /// Serve the web console on this address and port (off unless
+        /// given; e.g. 127.0.0.1:9971). Every request needs the console's
+        /// token: `palisadectl console` prints the URL that carries it.
+        #[arg(long, value_name = "ADDR:PORT")]
+        console_listen: Option<String>,
+        /// The console's token, from this file (at least 16 printable
+        /// characters); without it the daemon makes one and keeps it in
+        /// the state directory (root only).
+        #[arg(long, requires = "console_listen")]
+        console_token_file: Option<PathBuf>,
+        /// Flow records the console keeps in memory for its map.
+        #[arg(long, default_value_t = 100_000, requires = "console_listen")]
+        console_records: usize,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -911,6 +928,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dns_max_addresses,
             map_sizes,
             etcd_lease_ttl,
+            console_listen,
+            console_token_file,
+            console_records,
         } => {
             let map_sizes = if map_sizes.is_empty() {
                 None
@@ -967,6 +987,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }),
                 None => None,
             };
+            let console = match console_listen {
+                Some(listen) => Some(console::Options {
+                    listen: listen.clone(),
+                    token_file: console_token_file.clone(),
+                    max_records: *console_records,
+                    state_dir: cli.state_dir.clone(),
+                    bpf_root: cli.bpf_root.clone(),
+                    socket: cli.socket.clone(),
+                    log_dir: log_dir
+                        .clone()
+                        .unwrap_or_else(|| observe::log_dir(&cli.state_dir)),
+                    node_name: match (&cluster, &etcd) {
+                        (Some(c), _) => c.node_name.clone(),
+                        (None, Some(e)) => e.node_name.clone(),
+                        (None, None) => this_node()?,
+                    },
+                    external: match (&cluster, &etcd) {
+                        (Some(_), _) => Some("the Kubernetes API server".to_owned()),
+                        (None, Some(e)) => {
+                            Some(format!("the etcd datastore ({})", e.settings.describe()))
+                        }
+                        (None, None) => None,
+                    },
+                }),
+                None => None,
+            };
             serve::run(
                 agent::Options {
                     state_dir: cli.state_dir.clone(),
@@ -980,6 +1026,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     dns_records: None,
                     http_records: None,
                     map_sizes,
+                    console: None,
                 },
                 cli.socket
                     .clone()
@@ -988,6 +1035,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 etcd,
                 dns,
                 l7,
+                console,
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -1067,6 +1115,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "{scope}: {mode} (policy epoch {})\n",
                 report.epoch
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Console => {
+            output::emit(&format!("{}\n", console::url(&cli.state_dir)?))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc => {

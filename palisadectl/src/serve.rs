@@ -62,6 +62,7 @@ pub fn run(
     etcd: Option<crate::etcd::DaemonOptions>,
     dns: Option<palisade::dnsproxy::Options>,
     l7: Option<crate::l7::Options>,
+    console: Option<crate::console::Options>,
 ) -> Result<()> {
     let _lock = lock(&opts.state_dir)?;
     let start = Instant::now();
@@ -131,6 +132,11 @@ pub fn run(
             Ok(()) => opts.dns_records = Some(records),
             Err(e) => eprintln!("palisade daemon: no DNS proxy: {e:#}"),
         }
+    }
+    if let Some(c) = console {
+        let feed = Arc::new(crate::console::Feed::new(c.max_records));
+        crate::console::start(c, Arc::clone(&feed)).context("start the web console")?;
+        opts.console = Some(feed);
     }
     opts.server = Some(server);
     agent::run(opts)

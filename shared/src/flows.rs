@@ -206,11 +206,11 @@ pub struct Connection {
 
 /// Merge flow records into connections (keyed by both addresses, ports
 /// and protocol), in the order they were first seen.
-pub fn connections(records: &[FlowRecord]) -> Vec<Connection> {
+pub fn connections<'a>(records: impl IntoIterator<Item = &'a FlowRecord>) -> Vec<Connection> {
     let mut index: BTreeMap<(IpAddr, u16, IpAddr, u16, String), usize> = BTreeMap::new();
     let mut out: Vec<Connection> = Vec::new();
     for r in records
-        .iter()
+        .into_iter()
         .filter(|r| r.dns.is_none() && r.http.is_none())
     {
         let (c, s) = (r.client(), r.server());

@@ -86,7 +86,9 @@ enum Side {
     Unlabelled(String),
 }
 
-fn selector_of(labels: &Labels) -> Labels {
+/// The labels that select a pod's workload: its own, less those that
+/// differ between pods of one workload (`pod-template-hash`, ...).
+pub fn selector_of(labels: &Labels) -> Labels {
     labels
         .iter()
         .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))

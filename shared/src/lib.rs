@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod cni;
 pub mod cniconf;
 pub mod compile;
+pub mod console;
 pub mod daemon;
 pub mod dataplane;
 pub mod dnsproxy;

@@ -1,0 +1,1019 @@
+//! `palisadectl daemon --console-listen ADDR`: the web console. A small
+//! HTTP server in the daemon: the page and its script (built into the
+//! binary), the traffic map as JSON and as a live stream (server-sent
+//! events), the explanation of an edge, learned policies, and writes that
+//! go through the same engine and validation as `palisadectl apply`.
+//!
+//! Every request needs the console's token (a cookie set by opening the
+//! URL `palisadectl console` prints, or `Authorization: Bearer`): the
+//! console shows every flow of the node and changes its policies, so it
+//! asks what the root-only socket asks, whatever address it listens on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fs,
+    io::{Read, Write},
+    net::SocketAddr,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use palisade::{
+    abi::Verdict,
+    console::{self, Level, Map, PodMeta, View},
+    daemon::{Control, NodeOps, Paths},
+    dataplane::AttachMode,
+    explain::{self, PartyRef},
+    flows::{FlowParty, FlowRecord},
+    learn,
+    policy::{MODE_ANNOTATION, Mode, Source},
+    store::{Source as EpSource, State, Store},
+};
+use serde_json::{Value, json};
+
+const INDEX_HTML: &str = include_str!("console/index.html");
+const CONSOLE_JS: &str = include_str!("console/console.js");
+const CONSOLE_CSS: &str = include_str!("console/console.css");
+
+/// The cookie that carries the token.
+const COOKIE: &str = "palisade-console";
+/// The file in the state directory with the console's URL (root only).
+pub const URL_FILE: &str = "console.url";
+/// The token the daemon makes when none is given (root only).
+const TOKEN_FILE: &str = "console.token";
+/// A stream sends a map change at most this often.
+const STREAM_EVERY: Duration = Duration::from_millis(200);
+/// ... and a comment this often, to find browsers that left.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+/// Records shown behind an edge.
+const EDGE_RECORDS: usize = 50;
+/// Connections of an edge explained.
+const EDGE_EXPLAINED: usize = 3;
+
+/// Console settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: String,
+    /// A file holding the token; without it the daemon makes one.
+    pub token_file: Option<PathBuf>,
+    /// Flow records kept in memory for the map.
+    pub max_records: usize,
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    pub socket: Option<PathBuf>,
+    pub log_dir: PathBuf,
+    /// This node's name (shown on its pods).
+    pub node_name: String,
+    /// Where the policies live when not on this node: the console then
+    /// offers YAML to download instead of applying it.
+    pub external: Option<String>,
+}
+
+/// Flow records for the console, newest last, with their times.
+#[derive(Debug, Default)]
+pub struct Feed {
+    inner: Mutex<Records>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Records {
+    /// (milliseconds since the epoch, record)
+    items: VecDeque<(u64, FlowRecord)>,
+    generation: u64,
+    cap: usize,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn record_time(r: &FlowRecord) -> u64 {
+    humantime::parse_rfc3339_weak(&r.time)
+        .map(millis)
+        .unwrap_or_else(|_| millis(SystemTime::now()))
+}
+
+impl Feed {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            inner: Mutex::new(Records {
+                cap: cap.max(1),
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Add records (the agent calls this as it logs them).
+    pub fn push(&self, records: Vec<FlowRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            let t = record_time(&r);
+            g.items.push_back((t, r));
+        }
+        while g.items.len() > g.cap {
+            g.items.pop_front();
+        }
+        g.generation += 1;
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Wait up to `timeout` for records newer than `seen`; the generation
+    /// now.
+    fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |r| r.generation == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        g.generation
+    }
+
+    /// Run `f` on the records of the last `window` (all without one).
+    fn with<T>(
+        &self,
+        window: Option<Duration>,
+        f: impl FnOnce(&mut dyn Iterator<Item = &FlowRecord>) -> T,
+    ) -> T {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let start = window.map_or(0, |w| {
+            let from = millis(SystemTime::now())
+                .saturating_sub(u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+            g.items.partition_point(|(t, _)| *t < from)
+        });
+        let mut it = g.items.range(start..).map(|(_, r)| r);
+        f(&mut it)
+    }
+
+    fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.items.len()).unwrap_or(0)
+    }
+}
+
+/// Pod facts by `ns/name`, the store generation they were read at, and
+/// when.
+type MetaCache = (Option<u64>, Instant, Arc<BTreeMap<String, PodMeta>>);
+
+/// What the request handlers share.
+struct Ctx {
+    opts: Options,
+    token: String,
+    feed: Arc<Feed>,
+    /// Pod facts by `ns/name`, with the store generation they were read at.
+    meta: Mutex<MetaCache>,
+}
+
+impl Ctx {
+    fn store(&self) -> Store {
+        Store::new(&self.opts.state_dir)
+    }
+
+    fn state(&self) -> Result<State> {
+        self.store().read().context("read palisade's state")
+    }
+
+    fn meta(&self) -> Arc<BTreeMap<String, PodMeta>> {
+        let generation = self.store().generation().ok();
+        let mut g = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        // A busy cluster changes the store many times a second: read it
+        // again at most every 2 s.
+        if g.0.is_some() && (g.0 == generation || g.1.elapsed() < Duration::from_secs(2)) {
+            return Arc::clone(&g.2);
+        }
+        let Ok(state) = self.store().read_names() else {
+            return Arc::clone(&g.2);
+        };
+        let mut m = BTreeMap::new();
+        for e in state.endpoints.values() {
+            let runtime = match e.source {
+                EpSource::Cni => format!("CNI ({})", e.network),
+                EpSource::Oci => "OCI hook".to_owned(),
+            };
+            m.insert(
+                format!("{}/{}", e.namespace, e.name),
+                PodMeta {
+                    runtime,
+                    node: self.opts.node_name.clone(),
+                },
+            );
+        }
+        for r in state.remote.values() {
+            m.insert(
+                format!("{}/{}", r.namespace, r.name),
+                PodMeta {
+                    runtime: String::new(),
+                    node: r.node.clone(),
+                },
+            );
+        }
+        *g = (generation, Instant::now(), Arc::new(m));
+        Arc::clone(&g.2)
+    }
+
+    fn map(&self, view: &View, window: Option<Duration>) -> Map {
+        let meta = self.meta();
+        self.feed
+            .with(window, |records| console::build(records, view, &meta))
+    }
+}
+
+/// Read or make the token.
+fn token(opts: &Options) -> Result<String> {
+    if let Some(f) = &opts.token_file {
+        let t = fs::read_to_string(f)
+            .with_context(|| format!("read the console token from {}", f.display()))?;
+        let t = t.trim().to_owned();
+        if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic()) {
+            bail!(
+                "the console token in {} is too short or has spaces or control characters: \
+                 use at least 16 printable characters (e.g. `openssl rand -hex 16`)",
+                f.display()
+            );
+        }
+        return Ok(t);
+    }
+    let path = opts.state_dir.join(TOKEN_FILE);
+    if let Ok(t) = fs::read_to_string(&path) {
+        let t = t.trim();
+        if t.len() >= 32 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(t.to_owned());
+        }
+    }
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom for the console token")?;
+    let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &t)?;
+    Ok(t)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("rename {}", tmp.display()))
+}
+
+/// Load the flow log's recent records, listen, and serve in the
+/// background.
+pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
+    let addr: SocketAddr = opts.listen.parse().with_context(|| {
+        format!(
+            "--console-listen {:?}: give an address and port, e.g. 127.0.0.1:9971",
+            opts.listen
+        )
+    })?;
+    let token = token(&opts)?;
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("listen on {addr} for the console: {e}"))?;
+    let url = format!("http://{addr}/?token={token}");
+    write_private(&opts.state_dir.join(URL_FILE), &format!("{url}\n"))?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "palisade daemon: warning: the console on {addr} speaks plain HTTP: its token \
+             crosses the network in clear; reach it through an SSH tunnel or a TLS proxy"
+        );
+    }
+    // The records already logged, so a fresh console shows history.
+    let mut old = palisade::flows::read_log(&opts.log_dir);
+    let skip = old.len().saturating_sub(opts.max_records);
+    old.drain(..skip);
+    feed.push(old);
+    eprintln!(
+        "palisade daemon: console on http://{addr}/ (`palisadectl console` prints the URL with its token)"
+    );
+    let ctx = Arc::new(Ctx {
+        opts,
+        token,
+        feed,
+        meta: Mutex::new((None, Instant::now(), Arc::new(BTreeMap::new()))),
+    });
+    thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let ctx = Arc::clone(&ctx);
+            thread::spawn(move || handle(&ctx, req));
+        }
+    });
+    Ok(())
+}
+
+/// The URL of a running console, for `palisadectl console`.
+pub fn url(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join(URL_FILE);
+    match fs::read_to_string(&path) {
+        Ok(u) => Ok(u.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "the console is off: start the daemon with --console-listen ADDR (e.g. 127.0.0.1:9971)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| char::from(c).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(url: &str) -> (String, BTreeMap<String, String>) {
+    let (path, q) = url.split_once('?').unwrap_or((url, ""));
+    let params = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    (path.to_owned(), params)
+}
+
+fn header<'a>(req: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Compare without stopping at the first difference.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn authorised(ctx: &Ctx, req: &tiny_http::Request) -> bool {
+    if let Some(b) = header(req, "Authorization").and_then(|a| a.strip_prefix("Bearer ")) {
+        return same(b.trim(), &ctx.token);
+    }
+    header(req, "Cookie").is_some_and(|c| {
+        c.split(';').any(|kv| {
+            kv.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+                .is_some_and(|v| same(v, &ctx.token))
+        })
+    })
+}
+
+type Resp = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
+
+fn with_type(r: Resp, ctype: &str) -> Resp {
+    let mut r = r;
+    for (k, v) in [
+        ("Content-Type", ctype),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        (
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'",
+        ),
+    ] {
+        if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
+            r = r.with_header(h);
+        }
+    }
+    r
+}
+
+fn json_resp(status: u16, v: &Value) -> Resp {
+    with_type(
+        tiny_http::Response::from_string(v.to_string()).with_status_code(status),
+        "application/json",
+    )
+}
+
+fn error(status: u16, message: impl Into<String>) -> Resp {
+    json_resp(status, &json!({"error": message.into()}))
+}
+
+fn view_of(params: &BTreeMap<String, String>) -> Result<(View, Option<Duration>), String> {
+    let get = |k: &str| params.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let verdict = match get("verdict") {
+        None => None,
+        Some("allowed") => Some(Verdict::Allow),
+        Some("denied") => Some(Verdict::Deny),
+        Some("audit") => Some(Verdict::Audit),
+        Some(v) => return Err(format!("verdict {v:?}: use allowed, denied or audit")),
+    };
+    let port = match get("port") {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("port {p:?}: give a number from 1 to 65535"))?,
+        ),
+    };
+    let window = match get("window") {
+        None | Some("all") => None,
+        Some(w) => Some(
+            humantime::parse_duration(w)
+                .map_err(|e| format!("window {w:?}: {e} (e.g. 30s, 5m, 1h)"))?,
+        ),
+    };
+    Ok((
+        View {
+            level: Level::parse(get("level").unwrap_or(""))?,
+            namespace: get("namespace").map(str::to_owned),
+            pod: get("pod").map(str::to_owned),
+            verdict,
+            port,
+        },
+        window,
+    ))
+}
+
+fn handle(ctx: &Ctx, mut req: tiny_http::Request) {
+    let (path, params) = query(req.url());
+    // Opening the URL with the token sets the cookie and drops the token
+    // from the address bar.
+    if let Some(t) = params.get("token") {
+        let resp = if same(t, &ctx.token) {
+            let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", ctx.token);
+            let mut r = tiny_http::Response::from_string("").with_status_code(303);
+            for (k, v) in [("Location", path.as_str()), ("Set-Cookie", cookie.as_str())] {
+                if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
+                    r = r.with_header(h);
+                }
+            }
+            r
+        } else {
+            error(
+                401,
+                "wrong console token: open the URL `palisadectl console` prints",
+            )
+        };
+        let _ = req.respond(resp);
+        return;
+    }
+    if !authorised(ctx, &req) {
+        let _ = req.respond(with_type(
+            tiny_http::Response::from_string(
+                "palisade console: open the URL that `palisadectl console` prints on the node \
+                 (it carries the console's token)\n",
+            )
+            .with_status_code(401),
+            "text/plain; charset=utf-8",
+        ));
+        return;
+    }
+    let method = req.method().clone();
+    if method == tiny_http::Method::Post {
+        // A write must come from the console's own page.
+        let host = header(&req, "Host").unwrap_or_default().to_owned();
+        if let Some(origin) = header(&req, "Origin").map(str::to_owned)
+            && origin != format!("http://{host}")
+        {
+            let _ = req.respond(error(403, format!("a write from {origin} is refused")));
+            return;
+        }
+    }
+    let resp = match (method, path.as_str()) {
+        (tiny_http::Method::Get, "/") => with_type(
+            tiny_http::Response::from_string(INDEX_HTML),
+            "text/html; charset=utf-8",
+        ),
+        (tiny_http::Method::Get, "/console.js") => with_type(
+            tiny_http::Response::from_string(CONSOLE_JS),
+            "text/javascript; charset=utf-8",
+        ),
+        (tiny_http::Method::Get, "/console.css") => with_type(
+            tiny_http::Response::from_string(CONSOLE_CSS),
+            "text/css; charset=utf-8",
+        ),
+        (tiny_http::Method::Get, "/api/status") => json_resp(
+            200,
+            &json!({
+                "node": ctx.opts.node_name,
+                "external": ctx.opts.external,
+                "records": ctx.feed.len(),
+            }),
+        ),
+        (tiny_http::Method::Get, "/api/map") => match view_of(&params) {
+            Ok((view, window)) => {
+                let map = ctx.map(&view, window);
+                json_resp(
+                    200,
+                    &json!({
+                        "level": map.level,
+                        "nodes": map.nodes.values().collect::<Vec<_>>(),
+                        "edges": map.edges.values().collect::<Vec<_>>(),
+                    }),
+                )
+            }
+            Err(e) => error(400, e),
+        },
+        (tiny_http::Method::Get, "/api/stream") => match view_of(&params) {
+            Ok((view, window)) => {
+                stream(ctx, req, &view, window);
+                return;
+            }
+            Err(e) => error(400, e),
+        },
+        (tiny_http::Method::Get, "/api/edge") => match edge(ctx, &params) {
+            Ok(v) => json_resp(200, &v),
+            Err(e) => error(400, format!("{e:#}")),
+        },
+        (tiny_http::Method::Get, "/api/learn") => match learned(ctx, &params) {
+            Ok(v) => json_resp(200, &v),
+            Err(e) => error(400, format!("{e:#}")),
+        },
+        (tiny_http::Method::Get, "/api/policies") => match policies(ctx, &params) {
+            Ok(v) => json_resp(200, &v),
+            Err(e) => error(500, format!("{e:#}")),
+        },
+        (tiny_http::Method::Post, "/api/apply") => {
+            let mut body = String::new();
+            match req.as_reader().take(4 << 20).read_to_string(&mut body) {
+                Ok(_) => apply(ctx, &body),
+                Err(e) => error(400, format!("read the request: {e}")),
+            }
+        }
+        _ => error(404, format!("no {path} here")),
+    };
+    let _ = req.respond(resp);
+}
+
+/// A live map: a full map first, then what changed, as server-sent events.
+fn stream(ctx: &Ctx, req: tiny_http::Request, view: &View, window: Option<Duration>) {
+    let mut w = req.into_writer();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n";
+    if w.write_all(head.as_bytes())
+        .and_then(|()| w.flush())
+        .is_err()
+    {
+        return;
+    }
+    let mut last: Option<Map> = None;
+    let mut seen = u64::MAX;
+    let mut sent = Instant::now();
+    let mut built = Instant::now() - STREAM_EVERY;
+    loop {
+        let generation = ctx.feed.wait(seen, Duration::from_secs(1));
+        // With a time window, edges age out without new records.
+        let due =
+            generation != seen || (window.is_some() && built.elapsed() >= Duration::from_secs(1));
+        if due {
+            if let Some(rest) = STREAM_EVERY.checked_sub(built.elapsed()) {
+                thread::sleep(rest);
+            }
+            let generation = ctx.feed.wait(u64::MAX, Duration::ZERO);
+            let map = ctx.map(view, window);
+            built = Instant::now();
+            seen = generation;
+            if let Some(d) = console::diff(last.as_ref(), &map) {
+                let Ok(data) = serde_json::to_string(&d) else {
+                    return;
+                };
+                if write!(w, "event: map\ndata: {data}\n\n")
+                    .and_then(|()| w.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                sent = Instant::now();
+            }
+            last = Some(map);
+        }
+        if sent.elapsed() >= KEEPALIVE_EVERY {
+            if w.write_all(b": keepalive\n\n")
+                .and_then(|()| w.flush())
+                .is_err()
+            {
+                return;
+            }
+            sent = Instant::now();
+        }
+    }
+}
+
+/// How explain names a side of a flow.
+fn party_ref(p: &FlowParty) -> String {
+    match (&p.namespace, &p.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        _ => p.address.to_string(),
+    }
+}
+
+fn port_arg(protocol: &str, dport: u16) -> String {
+    if dport == 0 {
+        protocol.to_ascii_lowercase()
+    } else {
+        format!("{dport}/{protocol}")
+    }
+}
+
+/// An edge: its records, and the explanation of its latest connections.
+fn edge(ctx: &Ctx, params: &BTreeMap<String, String>) -> Result<Value> {
+    let (view, window) = view_of(params).map_err(anyhow::Error::msg)?;
+    let id = params.get("id").context("give the edge's id (id=...)")?;
+    let map = ctx.map(&view, window);
+    let Some(e) = map.edges.get(id) else {
+        bail!("no edge {id} on the map with these filters (it may have left the time window)");
+    };
+    let level = map.level.unwrap_or(Level::Pod);
+    let records: Vec<FlowRecord> = ctx.feed.with(window, |rs| {
+        console::edge_records(rs, &view, level, e, EDGE_RECORDS)
+            .into_iter()
+            .cloned()
+            .collect()
+    });
+    let state = ctx.state()?;
+    let mut seen = BTreeSet::new();
+    let mut explained = Vec::new();
+    let mut isolated: BTreeSet<String> = BTreeSet::new();
+    for r in records.iter().rev() {
+        isolated.extend(r.isolated_by.iter().cloned());
+        let (from, to) = (party_ref(r.client()), party_ref(r.server()));
+        let port = port_arg(&r.protocol, r.dport);
+        if explained.len() >= EDGE_EXPLAINED
+            || !seen.insert((from.clone(), to.clone(), port.clone()))
+        {
+            continue;
+        }
+        let one = || -> Result<Value> {
+            let (proto, p) = explain::parse_port(&port)?;
+            let x = explain::explain(
+                &state,
+                &PartyRef::parse(&from)?,
+                &PartyRef::parse(&to)?,
+                proto,
+                p,
+            )?;
+            Ok(json!({
+                "from": from,
+                "to": to,
+                "port": port,
+                "verdict": if x.allowed { "allowed" } else { "denied" },
+                "text": x.to_string(),
+                "explanation": x,
+            }))
+        };
+        explained.push(one().unwrap_or_else(
+            |e| json!({"from": from, "to": to, "port": port, "error": format!("{e:#}")}),
+        ));
+    }
+    Ok(json!({
+        "edge": e,
+        "records": records,
+        "explanations": explained,
+        "isolatedBy": isolated,
+    }))
+}
+
+/// Policies learned from the records of the map's window, for a
+/// namespace or one workload (a map node id).
+fn learned(ctx: &Ctx, params: &BTreeMap<String, String>) -> Result<Value> {
+    let (_, window) = view_of(params).map_err(anyhow::Error::msg)?;
+    let get = |k: &str| params.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let mode = match get("mode") {
+        None => None,
+        Some(m) => Some(Mode::parse(m, "mode").map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    // A workload: its namespace and selector, from its map node id.
+    let workload: Option<(String, BTreeMap<String, String>)> = match get("workload") {
+        None => None,
+        Some(id) => {
+            // The id of a workload node, or of one of its pods.
+            let meta = BTreeMap::new();
+            let node = ctx
+                .feed
+                .with(window, |rs| {
+                    rs.flat_map(|r| [&r.endpoint, &r.peer]).find_map(|p| {
+                        let w = console::node_of(p, Level::Workload, &meta);
+                        (w.id == id || console::node_of(p, Level::Pod, &meta).id == id).then_some(w)
+                    })
+                })
+                .with_context(|| format!("no workload {id} in the records of this window"))?;
+            if node.kind != "workload" {
+                bail!(
+                    "{id} has no labels: no policy can select it by label (label it and learn again)"
+                );
+            }
+            Some((node.group.clone(), node.labels.clone()))
+        }
+    };
+    let records: Vec<FlowRecord> = ctx.feed.with(window, |rs| rs.cloned().collect());
+    let namespace = workload
+        .as_ref()
+        .map(|(ns, _)| ns.clone())
+        .or_else(|| get("namespace").map(str::to_owned));
+    let l = learn::learn(
+        &records,
+        &learn::Options {
+            include_denied: false,
+            mode,
+            namespace,
+            baseline: false,
+        },
+    );
+    let (yaml, report, count) = match &workload {
+        None => (l.yaml, l.report, l.policies),
+        Some((ns, selector)) => {
+            let mut docs = Vec::new();
+            let mut names = Vec::new();
+            for d in serde_yaml::Deserializer::from_str(&l.yaml) {
+                let v = serde_yaml::Value::deserialize(d).context("read the learned YAML")?;
+                let sel: BTreeMap<String, String> =
+                    serde_yaml::from_value(v["spec"]["podSelector"]["matchLabels"].clone())
+                        .unwrap_or_default();
+                if &sel == selector {
+                    if let Some(n) = v["metadata"]["name"].as_str() {
+                        names.push(format!("{ns}/{n} "));
+                    }
+                    docs.push(serde_yaml::to_string(&v).context("write YAML")?);
+                }
+            }
+            let report = l
+                .report
+                .into_iter()
+                .filter(|line| names.iter().any(|n| line.starts_with(n.as_str())))
+                .collect();
+            let count = docs.len();
+            (docs.join("---\n"), report, count)
+        }
+    };
+    Ok(json!({
+        "yaml": yaml,
+        "report": report,
+        "policies": count,
+        "records": records.len(),
+        "external": ctx.opts.external,
+    }))
+}
+
+use serde::Deserialize as _;
+
+/// Set every policy's mode annotation in YAML documents.
+fn with_mode(yaml: &str, mode: Mode) -> Result<String> {
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(yaml) {
+        let mut v = serde_yaml::Value::deserialize(d).context("the YAML does not parse")?;
+        if v.is_null() {
+            continue;
+        }
+        let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_mapping_mut()) else {
+            bail!("a document has no metadata: every policy needs a name");
+        };
+        let annotations = meta
+            .entry("annotations".into())
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+        if annotations.is_null() {
+            *annotations = serde_yaml::Value::Mapping(Default::default());
+        }
+        let Some(a) = annotations.as_mapping_mut() else {
+            bail!("metadata.annotations is not a map");
+        };
+        a.insert(MODE_ANNOTATION.into(), mode.as_str().into());
+        docs.push(serde_yaml::to_string(&v).context("write YAML")?);
+    }
+    if docs.is_empty() {
+        bail!("no policies in the YAML");
+    }
+    Ok(docs.join("---\n"))
+}
+
+/// Apply policies in a mode, as `palisadectl apply` would.
+fn apply(ctx: &Ctx, body: &str) -> Resp {
+    if let Some(ext) = &ctx.opts.external {
+        return error(
+            409,
+            format!(
+                "the policies of this node come from {ext}: download the YAML and apply it there"
+            ),
+        );
+    }
+    let req: Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, format!("the request is not JSON: {e}")),
+    };
+    let Some(yaml) = req["yaml"].as_str() else {
+        return error(
+            400,
+            "give the policies as {\"yaml\": \"...\", \"mode\": \"audit\"}",
+        );
+    };
+    let mode = match req["mode"].as_str() {
+        Some("audit") => Mode::Audit,
+        Some("enforce") => Mode::Enforce,
+        other => return error(400, format!("mode {other:?}: use audit or enforce")),
+    };
+    let text = match with_mode(yaml, mode) {
+        Ok(t) => t,
+        Err(e) => return error(400, format!("{e:#}")),
+    };
+    let paths = Paths {
+        state_dir: ctx.opts.state_dir.clone(),
+        bpf_root: ctx.opts.bpf_root.clone(),
+        socket: ctx.opts.socket.clone(),
+        attach_mode: AttachMode::Auto,
+        map_sizes: None,
+    };
+    let report = Control::open(&paths).and_then(|mut c| {
+        c.apply_sources(vec![Source {
+            name: "console".into(),
+            text,
+        }])
+    });
+    match report {
+        Ok(r) => json_resp(
+            200,
+            &json!({
+                "mode": mode.as_str(),
+                "changes": r.changes.iter().map(|(o, c)| json!({"object": o.to_string(), "change": c.as_str()})).collect::<Vec<_>>(),
+                "warnings": r.warnings,
+            }),
+        ),
+        Err(e) => error(400, e.to_string()),
+    }
+}
+
+fn describe_rule(rule: &palisade::policy::Rule, own_ns: &str) -> String {
+    use palisade::policy::{NamespaceScope, Peer};
+    let peers = if rule.peers.is_empty() {
+        "any peer".to_owned()
+    } else {
+        rule.peers
+            .iter()
+            .map(|p| match p {
+                Peer::Pods {
+                    namespaces: NamespaceScope::Own,
+                    pods,
+                } => format!("pods {} in {own_ns}", pods.describe()),
+                Peer::Pods {
+                    namespaces: NamespaceScope::Matching(ns),
+                    pods,
+                } => format!("pods {} in namespaces {}", pods.describe(), ns.describe()),
+                Peer::IpBlock(b) => b.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let ports = if rule.ports.is_empty() {
+        "any port".to_owned()
+    } else {
+        rule.ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!("{peers} on {ports}")
+}
+
+/// The policies in force on each pod of this node, and the pods each
+/// policy selects.
+fn policies(ctx: &Ctx, params: &BTreeMap<String, String>) -> Result<Value> {
+    let state = ctx.state()?;
+    let only = params.get("namespace").filter(|n| !n.is_empty());
+    let namespaces = state.namespace_map();
+    let mut pods = Vec::new();
+    let mut selects: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in state.endpoints.values() {
+        if only.is_some_and(|n| *n != e.namespace) {
+            continue;
+        }
+        let labels = state.effective_labels(e);
+        let pod = format!("{}/{}", e.namespace, e.name);
+        let mut in_force = Vec::new();
+        let (mut ingress, mut egress) = (Vec::new(), Vec::new());
+        for sp in state.policies.values() {
+            let p = &sp.policy;
+            if !p.selects(&e.namespace, &labels) {
+                continue;
+            }
+            let name = format!("{}/{}", p.namespace, p.name);
+            selects.entry(name.clone()).or_default().push(pod.clone());
+            let mode = state.effective_mode(p, &namespaces);
+            if p.ingress_isolation {
+                ingress.extend(
+                    p.ingress
+                        .iter()
+                        .map(|r| json!({"policy": name, "allows": describe_rule(r, &p.namespace)})),
+                );
+            }
+            if p.egress_isolation {
+                egress.extend(
+                    p.egress
+                        .iter()
+                        .map(|r| json!({"policy": name, "allows": describe_rule(r, &p.namespace)})),
+                );
+            }
+            in_force.push(json!({
+                "name": name,
+                "kind": "NetworkPolicy",
+                "mode": mode.as_str(),
+                "ingress": p.ingress_isolation,
+                "egress": p.egress_isolation,
+            }));
+        }
+        let ns_labels = namespaces
+            .get(&e.namespace)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        for t in state.tier_policies.values() {
+            if palisade::tiers::selects(&t.policy, &ns_labels, &labels) {
+                let name = format!("{:?}/{}", t.policy.kind, t.policy.name);
+                selects.entry(name.clone()).or_default().push(pod.clone());
+                in_force.push(json!({
+                    "name": name,
+                    "kind": format!("{:?}", t.policy.kind),
+                    "priority": t.policy.priority,
+                    "mode": t.policy.mode.unwrap_or(state.mode).as_str(),
+                }));
+            }
+        }
+        pods.push(json!({
+            "pod": pod,
+            "labels": labels,
+            "policies": in_force,
+            // Isolated in a direction: only what these rules allow passes.
+            "ingressIsolated": !ingress.is_empty() || in_force.iter().any(|p| p["ingress"] == true),
+            "egressIsolated": !egress.is_empty() || in_force.iter().any(|p| p["egress"] == true),
+            "ingressAllows": ingress,
+            "egressAllows": egress,
+        }));
+    }
+    Ok(json!({
+        "pods": pods,
+        "selects": selects,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        let (path, q) = query("/api/edge?id=pod%3Ax%2Fa%3Epod%3Ax%2Fb%3Edenied&port=&w=a+b");
+        assert_eq!(path, "/api/edge");
+        assert_eq!(q["id"], "pod:x/a>pod:x/b>denied");
+        assert_eq!(q["port"], "");
+        assert_eq!(q["w"], "a b");
+        assert_eq!(decode("%zz%4"), "%zz%4");
+        assert_eq!(decode("%C3%A9%"), "é%");
+    }
+
+    #[test]
+    fn the_mode_is_set_on_every_policy_and_bad_yaml_is_refused() {
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b, namespace: x, annotations: {palisade.io/mode: audit, keep: me}}\nspec: {podSelector: {}}\n";
+        let out = with_mode(y, Mode::Enforce).unwrap();
+        assert_eq!(out.matches("palisade.io/mode: enforce").count(), 2, "{out}");
+        assert!(out.contains("keep: me"), "{out}");
+        assert!(with_mode("", Mode::Audit).is_err());
+        assert!(with_mode("kind: [", Mode::Audit).is_err());
+        assert!(
+            with_mode("kind: NetworkPolicy\n", Mode::Audit)
+                .unwrap_err()
+                .to_string()
+                .contains("no metadata")
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd"));
+        assert!(!same("abc", "abcd"));
+    }
+}

@@ -1,0 +1,550 @@
+//! The web console in a real browser: Debian's chromium, headless, driven
+//! through its chromedriver (WebDriver) against a node daemon that serves
+//! the console, with real pods and real traffic. Screenshots of each main
+//! view go to `target/console-screenshots/`.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns; a panic fails the test with its location"
+)]
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fantoccini::{
+    Client, ClientBuilder, Locator,
+    actions::{InputSource, KeyAction, KeyActions},
+    key::Key,
+};
+use serde_json::{Value, json};
+use testbed::{
+    node::{Node, NodeOptions, Pod},
+    probe::{PROBE_TIMEOUT, Proto, probe},
+    runtimes::wait_for,
+    sys::{describe, in_netns, spawn_in},
+};
+
+const CONSOLE_PORT: u16 = 19971;
+const DRIVER_PORT: u16 = 19515;
+/// Generous for a loaded 2-core machine: tests wait for outcomes.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
+    pods.iter()
+        .map(|(ns, name, labels)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn connect(from: &Pod, to: &Pod, port: u16) -> bool {
+    probe(&from.netns, to.addr(false), Proto::Tcp, port, PROBE_TIMEOUT)
+}
+
+/// chromedriver in the node's namespace (the console listens there).
+struct Driver(Child);
+
+impl Driver {
+    fn start(n: &Node) -> Self {
+        let mut cmd = std::process::Command::new("chromedriver");
+        cmd.arg(format!("--port={DRIVER_PORT}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = spawn_in(&n.netns.path, &mut cmd)
+            .unwrap_or_else(|e| panic!("start chromedriver (Debian package chromium-driver): {e}"));
+        wait_for("chromedriver to listen", DEADLINE, || {
+            in_netns(&n.netns.path, || {
+                TcpStream::connect(("127.0.0.1", DRIVER_PORT)).is_ok()
+            })
+        });
+        Self(child)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn screenshots() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    c.execute("window.scrollTo(0, 0);", vec![]).await.unwrap();
+    let png = c.screenshot().await.unwrap();
+    let path = screenshots().join(format!("{name}.png"));
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot: {}", path.display());
+}
+
+/// Wait until `script` (a JS expression) is true on the page.
+async fn until(c: &Client, what: &str, script: &str) {
+    let start = Instant::now();
+    loop {
+        let v = c
+            .execute(&format!("return !!({script});"), vec![])
+            .await
+            .unwrap_or(Value::Bool(false));
+        if v == Value::Bool(true) {
+            return;
+        }
+        if start.elapsed() > DEADLINE {
+            let page = c
+                .execute(
+                    "return document.getElementById('counts').textContent + '\\n' + \
+                     [...document.querySelectorAll('g.edge')].map(e => e.dataset.id).join('\\n') + \
+                     '\\n--- details:\\n' + document.getElementById('details').innerText + \
+                     '\\n--- learn:\\n' + document.getElementById('l-result').innerText",
+                    vec![],
+                )
+                .await
+                .unwrap_or_default();
+            panic!("the console never showed {what} ({script}); it shows:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn edge_sel(from: &str, to: &str) -> String {
+    format!("g.edge[data-from=\"pod:{from}\"][data-to=\"pod:{to}\"]")
+}
+
+async fn edge_verdicts(c: &Client) -> BTreeSet<(String, String, String)> {
+    let v = c
+        .execute(
+            "return [...document.querySelectorAll('g.edge')].map(e => [e.dataset.from, e.dataset.to, e.dataset.verdict]);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t[0].as_str().unwrap().to_owned(),
+                t[1].as_str().unwrap().to_owned(),
+                t[2].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn browser() -> Client {
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1100"],
+        }
+    });
+    let caps = match caps {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    };
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{DRIVER_PORT}"))
+        .await
+        .expect("a chromium session through chromedriver")
+}
+
+fn http_status(n: &Node, request: &str) -> String {
+    let request = request.to_owned();
+    in_netns(&n.netns.path, move || {
+        let mut s = TcpStream::connect(("127.0.0.1", CONSOLE_PORT)).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or_default().to_owned()
+    })
+}
+
+#[test]
+fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforces() {
+    let n = Node::new(NodeOptions {
+        daemon: true,
+        daemon_args: vec![
+            "--console-listen".into(),
+            format!("127.0.0.1:{CONSOLE_PORT}"),
+        ],
+        ..Default::default()
+    });
+    n.apply(&pods_yaml(&[
+        ("x", "db", "role: db"),
+        ("x", "api", "role: api"),
+        ("x", "web", "role: web"),
+        ("shop", "front", "app: front"),
+        ("shop", "cart", "app: cart"),
+        ("shop", "stock", "app: stock"),
+    ]));
+    let pod = |ns: &str, name: &str| n.add_pod(ns, name, &[80]);
+    let (db, api, web) = (pod("x", "db"), pod("x", "api"), pod("x", "web"));
+    let (front, cart, stock) = (
+        pod("shop", "front"),
+        pod("shop", "cart"),
+        pod("shop", "stock"),
+    );
+    n.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: api}}}]}]\n",
+    );
+
+    // Without the token nothing is served; the URL palisadectl prints
+    // carries it.
+    assert!(
+        http_status(&n, "GET /api/map HTTP/1.0\r\n\r\n").contains("401"),
+        "no token"
+    );
+    assert!(
+        http_status(
+            &n,
+            "GET /?token=0123456789abcdef0123456789abcdef HTTP/1.0\r\n\r\n"
+        )
+        .contains("401"),
+        "a wrong token"
+    );
+    let out = n.ctl(&["console"], None);
+    assert!(
+        out.status.success(),
+        "palisadectl console: {}",
+        describe(&out)
+    );
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{CONSOLE_PORT}/?token=")),
+        "{url}"
+    );
+
+    assert!(connect(&api, &db, 80), "api -> db is allowed");
+    assert!(!connect(&web, &db, 80), "web -> db is denied");
+    assert!(connect(&db, &api, 80), "db -> api is allowed");
+
+    let _driver = Driver::start(&n);
+    let netns = n.netns.path.clone();
+    let n = Arc::new(n);
+    let n2 = Arc::clone(&n);
+    in_netns(&netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let c = browser().await;
+            run(&c, &n2, &url, [&db, &api, &web], [&front, &cart, &stock]).await;
+            c.close().await.unwrap();
+        });
+    });
+}
+
+async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod>; 3]) {
+    let [db, api, web] = x;
+    let [front, cart, stock] = shop;
+    c.goto(url).await.unwrap();
+    // The token became a cookie and left the address bar.
+    let now = c.current_url().await.unwrap();
+    assert!(!now.as_str().contains("token"), "{now}");
+
+    // The map: pods in their namespaces, edges coloured by verdict.
+    until(
+        c,
+        "the denied edge web -> db",
+        &format!(
+            "document.querySelector('{}')",
+            edge_sel("x/web", "x/db").replace('\'', "\\'")
+        ),
+    )
+    .await;
+    until(
+        c,
+        "the allowed edge api -> db",
+        &format!(
+            "document.querySelector('{}')",
+            edge_sel("x/api", "x/db").replace('\'', "\\'")
+        ),
+    )
+    .await;
+    let edges = edge_verdicts(c).await;
+    for want in [
+        ("pod:x/api", "pod:x/db", "allowed"),
+        ("pod:x/web", "pod:x/db", "denied"),
+        ("pod:x/db", "pod:x/api", "allowed"),
+    ] {
+        assert!(
+            edges.contains(&(want.0.into(), want.1.into(), want.2.into())),
+            "edge {want:?} missing from {edges:?}"
+        );
+    }
+    let colours = c
+        .execute(
+            "const s = (v) => getComputedStyle(document.querySelector(`g.edge[data-verdict=${v}] path.line`)).stroke; return [s('allowed'), s('denied')];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        colours,
+        json!(["rgb(46, 125, 50)", "rgb(198, 40, 40)"]),
+        "allowed edges green, denied red"
+    );
+    for (id, group) in [("pod:x/db", "x"), ("pod:x/web", "x")] {
+        let label = c
+            .find(Locator::Css(&format!("g.node[data-id=\"{id}\"]")))
+            .await
+            .unwrap_or_else(|e| panic!("node {id}: {e}"))
+            .attr("aria-label")
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        assert!(label.contains(&format!("pod {group}/")), "{id}: {label}");
+    }
+    shot(c, "map").await;
+
+    // A new connection appears live.
+    let start = Instant::now();
+    assert!(connect(web, api, 80), "web -> api is allowed");
+    until(
+        c,
+        "the new edge web -> api",
+        &format!(
+            "document.querySelector('{}')",
+            edge_sel("x/web", "x/api").replace('\'', "\\'")
+        ),
+    )
+    .await;
+    eprintln!(
+        "new connection to its edge on the map: {:?}",
+        start.elapsed()
+    );
+
+    // Clicking the denied edge explains it: the isolating policy.
+    c.find(Locator::Css(&format!(
+        "{} .edge-handle",
+        edge_sel("x/web", "x/db")
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    until(c, "the isolating policy of web -> db", "document.getElementById('isolated-by') && document.getElementById('isolated-by').textContent.includes('x/db')").await;
+    until(
+        c,
+        "the explanation of web -> db",
+        "[...document.querySelectorAll('pre.explain')].some(p => p.textContent.includes('x/db'))",
+    )
+    .await;
+    until(
+        c,
+        "the records of web -> db",
+        "document.querySelectorAll('#edge-records tbody tr').length >= 1",
+    )
+    .await;
+    shot(c, "denied-edge").await;
+
+    // The keyboard reaches an edge too: focus it, press Enter.
+    c.execute(
+        &format!(
+            "document.querySelector('{}').focus();",
+            edge_sel("x/api", "x/db").replace('\'', "\\'")
+        ),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let enter = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: Key::Enter.into(),
+        })
+        .then(KeyAction::Up {
+            value: Key::Enter.into(),
+        });
+    c.perform_actions(enter).await.unwrap();
+    until(c, "the details of api -> db, opened with the keyboard", "document.getElementById('edge-title') && document.getElementById('edge-title').textContent.includes('allowed')").await;
+
+    // Filters: only denied edges.
+    c.find(Locator::Id("f-verdict"))
+        .await
+        .unwrap()
+        .select_by_value("denied")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(c, "only denied edges", "document.querySelectorAll('g.edge').length > 0 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.verdict === 'denied')").await;
+    c.find(Locator::Id("f-verdict"))
+        .await
+        .unwrap()
+        .select_by_value("")
+        .await
+        .unwrap();
+    c.find(Locator::Id("f-namespace"))
+        .await
+        .unwrap()
+        .send_keys("shop")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // Learn -> audit -> enforce, for namespace shop.
+    assert!(connect(front, cart, 80));
+    assert!(connect(cart, stock, 80));
+    until(c, "shop's traffic", &format!("document.querySelector('{}') && document.querySelector('{}') && ![...document.querySelectorAll('g.edge')].some(e => e.dataset.from.startsWith('pod:x/'))", edge_sel("shop/front", "shop/cart").replace('\'', "\\'"), edge_sel("shop/cart", "shop/stock").replace('\'', "\\'"))).await;
+    c.find(Locator::Id("l-namespace"))
+        .await
+        .unwrap()
+        .send_keys("shop")
+        .await
+        .unwrap();
+    c.find(Locator::Id("l-learn"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        c,
+        "learned policies",
+        "document.getElementById('l-yaml').value.includes('kind: NetworkPolicy')",
+    )
+    .await;
+    let yaml = c
+        .execute("return document.getElementById('l-yaml').value;", vec![])
+        .await
+        .unwrap();
+    let yaml = yaml.as_str().unwrap().to_owned();
+    assert!(
+        yaml.contains("namespace: shop") && !yaml.contains("namespace: x"),
+        "{yaml}"
+    );
+    shot(c, "learn").await;
+    c.find(Locator::Id("l-audit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        c,
+        "the policies applied in audit mode",
+        "document.getElementById('l-result').dataset.mode === 'audit'",
+    )
+    .await;
+    let got = n.ctl(&["get", "policies", "-n", "shop", "-o", "json"], None);
+    assert!(got.status.success(), "{}", describe(&got));
+    let listed: Value = serde_json::from_slice(&got.stdout).unwrap();
+    let items = listed["items"].as_array().unwrap();
+    assert!(
+        !items.is_empty(),
+        "palisadectl get shows the console's policies"
+    );
+    assert!(
+        items
+            .iter()
+            .all(|p| p["metadata"]["annotations"]["palisade.io/mode"] == "audit"),
+        "{listed}"
+    );
+    // Traffic never observed: audit lets it through and shows it.
+    assert!(connect(stock, front, 80), "audit drops nothing");
+    until(
+        c,
+        "the audit edge stock -> front",
+        &format!(
+            "document.querySelector('{}[data-verdict=audit]')",
+            edge_sel("shop/stock", "shop/front").replace('\'', "\\'")
+        ),
+    )
+    .await;
+    shot(c, "audit").await;
+    c.find(Locator::Id("l-enforce"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        c,
+        "the policies enforced",
+        "document.getElementById('l-result').dataset.mode === 'enforce'",
+    )
+    .await;
+    assert!(
+        !connect(stock, front, 80),
+        "enforced: what audit reported is dropped"
+    );
+    assert!(
+        connect(front, cart, 80),
+        "enforced: observed traffic still flows"
+    );
+    assert!(
+        connect(cart, stock, 80),
+        "enforced: observed traffic still flows"
+    );
+    // The CLI gives the same verdicts as the traffic.
+    for (from, to, allowed) in [
+        ("shop/front", "shop/cart", true),
+        ("shop/cart", "shop/stock", true),
+        ("shop/stock", "shop/front", false),
+    ] {
+        let out = n.ctl(
+            &[
+                "explain", "--from", from, "--to", to, "--port", "80/TCP", "-o", "json",
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v["verdict"],
+            if allowed { "allowed" } else { "denied" },
+            "explain {from} -> {to}: {v}"
+        );
+    }
+    until(
+        c,
+        "the denied edge stock -> front",
+        &format!(
+            "document.querySelector('{}[data-verdict=denied]')",
+            edge_sel("shop/stock", "shop/front").replace('\'', "\\'")
+        ),
+    )
+    .await;
+
+    // The policies view: what is in force on each pod.
+    c.find(Locator::Id("tab-policies"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(c, "shop/front's policies", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'shop/front' && r.textContent.includes('(enforce)'))").await;
+    until(c, "x/db's policy", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'x/db' && r.textContent.includes('x/db (enforce)') && r.textContent.includes('role=api'))").await;
+    shot(c, "policies").await;
+    let _ = (db, api, web);
+}
