@@ -13,22 +13,21 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::PathBuf,
-    process::{Child, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use fantoccini::{
-    Client, ClientBuilder, Locator,
+    Client, Locator,
     actions::{InputSource, KeyAction, KeyActions},
     key::Key,
 };
 use serde_json::{Value, json};
 use testbed::{
+    browser::Driver,
     node::{Node, NodeOptions, Pod},
     probe::{PROBE_TIMEOUT, Proto, probe},
-    runtimes::wait_for,
-    sys::{describe, in_netns, spawn_in},
+    sys::{describe, in_netns},
 };
 
 const CONSOLE_PORT: u16 = 19971;
@@ -49,34 +48,6 @@ fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
 
 fn connect(from: &Pod, to: &Pod, port: u16) -> bool {
     probe(&from.netns, to.addr(false), Proto::Tcp, port, PROBE_TIMEOUT)
-}
-
-/// chromedriver in the node's namespace (the console listens there).
-struct Driver(Child);
-
-impl Driver {
-    fn start(n: &Node) -> Self {
-        let mut cmd = std::process::Command::new("chromedriver");
-        cmd.arg(format!("--port={DRIVER_PORT}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = spawn_in(&n.netns.path, &mut cmd)
-            .unwrap_or_else(|e| panic!("start chromedriver (Debian package chromium-driver): {e}"));
-        wait_for("chromedriver to listen", DEADLINE, || {
-            in_netns(&n.netns.path, || {
-                TcpStream::connect(("127.0.0.1", DRIVER_PORT)).is_ok()
-            })
-        });
-        Self(child)
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn screenshots() -> PathBuf {
@@ -149,24 +120,6 @@ async fn edge_verdicts(c: &Client) -> BTreeSet<(String, String, String)> {
         .collect()
 }
 
-async fn browser() -> Client {
-    let caps = json!({
-        "goog:chromeOptions": {
-            "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1100"],
-        }
-    });
-    let caps = match caps {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    };
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{DRIVER_PORT}"))
-        .await
-        .expect("a chromium session through chromedriver")
-}
-
 fn http_status(n: &Node, request: &str) -> String {
     let request = request.to_owned();
     in_netns(&n.netns.path, move || {
@@ -237,7 +190,7 @@ fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforce
     assert!(!connect(&web, &db, 80), "web -> db is denied");
     assert!(connect(&db, &api, 80), "db -> api is allowed");
 
-    let _driver = Driver::start(&n);
+    let driver = Driver::start(&n.netns.path, DRIVER_PORT);
     let netns = n.netns.path.clone();
     let n = Arc::new(n);
     let n2 = Arc::clone(&n);
@@ -247,7 +200,7 @@ fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforce
             .build()
             .unwrap();
         rt.block_on(async move {
-            let c = browser().await;
+            let c = driver.browser().await;
             run(&c, &n2, &url, [&db, &api, &web], [&front, &cart, &stock]).await;
             c.close().await.unwrap();
         });

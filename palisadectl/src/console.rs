@@ -165,6 +165,10 @@ impl Feed {
 /// when.
 type MetaCache = (Option<u64>, Instant, Arc<BTreeMap<String, PodMeta>>);
 
+/// The last map built for one view: the feed generation it reflects,
+/// when it was built, the map.
+type Built = Option<(u64, Instant, Arc<Map>)>;
+
 /// What the request handlers share.
 struct Ctx {
     opts: Options,
@@ -172,6 +176,8 @@ struct Ctx {
     feed: Arc<Feed>,
     /// Pod facts by `ns/name`, with the store generation they were read at.
     meta: Mutex<MetaCache>,
+    /// Maps by view: browsers watching the same view share each build.
+    maps: Mutex<BTreeMap<(View, Option<Duration>), Arc<Mutex<Built>>>>,
 }
 
 impl Ctx {
@@ -225,6 +231,30 @@ impl Ctx {
         let meta = self.meta();
         self.feed
             .with(window, |records| console::build(records, view, &meta))
+    }
+
+    /// The map of a view for the feed as it is now, built once for every
+    /// stream that watches it: a stream waits for a build under way
+    /// instead of doing its own. A map with a time window is built again
+    /// after a second even without new records (edges age out).
+    fn shared_map(&self, view: &View, window: Option<Duration>) -> (u64, Arc<Map>) {
+        let slot = {
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            // Views nobody watches any more go (only this map holds them).
+            maps.retain(|_, s| Arc::strong_count(s) > 1);
+            Arc::clone(maps.entry((view.clone(), window)).or_default())
+        };
+        let mut built = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.feed.wait(u64::MAX, Duration::ZERO);
+        if let Some((g, at, map)) = built.as_ref()
+            && *g == generation
+            && (window.is_none() || at.elapsed() < Duration::from_secs(1))
+        {
+            return (*g, Arc::clone(map));
+        }
+        let map = Arc::new(self.map(view, window));
+        *built = Some((generation, Instant::now(), Arc::clone(&map)));
+        (generation, map)
     }
 }
 
@@ -306,6 +336,7 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
         token,
         feed,
         meta: Mutex::new((None, Instant::now(), Arc::new(BTreeMap::new()))),
+        maps: Mutex::new(BTreeMap::new()),
     });
     thread::spawn(move || {
         for req in server.incoming_requests() {
@@ -469,8 +500,22 @@ fn handle(ctx: &Ctx, mut req: tiny_http::Request) {
     if let Some(t) = params.get("token") {
         let resp = if same(t, &ctx.token) {
             let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", ctx.token);
+            // The other parameters (the page's filters) stay.
+            let rest: Vec<&str> = req
+                .url()
+                .split_once('?')
+                .map(|(_, q)| q.split('&').filter(|p| !p.starts_with("token=")).collect())
+                .unwrap_or_default();
+            let location = if rest.is_empty() {
+                path.clone()
+            } else {
+                format!("{path}?{}", rest.join("&"))
+            };
             let mut r = tiny_http::Response::from_string("").with_status_code(303);
-            for (k, v) in [("Location", path.as_str()), ("Set-Cookie", cookie.as_str())] {
+            for (k, v) in [
+                ("Location", location.as_str()),
+                ("Set-Cookie", cookie.as_str()),
+            ] {
                 if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
                     r = r.with_header(h);
                 }
@@ -583,7 +628,7 @@ fn stream(ctx: &Ctx, req: tiny_http::Request, view: &View, window: Option<Durati
     {
         return;
     }
-    let mut last: Option<Map> = None;
+    let mut last: Option<Arc<Map>> = None;
     let mut seen = u64::MAX;
     let mut sent = Instant::now();
     let mut built = Instant::now() - STREAM_EVERY;
@@ -596,11 +641,10 @@ fn stream(ctx: &Ctx, req: tiny_http::Request, view: &View, window: Option<Durati
             if let Some(rest) = STREAM_EVERY.checked_sub(built.elapsed()) {
                 thread::sleep(rest);
             }
-            let generation = ctx.feed.wait(u64::MAX, Duration::ZERO);
-            let map = ctx.map(view, window);
+            let (generation, map) = ctx.shared_map(view, window);
             built = Instant::now();
             seen = generation;
-            if let Some(d) = console::diff(last.as_ref(), &map) {
+            if let Some(d) = console::diff(last.as_deref(), &map) {
                 let Ok(data) = serde_json::to_string(&d) else {
                     return;
                 };

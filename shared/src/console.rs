@@ -55,7 +55,7 @@ pub struct PodMeta {
 }
 
 /// Which records and edges a map shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct View {
     /// `None`: chosen by size ([`AUTO_LIMIT`]).
     pub level: Option<Level>,

@@ -2,6 +2,7 @@
 //! network namespaces, a libcni-like chain runner over the real reference
 //! plugins, real-traffic probes and connectivity matrices.
 
+pub mod browser;
 pub mod case;
 pub mod chain;
 pub mod cluster;

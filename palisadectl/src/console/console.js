@@ -285,6 +285,10 @@ function applyDelta(d) {
   $("counts").textContent = `${st.nodes.size} nodes, ${st.edges.size} edges, showing ${d.level}s`;
   renderTable();
   if (!st.fitted && st.nodes.size > 0) fit();
+  if (!document.body.dataset.ready) {
+    // Milliseconds from the page's navigation to the first map drawn.
+    document.body.dataset.readyAt = String(Math.round(performance.now()));
+  }
   document.body.dataset.ready = "1";
 }
 
@@ -615,6 +619,11 @@ function panZoom() {
 }
 
 async function main() {
+  // Filters from the address (a link to a filtered map).
+  const given = new URLSearchParams(location.search);
+  for (const k of ["namespace", "pod", "verdict", "port", "window", "level"]) {
+    if (given.get(k)) $("f-" + k).value = given.get(k);
+  }
   setView();
   panZoom();
   $("filters").addEventListener("submit", (ev) => {

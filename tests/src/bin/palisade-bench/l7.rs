@@ -263,7 +263,7 @@ fn grpc_until(to: SocketAddr, deadline: Instant, max: usize) -> (usize, usize) {
 }
 
 /// The daemon's CPU time so far (seconds) and resident memory (KiB).
-fn daemon_usage(pid: u32) -> (f64, u64) {
+pub(crate) fn daemon_usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis; utime and stime are
     // the 12th and 13th of them.

@@ -10,6 +10,7 @@
 
 mod change;
 mod cluster;
+mod console;
 mod control;
 mod datapath;
 mod dns;
@@ -39,6 +40,8 @@ enum Part {
     Etcd,
     /// L7: HTTP and gRPC through the node's proxy vs direct.
     L7,
+    /// The web console: connection to edge, page load, CPU per client.
+    Console,
 }
 
 /// Measure palisade and write the report.
@@ -198,6 +201,7 @@ fn main() {
             Part::Dns,
             Part::Etcd,
             Part::L7,
+            Part::Console,
         ]
     } else {
         opts.only.clone()
@@ -215,6 +219,7 @@ fn main() {
             Part::Dns => dns::run(&cfg, &mut report),
             Part::Etcd => etcd::run(&cfg, &mut report),
             Part::L7 => l7::run(&cfg, &mut report),
+            Part::Console => console::run(&cfg, &mut report),
             Part::Change => {
                 let s = change::run(&cfg, &mut report);
                 report.section("Control plane", s);
