@@ -25,8 +25,10 @@ use fantoccini::{
 use serde_json::{Value, json};
 use testbed::{
     browser::Driver,
+    cluster::{Cluster, Topology},
     node::{Node, NodeOptions, Pod},
     probe::{PROBE_TIMEOUT, Proto, probe},
+    runtimes::wait_for,
     sys::{describe, in_netns},
 };
 
@@ -500,4 +502,133 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
     until(c, "x/db's policy", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'x/db' && r.textContent.includes('x/db (enforce)') && r.textContent.includes('role=api'))").await;
     shot(c, "policies").await;
     let _ = (db, api, web);
+}
+
+/// `GET` or `POST` on a console in a namespace, with the token; (status
+/// line, body).
+fn call(netns: &std::path::Path, port: u16, token: &str, request: &str) -> (String, String) {
+    let request = request.replace("TOKEN", token);
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
+    })
+}
+
+#[test]
+fn in_cluster_mode_each_console_shows_what_every_node_saw() {
+    const PORT: u16 = 19972;
+    let token = "cluster-console-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("palisade-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let c = Cluster::with_daemon_args(
+        2,
+        Topology::Vxlan,
+        false,
+        serde_json::Map::new(),
+        None,
+        vec![
+            "--console-listen".into(),
+            format!("0.0.0.0:{PORT}"),
+            "--console-token-file".into(),
+            token_file.display().to_string(),
+            "--console-cluster".into(),
+        ],
+    );
+    c.namespace("x", &[]);
+    let web = c.add_pod(0, "x", "web", &[("role", "web")], &[]);
+    let db = c.add_pod(1, "x", "db", &[("role", "db")], &[80]);
+    c.apply_policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: api}}}]}]\n",
+    );
+    c.settle();
+    // node-0 lets web's SYN out (no egress policy); node-1 drops it.
+    wait_for("the policy on node-1 to drop web -> db", DEADLINE, || {
+        !probe(&web.netns, db.addr(false), Proto::Tcp, 80, PROBE_TIMEOUT)
+    });
+    let denied = "pod:x/web>pod:x/db>denied";
+    for (i, other) in [(0, "node-1"), (1, "node-0")] {
+        let netns = &c.nodes[i].netns.path;
+        let start = Instant::now();
+        let map = loop {
+            let (status, body) = call(
+                netns,
+                PORT,
+                token,
+                "GET /api/map HTTP/1.0\r\nAuthorization: Bearer TOKEN\r\n\r\n",
+            );
+            assert!(status.contains("200"), "node-{i}: {status} {body}");
+            let map: Value = serde_json::from_str(&body).unwrap();
+            let ids: BTreeSet<&str> = map["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|e| e["id"].as_str())
+                .collect();
+            if ids.contains(denied) {
+                break map;
+            }
+            if start.elapsed() > DEADLINE {
+                let records = |j: usize| {
+                    call(
+                        &c.nodes[j].netns.path,
+                        PORT,
+                        token,
+                        "GET /api/records HTTP/1.0\r\nAuthorization: Bearer TOKEN\r\n\r\n",
+                    )
+                    .1
+                };
+                panic!(
+                    "node-{i}'s console never showed {denied} (the connection as both nodes saw it); it has {ids:?}\nnode-0's records: {}\nnode-1's records: {}\n{}",
+                    records(0),
+                    records(1),
+                    c.nodes[i].daemon_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        // The pod on the other node is named with its node.
+        let remote = if i == 0 { "pod:x/db" } else { "pod:x/web" };
+        let node = map["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == remote)
+            .unwrap_or_else(|| panic!("node-{i}: no {remote} in {map}"));
+        assert_eq!(node["meta"]["node"], other, "node-{i}: {node}");
+        // Nothing but the denied connection: its allowed egress record
+        // from node-0 does not make a second, allowed edge.
+        assert!(
+            !map["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["id"] == "pod:x/web>pod:x/db>allowed"),
+            "node-{i}: {map}"
+        );
+    }
+    // Policies belong to the API server: the console does not write them.
+    let body = r#"{"yaml": "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec: {podSelector: {}}\n", "mode": "audit"}"#;
+    let (status, answer) = call(
+        &c.nodes[0].netns.path,
+        PORT,
+        token,
+        &format!(
+            "POST /api/apply HTTP/1.0\r\nAuthorization: Bearer TOKEN\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        status.contains("409") && answer.contains("Kubernetes API server"),
+        "{status} {answer}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

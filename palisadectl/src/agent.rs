@@ -338,10 +338,13 @@ pub fn run(opts: Options) -> Result<()> {
             }
             continue;
         }
-        // Names and policies changed: read them again.
+        // Names and policies changed: read them again (at once when an
+        // event comes from an endpoint the names do not know yet: a pod
+        // that just started must not be logged without its name).
         let g = store.generation().unwrap_or_default();
+        let unknown = events.iter().any(|e| !resolver.knows_endpoint(e.ep_id));
         if g != seen
-            && last_read.elapsed() >= reread_every
+            && (last_read.elapsed() >= reread_every || unknown)
             && let Ok(st) = store.read_names()
         {
             seen = g;

@@ -71,21 +71,39 @@ pub struct Options {
     /// Where the policies live when not on this node: the console then
     /// offers YAML to download instead of applying it.
     pub external: Option<String>,
+    /// Also show the other nodes' records: fetch them from their consoles
+    /// (same port, same token) at the addresses of their Node objects.
+    pub cluster: bool,
 }
 
-/// Flow records for the console, newest last, with their times.
+/// Flow records for the console, newest last, with their times: this
+/// node's (numbered, for the other nodes' consoles to fetch) and, in
+/// cluster mode, those fetched from the other nodes.
 #[derive(Debug, Default)]
 pub struct Feed {
     inner: Mutex<Records>,
     changed: Condvar,
+    /// Changes at every start, so that the other nodes know to read this
+    /// node's records from the beginning again.
+    epoch: u64,
 }
 
 #[derive(Debug, Default)]
 struct Records {
-    /// (milliseconds since the epoch, record)
-    items: VecDeque<(u64, FlowRecord)>,
+    items: VecDeque<Item>,
     generation: u64,
     cap: usize,
+    /// The number of the last record of this node.
+    last_seq: u64,
+}
+
+#[derive(Debug)]
+struct Item {
+    /// Milliseconds since the epoch.
+    time: u64,
+    /// This node's records count from 1; 0 for another node's.
+    seq: u64,
+    record: FlowRecord,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -100,6 +118,9 @@ fn record_time(r: &FlowRecord) -> u64 {
         .unwrap_or_else(|_| millis(SystemTime::now()))
 }
 
+/// Records another node's console hands out at once.
+const RELAY_BATCH: usize = 5000;
+
 impl Feed {
     pub fn new(cap: usize) -> Self {
         Self {
@@ -108,18 +129,32 @@ impl Feed {
                 ..Default::default()
             }),
             changed: Condvar::new(),
+            epoch: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(1),
         }
     }
 
-    /// Add records (the agent calls this as it logs them).
+    /// Add this node's records (the agent calls this as it logs them).
     pub fn push(&self, records: Vec<FlowRecord>) {
+        self.add(records, true);
+    }
+
+    fn add(&self, records: Vec<FlowRecord>, local: bool) {
         if records.is_empty() {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for r in records {
-            let t = record_time(&r);
-            g.items.push_back((t, r));
+        for record in records {
+            let seq = if local {
+                g.last_seq += 1;
+                g.last_seq
+            } else {
+                0
+            };
+            let time = record_time(&record);
+            g.items.push_back(Item { time, seq, record });
         }
         while g.items.len() > g.cap {
             g.items.pop_front();
@@ -127,6 +162,24 @@ impl Feed {
         g.generation += 1;
         drop(g);
         self.changed.notify_all();
+    }
+
+    /// This node's records numbered after `after` (at most
+    /// [`RELAY_BATCH`]), and the number to ask after next time.
+    fn local_after(&self, after: u64) -> (u64, Vec<FlowRecord>) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let after = if after > g.last_seq { 0 } else { after };
+        let mut out: Vec<&Item> = g
+            .items
+            .iter()
+            .rev()
+            .filter(|i| i.seq != 0)
+            .take_while(|i| i.seq > after)
+            .collect();
+        out.reverse();
+        out.truncate(RELAY_BATCH);
+        let next = out.last().map_or(g.last_seq.max(after), |i| i.seq);
+        (next, out.into_iter().map(|i| i.record.clone()).collect())
     }
 
     /// Wait up to `timeout` for records newer than `seen`; the generation
@@ -150,9 +203,9 @@ impl Feed {
         let start = window.map_or(0, |w| {
             let from = millis(SystemTime::now())
                 .saturating_sub(u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
-            g.items.partition_point(|(t, _)| *t < from)
+            g.items.partition_point(|i| i.time < from)
         });
-        let mut it = g.items.range(start..).map(|(_, r)| r);
+        let mut it = g.items.range(start..).map(|i| &i.record);
         f(&mut it)
     }
 
@@ -168,6 +221,8 @@ type MetaCache = (Option<u64>, Instant, Arc<BTreeMap<String, PodMeta>>);
 /// The last map built for one view: the feed generation it reflects,
 /// when it was built, the map.
 type Built = Option<(u64, Instant, Arc<Map>)>;
+/// The builds by view, with when each view was last asked for.
+type Builds = BTreeMap<(View, Option<Duration>), (Instant, Arc<Mutex<Built>>)>;
 
 /// What the request handlers share.
 struct Ctx {
@@ -177,7 +232,7 @@ struct Ctx {
     /// Pod facts by `ns/name`, with the store generation they were read at.
     meta: Mutex<MetaCache>,
     /// Maps by view: browsers watching the same view share each build.
-    maps: Mutex<BTreeMap<(View, Option<Duration>), Arc<Mutex<Built>>>>,
+    maps: Mutex<Builds>,
 }
 
 impl Ctx {
@@ -240,9 +295,13 @@ impl Ctx {
     fn shared_map(&self, view: &View, window: Option<Duration>) -> (u64, Arc<Map>) {
         let slot = {
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            // Views nobody watches any more go (only this map holds them).
-            maps.retain(|_, s| Arc::strong_count(s) > 1);
-            Arc::clone(maps.entry((view.clone(), window)).or_default())
+            // Views nobody asked for in a minute go.
+            maps.retain(|_, (used, _)| used.elapsed() < Duration::from_secs(60));
+            let entry = maps
+                .entry((view.clone(), window))
+                .or_insert_with(|| (Instant::now(), Arc::default()));
+            entry.0 = Instant::now();
+            Arc::clone(&entry.1)
         };
         let mut built = slot.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.feed.wait(u64::MAX, Duration::ZERO);
@@ -338,6 +397,10 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
         meta: Mutex::new((None, Instant::now(), Arc::new(BTreeMap::new()))),
         maps: Mutex::new(BTreeMap::new()),
     });
+    if ctx.opts.cluster {
+        let ctx = Arc::clone(&ctx);
+        thread::spawn(move || relay(&ctx, addr.port()));
+    }
     thread::spawn(move || {
         for req in server.incoming_requests() {
             let ctx = Arc::clone(&ctx);
@@ -357,6 +420,89 @@ pub fn url(state_dir: &Path) -> Result<String> {
         ),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
+}
+
+/// Fetch the other nodes' records into this console, every second, from
+/// where each left off. A node whose console does not answer is tried
+/// again the next round (and said once).
+fn relay(ctx: &Ctx, port: u16) {
+    // By node: (its epoch, the number to ask after, whether it answered).
+    let mut at: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    let mut read = Instant::now() - Duration::from_secs(3600);
+    loop {
+        // The store holds the whole cluster: the Nodes are read again
+        // every 10 s, not every round.
+        if read.elapsed() >= Duration::from_secs(10)
+            && let Ok(s) = ctx.store().read_names()
+        {
+            nodes = s.nodes;
+            read = Instant::now();
+        }
+        for (name, node) in &nodes {
+            let Some(addr) = node.addresses.first() else {
+                continue;
+            };
+            let (epoch, after, ok) = at.get(name).copied().unwrap_or((0, 0, true));
+            match fetch_records(SocketAddr::new(*addr, port), &ctx.token, after) {
+                Ok((e, next, records)) => {
+                    if e != epoch && epoch != 0 && after != 0 {
+                        // It restarted: read it again from the start.
+                        at.insert(name.clone(), (e, 0, true));
+                        continue;
+                    }
+                    if !ok {
+                        eprintln!("palisade daemon: console: node {name}'s records arrive again");
+                    }
+                    ctx.feed.add(records, false);
+                    at.insert(name.clone(), (e, next, true));
+                }
+                Err(e) => {
+                    if ok {
+                        eprintln!(
+                            "palisade daemon: console: no records from node {name} ({addr}:{port}): {e:#}"
+                        );
+                    }
+                    at.insert(name.clone(), (epoch, after, false));
+                }
+            }
+        }
+        at.retain(|n, _| nodes.contains_key(n));
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// One `GET /api/records` from another node's console.
+fn fetch_records(addr: SocketAddr, token: &str, after: u64) -> Result<(u64, u64, Vec<FlowRecord>)> {
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /api/records?after={after} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )?;
+    let mut body = Vec::new();
+    s.take(256 << 20).read_to_end(&mut body)?;
+    let split = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header in the answer")?;
+    let head = String::from_utf8_lossy(&body[..split]);
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    if status != "200" {
+        bail!(
+            "answered {} (the same --console-token-file on every node?)",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    let v: Value = serde_json::from_slice(&body[split + 4..]).context("the answer is not JSON")?;
+    let records = serde_json::from_value(v["records"].clone()).context("the records")?;
+    Ok((
+        v["epoch"].as_u64().unwrap_or(0),
+        v["next"].as_u64().unwrap_or(after),
+        records,
+    ))
 }
 
 fn decode(s: &str) -> String {
@@ -573,6 +719,18 @@ fn handle(ctx: &Ctx, mut req: tiny_http::Request) {
                 "records": ctx.feed.len(),
             }),
         ),
+        (tiny_http::Method::Get, "/api/records") => {
+            // This node's own records, for the other nodes' consoles.
+            let after = params
+                .get("after")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            let (next, records) = ctx.feed.local_after(after);
+            json_resp(
+                200,
+                &json!({"epoch": ctx.feed.epoch, "next": next, "records": records}),
+            )
+        }
         (tiny_http::Method::Get, "/api/map") => match view_of(&params) {
             Ok((view, window)) => {
                 let map = ctx.map(&view, window);

@@ -245,6 +245,11 @@ enum Command {
         /// Flow records the console keeps in memory for its map.
         #[arg(long, default_value_t = 100_000, requires = "console_listen")]
         console_records: usize,
+        /// Cluster mode: the console also shows what the other nodes saw,
+        /// fetched from their consoles (the same port and token on every
+        /// node, listening on an address the nodes reach).
+        #[arg(long, requires = "console_listen")]
+        console_cluster: bool,
     },
     /// Generate NetworkPolicy YAML from observed flows.
     Learn {
@@ -931,6 +936,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             console_listen,
             console_token_file,
             console_records,
+            console_cluster,
         } => {
             let map_sizes = if map_sizes.is_empty() {
                 None
@@ -1010,6 +1016,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         (None, None) => None,
                     },
+                    cluster: *console_cluster,
                 }),
                 None => None,
             };

@@ -456,6 +456,12 @@ impl Resolver {
     }
 
     /// Attach names to an event that happened at `time`.
+    /// Whether the endpoint an event was seen at is one this resolver
+    /// names (a newer one needs the store read again).
+    pub fn knows_endpoint(&self, ep_id: u32) -> bool {
+        self.endpoints.contains_key(&ep_id)
+    }
+
     pub fn resolve(&self, e: &Event, time: SystemTime) -> FlowRecord {
         let direction = Direction::from_u8(e.direction).unwrap_or(Direction::Ingress);
         let (src, dst) = (abi::ip_from16(e.saddr), abi::ip_from16(e.daddr));

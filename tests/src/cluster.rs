@@ -158,6 +158,19 @@ impl Cluster {
         palisade: serde_json::Map<String, serde_json::Value>,
         world: Option<Vec<u16>>,
     ) -> Self {
+        Self::with_daemon_args(n, topology, ipv6, palisade, world, Vec::new())
+    }
+
+    /// Like [`Cluster::with_world`], with more arguments for every node's
+    /// `palisadectl daemon`.
+    pub fn with_daemon_args(
+        n: usize,
+        topology: Topology,
+        ipv6: bool,
+        palisade: serde_json::Map<String, serde_json::Value>,
+        world: Option<Vec<u16>>,
+        daemon_args: Vec<String>,
+    ) -> Self {
         sys::require_root();
         sys::sweep_stale();
         let prefix = sys::unique_prefix();
@@ -208,6 +221,7 @@ impl Cluster {
                     node_name: name,
                 }),
                 defer_daemon: true,
+                daemon_args: daemon_args.clone(),
                 ..Default::default()
             });
             wire(&fabric, &node, i);

@@ -14,9 +14,9 @@ const $ = (id) => document.getElementById(id);
 // pushes down the groups below it).
 const GROUP_COLS = 3;
 const NODE_COLS = 5;
-const CELL = 96;
+const CELL = 130;
 const GROUP_HEAD = 34;
-const GROUP_W = NODE_COLS * CELL + 24;
+const ROW = CELL * 1.5;
 const GROUP_GAP = 36;
 const RADIUS = { pod: 13, workload: 17, namespace: 22 };
 const BEND = { allowed: 18, audit: 30, denied: 42 };
@@ -92,34 +92,54 @@ function rowsOf(g) {
 }
 
 // Place groups (column by index, stacked) and every node in its slot.
+function colsOf(g) {
+  let max = 0;
+  for (const s of g.slots.values()) max = Math.max(max, s);
+  return Math.min(NODE_COLS, max + 1);
+}
+
+function widthOf(g) {
+  return Math.max(2, colsOf(g)) * CELL + 24;
+}
+
+// Groups flow in rows of GROUP_COLS, each as wide as the columns its pods
+// use: a group moves only when one before it gains a column or a row.
 function layout() {
-  const colY = new Array(GROUP_COLS).fill(0);
-  const ordered = [...st.groups.values()].sort((a, b) => a.index - b.index);
-  for (const g of ordered) {
-    if (g.slots.size === 0) {
-      g.el.setAttribute("display", "none");
-      g.label.setAttribute("display", "none");
-      continue;
+  const ordered = [...st.groups.values()].filter((g) => g.slots.size > 0).sort((a, b) => a.index - b.index);
+  for (const g of st.groups.values()) {
+    const shown = g.slots.size > 0;
+    for (const e of [g.el, g.label]) {
+      if (shown) e.removeAttribute("display");
+      else e.setAttribute("display", "none");
     }
-    g.el.removeAttribute("display");
-    g.label.removeAttribute("display");
-    const col = g.index % GROUP_COLS;
-    g.x = col * (GROUP_W + GROUP_GAP);
-    g.y = colY[col];
-    const height = GROUP_HEAD + rowsOf(g) * CELL;
-    colY[col] += height + GROUP_GAP;
+  }
+  let x = 0, y = 0, rowHeight = 0;
+  ordered.forEach((g, i) => {
+    if (i > 0 && i % GROUP_COLS === 0) {
+      x = 0;
+      y += rowHeight + GROUP_GAP;
+      rowHeight = 0;
+    }
+    g.x = x;
+    g.y = y;
+    g.w = widthOf(g);
+    const height = GROUP_HEAD + rowsOf(g) * ROW;
+    rowHeight = Math.max(rowHeight, height);
+    x += g.w + GROUP_GAP;
     g.el.setAttribute("x", g.x);
     g.el.setAttribute("y", g.y);
-    g.el.setAttribute("width", GROUP_W);
+    g.el.setAttribute("width", g.w);
     g.el.setAttribute("height", height);
     g.label.setAttribute("x", g.x + 10);
     g.label.setAttribute("y", g.y + 20);
-  }
+  });
   for (const n of st.nodes.values()) {
     const g = st.groups.get(n.data.group);
     const s = g.slots.get(n.data.id);
     const x = g.x + 12 + (s % NODE_COLS) * CELL + CELL / 2;
-    const y = g.y + GROUP_HEAD + Math.floor(s / NODE_COLS) * CELL + CELL / 2 - 10;
+    // Every other column half a row lower: three pods in a row are not on
+    // one line, so an edge between two of them does not cross the third.
+    const y = g.y + GROUP_HEAD + Math.floor(s / NODE_COLS) * ROW + CELL / 2 - 10 + ((s % NODE_COLS) % 2) * (CELL / 2);
     if (x !== n.x || y !== n.y) {
       n.x = x;
       n.y = y;
@@ -340,8 +360,8 @@ function fit() {
     if (g.slots.size === 0) continue;
     x0 = Math.min(x0, g.x);
     y0 = Math.min(y0, g.y);
-    x1 = Math.max(x1, g.x + GROUP_W);
-    y1 = Math.max(y1, g.y + GROUP_HEAD + rowsOf(g) * CELL);
+    x1 = Math.max(x1, g.x + g.w);
+    y1 = Math.max(y1, g.y + GROUP_HEAD + rowsOf(g) * ROW);
   }
   if (!isFinite(x0)) return;
   const box = $("map").getBoundingClientRect();
