@@ -354,6 +354,57 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .select_by_value("")
         .await
         .unwrap();
+    // Only one pod's edges, then only one port's.
+    c.find(Locator::Id("f-pod"))
+        .await
+        .unwrap()
+        .send_keys("x/web")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(c, "only x/web's edges", "document.querySelectorAll('g.edge').length >= 2 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.from === 'pod:x/web' || e.dataset.to === 'pod:x/web')").await;
+    c.find(Locator::Id("f-pod"))
+        .await
+        .unwrap()
+        .clear()
+        .await
+        .unwrap();
+    c.find(Locator::Id("f-port"))
+        .await
+        .unwrap()
+        .send_keys("80")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(c, "only port 80's edges", "document.querySelectorAll('g.edge').length >= 4 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.ports === '80/TCP')").await;
+    c.find(Locator::Id("f-port"))
+        .await
+        .unwrap()
+        .clear()
+        .await
+        .unwrap();
+    // Text is readable: WCAG AA contrast (4.5:1) for body text, the
+    // verdict words and the table headers.
+    let low = c
+        .execute(
+            "const lum = (c) => { const [r, g, b] = c.match(/\\d+/g).slice(0, 3).map(v => { v = v / 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; }; \
+             const ratio = (e) => { const a = lum(getComputedStyle(e).color), b = 1; return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }; \
+             return [...document.querySelectorAll('body, th, td.allowed, td.denied, td.audit, #counts, label, .hint')].filter(e => ratio(e) < 4.5).map(e => e.tagName + '.' + e.className + ' ' + getComputedStyle(e).color);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(low, json!([]), "text below 4.5:1 contrast on white");
     c.find(Locator::Id("f-namespace"))
         .await
         .unwrap()
@@ -500,6 +551,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .unwrap();
     until(c, "shop/front's policies", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'shop/front' && r.textContent.includes('(enforce)'))").await;
     until(c, "x/db's policy", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'x/db' && r.textContent.includes('x/db (enforce)') && r.textContent.includes('role=api'))").await;
+    until(c, "the pods x/db selects", "[...document.querySelectorAll('#policy-pods tr')].some(r => r.dataset.policy === 'x/db' && r.cells[1].textContent === 'x/db')").await;
     shot(c, "policies").await;
     let _ = (db, api, web);
 }

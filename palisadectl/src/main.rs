@@ -232,10 +232,16 @@ enum Command {
         /// known to the other hosts after its daemon last reached etcd.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(2..=3600))]
         etcd_lease_ttl: i64,
-        /// Serve the web console on this address and port (off unless
-        /// given; e.g. 127.0.0.1:9971). Every request needs the console's
+        /// Serve the web console (off unless given), on 127.0.0.1:9971 or
+        /// the address and port given. Every request needs the console's
         /// token: `palisadectl console` prints the URL that carries it.
-        #[arg(long, value_name = "ADDR:PORT")]
+        #[arg(
+            long,
+            value_name = "ADDR:PORT",
+            num_args = 0..=1,
+            default_missing_value = "127.0.0.1:9971",
+            require_equals = false
+        )]
         console_listen: Option<String>,
         /// The console's token, from this file (at least 16 printable
         /// characters); without it the daemon makes one and keeps it in

@@ -595,7 +595,25 @@ async function showPolicies() {
     tb.appendChild(tr);
   }
   t.appendChild(tb);
-  box.replaceChildren(t);
+  // And the other way round: the pods each policy selects.
+  const s = h("table");
+  s.id = "policy-pods";
+  const sh = h("tr");
+  for (const c of ["policy", "selects"]) {
+    const th = h("th", c);
+    th.scope = "col";
+    sh.appendChild(th);
+  }
+  s.appendChild(h("thead")).appendChild(sh);
+  const sb = h("tbody");
+  for (const [name, pods] of Object.entries(d.selects)) {
+    const tr = h("tr");
+    tr.dataset.policy = name;
+    tr.append(h("td", name), h("td", pods.join(", ")));
+    sb.appendChild(tr);
+  }
+  s.appendChild(sb);
+  box.replaceChildren(t, h("h3", "Pods each policy selects"), s);
 }
 
 function showTab(which) {
