@@ -162,7 +162,7 @@ fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforce
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: api}}}]}]\n",
     );
 
-    // Without the token nothing is served; the URL palisadectl prints
+    // Without the token no data is served; the URL palisadectl prints
     // carries it.
     assert!(
         http_status(&n, "GET /api/map HTTP/1.0\r\n\r\n").contains("401"),
@@ -171,10 +171,14 @@ fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforce
     assert!(
         http_status(
             &n,
-            "GET /?token=0123456789abcdef0123456789abcdef HTTP/1.0\r\n\r\n"
+            "GET /api/map HTTP/1.0\r\nAuthorization: Bearer 0123456789abcdef0123456789abcdef\r\n\r\n"
         )
         .contains("401"),
         "a wrong token"
+    );
+    assert!(
+        http_status(&n, "GET / HTTP/1.0\r\n\r\n").contains("200"),
+        "the page itself holds no data"
     );
     let out = n.ctl(&["console"], None);
     assert!(
@@ -184,7 +188,7 @@ fn the_console_shows_live_traffic_explains_denials_and_learns_audits_and_enforce
     );
     let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
-        url.starts_with(&format!("http://127.0.0.1:{CONSOLE_PORT}/?token=")),
+        url.starts_with(&format!("http://127.0.0.1:{CONSOLE_PORT}/#token=")),
         "{url}"
     );
 
@@ -213,7 +217,8 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
     let [db, api, web] = x;
     let [front, cart, stock] = shop;
     c.goto(url).await.unwrap();
-    // The token became a cookie and left the address bar.
+    // The token moved to the tab's session storage and left the address
+    // bar.
     let now = c.current_url().await.unwrap();
     assert!(!now.as_str().contains("token"), "{now}");
 

@@ -310,6 +310,9 @@ pub fn run(opts: Options) -> Result<()> {
         crate::cluster::trim_heap();
     }
     let mut last_flush = Instant::now();
+    // Endpoints an early read of the store was made for (see below).
+    let mut tried = std::collections::BTreeSet::new();
+    let mut tried_since = Instant::now();
     // In cluster mode the store changes many times a second and holds
     // every pod of the cluster: names are read again at most this often.
     let mut last_read = Instant::now();
@@ -342,13 +345,24 @@ pub fn run(opts: Options) -> Result<()> {
         // event comes from an endpoint the names do not know yet: a pod
         // that just started must not be logged without its name).
         let g = store.generation().unwrap_or_default();
-        let unknown = events.iter().any(|e| !resolver.knows_endpoint(e.ep_id));
+        // Once per endpoint: one being removed may keep sending events the
+        // store no longer names.
+        if tried_since.elapsed() > Duration::from_secs(60) {
+            tried.clear();
+            tried_since = Instant::now();
+        }
+        let unknown: Vec<u32> = events
+            .iter()
+            .map(|e| e.ep_id)
+            .filter(|id| !resolver.knows_endpoint(*id) && !tried.contains(id))
+            .collect();
         if g != seen
-            && (last_read.elapsed() >= reread_every || unknown)
+            && (last_read.elapsed() >= reread_every || !unknown.is_empty())
             && let Ok(st) = store.read_names()
         {
             seen = g;
             last_read = Instant::now();
+            tried.extend(unknown);
             resolver = Resolver::new(&st);
             drop(st);
             if opts.cluster.is_some() {

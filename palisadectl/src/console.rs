@@ -4,10 +4,12 @@
 //! events), the explanation of an edge, learned policies, and writes that
 //! go through the same engine and validation as `palisadectl apply`.
 //!
-//! Every request needs the console's token (a cookie set by opening the
-//! URL `palisadectl console` prints, or `Authorization: Bearer`): the
-//! console shows every flow of the node and changes its policies, so it
-//! asks what the root-only socket asks, whatever address it listens on.
+//! Every API request needs the console's token (`Authorization: Bearer`;
+//! the page takes it from the fragment of the URL `palisadectl console`
+//! prints and keeps it in the tab's session storage, which no other port
+//! or site can read): the console shows every flow of the node and changes
+//! its policies, so it asks what the root-only socket asks, whatever
+//! address it listens on. The page itself holds no data.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -39,8 +41,8 @@ const INDEX_HTML: &str = include_str!("console/index.html");
 const CONSOLE_JS: &str = include_str!("console/console.js");
 const CONSOLE_CSS: &str = include_str!("console/console.css");
 
-/// The cookie that carries the token.
-const COOKIE: &str = "palisade-console";
+/// At most this many live streams at once (each holds a thread).
+const MAX_STREAMS: usize = 64;
 /// The file in the state directory with the console's URL (root only).
 pub const URL_FILE: &str = "console.url";
 /// The token the daemon makes when none is given (root only).
@@ -101,9 +103,11 @@ struct Records {
 struct Item {
     /// Milliseconds since the epoch.
     time: u64,
-    /// This node's records count from 1; 0 for another node's.
+    /// This node's live records count from 1; 0 for another node's, and
+    /// for the history read from the log at start (the other nodes do not
+    /// fetch that: they may have it from before a restart).
     seq: u64,
-    record: FlowRecord,
+    record: Arc<FlowRecord>,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -141,6 +145,11 @@ impl Feed {
         self.add(records, true);
     }
 
+    /// Add records read from the log at start.
+    fn history(&self, records: Vec<FlowRecord>) {
+        self.add(records, false);
+    }
+
     fn add(&self, records: Vec<FlowRecord>, local: bool) {
         if records.is_empty() {
             return;
@@ -154,7 +163,11 @@ impl Feed {
                 0
             };
             let time = record_time(&record);
-            g.items.push_back(Item { time, seq, record });
+            g.items.push_back(Item {
+                time,
+                seq,
+                record: Arc::new(record),
+            });
         }
         while g.items.len() > g.cap {
             g.items.pop_front();
@@ -179,7 +192,7 @@ impl Feed {
         out.reverse();
         out.truncate(RELAY_BATCH);
         let next = out.last().map_or(g.last_seq.max(after), |i| i.seq);
-        (next, out.into_iter().map(|i| i.record.clone()).collect())
+        (next, out.into_iter().map(|i| (*i.record).clone()).collect())
     }
 
     /// Wait up to `timeout` for records newer than `seen`; the generation
@@ -193,19 +206,28 @@ impl Feed {
         g.generation
     }
 
-    /// Run `f` on the records of the last `window` (all without one).
+    /// Run `f` on the records of the last `window` (all without one). The
+    /// lock is held only to take the records, not while `f` runs, so the
+    /// agent is never kept waiting by a map being built. (Other nodes'
+    /// records arrive late, so the records are not in time order.)
     fn with<T>(
         &self,
         window: Option<Duration>,
         f: impl FnOnce(&mut dyn Iterator<Item = &FlowRecord>) -> T,
     ) -> T {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let start = window.map_or(0, |w| {
-            let from = millis(SystemTime::now())
-                .saturating_sub(u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
-            g.items.partition_point(|i| i.time < from)
+        let from = window.map_or(0, |w| {
+            millis(SystemTime::now())
+                .saturating_sub(u64::try_from(w.as_millis()).unwrap_or(u64::MAX))
         });
-        let mut it = g.items.range(start..).map(|i| &i.record);
+        let taken: Vec<Arc<FlowRecord>> = {
+            let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            g.items
+                .iter()
+                .filter(|i| i.time >= from)
+                .map(|i| Arc::clone(&i.record))
+                .collect()
+        };
+        let mut it = taken.iter().map(|r| &**r);
         f(&mut it)
     }
 
@@ -233,6 +255,8 @@ struct Ctx {
     meta: Mutex<MetaCache>,
     /// Maps by view: browsers watching the same view share each build.
     maps: Mutex<Builds>,
+    /// Live streams now.
+    streams: std::sync::atomic::AtomicUsize,
 }
 
 impl Ctx {
@@ -323,10 +347,14 @@ fn token(opts: &Options) -> Result<String> {
         let t = fs::read_to_string(f)
             .with_context(|| format!("read the console token from {}", f.display()))?;
         let t = t.trim().to_owned();
-        if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic()) {
+        if t.len() < 16
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c))
+        {
             bail!(
-                "the console token in {} is too short or has spaces or control characters: \
-                 use at least 16 printable characters (e.g. `openssl rand -hex 16`)",
+                "the console token in {} must be at least 16 characters of A-Z, a-z, 0-9 and \
+                 . _ ~ - (it goes into a URL; e.g. `openssl rand -hex 16`)",
                 f.display()
             );
         }
@@ -374,7 +402,17 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
     let token = token(&opts)?;
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("listen on {addr} for the console: {e}"))?;
-    let url = format!("http://{addr}/?token={token}");
+    // Where this node reaches the console itself.
+    let reach = match addr.ip() {
+        std::net::IpAddr::V4(a) if a.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        std::net::IpAddr::V6(a) if a.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    let url = format!("http://{reach}/#token={token}");
     write_private(&opts.state_dir.join(URL_FILE), &format!("{url}\n"))?;
     if !addr.ip().is_loopback() {
         eprintln!(
@@ -386,7 +424,7 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
     let mut old = palisade::flows::read_log(&opts.log_dir);
     let skip = old.len().saturating_sub(opts.max_records);
     old.drain(..skip);
-    feed.push(old);
+    feed.history(old);
     eprintln!(
         "palisade daemon: console on http://{addr}/ (`palisadectl console` prints the URL with its token)"
     );
@@ -396,6 +434,7 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
         feed,
         meta: Mutex::new((None, Instant::now(), Arc::new(BTreeMap::new()))),
         maps: Mutex::new(BTreeMap::new()),
+        streams: std::sync::atomic::AtomicUsize::new(0),
     });
     if ctx.opts.cluster {
         let ctx = Arc::clone(&ctx);
@@ -404,10 +443,24 @@ pub fn start(opts: Options, feed: Arc<Feed>) -> Result<()> {
     thread::spawn(move || {
         for req in server.incoming_requests() {
             let ctx = Arc::clone(&ctx);
-            thread::spawn(move || handle(&ctx, req));
+            if let Err(e) = thread::Builder::new()
+                .name("console".into())
+                .spawn(move || handle(&ctx, req))
+            {
+                eprintln!("palisade daemon: console: no thread for a request: {e}");
+            }
         }
     });
     Ok(())
+}
+
+/// Forget the URL of an earlier run (the daemon starts without a console).
+pub fn forget(state_dir: &Path) {
+    match fs::remove_file(state_dir.join(URL_FILE)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("palisade daemon: remove the old console URL: {e}"),
+    }
 }
 
 /// The URL of a running console, for `palisadectl console`.
@@ -423,47 +476,67 @@ pub fn url(state_dir: &Path) -> Result<String> {
 }
 
 /// Fetch the other nodes' records into this console, every second, from
-/// where each left off. A node whose console does not answer is tried
-/// again the next round (and said once).
+/// where each left off, from all nodes at once. A node whose console does
+/// not answer is tried again the next round (and said once).
 fn relay(ctx: &Ctx, port: u16) {
     // By node: (its epoch, the number to ask after, whether it answered).
     let mut at: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
     let mut nodes = BTreeMap::new();
-    let mut read = Instant::now() - Duration::from_secs(3600);
+    let mut read: Option<Instant> = None;
     loop {
         // The store holds the whole cluster: the Nodes are read again
         // every 10 s, not every round.
-        if read.elapsed() >= Duration::from_secs(10)
+        if read.is_none_or(|r| r.elapsed() >= Duration::from_secs(10))
             && let Ok(s) = ctx.store().read_names()
         {
             nodes = s.nodes;
-            read = Instant::now();
+            read = Some(Instant::now());
         }
-        for (name, node) in &nodes {
-            let Some(addr) = node.addresses.first() else {
-                continue;
-            };
-            let (epoch, after, ok) = at.get(name).copied().unwrap_or((0, 0, true));
-            match fetch_records(SocketAddr::new(*addr, port), &ctx.token, after) {
+        // The node's InternalIP, else its first address.
+        let targets: Vec<(String, SocketAddr, (u64, u64, bool))> = nodes
+            .iter()
+            .filter_map(|(name, node)| {
+                let ip = node.internal.first().or(node.addresses.first())?;
+                let state = at.get(name).copied().unwrap_or((0, 0, true));
+                Some((name.clone(), SocketAddr::new(*ip, port), state))
+            })
+            .collect();
+        let answers: Vec<Result<(u64, u64, Vec<FlowRecord>)>> = thread::scope(|sc| {
+            let handles: Vec<_> = targets
+                .iter()
+                .map(|(_, addr, (_, after, _))| {
+                    sc.spawn(move || fetch_records(*addr, &ctx.token, *after))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the fetch panicked")))
+                })
+                .collect()
+        });
+        for ((name, addr, (epoch, after, ok)), answer) in targets.into_iter().zip(answers) {
+            match answer {
                 Ok((e, next, records)) => {
                     if e != epoch && epoch != 0 && after != 0 {
                         // It restarted: read it again from the start.
-                        at.insert(name.clone(), (e, 0, true));
+                        at.insert(name, (e, 0, true));
                         continue;
                     }
                     if !ok {
                         eprintln!("palisade daemon: console: node {name}'s records arrive again");
                     }
                     ctx.feed.add(records, false);
-                    at.insert(name.clone(), (e, next, true));
+                    at.insert(name, (e, next, true));
                 }
                 Err(e) => {
                     if ok {
                         eprintln!(
-                            "palisade daemon: console: no records from node {name} ({addr}:{port}): {e:#}"
+                            "palisade daemon: console: no records from node {name} ({addr}): {e:#}"
                         );
                     }
-                    at.insert(name.clone(), (epoch, after, false));
+                    at.insert(name, (epoch, after, false));
                 }
             }
         }
@@ -476,8 +549,8 @@ fn relay(ctx: &Ctx, port: u16) {
 fn fetch_records(addr: SocketAddr, token: &str, after: u64) -> Result<(u64, u64, Vec<FlowRecord>)> {
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect")?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
         "GET /api/records?after={after} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -559,17 +632,9 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 fn authorised(ctx: &Ctx, req: &tiny_http::Request) -> bool {
-    if let Some(b) = header(req, "Authorization").and_then(|a| a.strip_prefix("Bearer ")) {
-        return same(b.trim(), &ctx.token);
-    }
-    header(req, "Cookie").is_some_and(|c| {
-        c.split(';').any(|kv| {
-            kv.trim()
-                .strip_prefix(COOKIE)
-                .and_then(|r| r.strip_prefix('='))
-                .is_some_and(|v| same(v, &ctx.token))
-        })
-    })
+    header(req, "Authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|b| same(b.trim(), &ctx.token))
 }
 
 type Resp = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
@@ -641,76 +706,41 @@ fn view_of(params: &BTreeMap<String, String>) -> Result<(View, Option<Duration>)
 
 fn handle(ctx: &Ctx, mut req: tiny_http::Request) {
     let (path, params) = query(req.url());
-    // Opening the URL with the token sets the cookie and drops the token
-    // from the address bar.
-    if let Some(t) = params.get("token") {
-        let resp = if same(t, &ctx.token) {
-            let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", ctx.token);
-            // The other parameters (the page's filters) stay.
-            let rest: Vec<&str> = req
-                .url()
-                .split_once('?')
-                .map(|(_, q)| q.split('&').filter(|p| !p.starts_with("token=")).collect())
-                .unwrap_or_default();
-            let location = if rest.is_empty() {
-                path.clone()
-            } else {
-                format!("{path}?{}", rest.join("&"))
-            };
-            let mut r = tiny_http::Response::from_string("").with_status_code(303);
-            for (k, v) in [
-                ("Location", location.as_str()),
-                ("Set-Cookie", cookie.as_str()),
-            ] {
-                if let Ok(h) = tiny_http::Header::from_bytes(k, v) {
-                    r = r.with_header(h);
-                }
-            }
-            r
-        } else {
-            error(
-                401,
-                "wrong console token: open the URL `palisadectl console` prints",
-            )
-        };
-        let _ = req.respond(resp);
+    let method = req.method().clone();
+    // The page, its script and style hold no data: served to anyone. The
+    // API needs the token.
+    let page = match (&method, path.as_str()) {
+        (tiny_http::Method::Get, "/") => Some((INDEX_HTML, "text/html; charset=utf-8")),
+        (tiny_http::Method::Get, "/console.js") => {
+            Some((CONSOLE_JS, "text/javascript; charset=utf-8"))
+        }
+        (tiny_http::Method::Get, "/console.css") => Some((CONSOLE_CSS, "text/css; charset=utf-8")),
+        _ => None,
+    };
+    if let Some((body, ctype)) = page {
+        let _ = req.respond(with_type(tiny_http::Response::from_string(body), ctype));
         return;
     }
     if !authorised(ctx, &req) {
-        let _ = req.respond(with_type(
-            tiny_http::Response::from_string(
-                "palisade console: open the URL that `palisadectl console` prints on the node \
-                 (it carries the console's token)\n",
-            )
-            .with_status_code(401),
-            "text/plain; charset=utf-8",
+        let _ = req.respond(error(
+            401,
+            "no console token: open the URL that `palisadectl console` prints on the node \
+             (it carries the token), or send Authorization: Bearer TOKEN",
         ));
         return;
     }
-    let method = req.method().clone();
     if method == tiny_http::Method::Post {
-        // A write must come from the console's own page.
+        // A write must come from the console's own page (whatever scheme a
+        // TLS proxy in front adds).
         let host = header(&req, "Host").unwrap_or_default().to_owned();
         if let Some(origin) = header(&req, "Origin").map(str::to_owned)
-            && origin != format!("http://{host}")
+            && origin.split_once("://").map(|(_, h)| h) != Some(host.as_str())
         {
             let _ = req.respond(error(403, format!("a write from {origin} is refused")));
             return;
         }
     }
     let resp = match (method, path.as_str()) {
-        (tiny_http::Method::Get, "/") => with_type(
-            tiny_http::Response::from_string(INDEX_HTML),
-            "text/html; charset=utf-8",
-        ),
-        (tiny_http::Method::Get, "/console.js") => with_type(
-            tiny_http::Response::from_string(CONSOLE_JS),
-            "text/javascript; charset=utf-8",
-        ),
-        (tiny_http::Method::Get, "/console.css") => with_type(
-            tiny_http::Response::from_string(CONSOLE_CSS),
-            "text/css; charset=utf-8",
-        ),
         (tiny_http::Method::Get, "/api/status") => json_resp(
             200,
             &json!({
@@ -747,8 +777,15 @@ fn handle(ctx: &Ctx, mut req: tiny_http::Request) {
         },
         (tiny_http::Method::Get, "/api/stream") => match view_of(&params) {
             Ok((view, window)) => {
-                stream(ctx, req, &view, window);
-                return;
+                use std::sync::atomic::Ordering;
+                if ctx.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+                    ctx.streams.fetch_sub(1, Ordering::SeqCst);
+                    error(503, format!("{MAX_STREAMS} live maps are open already"))
+                } else {
+                    stream(ctx, req, &view, window);
+                    ctx.streams.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
             }
             Err(e) => error(400, e),
         },
@@ -789,18 +826,18 @@ fn stream(ctx: &Ctx, req: tiny_http::Request, view: &View, window: Option<Durati
     let mut last: Option<Arc<Map>> = None;
     let mut seen = u64::MAX;
     let mut sent = Instant::now();
-    let mut built = Instant::now() - STREAM_EVERY;
+    let mut built: Option<Instant> = None;
     loop {
         let generation = ctx.feed.wait(seen, Duration::from_secs(1));
         // With a time window, edges age out without new records.
-        let due =
-            generation != seen || (window.is_some() && built.elapsed() >= Duration::from_secs(1));
+        let due = generation != seen
+            || (window.is_some() && built.is_none_or(|b| b.elapsed() >= Duration::from_secs(1)));
         if due {
-            if let Some(rest) = STREAM_EVERY.checked_sub(built.elapsed()) {
+            if let Some(rest) = built.and_then(|b| STREAM_EVERY.checked_sub(b.elapsed())) {
                 thread::sleep(rest);
             }
             let (generation, map) = ctx.shared_map(view, window);
-            built = Instant::now();
+            built = Some(Instant::now());
             seen = generation;
             if let Some(d) = console::diff(last.as_deref(), &map) {
                 let Ok(data) = serde_json::to_string(&d) else {

@@ -133,10 +133,13 @@ pub fn run(
             Err(e) => eprintln!("palisade daemon: no DNS proxy: {e:#}"),
         }
     }
-    if let Some(c) = console {
-        let feed = Arc::new(crate::console::Feed::new(c.max_records));
-        crate::console::start(c, Arc::clone(&feed)).context("start the web console")?;
-        opts.console = Some(feed);
+    match console {
+        Some(c) => {
+            let feed = Arc::new(crate::console::Feed::new(c.max_records));
+            crate::console::start(c, Arc::clone(&feed)).context("start the web console")?;
+            opts.console = Some(feed);
+        }
+        None => crate::console::forget(&opts.state_dir),
     }
     opts.server = Some(server);
     agent::run(opts)

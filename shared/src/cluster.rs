@@ -280,6 +280,15 @@ impl ApiObject {
         ApiObject::Node(RemoteNode {
             name: node.metadata.name.clone().unwrap_or_default(),
             addresses: node_identity_addresses(node),
+            internal: node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect(),
             labels: node.metadata.labels.clone().unwrap_or_default(),
         })
     }

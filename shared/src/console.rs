@@ -307,7 +307,8 @@ pub fn build<'a>(
 }
 
 /// The records behind one edge of a map built with `view` (newest last),
-/// at most `limit` of them.
+/// at most `limit` of them: the records of the connections between its
+/// two nodes whose verdict (the worst of both sides) is the edge's.
 pub fn edge_records<'a>(
     records: impl IntoIterator<Item = &'a FlowRecord>,
     view: &View,
@@ -316,13 +317,41 @@ pub fn edge_records<'a>(
     limit: usize,
 ) -> Vec<&'a FlowRecord> {
     let none = BTreeMap::new();
-    let mut out: Vec<&FlowRecord> = records
+    let between: Vec<&FlowRecord> = records
         .into_iter()
         .filter(|r| r.dns.is_none() && r.http.is_none() && view.keeps_record(r))
         .filter(|r| {
             node_of(r.client(), level, &none).id == edge.from
                 && node_of(r.server(), level, &none).id == edge.to
         })
+        .collect();
+    let key = |r: &FlowRecord| {
+        (
+            r.client().address,
+            r.sport,
+            r.server().address,
+            r.dport,
+            r.protocol.clone(),
+        )
+    };
+    let verdicts: BTreeMap<_, Verdict> = connections(between.iter().copied())
+        .into_iter()
+        .map(|c| {
+            (
+                (
+                    c.client.address,
+                    c.sport,
+                    c.server.address,
+                    c.dport,
+                    c.protocol,
+                ),
+                c.verdict,
+            )
+        })
+        .collect();
+    let mut out: Vec<&FlowRecord> = between
+        .into_iter()
+        .filter(|r| verdicts.get(&key(r)) == Some(&edge.verdict))
         .collect();
     let skip = out.len().saturating_sub(limit);
     out.drain(..skip);
@@ -627,5 +656,29 @@ mod tests {
             edge_records(&records, &View::default(), Level::Pod, e, 1).len(),
             1
         );
+    }
+
+    #[test]
+    fn an_edge_lists_only_the_connections_with_its_verdict() {
+        // web-1 -> api: port 80 allowed, port 443 denied at the api.
+        let mut records = shop();
+        let mut denied = records[1].clone();
+        denied.dport = 443;
+        denied.sport = 1500;
+        denied.verdict = Verdict::Deny;
+        records.push(denied);
+        let map = build(&records, &View::default(), &BTreeMap::new());
+        let allowed = &map.edges["pod:shop/web-1>pod:shop/api>allowed"];
+        let behind = edge_records(&records, &View::default(), Level::Pod, allowed, 10);
+        assert_eq!(behind.len(), 2, "both sides of the port-80 connection");
+        assert!(
+            behind
+                .iter()
+                .all(|r| r.dport == 80 && r.verdict == Verdict::Allow)
+        );
+        let refused = &map.edges["pod:shop/web-1>pod:shop/api>denied"];
+        let behind = edge_records(&records, &View::default(), Level::Pod, refused, 10);
+        assert_eq!(behind.len(), 1);
+        assert_eq!(behind[0].dport, 443);
     }
 }

@@ -945,6 +945,7 @@ spec:
             crate::store::RemoteNode {
                 name: "node-b".into(),
                 addresses: vec!["192.168.250.2".parse().unwrap()],
+                internal: Vec::new(),
                 labels: Default::default(),
             },
         );

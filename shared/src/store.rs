@@ -219,6 +219,10 @@ impl RemotePod {
 pub struct RemoteNode {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// Its `InternalIP` addresses, in the Node's order (where the web
+    /// console reaches the node's console).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub internal: Vec<IpAddr>,
     /// The Node object's labels (what `nodes` peers of tier policies
     /// select).
     #[serde(default, skip_serializing_if = "Labels::is_empty")]

@@ -56,8 +56,25 @@ function filters() {
   return p;
 }
 
+// The token: from the fragment of the URL `palisadectl console` prints
+// (never sent to the server in the address), kept for this tab only.
+function token() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("palisade-console-token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("palisade-console-token") || "";
+}
+
+function authorised(options) {
+  const o = Object.assign({ credentials: "omit", cache: "no-store" }, options || {});
+  o.headers = Object.assign({ Authorization: "Bearer " + token() }, o.headers || {});
+  return o;
+}
+
 async function api(path, options) {
-  const r = await fetch(path, Object.assign({ credentials: "same-origin" }, options || {}));
+  const r = await fetch(path, authorised(options));
   const body = await r.json().catch(() => ({ error: "the daemon answered " + r.status }));
   if (!r.ok) throw new Error(body.error || "the daemon answered " + r.status);
   return body;
@@ -374,26 +391,52 @@ function fit() {
   st.fitted = true;
 }
 
+// The live map: server-sent events read from a fetch (an EventSource
+// cannot send the token), reconnecting after a second when cut.
 function connect() {
-  if (st.es) st.es.close();
+  if (st.es) st.es.abort();
+  const ctl = new AbortController();
+  st.es = ctl;
   const live = $("live");
   live.textContent = "connecting…";
   live.className = "";
-  const es = new EventSource("/api/stream?" + filters().toString());
-  st.es = es;
-  es.addEventListener("map", (ev) => {
+  const run = async () => {
+    const r = await fetch("/api/stream?" + filters().toString(), authorised({ signal: ctl.signal }));
+    if (!r.ok) {
+      const body = await r.json().catch(() => ({}));
+      throw new Error(body.error || "the daemon answered " + r.status);
+    }
     live.textContent = "live";
     live.className = "on";
-    applyDelta(JSON.parse(ev.data));
-  });
-  es.onopen = () => {
-    live.textContent = "live";
-    live.className = "on";
+    const reader = r.body.getReader();
+    const text = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += text.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        let event = "message", data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event: ")) event = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        if (event === "map" && data) applyDelta(JSON.parse(data));
+      }
+    }
+    throw new Error("the stream ended");
   };
-  es.onerror = () => {
-    live.textContent = "disconnected, retrying…";
+  run().catch((err) => {
+    if (ctl.signal.aborted) return;
+    live.textContent = `disconnected (${err.message}), retrying…`;
     live.className = "off";
-  };
+    setTimeout(() => {
+      if (st.es === ctl) connect();
+    }, 1000);
+  });
 }
 
 // ---- details ----
@@ -408,7 +451,9 @@ function partyName(p) {
   return p.namespace && p.name ? `${p.namespace}/${p.name}` : p.address;
 }
 
+let edgeAsked = 0;
 async function selectEdge(id) {
+  const asked = ++edgeAsked;
   if (st.selectedEdge) {
     const old = st.edges.get(st.selectedEdge);
     if (old) old.el.classList.remove("selected");
@@ -425,9 +470,11 @@ async function selectEdge(id) {
   try {
     d = await api("/api/edge?" + p.toString());
   } catch (err) {
-    box.replaceChildren(h("h2", "Details"), h("p", err.message, "error"));
+    if (asked === edgeAsked) box.replaceChildren(h("h2", "Details"), h("p", err.message, "error"));
     return;
   }
+  // Another edge was chosen while this one loaded.
+  if (asked !== edgeAsked) return;
   const parts = [h("h2", "Details")];
   const from = st.nodes.get(d.edge.from), to = st.nodes.get(d.edge.to);
   const title = h("p");
@@ -657,8 +704,15 @@ function panZoom() {
 }
 
 async function main() {
-  // Filters from the address (a link to a filtered map).
+  // Filters from the address (a link to a filtered map), in its query or
+  // beside the token in its fragment.
   const given = new URLSearchParams(location.search);
+  for (const [k, v] of new URLSearchParams(location.hash.slice(1))) given.set(k, v);
+  if (!token()) {
+    $("live").textContent = "no token: open the URL that `palisadectl console` prints on the node";
+    $("live").className = "off";
+    return;
+  }
   for (const k of ["namespace", "pod", "verdict", "port", "window", "level"]) {
     if (given.get(k)) $("f-" + k).value = given.get(k);
   }
