@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use testbed::{
     browser::Driver,
     cluster::{Cluster, Topology},
-    node::{Node, NodeOptions, Pod},
+    node::{Node, NodeOptions, Pod, pods_yaml},
     probe::{PROBE_TIMEOUT, Proto, probe},
     runtimes::wait_for,
     sys::{describe, in_netns},
@@ -36,17 +36,6 @@ const CONSOLE_PORT: u16 = 19971;
 const DRIVER_PORT: u16 = 19515;
 /// Generous for a loaded 2-core machine: tests wait for outcomes.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
-    pods.iter()
-        .map(|(ns, name, labels)| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
 
 fn connect(from: &Pod, to: &Pod, port: u16) -> bool {
     probe(&from.netns, to.addr(false), Proto::Tcp, port, PROBE_TIMEOUT)
@@ -95,6 +84,16 @@ async fn until(c: &Client, what: &str, script: &str) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Click the element `css` selects, as a user would.
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
 }
 
 fn edge_sel(from: &str, to: &str) -> String {
@@ -346,12 +345,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .select_by_value("denied")
         .await
         .unwrap();
-    c.find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#filters button[type=submit]").await;
     until(c, "only denied edges", "document.querySelectorAll('g.edge').length > 0 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.verdict === 'denied')").await;
     c.find(Locator::Id("f-verdict"))
         .await
@@ -366,12 +360,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .send_keys("x/web")
         .await
         .unwrap();
-    c.find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#filters button[type=submit]").await;
     until(c, "only x/web's edges", "document.querySelectorAll('g.edge').length >= 2 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.from === 'pod:x/web' || e.dataset.to === 'pod:x/web')").await;
     c.find(Locator::Id("f-pod"))
         .await
@@ -385,12 +374,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .send_keys("80")
         .await
         .unwrap();
-    c.find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#filters button[type=submit]").await;
     until(c, "only port 80's edges", "document.querySelectorAll('g.edge').length >= 4 && [...document.querySelectorAll('g.edge')].every(e => e.dataset.ports === '80/TCP')").await;
     c.find(Locator::Id("f-port"))
         .await
@@ -416,12 +400,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .send_keys("shop")
         .await
         .unwrap();
-    c.find(Locator::Css("#filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#filters button[type=submit]").await;
 
     // Learn -> audit -> enforce, for namespace shop.
     assert!(connect(front, cart, 80));
@@ -433,12 +412,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         .send_keys("shop")
         .await
         .unwrap();
-    c.find(Locator::Id("l-learn"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#l-learn").await;
     until(
         c,
         "learned policies",
@@ -455,12 +429,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
         "{yaml}"
     );
     shot(c, "learn").await;
-    c.find(Locator::Id("l-audit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#l-audit").await;
     until(
         c,
         "the policies applied in audit mode",
@@ -493,12 +462,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
     )
     .await;
     shot(c, "audit").await;
-    c.find(Locator::Id("l-enforce"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#l-enforce").await;
     until(
         c,
         "the policies enforced",
@@ -548,12 +512,7 @@ async fn run(c: &Client, n: &Node, url: &str, x: [&Arc<Pod>; 3], shop: [&Arc<Pod
     .await;
 
     // The policies view: what is in force on each pod.
-    c.find(Locator::Id("tab-policies"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#tab-policies").await;
     until(c, "shop/front's policies", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'shop/front' && r.textContent.includes('(enforce)'))").await;
     until(c, "x/db's policy", "[...document.querySelectorAll('#policies tr')].some(r => r.dataset.pod === 'x/db' && r.textContent.includes('x/db (enforce)') && r.textContent.includes('role=api'))").await;
     until(c, "the pods x/db selects", "[...document.querySelectorAll('#policy-pods tr')].some(r => r.dataset.policy === 'x/db' && r.cells[1].textContent === 'x/db')").await;

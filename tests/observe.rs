@@ -19,7 +19,7 @@ use std::{
 use serde_json::Value;
 use testbed::{
     matrix::{Peer, probe_all},
-    node::{Node, NodeOptions, Pod},
+    node::{Node, NodeOptions, Pod, pods_yaml},
     probe::{PROBE_TIMEOUT, Proto, probe},
     runtimes::wait_for,
     sys::{describe, in_netns},
@@ -100,17 +100,6 @@ fn connect(from: &Pod, to: &Pod, port: u16, count: usize) -> usize {
     (0..count)
         .filter(|_| probe(&from.netns, to.addr(false), Proto::Tcp, port, PROBE_TIMEOUT))
         .count()
-}
-
-fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
-    pods.iter()
-        .map(|(ns, name, labels)| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
 }
 
 /// Wait until the agent has logged what `pred` looks for.

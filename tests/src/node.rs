@@ -836,3 +836,16 @@ impl Drop for Node {
         }
     }
 }
+
+/// Pod objects for `palisadectl apply`: (namespace, name, labels as YAML
+/// flow-map entries, e.g. `app: web`).
+pub fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
+    pods.iter()
+        .map(|(ns, name, labels)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c}}]}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
